@@ -1,0 +1,5 @@
+//! walship: continuous, verifiable replication of SQLite databases by shipping their WAL.
+//!
+//! Module map (the seams are narrow on purpose):
+//! - [`target`]: the storage seam, `trait Target` and its implementations (`file://`, `sftp://`).
+pub mod target;

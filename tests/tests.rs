@@ -1,0 +1,4 @@
+//! walship's integration tests: one test binary, a module per area.
+
+mod conformance;
+mod target_file;
