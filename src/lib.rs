@@ -1,5 +1,9 @@
 //! walship: continuous, verifiable replication of SQLite databases by shipping their WAL.
 //!
 //! Module map (the seams are narrow on purpose):
+//! - [`config`]: the TOML file of one database, validated into `Settings` (exit 78 on errors).
+//! - [`url`]: replica URLs, `file:///PATH` and `sftp://USER@HOST[:PORT]/PATH`.
 //! - [`target`]: the storage seam, `trait Target` and its implementations (`file://`, `sftp://`).
+pub mod config;
 pub mod target;
+pub mod url;

@@ -1,0 +1,527 @@
+//! Configuration: one TOML file per database, turned into validated [`Settings`].
+//!
+//! Invariants: unknown keys, wrong types and bad values are errors that name the file, line and
+//! column ([`ConfigError`], exit code 78); every tuning key has a documented default
+//! ([`Settings`] field docs are the reference, mirrored in the README); a [`Settings`] value is
+//! always complete and valid, so nothing downstream re-checks it.
+
+use crate::url::ReplicaUrl;
+use serde::Deserialize;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// Directory of per-instance configs: `--config NAME` means `<dir>/NAME.toml`.
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/walship";
+/// Default known_hosts file for sftp replicas.
+pub const DEFAULT_KNOWN_HOSTS: &str = "/etc/walship/known_hosts";
+
+/// A configuration error; the CLI exits with 78 (EX_CONFIG) on it so systemd does not restart.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Validated settings for one database.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where these settings came from (a file path, or "command line").
+    pub source: String,
+    /// The database file (`db`), absolute.
+    pub db: PathBuf,
+    /// walship's state for this database (`state-dir`); default: `$STATE_DIRECTORY` when
+    /// systemd sets it, else `/var/lib/walship/<db path with / as ->` for root, else
+    /// `$XDG_STATE_HOME/walship/...` (`~/.local/state/walship/...`).
+    pub state_dir: PathBuf,
+    /// How often a fresh snapshot is taken (`snapshot-interval`, default 24h).
+    pub snapshot_interval: Duration,
+    /// How long history stays restorable (`retention`, default 72h).
+    pub retention: Duration,
+    /// Most bytes of segments kept locally for replicas that are behind (`spool-limit`,
+    /// default 256MiB). Past it, walship lets checkpoints proceed and the lagging replica is
+    /// resynchronised with a fresh snapshot.
+    pub spool_limit: u64,
+    /// A segment is cut once it holds this many uncompressed bytes (`segment-size`, default
+    /// 16MiB); under heavy load many commits share one segment.
+    pub segment_size: u64,
+    /// Segments merged into one of the next level (`compaction-fanout`, default 16), which
+    /// keeps the number of files a restore reads logarithmic in the history.
+    pub compaction_fanout: usize,
+    /// WAL size in pages above which walship checkpoints once frames are shipped
+    /// (`checkpoint-pages`, default 1000, SQLite's own autocheckpoint threshold).
+    pub checkpoint_pages: u32,
+    /// The replicas, in order of preference for restore.
+    pub replicas: Vec<ReplicaSettings>,
+}
+
+/// One `[[replica]]`.
+#[derive(Debug, Clone)]
+pub struct ReplicaSettings {
+    /// A short name for logs and `--replica` (`name`, default: `file` / the sftp host, made
+    /// unique with a number).
+    pub name: String,
+    /// Where it lives (`url`).
+    pub url: ReplicaUrl,
+    /// Private key for sftp (`key-path`).
+    pub key_path: Option<PathBuf>,
+    /// File holding the key's passphrase, if any (`passphrase-file`).
+    pub passphrase_file: Option<PathBuf>,
+    /// OpenSSH known_hosts file (`known-hosts`, default /etc/walship/known_hosts).
+    pub known_hosts: PathBuf,
+    /// Also try keys from ssh-agent (`use-agent`, default false).
+    pub use_agent: bool,
+    /// Connect and I/O timeout (`timeout`, default 10s).
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawConfig {
+    db: Spanned<String>,
+    state_dir: Option<Spanned<String>>,
+    snapshot_interval: Option<Spanned<String>>,
+    retention: Option<Spanned<String>>,
+    spool_limit: Option<Spanned<String>>,
+    segment_size: Option<Spanned<String>>,
+    compaction_fanout: Option<Spanned<i64>>,
+    checkpoint_pages: Option<Spanned<i64>>,
+    #[serde(default)]
+    replica: Vec<RawReplica>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawReplica {
+    name: Option<Spanned<String>>,
+    url: Spanned<String>,
+    key_path: Option<Spanned<String>>,
+    passphrase_file: Option<Spanned<String>>,
+    known_hosts: Option<Spanned<String>>,
+    use_agent: Option<bool>,
+    timeout: Option<Spanned<String>>,
+}
+
+/// Extra settings that the ad-hoc command-line form (`DB URL...`) takes as flags.
+#[derive(Debug, Clone, Default)]
+pub struct AdHoc {
+    /// `--key-path`.
+    pub key_path: Option<PathBuf>,
+    /// `--known-hosts`.
+    pub known_hosts: Option<PathBuf>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Resolves `--config` values: a bare instance name (no `/`, no `.toml`) means
+/// `$WALSHIP_CONFIG_DIR/NAME.toml` (default `/etc/walship/NAME.toml`).
+pub fn resolve_config_path(arg: &str) -> PathBuf {
+    if arg.contains('/') || arg.ends_with(".toml") {
+        PathBuf::from(arg)
+    } else {
+        let dir =
+            std::env::var_os("WALSHIP_CONFIG_DIR").unwrap_or_else(|| DEFAULT_CONFIG_DIR.into());
+        Path::new(&dir).join(format!("{arg}.toml"))
+    }
+}
+
+/// Reads and validates a config file.
+///
+/// # Errors
+/// [`ConfigError`] naming the file (and line:column where it applies).
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses config text; `origin` names it in errors.
+///
+/// # Errors
+/// [`ConfigError`] with `origin:line:column: message`.
+pub fn parse(text: &str, origin: &str) -> Result<Settings, ConfigError> {
+    let at = |span: Option<Range<usize>>, msg: &dyn fmt::Display| -> ConfigError {
+        match span {
+            Some(s) => {
+                let (line, col) = line_col(text, s.start);
+                ConfigError(format!("{origin}:{line}:{col}: {msg}"))
+            }
+            None => ConfigError(format!("{origin}: {msg}")),
+        }
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let msg = e.message().trim().replace('\n', " ");
+        at(e.span(), &msg)
+    })?;
+    let sp = |s: &Spanned<String>| Some(s.span());
+
+    let db = PathBuf::from(raw.db.get_ref());
+    if !db.is_absolute() {
+        return Err(at(sp(&raw.db), &"`db` must be an absolute path"));
+    }
+    let dur = |v: &Option<Spanned<String>>,
+               key: &str,
+               default: &str|
+     -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(parse_duration(default).unwrap_or_default()),
+            Some(s) => parse_duration(s.get_ref()).map_err(|e| at(sp(s), &format!("`{key}`: {e}"))),
+        }
+    };
+    let size = |v: &Option<Spanned<String>>, key: &str, default: u64| -> Result<u64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => parse_size(s.get_ref()).map_err(|e| at(sp(s), &format!("`{key}`: {e}"))),
+        }
+    };
+    let int = |v: &Option<Spanned<i64>>,
+               key: &str,
+               default: i64,
+               min: i64,
+               max: i64|
+     -> Result<i64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) if (min..=max).contains(n.get_ref()) => Ok(*n.get_ref()),
+            Some(n) => Err(at(
+                Some(n.span()),
+                &format!("`{key}` must be between {min} and {max}"),
+            )),
+        }
+    };
+    let snapshot_interval = dur(&raw.snapshot_interval, "snapshot-interval", "24h")?;
+    let retention = dur(&raw.retention, "retention", "72h")?;
+    if snapshot_interval < Duration::from_secs(60) {
+        return Err(at(
+            raw.snapshot_interval.as_ref().map(Spanned::span),
+            &"`snapshot-interval` must be at least 1m",
+        ));
+    }
+    let spool_limit = size(&raw.spool_limit, "spool-limit", 256 << 20)?;
+    let segment_size = size(&raw.segment_size, "segment-size", 16 << 20)?;
+    if !(64 << 10..=1 << 30).contains(&segment_size) {
+        return Err(at(
+            raw.segment_size.as_ref().map(Spanned::span),
+            &"`segment-size` must be between 64KiB and 1GiB",
+        ));
+    }
+    let compaction_fanout = int(&raw.compaction_fanout, "compaction-fanout", 16, 2, 1024)? as usize;
+    let checkpoint_pages = int(&raw.checkpoint_pages, "checkpoint-pages", 1000, 1, 1 << 24)? as u32;
+
+    if raw.replica.is_empty() {
+        return Err(at(None, &"no [[replica]] configured: add at least one, e.g.\n[[replica]]\nurl = \"file:///srv/replica/NAME\"".replace('\n', " ")));
+    }
+    let mut replicas = Vec::new();
+    for r in &raw.replica {
+        let url = ReplicaUrl::parse(r.url.get_ref()).map_err(|e| at(sp(&r.url), &e))?;
+        let path_of =
+            |v: &Option<Spanned<String>>, key: &str| -> Result<Option<PathBuf>, ConfigError> {
+                match v {
+                    None => Ok(None),
+                    Some(s) if Path::new(s.get_ref()).is_absolute() => {
+                        Ok(Some(PathBuf::from(s.get_ref())))
+                    }
+                    Some(s) => Err(at(sp(s), &format!("`{key}` must be an absolute path"))),
+                }
+            };
+        let key_path = path_of(&r.key_path, "key-path")?;
+        let passphrase_file = path_of(&r.passphrase_file, "passphrase-file")?;
+        let known_hosts = path_of(&r.known_hosts, "known-hosts")?
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_KNOWN_HOSTS));
+        let timeout = dur(&r.timeout, "timeout", "10s")?;
+        if timeout < Duration::from_millis(100) {
+            return Err(at(
+                r.timeout.as_ref().map(Spanned::span),
+                &"`timeout` must be at least 100ms",
+            ));
+        }
+        let is_file = matches!(url, ReplicaUrl::File(_));
+        if !is_file && key_path.is_none() && !r.use_agent.unwrap_or(false) {
+            return Err(at(
+                sp(&r.url),
+                &"an sftp replica needs `key-path` (or `use-agent = true`)",
+            ));
+        }
+        if is_file {
+            for (v, key) in [
+                (&r.key_path, "key-path"),
+                (&r.passphrase_file, "passphrase-file"),
+                (&r.known_hosts, "known-hosts"),
+            ] {
+                if let Some(s) = v {
+                    return Err(at(sp(s), &format!("`{key}` applies to sftp replicas only")));
+                }
+            }
+        }
+        let name = match &r.name {
+            Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
+            Some(n) => {
+                return Err(at(
+                    sp(n),
+                    &"`name` must be 1-32 characters of a-z, 0-9, '-', '_'",
+                ))
+            }
+            None => default_name(&url),
+        };
+        if replicas.iter().any(|x: &ReplicaSettings| x.name == name) {
+            let what = if r.name.is_some() {
+                "duplicate replica name"
+            } else {
+                "two replicas get the same default name: set `name`"
+            };
+            return Err(at(
+                r.name.as_ref().map(Spanned::span).or(sp(&r.url)),
+                &format!("{what} {name:?}"),
+            ));
+        }
+        if replicas.iter().any(|x: &ReplicaSettings| x.url == url) {
+            return Err(at(sp(&r.url), &"the same replica URL is configured twice"));
+        }
+        replicas.push(ReplicaSettings {
+            name,
+            url,
+            key_path,
+            passphrase_file,
+            known_hosts,
+            use_agent: r.use_agent.unwrap_or(false),
+            timeout,
+        });
+    }
+    let state_dir = match &raw.state_dir {
+        Some(s) if Path::new(s.get_ref()).is_absolute() => PathBuf::from(s.get_ref()),
+        Some(s) => return Err(at(sp(s), &"`state-dir` must be an absolute path")),
+        None => default_state_dir(&db),
+    };
+    Ok(Settings {
+        source: origin.to_owned(),
+        db,
+        state_dir,
+        snapshot_interval,
+        retention,
+        spool_limit,
+        segment_size,
+        compaction_fanout,
+        checkpoint_pages,
+        replicas,
+    })
+}
+
+/// Settings for the ad-hoc form `walship replicate DB URL [URL...]`.
+///
+/// # Errors
+/// [`ConfigError`] for a bad URL or database path.
+pub fn ad_hoc(db: &Path, urls: &[String], extra: &AdHoc) -> Result<Settings, ConfigError> {
+    let db = std::path::absolute(db)
+        .map_err(|e| ConfigError(format!("invalid database path {}: {e}", db.display())))?;
+    let mut text = format!("db = {}\n", toml_str(&db.display().to_string()));
+    if let Some(s) = &extra.state_dir {
+        let s = std::path::absolute(s).unwrap_or_else(|_| s.clone());
+        text += &format!("state-dir = {}\n", toml_str(&s.display().to_string()));
+    }
+    for u in urls {
+        text += &format!("[[replica]]\nurl = {}\n", toml_str(u));
+        if u.starts_with("sftp://") {
+            if let Some(k) = &extra.key_path {
+                let k = std::path::absolute(k).unwrap_or_else(|_| k.clone());
+                text += &format!("key-path = {}\n", toml_str(&k.display().to_string()));
+            }
+            if let Some(k) = &extra.known_hosts {
+                let k = std::path::absolute(k).unwrap_or_else(|_| k.clone());
+                text += &format!("known-hosts = {}\n", toml_str(&k.display().to_string()));
+            }
+        }
+    }
+    parse(&text, "command line").map_err(|e| {
+        // Line numbers of the synthesised text mean nothing to the user: keep the message.
+        ConfigError(match e.0.split_once(": ") {
+            Some((_, m)) if e.0.starts_with("command line:") => m.to_owned(),
+            _ => e.0,
+        })
+    })
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+fn valid_name(s: &str) -> bool {
+    (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn default_name(url: &ReplicaUrl) -> String {
+    match url {
+        ReplicaUrl::File(_) => "file".to_owned(),
+        ReplicaUrl::Sftp { host, .. } => {
+            let n: String = host
+                .to_ascii_lowercase()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .take(32)
+                .collect();
+            if n.is_empty() {
+                "sftp".into()
+            } else {
+                n
+            }
+        }
+    }
+}
+
+/// The default state directory for `db` (see [`Settings::state_dir`]).
+pub fn default_state_dir(db: &Path) -> PathBuf {
+    if let Some(dirs) = std::env::var_os("STATE_DIRECTORY") {
+        if let Some(first) = dirs
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .filter(|s| !s.is_empty())
+        {
+            return PathBuf::from(first);
+        }
+    }
+    let leaf: String = db
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '-' } else { c })
+        .collect();
+    let base = if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/var/lib/walship")
+    } else if let Some(x) = std::env::var_os("XDG_STATE_HOME") {
+        Path::new(&x).join("walship")
+    } else if let Some(h) = std::env::var_os("HOME") {
+        Path::new(&h).join(".local/state/walship")
+    } else {
+        PathBuf::from("/var/lib/walship")
+    };
+    base.join(leaf)
+}
+
+/// Parses a duration such as `24h`, `90s`, `1h30m`, `250ms`.
+///
+/// # Errors
+/// A description of what is wrong.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. \"90s\", \"24h\", \"3d\""))
+}
+
+/// Parses a byte size such as `256MiB`, `1GiB`, `64KiB`, `4096` (bytes); `MB`/`GB` are decimal.
+///
+/// # Errors
+/// A description of what is wrong.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "kB" | "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(format!("invalid size {s:?}; use e.g. \"256MiB\", \"1GiB\"")),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid size {s:?}; use e.g. \"256MiB\", \"1GiB\""))
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse(text, "t.toml").expect_err("must fail").0
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let s = parse(
+            "db = \"/var/data/db/fruits.db\"\nretention = \"48h\"\nspool-limit = \"1GiB\"\n\
+             [[replica]]\nurl = \"sftp://replicator@alpha/db\"\nkey-path = \"/etc/walship/k\"\n\
+             [[replica]]\nurl = \"file:///srv/r\"\n",
+            "t.toml",
+        )
+        .expect("valid");
+        assert_eq!(s.retention, Duration::from_secs(48 * 3600));
+        assert_eq!(s.spool_limit, 1 << 30);
+        assert_eq!(s.replicas.len(), 2);
+        assert_eq!(s.replicas[0].name, "alpha");
+        assert_eq!(
+            s.replicas[0].known_hosts,
+            PathBuf::from(DEFAULT_KNOWN_HOSTS)
+        );
+        assert_eq!(s.replicas[1].name, "file");
+        assert_eq!(s.snapshot_interval, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        assert_eq!(
+            err("db = \"/x.db\"\nbogus = 1\n[[replica]]\nurl = \"file:///r\"\n"),
+            "t.toml:2:1: unknown field `bogus`, expected one of `db`, `state-dir`, `snapshot-interval`, `retention`, `spool-limit`, `segment-size`, `compaction-fanout`, `checkpoint-pages`, `replica`"
+        );
+        assert!(err("db = \"x.db\"\n[[replica]]\nurl = \"file:///r\"\n")
+            .starts_with("t.toml:1:6: `db` must be an absolute path"));
+        assert!(
+            err("db = \"/x.db\"\nretention = \"soon\"\n[[replica]]\nurl = \"file:///r\"\n")
+                .starts_with("t.toml:2:13: `retention`: invalid duration")
+        );
+        assert!(err("db = \"/x.db\"\n[[replica]]\nurl = \"ftp://r\"\n")
+            .starts_with("t.toml:3:7: invalid replica URL"));
+        assert!(err("db = \"/x.db\"\n").contains("no [[replica]] configured"));
+        assert!(err("db = 5\n").starts_with("t.toml:1:6: invalid type"));
+        assert!(
+            err("db = \"/x.db\"\n[[replica]]\nurl = \"sftp://r@h/db\"\n")
+                .contains("needs `key-path`")
+        );
+        assert!(err(
+            "db = \"/x.db\"\n[[replica]]\nurl = \"file:///r\"\n[[replica]]\nurl = \"file:///s\"\n"
+        )
+        .contains("same default name"));
+        assert!(
+            err("db = \"/x.db\"\ncompaction-fanout = 1\n[[replica]]\nurl = \"file:///r\"\n")
+                .starts_with("t.toml:2:21:")
+        );
+        assert!(
+            err("db = \"/x.db\"\n[[replica]]\nurl = \"file:///r\"\nkey-path = \"/k\"\n")
+                .contains("sftp replicas only")
+        );
+        assert!(
+            err("db = \"/x.db\"\n[[replica]]\nurl = \"file:///r\"\nwat = 1\n")
+                .starts_with("t.toml:4:1: unknown field `wat`")
+        );
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+    }
+
+    #[test]
+    fn instance_names_resolve_under_etc() {
+        assert_eq!(resolve_config_path("./x.toml"), PathBuf::from("./x.toml"));
+        assert_eq!(resolve_config_path("/a/b"), PathBuf::from("/a/b"));
+    }
+}
