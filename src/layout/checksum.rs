@@ -123,9 +123,10 @@ mod tests {
 
     /// The checksum recomputed from scratch over full page images.
     fn from_scratch(pages: &[Vec<u8>]) -> u64 {
-        pages.iter().enumerate().fold(0u64, |s, (i, p)| {
-            s.wrapping_add(page_hash(i as u32 + 1, p))
-        })
+        pages
+            .iter()
+            .enumerate()
+            .fold(0u64, |s, (i, p)| s.wrapping_add(page_hash(i as u32 + 1, p)))
     }
 
     #[test]

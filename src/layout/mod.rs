@@ -15,6 +15,8 @@
 //!   the input.
 //! - Every byte of a snapshot or segment is covered by a checksum that the decoder checks.
 
+#![deny(missing_docs)]
+
 pub mod checksum;
 pub mod codec;
 pub mod names;

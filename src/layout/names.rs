@@ -130,7 +130,7 @@ impl fmt::Display for FileName {
 }
 
 /// Splits `s` into fields separated by single `-`, checking each field's exact width.
-fn fields<'a, const N: usize>(s: &'a str, widths: [usize; N]) -> Option<[&'a str; N]> {
+fn fields<const N: usize>(s: &str, widths: [usize; N]) -> Option<[&str; N]> {
     let mut out = [""; N];
     let mut parts = s.split('-');
     for (slot, width) in out.iter_mut().zip(widths) {
@@ -497,7 +497,10 @@ mod tests {
         ));
         let unknown = format!("{text}extra = 1\n");
         let err = Marker::parse(&unknown).unwrap_err().to_string();
-        assert!(err.starts_with("invalid marker at line 4, column 1: "), "{err}");
+        assert!(
+            err.starts_with("invalid marker at line 4, column 1: "),
+            "{err}"
+        );
         assert!(err.contains("extra"), "{err}");
         assert!(!err.contains('\n'));
         let garbage = Marker::parse("format = \n").unwrap_err().to_string();

@@ -162,8 +162,8 @@ fn chain(segs: &[Seg], from: u64, done: impl Fn(u64) -> bool) -> (Vec<FileName>,
 ///
 /// - `Latest`: the newest generation that has a snapshot; its latest snapshot; then the longest
 ///   chain of segments from it.
-/// - `Position`: that generation only; the latest snapshot at or before the txid from which a
-///   chain reaches the txid (older snapshots are tried if a newer one's chain is broken).
+/// - `Position`: that generation only; the latest snapshot at or before the txid, then segments
+///   until one reaches the txid.
 /// - `TimeMs(t)`: generations newest first; in the first with a snapshot at or before `t`, the
 ///   latest such snapshot, then segments whose first commit is at or before `t`.
 pub fn plan_restore(listing: &Listing, want: &Want) -> Result<Plan, LayoutError> {
@@ -194,7 +194,13 @@ pub fn plan_restore(listing: &Listing, want: &Want) -> Result<Plan, LayoutError>
             let snaps = snapshots(files);
             let segs = segs_of(files);
             let target = want.txid;
-            for &(txid, _, snapshot) in snaps.iter().rev().filter(|s| s.0 <= target) {
+            let Some(&(first, _, _)) = snaps.first() else {
+                return Err(LayoutError::GenerationWithoutSnapshot(want.generation));
+            };
+            // A later snapshot's chain always reaches at least as far as an earlier one's (the
+            // segment holding the later snapshot's txid + 1 continues both), so the latest
+            // snapshot at or before the target is the only one worth trying.
+            if let Some(&(txid, _, snapshot)) = snaps.iter().rev().find(|s| s.0 <= target) {
                 let (segments, covered) = chain(&segs, txid, |c| c >= target);
                 if covered >= target {
                     return Ok(Plan {
@@ -205,14 +211,8 @@ pub fn plan_restore(listing: &Listing, want: &Want) -> Result<Plan, LayoutError>
                     });
                 }
             }
-            let Some(&(first, _, _)) = snaps.first() else {
-                return Err(LayoutError::GenerationWithoutSnapshot(want.generation));
-            };
-            let last = snaps
-                .iter()
-                .map(|&(txid, _, _)| chain(&segs, txid, |_| false).1)
-                .max()
-                .unwrap_or(first);
+            let newest = snaps.last().map_or(first, |s| s.0);
+            let (_, last) = chain(&segs, newest, |_| false);
             Err(LayoutError::Unreachable { want, first, last })
         }
         Want::TimeMs(t) => {
@@ -266,7 +266,9 @@ fn covered_by_higher(segs: &[Seg]) -> Vec<bool> {
                 .filter(|(l, _)| **l > s.level)
                 .any(|(_, v)| {
                     let n = v.partition_point(|&(first, _)| first <= s.first);
-                    n > 0 && v.get(n - 1).is_some_and(|&(_, max_last)| max_last >= s.last)
+                    n > 0
+                        && v.get(n - 1)
+                            .is_some_and(|&(_, max_last)| max_last >= s.last)
                 })
         })
         .collect()

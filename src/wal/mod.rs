@@ -11,6 +11,8 @@
 //!   from before a WAL restart (other salts) or a torn write (bad checksum) are never accepted.
 //! - No input can make these functions panic or allocate.
 
+#![deny(missing_docs)]
+
 /// Size of the WAL file header in bytes.
 pub const WAL_HEADER_SIZE: usize = 32;
 /// Size of each frame header in bytes (the page follows it).
@@ -149,11 +151,7 @@ impl WalHeader {
             return None;
         }
         let stored = [be32(frame_header, 16)?, be32(frame_header, 20)?];
-        let sum = checksum(
-            self.big_endian_checksums,
-            running,
-            frame_header.get(..8)?,
-        );
+        let sum = checksum(self.big_endian_checksums, running, frame_header.get(..8)?);
         let sum = checksum(self.big_endian_checksums, sum, page);
         if sum != stored {
             return None;

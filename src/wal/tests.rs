@@ -119,7 +119,10 @@ fn header_rejections() {
     assert_eq!(WalHeader::parse(&bad), Err(WalError::BadMagic(0x377f_0684)));
     let mut bad = h.to_vec();
     bad[7] ^= 1;
-    assert!(matches!(WalHeader::parse(&bad), Err(WalError::BadVersion(_))));
+    assert!(matches!(
+        WalHeader::parse(&bad),
+        Err(WalError::BadVersion(_))
+    ));
     let mut bad = h.to_vec();
     bad[8..12].copy_from_slice(&1000u32.to_be_bytes());
     assert_eq!(WalHeader::parse(&bad), Err(WalError::BadPageSize(1000)));
@@ -169,7 +172,11 @@ fn stale_frames_after_a_wal_restart_are_rejected() {
     assert_eq!((busy, log), (0, done));
     conn.execute("INSERT INTO t(y) VALUES (x'01')", []).unwrap();
     let after = std::fs::read(wal_path(&db)).unwrap();
-    assert_eq!(after.len(), before.len(), "the restarted WAL reuses the file");
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "the restarted WAL reuses the file"
+    );
     let (new, new_frames) = walk(&after).unwrap();
     assert_eq!(new.salt1, old.salt1.wrapping_add(1));
     assert_ne!(new.salt2, old.salt2);

@@ -204,13 +204,22 @@ fn hand_built_good_file_decodes() {
 #[test]
 fn record_errors() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (content(&[p(1, 1), vec![b'X'], c(1, 5, 1)]), "unknown record tag 0x58"),
-        (content(&[p(0, 1), c(1, 5, 1)]), "page number 0 is out of range"),
+        (
+            content(&[p(1, 1), vec![b'X'], c(1, 5, 1)]),
+            "unknown record tag 0x58",
+        ),
+        (
+            content(&[p(0, 1), c(1, 5, 1)]),
+            "page number 0 is out of range",
+        ),
         (
             content(&[p((1 << 31) + 1, 1), c(1, 5, 1)]),
             "page number 2147483649 is out of range",
         ),
-        (content(&[p(1, 1), c(1, 5, 0)]), "commit 1 says the database has 0 pages"),
+        (
+            content(&[p(1, 1), c(1, 5, 0)]),
+            "commit 1 says the database has 0 pages",
+        ),
         (
             content(&[c(1, 5, 1), c(3, 5, 1)]),
             "commit txid 3 does not follow txid 1",
@@ -227,10 +236,16 @@ fn record_errors() {
             content(&[c(1, 5, 1), c(2, 4, 1)]),
             "commit 2 time 4 ms is before the previous commit's 5 ms",
         ),
-        (content(&[c(1, 5, 1), p(1, 1)]), "pages after the last commit"),
+        (
+            content(&[c(1, 5, 1), p(1, 1)]),
+            "pages after the last commit",
+        ),
         (content(&[]), "file has no commit"),
         (content(&[p(1, 1)]), "file has no commit"),
-        ([c(1, 5, 1), e_rec(2, 0)].concat(), "end record counts 2 records, file has 1"),
+        (
+            [c(1, 5, 1), e_rec(2, 0)].concat(),
+            "end record counts 2 records, file has 1",
+        ),
         (
             {
                 let r = c(1, 5, 1);
@@ -239,12 +254,21 @@ fn record_errors() {
             },
             "content hash mismatch",
         ),
-        ([content(&[c(1, 5, 1)]), vec![0]].concat(), "trailing data after the end record"),
+        (
+            [content(&[c(1, 5, 1)]), vec![0]].concat(),
+            "trailing data after the end record",
+        ),
         (c(1, 5, 1), "truncated: no end record"),
         (p(1, 1)[..100].to_vec(), "truncated: page record cut short"),
         (p(1, 1)[..3].to_vec(), "truncated: page record cut short"),
-        (c(1, 5, 1)[..20].to_vec(), "truncated: commit record cut short"),
-        (content(&[c(1, 5, 1)])[..40].to_vec(), "truncated: end record cut short"),
+        (
+            c(1, 5, 1)[..20].to_vec(),
+            "truncated: commit record cut short",
+        ),
+        (
+            content(&[c(1, 5, 1)])[..40].to_vec(),
+            "truncated: end record cut short",
+        ),
     ];
     for (bytes, want) in cases {
         let got = seg_err(&bytes);
@@ -316,8 +340,14 @@ fn header_errors() {
             with(header(b'G', 2, PS)),
             "file format version 2 is newer than this walship supports (1)",
         ),
-        (with(header(b'G', 0, PS)), "invalid file header: format version 0"),
-        (with(reserved), "invalid file header: reserved bytes are not zero"),
+        (
+            with(header(b'G', 0, PS)),
+            "invalid file header: format version 0",
+        ),
+        (
+            with(reserved),
+            "invalid file header: reserved bytes are not zero",
+        ),
         (with(header(b'G', 1, 1000)), "invalid page size 1000"),
         (with(header(b'G', 1, 256)), "invalid page size 256"),
         (with(header(b'G', 1, 1 << 17)), "invalid page size 131072"),
@@ -516,4 +546,3 @@ proptest! {
         let _ = drain(&bad, Kind::Segment);
     }
 }
-
