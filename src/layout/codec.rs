@@ -10,7 +10,7 @@
 //! - `E`: u64 count of the `P` and `C` records before it, u64 xxh3_64 of all content bytes before
 //!   this `E` tag. Nothing may follow it, neither in the frame nor after the frame.
 //!
-//! Invariants kept, by encoder and decoder alike (one set of rules, [`Rules`], checks both):
+//! Invariants kept, by encoder and decoder alike (one private set of rules checks both):
 //! commit txids in a file increase by exactly 1 and their times never go back; every page belongs
 //! to a commit (no pages after the last one); a file has at least one commit; a snapshot holds one
 //! commit and pages 1..=db_pages, each once, in order. The decoder holds one page buffer plus
