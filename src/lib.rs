@@ -4,6 +4,16 @@
 //! - [`config`]: the TOML file of one database, validated into `Settings` (exit 78 on errors).
 //! - [`url`]: replica URLs, `file:///PATH` and `sftp://USER@HOST[:PORT]/PATH`.
 //! - [`target`]: the storage seam, `trait Target` and its implementations (`file://`, `sftp://`).
+//! - [`wal`]: the SQLite WAL format, pure: header, frames, salts, the checksum chain.
+//! - [`layout`]: the on-replica format, pure: names, snapshot and segment encoding, whole-database
+//!   checksums, and planning restores, compaction and retention from a listing.
+//! - [`db`]: the capture side's connections to the user's database: the pin protocol, raw WAL
+//!   and page reads, checkpoints.
+//! - [`replicate`]: the daemon: watch, capture into the local spool, ship to every replica.
 pub mod config;
+pub mod db;
+pub mod layout;
+pub mod replicate;
 pub mod target;
 pub mod url;
+pub mod wal;
