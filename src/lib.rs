@@ -17,3 +17,4 @@ pub mod replicate;
 pub mod target;
 pub mod url;
 pub mod wal;
+pub mod systemd;

@@ -215,3 +215,11 @@ mod tests {
         assert_eq!(split_parent("c"), ("", "c"));
     }
 }
+
+/// Opens an sftp target for a replica (available once the sftp module lands).
+///
+/// # Errors
+/// Always, until then.
+pub fn open_sftp(r: &crate::config::ReplicaSettings) -> anyhow::Result<Box<dyn Target>> {
+    anyhow::bail!("sftp replicas are not supported by this build ({})", r.url)
+}

@@ -1,0 +1,493 @@
+//! The capture side: walship's connections to the user's database and raw reads of its WAL.
+//!
+//! How the WAL is kept from moving under walship (the *pin* protocol):
+//! - walship always holds at least one read transaction ("pin") on one of two connections; a
+//!   new pin begins before the old one ends ([`Db::rotate_pin`]). A reader that uses the WAL
+//!   blocks WAL restarts; a reader that began on a fully checkpointed WAL ("slot 0") blocks the
+//!   checkpointer from copying any frame. Either way, no frame walship has not read can be
+//!   overwritten, and at most one restart can happen while only a slot-0 pin is held, and only
+//!   after every frame of the old WAL was already captured. So a WAL whose salt-1 is exactly one
+//!   more than the one walship knows is a continuation; anything else breaks continuity.
+//! - walship checkpoints only after capturing ([`Db::lock_writes`] takes SQLite's write lock
+//!   with `BEGIN IMMEDIATE`, the tail is captured, pins are dropped, a PASSIVE checkpoint runs,
+//!   a new pin begins, the write lock is released). PASSIVE never waits on readers, and writers
+//!   wait only for that short window, well within any sane busy timeout.
+//! - The database file is read through one file handle kept open for the life of [`Db`]:
+//!   closing any descriptor of the file would drop the POSIX locks SQLite holds on it.
+//!
+//! Walship's connections never write and have autocheckpoint off; they never change the schema.
+
+use crate::wal::{FrameHeader, WalHeader, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
+use anyhow::{anyhow, bail, Context, Result};
+use rusqlite::{Connection, OpenFlags};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where capture stands in the WAL: just after the last captured commit frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalPos {
+    /// Salts of the WAL generation being read.
+    pub salt1: u32,
+    /// Second salt.
+    pub salt2: u32,
+    /// Number of valid frames consumed (all up to and including a commit frame).
+    pub frames: u64,
+    /// Running checksum after the last consumed frame (the header's for `frames == 0`).
+    pub running: [u32; 2],
+    /// Page size of the WAL.
+    pub page_size: u32,
+}
+
+impl WalPos {
+    /// The position at the start of a WAL with header `h`.
+    pub fn start(h: &WalHeader) -> Self {
+        Self {
+            salt1: h.salt1,
+            salt2: h.salt2,
+            frames: 0,
+            running: h.checksum,
+            page_size: h.page_size,
+        }
+    }
+}
+
+/// One commit found in the WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalCommit {
+    /// Frame count just after the commit frame.
+    pub frames_end: u64,
+    /// Database size in pages after the commit.
+    pub db_pages: u32,
+}
+
+/// What the WAL says relative to a known position.
+#[derive(Debug)]
+pub enum WalState {
+    /// No WAL header yet (missing or empty file): nothing to read.
+    Empty,
+    /// Same WAL as `pos`; `commits` are new commits after it (possibly none).
+    Same {
+        /// New commits, in order.
+        commits: Vec<WalCommit>,
+        /// The position after the last new commit.
+        end: WalPos,
+    },
+    /// The WAL was restarted exactly once since `pos` (salt-1 incremented); `commits` are from
+    /// its start.
+    Restarted {
+        /// Commits from the start of the new WAL.
+        commits: Vec<WalCommit>,
+        /// The position after the last of them.
+        end: WalPos,
+    },
+    /// The WAL changed in a way that breaks continuity; the reason says how.
+    Broken(String),
+}
+
+/// walship's handle on one database.
+pub struct Db {
+    // Field order matters: connections drop before `file` (see the module comment).
+    pins: [Connection; 2],
+    /// Which of `pins` currently holds a read transaction (`None` while unpinned).
+    active: Option<usize>,
+    writer: Connection,
+    ckpt: Connection,
+    file: File,
+    wal: Option<File>,
+    path: PathBuf,
+    wal_path: PathBuf,
+    identity: (u64, u64),
+}
+
+fn open_conn(path: &Path) -> Result<Connection> {
+    let c = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open database {}", path.display()))?;
+    c.pragma_update(None, "wal_autocheckpoint", 0)?;
+    c.busy_timeout(Duration::from_millis(5000))?;
+    Ok(c)
+}
+
+/// Switches `path` to WAL mode if it is not already; returns true if it switched.
+///
+/// # Errors
+/// Says why the switch is impossible (read-only file, an exclusive lock holder, ...).
+pub fn ensure_wal_mode(path: &Path) -> Result<bool> {
+    let c = open_conn(path)?;
+    let mode: String = c
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .with_context(|| format!("cannot read the journal mode of {}", path.display()))?;
+    if mode.eq_ignore_ascii_case("wal") {
+        return Ok(false);
+    }
+    let new: String = c
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(|e| {
+            anyhow!(
+                "cannot switch {} from journal_mode={mode} to WAL: {e} (is another process holding it with locking_mode=EXCLUSIVE, or is the file or its directory read-only?)",
+                path.display()
+            )
+        })?;
+    if !new.eq_ignore_ascii_case("wal") {
+        bail!(
+            "cannot switch {} from journal_mode={mode} to WAL (SQLite kept {new}: another connection may hold it in exclusive locking mode, or the file is read-only)",
+            path.display()
+        );
+    }
+    Ok(true)
+}
+
+impl Db {
+    /// Opens walship's connections to a database already in WAL mode and takes the first pin.
+    ///
+    /// # Errors
+    /// The database can't be opened, isn't in WAL mode, or is not a database.
+    pub fn open(path: &Path) -> Result<Db> {
+        let file = File::open(path)
+            .with_context(|| format!("cannot open database {}", path.display()))?;
+        let md = file.metadata()?;
+        let pins = [open_conn(path)?, open_conn(path)?];
+        let writer = open_conn(path)?;
+        let ckpt = open_conn(path)?;
+        ckpt.busy_timeout(Duration::ZERO)?;
+        writer.busy_timeout(Duration::from_millis(100))?;
+        let mode: String = ckpt.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            bail!("{} is not in WAL mode (journal_mode={mode})", path.display());
+        }
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
+        let mut db = Db {
+            pins,
+            active: None,
+            writer,
+            ckpt,
+            file,
+            wal: None,
+            path: path.to_owned(),
+            wal_path: PathBuf::from(wal_path),
+            identity: (md.dev(), md.ino()),
+        };
+        db.begin_pin(0)?;
+        Ok(db)
+    }
+
+    /// The database path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn begin_pin(&mut self, i: usize) -> Result<()> {
+        let c = &self.pins[i];
+        c.execute_batch("BEGIN")?;
+        c.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
+            .with_context(|| format!("cannot read {}", self.path.display()))?;
+        self.active = Some(i);
+        Ok(())
+    }
+
+    fn end_pin(&mut self, i: usize) -> Result<()> {
+        if self.pins[i].is_autocommit() {
+            return Ok(());
+        }
+        self.pins[i].execute_batch("COMMIT")?;
+        Ok(())
+    }
+
+    /// Moves the pin forward: a new read transaction begins before the old one ends.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn rotate_pin(&mut self) -> Result<()> {
+        let old = self.active.unwrap_or(1);
+        let new = 1 - old;
+        self.begin_pin(new)?;
+        self.end_pin(old)?;
+        Ok(())
+    }
+
+    /// Takes SQLite's write lock (`BEGIN IMMEDIATE`), waiting at most ~100 ms; false if busy.
+    ///
+    /// # Errors
+    /// SQLite errors other than busy.
+    pub fn lock_writes(&mut self) -> Result<bool> {
+        match self.writer.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => Ok(true),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    || e.code == rusqlite::ErrorCode::DatabaseLocked =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e).context("cannot take the write lock"),
+        }
+    }
+
+    /// With the write lock held and the tail captured: drops the pins, runs a PASSIVE
+    /// checkpoint, pins again, releases the write lock. Returns (frames in WAL, frames
+    /// checkpointed) as SQLite reports them.
+    ///
+    /// # Errors
+    /// SQLite errors; the write lock is released in every case.
+    pub fn checkpoint_locked(&mut self) -> Result<(i64, i64)> {
+        let result = (|| {
+            for i in 0..2 {
+                self.end_pin(i)?;
+            }
+            self.active = None;
+            let r = self
+                .ckpt
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                })
+                .context("checkpoint failed");
+            self.begin_pin(0)?;
+            r
+        })();
+        let unlock = self.writer.execute_batch("ROLLBACK");
+        let r = result?;
+        unlock.context("cannot release the write lock")?;
+        Ok(r)
+    }
+
+    /// Releases the write lock if held (used on error paths).
+    pub fn unlock_writes(&mut self) {
+        if !self.writer.is_autocommit() {
+            let _ = self.writer.execute_batch("ROLLBACK");
+        }
+    }
+
+    /// True if the path no longer names the file walship has open (replaced or deleted).
+    pub fn replaced(&self) -> bool {
+        match std::fs::metadata(&self.path) {
+            Ok(md) => (md.dev(), md.ino()) != self.identity,
+            Err(_) => true,
+        }
+    }
+
+    fn wal_file(&mut self) -> Result<Option<&File>> {
+        if self.wal.is_none() {
+            match File::open(&self.wal_path) {
+                Ok(f) => self.wal = Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot open {}", self.wal_path.display()))
+                }
+            }
+        }
+        Ok(self.wal.as_ref())
+    }
+
+    /// Reads and validates the WAL header; `None` if there is none yet.
+    ///
+    /// # Errors
+    /// I/O errors, or a header that is present but invalid.
+    pub fn wal_header(&mut self) -> Result<Option<WalHeader>> {
+        let path = self.wal_path.clone();
+        let Some(f) = self.wal_file()? else {
+            return Ok(None);
+        };
+        let mut buf = [0u8; WAL_HEADER_SIZE];
+        match read_exact_at(f, &mut buf, 0) {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+        if buf.iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        WalHeader::parse(&buf)
+            .map(Some)
+            .map_err(|e| anyhow!("invalid WAL header in {}: {e}", path.display()))
+    }
+
+    /// Compares the WAL with `pos` and lists the complete commits after it.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn scan(&mut self, pos: &WalPos) -> Result<WalState> {
+        let Some(h) = self.wal_header()? else {
+            return Ok(WalState::Empty);
+        };
+        if h.page_size != pos.page_size {
+            return Ok(WalState::Broken(format!(
+                "page size changed from {} to {}",
+                pos.page_size, h.page_size
+            )));
+        }
+        if (h.salt1, h.salt2) == (pos.salt1, pos.salt2) {
+            let (commits, end) = self.scan_from(&h, pos)?;
+            return Ok(WalState::Same { commits, end });
+        }
+        if h.salt1 == pos.salt1.wrapping_add(1) {
+            let (commits, end) = self.scan_from(&h, &WalPos::start(&h))?;
+            return Ok(WalState::Restarted { commits, end });
+        }
+        Ok(WalState::Broken(format!(
+            "the WAL was reset behind walship's back (salt-1 {:08x} -> {:08x})",
+            pos.salt1, h.salt1
+        )))
+    }
+
+    /// Walks valid frames from `pos`, returning complete commits and the position after the
+    /// last one. Frames after the last commit frame (a transaction in progress) are left.
+    fn scan_from(&mut self, h: &WalHeader, pos: &WalPos) -> Result<(Vec<WalCommit>, WalPos)> {
+        let ps = h.page_size as usize;
+        let frame_size = (FRAME_HEADER_SIZE + ps) as u64;
+        let path = self.wal_path.clone();
+        let Some(f) = self.wal_file()? else {
+            return Ok((Vec::new(), *pos));
+        };
+        let mut buf = vec![0u8; FRAME_HEADER_SIZE + ps];
+        let mut running = pos.running;
+        let mut n = pos.frames;
+        let mut commits = Vec::new();
+        let mut end = *pos;
+        loop {
+            let off = WAL_HEADER_SIZE as u64 + n * frame_size;
+            let full = read_exact_at(f, &mut buf, off)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if !full {
+                break;
+            }
+            let (fh, page) = buf.split_at(FRAME_HEADER_SIZE);
+            let Some((frame, next)) = h.check_frame(running, fh, page) else {
+                break;
+            };
+            running = next;
+            n += 1;
+            if frame.commit_size > 0 {
+                commits.push(WalCommit {
+                    frames_end: n,
+                    db_pages: frame.commit_size,
+                });
+                end = WalPos {
+                    salt1: h.salt1,
+                    salt2: h.salt2,
+                    frames: n,
+                    running,
+                    page_size: h.page_size,
+                };
+            }
+        }
+        Ok((commits, end))
+    }
+
+    /// Reads frame number `index` (0-based) of the WAL into `page` and returns its header.
+    /// Only for frames already validated by [`Db::scan`] under the current pin.
+    ///
+    /// # Errors
+    /// I/O errors or a short file.
+    pub fn read_frame(&mut self, page_size: u32, index: u64, page: &mut [u8]) -> Result<FrameHeader> {
+        let frame_size = (FRAME_HEADER_SIZE + page_size as usize) as u64;
+        let off = WAL_HEADER_SIZE as u64 + index * frame_size;
+        let path = self.wal_path.clone();
+        let f = self
+            .wal_file()?
+            .ok_or_else(|| anyhow!("{} disappeared", path.display()))?;
+        let mut fh = [0u8; FRAME_HEADER_SIZE];
+        if !read_exact_at(f, &mut fh, off)? || !read_exact_at(f, page, off + FRAME_HEADER_SIZE as u64)? {
+            bail!("{} is shorter than expected", path.display());
+        }
+        Ok(FrameHeader {
+            pgno: u32::from_be_bytes([fh[0], fh[1], fh[2], fh[3]]),
+            commit_size: u32::from_be_bytes([fh[4], fh[5], fh[6], fh[7]]),
+        })
+    }
+
+    /// Page size and page count of the database file itself (used when the WAL is empty).
+    ///
+    /// # Errors
+    /// I/O errors or an invalid header.
+    pub fn file_geometry(&self) -> Result<(u32, u32)> {
+        let mut hdr = [0u8; 100];
+        if !read_exact_at(&self.file, &mut hdr, 0)? {
+            return Ok((0, 0));
+        }
+        if &hdr[..16] != b"SQLite format 3\0" {
+            bail!("{} is not an SQLite database", self.path.display());
+        }
+        let raw = u16::from_be_bytes([hdr[16], hdr[17]]);
+        let ps = if raw == 1 { 65536 } else { u32::from(raw) };
+        if !(512..=65536).contains(&ps) || !ps.is_power_of_two() {
+            bail!("{} has an invalid page size {raw}", self.path.display());
+        }
+        let len = self.file.metadata()?.len();
+        let counter = &hdr[24..28];
+        let valid_for = &hdr[92..96];
+        let in_header = u32::from_be_bytes([hdr[28], hdr[29], hdr[30], hdr[31]]);
+        let pages = if counter == valid_for && in_header > 0 {
+            in_header
+        } else {
+            u32::try_from(len / u64::from(ps)).unwrap_or(u32::MAX)
+        };
+        Ok((ps, pages))
+    }
+
+    /// Calls `f(pgno, content)` for every page 1..=db_pages of the database as of WAL frame
+    /// count `frames` (the database file overlaid with the newest frame of each page among the
+    /// first `frames`). Must run under the pin that validated those frames.
+    ///
+    /// # Errors
+    /// I/O errors, or an error from `f`.
+    pub fn for_each_page(
+        &mut self,
+        page_size: u32,
+        frames: u64,
+        db_pages: u32,
+        mut f: impl FnMut(u32, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let ps = page_size as usize;
+        let mut latest: HashMap<u32, u64> = HashMap::new();
+        let mut fh = [0u8; FRAME_HEADER_SIZE];
+        let frame_size = (FRAME_HEADER_SIZE + ps) as u64;
+        if frames > 0 {
+            let path = self.wal_path.clone();
+            let wal = self
+                .wal_file()?
+                .ok_or_else(|| anyhow!("{} disappeared", path.display()))?;
+            for i in 0..frames {
+                if !read_exact_at(wal, &mut fh, WAL_HEADER_SIZE as u64 + i * frame_size)? {
+                    bail!("{} is shorter than expected", path.display());
+                }
+                latest.insert(u32::from_be_bytes([fh[0], fh[1], fh[2], fh[3]]), i);
+            }
+        }
+        let mut page = vec![0u8; ps];
+        for pgno in 1..=db_pages {
+            if let Some(&i) = latest.get(&pgno) {
+                let wal = self.wal.as_ref().ok_or_else(|| anyhow!("WAL closed"))?;
+                let off = WAL_HEADER_SIZE as u64 + i * frame_size + FRAME_HEADER_SIZE as u64;
+                if !read_exact_at(wal, &mut page, off)? {
+                    bail!("{} is shorter than expected", self.wal_path.display());
+                }
+            } else {
+                let off = u64::from(pgno - 1) * ps as u64;
+                if !read_exact_at(&self.file, &mut page, off)? {
+                    page.fill(0);
+                }
+            }
+            f(pgno, &page)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads exactly `buf.len()` bytes at `off`; Ok(false) if the file ends first.
+fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<bool> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => return Ok(false),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}

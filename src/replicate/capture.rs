@@ -1,0 +1,501 @@
+//! Capture: turns new commits in the WAL into segment files in the spool, takes snapshots,
+//! and checkpoints once frames are safe.
+//!
+//! Invariants:
+//! - Every commit gets the next txid of the generation, and its segment record carries the
+//!   whole-database checksum after it, maintained incrementally in [`PageHashes`]; a snapshot
+//!   recomputes it from scratch and must agree (a disagreement starts a new generation).
+//! - The capture state file is written after the spool files it describes; on restart a
+//!   spool newer than the state means the last step was cut short, and a new generation starts
+//!   rather than guessing.
+//! - A new generation begins with a snapshot; a restart resumes the generation only when
+//!   continuity is proven: the same WAL still holds the frames after the saved position, or
+//!   the database's checksum equals the saved one.
+
+use super::spool::{Key, Spool};
+use super::state::Kv;
+use crate::db::{Db, WalCommit, WalPos, WalState};
+use crate::layout::checksum::PageHashes;
+use crate::layout::codec::{Commit, Encoder, Kind};
+use crate::layout::names::{FileName, GenerationId};
+use anyhow::{anyhow, bail, Result};
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tracing::{info, warn};
+
+/// zstd level for segments and snapshots: fast, still ~2-4x on typical pages.
+const ZSTD_LEVEL: i32 = 1;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where capture stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Captured {
+    /// The generation.
+    pub generation: GenerationId,
+    /// The last captured txid.
+    pub txid: u64,
+    /// When it was captured.
+    pub time_ms: u64,
+    /// Database checksum after it.
+    pub db_checksum: u64,
+    /// Database size in pages after it.
+    pub db_pages: u32,
+}
+
+/// The capture engine for one database.
+pub struct Capture {
+    db: Db,
+    spool: Arc<Spool>,
+    state_path: PathBuf,
+    segment_size: u64,
+    /// Where capture stands (generation, txid, checksum).
+    pub at: Captured,
+    page_size: u32,
+    /// Position in the WAL after the last captured commit; `None` until a WAL is seen.
+    pos: Option<WalPos>,
+    hashes: PageHashes,
+}
+
+/// What one capture step did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing new.
+    Idle,
+    /// This many commits were captured into the spool.
+    Captured(u64),
+}
+
+impl Capture {
+    /// Opens capture for `db`: resumes the saved generation when continuity is proven, else
+    /// starts a new one with a snapshot.
+    ///
+    /// # Errors
+    /// Database, WAL or spool errors.
+    pub fn start(db: Db, spool: Arc<Spool>, state_dir: &Path, segment_size: u64) -> Result<Capture> {
+        let state_path = state_dir.join("capture.state");
+        let saved = Kv::load(&state_path)?;
+        let mut cap = Capture {
+            db,
+            spool,
+            state_path,
+            segment_size,
+            at: Captured {
+                generation: GenerationId { ms: 0, rand: 0 },
+                txid: 0,
+                time_ms: 0,
+                db_checksum: 0,
+                db_pages: 0,
+            },
+            page_size: 0,
+            pos: None,
+            hashes: PageHashes::new(4096),
+        };
+        match saved {
+            None => cap.new_generation("no previous state")?,
+            Some(kv) => match cap.try_resume(&kv) {
+                Ok(true) => {}
+                Ok(false) => {}
+                Err(e) => cap.new_generation(&format!("cannot resume: {e:#}"))?,
+            },
+        }
+        Ok(cap)
+    }
+
+    /// Tries to resume from saved state; on a proven continuation returns true, otherwise
+    /// starts a new generation itself and returns false.
+    fn try_resume(&mut self, kv: &Kv) -> Result<bool> {
+        let generation = kv.generation("generation")?;
+        let txid = kv.u64("txid")?;
+        let saved_checksum = kv.hex("db-checksum")?;
+        let page_size = u32::try_from(kv.u64("page-size")?)?;
+        let pos = match kv.str("wal")? {
+            "none" => None,
+            _ => Some(WalPos {
+                salt1: u32::try_from(kv.hex("salt1")?)?,
+                salt2: u32::try_from(kv.hex("salt2")?)?,
+                frames: kv.u64("frames")?,
+                running: [
+                    u32::try_from(kv.hex("running0")?)?,
+                    u32::try_from(kv.hex("running1")?)?,
+                ],
+                page_size,
+            }),
+        };
+        // A spool file beyond the saved txid means the last step was cut short.
+        let newest = self
+            .spool
+            .list()?
+            .into_iter()
+            .filter(|f| f.generation == generation)
+            .map(|f| f.key().last)
+            .max();
+        if newest.is_some_and(|n| n > txid) {
+            self.new_generation("the spool is ahead of the saved state (interrupted step)")?;
+            return Ok(false);
+        }
+        self.at = Captured {
+            generation,
+            txid,
+            time_ms: kv.u64("time-ms")?,
+            db_checksum: saved_checksum,
+            db_pages: u32::try_from(kv.u64("db-pages")?)?,
+        };
+        self.page_size = page_size;
+        // Case 1: the same WAL still holds everything after the saved position.
+        if let Some(p) = pos {
+            if let WalState::Same { commits, end } = self.db.scan(&p)? {
+                let db_pages = commits.last().map_or(0, |c| c.db_pages);
+                let end_pages = if commits.is_empty() {
+                    self.at.db_pages
+                } else {
+                    db_pages
+                };
+                self.rescan(end.frames, end_pages)?;
+                if commits.is_empty() {
+                    if self.hashes.db_checksum() != saved_checksum {
+                        self.new_generation("the database differs from the saved state")?;
+                        return Ok(false);
+                    }
+                    self.pos = Some(end);
+                } else {
+                    self.write_merged(p.frames, &end, end_pages)?;
+                }
+                info!(generation = %generation, txid = self.at.txid, "resumed the generation: the WAL is continuous");
+                return Ok(true);
+            }
+        }
+        // Case 2: no WAL continuity, but the database is exactly as it was.
+        let h = self.db.wal_header()?;
+        let (end, end_pages) = match h {
+            Some(h) => {
+                let start = WalPos::start(&h);
+                let WalState::Same { commits, end } = self.db.scan(&start)? else {
+                    bail!("the WAL changed while reading it");
+                };
+                let pages = match commits.last() {
+                    Some(c) => c.db_pages,
+                    None => self.db.file_geometry()?.1,
+                };
+                (Some(end), pages)
+            }
+            None => (None, self.db.file_geometry()?.1),
+        };
+        self.rescan(end.map_or(0, |e| e.frames), end_pages)?;
+        if self.hashes.db_checksum() == saved_checksum && self.hashes.len() == end_pages {
+            self.pos = end;
+            self.at.db_pages = end_pages;
+            info!(generation = %generation, txid, "resumed the generation: the database is unchanged");
+            self.save_state()?;
+            return Ok(true);
+        }
+        self.new_generation("the WAL was reset while walship was stopped and the database changed")?;
+        Ok(false)
+    }
+
+    /// Recomputes all page hashes for the state after WAL frame `frames`.
+    fn rescan(&mut self, frames: u64, db_pages: u32) -> Result<()> {
+        let mut hashes = PageHashes::new(self.page_size);
+        self.db.for_each_page(self.page_size, frames, db_pages, |pgno, data| {
+            hashes.set(pgno, data);
+            Ok(())
+        })?;
+        hashes.set_size(db_pages);
+        self.hashes = hashes;
+        Ok(())
+    }
+
+    /// Starts a new generation: captures to the end of the WAL and writes a snapshot.
+    ///
+    /// # Errors
+    /// Database, WAL or spool errors.
+    pub fn new_generation(&mut self, why: &str) -> Result<()> {
+        let generation = GenerationId {
+            ms: now_ms(),
+            rand: rand::random(),
+        };
+        warn!(generation = %generation, "starting a new generation: {why}");
+        let (end, db_pages, page_size) = match self.db.wal_header()? {
+            Some(h) => {
+                let start = WalPos::start(&h);
+                let WalState::Same { commits, end } = self.db.scan(&start)? else {
+                    bail!("the WAL changed while reading it");
+                };
+                let pages = match commits.last() {
+                    Some(c) => c.db_pages,
+                    None => self.db.file_geometry()?.1,
+                };
+                (Some(end), pages, h.page_size)
+            }
+            None => {
+                let (ps, pages) = self.db.file_geometry()?;
+                (None, pages, ps)
+            }
+        };
+        if db_pages == 0 {
+            bail!(
+                "{} is empty (0 pages): nothing to replicate yet",
+                self.db.path().display()
+            );
+        }
+        self.page_size = page_size;
+        self.pos = end;
+        self.at = Captured {
+            generation,
+            txid: 1,
+            time_ms: now_ms(),
+            db_checksum: 0,
+            db_pages,
+        };
+        self.write_snapshot()?;
+        Ok(())
+    }
+
+    /// Writes a snapshot of the state at the current position into the spool, recomputing
+    /// every page hash; a mismatch with the incremental checksum is an error.
+    fn write_snapshot(&mut self) -> Result<()> {
+        let frames = self.pos.map_or(0, |p| p.frames);
+        let db_pages = self.at.db_pages;
+        let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
+        let mut enc = Encoder::new(BufWriter::with_capacity(1 << 20, f), Kind::Snapshot, self.page_size, ZSTD_LEVEL)?;
+        let mut hashes = PageHashes::new(self.page_size);
+        self.db.for_each_page(self.page_size, frames, db_pages, |pgno, data| {
+            hashes.set(pgno, data);
+            enc.page(pgno, data)?;
+            Ok(())
+        })?;
+        hashes.set_size(db_pages);
+        let checksum = hashes.db_checksum();
+        if self.at.db_checksum != 0 && self.at.txid > 1 && checksum != self.at.db_checksum {
+            let _ = std::fs::remove_file(&tmp);
+            bail!(
+                "snapshot checksum {checksum:016x} disagrees with the captured state {:016x}",
+                self.at.db_checksum
+            );
+        }
+        enc.commit(&Commit {
+            txid: self.at.txid,
+            time_ms: self.at.time_ms,
+            db_pages,
+            db_checksum: checksum,
+        })?;
+        let w = enc.finish()?;
+        let f = w.into_inner().map_err(|e| anyhow!("cannot write snapshot: {}", e.error()))?;
+        let name = FileName::Snapshot {
+            txid: self.at.txid,
+            time_ms: self.at.time_ms,
+        };
+        let size = self.spool.publish(&tmp, f, &self.at.generation, &name)?;
+        self.hashes = hashes;
+        self.at.db_checksum = checksum;
+        info!(generation = %self.at.generation, txid = self.at.txid, pages = db_pages, bytes = size, "snapshot written");
+        self.save_state()
+    }
+
+    /// Takes a snapshot at the current end of the WAL (captures first).
+    ///
+    /// # Errors
+    /// Database, WAL or spool errors.
+    pub fn snapshot(&mut self) -> Result<()> {
+        self.step()?;
+        self.write_snapshot()
+    }
+
+    /// One merged commit for frames after `from` up to `end` (used when resuming).
+    fn write_merged(&mut self, from: u64, end: &WalPos, db_pages: u32) -> Result<()> {
+        let commit = WalCommit {
+            frames_end: end.frames,
+            db_pages,
+        };
+        // Hashes were recomputed for the end state: write pages without touching them.
+        self.write_segments(from, &[commit], false)?;
+        self.at.db_checksum = self.hashes.db_checksum();
+        self.pos = Some(*end);
+        self.save_state()
+    }
+
+    /// Captures every complete new commit into segments.
+    ///
+    /// # Errors
+    /// [`StepError`]-like anyhow errors; a broken WAL is reported with `Broken:` prefix via
+    /// [`BrokenWal`].
+    pub fn step(&mut self) -> Result<Step> {
+        let state = match self.pos {
+            Some(p) => self.db.scan(&p)?,
+            None => match self.db.wal_header()? {
+                None => WalState::Empty,
+                Some(h) => {
+                    if h.page_size != self.page_size {
+                        WalState::Broken(format!("page size changed from {} to {}", self.page_size, h.page_size))
+                    } else {
+                        match self.db.scan(&WalPos::start(&h))? {
+                            WalState::Same { commits, end } => WalState::Restarted { commits, end },
+                            other => other,
+                        }
+                    }
+                }
+            },
+        };
+        let (from, commits, end) = match state {
+            WalState::Empty => return Ok(Step::Idle),
+            WalState::Broken(why) => return Err(BrokenWal(why).into()),
+            WalState::Same { commits, end } => (self.pos.map_or(0, |p| p.frames), commits, end),
+            WalState::Restarted { commits, end } => (0, commits, end),
+        };
+        if commits.is_empty() {
+            if from == 0 {
+                self.pos = Some(end);
+            }
+            return Ok(Step::Idle);
+        }
+        let n = commits.len() as u64;
+        self.write_segments(from, &commits, true)?;
+        self.pos = Some(end);
+        self.save_state()?;
+        Ok(Step::Captured(n))
+    }
+
+    /// Writes the frames from `from` through the given commits into one or more segments, cut
+    /// at commit boundaries once a segment holds `segment_size` bytes.
+    fn write_segments(&mut self, from: u64, commits: &[WalCommit], per_commit: bool) -> Result<()> {
+        let ps = self.page_size;
+        let mut page = vec![0u8; ps as usize];
+        let mut frame = from;
+        let mut i = 0;
+        while i < commits.len() {
+            let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
+            let mut enc = Encoder::new(BufWriter::with_capacity(256 << 10, f), Kind::Segment, ps, ZSTD_LEVEL)?;
+            let first = self.at.txid + 1;
+            let first_ms = now_ms().max(self.at.time_ms);
+            while i < commits.len() {
+                let c = commits[i];
+                while frame < c.frames_end {
+                    let fh = self.db.read_frame(ps, frame, &mut page)?;
+                    enc.page(fh.pgno, &page)?;
+                    if per_commit {
+                        self.hashes.set(fh.pgno, &page);
+                    }
+                    frame += 1;
+                }
+                if per_commit {
+                    self.hashes.set_size(c.db_pages);
+                }
+                self.at.txid += 1;
+                self.at.time_ms = now_ms().max(self.at.time_ms);
+                self.at.db_pages = c.db_pages;
+                self.at.db_checksum = self.hashes.db_checksum();
+                enc.commit(&Commit {
+                    txid: self.at.txid,
+                    time_ms: self.at.time_ms,
+                    db_pages: c.db_pages,
+                    db_checksum: self.at.db_checksum,
+                })?;
+                i += 1;
+                if enc.raw_bytes() >= self.segment_size {
+                    break;
+                }
+            }
+            let w = enc.finish()?;
+            let f = w.into_inner().map_err(|e| anyhow!("cannot write segment: {}", e.error()))?;
+            let name = FileName::Segment {
+                level: 0,
+                first,
+                last: self.at.txid,
+                first_ms: first_ms.min(self.at.time_ms),
+                last_ms: self.at.time_ms,
+            };
+            self.spool.publish(&tmp, f, &self.at.generation, &name)?;
+        }
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<()> {
+        let mut kv = Kv::default();
+        kv.set("generation", self.at.generation)
+            .set("txid", self.at.txid)
+            .set("time-ms", self.at.time_ms)
+            .set("db-checksum", format!("{:016x}", self.at.db_checksum))
+            .set("db-pages", self.at.db_pages)
+            .set("page-size", self.page_size);
+        match self.pos {
+            None => {
+                kv.set("wal", "none");
+            }
+            Some(p) => {
+                kv.set("wal", "yes")
+                    .set("salt1", format!("{:08x}", p.salt1))
+                    .set("salt2", format!("{:08x}", p.salt2))
+                    .set("frames", p.frames)
+                    .set("running0", format!("{:08x}", p.running[0]))
+                    .set("running1", format!("{:08x}", p.running[1]));
+            }
+        }
+        kv.save(&self.state_path)
+    }
+
+    /// Frames in the current WAL (what a checkpoint would reclaim).
+    pub fn wal_frames(&self) -> u64 {
+        self.pos.map_or(0, |p| p.frames)
+    }
+
+    /// Moves the pin forward after a step (see `db` module docs).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn rotate_pin(&mut self) -> Result<()> {
+        self.db.rotate_pin()
+    }
+
+    /// Checkpoints if the WAL holds at least `threshold` frames: write lock, capture the
+    /// tail, PASSIVE checkpoint, release. Returns true if a checkpoint ran.
+    ///
+    /// # Errors
+    /// Capture or SQLite errors.
+    pub fn maybe_checkpoint(&mut self, threshold: u32) -> Result<bool> {
+        if self.wal_frames() < u64::from(threshold) {
+            return Ok(false);
+        }
+        if !self.db.lock_writes()? {
+            return Ok(false);
+        }
+        if let Err(e) = self.step() {
+            self.db.unlock_writes();
+            return Err(e);
+        }
+        let (log, done) = self.db.checkpoint_locked()?;
+        tracing::debug!(log, done, "checkpoint");
+        Ok(true)
+    }
+
+    /// True if the database file was replaced or deleted under walship.
+    pub fn db_replaced(&self) -> bool {
+        self.db.replaced()
+    }
+
+    /// The spool key of the newest captured state.
+    pub fn key(&self) -> Key {
+        Key {
+            generation: self.at.generation,
+            last: self.at.txid,
+            rank: 0,
+        }
+    }
+
+    /// Consumes the capture, returning the database handle.
+    pub fn into_db(self) -> Db {
+        self.db
+    }
+}
+
+/// The WAL changed in a way that breaks continuity: a new generation is needed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BrokenWal(pub String);

@@ -1,0 +1,430 @@
+//! The daemon: watch the database, capture commits into the local spool, ship them to every
+//! replica, checkpoint, snapshot, and report.
+//!
+//! Threads: the main loop (this module) owns the database and the spool's producer side; one
+//! [`ship::Shipper`] thread per replica consumes the spool. The main loop wakes only for file
+//! events on the database or its WAL (inotify), replica progress, signals, and timers that are
+//! due (watchdog, snapshot interval): an idle database costs no work.
+//!
+//! Invariants: the application is never waited on (capture reads files, checkpoints are
+//! PASSIVE under a short write lock); local disk use is bounded by `spool-limit` (past it the
+//! oldest spooled files are dropped and lagging replicas resynchronise from a snapshot); what
+//! `status` reports as replicated is what a replica durably holds.
+
+pub mod capture;
+pub mod ship;
+pub mod spool;
+pub mod state;
+
+use crate::config::{ReplicaSettings, Settings};
+use crate::db::{ensure_wal_mode, Db};
+use crate::systemd::Notifier;
+use crate::target::Target;
+use anyhow::{anyhow, Context, Result};
+use capture::{now_ms, BrokenWal, Capture, Step};
+use notify::{EventKind, RecursiveMode, Watcher};
+use ship::{ReplicaStatus, Shared, Shipper};
+use spool::Spool;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, error, info, warn};
+
+/// Messages that wake the main loop.
+#[derive(Debug)]
+pub enum Msg {
+    /// The database or its WAL changed.
+    Changed,
+    /// A replica made progress or changed health.
+    Progress,
+    /// SIGTERM / SIGINT.
+    Stop,
+}
+
+/// How long shutdown waits for replicas to receive what is spooled.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// Opens the storage target for a replica.
+///
+/// # Errors
+/// A replica whose kind is not available.
+pub fn open_target(r: &ReplicaSettings) -> Result<Box<dyn Target>> {
+    match &r.url {
+        crate::url::ReplicaUrl::File(p) => Ok(Box::new(crate::target::file::FileTarget::new(p))),
+        crate::url::ReplicaUrl::Sftp { .. } => crate::target::open_sftp(r),
+    }
+}
+
+/// The identity written into replica markers: `host:/path/of.db`.
+pub fn identity(db: &Path) -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", db.display())
+}
+
+fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
+    let p = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("cannot open {}", p.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { nix::libc::flock(f.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(anyhow!(
+            "another walship is already replicating with state directory {} (lock held)",
+            dir.display()
+        ));
+    }
+    Ok(f)
+}
+
+/// Waits for the database file to exist (an application may create it after boot).
+fn wait_for_db(db: &Path, stop: &std::sync::mpsc::Receiver<Msg>, notifier: &Notifier) -> Result<bool> {
+    let mut logged = false;
+    while !db.exists() {
+        if !logged {
+            info!(db = %db.display(), "waiting for {} to be created", db.display());
+            notifier.status(&format!("waiting for {} to be created", db.display()));
+            logged = true;
+        }
+        notifier.watchdog();
+        match stop.recv_timeout(Duration::from_millis(500)) {
+            Ok(Msg::Stop) => return Ok(false),
+            _ => {}
+        }
+    }
+    Ok(true)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns after shipping what is pending (or after
+/// [`SHUTDOWN_GRACE`]).
+///
+/// # Errors
+/// Start-up failures (state directory, database, configuration of replicas).
+pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
+    let (tx, rx) = channel::<Msg>();
+    spawn_signal_thread(tx.clone())?;
+    std::fs::create_dir_all(&settings.state_dir)
+        .with_context(|| format!("cannot create state directory {}", settings.state_dir.display()))?;
+    let _lock = lock_state_dir(&settings.state_dir)?;
+    if !wait_for_db(&settings.db, &rx, notifier)? {
+        return Ok(());
+    }
+    if ensure_wal_mode(&settings.db)? {
+        info!(db = %settings.db.display(), "switched {} to WAL mode (journal_mode=WAL)", settings.db.display());
+    }
+    let spool = Arc::new(Spool::open(&settings.state_dir)?);
+    let db = Db::open(&settings.db)?;
+    let mut cap = Capture::start(db, spool.clone(), &settings.state_dir, settings.segment_size)?;
+    cap.rotate_pin()?;
+
+    // Watch the database's directory; only events on the database or its WAL wake us.
+    let dir = settings.db.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let names: Vec<std::ffi::OsString> = {
+        let base = settings.db.file_name().map(|s| s.to_owned()).unwrap_or_default();
+        let mut wal = base.clone();
+        wal.push("-wal");
+        vec![base, wal]
+    };
+    let wtx = tx.clone();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        let Ok(ev) = ev else { return };
+        if matches!(ev.kind, EventKind::Access(_) | EventKind::Other) {
+            return;
+        }
+        if ev.paths.iter().any(|p| p.file_name().is_some_and(|n| names.iter().any(|x| x == n))) {
+            let _ = wtx.send(Msg::Changed);
+        }
+    })
+    .context("cannot start inotify watcher")?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+
+    // Shippers.
+    let shared = Arc::new(Shared::default());
+    let ident = identity(&settings.db);
+    let mut threads = Vec::new();
+    for (idx, r) in settings.replicas.iter().enumerate() {
+        let target = open_target(r)?;
+        shared.lock().replicas.push(ReplicaStatus {
+            name: r.name.clone(),
+            url: target.url(),
+            ..ReplicaStatus::default()
+        });
+        let s = Shipper {
+            idx,
+            target,
+            shared: shared.clone(),
+            spool: spool.clone(),
+            state_path: settings.state_dir.join(format!("replica-{}.state", r.name)),
+            identity: ident.clone(),
+            fanout: settings.compaction_fanout,
+            retention: settings.retention,
+            wake: tx.clone(),
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("ship-{}", r.name))
+            .spawn(move || s.run())
+            .context("cannot start shipper thread")?;
+        threads.push(h);
+    }
+    drop(tx);
+    info!(db = %settings.db.display(), generation = %cap.at.generation, position = %position(&cap), "replicating to {} replica(s)", settings.replicas.len());
+
+    let mut ready = false;
+    let started = Instant::now();
+    let mut last_snapshot = Instant::now();
+    let mut status_line = String::new();
+    let mut failing_since: Option<Instant> = None;
+    let watchdog = notifier.watchdog_interval();
+    loop {
+        stall_failpoint();
+        let timeout = watchdog.unwrap_or(Duration::from_secs(3600)).min(
+            settings
+                .snapshot_interval
+                .saturating_sub(last_snapshot.elapsed())
+                .max(Duration::from_millis(10)),
+        );
+        let timeout = if failing_since.is_some() || !ready {
+            timeout.min(Duration::from_millis(200))
+        } else {
+            timeout
+        };
+        let msg = rx.recv_timeout(timeout);
+        if matches!(msg, Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected)) {
+            break;
+        }
+        // Drain what else is queued: events coalesce.
+        let mut stop = false;
+        while let Ok(m) = rx.try_recv() {
+            if matches!(m, Msg::Stop) {
+                stop = true;
+            }
+        }
+        match capture_round(&mut cap, settings, &shared) {
+            Ok(()) => failing_since = None,
+            Err(e) => {
+                if failing_since.is_none() {
+                    error!(db = %settings.db.display(), error_kind = "capture", "capture failed: {e:#}");
+                }
+                failing_since.get_or_insert_with(Instant::now);
+            }
+        }
+        if cap.db_replaced() {
+            warn!(db = %settings.db.display(), "the database file was replaced or deleted; reopening");
+            match reopen(&settings.db, &spool, settings) {
+                Ok(Some(c)) => cap = c,
+                Ok(None) => {}
+                Err(e) => error!(db = %settings.db.display(), "cannot reopen: {e:#}"),
+            }
+        }
+        let want = std::mem::take(&mut shared.lock().snapshot_wanted);
+        if want || last_snapshot.elapsed() >= settings.snapshot_interval {
+            match cap.snapshot() {
+                Ok(()) => {
+                    last_snapshot = Instant::now();
+                    kick(&shared);
+                }
+                Err(e) => {
+                    error!(db = %settings.db.display(), "snapshot failed: {e:#}");
+                    shared.lock().snapshot_wanted = want;
+                }
+            }
+        }
+        if let Err(e) = gc_spool(&spool, &shared, settings.spool_limit) {
+            warn!("spool maintenance failed: {e:#}");
+        }
+        let (line, caught_up) = status(&cap, &shared, &spool);
+        if line != status_line {
+            notifier.status(&line);
+            write_status(&settings.state_dir, &line);
+            status_line = line;
+        }
+        if !ready && (caught_up || started.elapsed() > Duration::from_secs(30)) {
+            ready = true;
+            notifier.ready();
+            info!("ready: {status_line}");
+        }
+        notifier.watchdog();
+        if stop {
+            break;
+        }
+    }
+    // Graceful stop: capture the last commits, give replicas time to receive them.
+    notifier.stopping();
+    info!("stopping: shipping what is pending");
+    let _ = capture_round(&mut cap, settings, &shared);
+    {
+        let mut g = shared.lock();
+        g.stopping = true;
+        g.deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+    }
+    kick(&shared);
+    for h in threads {
+        let _ = h.join();
+    }
+    let (line, _) = status(&cap, &shared, &spool);
+    write_status(&settings.state_dir, &line);
+    info!("stopped: {line}");
+    drop(watcher);
+    Ok(())
+}
+
+fn kick(shared: &Shared) {
+    shared.lock().version += 1;
+    shared.cv.notify_all();
+}
+
+/// Capture, pin rotation, checkpoint; a broken WAL starts a new generation.
+fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
+    let r = cap.step();
+    let r = match r {
+        Err(e) if e.downcast_ref::<BrokenWal>().is_some() => {
+            cap.new_generation(&e.to_string()).map(|()| Step::Captured(1))
+        }
+        other => other,
+    };
+    cap.rotate_pin()?;
+    if matches!(r?, Step::Captured(_)) {
+        kick(shared);
+    }
+    if cap.maybe_checkpoint(settings.checkpoint_pages)? {
+        kick(shared);
+    }
+    Ok(())
+}
+
+fn reopen(db: &Path, spool: &Arc<Spool>, settings: &Settings) -> Result<Option<Capture>> {
+    if !db.exists() {
+        return Ok(None);
+    }
+    ensure_wal_mode(db)?;
+    let d = Db::open(db)?;
+    let mut c = Capture::start(d, spool.clone(), &settings.state_dir, settings.segment_size)?;
+    c.new_generation("the database file was replaced")?;
+    c.rotate_pin()?;
+    Ok(Some(c))
+}
+
+fn position(cap: &Capture) -> String {
+    format!("{}/{}", cap.at.generation, cap.at.txid)
+}
+
+/// Deletes spooled files every replica has, then enforces the spool limit.
+fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<()> {
+    let positions: Vec<Option<spool::Key>> = shared.lock().replicas.iter().map(|r| r.position).collect();
+    let files = spool.list()?;
+    let min = positions.iter().copied().min().flatten();
+    let mut total = 0u64;
+    let mut keep = Vec::new();
+    for f in files {
+        if min.is_some_and(|m| f.key() <= m) {
+            spool.remove(&f)?;
+        } else {
+            total += f.size;
+            keep.push(f);
+        }
+    }
+    if total > limit {
+        // Keep the newest snapshot; drop the oldest files until under the limit.
+        let newest_snap = keep
+            .iter()
+            .rev()
+            .find(|f| matches!(f.name, crate::layout::names::FileName::Snapshot { .. }))
+            .map(spool::SpoolFile::key);
+        for f in &keep {
+            if total <= limit {
+                break;
+            }
+            if Some(f.key()) == newest_snap {
+                continue;
+            }
+            warn!(error_kind = "spool-limit", "spool over its limit ({total} > {limit} bytes): dropping {} — lagging replicas will resynchronise from a snapshot", f.name);
+            spool.remove(f)?;
+            total -= f.size;
+        }
+    }
+    Ok(())
+}
+
+/// The one-line status and whether every replica holds everything captured.
+fn status(cap: &Capture, shared: &Shared, spool: &Spool) -> (String, bool) {
+    let now = now_ms();
+    let files = spool.list().unwrap_or_default();
+    let g = shared.lock();
+    let n = g.replicas.len();
+    let mut ok = 0;
+    let mut max_lag = 0u64;
+    let mut down = Vec::new();
+    let head = cap.key();
+    for r in &g.replicas {
+        let caught_up = r.position.is_some_and(|p| p.generation == head.generation && p.last >= head.last);
+        if caught_up {
+            ok += 1;
+        } else {
+            let first_missing = files
+                .iter()
+                .find(|f| r.position.is_none_or(|p| f.key() > p))
+                .map(|f| match f.name {
+                    crate::layout::names::FileName::Snapshot { time_ms, .. } => time_ms,
+                    crate::layout::names::FileName::Segment { first_ms, .. } => first_ms,
+                })
+                .unwrap_or(cap.at.time_ms);
+            max_lag = max_lag.max(now.saturating_sub(first_missing));
+        }
+        if let Some(e) = &r.error {
+            down.push(format!("{}: {e}", r.name));
+        }
+    }
+    let mut line = format!(
+        "replicated to {ok}/{n} replicas, lag {max_lag} ms, position {}",
+        position(cap)
+    );
+    if !down.is_empty() {
+        line.push_str(&format!(", failing: {}", down.join("; ")));
+    }
+    (line, ok + down.len() >= n)
+}
+
+fn write_status(dir: &Path, line: &str) {
+    let p = dir.join("status");
+    let text = format!("{} {}\n", now_ms(), line);
+    if let Err(e) = crate::target::file::write_file_atomic(&p, &mut text.as_bytes(), 0o644) {
+        debug!("cannot write {}: {e}", p.display());
+    }
+}
+
+fn spawn_signal_thread(tx: Sender<Msg>) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                if tx.send(Msg::Stop).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("cannot start signal thread")?;
+    Ok(())
+}
+
+/// Test hook: while the file named by `WALSHIP_FAILPOINT_STALL` exists, the main loop
+/// stalls (to prove that the watchdog catches a hung loop).
+fn stall_failpoint() {
+    if let Some(p) = std::env::var_os("WALSHIP_FAILPOINT_STALL") {
+        while Path::new(&p).exists() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! Shipping: one thread per replica uploads spooled files in order, then compacts and prunes
+//! what is on the replica.
+//!
+//! Invariants:
+//! - A replica receives files in [`Key`] order; its position (the key of the last file it
+//!   holds durably) is saved only after `write_atomic` returned, so a crash re-sends at most
+//!   one file, under the same name (idempotent).
+//! - A gap (spooled files dropped by the spool limit, or a replica that never had the
+//!   generation's snapshot) is never papered over: the replica skips to a snapshot, or asks
+//!   capture for a fresh one and waits for it.
+//! - Errors never stop the thread: they are recorded in the replica's status, logged when
+//!   they change, and retried with exponential backoff capped at [`MAX_BACKOFF`] (plus jitter)
+//!   so catch-up starts within a few seconds of the replica's return.
+//! - Compaction uploads the merged file before deleting its inputs; retention only deletes
+//!   what [`plan_retention`] allows. A crash in between leaves redundant files, never a gap.
+
+use super::capture::now_ms;
+use super::spool::{Key, Spool, SpoolFile};
+use super::state::Kv;
+use crate::layout::codec::{Decoder, Encoder, Kind, Record};
+use crate::layout::names::{file_path, generation_dir, FileName, GenerationId, Marker, GENERATIONS_DIR, MARKER_FILE};
+use crate::layout::plan::{plan_compaction, plan_retention, redundant_segments, Deletion, Listing};
+use crate::target::{ErrorKind, Target};
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{BufWriter, Read};
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+
+/// Longest wait between two attempts against a failing replica.
+pub const MAX_BACKOFF: Duration = Duration::from_millis(3000);
+
+/// What the rest of walship knows about one replica.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaStatus {
+    /// The replica's name.
+    pub name: String,
+    /// Its URL.
+    pub url: String,
+    /// Key of the last file it holds.
+    pub position: Option<Key>,
+    /// Capture time of the newest commit it holds.
+    pub time_ms: u64,
+    /// The last error, while failing.
+    pub error: Option<String>,
+}
+
+/// State shared between capture (main loop) and the shippers.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// The mutable part.
+    pub inner: Mutex<Inner>,
+    /// Signalled when the spool gets new files, or on stop.
+    pub cv: Condvar,
+}
+
+/// See [`Shared`].
+#[derive(Debug, Default)]
+pub struct Inner {
+    /// Set when shutting down: shippers finish what is spooled, then exit.
+    pub stopping: bool,
+    /// Shippers give up at this instant even if not caught up.
+    pub deadline: Option<Instant>,
+    /// A shipper found a gap and needs a fresh snapshot.
+    pub snapshot_wanted: bool,
+    /// Per replica.
+    pub replicas: Vec<ReplicaStatus>,
+    /// Bumped whenever the spool changes.
+    pub version: u64,
+}
+
+impl Shared {
+    /// Locks the inner state (a poisoned lock is recovered: the data stays consistent
+    /// because every update is a plain field assignment).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One replica's shipping thread.
+pub struct Shipper {
+    /// Index in `Inner::replicas`.
+    pub idx: usize,
+    /// The storage target.
+    pub target: Box<dyn Target>,
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    /// The spool.
+    pub spool: Arc<Spool>,
+    /// This replica's position file.
+    pub state_path: PathBuf,
+    /// Identity written in the marker ("host:/path").
+    pub identity: String,
+    /// Compaction fan-out.
+    pub fanout: usize,
+    /// Retention window.
+    pub retention: Duration,
+    /// Wakes the main loop after progress.
+    pub wake: Sender<super::Msg>,
+}
+
+fn load_position(path: &std::path::Path) -> Result<Option<(Key, u64)>> {
+    let Some(kv) = Kv::load(path)? else {
+        return Ok(None);
+    };
+    let key = Key {
+        generation: kv.generation("generation")?,
+        last: kv.u64("last")?,
+        rank: u8::try_from(kv.u64("rank")?)?,
+    };
+    Ok(Some((key, kv.u64("time-ms")?)))
+}
+
+impl Shipper {
+    fn name(&self) -> String {
+        self.shared.lock().replicas[self.idx].name.clone()
+    }
+
+    fn set_error(&self, msg: Option<String>) {
+        let name = self.name();
+        let mut g = self.shared.lock();
+        let st = &mut g.replicas[self.idx];
+        if st.error != msg {
+            match &msg {
+                Some(m) => error!(replica = %name, error_kind = "replica", "replica {name} failing: {m}"),
+                None => info!(replica = %name, "replica {name} is healthy again"),
+            }
+            st.error = msg;
+        }
+    }
+
+    /// Runs until stopped.
+    pub fn run(self) {
+        let name = self.name();
+        let mut pos = match load_position(&self.state_path) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(replica = %name, "ignoring unreadable position file: {e:#}");
+                None
+            }
+        };
+        {
+            let mut g = self.shared.lock();
+            g.replicas[self.idx].position = pos.map(|p| p.0);
+            g.replicas[self.idx].time_ms = pos.map_or(0, |p| p.1);
+        }
+        let mut prepared = false;
+        let mut failures: u32 = 0;
+        let mut remote: Option<(GenerationId, Vec<FileName>)> = None;
+        let mut last_retention = Instant::now() - Duration::from_secs(3600);
+        loop {
+            // Work out the next file, or wait.
+            let files = match self.spool.list() {
+                Ok(f) => f,
+                Err(e) => {
+                    self.set_error(Some(format!("{e:#}")));
+                    Vec::new()
+                }
+            };
+            let next = self.next_file(pos.map(|p| p.0), &files);
+            let version = {
+                let g = self.shared.lock();
+                if g.stopping && (next.is_none() || g.deadline.is_some_and(|d| Instant::now() >= d)) {
+                    return;
+                }
+                g.version
+            };
+            let result = (|| -> Result<bool> {
+                if !prepared {
+                    self.prepare()?;
+                    prepared = true;
+                }
+                let Some(f) = next else {
+                    // Idle: housekeeping, at most every few seconds of idleness.
+                    if let Some((g, files)) = remote.as_mut() {
+                        self.compact(g, files)?;
+                        if last_retention.elapsed() > Duration::from_secs(600) {
+                            last_retention = Instant::now();
+                            self.retain(g)?;
+                        }
+                    }
+                    return Ok(false);
+                };
+                self.upload(&f)?;
+                let time_ms = match f.name {
+                    FileName::Snapshot { time_ms, .. } => time_ms,
+                    FileName::Segment { last_ms, .. } => last_ms,
+                };
+                pos = Some((f.key(), time_ms));
+                let mut kv = Kv::default();
+                kv.set("generation", f.generation)
+                    .set("last", f.key().last)
+                    .set("rank", f.key().rank)
+                    .set("time-ms", time_ms);
+                kv.save(&self.state_path)?;
+                {
+                    let mut g = self.shared.lock();
+                    g.replicas[self.idx].position = Some(f.key());
+                    g.replicas[self.idx].time_ms = time_ms;
+                }
+                match remote.as_mut() {
+                    Some((g, files)) if *g == f.generation => files.push(f.name),
+                    _ => {
+                        let files = self.remote_files(&f.generation)?;
+                        if matches!(f.name, FileName::Snapshot { .. }) {
+                            last_retention = Instant::now() - Duration::from_secs(3600);
+                        }
+                        remote = Some((f.generation, files));
+                    }
+                }
+                let _ = self.wake.send(super::Msg::Progress);
+                Ok(true)
+            })();
+            match result {
+                Ok(true) => {
+                    failures = 0;
+                    self.set_error(None);
+                    continue;
+                }
+                Ok(false) => {
+                    failures = 0;
+                    self.set_error(None);
+                    let g = self.shared.lock();
+                    if g.version == version && !g.stopping {
+                        let _ = self
+                            .shared
+                            .cv
+                            .wait_timeout(g, Duration::from_secs(30))
+                            .map(|(g, _)| drop(g));
+                    }
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    if e.downcast_ref::<crate::target::TargetError>()
+                        .is_some_and(|t| t.kind == ErrorKind::Unavailable)
+                    {
+                        prepared = false;
+                    }
+                    self.set_error(Some(format!("{e:#}")));
+                    let _ = self.wake.send(super::Msg::Progress);
+                    let base = 100u64.saturating_mul(1 << failures.min(5));
+                    let jitter = rand::random::<u64>() % (base / 4 + 1);
+                    let wait = Duration::from_millis(base + jitter).min(MAX_BACKOFF);
+                    let g = self.shared.lock();
+                    if g.stopping && g.deadline.is_some_and(|d| Instant::now() >= d) {
+                        return;
+                    }
+                    let _ = self.shared.cv.wait_timeout(g, wait).map(|(g, _)| drop(g));
+                }
+            }
+        }
+    }
+
+    /// The next file to send after `pos`, handling gaps (see module docs).
+    fn next_file(&self, pos: Option<Key>, files: &[SpoolFile]) -> Option<SpoolFile> {
+        let later: Vec<&SpoolFile> = files.iter().filter(|f| pos.is_none_or(|p| f.key() > p)).collect();
+        let first = *later.first()?;
+        let continuous = match (pos, first.name) {
+            (_, FileName::Snapshot { .. }) => true,
+            (Some(p), FileName::Segment { first: a, .. }) => p.generation == first.generation && a == p.last + 1,
+            (None, FileName::Segment { .. }) => false,
+        };
+        if continuous {
+            return Some(first.clone());
+        }
+        if let Some(s) = later.iter().find(|f| matches!(f.name, FileName::Snapshot { .. })) {
+            warn!(replica = %self.name(), "replica missed spooled files (spool limit or a new replica); resynchronising from snapshot {}", s.name);
+            return Some((*s).clone());
+        }
+        let mut g = self.shared.lock();
+        if !g.snapshot_wanted {
+            warn!(replica = %g.replicas[self.idx].name, "replica is missing files that are no longer spooled; asking for a fresh snapshot");
+            g.snapshot_wanted = true;
+        }
+        None
+    }
+
+    /// Checks or writes the marker, and removes temporary files an earlier run left.
+    fn prepare(&self) -> Result<()> {
+        let url = self.target.url();
+        match self.target.read(MARKER_FILE) {
+            Ok(mut r) => {
+                let mut text = String::new();
+                r.by_ref()
+                    .take(64 << 10)
+                    .read_to_string(&mut text)
+                    .with_context(|| format!("cannot read {url}/{MARKER_FILE}"))?;
+                let m = Marker::parse(&text).map_err(|e| anyhow!("{url}/{MARKER_FILE}: {e}"))?;
+                if m.database != self.identity {
+                    bail!(
+                        "{url} holds the replica of {}, not of {}: refusing to mix two databases (use another path, or delete {MARKER_FILE} there if the database moved)",
+                        m.database,
+                        self.identity
+                    );
+                }
+            }
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                let m = Marker {
+                    format: 1,
+                    database: self.identity.clone(),
+                    created_ms: now_ms(),
+                };
+                self.target.write_atomic(MARKER_FILE, &mut m.to_toml().as_bytes())?;
+                info!(replica = %self.name(), "initialised replica {url}");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        for g in self.target.list(GENERATIONS_DIR)? {
+            if g.is_dir && g.name.parse::<GenerationId>().is_ok() {
+                let n = self.target.cleanup(&format!("{GENERATIONS_DIR}/{}", g.name))?;
+                if n > 0 {
+                    info!(replica = %self.name(), "removed {n} temporary file(s) left by an interrupted upload");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn upload(&self, f: &SpoolFile) -> Result<()> {
+        let path = self.spool.path(&f.generation, &f.name);
+        let mut src = match std::fs::File::open(&path) {
+            Ok(s) => s,
+            // Dropped by the spool limit while we looked: the next round handles the gap.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        };
+        let dest = file_path(&f.generation, &f.name);
+        self.target
+            .write_atomic(&dest, &mut src)
+            .with_context(|| format!("failed to upload {dest}"))?;
+        Ok(())
+    }
+
+    fn remote_files(&self, g: &GenerationId) -> Result<Vec<FileName>> {
+        Ok(self
+            .target
+            .list(&generation_dir(g))?
+            .into_iter()
+            .filter_map(|e| FileName::parse(&e.name).ok())
+            .collect())
+    }
+
+    /// Merges runs of `fanout` segments into one of the next level, then deletes the inputs.
+    fn compact(&self, g: &GenerationId, files: &mut Vec<FileName>) -> Result<()> {
+        for r in redundant_segments(files) {
+            self.target.delete(&file_path(g, &r))?;
+            files.retain(|f| *f != r);
+        }
+        let Some((level, inputs)) = plan_compaction(files, self.fanout) else {
+            return Ok(());
+        };
+        let (Some(FileName::Segment { first, first_ms, .. }), Some(FileName::Segment { last, last_ms, .. })) =
+            (inputs.first().copied(), inputs.last().copied())
+        else {
+            return Ok(());
+        };
+        let (tmp, f) = self.spool.create_temp(g)?;
+        let _cleanup = RemoveOnDrop(tmp.clone());
+        let mut enc: Option<Encoder<BufWriter<std::fs::File>>> = None;
+        let mut f = Some(f);
+        for input in &inputs {
+            let path = file_path(g, input);
+            let r = self.target.read(&path)?;
+            let mut dec = Decoder::new(r, Kind::Segment).map_err(|e| anyhow!("{}/{path}: {e}", self.target.url()))?;
+            if enc.is_none() {
+                let file = f.take().ok_or_else(|| anyhow!("internal: encoder file"))?;
+                enc = Some(Encoder::new(BufWriter::new(file), Kind::Segment, dec.page_size(), 3)?);
+            }
+            let e = enc.as_mut().ok_or_else(|| anyhow!("internal: encoder"))?;
+            while let Some(rec) = dec.next().map_err(|e| anyhow!("{}/{path}: {e}", self.target.url()))? {
+                match rec {
+                    Record::Page { pgno, data } => e.page(pgno, data)?,
+                    Record::Commit(c) => e.commit(&c)?,
+                }
+            }
+        }
+        let Some(enc) = enc else { return Ok(()) };
+        let out = enc.finish()?;
+        let mut file = out.into_inner().map_err(|e| anyhow!("cannot write compacted segment: {}", e.error()))?;
+        file.sync_all()?;
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        let name = FileName::Segment {
+            level,
+            first,
+            last,
+            first_ms,
+            last_ms,
+        };
+        self.target.write_atomic(&file_path(g, &name), &mut file)?;
+        for i in &inputs {
+            self.target.delete(&file_path(g, i))?;
+        }
+        files.retain(|f| !inputs.contains(f));
+        files.push(name);
+        files.sort();
+        info!(replica = %self.name(), "compacted {} segments into {name}", inputs.len());
+        Ok(())
+    }
+
+    /// Applies the retention policy to the replica.
+    fn retain(&self, current: &GenerationId) -> Result<()> {
+        let mut listing = Listing { generations: Vec::new() };
+        for e in self.target.list(GENERATIONS_DIR)? {
+            let Ok(g) = e.name.parse::<GenerationId>() else { continue };
+            let files = self
+                .target
+                .list(&generation_dir(&g))?
+                .into_iter()
+                .filter_map(|e| FileName::parse(&e.name).ok().map(|n| (n, e.size)))
+                .collect();
+            listing.generations.push((g, files));
+        }
+        let retention_ms = u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX);
+        for d in plan_retention(&listing, current, now_ms(), retention_ms) {
+            match d {
+                Deletion::File(g, f) => self.target.delete(&file_path(&g, &f))?,
+                Deletion::Generation(g) => {
+                    for e in self.target.list(&generation_dir(&g))? {
+                        if !e.is_dir {
+                            self.target.delete(&format!("{}/{}", generation_dir(&g), e.name))?;
+                        }
+                    }
+                    self.target.remove_dir(&generation_dir(&g))?;
+                    info!(replica = %self.name(), "retention removed generation {g}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
