@@ -12,6 +12,8 @@
 //!   the replica's root.
 
 pub mod file;
+pub mod known_hosts;
+pub mod sftp;
 
 use std::fmt;
 use std::io::Read;
