@@ -275,3 +275,70 @@ fn sftp_hostile_names_are_skipped() {
         .collect();
     assert_eq!(names, vec!["ok"]);
 }
+
+/// Throughput of `SftpTarget` against OpenSSH's own `sftp` client on the same sshd. Run by
+/// `bench/sftp-throughput.sh` (release build); `WALSHIP_BENCH_MIB` sets the size (default 256).
+#[test]
+#[ignore = "benchmark: run bench/sftp-throughput.sh"]
+fn sftp_throughput_vs_openssh() {
+    use std::process::Command;
+    let mib: usize = std::env::var("WALSHIP_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let sshd = Sshd::start();
+    let dir = TestDir::new("bench");
+    let body: Vec<u8> = (0..mib << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let src = sshd.dir.path().join("body");
+    std::fs::write(&src, &body).expect("write body");
+    let t = sshd.target(&dir.remote);
+    t.write_atomic("warmup", &mut &b"x"[..]).expect("warm up");
+    let mbs = |d: Duration| (mib as f64) * 1.048_576 / d.as_secs_f64();
+
+    let start = Instant::now();
+    t.write_atomic("ours", &mut std::fs::File::open(&src).expect("open"))
+        .expect("upload");
+    let put_ours = mbs(start.elapsed());
+    let start = Instant::now();
+    let mut got = Vec::with_capacity(body.len());
+    t.read("ours")
+        .expect("open")
+        .read_to_end(&mut got)
+        .expect("download");
+    let get_ours = mbs(start.elapsed());
+    assert!(got == body, "download differs");
+
+    let openssh = |batch: &str| {
+        let start = Instant::now();
+        let st = Command::new("sftp")
+            .args(["-q", "-b", "-", "-P", &sshd.port.to_string(), "-i"])
+            .arg(&sshd.client_key)
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
+            .args(["-o", "BatchMode=yes", "replicator@127.0.0.1"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().expect("stdin").write_all(batch.as_bytes())?;
+                c.wait()
+            })
+            .expect("run sftp");
+        assert!(st.success(), "sftp {batch}: {st}");
+        mbs(start.elapsed())
+    };
+    let put_ssh = openssh(&format!("put {} /{}/theirs\n", src.display(), dir.remote));
+    let back = sshd.dir.path().join("back");
+    let get_ssh = openssh(&format!("get /{}/theirs {}\n", dir.remote, back.display()));
+    println!(
+        "{mib} MiB: upload walship {put_ours:.0} MB/s, OpenSSH sftp put {put_ssh:.0} MB/s, \
+         ratio {:.2}",
+        put_ours / put_ssh
+    );
+    println!(
+        "{mib} MiB: download walship {get_ours:.0} MB/s, OpenSSH sftp get {get_ssh:.0} MB/s, \
+         ratio {:.2}",
+        get_ours / get_ssh
+    );
+}

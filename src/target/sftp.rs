@@ -438,10 +438,9 @@ impl SftpTarget {
                         return Err(Fail::Ssh(e));
                     }
                     tracing::debug!(target = %self.opts.url, "stale SFTP session, reconnecting: {e}");
+                    // One immediate retry on a new session (`fresh` prevents a third attempt).
                     fresh = true;
-                    // Loop: the next iteration connects afresh (and `fresh` prevents a 3rd try).
-                    let c = Arc::new(self.connect()?);
-                    *guard = Some(c);
+                    *guard = Some(Arc::new(self.connect()?));
                 }
                 Err(e) => return Err(e),
             }
@@ -633,7 +632,12 @@ impl SftpTarget {
                 continue;
             }
             match c.sftp.mkdir(Path::new(&cur), 0o755) {
-                Ok(()) => {}
+                // Make the new directory's name durable in its parent.
+                Ok(()) => {
+                    let parent = split_parent(&cur).0;
+                    let parent = if parent.is_empty() { "/" } else { parent };
+                    Self::fsync_dir(c, parent).map_err(|e| (cur.clone(), Some(e)))?;
+                }
                 Err(e) if is_conn_err(&e) => return Err((cur, Some(e))),
                 Err(e) => match c.sftp.stat(Path::new(&cur)) {
                     Ok(st) if st.is_dir() => {}
