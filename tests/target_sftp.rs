@@ -169,6 +169,7 @@ fn sftp_frozen_server_times_out_and_recovers() {
     let e = err_of(t.list(""));
     let took = start.elapsed();
     assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
+    eprintln!("frozen server: Unavailable after {took:?}");
     assert!(took < Duration::from_millis(3500), "took {took:?}: {e}");
     // A new connection (handshake) against the frozen server.
     let t2 = SftpTarget::new(sshd.options(&dir.remote, Duration::from_secs(2)));
@@ -176,6 +177,7 @@ fn sftp_frozen_server_times_out_and_recovers() {
     let e = err_of(t2.list(""));
     let took = start.elapsed();
     assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
+    eprintln!("frozen server: Unavailable after {took:?}");
     assert!(took < Duration::from_millis(3500), "took {took:?}: {e}");
 
     sshd.cont();
@@ -227,6 +229,7 @@ fn sftp_killed_mid_upload_and_restart() {
     ));
     assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
     assert!(e.msg.contains("g/big"), "{e}");
+    eprintln!("killed mid-upload: error after {:?}", start.elapsed());
     assert!(start.elapsed() < Duration::from_secs(5));
     let leftovers = || {
         std::fs::read_dir(dir.local.join("g"))
