@@ -33,7 +33,8 @@
 //!   sizes are only numbers reported back. Paths sent to the server are built only from
 //!   [`check_path`]-checked components.
 
-use super::known_hosts::{self, HostKey, Verdict};
+pub use super::known_hosts::HostKey;
+use super::known_hosts::{self, Verdict};
 use super::{check_path, split_parent, temp_name, Entry, ErrorKind, Result, Target, TargetError};
 use ssh2::{ErrorCode, FileType, MethodType, OpenFlags, OpenType, Session, Sftp};
 use std::collections::HashSet;
