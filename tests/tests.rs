@@ -1,4 +1,6 @@
 //! walship's integration tests: one test binary, a module per area.
 
 mod conformance;
+mod sshd;
 mod target_file;
+mod target_sftp;

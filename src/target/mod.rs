@@ -12,6 +12,8 @@
 //!   the replica's root.
 
 pub mod file;
+pub mod known_hosts;
+pub mod sftp;
 
 use std::fmt;
 use std::io::Read;
@@ -216,10 +218,42 @@ mod tests {
     }
 }
 
-/// Opens an sftp target for a replica (available once the sftp module lands).
+/// Opens the sftp target for a replica, preferring a key (and passphrase) that systemd passes
+/// as a credential (`walship-key-<name>`, `walship-passphrase-<name>`) over the configured paths.
 ///
 /// # Errors
-/// Always, until then.
+/// A replica that is not sftp, or an sftp replica without a key.
 pub fn open_sftp(r: &crate::config::ReplicaSettings) -> anyhow::Result<Box<dyn Target>> {
-    anyhow::bail!("sftp replicas are not supported by this build ({})", r.url)
+    let crate::url::ReplicaUrl::Sftp {
+        user,
+        host,
+        port,
+        path,
+    } = &r.url
+    else {
+        anyhow::bail!("{} is not an sftp URL", r.url);
+    };
+    let cred = |name: String| {
+        std::env::var_os("CREDENTIALS_DIRECTORY")
+            .map(|d| std::path::Path::new(&d).join(name))
+            .filter(|p| p.exists())
+    };
+    let key_path = cred(format!("walship-key-{}", r.name))
+        .or_else(|| r.key_path.clone())
+        .unwrap_or_default();
+    let passphrase_file = cred(format!("walship-passphrase-{}", r.name)).or_else(|| r.passphrase_file.clone());
+    let url = sftp::SftpUrl {
+        user: user.clone(),
+        host: host.clone(),
+        port: *port,
+        path: path.trim_start_matches('/').to_owned(),
+    };
+    Ok(Box::new(sftp::SftpTarget::new(sftp::SftpOptions {
+        url,
+        key_path,
+        passphrase_file,
+        known_hosts: r.known_hosts.clone(),
+        use_agent: r.use_agent,
+        timeout: r.timeout,
+    })))
 }

@@ -1,0 +1,1300 @@
+//! The `sftp://USER@HOST[:PORT]/PATH` target: a replica on an SSH server (typically a chrooted,
+//! SFTP-only OpenSSH account), reached with the `ssh2` crate (libssh2).
+//!
+//! Invariants and decisions:
+//! - **Never hangs.** `Session::set_timeout` is always set, so every blocking libssh2 call
+//!   (handshake, auth, each SFTP request) fails with a timeout after [`SftpOptions::timeout`];
+//!   the TCP connect has the same bound. A connection-class failure (timeout, reset, EOF) marks
+//!   the session broken and shuts its socket down, so later clean-up calls fail at once instead
+//!   of waiting again; the next operation connects afresh. Nothing here sleeps or backs off: the
+//!   engine above does. The one exception to "fail and let the caller retry": a *reused* session
+//!   that turns out dead (socket error, not a timeout) is replaced once, immediately, before the
+//!   operation has consumed any input, because an idle session going stale (server restarted,
+//!   NAT expiry) is normal and not an outage.
+//! - **One session per target**, created lazily and reused; operations on one target are
+//!   serialized by a mutex. A reader returned by [`Target::read`] keeps its own handle on the
+//!   session and does not hold that mutex (ssh2 serializes the underlying calls).
+//! - **Host keys are verified by walship itself** against an OpenSSH `known_hosts` file (see
+//!   [`super::known_hosts`]; libssh2's own check gets port semantics wrong).
+//! - **Atomic, durable writes**: the body goes to `dir/.walship-tmp-...` with large writes (libssh2
+//!   pipelines only within one write call), is fsynced with `fsync@openssh.com`, and renamed to
+//!   the final name. OpenSSH speaks SFTP v3, whose rename fails onto an existing name, and ssh2
+//!   does not expose `posix-rename@openssh.com`. So an overwrite is: try the rename; if it fails
+//!   and the final name exists, unlink it and rename again. Crash window: between that unlink and
+//!   that rename (one round trip) the final name is missing and the new content sits in the
+//!   temporary file, which [`Target::cleanup`] would later remove. walship's engine never
+//!   overwrites (every file name is unique), so only callers that overwrite are exposed.
+//!   After the rename the directory itself is fsynced: OpenSSH's sftp-server opens a directory
+//!   with `open(2)` when asked to open it as a file, and `fsync@openssh.com` on that handle is
+//!   `fsync(2)` of the directory, which makes the rename durable on Linux. A server that refuses
+//!   this only costs durability of the name, and is logged once per session at debug level.
+//! - **Hostile servers**: names from listings containing `/`, NUL or control characters, `.`,
+//!   `..`, or that are not UTF-8 are skipped and logged; symlinks and special files are skipped;
+//!   sizes are only numbers reported back. Paths sent to the server are built only from
+//!   [`check_path`]-checked components.
+
+pub use super::known_hosts::HostKey;
+use super::known_hosts::{self, Verdict};
+use super::{check_path, split_parent, temp_name, Entry, ErrorKind, Result, Target, TargetError};
+use ssh2::{ErrorCode, FileType, MethodType, OpenFlags, OpenType, Session, Sftp};
+use std::collections::HashSet;
+use std::fmt;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Default location of the `known_hosts` file walship checks host keys against.
+pub const DEFAULT_KNOWN_HOSTS: &str = "/etc/walship/known_hosts";
+
+/// Default for [`SftpOptions::timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Size of each write call on an upload: libssh2 pipelines SFTP writes only within one call.
+const WRITE_CHUNK: usize = 1024 * 1024;
+
+/// Buffer in front of downloads, so small caller reads still become large pipelined requests.
+const READ_BUF: usize = 1024 * 1024;
+
+/// Interval (seconds) for SSH keepalives; libssh2 sends one from the next call after it elapses.
+const KEEPALIVE_SECS: u32 = 15;
+
+// libssh2 numeric codes used below (from libssh2.h / libssh2_sftp.h).
+const LIBSSH2_ERROR_FILE: i32 = -16;
+const LIBSSH2_ERROR_TIMEOUT: i32 = -9;
+const LIBSSH2_ERROR_AUTHENTICATION_FAILED: i32 = -18;
+const LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED: i32 = -19;
+const FX_NO_SUCH_FILE: i32 = 2;
+const FX_PERMISSION_DENIED: i32 = 3;
+const FX_FAILURE: i32 = 4;
+const FX_NO_CONNECTION: i32 = 6;
+const FX_CONNECTION_LOST: i32 = 7;
+const FX_OP_UNSUPPORTED: i32 = 8;
+const FX_NO_SUCH_PATH: i32 = 10;
+const FX_FILE_ALREADY_EXISTS: i32 = 11;
+const FX_WRITE_PROTECT: i32 = 12;
+const FX_NO_SPACE: i32 = 14;
+const FX_QUOTA_EXCEEDED: i32 = 15;
+const FX_DIR_NOT_EMPTY: i32 = 18;
+
+/// A parsed `sftp://USER@HOST[:PORT]/PATH` URL.
+///
+/// Invariants: `user` and `host` are non-empty, `port` is not 0, `path` is a non-empty,
+/// `/`-separated relative path of plain names (no leading `/`, no `.`/`..`/empty parts). The path
+/// is resolved as the server sees it: in a chroot, `db/x` and `/db/x` are the same place, so both
+/// URL spellings give `path == "db/x"`, and walship always sends `/db/x`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SftpUrl {
+    /// Login name on the server.
+    pub user: String,
+    /// Host name or address; an IPv6 address without its brackets.
+    pub host: String,
+    /// TCP port (22 unless given).
+    pub port: u16,
+    /// The replica directory on the server, relative to its root (see the type's doc).
+    pub path: String,
+}
+
+impl SftpUrl {
+    /// Parses `sftp://USER@HOST[:PORT]/PATH` strictly.
+    ///
+    /// # Errors
+    /// A one-line message saying what is wrong and showing the expected form.
+    pub fn parse(s: &str) -> std::result::Result<SftpUrl, String> {
+        const FORM: &str = "expected sftp://USER@HOST[:PORT]/PATH";
+        let bad = |why: &str| Err(format!("invalid sftp URL {s:?}: {why} ({FORM})"));
+        let Some(rest) = s.strip_prefix("sftp://") else {
+            return bad("it must start with sftp://");
+        };
+        if rest.contains(['?', '#', '%']) {
+            return bad("queries, fragments and percent-encoding are not supported");
+        }
+        if rest.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return bad("it contains a space or control character");
+        }
+        let Some((auth, path)) = rest.split_once('/') else {
+            return bad("missing path");
+        };
+        let Some((user, hostport)) = auth.rsplit_once('@') else {
+            return bad("missing user");
+        };
+        if user.is_empty() {
+            return bad("missing user");
+        }
+        if user.contains(':') {
+            return bad("passwords in URLs are not supported, use a key");
+        }
+        if user.contains('@') {
+            return bad("invalid user");
+        }
+        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+            let Some((h, after)) = h.split_once(']') else {
+                return bad("unclosed '[' in host");
+            };
+            if h.parse::<std::net::Ipv6Addr>().is_err() {
+                return bad("only IPv6 addresses go in brackets");
+            }
+            match after.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if after.is_empty() => (h, None),
+                None => return bad("unexpected text after ']'"),
+            }
+        } else {
+            match hostport.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            }
+        };
+        if host.is_empty() {
+            return bad("missing host");
+        }
+        if !host.contains(':')
+            && !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+        {
+            return bad("invalid host name");
+        }
+        let port = match port {
+            None => 22,
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
+                _ => return bad("invalid port"),
+            },
+        };
+        let path = path.trim_start_matches('/').trim_end_matches('/');
+        if path.is_empty() {
+            return bad("missing path (the server's root directory cannot be a replica)");
+        }
+        if check_path(path, false).is_err() {
+            return bad("the path must be plain names separated by '/' (no '.', '..' or '//')");
+        }
+        Ok(SftpUrl {
+            user: user.to_owned(),
+            host: host.to_owned(),
+            port,
+            path: path.to_owned(),
+        })
+    }
+
+    /// `host:port` for messages (`[::1]:22` for IPv6).
+    pub fn host_port(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for SftpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let port = if self.port == 22 {
+            String::new()
+        } else {
+            format!(":{}", self.port)
+        };
+        write!(f, "sftp://{}@{host}{port}/{}", self.user, self.path)
+    }
+}
+
+impl std::str::FromStr for SftpUrl {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        SftpUrl::parse(s)
+    }
+}
+
+/// How to reach and authenticate to an SFTP replica.
+#[derive(Debug, Clone)]
+pub struct SftpOptions {
+    /// Where the replica lives.
+    pub url: SftpUrl,
+    /// The private key (OpenSSH or PEM format: ed25519, RSA, ECDSA) used to log in.
+    pub key_path: PathBuf,
+    /// A file whose first line is the key's passphrase, if the key is encrypted.
+    pub passphrase_file: Option<PathBuf>,
+    /// The OpenSSH-format file that host keys are checked against (missing = nothing trusted).
+    pub known_hosts: PathBuf,
+    /// Try the keys of a running ssh-agent (`SSH_AUTH_SOCK`) before `key_path`.
+    pub use_agent: bool,
+    /// Bound on connecting and on every single network operation.
+    pub timeout: Duration,
+}
+
+impl SftpOptions {
+    /// Options with the defaults: [`DEFAULT_KNOWN_HOSTS`], no passphrase, no agent,
+    /// [`DEFAULT_TIMEOUT`].
+    pub fn new(url: SftpUrl, key_path: impl Into<PathBuf>) -> SftpOptions {
+        SftpOptions {
+            url,
+            key_path: key_path.into(),
+            passphrase_file: None,
+            known_hosts: PathBuf::from(DEFAULT_KNOWN_HOSTS),
+            use_agent: false,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// One live SSH session with its SFTP channel.
+struct Conn {
+    /// The SFTP subsystem channel (dropped before the session).
+    sftp: Sftp,
+    /// The SSH session, kept for keepalives.
+    sess: Session,
+    /// A clone of the TCP socket, to shut it down when the session is given up.
+    sock: TcpStream,
+    /// Set once a connection-class error was seen: the session must not be reused.
+    broken: AtomicBool,
+    /// Directories known to exist on the server (full remote paths), to skip mkdir round trips.
+    dirs: Mutex<HashSet<String>>,
+    /// Whether fsync of a directory handle worked (cleared the first time the server refuses).
+    dir_fsync: AtomicBool,
+}
+
+impl Conn {
+    /// Marks the session dead and shuts its socket so that pending clean-up fails fast.
+    fn give_up(&self) {
+        if !self.broken.swap(true, Ordering::SeqCst) {
+            let _ = self.sock.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn dirs(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// True for errors after which the session can't be trusted (timeouts, socket errors).
+fn is_conn_err(e: &ssh2::Error) -> bool {
+    match e.code() {
+        ErrorCode::Session(_) => true,
+        ErrorCode::SFTP(c) => c == FX_NO_CONNECTION || c == FX_CONNECTION_LOST,
+    }
+}
+
+fn sftp_code(e: &ssh2::Error) -> Option<i32> {
+    match e.code() {
+        ErrorCode::SFTP(c) => Some(c),
+        ErrorCode::Session(_) => None,
+    }
+}
+
+/// A replica directory on an SFTP server. See the module documentation for its guarantees.
+pub struct SftpTarget {
+    opts: SftpOptions,
+    /// The current session, if any; `None` until the first operation or after a failure.
+    conn: Mutex<Option<Arc<Conn>>>,
+}
+
+impl fmt::Debug for SftpTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SftpTarget")
+            .field("url", &self.opts.url.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failure inside one operation, before it is turned into a [`TargetError`].
+enum Fail {
+    /// An ssh2 error from the server or the session.
+    Ssh(ssh2::Error),
+    /// A finished error (connect, host key, source reader...).
+    Done(TargetError),
+}
+
+impl From<ssh2::Error> for Fail {
+    fn from(e: ssh2::Error) -> Fail {
+        Fail::Ssh(e)
+    }
+}
+
+impl From<TargetError> for Fail {
+    fn from(e: TargetError) -> Fail {
+        Fail::Done(e)
+    }
+}
+
+type OpResult<T> = std::result::Result<T, Fail>;
+
+impl SftpTarget {
+    /// A target for `opts`; nothing is contacted until the first operation.
+    pub fn new(opts: SftpOptions) -> SftpTarget {
+        SftpTarget {
+            opts,
+            conn: Mutex::new(None),
+        }
+    }
+
+    /// The options this target was built with.
+    pub fn options(&self) -> &SftpOptions {
+        &self.opts
+    }
+
+    /// The full remote path of a checked relative path (`""` is the replica root).
+    fn remote(&self, rel: &str) -> String {
+        if rel.is_empty() {
+            format!("/{}", self.opts.url.path)
+        } else {
+            format!("/{}/{rel}", self.opts.url.path)
+        }
+    }
+
+    /// The URL of a relative path, for messages.
+    fn where_(&self, rel: &str) -> String {
+        if rel.is_empty() {
+            self.opts.url.to_string()
+        } else {
+            format!("{}/{rel}", self.opts.url)
+        }
+    }
+
+    /// Human cause and kind for an ssh2 error.
+    fn describe(&self, e: &ssh2::Error) -> (ErrorKind, String) {
+        let t = self.opts.timeout;
+        match e.code() {
+            ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT) => (
+                ErrorKind::Unavailable,
+                format!("timed out after {t:?} (server not responding)"),
+            ),
+            ErrorCode::Session(c) => (
+                ErrorKind::Unavailable,
+                format!("connection failed: {} (libssh2 error {c})", e.message()),
+            ),
+            ErrorCode::SFTP(c) => {
+                let kind = match c {
+                    FX_NO_SUCH_FILE | FX_NO_SUCH_PATH => ErrorKind::NotFound,
+                    FX_NO_CONNECTION | FX_CONNECTION_LOST => ErrorKind::Unavailable,
+                    _ => ErrorKind::Other,
+                };
+                let why = match c {
+                    FX_NO_SUCH_FILE | FX_NO_SUCH_PATH => "no such file or directory".to_owned(),
+                    FX_PERMISSION_DENIED => "permission denied".to_owned(),
+                    FX_NO_CONNECTION | FX_CONNECTION_LOST => "connection lost".to_owned(),
+                    FX_OP_UNSUPPORTED => "operation not supported by the server".to_owned(),
+                    FX_FILE_ALREADY_EXISTS => "file already exists".to_owned(),
+                    FX_WRITE_PROTECT => "read-only file system".to_owned(),
+                    FX_NO_SPACE => "no space left on the server".to_owned(),
+                    FX_QUOTA_EXCEEDED => "quota exceeded".to_owned(),
+                    FX_FAILURE => "the server reported a failure".to_owned(),
+                    _ => format!("{} (SFTP status {c})", e.message()),
+                };
+                (kind, why)
+            }
+        }
+    }
+
+    /// Turns a failure of `op` on the remote path shown as `shown` into a [`TargetError`].
+    fn error(&self, op: &str, shown: &str, f: Fail) -> TargetError {
+        match f {
+            Fail::Done(e) => e,
+            Fail::Ssh(e) => {
+                let (kind, why) = self.describe(&e);
+                TargetError::new(kind, format!("failed to {op} {shown}: {why}"))
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Arc<Conn>>> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` with a live session, connecting if needed. A connection-class error drops the
+    /// session. If a reused session fails with a socket error (not a timeout) while `retryable`
+    /// says nothing irreversible happened yet, `f` runs once more on a fresh session.
+    fn with_conn<T>(
+        &self,
+        mut f: impl FnMut(&Arc<Conn>) -> OpResult<T>,
+        retryable: impl Fn() -> bool,
+    ) -> OpResult<T> {
+        let mut guard = self.lock();
+        let mut fresh = false;
+        loop {
+            let conn = match guard.as_ref() {
+                Some(c) if !c.broken.load(Ordering::SeqCst) => Arc::clone(c),
+                _ => {
+                    *guard = None;
+                    let c = Arc::new(self.connect()?);
+                    fresh = true;
+                    *guard = Some(Arc::clone(&c));
+                    c
+                }
+            };
+            let _ = conn.sess.keepalive_send();
+            match f(&conn) {
+                Ok(v) => return Ok(v),
+                Err(Fail::Ssh(e)) if is_conn_err(&e) => {
+                    conn.give_up();
+                    *guard = None;
+                    let timeout = e.code() == ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT);
+                    if fresh || timeout || !retryable() {
+                        return Err(Fail::Ssh(e));
+                    }
+                    tracing::debug!(target = %self.opts.url, "stale SFTP session, reconnecting: {e}");
+                    // One immediate retry on a new session (`fresh` prevents a third attempt).
+                    fresh = true;
+                    *guard = Some(Arc::new(self.connect()?));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Opens a session: TCP connect, handshake, host-key check, public-key auth, SFTP channel.
+    fn connect(&self) -> std::result::Result<Conn, TargetError> {
+        let o = &self.opts;
+        let url = &o.url;
+        let fail = |kind, why: String| {
+            TargetError::new(kind, format!("failed to connect to {url}: {why}"))
+        };
+        let (sess, sock) = open_session(&url.host, url.port, o.timeout, &o.known_hosts)
+            .map_err(|(k, why)| fail(k, why))?;
+        let key = session_host_key(&sess).map_err(|why| fail(ErrorKind::Other, why))?;
+        self.verify_host_key(&key)?;
+        self.authenticate(&sess)?;
+        sess.set_keepalive(false, KEEPALIVE_SECS);
+        let sftp = sess.sftp().map_err(|e| {
+            let (kind, why) = self.describe(&e);
+            fail(kind, format!("could not start the SFTP subsystem: {why}"))
+        })?;
+        tracing::debug!(target = %url, "SFTP session established");
+        Ok(Conn {
+            sftp,
+            sess,
+            sock,
+            broken: AtomicBool::new(false),
+            dirs: Mutex::new(HashSet::new()),
+            dir_fsync: AtomicBool::new(true),
+        })
+    }
+
+    fn verify_host_key(&self, key: &HostKey) -> std::result::Result<(), TargetError> {
+        let o = &self.opts;
+        let url = &o.url;
+        let kh = o.known_hosts.display();
+        let verdict =
+            known_hosts::check(&o.known_hosts, &url.host, url.port, key).map_err(|e| {
+                TargetError::new(
+                    ErrorKind::Other,
+                    format!("failed to connect to {url}: cannot read known_hosts file {kh}: {e}"),
+                )
+            })?;
+        let fp = key.fingerprint();
+        match verdict {
+            Verdict::Known => Ok(()),
+            Verdict::Unknown => Err(TargetError::new(
+                ErrorKind::Other,
+                format!(
+                    "failed to connect to {url}: host key of {} is not trusted: the server offered \
+                     {} key {fp}, which is not in {kh}; after checking that fingerprint with the \
+                     server's admin, run: walship trust {url} --known-hosts {kh} --fingerprint {fp}",
+                    url.host_port(),
+                    key.key_type
+                ),
+            )),
+            Verdict::Changed(old) => {
+                let old: Vec<String> = old
+                    .iter()
+                    .map(|k| format!("{} {}", k.key_type, k.fingerprint()))
+                    .collect();
+                Err(TargetError::new(
+                    ErrorKind::Other,
+                    format!(
+                        "failed to connect to {url}: WARNING: THE HOST KEY OF {} HAS CHANGED \
+                         (possible man-in-the-middle attack): {kh} has {}, the server offered {} \
+                         {fp}; refusing to connect. If the server's key was replaced on purpose, \
+                         verify the new fingerprint and run: walship trust {url} --known-hosts {kh} \
+                         --fingerprint {fp} --yes",
+                        url.host_port(),
+                        old.join(", "),
+                        key.key_type
+                    ),
+                ))
+            }
+            Verdict::Revoked => Err(TargetError::new(
+                ErrorKind::Other,
+                format!(
+                    "failed to connect to {url}: the host key {} {fp} of {} is marked @revoked \
+                     in {kh}; refusing to connect",
+                    key.key_type,
+                    url.host_port()
+                ),
+            )),
+        }
+    }
+
+    fn authenticate(&self, sess: &Session) -> std::result::Result<(), TargetError> {
+        let o = &self.opts;
+        let url = &o.url;
+        let fail = |kind, why: String| {
+            TargetError::new(kind, format!("failed to connect to {url}: {why}"))
+        };
+        let conn_fail = |e: &ssh2::Error| {
+            let (k, why) = self.describe(e);
+            fail(k, format!("authentication did not complete: {why}"))
+        };
+        if o.use_agent {
+            match sess.userauth_agent(&url.user) {
+                Ok(()) if sess.authenticated() => return Ok(()),
+                Ok(()) => {}
+                Err(e) if e.code() == ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT) => {
+                    return Err(conn_fail(&e))
+                }
+                Err(e) => tracing::debug!(target = %url, "ssh-agent authentication failed: {e}"),
+            }
+        }
+        let key = &o.key_path;
+        if let Err(e) = std::fs::File::open(key) {
+            return Err(fail(
+                ErrorKind::Other,
+                format!("cannot read private key {}: {e}", key.display()),
+            ));
+        }
+        let passphrase = match &o.passphrase_file {
+            None => None,
+            Some(p) => {
+                let s = std::fs::read_to_string(p).map_err(|e| {
+                    fail(
+                        ErrorKind::Other,
+                        format!("cannot read passphrase file {}: {e}", p.display()),
+                    )
+                })?;
+                Some(s.lines().next().unwrap_or("").to_owned())
+            }
+        };
+        match sess.userauth_pubkey_file(&url.user, None, key, passphrase.as_deref()) {
+            Ok(()) if sess.authenticated() => Ok(()),
+            Ok(()) => Err(fail(
+                ErrorKind::Other,
+                "the server wants more than a public key to log in".to_owned(),
+            )),
+            Err(e) => match e.code() {
+                ErrorCode::Session(
+                    LIBSSH2_ERROR_AUTHENTICATION_FAILED | LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED,
+                ) => Err(fail(
+                    ErrorKind::Other,
+                    format!(
+                        "the server refused key {} for user {} (is its public key in the \
+                         server's authorized keys for that user?)",
+                        key.display(),
+                        url.user
+                    ),
+                )),
+                ErrorCode::Session(LIBSSH2_ERROR_FILE) => Err(fail(
+                    ErrorKind::Other,
+                    format!(
+                        "cannot use private key {}: {} (wrong or missing passphrase, or an \
+                         unsupported key format)",
+                        key.display(),
+                        e.message()
+                    ),
+                )),
+                _ if is_conn_err(&e) => Err(conn_fail(&e)),
+                _ => Err(fail(
+                    ErrorKind::Other,
+                    format!("public key authentication failed: {}", e.message()),
+                )),
+            },
+        }
+    }
+
+    /// Makes sure the remote directory `full` exists, creating missing components below the
+    /// server's root. Components already known to exist are skipped.
+    /// On failure returns the directory that could not be created and the server's error
+    /// (`None`: a non-directory is in the way).
+    fn ensure_dir(
+        &self,
+        c: &Conn,
+        full: &str,
+    ) -> std::result::Result<(), (String, Option<ssh2::Error>)> {
+        if c.dirs().contains(full) {
+            return Ok(());
+        }
+        // Fast path: it usually exists already.
+        if let Ok(st) = c.sftp.stat(Path::new(full)) {
+            if st.is_dir() {
+                c.dirs().insert(full.to_owned());
+                return Ok(());
+            }
+        }
+        let mut cur = String::new();
+        for comp in full.split('/').filter(|s| !s.is_empty()) {
+            cur.push('/');
+            cur.push_str(comp);
+            if c.dirs().contains(&cur) {
+                continue;
+            }
+            match c.sftp.mkdir(Path::new(&cur), 0o755) {
+                // Make the new directory's name durable in its parent.
+                Ok(()) => {
+                    let parent = split_parent(&cur).0;
+                    let parent = if parent.is_empty() { "/" } else { parent };
+                    Self::fsync_dir(c, parent).map_err(|e| (cur.clone(), Some(e)))?;
+                }
+                Err(e) if is_conn_err(&e) => return Err((cur, Some(e))),
+                Err(e) => match c.sftp.stat(Path::new(&cur)) {
+                    Ok(st) if st.is_dir() => {}
+                    Ok(_) => return Err((cur, None)),
+                    Err(se) if is_conn_err(&se) => return Err((cur, Some(se))),
+                    // Report the mkdir error (e.g. permission denied), not the stat's.
+                    Err(_) => return Err((cur, Some(e))),
+                },
+            }
+            c.dirs().insert(cur.clone());
+        }
+        Ok(())
+    }
+
+    /// The URL form of a full remote path, for messages.
+    fn shown_full(&self, full: &str) -> String {
+        let u = &self.opts.url;
+        let host = if u.host.contains(':') {
+            format!("[{}]", u.host)
+        } else {
+            u.host.clone()
+        };
+        let port = if u.port == 22 {
+            String::new()
+        } else {
+            format!(":{}", u.port)
+        };
+        format!("sftp://{}@{host}{port}{full}", u.user)
+    }
+
+    /// fsyncs the directory `full` (see the module doc); failures only cost durability.
+    fn fsync_dir(c: &Conn, full: &str) -> std::result::Result<(), ssh2::Error> {
+        if !c.dir_fsync.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let r = c
+            .sftp
+            .open_mode(Path::new(full), OpenFlags::READ, 0, OpenType::File)
+            .and_then(|mut d| {
+                d.fsync()?;
+                d.close()
+            });
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if is_conn_err(&e) => Err(e),
+            Err(e) => {
+                c.dir_fsync.store(false, Ordering::Relaxed);
+                tracing::debug!(
+                    "the server cannot fsync directories ({e}); renames are atomic but may not \
+                     survive a power cut on the server"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// The body of `write_atomic` on one session. `consumed` is set once `data` was read from.
+    fn upload(
+        &self,
+        c: &Conn,
+        path: &str,
+        data: &mut dyn Read,
+        consumed: &AtomicBool,
+    ) -> OpResult<u64> {
+        let (parent, _) = split_parent(path);
+        let dir = self.remote(parent);
+        if let Err((at, e)) = self.ensure_dir(c, &dir) {
+            let shown = self.shown_full(&at);
+            return Err(match e {
+                Some(e) if is_conn_err(&e) => Fail::Ssh(e),
+                Some(e) => Fail::Done(self.error("create directory", &shown, Fail::Ssh(e))),
+                None => Fail::Done(TargetError::new(
+                    ErrorKind::Other,
+                    format!("failed to create directory {shown}: a file is in the way"),
+                )),
+            });
+        }
+        let tmp = format!("{dir}/{}", temp_name());
+        let fin = self.remote(path);
+        let mut file = match c.sftp.open_mode(
+            Path::new(&tmp),
+            OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
+            0o644,
+            OpenType::File,
+        ) {
+            Ok(f) => f,
+            Err(e) if sftp_code(&e) == Some(FX_NO_SUCH_FILE) => {
+                // Someone removed the directory behind our back: forget what we knew.
+                c.dirs().clear();
+                return Err(Fail::Ssh(e));
+            }
+            Err(e) => return Err(Fail::Ssh(e)),
+        };
+        let result = (|| -> OpResult<u64> {
+            let mut buf = vec![0u8; WRITE_CHUNK];
+            let mut total = 0u64;
+            loop {
+                let mut n = 0;
+                while n < buf.len() {
+                    consumed.store(true, Ordering::SeqCst);
+                    match data.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            return Err(Fail::Done(TargetError::new(
+                                ErrorKind::Other,
+                                format!(
+                                    "failed to upload {path} to {}: reading the source failed: {e}",
+                                    self.opts.url
+                                ),
+                            )))
+                        }
+                    }
+                }
+                if n == 0 {
+                    break;
+                }
+                file.write_all(&buf[..n])
+                    .map_err(|e| self.io_fail(c, path, &e))?;
+                total += n as u64;
+                if n < buf.len() {
+                    break;
+                }
+            }
+            file.fsync()?;
+            file.close()?;
+            Ok(total)
+        })();
+        let total = match result {
+            Ok(t) => t,
+            Err(f) => {
+                drop(file);
+                if !matches!(&f, Fail::Ssh(e) if is_conn_err(e)) {
+                    let _ = c.sftp.unlink(Path::new(&tmp));
+                }
+                return Err(f);
+            }
+        };
+        if let Err(e) = self.rename_over(c, &tmp, &fin) {
+            if !is_conn_err(&e) {
+                let _ = c.sftp.unlink(Path::new(&tmp));
+            }
+            return Err(Fail::Ssh(e));
+        }
+        Self::fsync_dir(c, &dir)?;
+        Ok(total)
+    }
+
+    /// Maps an I/O error from an ssh2 file handle (which keeps only a kind and a message) to a
+    /// failure; anything but "not found" gives the session up, since its state is unknown.
+    fn io_fail(&self, c: &Conn, path: &str, e: &io::Error) -> Fail {
+        match e.kind() {
+            io::ErrorKind::NotFound => Fail::Ssh(ssh2::Error::new(
+                ErrorCode::SFTP(FX_NO_SUCH_FILE),
+                "no such file",
+            )),
+            io::ErrorKind::TimedOut => Fail::Ssh(ssh2::Error::new(
+                ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT),
+                "timed out",
+            )),
+            _ => {
+                c.give_up();
+                Fail::Done(TargetError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "failed to upload {path} to {}: write failed: {e}",
+                        self.opts.url
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Renames `tmp` to `fin`, replacing an existing `fin` (see the module doc for the window).
+    fn rename_over(&self, c: &Conn, tmp: &str, fin: &str) -> std::result::Result<(), ssh2::Error> {
+        let (tmp, fin) = (Path::new(tmp), Path::new(fin));
+        match c.sftp.rename(tmp, fin, None) {
+            Ok(()) => Ok(()),
+            Err(e) if is_conn_err(&e) => Err(e),
+            Err(e) => match c.sftp.lstat(fin) {
+                Ok(st) if !st.is_dir() => {
+                    c.sftp.unlink(fin)?;
+                    c.sftp.rename(tmp, fin, None)
+                }
+                Ok(_) => Err(e),
+                Err(se) if is_conn_err(&se) => Err(se),
+                Err(_) => Err(e),
+            },
+        }
+    }
+
+    /// Reads the directory `full` with strict name checks; `None` if it does not exist.
+    fn read_dir(&self, c: &Conn, full: &str) -> OpResult<Option<Vec<(String, ssh2::FileStat)>>> {
+        let mut d = match c.sftp.opendir(Path::new(full)) {
+            Ok(d) => d,
+            Err(e) if matches!(sftp_code(&e), Some(FX_NO_SUCH_FILE | FX_NO_SUCH_PATH)) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(Fail::Ssh(e)),
+        };
+        let mut out = Vec::new();
+        loop {
+            let (name, st) = match d.readdir() {
+                Ok(x) => x,
+                Err(e) if e.code() == ErrorCode::Session(LIBSSH2_ERROR_FILE) => break,
+                Err(e) => return Err(Fail::Ssh(e)),
+            };
+            let raw = name.as_os_str().as_encoded_bytes();
+            if raw == b"." || raw == b".." {
+                continue;
+            }
+            let ok = std::str::from_utf8(raw).ok().filter(|s| {
+                !s.is_empty() && !s.contains(['/', '\\']) && !s.chars().any(char::is_control)
+            });
+            let Some(name) = ok else {
+                tracing::warn!(
+                    target = %self.opts.url,
+                    dir = full,
+                    name = ?String::from_utf8_lossy(raw),
+                    "skipping a file name from the server that is not a plain name"
+                );
+                continue;
+            };
+            out.push((name.to_owned(), st));
+        }
+        Ok(Some(out))
+    }
+
+    /// Connects (if needed) and checks the host key and login, without touching any file.
+    ///
+    /// # Errors
+    /// As for any operation: `Unavailable` if the server can't be reached, `Other` for host-key
+    /// or authentication problems.
+    pub fn check_connection(&self) -> Result<()> {
+        self.with_conn(|_| Ok(()), || true)
+            .map_err(|f| self.error("connect to", &self.where_(""), f))
+    }
+}
+
+/// TCP connect (bounded by `timeout`) and SSH handshake, preferring the host-key types that
+/// `known_hosts` lists for this host. Errors are (kind, cause).
+fn open_session(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+    known_hosts: &Path,
+) -> std::result::Result<(Session, TcpStream), (ErrorKind, String)> {
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| {
+            (
+                ErrorKind::Unavailable,
+                format!("cannot resolve {host}: {e}"),
+            )
+        })?
+        .collect();
+    let mut last = None;
+    let mut tcp = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => {
+                tcp = Some(s);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let Some(tcp) = tcp else {
+        let why = last.map_or_else(|| "no address".to_owned(), |e| e.to_string());
+        return Err((
+            ErrorKind::Unavailable,
+            format!("cannot reach {host} port {port}: {why}"),
+        ));
+    };
+    let _ = tcp.set_nodelay(true);
+    let sock = tcp
+        .try_clone()
+        .map_err(|e| (ErrorKind::Unavailable, format!("socket error: {e}")))?;
+    let mut sess =
+        Session::new().map_err(|e| (ErrorKind::Other, format!("cannot start libssh2: {e}")))?;
+    sess.set_timeout(
+        u32::try_from(timeout.as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1),
+    );
+    sess.set_tcp_stream(tcp);
+    let known = known_hosts::known_key_types(known_hosts, host, port);
+    if !known.is_empty() {
+        if let Ok(supported) = sess.supported_algs(MethodType::HostKey) {
+            let mut pref: Vec<&str> = Vec::new();
+            for t in &known {
+                let one = [t.as_str()];
+                let algs: &[&str] = if t == "ssh-rsa" {
+                    &["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"]
+                } else {
+                    &one
+                };
+                for a in algs {
+                    if supported.contains(a) && !pref.contains(a) {
+                        pref.push(a);
+                    }
+                }
+            }
+            for a in &supported {
+                if !pref.contains(a) {
+                    pref.push(a);
+                }
+            }
+            let _ = sess.method_pref(MethodType::HostKey, &pref.join(","));
+        }
+    }
+    if let Err(e) = sess.handshake() {
+        let _ = sock.shutdown(Shutdown::Both);
+        let why = if e.code() == ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT) {
+            format!("SSH handshake timed out after {timeout:?} (server not responding)")
+        } else {
+            format!("SSH handshake failed: {}", e.message())
+        };
+        return Err((ErrorKind::Unavailable, why));
+    }
+    Ok((sess, sock))
+}
+
+fn session_host_key(sess: &Session) -> std::result::Result<HostKey, String> {
+    let (blob, _) = sess
+        .host_key()
+        .ok_or("the server sent no host key".to_owned())?;
+    HostKey::from_blob(blob.to_vec()).map_err(|e| format!("bad host key from the server: {e}"))
+}
+
+/// Connects to `host`:`port`, completes the SSH handshake and returns the server's host key,
+/// without authenticating (what `walship trust` shows). The key is NOT verified.
+///
+/// # Errors
+/// `Unavailable` if the server can't be reached or does not answer within `timeout`.
+pub fn scan_host_key(host: &str, port: u16, timeout: Duration) -> Result<HostKey> {
+    let shown = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let fail = |kind, why: String| {
+        TargetError::new(
+            kind,
+            format!("failed to get the host key of {shown}: {why}"),
+        )
+    };
+    let (sess, sock) =
+        open_session(host, port, timeout, Path::new("")).map_err(|(k, w)| fail(k, w))?;
+    let key = session_host_key(&sess).map_err(|w| fail(ErrorKind::Other, w));
+    let _ = sess.disconnect(None, "walship trust: host key scanned", None);
+    let _ = sock.shutdown(Shutdown::Both);
+    key
+}
+
+/// `walship trust`: shows the host key of `url`'s server and adds it to `known_hosts`.
+///
+/// Prints the host, key type and fingerprint to `out`. The key is added (as `host` or
+/// `[host]:port`, atomically, mode 0644, parent directory created) only when `fingerprint`
+/// equals the server's fingerprint or `yes` is set; otherwise it prints the command to run and
+/// fails. A key already trusted is reported and succeeds. A *different* key already listed for
+/// the host is refused unless `yes` (then the host's old single-host lines are replaced).
+///
+/// # Errors
+/// The server can't be reached, the fingerprint does not match, confirmation is missing, or
+/// `known_hosts` can't be read or written.
+pub fn trust(
+    url: &SftpUrl,
+    known_hosts: &Path,
+    fingerprint: Option<&str>,
+    yes: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    use anyhow::{bail, Context as _};
+    let key = scan_host_key(&url.host, url.port, DEFAULT_TIMEOUT)?;
+    let fp = key.fingerprint();
+    let name = known_hosts::lookup_name(&url.host, url.port);
+    let kh = known_hosts.display();
+    writeln!(out, "host:        {name}")?;
+    writeln!(out, "key type:    {}", key.key_type)?;
+    writeln!(out, "fingerprint: {fp}")?;
+    let verdict = known_hosts::check(known_hosts, &url.host, url.port, &key)
+        .with_context(|| format!("cannot read known_hosts file {kh}"))?;
+    if let Some(want) = fingerprint {
+        if want.trim() != fp {
+            bail!(
+                "the server's host key fingerprint {fp} does not match the expected {}: \
+                 refusing to trust it (wrong host, or a man-in-the-middle?)",
+                want.trim()
+            );
+        }
+    }
+    let replace = match verdict {
+        Verdict::Known => {
+            writeln!(out, "this key is already trusted in {kh}")?;
+            return Ok(());
+        }
+        Verdict::Revoked => bail!("this host key is marked @revoked in {kh}: refusing to trust it"),
+        Verdict::Changed(old) => {
+            let old: Vec<String> = old.iter().map(HostKey::fingerprint).collect();
+            if !yes {
+                bail!(
+                    "WARNING: {kh} already has a DIFFERENT key for {name} ({}); the server now \
+                     offers {fp}. This may be a man-in-the-middle attack. If the key was replaced \
+                     on purpose, run: walship trust {url} --known-hosts {kh} --fingerprint {fp} --yes",
+                    old.join(", ")
+                );
+            }
+            writeln!(
+                out,
+                "replacing the previous key(s) for {name}: {}",
+                old.join(", ")
+            )?;
+            true
+        }
+        Verdict::Unknown => {
+            if fingerprint.is_none() && !yes {
+                writeln!(
+                    out,
+                    "not added: check the fingerprint with the server's admin \
+                     (ssh-keygen -lf /etc/ssh/ssh_host_{}_key.pub), then run:\n  walship trust \
+                     {url} --known-hosts {kh} --fingerprint {fp}",
+                    key.key_type
+                        .trim_start_matches("ssh-")
+                        .split('-')
+                        .next()
+                        .unwrap_or("")
+                )?;
+                bail!(
+                    "host key of {name} not trusted: confirm it with --fingerprint {fp} (or --yes)"
+                );
+            }
+            false
+        }
+    };
+    known_hosts::add_host_key(known_hosts, &url.host, url.port, &key, replace)
+        .with_context(|| format!("failed to update known_hosts file {kh}"))?;
+    writeln!(out, "added {name} {} {fp} to {kh}", key.key_type)?;
+    Ok(())
+}
+
+/// A streaming download: a buffered SFTP file handle that keeps its session alive and marks it
+/// broken on connection errors.
+struct SftpReader {
+    file: BufReader<ssh2::File>,
+    conn: Arc<Conn>,
+    shown: String,
+    timeout: Duration,
+}
+
+impl Read for SftpReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // ssh2 keeps only a kind and a message in its io::Error: any failure but "not found"
+        // gives the session up, since its state is unknown.
+        self.file.read(buf).map_err(|e| {
+            let (kind, why) = match e.kind() {
+                io::ErrorKind::TimedOut => (
+                    io::ErrorKind::TimedOut,
+                    format!("timed out after {:?} (server not responding)", self.timeout),
+                ),
+                io::ErrorKind::NotFound => (io::ErrorKind::NotFound, e.to_string()),
+                _ => (io::ErrorKind::ConnectionAborted, e.to_string()),
+            };
+            if kind != io::ErrorKind::NotFound {
+                self.conn.give_up();
+            }
+            io::Error::new(kind, format!("failed to read {}: {why}", self.shown))
+        })
+    }
+}
+
+impl Target for SftpTarget {
+    fn url(&self) -> String {
+        self.opts.url.to_string()
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<Entry>> {
+        check_path(dir, true)?;
+        let full = self.remote(dir);
+        let listing = self
+            .with_conn(|c| self.read_dir(c, &full), || true)
+            .map_err(|f| self.error("list", &self.where_(dir), f))?;
+        let mut out = Vec::new();
+        for (name, st) in listing.unwrap_or_default() {
+            if name.starts_with(super::TEMP_PREFIX) {
+                continue;
+            }
+            let is_dir = match st.perm.map(|_| st.file_type()) {
+                Some(FileType::Directory) => true,
+                Some(FileType::RegularFile) | None => false,
+                Some(_) => {
+                    let mode = format!("{:o}", st.perm.unwrap_or(0));
+                    tracing::warn!(target = %self.opts.url, dir, name, mode,
+                        "skipping a non-regular file in the replica");
+                    continue;
+                }
+            };
+            out.push(Entry {
+                name,
+                size: if is_dir { 0 } else { st.size.unwrap_or(0) },
+                is_dir,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn read(&self, path: &str) -> Result<Box<dyn Read + Send>> {
+        check_path(path, false)?;
+        let full = self.remote(path);
+        let (file, conn) = self
+            .with_conn(
+                |c| Ok((c.sftp.open(Path::new(&full))?, Arc::clone(c))),
+                || true,
+            )
+            .map_err(|f| self.error("read", &self.where_(path), f))?;
+        Ok(Box::new(SftpReader {
+            file: BufReader::with_capacity(READ_BUF, file),
+            conn,
+            shown: self.where_(path),
+            timeout: self.opts.timeout,
+        }))
+    }
+
+    fn write_atomic(&self, path: &str, data: &mut dyn Read) -> Result<u64> {
+        check_path(path, false)?;
+        let consumed = AtomicBool::new(false);
+        self.with_conn(
+            |c| self.upload(c, path, data, &consumed),
+            || !consumed.load(Ordering::SeqCst),
+        )
+        .map_err(|f| match f {
+            Fail::Done(e) => e,
+            Fail::Ssh(e) => {
+                let (kind, why) = self.describe(&e);
+                TargetError::new(
+                    kind,
+                    format!("failed to upload {path} to {}: {why}", self.opts.url),
+                )
+            }
+        })
+    }
+
+    fn delete(&self, path: &str) -> Result<()> {
+        check_path(path, false)?;
+        let full = self.remote(path);
+        self.with_conn(
+            |c| match c.sftp.unlink(Path::new(&full)) {
+                Err(e) if matches!(sftp_code(&e), Some(FX_NO_SUCH_FILE | FX_NO_SUCH_PATH)) => {
+                    Ok(())
+                }
+                r => r.map_err(Fail::Ssh),
+            },
+            || true,
+        )
+        .map_err(|f| self.error("delete", &self.where_(path), f))
+    }
+
+    fn remove_dir(&self, dir: &str) -> Result<()> {
+        check_path(dir, false)?;
+        let full = self.remote(dir);
+        self.with_conn(
+            |c| {
+                c.dirs()
+                    .retain(|d| !(d == &full || d.starts_with(&format!("{full}/"))));
+                match c.sftp.rmdir(Path::new(&full)) {
+                    Ok(()) => Ok(()),
+                    Err(e) if is_conn_err(&e) => Err(Fail::Ssh(e)),
+                    Err(e) => match sftp_code(&e) {
+                        Some(FX_NO_SUCH_FILE | FX_NO_SUCH_PATH | FX_DIR_NOT_EMPTY) => Ok(()),
+                        // SFTP v3 has no "not empty" status: OpenSSH says FAILURE. If the
+                        // directory is still there and readable, it was not empty.
+                        Some(FX_FAILURE) => match c.sftp.stat(Path::new(&full)) {
+                            Ok(st) if st.is_dir() => Ok(()),
+                            Err(se) if is_conn_err(&se) => Err(Fail::Ssh(se)),
+                            _ => Err(Fail::Ssh(e)),
+                        },
+                        _ => Err(Fail::Ssh(e)),
+                    },
+                }
+            },
+            || true,
+        )
+        .map_err(|f| self.error("remove directory", &self.where_(dir), f))
+    }
+
+    fn cleanup(&self, dir: &str) -> Result<usize> {
+        check_path(dir, true)?;
+        let full = self.remote(dir);
+        self.with_conn(
+            |c| {
+                let mut n = 0;
+                for (name, st) in self.read_dir(c, &full)?.unwrap_or_default() {
+                    if !name.starts_with(super::TEMP_PREFIX) || st.is_dir() {
+                        continue;
+                    }
+                    match c.sftp.unlink(Path::new(&format!("{full}/{name}"))) {
+                        Ok(()) => n += 1,
+                        Err(e) if sftp_code(&e) == Some(FX_NO_SUCH_FILE) => {}
+                        Err(e) => return Err(Fail::Ssh(e)),
+                    }
+                }
+                Ok(n)
+            },
+            || true,
+        )
+        .map_err(|f| self.error("remove temporary files in", &self.where_(dir), f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_good_urls() {
+        let u = SftpUrl::parse("sftp://replicator@alpha/db").expect("parse");
+        assert_eq!(
+            (u.user.as_str(), u.host.as_str(), u.port, u.path.as_str()),
+            ("replicator", "alpha", 22, "db")
+        );
+        assert_eq!(u.to_string(), "sftp://replicator@alpha/db");
+        let u = SftpUrl::parse("sftp://r@127.0.0.1:2222//db/x/").expect("parse");
+        assert_eq!((u.port, u.path.as_str()), (2222, "db/x"));
+        assert_eq!(u.to_string(), "sftp://r@127.0.0.1:2222/db/x");
+        let u = SftpUrl::parse("sftp://r@[::1]:2200/db").expect("parse");
+        assert_eq!((u.host.as_str(), u.port), ("::1", 2200));
+        assert_eq!(u.to_string(), "sftp://r@[::1]:2200/db");
+        assert_eq!(u.host_port(), "[::1]:2200");
+    }
+
+    #[test]
+    fn parse_bad_urls() {
+        for (bad, why) in [
+            ("ftp://r@h/db", "sftp://"),
+            ("sftp://h/db", "missing user"),
+            ("sftp://@h/db", "missing user"),
+            ("sftp://r:pw@h/db", "passwords"),
+            ("sftp://r@h", "missing path"),
+            ("sftp://r@h/", "missing path"),
+            ("sftp://r@/db", "missing host"),
+            ("sftp://r@h:0/db", "invalid port"),
+            ("sftp://r@h:99999/db", "invalid port"),
+            ("sftp://r@h:+22/db", "invalid port"),
+            ("sftp://r@[::1/db", "unclosed"),
+            ("sftp://r@[host]/db", "IPv6"),
+            ("sftp://r@h/db/../etc", "plain names"),
+            ("sftp://r@h/db//x", "plain names"),
+            ("sftp://r@h/db?x=1", "queries"),
+            ("sftp://r@h/d b", "space"),
+            ("sftp://r@h!/db", "host name"),
+        ] {
+            let e = SftpUrl::parse(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+}
