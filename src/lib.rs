@@ -18,3 +18,4 @@ pub mod target;
 pub mod url;
 pub mod wal;
 pub mod systemd;
+pub mod restore;
