@@ -75,8 +75,7 @@ pub fn run(t: &dyn Target) {
     }
     let e = t
         .write_atomic("a/broken", &mut Failing(200_000))
-        .err()
-        .expect("must fail");
+        .expect_err("a failing source must fail the write");
     assert!(
         e.to_string().contains("a/broken"),
         "error must name the file: {e}"
