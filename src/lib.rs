@@ -4,6 +4,9 @@
 //! - [`config`]: the TOML file of one database, validated into `Settings` (exit 78 on errors).
 //! - [`url`]: replica URLs, `file:///PATH` and `sftp://USER@HOST[:PORT]/PATH`.
 //! - [`target`]: the storage seam, `trait Target` and its implementations (`file://`, `sftp://`).
+//! - [`systemd`]: sd_notify (`READY`/`STATUS`/`WATCHDOG`/`STOPPING`), journald-aware logging,
+//!   credentials from `LoadCredential=`.
 pub mod config;
+pub mod systemd;
 pub mod target;
 pub mod url;

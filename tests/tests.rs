@@ -1,4 +1,5 @@
 //! walship's integration tests: one test binary, a module per area.
 
 mod conformance;
+mod notify;
 mod target_file;
