@@ -6,7 +6,9 @@
 //! - [`target`]: the storage seam, `trait Target` and its implementations (`file://`, `sftp://`).
 //! - [`systemd`]: sd_notify (`READY`/`STATUS`/`WATCHDOG`/`STOPPING`), journald-aware logging,
 //!   credentials from `LoadCredential=`.
+//! - [`generator`]: the systemd generator writing a sandbox drop-in per `/etc/walship/NAME.toml`.
 pub mod config;
+pub mod generator;
 pub mod systemd;
 pub mod target;
 pub mod url;

@@ -1,5 +1,6 @@
 //! walship's integration tests: one test binary, a module per area.
 
 mod conformance;
+mod generator;
 mod notify;
 mod target_file;
