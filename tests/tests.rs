@@ -3,4 +3,5 @@
 mod conformance;
 mod generator;
 mod notify;
+mod systemd_files;
 mod target_file;
