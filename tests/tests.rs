@@ -1,6 +1,9 @@
 //! walship's integration tests: one test binary, a module per area.
 
 mod conformance;
+mod generator;
+mod notify;
 mod sshd;
+mod systemd_files;
 mod target_file;
 mod target_sftp;
