@@ -15,7 +15,9 @@
 
 use crate::layout::checksum::PageHashes;
 use crate::layout::codec::{Commit, Decoder, Kind, Record};
-use crate::layout::names::{file_path, generation_dir, FileName, GenerationId, Position, GENERATIONS_DIR};
+use crate::layout::names::{
+    file_path, generation_dir, FileName, GenerationId, Position, GENERATIONS_DIR,
+};
 use crate::layout::plan::{plan_restore, Listing, Plan, Stop, Want};
 use crate::target::file::fsync_dir;
 use crate::target::{temp_name, Target};
@@ -56,14 +58,23 @@ pub fn list_replica(t: &dyn Target) -> Result<Listing> {
     let mut gens = Vec::new();
     for e in t.list(GENERATIONS_DIR)? {
         let Ok(g) = e.name.parse::<GenerationId>() else {
-            warn!("ignoring unexpected entry {}/{GENERATIONS_DIR}/{}", t.url(), e.name);
+            warn!(
+                "ignoring unexpected entry {}/{GENERATIONS_DIR}/{}",
+                t.url(),
+                e.name
+            );
             continue;
         };
         let mut files = Vec::new();
         for f in t.list(&generation_dir(&g))? {
             match FileName::parse(&f.name) {
                 Ok(n) if !f.is_dir => files.push((n, f.size)),
-                _ => warn!("ignoring unexpected entry {}/{}/{}", t.url(), generation_dir(&g), f.name),
+                _ => warn!(
+                    "ignoring unexpected entry {}/{}/{}",
+                    t.url(),
+                    generation_dir(&g),
+                    f.name
+                ),
             }
         }
         gens.push((g, files));
@@ -78,7 +89,12 @@ enum Batch {
 }
 
 /// Streams the plan's files as batches, ending early at the stop txid.
-fn reader(t: &dyn Target, g: GenerationId, files: Vec<FileName>, tx: std::sync::mpsc::SyncSender<Result<Batch>>) {
+fn reader(
+    t: &dyn Target,
+    g: GenerationId,
+    files: Vec<FileName>,
+    tx: std::sync::mpsc::SyncSender<Result<Batch>>,
+) {
     let send = |b: Result<Batch>| tx.send(b).is_ok();
     for f in files {
         let path = file_path(&g, &f);
@@ -109,7 +125,8 @@ fn reader(t: &dyn Target, g: GenerationId, files: Vec<FileName>, tx: std::sync::
                         }
                     }
                     Record::Commit(c) => {
-                        if !pages.is_empty() && !send(Ok(Batch::Pages(std::mem::take(&mut pages)))) {
+                        if !pages.is_empty() && !send(Ok(Batch::Pages(std::mem::take(&mut pages))))
+                        {
                             return Ok(false);
                         }
                         bytes = 0;
@@ -154,7 +171,13 @@ fn stop_txid(t: &dyn Target, plan: &Plan) -> Result<u64> {
             };
             let mut best = snap_txid;
             for s in &plan.segments {
-                if let FileName::Segment { first_ms, last_ms, last, .. } = *s {
+                if let FileName::Segment {
+                    first_ms,
+                    last_ms,
+                    last,
+                    ..
+                } = *s
+                {
                     if last_ms <= ms {
                         best = best.max(last);
                     } else if first_ms <= ms {
@@ -162,7 +185,9 @@ fn stop_txid(t: &dyn Target, plan: &Plan) -> Result<u64> {
                         let path = file_path(&plan.generation, s);
                         let mut dec = Decoder::new(t.read(&path)?, Kind::Segment)
                             .map_err(|e| anyhow!("{}/{path}: {e}", t.url()))?;
-                        while let Some(rec) = dec.next().map_err(|e| anyhow!("{}/{path}: {e}", t.url()))? {
+                        while let Some(rec) =
+                            dec.next().map_err(|e| anyhow!("{}/{path}: {e}", t.url()))?
+                        {
                             if let Record::Commit(c) = rec {
                                 if c.time_ms <= ms {
                                     best = best.max(c.txid);
@@ -190,7 +215,12 @@ pub fn restore_into(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored>
     let mut files = vec![plan.snapshot];
     files.extend(plan.segments.iter().copied());
     let nfiles = files.len();
-    info!("restoring {} from {} file(s) of generation {} up to txid {target_txid}", t.url(), nfiles, plan.generation);
+    info!(
+        "restoring {} from {} file(s) of generation {} up to txid {target_txid}",
+        t.url(),
+        nfiles,
+        plan.generation
+    );
     let out = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -205,7 +235,8 @@ pub fn restore_into(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored>
         drop(rx);
         r
     })?;
-    out.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
+    out.sync_all()
+        .with_context(|| format!("cannot sync {}", tmp.display()))?;
     Ok(Restored {
         url: t.url(),
         files: nfiles,
@@ -213,7 +244,13 @@ pub fn restore_into(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored>
     })
 }
 
-fn apply(rx: &Receiver<Result<Batch>>, out: &File, target: u64, url: &str, g: &GenerationId) -> Result<Restored> {
+fn apply(
+    rx: &Receiver<Result<Batch>>,
+    out: &File,
+    target: u64,
+    url: &str,
+    g: &GenerationId,
+) -> Result<Restored> {
     let mut hashes: Option<PageHashes> = None;
     let mut page_size = 0u32;
     let mut applied: Option<u64> = None;
@@ -221,12 +258,17 @@ fn apply(rx: &Receiver<Result<Batch>>, out: &File, target: u64, url: &str, g: &G
     let mut current: Option<FileName> = None;
     let mut next_in_file = 0u64;
     let mut skipping = false;
-    let label = |f: &Option<FileName>| f.map_or_else(String::new, |f| format!("{url}/{}", file_path(g, &f)));
+    let label = |f: &Option<FileName>| {
+        f.map_or_else(String::new, |f| format!("{url}/{}", file_path(g, &f)))
+    };
     for b in rx.iter() {
         match b? {
             Batch::File(f, ps) => {
                 if page_size != 0 && ps != page_size {
-                    bail!("{}: page size {ps} differs from the snapshot's {page_size}", label(&Some(f)));
+                    bail!(
+                        "{}: page size {ps} differs from the snapshot's {page_size}",
+                        label(&Some(f))
+                    );
                 }
                 page_size = ps;
                 let first = match f {
@@ -235,7 +277,12 @@ fn apply(rx: &Receiver<Result<Batch>>, out: &File, target: u64, url: &str, g: &G
                 };
                 if let Some(a) = applied {
                     if first > a + 1 {
-                        bail!("{}: gap in the replica: txids {}..{} are missing", label(&Some(f)), a + 1, first - 1);
+                        bail!(
+                            "{}: gap in the replica: txids {}..{} are missing",
+                            label(&Some(f)),
+                            a + 1,
+                            first - 1
+                        );
                     }
                 }
                 if let (Some(prev), FileName::Segment { .. }) = (current, f) {
@@ -252,19 +299,30 @@ fn apply(rx: &Receiver<Result<Batch>>, out: &File, target: u64, url: &str, g: &G
                 if skipping {
                     continue;
                 }
-                let h = hashes.as_mut().ok_or_else(|| anyhow!("internal: pages before a file"))?;
+                let h = hashes
+                    .as_mut()
+                    .ok_or_else(|| anyhow!("internal: pages before a file"))?;
                 for (pgno, data) in pages {
                     let off = u64::from(pgno - 1) * u64::from(page_size);
                     if off + u64::from(page_size) > MAX_DB_BYTES {
-                        bail!("{}: page {pgno} is beyond the {MAX_DB_BYTES}-byte limit", label(&current));
+                        bail!(
+                            "{}: page {pgno} is beyond the {MAX_DB_BYTES}-byte limit",
+                            label(&current)
+                        );
                     }
-                    out.write_all_at(&data, off).context("cannot write the restored database")?;
+                    out.write_all_at(&data, off)
+                        .context("cannot write the restored database")?;
                     h.set(pgno, &data);
                 }
             }
             Batch::Commit(c) => {
                 if c.txid != next_in_file {
-                    bail!("{}: commit txid {} where {} was expected from the file name", label(&current), c.txid, next_in_file);
+                    bail!(
+                        "{}: commit txid {} where {} was expected from the file name",
+                        label(&current),
+                        c.txid,
+                        next_in_file
+                    );
                 }
                 next_in_file += 1;
                 if skipping {
@@ -273,9 +331,15 @@ fn apply(rx: &Receiver<Result<Batch>>, out: &File, target: u64, url: &str, g: &G
                 }
                 skipping = false;
                 if u64::from(c.db_pages) * u64::from(page_size) > MAX_DB_BYTES {
-                    bail!("{}: database size of {} pages is beyond the limit", label(&current), c.db_pages);
+                    bail!(
+                        "{}: database size of {} pages is beyond the limit",
+                        label(&current),
+                        c.db_pages
+                    );
                 }
-                let h = hashes.as_mut().ok_or_else(|| anyhow!("internal: commit before a file"))?;
+                let h = hashes
+                    .as_mut()
+                    .ok_or_else(|| anyhow!("internal: commit before a file"))?;
                 h.set_size(c.db_pages);
                 if h.db_checksum() != c.db_checksum {
                     bail!(
@@ -302,7 +366,10 @@ fn apply(rx: &Receiver<Result<Batch>>, out: &File, target: u64, url: &str, g: &G
         .context("cannot size the restored database")?;
     Ok(Restored {
         url: url.to_owned(),
-        position: Position { generation: *g, txid: c.txid },
+        position: Position {
+            generation: *g,
+            txid: c.txid,
+        },
         time_ms: c.time_ms,
         db_pages: c.db_pages,
         page_size,
@@ -328,7 +395,10 @@ pub fn integrity_check(path: &Path) -> Result<()> {
         .collect::<rusqlite::Result<_>>()
         .with_context(|| format!("integrity check of {} failed", path.display()))?;
     if rows != ["ok"] {
-        bail!("integrity check of the restored database failed: {}", rows.join("; "));
+        bail!(
+            "integrity check of the restored database failed: {}",
+            rows.join("; ")
+        );
     }
     Ok(())
 }
@@ -346,16 +416,27 @@ pub struct RestoreOptions {
 ///
 /// # Errors
 /// The output exists (without force), or every replica failed (each reason listed).
-pub fn restore(targets: &[(String, Box<dyn Target>)], opts: &RestoreOptions, out: &Path) -> Result<Restored> {
+pub fn restore(
+    targets: &[(String, Box<dyn Target>)],
+    opts: &RestoreOptions,
+    out: &Path,
+) -> Result<Restored> {
     if out.exists() && !opts.force {
-        bail!("{} already exists: refusing to overwrite it (use --force)", out.display());
+        bail!(
+            "{} already exists: refusing to overwrite it (use --force)",
+            out.display()
+        );
     }
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     if !dir.is_dir() {
-        bail!("cannot restore to {}: directory {} does not exist", out.display(), dir.display());
+        bail!(
+            "cannot restore to {}: directory {} does not exist",
+            out.display(),
+            dir.display()
+        );
     }
     let mut errors = Vec::new();
     for (name, t) in targets {
@@ -372,7 +453,10 @@ pub fn restore(targets: &[(String, Box<dyn Target>)], opts: &RestoreOptions, out
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 if targets.len() > 1 {
-                    warn!("replica {name} ({}) failed: {e:#}; trying the next one", t.url());
+                    warn!(
+                        "replica {name} ({}) failed: {e:#}; trying the next one",
+                        t.url()
+                    );
                 }
                 errors.push(format!("{e:#}"));
             }
@@ -405,11 +489,13 @@ fn install(tmp: &Path, out: &Path, dir: &Path) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 let _ = std::fs::remove_file(tmp);
-                return Err(e).with_context(|| format!("cannot remove stale {}", Path::new(&p).display()));
+                return Err(e)
+                    .with_context(|| format!("cannot remove stale {}", Path::new(&p).display()));
             }
         }
     }
-    std::fs::rename(tmp, out).with_context(|| format!("cannot move the restored database to {}", out.display()))?;
+    std::fs::rename(tmp, out)
+        .with_context(|| format!("cannot move the restored database to {}", out.display()))?;
     fsync_dir(dir).with_context(|| format!("cannot sync directory {}", dir.display()))?;
     Ok(())
 }
