@@ -379,6 +379,8 @@ fn list_one(name: &str, t: &dyn Target, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "  (empty)")?;
     }
     for (g, files) in &l.generations {
+        let mut files = files.clone();
+        files.sort_by_key(|(f, _)| crate::replicate::spool::Key::of(*g, f));
         let bytes: u64 = files.iter().map(|f| f.1).sum();
         writeln!(
             out,
@@ -387,7 +389,7 @@ fn list_one(name: &str, t: &dyn Target, out: &mut dyn Write) -> Result<()> {
             files.len(),
             fmt_size(bytes)
         )?;
-        for (f, size) in files {
+        for (f, size) in &files {
             match *f {
                 FileName::Snapshot { txid, time_ms } => {
                     writeln!(

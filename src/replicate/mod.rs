@@ -99,9 +99,8 @@ fn wait_for_db(
             logged = true;
         }
         notifier.watchdog();
-        match stop.recv_timeout(Duration::from_millis(500)) {
-            Ok(Msg::Stop) => return Ok(false),
-            _ => {}
+        if let Ok(Msg::Stop) = stop.recv_timeout(Duration::from_millis(500)) {
+            return Ok(false);
         }
     }
     Ok(true)

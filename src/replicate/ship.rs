@@ -182,7 +182,10 @@ impl Shipper {
                 let Some(f) = next else {
                     // Idle: housekeeping, at most every few seconds of idleness.
                     if let Some((g, files)) = remote.as_mut() {
-                        self.compact(g, files)?;
+                        if self.compact(g, files)? {
+                            // More may be due; new spooled files still come first.
+                            return Ok(true);
+                        }
                         if last_retention.elapsed() > Duration::from_secs(600) {
                             last_retention = Instant::now();
                             self.retain(g)?;
@@ -360,14 +363,15 @@ impl Shipper {
             .collect())
     }
 
-    /// Merges runs of `fanout` segments into one of the next level, then deletes the inputs.
-    fn compact(&self, g: &GenerationId, files: &mut Vec<FileName>) -> Result<()> {
+    /// Merges one run of `fanout` segments into one of the next level, then deletes the
+    /// inputs. Returns true if it did anything.
+    fn compact(&self, g: &GenerationId, files: &mut Vec<FileName>) -> Result<bool> {
         for r in redundant_segments(files) {
             self.target.delete(&file_path(g, &r))?;
             files.retain(|f| *f != r);
         }
         let Some((level, inputs)) = plan_compaction(files, self.fanout) else {
-            return Ok(());
+            return Ok(false);
         };
         let (
             Some(FileName::Segment {
@@ -376,7 +380,7 @@ impl Shipper {
             Some(FileName::Segment { last, last_ms, .. }),
         ) = (inputs.first().copied(), inputs.last().copied())
         else {
-            return Ok(());
+            return Ok(false);
         };
         let (tmp, f) = self.spool.create_temp(g)?;
         let _cleanup = RemoveOnDrop(tmp.clone());
@@ -407,7 +411,7 @@ impl Shipper {
                 }
             }
         }
-        let Some(enc) = enc else { return Ok(()) };
+        let Some(enc) = enc else { return Ok(false) };
         let out = enc.finish()?;
         let mut file = out
             .into_inner()
@@ -429,8 +433,8 @@ impl Shipper {
         files.retain(|f| !inputs.contains(f));
         files.push(name);
         files.sort();
-        info!(replica = %self.name(), "compacted {} segments into {name}", inputs.len());
-        Ok(())
+        tracing::debug!(replica = %self.name(), "compacted {} segments into {name}", inputs.len());
+        Ok(true)
     }
 
     /// Applies the retention policy to the replica.

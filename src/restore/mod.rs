@@ -285,11 +285,6 @@ fn apply(
                         );
                     }
                 }
-                if let (Some(prev), FileName::Segment { .. }) = (current, f) {
-                    if let FileName::Segment { last, .. } = prev {
-                        let _ = last;
-                    }
-                }
                 current = Some(f);
                 next_in_file = first;
                 skipping = applied.is_some_and(|a| next_in_file <= a);

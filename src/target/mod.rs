@@ -185,39 +185,6 @@ pub fn split_parent(path: &str) -> (&str, &str) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn check_path_refuses_escapes() {
-        for bad in [
-            "/etc/passwd",
-            "../x",
-            "a/../b",
-            "a//b",
-            "a/",
-            "./a",
-            "a\\b",
-            "a\0b",
-            ".walship-tmp-1-2",
-            "",
-        ] {
-            assert!(check_path(bad, false).is_err(), "{bad:?} must be refused");
-        }
-        for good in ["a", "generations/0193/seg-0-1", "walship-replica.toml"] {
-            assert!(check_path(good, false).is_ok(), "{good:?} must be allowed");
-        }
-        assert!(check_path("", true).is_ok());
-    }
-
-    #[test]
-    fn split_parent_works() {
-        assert_eq!(split_parent("a/b/c"), ("a/b", "c"));
-        assert_eq!(split_parent("c"), ("", "c"));
-    }
-}
-
 /// Opens the sftp target for a replica, preferring a key (and passphrase) that systemd passes
 /// as a credential (`walship-key-<name>`, `walship-passphrase-<name>`) over the configured paths.
 ///
@@ -257,4 +224,37 @@ pub fn open_sftp(r: &crate::config::ReplicaSettings) -> anyhow::Result<Box<dyn T
         use_agent: r.use_agent,
         timeout: r.timeout,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_path_refuses_escapes() {
+        for bad in [
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            "a/",
+            "./a",
+            "a\\b",
+            "a\0b",
+            ".walship-tmp-1-2",
+            "",
+        ] {
+            assert!(check_path(bad, false).is_err(), "{bad:?} must be refused");
+        }
+        for good in ["a", "generations/0193/seg-0-1", "walship-replica.toml"] {
+            assert!(check_path(good, false).is_ok(), "{good:?} must be allowed");
+        }
+        assert!(check_path("", true).is_ok());
+    }
+
+    #[test]
+    fn split_parent_works() {
+        assert_eq!(split_parent("a/b/c"), ("a/b", "c"));
+        assert_eq!(split_parent("c"), ("", "c"));
+    }
 }
