@@ -155,7 +155,7 @@ impl Db {
         let writer = open_conn(path)?;
         let ckpt = open_conn(path)?;
         ckpt.busy_timeout(Duration::ZERO)?;
-        writer.busy_timeout(Duration::from_millis(100))?;
+        writer.busy_timeout(Duration::from_millis(20))?;
         let mode: String = ckpt.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             bail!(
@@ -243,12 +243,24 @@ impl Db {
                 self.end_pin(i)?;
             }
             self.active = None;
-            let r = self
-                .ckpt
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                })
-                .context("checkpoint failed");
+            // With the write lock held the WAL cannot grow, and readers of older snapshots
+            // finish within their statement: retry briefly until every frame is copied, so
+            // that the new pin is a slot-0 reader and the next writer can restart the WAL.
+            let deadline = std::time::Instant::now() + Duration::from_millis(20);
+            let r = loop {
+                let r = self
+                    .ckpt
+                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    })
+                    .context("checkpoint failed");
+                match r {
+                    Ok((log, done)) if done < log && std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_micros(500));
+                    }
+                    other => break other,
+                }
+            };
             self.begin_pin(0)?;
             r
         })();
@@ -256,6 +268,18 @@ impl Db {
         let r = result?;
         unlock.context("cannot release the write lock")?;
         Ok(r)
+    }
+
+    /// A PASSIVE checkpoint that waits on nothing: copies what the pins allow.
+    ///
+    /// # Errors
+    /// SQLite errors other than busy.
+    pub fn checkpoint_passive(&self) -> Result<()> {
+        match self.ckpt.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => Ok(()),
+            Err(e) => Err(e).context("checkpoint failed"),
+        }
     }
 
     /// Releases the write lock if held (used on error paths).

@@ -63,6 +63,8 @@ pub struct Capture {
     /// Position in the WAL after the last captured commit; `None` until a WAL is seen.
     pos: Option<WalPos>,
     hashes: PageHashes,
+    /// The WAL position at the last checkpoint (no new one until frames were added).
+    checkpointed_at: Option<WalPos>,
 }
 
 /// What one capture step did.
@@ -103,6 +105,7 @@ impl Capture {
             page_size: 0,
             pos: None,
             hashes: PageHashes::new(4096),
+            checkpointed_at: None,
         };
         match saved {
             None => cap.new_generation("no previous state")?,
@@ -486,18 +489,23 @@ impl Capture {
     /// # Errors
     /// Capture or SQLite errors.
     pub fn maybe_checkpoint(&mut self, threshold: u32) -> Result<bool> {
-        if self.wal_frames() < u64::from(threshold) {
+        if self.wal_frames() < u64::from(threshold) || self.checkpointed_at == self.pos {
             return Ok(false);
         }
+        // Copy most frames without holding anything the application waits for...
+        self.db.checkpoint_passive()?;
+        // ...then hold the write lock only to capture the tail and copy it.
         if !self.db.lock_writes()? {
             return Ok(false);
         }
+        let t0 = std::time::Instant::now();
         if let Err(e) = self.step() {
             self.db.unlock_writes();
             return Err(e);
         }
         let (log, done) = self.db.checkpoint_locked()?;
-        tracing::debug!(log, done, "checkpoint");
+        self.checkpointed_at = self.pos;
+        tracing::debug!(log, done, locked_ms = t0.elapsed().as_millis() as u64, "checkpoint");
         Ok(true)
     }
 
