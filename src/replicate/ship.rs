@@ -413,12 +413,12 @@ impl Shipper {
         }
         let Some(enc) = enc else { return Ok(false) };
         let out = enc.finish()?;
-        let mut file = out
+        let file = out
             .into_inner()
             .map_err(|e| anyhow!("cannot write compacted segment: {}", e.error()))?;
-        file.sync_all()?;
-        use std::io::Seek;
-        file.seek(std::io::SeekFrom::Start(0))?;
+        drop(file);
+        let mut file = std::fs::File::open(&tmp)
+            .with_context(|| format!("cannot reopen {}", tmp.display()))?;
         let name = FileName::Segment {
             level,
             first,
