@@ -207,6 +207,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let mut last_snapshot = Instant::now();
     let mut status_line = String::new();
     let mut failing_since: Option<Instant> = None;
+    let mut replaced_logged = false;
     let watchdog = notifier.watchdog_interval();
     loop {
         stall_failpoint();
@@ -242,9 +243,16 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
             }
         }
         if cap.db_replaced() {
-            warn!(db = %settings.db.display(), "the database file was replaced or deleted; reopening");
+            if !replaced_logged {
+                warn!(db = %settings.db.display(), error_kind = "db-replaced", "the database file was replaced or deleted; replicating the new file once it exists");
+                replaced_logged = true;
+            }
             match reopen(&settings.db, &spool, settings) {
-                Ok(Some(c)) => cap = c,
+                Ok(Some(c)) => {
+                    cap = c;
+                    replaced_logged = false;
+                    kick(&shared);
+                }
                 Ok(None) => {}
                 Err(e) => error!(db = %settings.db.display(), "cannot reopen: {e:#}"),
             }
@@ -331,8 +339,8 @@ fn reopen(db: &Path, spool: &Arc<Spool>, settings: &Settings) -> Result<Option<C
     }
     ensure_wal_mode(db)?;
     let d = Db::open(db)?;
+    // Resumes only if the new file provably holds the same content; else a new generation.
     let mut c = Capture::start(d, spool.clone(), &settings.state_dir, settings.segment_size)?;
-    c.new_generation("the database file was replaced")?;
     c.rotate_pin()?;
     Ok(Some(c))
 }

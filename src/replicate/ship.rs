@@ -237,7 +237,7 @@ impl Shipper {
                         let _ = self
                             .shared
                             .cv
-                            .wait_timeout(g, Duration::from_secs(30))
+                            .wait_timeout(g, Duration::from_secs(300))
                             .map(|(g, _)| drop(g));
                     }
                 }
