@@ -1,20 +1,29 @@
 //! walship: continuous, verifiable replication of SQLite databases by shipping their WAL.
 //!
 //! Module map (the seams are narrow on purpose):
+//! - [`cli`]: the clap definition (help, man pages, completions) and what each command does.
 //! - [`config`]: the TOML file of one database, validated into `Settings` (exit 78 on errors).
 //! - [`url`]: replica URLs, `file:///PATH` and `sftp://USER@HOST[:PORT]/PATH`.
-//! - [`target`]: the storage seam, `trait Target` and its implementations (`file://`, `sftp://`).
+//! - [`target`]: the storage seam, `trait Target` and its implementations (`file://`, `sftp://`,
+//!   with `known_hosts` checking for the latter).
 //! - [`wal`]: the SQLite WAL format, pure: header, frames, salts, the checksum chain.
 //! - [`layout`]: the on-replica format, pure: names, snapshot and segment encoding, whole-database
 //!   checksums, and planning restores, compaction and retention from a listing.
 //! - [`db`]: the capture side's connections to the user's database: the pin protocol, raw WAL
 //!   and page reads, checkpoints.
 //! - [`replicate`]: the daemon: watch, capture into the local spool, ship to every replica.
+//! - [`restore`]: rebuild a database from a replica (pipelined, checksummed, atomic), verify.
+//! - [`systemd`]: sd_notify (`READY`/`STATUS`/`WATCHDOG`/`STOPPING`), journald-aware logging,
+//!   credentials from `LoadCredential=`.
+//! - [`generator`]: the systemd generator writing a sandbox drop-in per `/etc/walship/NAME.toml`.
+pub mod cli;
 pub mod config;
 pub mod db;
+pub mod generator;
 pub mod layout;
 pub mod replicate;
+pub mod restore;
+pub mod systemd;
 pub mod target;
 pub mod url;
 pub mod wal;
-pub mod systemd;

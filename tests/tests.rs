@@ -2,7 +2,10 @@
 
 mod conformance;
 mod e2e;
+mod generator;
+mod notify;
 mod sshd;
+mod systemd_files;
 mod target_file;
 mod target_sftp;
 mod util;

@@ -148,8 +148,8 @@ impl Db {
     /// # Errors
     /// The database can't be opened, isn't in WAL mode, or is not a database.
     pub fn open(path: &Path) -> Result<Db> {
-        let file = File::open(path)
-            .with_context(|| format!("cannot open database {}", path.display()))?;
+        let file =
+            File::open(path).with_context(|| format!("cannot open database {}", path.display()))?;
         let md = file.metadata()?;
         let pins = [open_conn(path)?, open_conn(path)?];
         let writer = open_conn(path)?;
@@ -158,7 +158,10 @@ impl Db {
         writer.busy_timeout(Duration::from_millis(100))?;
         let mode: String = ckpt.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            bail!("{} is not in WAL mode (journal_mode={mode})", path.display());
+            bail!(
+                "{} is not in WAL mode (journal_mode={mode})",
+                path.display()
+            );
         }
         let mut wal_path = path.as_os_str().to_owned();
         wal_path.push("-wal");
@@ -276,7 +279,8 @@ impl Db {
                 Ok(f) => self.wal = Some(f),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => {
-                    return Err(e).with_context(|| format!("cannot open {}", self.wal_path.display()))
+                    return Err(e)
+                        .with_context(|| format!("cannot open {}", self.wal_path.display()))
                 }
             }
         }
@@ -383,7 +387,12 @@ impl Db {
     ///
     /// # Errors
     /// I/O errors or a short file.
-    pub fn read_frame(&mut self, page_size: u32, index: u64, page: &mut [u8]) -> Result<FrameHeader> {
+    pub fn read_frame(
+        &mut self,
+        page_size: u32,
+        index: u64,
+        page: &mut [u8],
+    ) -> Result<FrameHeader> {
         let frame_size = (FRAME_HEADER_SIZE + page_size as usize) as u64;
         let off = WAL_HEADER_SIZE as u64 + index * frame_size;
         let path = self.wal_path.clone();
@@ -391,7 +400,9 @@ impl Db {
             .wal_file()?
             .ok_or_else(|| anyhow!("{} disappeared", path.display()))?;
         let mut fh = [0u8; FRAME_HEADER_SIZE];
-        if !read_exact_at(f, &mut fh, off)? || !read_exact_at(f, page, off + FRAME_HEADER_SIZE as u64)? {
+        if !read_exact_at(f, &mut fh, off)?
+            || !read_exact_at(f, page, off + FRAME_HEADER_SIZE as u64)?
+        {
             bail!("{} is shorter than expected", path.display());
         }
         Ok(FrameHeader {

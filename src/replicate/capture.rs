@@ -80,7 +80,12 @@ impl Capture {
     ///
     /// # Errors
     /// Database, WAL or spool errors.
-    pub fn start(db: Db, spool: Arc<Spool>, state_dir: &Path, segment_size: u64) -> Result<Capture> {
+    pub fn start(
+        db: Db,
+        spool: Arc<Spool>,
+        state_dir: &Path,
+        segment_size: u64,
+    ) -> Result<Capture> {
         let state_path = state_dir.join("capture.state");
         let saved = Kv::load(&state_path)?;
         let mut cap = Capture {
@@ -197,17 +202,20 @@ impl Capture {
             self.save_state()?;
             return Ok(true);
         }
-        self.new_generation("the WAL was reset while walship was stopped and the database changed")?;
+        self.new_generation(
+            "the WAL was reset while walship was stopped and the database changed",
+        )?;
         Ok(false)
     }
 
     /// Recomputes all page hashes for the state after WAL frame `frames`.
     fn rescan(&mut self, frames: u64, db_pages: u32) -> Result<()> {
         let mut hashes = PageHashes::new(self.page_size);
-        self.db.for_each_page(self.page_size, frames, db_pages, |pgno, data| {
-            hashes.set(pgno, data);
-            Ok(())
-        })?;
+        self.db
+            .for_each_page(self.page_size, frames, db_pages, |pgno, data| {
+                hashes.set(pgno, data);
+                Ok(())
+            })?;
         hashes.set_size(db_pages);
         self.hashes = hashes;
         Ok(())
@@ -265,13 +273,19 @@ impl Capture {
         let frames = self.pos.map_or(0, |p| p.frames);
         let db_pages = self.at.db_pages;
         let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
-        let mut enc = Encoder::new(BufWriter::with_capacity(1 << 20, f), Kind::Snapshot, self.page_size, ZSTD_LEVEL)?;
+        let mut enc = Encoder::new(
+            BufWriter::with_capacity(1 << 20, f),
+            Kind::Snapshot,
+            self.page_size,
+            ZSTD_LEVEL,
+        )?;
         let mut hashes = PageHashes::new(self.page_size);
-        self.db.for_each_page(self.page_size, frames, db_pages, |pgno, data| {
-            hashes.set(pgno, data);
-            enc.page(pgno, data)?;
-            Ok(())
-        })?;
+        self.db
+            .for_each_page(self.page_size, frames, db_pages, |pgno, data| {
+                hashes.set(pgno, data);
+                enc.page(pgno, data)?;
+                Ok(())
+            })?;
         hashes.set_size(db_pages);
         let checksum = hashes.db_checksum();
         if self.at.db_checksum != 0 && self.at.txid > 1 && checksum != self.at.db_checksum {
@@ -288,7 +302,9 @@ impl Capture {
             db_checksum: checksum,
         })?;
         let w = enc.finish()?;
-        let f = w.into_inner().map_err(|e| anyhow!("cannot write snapshot: {}", e.error()))?;
+        let f = w
+            .into_inner()
+            .map_err(|e| anyhow!("cannot write snapshot: {}", e.error()))?;
         let name = FileName::Snapshot {
             txid: self.at.txid,
             time_ms: self.at.time_ms,
@@ -334,7 +350,10 @@ impl Capture {
                 None => WalState::Empty,
                 Some(h) => {
                     if h.page_size != self.page_size {
-                        WalState::Broken(format!("page size changed from {} to {}", self.page_size, h.page_size))
+                        WalState::Broken(format!(
+                            "page size changed from {} to {}",
+                            self.page_size, h.page_size
+                        ))
                     } else {
                         match self.db.scan(&WalPos::start(&h))? {
                             WalState::Same { commits, end } => WalState::Restarted { commits, end },
@@ -372,7 +391,12 @@ impl Capture {
         let mut i = 0;
         while i < commits.len() {
             let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
-            let mut enc = Encoder::new(BufWriter::with_capacity(256 << 10, f), Kind::Segment, ps, ZSTD_LEVEL)?;
+            let mut enc = Encoder::new(
+                BufWriter::with_capacity(256 << 10, f),
+                Kind::Segment,
+                ps,
+                ZSTD_LEVEL,
+            )?;
             let first = self.at.txid + 1;
             let first_ms = now_ms().max(self.at.time_ms);
             while i < commits.len() {
@@ -404,7 +428,9 @@ impl Capture {
                 }
             }
             let w = enc.finish()?;
-            let f = w.into_inner().map_err(|e| anyhow!("cannot write segment: {}", e.error()))?;
+            let f = w
+                .into_inner()
+                .map_err(|e| anyhow!("cannot write segment: {}", e.error()))?;
             let name = FileName::Segment {
                 level: 0,
                 first,

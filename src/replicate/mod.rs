@@ -86,7 +86,11 @@ fn lock_state_dir(dir: &Path) -> Result<std::fs::File> {
 }
 
 /// Waits for the database file to exist (an application may create it after boot).
-fn wait_for_db(db: &Path, stop: &std::sync::mpsc::Receiver<Msg>, notifier: &Notifier) -> Result<bool> {
+fn wait_for_db(
+    db: &Path,
+    stop: &std::sync::mpsc::Receiver<Msg>,
+    notifier: &Notifier,
+) -> Result<bool> {
     let mut logged = false;
     while !db.exists() {
         if !logged {
@@ -111,8 +115,12 @@ fn wait_for_db(db: &Path, stop: &std::sync::mpsc::Receiver<Msg>, notifier: &Noti
 pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let (tx, rx) = channel::<Msg>();
     spawn_signal_thread(tx.clone())?;
-    std::fs::create_dir_all(&settings.state_dir)
-        .with_context(|| format!("cannot create state directory {}", settings.state_dir.display()))?;
+    std::fs::create_dir_all(&settings.state_dir).with_context(|| {
+        format!(
+            "cannot create state directory {}",
+            settings.state_dir.display()
+        )
+    })?;
     let _lock = lock_state_dir(&settings.state_dir)?;
     if !wait_for_db(&settings.db, &rx, notifier)? {
         return Ok(());
@@ -122,13 +130,25 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     }
     let spool = Arc::new(Spool::open(&settings.state_dir)?);
     let db = Db::open(&settings.db)?;
-    let mut cap = Capture::start(db, spool.clone(), &settings.state_dir, settings.segment_size)?;
+    let mut cap = Capture::start(
+        db,
+        spool.clone(),
+        &settings.state_dir,
+        settings.segment_size,
+    )?;
     cap.rotate_pin()?;
 
     // Watch the database's directory; only events on the database or its WAL wake us.
-    let dir = settings.db.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let dir = settings
+        .db
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let names: Vec<std::ffi::OsString> = {
-        let base = settings.db.file_name().map(|s| s.to_owned()).unwrap_or_default();
+        let base = settings
+            .db
+            .file_name()
+            .map(|s| s.to_owned())
+            .unwrap_or_default();
         let mut wal = base.clone();
         wal.push("-wal");
         vec![base, wal]
@@ -139,7 +159,11 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
         if matches!(ev.kind, EventKind::Access(_) | EventKind::Other) {
             return;
         }
-        if ev.paths.iter().any(|p| p.file_name().is_some_and(|n| names.iter().any(|x| x == n))) {
+        if ev
+            .paths
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| names.iter().any(|x| x == n)))
+        {
             let _ = wtx.send(Msg::Changed);
         }
     })
@@ -287,9 +311,9 @@ fn kick(shared: &Shared) {
 fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
     let r = cap.step();
     let r = match r {
-        Err(e) if e.downcast_ref::<BrokenWal>().is_some() => {
-            cap.new_generation(&e.to_string()).map(|()| Step::Captured(1))
-        }
+        Err(e) if e.downcast_ref::<BrokenWal>().is_some() => cap
+            .new_generation(&e.to_string())
+            .map(|()| Step::Captured(1)),
         other => other,
     };
     cap.rotate_pin()?;
@@ -320,7 +344,8 @@ fn position(cap: &Capture) -> String {
 
 /// Deletes spooled files every replica has, then enforces the spool limit.
 fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<()> {
-    let positions: Vec<Option<spool::Key>> = shared.lock().replicas.iter().map(|r| r.position).collect();
+    let positions: Vec<Option<spool::Key>> =
+        shared.lock().replicas.iter().map(|r| r.position).collect();
     let files = spool.list()?;
     let min = positions.iter().copied().min().flatten();
     let mut total = 0u64;
@@ -366,7 +391,9 @@ fn status(cap: &Capture, shared: &Shared, spool: &Spool) -> (String, bool) {
     let mut down = Vec::new();
     let head = cap.key();
     for r in &g.replicas {
-        let caught_up = r.position.is_some_and(|p| p.generation == head.generation && p.last >= head.last);
+        let caught_up = r
+            .position
+            .is_some_and(|p| p.generation == head.generation && p.last >= head.last);
         if caught_up {
             ok += 1;
         } else {
@@ -404,8 +431,8 @@ fn write_status(dir: &Path, line: &str) {
 
 fn spawn_signal_thread(tx: Sender<Msg>) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("cannot install signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {

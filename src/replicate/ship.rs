@@ -18,7 +18,9 @@ use super::capture::now_ms;
 use super::spool::{Key, Spool, SpoolFile};
 use super::state::Kv;
 use crate::layout::codec::{Decoder, Encoder, Kind, Record};
-use crate::layout::names::{file_path, generation_dir, FileName, GenerationId, Marker, GENERATIONS_DIR, MARKER_FILE};
+use crate::layout::names::{
+    file_path, generation_dir, FileName, GenerationId, Marker, GENERATIONS_DIR, MARKER_FILE,
+};
 use crate::layout::plan::{plan_compaction, plan_retention, redundant_segments, Deletion, Listing};
 use crate::target::{ErrorKind, Target};
 use anyhow::{anyhow, bail, Context, Result};
@@ -75,7 +77,9 @@ impl Shared {
     /// Locks the inner state (a poisoned lock is recovered: the data stays consistent
     /// because every update is a plain field assignment).
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -124,7 +128,9 @@ impl Shipper {
         let st = &mut g.replicas[self.idx];
         if st.error != msg {
             match &msg {
-                Some(m) => error!(replica = %name, error_kind = "replica", "replica {name} failing: {m}"),
+                Some(m) => {
+                    error!(replica = %name, error_kind = "replica", "replica {name} failing: {m}")
+                }
                 None => info!(replica = %name, "replica {name} is healthy again"),
             }
             st.error = msg;
@@ -162,7 +168,8 @@ impl Shipper {
             let next = self.next_file(pos.map(|p| p.0), &files);
             let version = {
                 let g = self.shared.lock();
-                if g.stopping && (next.is_none() || g.deadline.is_some_and(|d| Instant::now() >= d)) {
+                if g.stopping && (next.is_none() || g.deadline.is_some_and(|d| Instant::now() >= d))
+                {
                     return;
                 }
                 g.version
@@ -255,17 +262,25 @@ impl Shipper {
 
     /// The next file to send after `pos`, handling gaps (see module docs).
     fn next_file(&self, pos: Option<Key>, files: &[SpoolFile]) -> Option<SpoolFile> {
-        let later: Vec<&SpoolFile> = files.iter().filter(|f| pos.is_none_or(|p| f.key() > p)).collect();
+        let later: Vec<&SpoolFile> = files
+            .iter()
+            .filter(|f| pos.is_none_or(|p| f.key() > p))
+            .collect();
         let first = *later.first()?;
         let continuous = match (pos, first.name) {
             (_, FileName::Snapshot { .. }) => true,
-            (Some(p), FileName::Segment { first: a, .. }) => p.generation == first.generation && a == p.last + 1,
+            (Some(p), FileName::Segment { first: a, .. }) => {
+                p.generation == first.generation && a == p.last + 1
+            }
             (None, FileName::Segment { .. }) => false,
         };
         if continuous {
             return Some(first.clone());
         }
-        if let Some(s) = later.iter().find(|f| matches!(f.name, FileName::Snapshot { .. })) {
+        if let Some(s) = later
+            .iter()
+            .find(|f| matches!(f.name, FileName::Snapshot { .. }))
+        {
             warn!(replica = %self.name(), "replica missed spooled files (spool limit or a new replica); resynchronising from snapshot {}", s.name);
             return Some((*s).clone());
         }
@@ -302,14 +317,17 @@ impl Shipper {
                     database: self.identity.clone(),
                     created_ms: now_ms(),
                 };
-                self.target.write_atomic(MARKER_FILE, &mut m.to_toml().as_bytes())?;
+                self.target
+                    .write_atomic(MARKER_FILE, &mut m.to_toml().as_bytes())?;
                 info!(replica = %self.name(), "initialised replica {url}");
             }
             Err(e) => return Err(e.into()),
         }
         for g in self.target.list(GENERATIONS_DIR)? {
             if g.is_dir && g.name.parse::<GenerationId>().is_ok() {
-                let n = self.target.cleanup(&format!("{GENERATIONS_DIR}/{}", g.name))?;
+                let n = self
+                    .target
+                    .cleanup(&format!("{GENERATIONS_DIR}/{}", g.name))?;
                 if n > 0 {
                     info!(replica = %self.name(), "removed {n} temporary file(s) left by an interrupted upload");
                 }
@@ -351,8 +369,12 @@ impl Shipper {
         let Some((level, inputs)) = plan_compaction(files, self.fanout) else {
             return Ok(());
         };
-        let (Some(FileName::Segment { first, first_ms, .. }), Some(FileName::Segment { last, last_ms, .. })) =
-            (inputs.first().copied(), inputs.last().copied())
+        let (
+            Some(FileName::Segment {
+                first, first_ms, ..
+            }),
+            Some(FileName::Segment { last, last_ms, .. }),
+        ) = (inputs.first().copied(), inputs.last().copied())
         else {
             return Ok(());
         };
@@ -363,13 +385,22 @@ impl Shipper {
         for input in &inputs {
             let path = file_path(g, input);
             let r = self.target.read(&path)?;
-            let mut dec = Decoder::new(r, Kind::Segment).map_err(|e| anyhow!("{}/{path}: {e}", self.target.url()))?;
+            let mut dec = Decoder::new(r, Kind::Segment)
+                .map_err(|e| anyhow!("{}/{path}: {e}", self.target.url()))?;
             if enc.is_none() {
                 let file = f.take().ok_or_else(|| anyhow!("internal: encoder file"))?;
-                enc = Some(Encoder::new(BufWriter::new(file), Kind::Segment, dec.page_size(), 3)?);
+                enc = Some(Encoder::new(
+                    BufWriter::new(file),
+                    Kind::Segment,
+                    dec.page_size(),
+                    3,
+                )?);
             }
             let e = enc.as_mut().ok_or_else(|| anyhow!("internal: encoder"))?;
-            while let Some(rec) = dec.next().map_err(|e| anyhow!("{}/{path}: {e}", self.target.url()))? {
+            while let Some(rec) = dec
+                .next()
+                .map_err(|e| anyhow!("{}/{path}: {e}", self.target.url()))?
+            {
                 match rec {
                     Record::Page { pgno, data } => e.page(pgno, data)?,
                     Record::Commit(c) => e.commit(&c)?,
@@ -378,7 +409,9 @@ impl Shipper {
         }
         let Some(enc) = enc else { return Ok(()) };
         let out = enc.finish()?;
-        let mut file = out.into_inner().map_err(|e| anyhow!("cannot write compacted segment: {}", e.error()))?;
+        let mut file = out
+            .into_inner()
+            .map_err(|e| anyhow!("cannot write compacted segment: {}", e.error()))?;
         file.sync_all()?;
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(0))?;
@@ -402,9 +435,13 @@ impl Shipper {
 
     /// Applies the retention policy to the replica.
     fn retain(&self, current: &GenerationId) -> Result<()> {
-        let mut listing = Listing { generations: Vec::new() };
+        let mut listing = Listing {
+            generations: Vec::new(),
+        };
         for e in self.target.list(GENERATIONS_DIR)? {
-            let Ok(g) = e.name.parse::<GenerationId>() else { continue };
+            let Ok(g) = e.name.parse::<GenerationId>() else {
+                continue;
+            };
             let files = self
                 .target
                 .list(&generation_dir(&g))?
@@ -420,7 +457,8 @@ impl Shipper {
                 Deletion::Generation(g) => {
                     for e in self.target.list(&generation_dir(&g))? {
                         if !e.is_dir {
-                            self.target.delete(&format!("{}/{}", generation_dir(&g), e.name))?;
+                            self.target
+                                .delete(&format!("{}/{}", generation_dir(&g), e.name))?;
                         }
                     }
                     self.target.remove_dir(&generation_dir(&g))?;

@@ -77,7 +77,9 @@ impl Spool {
         let spool = Spool { dir };
         for g in spool.generations()? {
             let gdir = spool.dir.join(g.to_string());
-            for ent in fs::read_dir(&gdir).with_context(|| format!("cannot list {}", gdir.display()))? {
+            for ent in
+                fs::read_dir(&gdir).with_context(|| format!("cannot list {}", gdir.display()))?
+            {
                 let ent = ent?;
                 if ent.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
                     fs::remove_file(ent.path())
@@ -90,7 +92,9 @@ impl Spool {
 
     fn generations(&self) -> Result<Vec<GenerationId>> {
         let mut out = Vec::new();
-        for ent in fs::read_dir(&self.dir).with_context(|| format!("cannot list {}", self.dir.display()))? {
+        for ent in fs::read_dir(&self.dir)
+            .with_context(|| format!("cannot list {}", self.dir.display()))?
+        {
             let ent = ent?;
             if let Some(g) = ent.file_name().to_str().and_then(|s| s.parse().ok()) {
                 out.push(g);
@@ -108,9 +112,15 @@ impl Spool {
         let mut out = Vec::new();
         for g in self.generations()? {
             let gdir = self.dir.join(g.to_string());
-            for ent in fs::read_dir(&gdir).with_context(|| format!("cannot list {}", gdir.display()))? {
+            for ent in
+                fs::read_dir(&gdir).with_context(|| format!("cannot list {}", gdir.display()))?
+            {
                 let ent = ent?;
-                let Some(name) = ent.file_name().to_str().and_then(|s| FileName::parse(s).ok()) else {
+                let Some(name) = ent
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| FileName::parse(s).ok())
+                else {
                     continue;
                 };
                 let size = ent.metadata().map(|m| m.len()).unwrap_or(0);
@@ -137,7 +147,8 @@ impl Spool {
     pub fn create_temp(&self, generation: &GenerationId) -> Result<(PathBuf, File)> {
         let gdir = self.dir.join(generation.to_string());
         if !gdir.is_dir() {
-            fs::create_dir_all(&gdir).with_context(|| format!("cannot create {}", gdir.display()))?;
+            fs::create_dir_all(&gdir)
+                .with_context(|| format!("cannot create {}", gdir.display()))?;
             fsync_dir(&self.dir)?;
         }
         let tmp = gdir.join(temp_name());
@@ -153,7 +164,13 @@ impl Spool {
     ///
     /// # Errors
     /// I/O errors with the path; the temporary file is removed.
-    pub fn publish(&self, tmp: &Path, f: File, generation: &GenerationId, name: &FileName) -> Result<u64> {
+    pub fn publish(
+        &self,
+        tmp: &Path,
+        f: File,
+        generation: &GenerationId,
+        name: &FileName,
+    ) -> Result<u64> {
         let dest = self.path(generation, name);
         let r = (|| -> std::io::Result<u64> {
             f.sync_all()?;

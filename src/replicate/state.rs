@@ -38,7 +38,8 @@ impl Kv {
     /// Missing or not a number.
     pub fn u64(&self, key: &str) -> Result<u64> {
         let s = self.str(key)?;
-        s.parse().map_err(|_| anyhow!("bad number {s:?} for {key:?}"))
+        s.parse()
+            .map_err(|_| anyhow!("bad number {s:?} for {key:?}"))
     }
 
     /// `key` parsed as a hexadecimal u64.

@@ -241,7 +241,8 @@ pub fn open_sftp(r: &crate::config::ReplicaSettings) -> anyhow::Result<Box<dyn T
     let key_path = cred(format!("walship-key-{}", r.name))
         .or_else(|| r.key_path.clone())
         .unwrap_or_default();
-    let passphrase_file = cred(format!("walship-passphrase-{}", r.name)).or_else(|| r.passphrase_file.clone());
+    let passphrase_file =
+        cred(format!("walship-passphrase-{}", r.name)).or_else(|| r.passphrase_file.clone());
     let url = sftp::SftpUrl {
         user: user.clone(),
         host: host.clone(),

@@ -1,0 +1,501 @@
+//! Restore and verify: rebuild a database from a replica, proving it correct on the way.
+//!
+//! The pipeline: a reader thread fetches the planned files in order and decodes them
+//! (network and decompression), handing batches of pages to the applier, which writes them
+//! into a temporary file beside the output and keeps per-page hashes.
+//!
+//! Invariants:
+//! - Nothing is written outside the temporary file and, at the very end, the output path: the
+//!   temporary file is fsynced, checked (whole-database checksum at every commit,
+//!   `PRAGMA integrity_check`), then renamed over the output and the directory fsynced.
+//! - A restore stops exactly at a commit boundary; a file whose content disagrees with its
+//!   name, a checksum mismatch, or a gap is an error naming the file.
+//! - Memory is bounded: a few batches of pages in flight, 8 bytes of hash per page, and a
+//!   database size limit of [`MAX_DB_BYTES`] against hostile metadata.
+
+use crate::layout::checksum::PageHashes;
+use crate::layout::codec::{Commit, Decoder, Kind, Record};
+use crate::layout::names::{
+    file_path, generation_dir, FileName, GenerationId, Position, GENERATIONS_DIR,
+};
+use crate::layout::plan::{plan_restore, Listing, Plan, Stop, Want};
+use crate::target::file::fsync_dir;
+use crate::target::{temp_name, Target};
+use anyhow::{anyhow, bail, Context, Result};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
+use tracing::{info, warn};
+
+/// The largest database a restore will build (protects against hostile sizes).
+pub const MAX_DB_BYTES: u64 = 256 << 30;
+
+/// What a restore produced.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// The replica's URL.
+    pub url: String,
+    /// The commit restored.
+    pub position: Position,
+    /// Its capture time.
+    pub time_ms: u64,
+    /// Pages in the database.
+    pub db_pages: u32,
+    /// Page size.
+    pub page_size: u32,
+    /// Whole-database checksum (verified).
+    pub db_checksum: u64,
+    /// Files read.
+    pub files: usize,
+}
+
+/// Lists a replica strictly: unknown names are skipped with a warning.
+///
+/// # Errors
+/// Target errors.
+pub fn list_replica(t: &dyn Target) -> Result<Listing> {
+    let mut gens = Vec::new();
+    for e in t.list(GENERATIONS_DIR)? {
+        let Ok(g) = e.name.parse::<GenerationId>() else {
+            warn!(
+                "ignoring unexpected entry {}/{GENERATIONS_DIR}/{}",
+                t.url(),
+                e.name
+            );
+            continue;
+        };
+        let mut files = Vec::new();
+        for f in t.list(&generation_dir(&g))? {
+            match FileName::parse(&f.name) {
+                Ok(n) if !f.is_dir => files.push((n, f.size)),
+                _ => warn!(
+                    "ignoring unexpected entry {}/{}/{}",
+                    t.url(),
+                    generation_dir(&g),
+                    f.name
+                ),
+            }
+        }
+        gens.push((g, files));
+    }
+    Ok(Listing { generations: gens })
+}
+
+enum Batch {
+    Pages(Vec<(u32, Vec<u8>)>),
+    Commit(Commit),
+    File(FileName, u32),
+}
+
+/// Streams the plan's files as batches, ending early at the stop txid.
+fn reader(
+    t: &dyn Target,
+    g: GenerationId,
+    files: Vec<FileName>,
+    tx: std::sync::mpsc::SyncSender<Result<Batch>>,
+) {
+    let send = |b: Result<Batch>| tx.send(b).is_ok();
+    for f in files {
+        let path = file_path(&g, &f);
+        let label = format!("{}/{path}", t.url());
+        let r = (|| -> Result<bool> {
+            let kind = match f {
+                FileName::Snapshot { .. } => Kind::Snapshot,
+                FileName::Segment { .. } => Kind::Segment,
+            };
+            let src = t.read(&path)?;
+            let mut dec = Decoder::new(std::io::BufReader::with_capacity(1 << 20, src), kind)
+                .map_err(|e| anyhow!("{label}: {e}"))?;
+            if !send(Ok(Batch::File(f, dec.page_size()))) {
+                return Ok(false);
+            }
+            let mut pages = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(rec) = dec.next().map_err(|e| anyhow!("{label}: {e}"))? {
+                match rec {
+                    Record::Page { pgno, data } => {
+                        bytes += data.len();
+                        pages.push((pgno, data.to_vec()));
+                        if bytes >= 1 << 20 {
+                            if !send(Ok(Batch::Pages(std::mem::take(&mut pages)))) {
+                                return Ok(false);
+                            }
+                            bytes = 0;
+                        }
+                    }
+                    Record::Commit(c) => {
+                        if !pages.is_empty() && !send(Ok(Batch::Pages(std::mem::take(&mut pages))))
+                        {
+                            return Ok(false);
+                        }
+                        bytes = 0;
+                        if !send(Ok(Batch::Commit(c))) {
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+            Ok(true)
+        })();
+        match r {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+/// The txid a plan stops at, resolving a time to the newest commit at or before it.
+fn stop_txid(t: &dyn Target, plan: &Plan) -> Result<u64> {
+    let chain_end = plan.segments.last().map_or_else(
+        || match plan.snapshot {
+            FileName::Snapshot { txid, .. } => txid,
+            FileName::Segment { last, .. } => last,
+        },
+        |s| match s {
+            FileName::Segment { last, .. } => *last,
+            FileName::Snapshot { txid, .. } => *txid,
+        },
+    );
+    match plan.stop {
+        Stop::Latest => Ok(chain_end),
+        Stop::Txid(x) => Ok(x),
+        Stop::TimeMs(ms) => {
+            let snap_txid = match plan.snapshot {
+                FileName::Snapshot { txid, .. } => txid,
+                FileName::Segment { last, .. } => last,
+            };
+            let mut best = snap_txid;
+            for s in &plan.segments {
+                if let FileName::Segment {
+                    first_ms,
+                    last_ms,
+                    last,
+                    ..
+                } = *s
+                {
+                    if last_ms <= ms {
+                        best = best.max(last);
+                    } else if first_ms <= ms {
+                        // Straddles the time: read its commits.
+                        let path = file_path(&plan.generation, s);
+                        let mut dec = Decoder::new(t.read(&path)?, Kind::Segment)
+                            .map_err(|e| anyhow!("{}/{path}: {e}", t.url()))?;
+                        while let Some(rec) =
+                            dec.next().map_err(|e| anyhow!("{}/{path}: {e}", t.url()))?
+                        {
+                            if let Record::Commit(c) = rec {
+                                if c.time_ms <= ms {
+                                    best = best.max(c.txid);
+                                } else {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(best)
+        }
+    }
+}
+
+/// Restores from one replica into `tmp` (which must not exist). Returns what was restored.
+///
+/// # Errors
+/// Any fetch, decode, checksum or consistency error, naming the file.
+pub fn restore_into(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
+    let listing = list_replica(t)?;
+    let plan = plan_restore(&listing, want).map_err(|e| anyhow!("{}: {e}", t.url()))?;
+    let target_txid = stop_txid(t, &plan)?;
+    let mut files = vec![plan.snapshot];
+    files.extend(plan.segments.iter().copied());
+    let nfiles = files.len();
+    info!(
+        "restoring {} from {} file(s) of generation {} up to txid {target_txid}",
+        t.url(),
+        nfiles,
+        plan.generation
+    );
+    let out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let (tx, rx) = sync_channel::<Result<Batch>>(8);
+    let g = plan.generation;
+    let restored = std::thread::scope(|s| {
+        s.spawn(|| reader(t, g, files, tx));
+        let r = apply(&rx, &out, target_txid, &t.url(), &g);
+        drop(rx);
+        r
+    })?;
+    out.sync_all()
+        .with_context(|| format!("cannot sync {}", tmp.display()))?;
+    Ok(Restored {
+        url: t.url(),
+        files: nfiles,
+        ..restored
+    })
+}
+
+fn apply(
+    rx: &Receiver<Result<Batch>>,
+    out: &File,
+    target: u64,
+    url: &str,
+    g: &GenerationId,
+) -> Result<Restored> {
+    let mut hashes: Option<PageHashes> = None;
+    let mut page_size = 0u32;
+    let mut applied: Option<u64> = None;
+    let mut last_commit: Option<Commit> = None;
+    let mut current: Option<FileName> = None;
+    let mut next_in_file = 0u64;
+    let mut skipping = false;
+    let label = |f: &Option<FileName>| {
+        f.map_or_else(String::new, |f| format!("{url}/{}", file_path(g, &f)))
+    };
+    for b in rx.iter() {
+        match b? {
+            Batch::File(f, ps) => {
+                if page_size != 0 && ps != page_size {
+                    bail!(
+                        "{}: page size {ps} differs from the snapshot's {page_size}",
+                        label(&Some(f))
+                    );
+                }
+                page_size = ps;
+                let first = match f {
+                    FileName::Snapshot { txid, .. } => txid,
+                    FileName::Segment { first, .. } => first,
+                };
+                if let Some(a) = applied {
+                    if first > a + 1 {
+                        bail!(
+                            "{}: gap in the replica: txids {}..{} are missing",
+                            label(&Some(f)),
+                            a + 1,
+                            first - 1
+                        );
+                    }
+                }
+                if let (Some(prev), FileName::Segment { .. }) = (current, f) {
+                    if let FileName::Segment { last, .. } = prev {
+                        let _ = last;
+                    }
+                }
+                current = Some(f);
+                next_in_file = first;
+                skipping = applied.is_some_and(|a| next_in_file <= a);
+                hashes.get_or_insert_with(|| PageHashes::new(ps));
+            }
+            Batch::Pages(pages) => {
+                if skipping {
+                    continue;
+                }
+                let h = hashes
+                    .as_mut()
+                    .ok_or_else(|| anyhow!("internal: pages before a file"))?;
+                for (pgno, data) in pages {
+                    let off = u64::from(pgno - 1) * u64::from(page_size);
+                    if off + u64::from(page_size) > MAX_DB_BYTES {
+                        bail!(
+                            "{}: page {pgno} is beyond the {MAX_DB_BYTES}-byte limit",
+                            label(&current)
+                        );
+                    }
+                    out.write_all_at(&data, off)
+                        .context("cannot write the restored database")?;
+                    h.set(pgno, &data);
+                }
+            }
+            Batch::Commit(c) => {
+                if c.txid != next_in_file {
+                    bail!(
+                        "{}: commit txid {} where {} was expected from the file name",
+                        label(&current),
+                        c.txid,
+                        next_in_file
+                    );
+                }
+                next_in_file += 1;
+                if skipping {
+                    skipping = applied.is_some_and(|a| next_in_file <= a);
+                    continue;
+                }
+                skipping = false;
+                if u64::from(c.db_pages) * u64::from(page_size) > MAX_DB_BYTES {
+                    bail!(
+                        "{}: database size of {} pages is beyond the limit",
+                        label(&current),
+                        c.db_pages
+                    );
+                }
+                let h = hashes
+                    .as_mut()
+                    .ok_or_else(|| anyhow!("internal: commit before a file"))?;
+                h.set_size(c.db_pages);
+                if h.db_checksum() != c.db_checksum {
+                    bail!(
+                        "{}: checksum mismatch at txid {}: the restored database hashes to {:016x}, the replica recorded {:016x}",
+                        label(&current),
+                        c.txid,
+                        h.db_checksum(),
+                        c.db_checksum
+                    );
+                }
+                applied = Some(c.txid);
+                last_commit = Some(c);
+                if c.txid >= target {
+                    break;
+                }
+            }
+        }
+    }
+    let c = last_commit.ok_or_else(|| anyhow!("{url}: nothing was restored"))?;
+    if c.txid != target {
+        bail!("{url}: the replica ends at txid {} but txid {target} was planned (missing or truncated files)", c.txid);
+    }
+    out.set_len(u64::from(c.db_pages) * u64::from(page_size))
+        .context("cannot size the restored database")?;
+    Ok(Restored {
+        url: url.to_owned(),
+        position: Position {
+            generation: *g,
+            txid: c.txid,
+        },
+        time_ms: c.time_ms,
+        db_pages: c.db_pages,
+        page_size,
+        db_checksum: c.db_checksum,
+        files: 0,
+    })
+}
+
+/// Runs `PRAGMA integrity_check` on a restored file without creating files beside it.
+///
+/// # Errors
+/// The check fails or reports problems.
+pub fn integrity_check(path: &Path) -> Result<()> {
+    let uri = format!("file:{}?immutable=1", path.display());
+    let c = rusqlite::Connection::open_with_flags(
+        &uri,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+    )
+    .with_context(|| format!("cannot open restored database {}", path.display()))?;
+    let mut stmt = c.prepare("PRAGMA integrity_check")?;
+    let rows: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()
+        .with_context(|| format!("integrity check of {} failed", path.display()))?;
+    if rows != ["ok"] {
+        bail!(
+            "integrity check of the restored database failed: {}",
+            rows.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Options of `walship restore`.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Which state to restore.
+    pub want: Want,
+    /// Overwrite an existing output.
+    pub force: bool,
+}
+
+/// Restores into `out` from the first replica that works, trying the next on failure.
+///
+/// # Errors
+/// The output exists (without force), or every replica failed (each reason listed).
+pub fn restore(
+    targets: &[(String, Box<dyn Target>)],
+    opts: &RestoreOptions,
+    out: &Path,
+) -> Result<Restored> {
+    if out.exists() && !opts.force {
+        bail!(
+            "{} already exists: refusing to overwrite it (use --force)",
+            out.display()
+        );
+    }
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "cannot restore to {}: directory {} does not exist",
+            out.display(),
+            dir.display()
+        );
+    }
+    let mut errors = Vec::new();
+    for (name, t) in targets {
+        let tmp = dir.join(temp_name());
+        let r = restore_into(t.as_ref(), &opts.want, &tmp).and_then(|r| {
+            integrity_check(&tmp)?;
+            Ok(r)
+        });
+        match r {
+            Ok(r) => {
+                install(&tmp, out, &dir)?;
+                return Ok(r);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                if targets.len() > 1 {
+                    warn!(
+                        "replica {name} ({}) failed: {e:#}; trying the next one",
+                        t.url()
+                    );
+                }
+                errors.push(format!("{e:#}"));
+            }
+        }
+    }
+    match errors.len() {
+        0 => bail!("no replica configured"),
+        1 => Err(anyhow!(errors.remove(0))),
+        _ => bail!("every replica failed: {}", errors.join(" | ")),
+    }
+}
+
+/// Moves a verified temporary file into place: owner like the directory (when root), stale
+/// `-wal`/`-shm` of a forced overwrite removed first, rename, directory fsync.
+fn install(tmp: &Path, out: &Path, dir: &Path) -> Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        if let Ok(md) = std::fs::metadata(dir) {
+            let _ = nix::unistd::chown(
+                tmp,
+                Some(nix::unistd::Uid::from_raw(md.uid())),
+                Some(nix::unistd::Gid::from_raw(md.gid())),
+            );
+        }
+    }
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut p = out.as_os_str().to_owned();
+        p.push(suffix);
+        match std::fs::remove_file(PathBuf::from(&p)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let _ = std::fs::remove_file(tmp);
+                return Err(e)
+                    .with_context(|| format!("cannot remove stale {}", Path::new(&p).display()));
+            }
+        }
+    }
+    std::fs::rename(tmp, out)
+        .with_context(|| format!("cannot move the restored database to {}", out.display()))?;
+    fsync_dir(dir).with_context(|| format!("cannot sync directory {}", dir.display()))?;
+    Ok(())
+}
