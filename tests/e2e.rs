@@ -691,6 +691,7 @@ fn e2e_errors() {
     assert!(!sb.path("data/x.db").exists());
 
     // Bad arguments.
+    let mut bad = Vec::new();
     for args in [
         vec!["frobnicate"],
         vec!["restore"],
@@ -717,8 +718,16 @@ fn e2e_errors() {
         ],
     ] {
         let o = walship(&args).fails();
-        o.one_error_line();
+        let e = o.stderr.trim_end_matches('\n');
+        if e.contains('\n') || !e.starts_with("walship: ") || e.contains("panicked") {
+            bad.push(format!("`{}` (exit {}):\n{}", o.cmd, o.code(), o.stderr));
+        }
     }
+    assert!(
+        bad.is_empty(),
+        "commands without exactly one `walship: ...` line on stderr:\n{}",
+        bad.join("\n")
+    );
 }
 
 /// Atomically swaps two paths (renameat2 RENAME_EXCHANGE), so walship never sees the replica
