@@ -2,6 +2,7 @@
 
 mod conformance;
 mod e2e;
+mod e2e_sftp;
 mod generator;
 mod notify;
 mod sshd;
