@@ -522,15 +522,15 @@ fn e2e_corrupt_replica() {
         !needed.is_empty(),
         "no segment after the newest snapshot {newest_snap:x}; files: {files:?}"
     );
-    let victim_rel = needed[0]
-        .strip_prefix(sb.replica())
-        .expect("rel")
-        .to_owned();
-    let victim_name = victim_rel
-        .file_name()
-        .expect("name")
-        .to_string_lossy()
-        .into_owned();
+    assert!(
+        needed.len() >= 2,
+        "want at least two segments after the newest snapshot {newest_snap:x}; files: {files:?}"
+    );
+    let rel = |p: &Path| p.strip_prefix(sb.replica()).expect("rel").to_owned();
+    // Flip and truncate the newest segment; delete an older one (a gap: deleting the newest
+    // would leave a valid, shorter history that only `verify` against the source can notice).
+    let newest_rel = rel(&needed[0]);
+    let older_rel = rel(needed.last().expect("older"));
 
     type Damage = fn(&Path);
     let cases: [(&str, Damage); 3] = [
@@ -552,9 +552,19 @@ fn e2e_corrupt_replica() {
         ("deleted", |p| fs::remove_file(p).expect("delete")),
     ];
     for (what, damage) in cases {
+        let victim_rel = if what == "deleted" {
+            &older_rel
+        } else {
+            &newest_rel
+        };
+        let victim_name = victim_rel
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
         let root = sb.path(&format!("bad-{}", what.replace(' ', "-")));
         copy_tree(&sb.replica(), &root);
-        damage(&root.join(&victim_rel));
+        damage(&root.join(victim_rel));
         let url = format!("file://{}", root.display());
         let outdir = sb.path(&format!("out-{}", what.replace(' ', "-")));
         fs::create_dir_all(&outdir).expect("mkdir");
@@ -562,10 +572,12 @@ fn e2e_corrupt_replica() {
         let o = restore(&out, &url, &[]);
         assert!(
             !o.status.success(),
-            "restore from a replica with a {what} segment {victim_name} succeeded:\n{}",
-            o.stderr
+            "restore from a replica with a {what} segment {victim_name} succeeded:\n{}{}\nreplica files: {:?}",
+            o.stdout,
+            o.stderr,
+            walk(&root)
         );
-        let line = o.one_error_line().to_owned();
+        let line = o.error_line().to_owned();
         assert!(
             line.contains(&victim_name),
             "restore error for a {what} segment does not name {victim_name}: {line}"

@@ -160,7 +160,11 @@ fn e2e_sftp_faults() {
         "the application stalled while sshd was down"
     );
     let s = d.status().expect("status");
-    assert!(!s.caught_up(), "status claims caught up with sshd down: {}", s.line);
+    assert!(
+        !s.caught_up(),
+        "status claims caught up with sshd down: {}",
+        s.line
+    );
     sshd.restart();
     let took = catch_up_time(&mut d, "after sshd restart");
     if took > 5 * SEC {
@@ -223,7 +227,10 @@ fn e2e_sftp_faults() {
             r.stderr
         );
         assert_integrity(&o);
-        assert!(rows(&o).is_subset(&all), "restore at {pos} has rows the source lacks");
+        assert!(
+            rows(&o).is_subset(&all),
+            "restore at {pos} has rows the source lacks"
+        );
     }
     eprintln!(
         "e2e_sftp_faults: {} rows, {} of {} reported positions restored, {:?}",

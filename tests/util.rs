@@ -118,13 +118,31 @@ impl Out {
         self
     }
 
+    /// The final `walship: ...` line of a failed command's stderr (log lines may precede it);
+    /// asserts no panic.
+    pub fn error_line(&self) -> &str {
+        let last = self
+            .stderr
+            .trim_end_matches('\n')
+            .lines()
+            .last()
+            .unwrap_or("");
+        assert!(
+            last.starts_with("walship: ") && !self.stderr.contains("panicked"),
+            "`{}`: stderr does not end with a `walship: ...` line:\n{:?}",
+            self.cmd,
+            self.stderr
+        );
+        last
+    }
+
     /// Asserts the contract for errors: exactly one line on stderr, starting `walship: `,
     /// no panic or backtrace.
     pub fn one_error_line(&self) -> &str {
         let e = self.stderr.trim_end_matches('\n');
         assert!(
             !e.contains('\n') && e.starts_with("walship: "),
-            "`{}`: expected exactly one `walship: ...` line on stderr, got:\n{}",
+            "`{}`: expected exactly one `walship: ...` line on stderr, got:\n{:?}",
             self.cmd,
             self.stderr
         );
