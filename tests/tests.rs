@@ -1,9 +1,12 @@
 //! walship's integration tests: one test binary, a module per area.
 
 mod conformance;
+mod e2e;
+mod e2e_sftp;
 mod generator;
 mod notify;
 mod sshd;
 mod systemd_files;
 mod target_file;
 mod target_sftp;
+mod util;

@@ -1,0 +1,825 @@
+//! End to end against the real binary with file:// replicas: real SQLite files, real writer
+//! processes (python3's sqlite3), `walship replicate` as a daemon, restore and compare page by
+//! page. The invariants of DESIGN.md §2 are the assertions.
+
+use crate::util::*;
+use rand::RngExt;
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn sqlite3(db: &Path, sql: &str) -> String {
+    let o = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("run the sqlite3 CLI (install sqlite3)");
+    assert!(
+        o.status.success(),
+        "sqlite3 {} {sql:?}: {}",
+        db.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn start(sb: &Sandbox) -> Daemon {
+    Daemon::start(
+        &[sb.db().into_os_string(), sb.replica_url().into()],
+        &sb.state(),
+    )
+}
+
+fn writers(db: &Path, n: usize, o: WriterOpts) -> Vec<Writer> {
+    (0..n)
+        .map(|i| Writer::spawn(db, &format!("w{i}"), o, 1000 + i as u64))
+        .collect()
+}
+
+fn committed(ws: &[Writer]) -> Vec<(String, i64)> {
+    ws.iter().flat_map(Writer::committed).collect()
+}
+
+/// Restores the latest state into a fresh path and returns it.
+fn restore_latest(sb: &Sandbox, name: &str) -> PathBuf {
+    let out = sb.path(name);
+    restore(&out, &sb.replica_url(), &[]).ok();
+    assert!(
+        out.exists(),
+        "restore exited 0 but wrote no {}",
+        out.display()
+    );
+    out
+}
+
+#[test]
+fn e2e_basic() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    let db = sb.db();
+    sqlite3(&db, "create table fruits(name, color);");
+    assert_eq!(sqlite3(&db, "pragma journal_mode"), "delete");
+    let mut d = start(&sb);
+    assert_eq!(
+        sqlite3(&db, "pragma journal_mode"),
+        "wal",
+        "walship must switch a rollback-journal database to WAL"
+    );
+    let before = d.wait_caught_up(10 * SEC);
+    sqlite3(&db, "insert into fruits values ('apple','red')");
+    let s = d.wait_status("the insert replicated", 5 * SEC, |s| {
+        s.caught_up() && s.txid > before.txid
+    });
+    assert!(s.lag_ms < 1000, "lag too large: {}", s.line);
+    assert_eq!(s.ok, 1);
+    assert_eq!(s.total, 1);
+
+    let list = walship(["list", &sb.replica_url()]).ok();
+    assert!(
+        list.stdout.contains(&s.generation),
+        "list does not show generation {}:\n{}",
+        s.generation,
+        list.stdout
+    );
+    assert!(
+        list.stdout.to_lowercase().contains("snap"),
+        "list shows no snapshot:\n{}",
+        list.stdout
+    );
+    walship(["verify".as_ref(), db.as_os_str(), sb.replica_url().as_ref()]).ok();
+
+    d.stop();
+    let source = logical_bytes(&db);
+    let want = sqlite3(&db, ".dump");
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let _ = fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    restore(&db, &sb.replica_url(), &[]).ok();
+    assert_eq!(
+        logical_bytes(&db),
+        source,
+        "restored pages differ from the source's"
+    );
+    assert_integrity(&db);
+    assert_eq!(sqlite3(&db, ".dump"), want);
+    assert_eq!(sqlite3(&db, "select * from fruits"), "apple|red");
+
+    // Refuses to overwrite without --force; the file is untouched.
+    let before_bytes = fs::read(&db).expect("read");
+    let o = restore(&db, &sb.replica_url(), &[]).fails();
+    o.one_error_line();
+    assert_eq!(fs::read(&db).expect("read"), before_bytes);
+    restore(&db, &sb.replica_url(), &["--force"]).ok();
+    assert_eq!(logical_bytes(&db), source);
+
+    // --if-db-not-exists: exit 0 and leave an existing database alone.
+    let marker = sb.path("data/marker.db");
+    fs::write(&marker, b"not touched").expect("write");
+    restore(&marker, &sb.replica_url(), &["--if-db-not-exists"]).ok();
+    assert_eq!(fs::read(&marker).expect("read"), b"not touched");
+
+    // --if-replica-exists: exit 0 on an empty replica directory, no output.
+    let empty = sb.path("empty-replica");
+    fs::create_dir_all(&empty).expect("mkdir");
+    let out = sb.path("data/none.db");
+    restore(
+        &out,
+        &format!("file://{}", empty.display()),
+        &["--if-replica-exists"],
+    )
+    .ok();
+    assert!(
+        !out.exists(),
+        "--if-replica-exists on an empty replica wrote {}",
+        out.display()
+    );
+    // Without the flag, an empty replica is an error.
+    restore(&out, &format!("file://{}", empty.display()), &[])
+        .fails()
+        .one_error_line();
+    assert!(!out.exists());
+    eprintln!("e2e_basic: {:?}", t0.elapsed());
+}
+
+#[test]
+fn e2e_concurrent_writers() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start(&sb);
+    let mut ws = writers(
+        &sb.db(),
+        4,
+        WriterOpts {
+            commits: 700,
+            rate: 0.0,
+            big_every: 100,
+        },
+    );
+    // The WAL must stay bounded while walship runs (invariant 5).
+    let wal = PathBuf::from(format!("{}-wal", sb.db().display()));
+    let mut peak = 0u64;
+    while ws.iter_mut().any(Writer::is_running) {
+        peak = peak.max(fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+        d.assert_running();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_all(&mut ws);
+    let done = committed(&ws);
+    assert!(done.len() >= 2800, "only {} rows committed", done.len());
+    d.wait_caught_up(15 * SEC);
+    d.stop();
+    let out = restore_latest(&sb, "restored.db");
+    assert_same_db(&sb.db(), &out);
+    let have = rows(&out);
+    assert_contains_all(&have, &done, "restored db");
+    assert_eq!(have.len(), done.len(), "extra rows in the restore");
+    eprintln!(
+        "e2e_concurrent_writers: {} rows, WAL peak {} KiB, {:?}",
+        done.len(),
+        peak / 1024,
+        t0.elapsed()
+    );
+    assert!(
+        peak < 64 << 20,
+        "WAL grew to {peak} bytes while walship ran"
+    );
+}
+
+type Content = Vec<(i64, String, i64, Vec<u8>)>;
+
+fn content(db: &Path) -> Content {
+    let c = rusqlite::Connection::open(db).expect("open");
+    let mut st = c
+        .prepare("SELECT id, writer, seq, payload FROM t ORDER BY id")
+        .expect("prepare");
+    let r = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    r
+}
+
+#[test]
+fn e2e_point_in_time() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start(&sb);
+    let c = rusqlite::Connection::open(sb.db()).expect("open");
+    c.busy_timeout(5 * SEC).expect("busy timeout");
+    let mut rng = rand::rng();
+    // (position, time after it was replicated, content)
+    let mut states: Vec<(String, u64, Content)> = Vec::new();
+    let s = d.wait_caught_up(10 * SEC);
+    states.push((s.position, now_ms(), content(&sb.db())));
+    for phase in 0..6i64 {
+        std::thread::sleep(Duration::from_millis(50));
+        match phase {
+            3 => c
+                .execute("DELETE FROM t WHERE id % 3 = 0", [])
+                .map(|_| ())
+                .expect("delete"),
+            4 => c
+                .execute(
+                    "UPDATE t SET payload = randomblob(6000) WHERE id % 5 = 1",
+                    [],
+                )
+                .map(|_| ())
+                .expect("update"),
+            _ => {
+                for i in 0..(5 + phase * 7) {
+                    let size = rng.random_range(1..9000usize);
+                    let payload: Vec<u8> = (0..size).map(|_| rng.random()).collect();
+                    c.execute(
+                        "INSERT INTO t(writer, seq, payload) VALUES ('p', ?1, ?2)",
+                        rusqlite::params![phase * 1000 + i, payload],
+                    )
+                    .expect("insert");
+                }
+            }
+        }
+        let s = d.wait_caught_up(10 * SEC);
+        assert_ne!(
+            s.position,
+            states.last().expect("state").0,
+            "no new position"
+        );
+        let at = now_ms();
+        states.push((s.position, at, content(&sb.db())));
+    }
+    for (i, (pos, at, want)) in states.iter().enumerate() {
+        let out = sb.path(&format!("pos-{i}.db"));
+        restore(&out, &sb.replica_url(), &["--position", pos]).ok();
+        assert_integrity(&out);
+        assert!(
+            content(&out) == *want,
+            "restore --position {pos} (state {i}) does not hold the state at that commit"
+        );
+        let out = sb.path(&format!("time-{i}.db"));
+        let ts = rfc3339_ms(*at);
+        restore(&out, &sb.replica_url(), &["--timestamp", &ts]).ok();
+        assert!(
+            content(&out) == *want,
+            "restore --timestamp {ts} (state {i}) does not hold the state at that time"
+        );
+    }
+    // Latest equals the source page for page.
+    drop(c);
+    d.stop();
+    let out = restore_latest(&sb, "latest.db");
+    assert_same_db(&sb.db(), &out);
+    eprintln!("e2e_point_in_time: {:?}", t0.elapsed());
+}
+
+/// Each writer commits its seqs in order, so at any commit boundary its rows are 0..k.
+fn assert_prefixes(rows: &BTreeSet<(String, i64)>, what: &str) {
+    let mut next: std::collections::BTreeMap<&str, i64> = Default::default();
+    for (w, s) in rows {
+        let n = next.entry(w.as_str()).or_insert(0);
+        assert_eq!(
+            *s, *n,
+            "{what}: writer {w} has a hole before seq {s}: not a commit boundary"
+        );
+        *n += 1;
+    }
+}
+
+#[test]
+fn e2e_kill9() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start(&sb);
+    let mut ws = writers(
+        &sb.db(),
+        3,
+        WriterOpts {
+            commits: 0,
+            rate: 150.0,
+            big_every: 40,
+        },
+    );
+    let mut rng = rand::rng();
+    // Every position reported replicated just before a kill.
+    let mut reported: Vec<String> = Vec::new();
+    let rounds = 20;
+    for round in 0..rounds {
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..600)));
+        d.assert_running();
+        for w in ws.iter_mut() {
+            w.assert_alive_or_ok();
+        }
+        // Read what is reported, then kill: anything read here must survive.
+        if let Some(s) = d.status() {
+            if s.caught_up() {
+                reported.push(s.position.clone());
+            }
+        }
+        for (_, p) in replica_positions(&sb.state()) {
+            reported.push(p.position());
+        }
+        d.kill9();
+        if round % 3 == 0 {
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
+        }
+        d.restart();
+    }
+    stop_all(&mut ws);
+    let done = committed(&ws);
+    d.wait_caught_up(20 * SEC);
+    d.stop();
+    let final_out = restore_latest(&sb, "final.db");
+    assert_same_db(&sb.db(), &final_out);
+    let all = rows(&final_out);
+    assert_contains_all(&all, &done, "final restore after kill -9 rounds");
+    assert_eq!(all.len(), done.len());
+
+    reported.sort();
+    reported.dedup();
+    assert!(
+        reported.len() >= rounds / 2,
+        "too few reported positions to check: {reported:?}"
+    );
+    // Every reported position is still restorable, at a commit boundary, and a subset of the
+    // final content.
+    for (i, pos) in reported.iter().enumerate() {
+        let out = sb.path(&format!("k-{i}.db"));
+        let o = restore(&out, &sb.replica_url(), &["--position", pos]);
+        assert!(
+            o.status.success(),
+            "position {pos} was reported replicated before a kill -9 but cannot be restored: {}\nlog:\n{}",
+            o.stderr,
+            d.log_text()
+        );
+        assert_integrity(&out);
+        let r = rows(&out);
+        assert_prefixes(&r, &format!("restore at {pos}"));
+        assert!(
+            r.is_subset(&all),
+            "restore at {pos} holds rows the final db lacks"
+        );
+        let _ = fs::remove_file(&out);
+    }
+    eprintln!(
+        "e2e_kill9: {rounds} rounds, {} rows, {} reported positions checked, {:?}",
+        done.len(),
+        reported.len(),
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn e2e_wal_reset() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start(&sb);
+    let mut w = Writer::spawn(
+        &sb.db(),
+        "a",
+        WriterOpts {
+            commits: 200,
+            rate: 0.0,
+            big_every: 50,
+        },
+        7,
+    );
+    w.wait();
+    let s1 = d.wait_caught_up(10 * SEC);
+    d.stop();
+
+    // Another process checkpoints with TRUNCATE (a WAL reset walship does not see) and writes.
+    {
+        let c = rusqlite::Connection::open(sb.db()).expect("open");
+        c.busy_timeout(5 * SEC).expect("busy");
+        let busy: i64 = c
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .expect("checkpoint");
+        assert_eq!(busy, 0, "TRUNCATE checkpoint was busy with walship stopped");
+        c.execute_batch("INSERT INTO t(writer, seq, payload) VALUES ('x', 0, randomblob(5000));")
+            .expect("insert");
+        // Keep the connection open while the writer runs, so the WAL stays in place.
+        let mut w2 = Writer::spawn(
+            &sb.db(),
+            "b",
+            WriterOpts {
+                commits: 100,
+                rate: 0.0,
+                big_every: 0,
+            },
+            8,
+        );
+        w2.wait();
+        d.restart();
+        let mut w3 = Writer::spawn(
+            &sb.db(),
+            "c",
+            WriterOpts {
+                commits: 100,
+                rate: 0.0,
+                big_every: 30,
+            },
+            9,
+        );
+        w3.wait();
+    }
+    let s2 = d.wait_caught_up(10 * SEC);
+    assert_ne!(
+        s2.generation,
+        s1.generation,
+        "walship resumed generation {} after a WAL reset it did not see: {}\nlog:\n{}",
+        s1.generation,
+        s2.line,
+        d.log_text()
+    );
+    let list = walship(["list", &sb.replica_url()]).ok();
+    assert!(
+        list.stdout.contains(&s2.generation) && list.stdout.contains(&s1.generation),
+        "list should show both generations {} and {}:\n{}",
+        s1.generation,
+        s2.generation,
+        list.stdout
+    );
+    d.stop();
+    let out = restore_latest(&sb, "restored.db");
+    assert_same_db(&sb.db(), &out);
+    eprintln!("e2e_wal_reset: {:?}", t0.elapsed());
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for rel in walk(from) {
+        let dst = to.join(&rel);
+        fs::create_dir_all(dst.parent().expect("parent")).expect("mkdir");
+        fs::copy(from.join(&rel), &dst).expect("copy");
+    }
+}
+
+/// Parses `seg-<level>-<first>-<last>-...`: (level, first, last).
+fn seg_range(p: &Path) -> (u64, u64, u64) {
+    let n = p.file_name().expect("name").to_string_lossy().into_owned();
+    let parts: Vec<&str> = n.trim_end_matches(".wseg").split('-').collect();
+    assert!(
+        parts.len() >= 4 && parts[0] == "seg",
+        "unexpected segment name {n}"
+    );
+    let h = |s: &str| u64::from_str_radix(s, 16).unwrap_or_else(|_| panic!("bad hex in {n}"));
+    (h(parts[1]), h(parts[2]), h(parts[3]))
+}
+
+fn snap_txid(p: &Path) -> Option<u64> {
+    let n = p.file_name()?.to_string_lossy().into_owned();
+    let rest = n.strip_prefix("snap-")?;
+    u64::from_str_radix(rest.split('-').next()?, 16).ok()
+}
+
+#[test]
+fn e2e_corrupt_replica() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start(&sb);
+    for round in 0..4u64 {
+        let mut w = Writer::spawn(
+            &sb.db(),
+            &format!("r{round}"),
+            WriterOpts {
+                commits: 30,
+                rate: 0.0,
+                big_every: 10,
+            },
+            round,
+        );
+        w.wait();
+        d.wait_caught_up(10 * SEC);
+    }
+    d.stop();
+    let good = restore_latest(&sb, "good.db");
+    assert_same_db(&sb.db(), &good);
+
+    // The segments a latest restore must read: those after the newest snapshot.
+    let files = walk(&sb.replica());
+    let newest_snap = files
+        .iter()
+        .filter_map(|p| snap_txid(p))
+        .max()
+        .expect("a snapshot on the replica");
+    let mut needed: Vec<PathBuf> = segments(&sb.replica())
+        .into_iter()
+        .filter(|p| seg_range(p).2 > newest_snap)
+        .collect();
+    // The newest (by last txid), highest level first.
+    needed.sort_by_key(|p| {
+        let (lvl, _, last) = seg_range(p);
+        std::cmp::Reverse((last, lvl))
+    });
+    assert!(
+        !needed.is_empty(),
+        "no segment after the newest snapshot {newest_snap:x}; files: {files:?}"
+    );
+    assert!(
+        needed.len() >= 2,
+        "want at least two segments after the newest snapshot {newest_snap:x}; files: {files:?}"
+    );
+    let rel = |p: &Path| p.strip_prefix(sb.replica()).expect("rel").to_owned();
+    // Flip and truncate the newest segment; delete an older one (a gap: deleting the newest
+    // would leave a valid, shorter history that only `verify` against the source can notice).
+    let newest_rel = rel(&needed[0]);
+    let older_rel = rel(needed.last().expect("older"));
+
+    type Damage = fn(&Path);
+    let cases: [(&str, Damage); 3] = [
+        ("flipped byte", |p| {
+            let mut b = fs::read(p).expect("read");
+            let i = b.len() / 2;
+            b[i] ^= 0x40;
+            fs::write(p, b).expect("write");
+        }),
+        ("truncated", |p| {
+            let len = fs::metadata(p).expect("stat").len();
+            fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .expect("open")
+                .set_len(len * 2 / 3)
+                .expect("truncate");
+        }),
+        ("deleted", |p| fs::remove_file(p).expect("delete")),
+    ];
+    for (what, damage) in cases {
+        let victim_rel = if what == "deleted" {
+            &older_rel
+        } else {
+            &newest_rel
+        };
+        let victim_name = victim_rel
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let root = sb.path(&format!("bad-{}", what.replace(' ', "-")));
+        copy_tree(&sb.replica(), &root);
+        damage(&root.join(victim_rel));
+        let url = format!("file://{}", root.display());
+        let outdir = sb.path(&format!("out-{}", what.replace(' ', "-")));
+        fs::create_dir_all(&outdir).expect("mkdir");
+        let out = outdir.join("restored.db");
+        let o = restore(&out, &url, &[]);
+        assert!(
+            !o.status.success(),
+            "restore from a replica with a {what} segment {victim_name} succeeded:\n{}{}\nreplica files: {:?}",
+            o.stdout,
+            o.stderr,
+            walk(&root)
+        );
+        let line = o.error_line().to_owned();
+        assert!(
+            line.contains(&victim_name),
+            "restore error for a {what} segment does not name {victim_name}: {line}"
+        );
+        assert!(
+            walk(&outdir).is_empty(),
+            "a failed restore left files behind: {:?}",
+            walk(&outdir)
+        );
+        let v = walship(["verify".as_ref(), sb.db().as_os_str(), url.as_ref()]);
+        assert!(
+            !v.status.success(),
+            "verify of a replica with a {what} segment {victim_name} exited 0:\n{}{}",
+            v.stdout,
+            v.stderr
+        );
+        // (That stderr is exactly one line is e2e_errors' concern.)
+        assert!(
+            v.stderr.contains(&victim_name),
+            "verify error for a {what} segment does not name {victim_name}: {}",
+            v.stderr
+        );
+    }
+    eprintln!("e2e_corrupt_replica: {:?}", t0.elapsed());
+}
+
+#[test]
+fn e2e_errors() {
+    let sb = Sandbox::new();
+    sb.create_db();
+    let cfg = sb.path("bad.toml");
+    let db = sb.db();
+    let check78 = |text: &str, what: &str, want_line: Option<u32>| {
+        fs::write(&cfg, text).expect("write config");
+        for cmd in ["replicate", "restore", "list"] {
+            let o = walship([cmd.as_ref(), "--config".as_ref(), cfg.as_os_str()]);
+            let line = o.one_error_line().to_owned();
+            assert_eq!(
+                o.code(),
+                78,
+                "{what}: `walship {cmd} --config` exit code; stderr: {line}"
+            );
+            if let Some(l) = want_line {
+                let at = format!("{}:{l}:", cfg.display());
+                assert!(
+                    line.contains(&at),
+                    "{what}: the message lacks {at}<column>: {line}"
+                );
+            }
+        }
+    };
+    let good_url = sb.replica_url();
+    check78(
+        &format!(
+            "db = \"{}\"\nstate-dir = \"{}\"\nbogus-key = 1\n[[replica]]\nurl = \"{good_url}\"\n",
+            db.display(),
+            sb.state().display()
+        ),
+        "unknown top-level key",
+        Some(3),
+    );
+    check78(
+        &format!(
+            "db = \"{}\"\n[[replica]]\nurl = \"{good_url}\"\nkey-paht = \"/x\"\n",
+            db.display()
+        ),
+        "unknown replica key",
+        Some(4),
+    );
+    check78(
+        &format!(
+            "db = \"{}\"\n[[replica]]\nurl = \"ftp://host/x\"\n",
+            db.display()
+        ),
+        "bad URL scheme",
+        Some(3),
+    );
+    check78(
+        &format!(
+            "db = \"{}\"\n[[replica]]\nurl = \"sftp://\"\n",
+            db.display()
+        ),
+        "sftp URL without a host",
+        Some(3),
+    );
+    check78("db = \"unterminated\n", "bad TOML", Some(1));
+    check78(
+        &format!(
+            "db = \"{}\"\nretention = 5\n[[replica]]\nurl = \"{good_url}\"\n",
+            db.display()
+        ),
+        "wrong type",
+        Some(2),
+    );
+    // A missing config file is a configuration error too.
+    let o = walship(["replicate", "--config", "/nonexistent/walship.toml"]);
+    o.one_error_line();
+    assert_eq!(o.code(), 78, "missing config file");
+
+    // Ad-hoc form with a bad URL.
+    let o = walship([
+        "replicate".as_ref(),
+        db.as_os_str(),
+        "ftp://nowhere/x".as_ref(),
+        "--state-dir".as_ref(),
+        sb.state().as_os_str(),
+    ]);
+    o.one_error_line();
+    assert_eq!(o.code(), 78, "ad-hoc bad URL");
+    let o = walship(["list", "nonsense"]);
+    o.one_error_line();
+    assert_eq!(o.code(), 78, "list with a bad URL");
+
+    // Restore onto an existing file without --force: refused, untouched.
+    let existing = sb.path("data/existing.db");
+    fs::write(&existing, b"precious").expect("write");
+    let o = restore(&existing, &good_url, &[]).fails();
+    o.one_error_line();
+    assert_eq!(fs::read(&existing).expect("read"), b"precious");
+
+    // Restore from a replica that does not exist.
+    let o = restore(&sb.path("data/x.db"), "file:///nonexistent/replica", &[]).fails();
+    o.one_error_line();
+    assert!(!sb.path("data/x.db").exists());
+
+    // Bad arguments.
+    let mut bad = Vec::new();
+    for args in [
+        vec!["frobnicate"],
+        vec!["restore"],
+        vec![
+            "restore",
+            "-o",
+            "/tmp/x.db",
+            "--position",
+            "nonsense",
+            "file:///tmp/r",
+        ],
+        vec![
+            "restore",
+            "-o",
+            "/tmp/x.db",
+            "--timestamp",
+            "yesterday-ish",
+            "file:///tmp/r",
+        ],
+        vec![
+            "verify",
+            "/nonexistent/db.sqlite",
+            "file:///nonexistent/replica",
+        ],
+    ] {
+        let o = walship(&args).fails();
+        let e = o.stderr.trim_end_matches('\n');
+        if e.contains('\n') || !e.starts_with("walship: ") || e.contains("panicked") {
+            bad.push(format!("`{}` (exit {}):\n{}", o.cmd, o.code(), o.stderr));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "commands without exactly one `walship: ...` line on stderr:\n{}",
+        bad.join("\n")
+    );
+}
+
+/// Atomically swaps two paths (renameat2 RENAME_EXCHANGE), so walship never sees the replica
+/// root missing.
+fn exchange(a: &Path, b: &Path) {
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        a,
+        nix::fcntl::AT_FDCWD,
+        b,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+    .unwrap_or_else(|e| panic!("renameat2 exchange {} {}: {e}", a.display(), b.display()));
+}
+
+#[test]
+fn e2e_outage() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start(&sb);
+    d.wait_caught_up(10 * SEC);
+    let mut ws = writers(
+        &sb.db(),
+        2,
+        WriterOpts {
+            commits: 0,
+            rate: 100.0,
+            big_every: 25,
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // The replica becomes unwritable: its root is replaced by a plain file (we are root, so
+    // chmod 000 would not stop us).
+    let blocker = sb.path("blocker");
+    fs::write(&blocker, b"not a directory").expect("write");
+    exchange(&blocker, &sb.replica());
+    let down_at = Instant::now();
+    let failing = d.wait_status("the status to report the failing replica", 15 * SEC, |s| {
+        s.failing.is_some()
+    });
+    eprintln!(
+        "outage noticed after {:?}: {}",
+        down_at.elapsed(),
+        failing.line
+    );
+    // The application keeps writing, walship keeps running.
+    let before = committed(&ws).len();
+    std::thread::sleep(Duration::from_millis(1500));
+    for w in ws.iter_mut() {
+        w.assert_alive_or_ok();
+    }
+    d.assert_running();
+    assert!(
+        committed(&ws).len() > before + 100,
+        "writers stalled during the outage"
+    );
+    // Access returns: walship catches up by itself.
+    exchange(&blocker, &sb.replica());
+    let back = Instant::now();
+    let s = d.wait_status("catch-up after the outage", 15 * SEC, Status::caught_up);
+    let took = back.elapsed();
+    eprintln!("caught up {took:?} after the replica returned: {}", s.line);
+    assert!(
+        took <= Duration::from_secs(6),
+        "walship took {took:?} to catch up after the replica returned (want ~5 s)"
+    );
+    stop_all(&mut ws);
+    let done = committed(&ws);
+    d.wait_caught_up(15 * SEC);
+    walship([
+        "verify".as_ref(),
+        sb.db().as_os_str(),
+        sb.replica_url().as_ref(),
+    ])
+    .ok();
+    d.stop();
+    let out = restore_latest(&sb, "restored.db");
+    assert_same_db(&sb.db(), &out);
+    assert_contains_all(&rows(&out), &done, "restore after the outage");
+    eprintln!("e2e_outage: {} rows, {:?}", done.len(), t0.elapsed());
+}

@@ -1,0 +1,352 @@
+//! End to end over SFTP against the real, chrooted OpenSSH server of `sshd.rs`: concurrent
+//! writers replicated to `sftp://`, restored from it; the server killed, restarted and frozen
+//! during writes; and two replicas (sftp + file) with the sftp one down, restore falling back.
+
+use crate::sshd::{Sshd, TestDir};
+use crate::util::*;
+use std::ffi::OsString;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use walship::target::TEMP_PREFIX;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn sftp_url(sshd: &Sshd, dir: &TestDir) -> String {
+    format!("sftp://replicator@127.0.0.1:{}/{}", sshd.port, dir.remote)
+}
+
+fn key_flags(sshd: &Sshd) -> Vec<OsString> {
+    vec![
+        "--key-path".into(),
+        sshd.client_key.clone().into(),
+        "--known-hosts".into(),
+        sshd.known_hosts.clone().into(),
+    ]
+}
+
+fn start_sftp(sb: &Sandbox, sshd: &Sshd, url: &str) -> Daemon {
+    let mut a: Vec<OsString> = vec![sb.db().into(), url.into()];
+    a.extend(key_flags(sshd));
+    Daemon::start(&a, &sb.state())
+}
+
+fn restore_sftp(sshd: &Sshd, out: &Path, url: &str, extra: &[&str]) -> Out {
+    let mut a: Vec<OsString> = vec!["restore".into(), "-o".into(), out.into()];
+    a.extend(extra.iter().map(OsString::from));
+    a.extend(key_flags(sshd));
+    a.push(url.into());
+    walship(a)
+}
+
+fn writers(db: &Path, n: usize, o: WriterOpts) -> Vec<Writer> {
+    (0..n)
+        .map(|i| Writer::spawn(db, &format!("s{i}"), o, 2000 + i as u64))
+        .collect()
+}
+
+fn committed(ws: &[Writer]) -> Vec<(String, i64)> {
+    ws.iter().flat_map(Writer::committed).collect()
+}
+
+/// No temporary upload files anywhere in the replica's directory on the server.
+fn assert_no_temp_files(dir: &TestDir) {
+    let temps: Vec<_> = walk(&dir.local)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(TEMP_PREFIX))
+        })
+        .collect();
+    assert!(
+        temps.is_empty(),
+        "temporary files left on the server in {}: {temps:?}",
+        dir.local.display()
+    );
+}
+
+#[test]
+fn e2e_sftp_writers() {
+    let t0 = Instant::now();
+    let sshd = Sshd::start();
+    let dir = TestDir::new("e2e-writers");
+    let url = sftp_url(&sshd, &dir);
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start_sftp(&sb, &sshd, &url);
+    let mut ws = writers(
+        &sb.db(),
+        3,
+        WriterOpts {
+            commits: 500,
+            rate: 0.0,
+            big_every: 60,
+        },
+    );
+    wait_all(&mut ws);
+    let done = committed(&ws);
+    d.wait_caught_up(20 * SEC);
+    d.stop();
+    let out = sb.path("restored.db");
+    restore_sftp(&sshd, &out, &url, &[]).ok();
+    assert_same_db(&sb.db(), &out);
+    let have = rows(&out);
+    assert_contains_all(&have, &done, "restore from sftp");
+    assert_eq!(have.len(), done.len());
+    assert_no_temp_files(&dir);
+    eprintln!("e2e_sftp_writers: {} rows, {:?}", done.len(), t0.elapsed());
+}
+
+/// Records the positions reported replicated now (status and replica state files).
+fn reported(d: &Daemon, into: &mut Vec<String>) {
+    if let Some(s) = d.status() {
+        if s.caught_up() {
+            into.push(s.position);
+        }
+    }
+    for (_, p) in replica_positions(&d.state) {
+        into.push(p.position());
+    }
+}
+
+/// Waits until the replica holds everything captured, while writers keep writing; returns how
+/// long it took.
+fn catch_up_time(d: &mut Daemon, what: &str) -> Duration {
+    let t = Instant::now();
+    // Writers keep committing, so "N/N" is seldom observed exactly: a lag under 1 s with
+    // nothing failing counts as caught up.
+    let s = d.wait_status(what, 20 * SEC, |s| {
+        s.failing.is_none() && (s.caught_up() || s.lag_ms < 1000)
+    });
+    let took = t.elapsed();
+    eprintln!("{what}: caught up after {took:?}: {}", s.line);
+    took
+}
+
+#[test]
+fn e2e_sftp_faults() {
+    let t0 = Instant::now();
+    let sshd = Sshd::start();
+    let dir = TestDir::new("e2e-faults");
+    let url = sftp_url(&sshd, &dir);
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start_sftp(&sb, &sshd, &url);
+    d.wait_caught_up(10 * SEC);
+    let mut ws = writers(
+        &sb.db(),
+        2,
+        WriterOpts {
+            commits: 0,
+            rate: 80.0,
+            big_every: 30,
+        },
+    );
+    let mut rep = Vec::new();
+    let mut slow = Vec::new();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // 1. sshd killed during writes (mid-upload, most likely), back after 5 s.
+    reported(&d, &mut rep);
+    sshd.kill();
+    let before = committed(&ws).len();
+    let down = Instant::now();
+    while down.elapsed() < 5 * SEC {
+        std::thread::sleep(Duration::from_millis(100));
+        reported(&d, &mut rep);
+        d.assert_running();
+    }
+    for w in ws.iter_mut() {
+        w.assert_alive_or_ok();
+    }
+    assert!(
+        committed(&ws).len() > before + 200,
+        "the application stalled while sshd was down"
+    );
+    let s = d.status().expect("status");
+    assert!(
+        !s.caught_up(),
+        "status claims caught up with sshd down: {}",
+        s.line
+    );
+    sshd.restart();
+    let took = catch_up_time(&mut d, "after sshd restart");
+    if took > 5 * SEC {
+        slow.push(format!("sshd restart: {took:?}"));
+    }
+    reported(&d, &mut rep);
+
+    // 2. sshd frozen (SIGSTOP) for 10 s.
+    sshd.stop();
+    let before = committed(&ws).len();
+    let frozen = Instant::now();
+    while frozen.elapsed() < 10 * SEC {
+        std::thread::sleep(Duration::from_millis(100));
+        reported(&d, &mut rep);
+        d.assert_running();
+    }
+    for w in ws.iter_mut() {
+        w.assert_alive_or_ok();
+    }
+    assert!(
+        committed(&ws).len() > before + 500,
+        "the application stalled while sshd was frozen"
+    );
+    sshd.cont();
+    let took = catch_up_time(&mut d, "after SIGCONT");
+    if took > 5 * SEC {
+        slow.push(format!("sshd SIGSTOP: {took:?}"));
+    }
+    reported(&d, &mut rep);
+
+    stop_all(&mut ws);
+    let done = committed(&ws);
+    d.wait_caught_up(20 * SEC);
+    d.stop();
+    assert_no_temp_files(&dir);
+    let out = sb.path("restored.db");
+    restore_sftp(&sshd, &out, &url, &[]).ok();
+    assert_same_db(&sb.db(), &out);
+    let all = rows(&out);
+    assert_contains_all(&all, &done, "restore from sftp after the faults");
+    assert_eq!(all.len(), done.len());
+
+    // Everything reported replicated at any moment is restorable.
+    rep.sort();
+    rep.dedup();
+    // Bound the time spent: check every position if few, else an even sample plus the ends.
+    let step = (rep.len() / 12).max(1);
+    let sample: Vec<&String> = rep
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % step == 0 || *i == rep.len() - 1)
+        .map(|(_, p)| p)
+        .collect();
+    for (i, pos) in sample.iter().enumerate() {
+        let o = sb.path(&format!("p{i}.db"));
+        let r = restore_sftp(&sshd, &o, &url, &["--position", pos]);
+        assert!(
+            r.status.success(),
+            "position {pos} was reported replicated but cannot be restored: {}",
+            r.stderr
+        );
+        assert_integrity(&o);
+        assert!(
+            rows(&o).is_subset(&all),
+            "restore at {pos} has rows the source lacks"
+        );
+    }
+    eprintln!(
+        "e2e_sftp_faults: {} rows, {} of {} reported positions restored, {:?}",
+        done.len(),
+        sample.len(),
+        rep.len(),
+        t0.elapsed()
+    );
+    assert!(
+        slow.is_empty(),
+        "catch-up took longer than 5 s after the server returned: {slow:?}\nlog:\n{}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn e2e_sftp_two_replicas_fallback() {
+    let t0 = Instant::now();
+    let sshd = Sshd::start();
+    let dir = TestDir::new("e2e-two");
+    let url = sftp_url(&sshd, &dir);
+    let sb = Sandbox::new();
+    sb.create_db();
+    let cfg = sb.path("walship.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "db = \"{db}\"\nstate-dir = \"{state}\"\n\n\
+             [[replica]]\nname = \"alpha\"\nurl = \"{url}\"\nkey-path = \"{key}\"\nknown-hosts = \"{kh}\"\n\n\
+             [[replica]]\nname = \"local\"\nurl = \"{file}\"\n",
+            db = sb.db().display(),
+            state = sb.state().display(),
+            key = sshd.client_key.display(),
+            kh = sshd.known_hosts.display(),
+            file = sb.replica_url(),
+        ),
+    )
+    .expect("write config");
+    let mut d = Daemon::start_raw(
+        vec!["replicate".into(), "--config".into(), cfg.clone().into()],
+        &sb.state(),
+    );
+    let s = d.wait_caught_up(10 * SEC);
+    assert_eq!(s.total, 2, "{}", s.line);
+    let w_opts = WriterOpts {
+        commits: 300,
+        rate: 0.0,
+        big_every: 50,
+    };
+    let mut w = Writer::spawn(&sb.db(), "before", w_opts, 1);
+    w.wait();
+    d.wait_caught_up(10 * SEC);
+
+    // The sftp replica goes down; the file replica keeps up.
+    sshd.kill();
+    let mut w = Writer::spawn(&sb.db(), "during", w_opts, 2);
+    w.wait();
+    let s = d.wait_status("the sftp replica to be reported failing", 15 * SEC, |s| {
+        s.failing.as_deref().is_some_and(|f| f.contains("alpha")) && s.ok == 1
+    });
+    let head = s.txid;
+    let local = poll("the file replica to hold the head", 10 * SEC, || {
+        replica_positions(&sb.state())
+            .into_iter()
+            .find(|(n, p)| n == "local" && p.last >= head && p.generation == s.generation)
+    });
+    eprintln!("with sshd down: {} ; local at {:?}", s.line, local.1);
+    d.assert_running();
+
+    // restore --config: the sftp replica (first) is down, so it falls back to the file one.
+    let out = sb.path("restored.db");
+    let o = walship([
+        "restore".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ])
+    .ok();
+    eprintln!("restore with alpha down: {}{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout.contains("file://") || o.stderr.contains("alpha"),
+        "restore does not say where it restored from / that it fell back:\n{}{}",
+        o.stdout,
+        o.stderr
+    );
+    assert_same_db(&sb.db(), &out);
+    let all = rows(&out);
+    let done: Vec<_> = ["before", "during"]
+        .iter()
+        .flat_map(|n| {
+            fs::read_to_string(sb.path(&format!("writer-{n}.txt")))
+                .unwrap_or_default()
+                .lines()
+                .map(|l| {
+                    let (w, s) = l.split_once(' ').expect("line");
+                    (w.to_owned(), s.parse::<i64>().expect("seq"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_contains_all(&all, &done, "fallback restore");
+
+    // The sftp replica comes back and catches up; both restore to the source.
+    sshd.restart();
+    let t = Instant::now();
+    d.wait_caught_up(20 * SEC);
+    eprintln!("alpha caught up {:?} after sshd returned", t.elapsed());
+    d.stop();
+    let out2 = sb.path("restored-sftp.db");
+    restore_sftp(&sshd, &out2, &url, &[]).ok();
+    assert_same_db(&sb.db(), &out2);
+    assert_no_temp_files(&dir);
+    eprintln!("e2e_sftp_two_replicas_fallback: {:?}", t0.elapsed());
+}
