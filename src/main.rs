@@ -29,8 +29,14 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    if !matches!(cli.command, walship::cli::Command::SystemdGenerator { .. }) {
-        walship::systemd::init_logging(cli.verbose, cli.quiet);
+    match cli.command {
+        walship::cli::Command::SystemdGenerator { .. } => {}
+        // The daemon logs what it does; one-shot commands print results, and log only
+        // warnings unless asked (-v).
+        walship::cli::Command::Replicate { .. } => {
+            walship::systemd::init_logging(cli.verbose, cli.quiet)
+        }
+        _ => walship::systemd::init_logging(cli.verbose, cli.quiet || cli.verbose == 0),
     }
     match run(cli) {
         Ok(code) => code,

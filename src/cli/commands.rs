@@ -215,20 +215,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     .into())
                 }
             };
+            if !settings.db.exists() {
+                bail!(
+                    "cannot verify: database {} does not exist",
+                    settings.db.display()
+                );
+            }
             let ts = targets(&settings.replicas, None)?;
-            let mut failed = false;
+            let mut failures = Vec::new();
             for (name, t) in &ts {
                 match verify_one(&settings.db, t.as_ref()) {
                     Ok(msg) => println!("{name}: {msg}"),
-                    Err(e) => {
-                        println!("{name}: FAILED: {e:#}");
-                        tracing::error!(replica = %name, "verify failed: {e:#}");
-                        failed = true;
-                    }
+                    Err(e) => failures.push(format!("{name}: {e:#}")),
                 }
             }
-            if failed {
-                bail!("verification failed");
+            if !failures.is_empty() {
+                bail!("verification failed: {}", failures.join(" | "));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -61,6 +61,8 @@ pub struct WalCommit {
     pub frames_end: u64,
     /// Database size in pages after the commit.
     pub db_pages: u32,
+    /// Running checksum just after the commit frame.
+    pub running: [u32; 2],
 }
 
 /// What the WAL says relative to a known position.
@@ -275,9 +277,16 @@ impl Db {
     /// # Errors
     /// SQLite errors other than busy.
     pub fn checkpoint_passive(&self) -> Result<()> {
-        match self.ckpt.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+        match self
+            .ckpt
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
             Ok(()) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e).context("checkpoint failed"),
         }
     }
@@ -393,6 +402,7 @@ impl Db {
                 commits.push(WalCommit {
                     frames_end: n,
                     db_pages: frame.commit_size,
+                    running,
                 });
                 end = WalPos {
                     salt1: h.salt1,

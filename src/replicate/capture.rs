@@ -51,6 +51,44 @@ pub struct Captured {
     pub db_pages: u32,
 }
 
+/// A capture state read back from the state file.
+struct Saved {
+    at: Captured,
+    page_size: u32,
+    pos: Option<WalPos>,
+}
+
+impl Saved {
+    fn parse(kv: &Kv, prefix: &str) -> Result<Saved> {
+        let k = |s: &str| format!("{prefix}{s}");
+        let page_size = u32::try_from(kv.u64(&k("page-size"))?)?;
+        let pos = match kv.str(&k("wal"))? {
+            "none" => None,
+            _ => Some(WalPos {
+                salt1: u32::try_from(kv.hex(&k("salt1"))?)?,
+                salt2: u32::try_from(kv.hex(&k("salt2"))?)?,
+                frames: kv.u64(&k("frames"))?,
+                running: [
+                    u32::try_from(kv.hex(&k("running0"))?)?,
+                    u32::try_from(kv.hex(&k("running1"))?)?,
+                ],
+                page_size,
+            }),
+        };
+        Ok(Saved {
+            at: Captured {
+                generation: kv.generation(&k("generation"))?,
+                txid: kv.u64(&k("txid"))?,
+                time_ms: kv.u64(&k("time-ms"))?,
+                db_checksum: kv.hex(&k("db-checksum"))?,
+                db_pages: u32::try_from(kv.u64(&k("db-pages"))?)?,
+            },
+            page_size,
+            pos,
+        })
+    }
+}
+
 /// The capture engine for one database.
 pub struct Capture {
     db: Db,
@@ -65,6 +103,9 @@ pub struct Capture {
     hashes: PageHashes,
     /// The WAL position at the last checkpoint (no new one until frames were added).
     checkpointed_at: Option<WalPos>,
+    /// Set when a step failed half-way (memory ahead of the spool): the next step starts a
+    /// new generation instead of guessing.
+    poisoned: bool,
 }
 
 /// What one capture step did.
@@ -106,6 +147,7 @@ impl Capture {
             pos: None,
             hashes: PageHashes::new(4096),
             checkpointed_at: None,
+            poisoned: false,
         };
         match saved {
             None => cap.new_generation("no previous state")?,
@@ -121,42 +163,48 @@ impl Capture {
     /// Tries to resume from saved state; on a proven continuation returns true, otherwise
     /// starts a new generation itself and returns false.
     fn try_resume(&mut self, kv: &Kv) -> Result<bool> {
-        let generation = kv.generation("generation")?;
-        let txid = kv.u64("txid")?;
-        let saved_checksum = kv.hex("db-checksum")?;
-        let page_size = u32::try_from(kv.u64("page-size")?)?;
-        let pos = match kv.str("wal")? {
-            "none" => None,
-            _ => Some(WalPos {
-                salt1: u32::try_from(kv.hex("salt1")?)?,
-                salt2: u32::try_from(kv.hex("salt2")?)?,
-                frames: kv.u64("frames")?,
-                running: [
-                    u32::try_from(kv.hex("running0")?)?,
-                    u32::try_from(kv.hex("running1")?)?,
-                ],
-                page_size,
-            }),
-        };
-        // A spool file beyond the saved txid means the last step was cut short.
-        let newest = self
-            .spool
-            .list()?
-            .into_iter()
-            .filter(|f| f.generation == generation)
-            .map(|f| f.key().last)
-            .max();
-        if newest.is_some_and(|n| n > txid) {
-            self.new_generation("the spool is ahead of the saved state (interrupted step)")?;
+        let cur = Saved::parse(kv, "")?;
+        let prev = Saved::parse(kv, "prev-").ok();
+        let spool = self.spool.list()?;
+        if spool.iter().any(|f| f.generation > cur.at.generation) {
+            self.new_generation(
+                "the spool holds a generation newer than the saved state (interrupted start)",
+            )?;
             return Ok(false);
         }
-        self.at = Captured {
-            generation,
-            txid,
-            time_ms: kv.u64("time-ms")?,
-            db_checksum: saved_checksum,
-            db_pages: u32::try_from(kv.u64("db-pages")?)?,
+        let newest = spool
+            .iter()
+            .filter(|f| f.generation == cur.at.generation)
+            .map(|f| f.key().last)
+            .max();
+        if newest.is_some_and(|n| n > cur.at.txid) {
+            self.new_generation("the spool is ahead of the saved state")?;
+            return Ok(false);
+        }
+        // The state is saved before its segment is published: if neither the spool nor any
+        // replica has the saved txid, that segment never existed and the step is redone from
+        // the position before it.
+        let dir = self
+            .state_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let replicated = super::ship::replica_positions(&dir)
+            .into_iter()
+            .filter(|k| k.generation == cur.at.generation)
+            .map(|k| k.last)
+            .max();
+        let published = newest >= Some(cur.at.txid) || replicated >= Some(cur.at.txid);
+        let chosen = match prev {
+            Some(p) if !published => {
+                info!(txid = cur.at.txid, "the last capture step was interrupted before its segment was spooled: capturing it again");
+                p
+            }
+            _ => cur,
         };
+        let Saved { at, page_size, pos } = chosen;
+        let (generation, txid, saved_checksum) = (at.generation, at.txid, at.db_checksum);
+        self.at = at;
         self.page_size = page_size;
         // Case 1: the same WAL still holds everything after the saved position.
         if let Some(p) = pos {
@@ -174,6 +222,7 @@ impl Capture {
                         return Ok(false);
                     }
                     self.pos = Some(end);
+                    self.save_state()?;
                 } else {
                     self.write_merged(p.frames, &end, end_pages)?;
                 }
@@ -229,6 +278,7 @@ impl Capture {
     /// # Errors
     /// Database, WAL or spool errors.
     pub fn new_generation(&mut self, why: &str) -> Result<()> {
+        self.poisoned = false;
         let generation = GenerationId {
             ms: now_ms(),
             rand: rand::random(),
@@ -333,12 +383,10 @@ impl Capture {
         let commit = WalCommit {
             frames_end: end.frames,
             db_pages,
+            running: end.running,
         };
         // Hashes were recomputed for the end state: write pages without touching them.
-        self.write_segments(from, &[commit], false)?;
-        self.at.db_checksum = self.hashes.db_checksum();
-        self.pos = Some(*end);
-        self.save_state()
+        self.write_segments(from, &[commit], end, false)
     }
 
     /// Captures every complete new commit into segments.
@@ -347,6 +395,9 @@ impl Capture {
     /// [`StepError`]-like anyhow errors; a broken WAL is reported with `Broken:` prefix via
     /// [`BrokenWal`].
     pub fn step(&mut self) -> Result<Step> {
+        if self.poisoned {
+            return Err(BrokenWal("an earlier capture step failed half-way".into()).into());
+        }
         let state = match self.pos {
             Some(p) => self.db.scan(&p)?,
             None => match self.db.wal_header()? {
@@ -379,21 +430,44 @@ impl Capture {
             return Ok(Step::Idle);
         }
         let n = commits.len() as u64;
-        self.write_segments(from, &commits, true)?;
-        self.pos = Some(end);
-        self.save_state()?;
+        self.write_segments(from, &commits, &end, true)?;
         Ok(Step::Captured(n))
     }
 
     /// Writes the frames from `from` through the given commits into one or more segments, cut
-    /// at commit boundaries once a segment holds `segment_size` bytes.
-    fn write_segments(&mut self, from: u64, commits: &[WalCommit], per_commit: bool) -> Result<()> {
+    /// at commit boundaries once a segment holds `segment_size` bytes. For each segment the
+    /// state file is saved first, naming both the position before it (`prev-*`) and after it,
+    /// and only then is the segment published: after a crash, the spool tells which of the
+    /// two holds (see [`Capture::start`]). Any failure poisons the capture (memory is ahead).
+    fn write_segments(
+        &mut self,
+        from: u64,
+        commits: &[WalCommit],
+        end: &WalPos,
+        per_commit: bool,
+    ) -> Result<()> {
+        let r = self.write_segments_inner(from, commits, end, per_commit);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    fn write_segments_inner(
+        &mut self,
+        from: u64,
+        commits: &[WalCommit],
+        end: &WalPos,
+        per_commit: bool,
+    ) -> Result<()> {
         let ps = self.page_size;
         let mut page = vec![0u8; ps as usize];
         let mut frame = from;
         let mut i = 0;
         while i < commits.len() {
+            let prev = self.state_kv("");
             let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
+            let _cleanup = RemoveOnDrop(tmp.clone());
             let mut enc = Encoder::new(
                 BufWriter::with_capacity(256 << 10, f),
                 Kind::Segment,
@@ -402,6 +476,7 @@ impl Capture {
             )?;
             let first = self.at.txid + 1;
             let first_ms = now_ms().max(self.at.time_ms);
+            let mut last = commits[i];
             while i < commits.len() {
                 let c = commits[i];
                 while frame < c.frames_end {
@@ -425,6 +500,7 @@ impl Capture {
                     db_pages: c.db_pages,
                     db_checksum: self.at.db_checksum,
                 })?;
+                last = c;
                 i += 1;
                 if enc.raw_bytes() >= self.segment_size {
                     break;
@@ -441,33 +517,49 @@ impl Capture {
                 first_ms: first_ms.min(self.at.time_ms),
                 last_ms: self.at.time_ms,
             };
+            self.pos = Some(WalPos {
+                salt1: end.salt1,
+                salt2: end.salt2,
+                frames: last.frames_end,
+                running: last.running,
+                page_size: ps,
+            });
+            let mut kv = self.state_kv("");
+            kv.0.extend(prev.0.into_iter().map(|(k, v)| (format!("prev-{k}"), v)));
+            kv.save(&self.state_path)?;
             self.spool.publish(&tmp, f, &self.at.generation, &name)?;
         }
         Ok(())
     }
 
-    fn save_state(&self) -> Result<()> {
+    /// The state as `key value` pairs, keys prefixed with `prefix`.
+    fn state_kv(&self, prefix: &str) -> Kv {
         let mut kv = Kv::default();
-        kv.set("generation", self.at.generation)
-            .set("txid", self.at.txid)
-            .set("time-ms", self.at.time_ms)
-            .set("db-checksum", format!("{:016x}", self.at.db_checksum))
-            .set("db-pages", self.at.db_pages)
-            .set("page-size", self.page_size);
+        let k = |s: &str| format!("{prefix}{s}");
+        kv.set(&k("generation"), self.at.generation)
+            .set(&k("txid"), self.at.txid)
+            .set(&k("time-ms"), self.at.time_ms)
+            .set(&k("db-checksum"), format!("{:016x}", self.at.db_checksum))
+            .set(&k("db-pages"), self.at.db_pages)
+            .set(&k("page-size"), self.page_size);
         match self.pos {
             None => {
-                kv.set("wal", "none");
+                kv.set(&k("wal"), "none");
             }
             Some(p) => {
-                kv.set("wal", "yes")
-                    .set("salt1", format!("{:08x}", p.salt1))
-                    .set("salt2", format!("{:08x}", p.salt2))
-                    .set("frames", p.frames)
-                    .set("running0", format!("{:08x}", p.running[0]))
-                    .set("running1", format!("{:08x}", p.running[1]));
+                kv.set(&k("wal"), "yes")
+                    .set(&k("salt1"), format!("{:08x}", p.salt1))
+                    .set(&k("salt2"), format!("{:08x}", p.salt2))
+                    .set(&k("frames"), p.frames)
+                    .set(&k("running0"), format!("{:08x}", p.running[0]))
+                    .set(&k("running1"), format!("{:08x}", p.running[1]));
             }
         }
-        kv.save(&self.state_path)
+        kv
+    }
+
+    fn save_state(&self) -> Result<()> {
+        self.state_kv("").save(&self.state_path)
     }
 
     /// Frames in the current WAL (what a checkpoint would reclaim).
@@ -505,7 +597,12 @@ impl Capture {
         }
         let (log, done) = self.db.checkpoint_locked()?;
         self.checkpointed_at = self.pos;
-        tracing::debug!(log, done, locked_ms = t0.elapsed().as_millis() as u64, "checkpoint");
+        tracing::debug!(
+            log,
+            done,
+            locked_ms = t0.elapsed().as_millis() as u64,
+            "checkpoint"
+        );
         Ok(true)
     }
 
@@ -526,6 +623,13 @@ impl Capture {
     /// Consumes the capture, returning the database handle.
     pub fn into_db(self) -> Db {
         self.db
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -105,6 +105,21 @@ pub struct Shipper {
     pub wake: Sender<super::Msg>,
 }
 
+/// The positions of every replica recorded in `state_dir` (`replica-*.state`).
+pub fn replica_positions(state_dir: &std::path::Path) -> Vec<Key> {
+    let Ok(rd) = std::fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("replica-") && n.ends_with(".state")
+        })
+        .filter_map(|e| load_position(&e.path()).ok().flatten())
+        .map(|(k, _)| k)
+        .collect()
+}
+
 fn load_position(path: &std::path::Path) -> Result<Option<(Key, u64)>> {
     let Some(kv) = Kv::load(path)? else {
         return Ok(None);
@@ -180,7 +195,12 @@ impl Shipper {
                     prepared = true;
                 }
                 let Some(f) = next else {
-                    // Idle: housekeeping, at most every few seconds of idleness.
+                    // Idle: housekeeping on the replica's current generation.
+                    if remote.is_none() {
+                        if let Some((k, _)) = pos {
+                            remote = Some((k.generation, self.remote_files(&k.generation)?));
+                        }
+                    }
                     if let Some((g, files)) = remote.as_mut() {
                         if self.compact(g, files)? {
                             // More may be due; new spooled files still come first.
@@ -193,31 +213,32 @@ impl Shipper {
                     }
                     return Ok(false);
                 };
-                self.upload(&f)?;
-                let time_ms = match f.name {
+                let batch = self.batch_after(&f, &files);
+                let sent = self.upload_batch(&batch)?;
+                let last = batch.last().unwrap_or(&f);
+                let time_ms = match last.name {
                     FileName::Snapshot { time_ms, .. } => time_ms,
                     FileName::Segment { last_ms, .. } => last_ms,
                 };
-                pos = Some((f.key(), time_ms));
+                pos = Some((last.key(), time_ms));
                 let mut kv = Kv::default();
-                kv.set("generation", f.generation)
-                    .set("last", f.key().last)
-                    .set("rank", f.key().rank)
+                kv.set("generation", last.generation)
+                    .set("last", last.key().last)
+                    .set("rank", last.key().rank)
                     .set("time-ms", time_ms);
                 kv.save(&self.state_path)?;
                 {
                     let mut g = self.shared.lock();
-                    g.replicas[self.idx].position = Some(f.key());
+                    g.replicas[self.idx].position = Some(last.key());
                     g.replicas[self.idx].time_ms = time_ms;
                 }
                 match remote.as_mut() {
-                    Some((g, files)) if *g == f.generation => files.push(f.name),
+                    Some((g, files)) if *g == last.generation => files.push(sent),
                     _ => {
-                        let files = self.remote_files(&f.generation)?;
                         if matches!(f.name, FileName::Snapshot { .. }) {
                             last_retention = Instant::now() - Duration::from_secs(3600);
                         }
-                        remote = Some((f.generation, files));
+                        remote = Some((last.generation, self.remote_files(&last.generation)?));
                     }
                 }
                 let _ = self.wake.send(super::Msg::Progress);
@@ -243,24 +264,107 @@ impl Shipper {
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    if e.downcast_ref::<crate::target::TargetError>()
-                        .is_some_and(|t| t.kind == ErrorKind::Unavailable)
-                    {
-                        prepared = false;
-                    }
+                    // Whatever failed, the replica may not be what we think: look again.
+                    prepared = false;
+                    remote = None;
                     self.set_error(Some(format!("{e:#}")));
                     let _ = self.wake.send(super::Msg::Progress);
                     let base = 100u64.saturating_mul(1 << failures.min(5));
                     let jitter = rand::random::<u64>() % (base / 4 + 1);
-                    let wait = Duration::from_millis(base + jitter).min(MAX_BACKOFF);
-                    let g = self.shared.lock();
-                    if g.stopping && g.deadline.is_some_and(|d| Instant::now() >= d) {
-                        return;
+                    let until =
+                        Instant::now() + Duration::from_millis(base + jitter).min(MAX_BACKOFF);
+                    // Sleep the whole backoff: new spooled files must not shorten it.
+                    let mut g = self.shared.lock();
+                    loop {
+                        if g.stopping && g.deadline.is_some_and(|d| Instant::now() >= d) {
+                            return;
+                        }
+                        let now = Instant::now();
+                        if now >= until {
+                            break;
+                        }
+                        g = match self.shared.cv.wait_timeout(g, until - now) {
+                            Ok((g, _)) => g,
+                            Err(p) => p.into_inner().0,
+                        };
                     }
-                    let _ = self.shared.cv.wait_timeout(g, wait).map(|(g, _)| drop(g));
                 }
             }
         }
+    }
+
+    /// The run of spooled files to send in one upload, starting at `first`: consecutive
+    /// segments of one generation are merged (at most [`BATCH_FILES`] files or
+    /// [`BATCH_BYTES`]), so a replica that fell behind catches up in a few round trips.
+    fn batch_after(&self, first: &SpoolFile, files: &[SpoolFile]) -> Vec<SpoolFile> {
+        let mut batch = vec![first.clone()];
+        let FileName::Segment { last: mut end, .. } = first.name else {
+            return batch;
+        };
+        let mut bytes = first.size;
+        for f in files.iter().filter(|f| f.key() > first.key()) {
+            match f.name {
+                FileName::Segment { first: a, last, .. }
+                    if f.generation == first.generation
+                        && a == end + 1
+                        && batch.len() < BATCH_FILES
+                        && bytes + f.size <= BATCH_BYTES =>
+                {
+                    end = last;
+                    bytes += f.size;
+                    batch.push(f.clone());
+                }
+                _ => break,
+            }
+        }
+        batch
+    }
+
+    /// Uploads one file, or a merged segment for a batch; returns the name sent.
+    fn upload_batch(&self, batch: &[SpoolFile]) -> Result<FileName> {
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            bail!("internal: empty batch");
+        };
+        if batch.len() == 1 {
+            self.upload(first)?;
+            return Ok(first.name);
+        }
+        let (
+            FileName::Segment {
+                first: a, first_ms, ..
+            },
+            FileName::Segment {
+                last: b, last_ms, ..
+            },
+        ) = (first.name, last.name)
+        else {
+            bail!("internal: a batch holds only segments");
+        };
+        let name = FileName::Segment {
+            level: 0,
+            first: a,
+            last: b,
+            first_ms,
+            last_ms,
+        };
+        let mut inputs = Vec::new();
+        for f in batch {
+            let p = self.spool.path(&f.generation, &f.name);
+            let r: Box<dyn Read + Send> = Box::new(
+                std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?,
+            );
+            inputs.push((p.display().to_string(), r));
+        }
+        let (tmp, file) = self.spool.create_temp(&first.generation)?;
+        let _cleanup = RemoveOnDrop(tmp.clone());
+        merge_segments(inputs, file, 1)?;
+        let mut file = std::fs::File::open(&tmp)
+            .with_context(|| format!("cannot reopen {}", tmp.display()))?;
+        let dest = file_path(&first.generation, &name);
+        self.target
+            .write_atomic(&dest, &mut file)
+            .with_context(|| format!("failed to upload {dest}"))?;
+        Ok(name)
     }
 
     /// The next file to send after `pos`, handling gaps (see module docs).
@@ -382,41 +486,17 @@ impl Shipper {
         else {
             return Ok(false);
         };
-        let (tmp, f) = self.spool.create_temp(g)?;
-        let _cleanup = RemoveOnDrop(tmp.clone());
-        let mut enc: Option<Encoder<BufWriter<std::fs::File>>> = None;
-        let mut f = Some(f);
+        let mut readers = Vec::new();
         for input in &inputs {
             let path = file_path(g, input);
-            let r = self.target.read(&path)?;
-            let mut dec = Decoder::new(r, Kind::Segment)
-                .map_err(|e| anyhow!("{}/{path}: {e}", self.target.url()))?;
-            if enc.is_none() {
-                let file = f.take().ok_or_else(|| anyhow!("internal: encoder file"))?;
-                enc = Some(Encoder::new(
-                    BufWriter::new(file),
-                    Kind::Segment,
-                    dec.page_size(),
-                    3,
-                )?);
-            }
-            let e = enc.as_mut().ok_or_else(|| anyhow!("internal: encoder"))?;
-            while let Some(rec) = dec
-                .next()
-                .map_err(|e| anyhow!("{}/{path}: {e}", self.target.url()))?
-            {
-                match rec {
-                    Record::Page { pgno, data } => e.page(pgno, data)?,
-                    Record::Commit(c) => e.commit(&c)?,
-                }
-            }
+            readers.push((
+                format!("{}/{path}", self.target.url()),
+                self.target.read(&path)?,
+            ));
         }
-        let Some(enc) = enc else { return Ok(false) };
-        let out = enc.finish()?;
-        let file = out
-            .into_inner()
-            .map_err(|e| anyhow!("cannot write compacted segment: {}", e.error()))?;
-        drop(file);
+        let (tmp, f) = self.spool.create_temp(g)?;
+        let _cleanup = RemoveOnDrop(tmp.clone());
+        merge_segments(readers, f, 3)?;
         let mut file = std::fs::File::open(&tmp)
             .with_context(|| format!("cannot reopen {}", tmp.display()))?;
         let name = FileName::Segment {
@@ -472,6 +552,56 @@ impl Shipper {
         }
         Ok(())
     }
+}
+
+/// Most spooled files merged into one upload.
+pub const BATCH_FILES: usize = 1024;
+/// Most compressed bytes merged into one upload.
+pub const BATCH_BYTES: u64 = 32 << 20;
+
+/// Decodes the segments read from `inputs` in order and writes them, re-encoded as one
+/// segment, to `out` (fsynced). Every input is fully verified on the way.
+fn merge_segments(
+    inputs: Vec<(String, Box<dyn Read + Send>)>,
+    out: std::fs::File,
+    level: i32,
+) -> Result<()> {
+    let mut enc: Option<Encoder<BufWriter<std::fs::File>>> = None;
+    let mut out = Some(out);
+    for (label, r) in inputs {
+        let mut dec = Decoder::new(
+            std::io::BufReader::with_capacity(256 << 10, r),
+            Kind::Segment,
+        )
+        .map_err(|e| anyhow!("{label}: {e}"))?;
+        if enc.is_none() {
+            let file = out
+                .take()
+                .ok_or_else(|| anyhow!("internal: merge output"))?;
+            enc = Some(Encoder::new(
+                BufWriter::with_capacity(256 << 10, file),
+                Kind::Segment,
+                dec.page_size(),
+                level,
+            )?);
+        }
+        let e = enc
+            .as_mut()
+            .ok_or_else(|| anyhow!("internal: merge encoder"))?;
+        while let Some(rec) = dec.next().map_err(|e| anyhow!("{label}: {e}"))? {
+            match rec {
+                Record::Page { pgno, data } => e.page(pgno, data)?,
+                Record::Commit(c) => e.commit(&c)?,
+            }
+        }
+    }
+    let enc = enc.ok_or_else(|| anyhow!("internal: nothing to merge"))?;
+    let file = enc
+        .finish()?
+        .into_inner()
+        .map_err(|e| anyhow!("cannot write merged segment: {}", e.error()))?;
+    file.sync_all()?;
+    Ok(())
 }
 
 struct RemoveOnDrop(PathBuf);

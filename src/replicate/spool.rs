@@ -146,18 +146,23 @@ impl Spool {
     /// I/O errors with the path.
     pub fn create_temp(&self, generation: &GenerationId) -> Result<(PathBuf, File)> {
         let gdir = self.dir.join(generation.to_string());
-        if !gdir.is_dir() {
-            fs::create_dir_all(&gdir)
-                .with_context(|| format!("cannot create {}", gdir.display()))?;
-            fsync_dir(&self.dir)?;
+        // The directory may be removed concurrently when its last file is shipped: retry.
+        let mut attempts = 0;
+        loop {
+            if !gdir.is_dir() {
+                fs::create_dir_all(&gdir)
+                    .with_context(|| format!("cannot create {}", gdir.display()))?;
+                fsync_dir(&self.dir)?;
+            }
+            let tmp = gdir.join(temp_name());
+            match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+                Ok(f) => return Ok((tmp, f)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => attempts += 1,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot create {}", tmp.display()))
+                }
+            }
         }
-        let tmp = gdir.join(temp_name());
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        Ok((tmp, f))
     }
 
     /// Makes a finished temporary file durable under its final name.

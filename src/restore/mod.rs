@@ -204,6 +204,53 @@ fn stop_txid(t: &dyn Target, plan: &Plan) -> Result<u64> {
     }
 }
 
+/// Refuses to call a restore "latest" when the replica holds newer data the plan cannot reach:
+/// a newer generation without a snapshot, or segments beyond a gap.
+fn check_latest_complete(t: &dyn Target, listing: &Listing, plan: &Plan, end: u64) -> Result<()> {
+    if let Some((g, _)) = listing
+        .generations
+        .iter()
+        .filter(|(g, files)| *g > plan.generation && !files.is_empty())
+        .max_by_key(|(g, _)| *g)
+    {
+        bail!(
+            "{}/{}: this newer generation has no snapshot (missing file?): refusing to restore the older generation {} as the latest",
+            t.url(),
+            generation_dir(g),
+            plan.generation
+        );
+    }
+    let files = listing
+        .generations
+        .iter()
+        .find(|(g, _)| *g == plan.generation)
+        .map(|(_, f)| f.as_slice())
+        .unwrap_or_default();
+    let beyond = files
+        .iter()
+        .filter_map(|(f, _)| match *f {
+            FileName::Segment { first, last, .. } if last > end => Some((first, last)),
+            _ => None,
+        })
+        .min();
+    if let Some((first, last)) = beyond {
+        let path = generation_dir(&plan.generation);
+        if first > end + 1 {
+            bail!(
+                "{}/{path}: segments for txids {}..{} are missing (the replica continues at {first}..{last}): refusing to restore an older state as the latest",
+                t.url(),
+                end + 1,
+                first - 1
+            );
+        }
+        bail!(
+            "{}/{path}: the replica holds txids up to {last} but they cannot be chained after txid {end}",
+            t.url()
+        );
+    }
+    Ok(())
+}
+
 /// Restores from one replica into `tmp` (which must not exist). Returns what was restored.
 ///
 /// # Errors
@@ -212,6 +259,9 @@ pub fn restore_into(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored>
     let listing = list_replica(t)?;
     let plan = plan_restore(&listing, want).map_err(|e| anyhow!("{}: {e}", t.url()))?;
     let target_txid = stop_txid(t, &plan)?;
+    if matches!(want, Want::Latest) {
+        check_latest_complete(t, &listing, &plan, target_txid)?;
+    }
     let mut files = vec![plan.snapshot];
     files.extend(plan.segments.iter().copied());
     let nfiles = files.len();
