@@ -293,11 +293,83 @@ fn start_ready(s: &Scratch, sock: &NotifySocket) -> (Daemon, Status) {
     (d, status)
 }
 
+/// Holds the replica's first sync: the replica's marker file is a FIFO, so the shipper blocks
+/// in `open()` on it until [`open_gate`] lets it through with a valid marker.
+fn close_gate(s: &Scratch) -> PathBuf {
+    let marker = s.replica().join(walship::layout::names::MARKER_FILE);
+    nix::unistd::mkfifo(&marker, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .expect("mkfifo the replica marker");
+    marker
+}
+
+/// Unblocks the shipper waiting in `open()` on the FIFO from [`close_gate`], removes the FIFO
+/// and hands the shipper a valid marker for the database.
+fn open_gate(s: &Scratch, fifo: &Path) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: fails (ENXIO) unless the shipper is already waiting to read.
+    let mut w = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(fifo)
+        .expect("the shipper is blocked reading the marker FIFO");
+    fs::remove_file(fifo).expect("remove the marker FIFO");
+    let marker = walship::layout::names::Marker {
+        format: walship::layout::names::FORMAT_VERSION,
+        database: walship::replicate::identity(&s.db()),
+        created_ms: 1,
+    };
+    w.write_all(marker.to_toml().as_bytes())
+        .expect("write the marker into the FIFO");
+}
+
 #[test]
-fn ready_after_first_snapshot_then_status_follows_position() {
+fn ready_after_first_sync_then_status_follows_position() {
     let s = Scratch::new();
     let sock = NotifySocket::bind();
-    let (mut d, first) = start_ready(&s, &sock);
+    // The replica is reachable but slow: its first sync cannot finish while the gate is shut.
+    let fifo = close_gate(&s);
+    let mut d = Daemon::spawn(&s, Some(sock.path()), &[]);
+    let held = collect(&sock, Duration::from_millis(1500));
+    assert!(d.alive(), "the daemon exited while its replica was held");
+    assert!(
+        !held.iter().any(|(_, l)| l.starts_with("READY=")),
+        "READY=1 before the replica's first sync: {held:?}"
+    );
+    assert!(s.replica_snapshots().is_empty());
+    let statuses: Vec<&str> = held
+        .iter()
+        .map(|(_, l)| l.as_str())
+        .filter(|l| l.starts_with("STATUS="))
+        .collect();
+    assert!(
+        statuses
+            .iter()
+            .all(|l| parse_status(l).is_some_and(|st| st.ok == 0 && st.of == 1)),
+        "while held the status says 0/1: {statuses:?}"
+    );
+    assert!(
+        held.iter().any(|(_, l)| l == "WATCHDOG=1"),
+        "the work loop pings while waiting for the replica: {held:?}"
+    );
+
+    open_gate(&s, &fifo);
+    let ready = sock.wait_for("READY=", WAIT);
+    let snaps = s.replica_snapshots();
+    assert_eq!(ready.as_deref(), Some("READY=1"), "seen: {:?}", sock.seen());
+    assert!(
+        !snaps.is_empty(),
+        "READY=1 arrived before the replica held a snapshot (seen: {:?})",
+        sock.seen()
+    );
+    let seen = sock.seen();
+    let first = seen
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("STATUS="))
+        .and_then(|l| parse_status(l))
+        .unwrap_or_else(|| panic!("no parsable STATUS= before READY=1: {seen:?}"));
+    assert_eq!((first.ok, first.of), (1, 1), "status at READY: {seen:?}");
     // What READY promised: the replica restores to the database as it was.
     assert_eq!(s.restore_count("at-ready.db"), 0);
 
