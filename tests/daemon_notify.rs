@@ -491,6 +491,44 @@ fn sigterm_sends_stopping_and_ships_what_is_pending() {
 }
 
 #[test]
+fn sigterm_waits_for_a_slow_replica_to_receive_everything() {
+    let s = Scratch::new();
+    let sock = NotifySocket::bind();
+    let fifo = close_gate(&s);
+    let mut d = Daemon::spawn(&s, Some(sock.path()), &[]);
+    // The loop runs (it reports 0/1) while the replica cannot take anything.
+    let line = sock
+        .wait_for("STATUS=", WAIT)
+        .unwrap_or_else(|| panic!("no STATUS=: {:?}", sock.seen()));
+    assert!(parse_status(&line).is_some_and(|st| st.ok == 0), "{line}");
+    s.insert(40);
+    s.insert(2);
+    d.sigterm();
+    assert_eq!(
+        sock.wait_for("STOPPING=", WAIT).as_deref(),
+        Some("STOPPING=1"),
+        "seen: {:?}",
+        sock.seen()
+    );
+    // Everything is still pending: the daemon must wait (up to its grace period), not exit.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        d.alive(),
+        "exited with data pending for a reachable replica: {:?}",
+        d.wait(Duration::ZERO)
+    );
+    assert!(s.replica_snapshots().is_empty());
+    open_gate(&s, &fifo);
+    let st = d.wait(Duration::from_secs(20)).expect("exit once shipped");
+    assert_eq!(st.code(), Some(0), "exit status after SIGTERM: {st}");
+    assert_eq!(
+        s.restore_count("after-slow-stop.db"),
+        42,
+        "rows committed before SIGTERM reached the slow replica"
+    );
+}
+
+#[test]
 fn no_notify_socket_and_no_journald_still_replicates_and_logs_to_stderr() {
     use std::os::unix::fs::MetadataExt;
     let s = Scratch::new();
