@@ -1,6 +1,7 @@
 //! walship's integration tests: one test binary, a module per area.
 
 mod conformance;
+mod daemon_notify;
 mod e2e;
 mod e2e_sftp;
 mod generator;

@@ -387,13 +387,16 @@ fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<()> {
     Ok(())
 }
 
-/// The one-line status and whether every replica holds everything captured.
+/// The one-line status, and whether every replica is settled: it holds everything captured,
+/// or it is known to be failing. A replica that is both counts once, so READY still waits for
+/// every reachable replica that has not caught up.
 fn status(cap: &Capture, shared: &Shared, spool: &Spool) -> (String, bool) {
     let now = now_ms();
     let files = spool.list().unwrap_or_default();
     let g = shared.lock();
     let n = g.replicas.len();
     let mut ok = 0;
+    let mut settled = 0;
     let mut max_lag = 0u64;
     let mut down = Vec::new();
     let head = cap.key();
@@ -417,6 +420,9 @@ fn status(cap: &Capture, shared: &Shared, spool: &Spool) -> (String, bool) {
         if let Some(e) = &r.error {
             down.push(format!("{}: {e}", r.name));
         }
+        if caught_up || r.error.is_some() {
+            settled += 1;
+        }
     }
     let mut line = format!(
         "replicated to {ok}/{n} replicas, lag {max_lag} ms, position {}",
@@ -425,7 +431,7 @@ fn status(cap: &Capture, shared: &Shared, spool: &Spool) -> (String, bool) {
     if !down.is_empty() {
         line.push_str(&format!(", failing: {}", down.join("; ")));
     }
-    (line, ok + down.len() >= n)
+    (line, settled >= n)
 }
 
 fn write_status(dir: &Path, line: &str) {
