@@ -112,7 +112,10 @@ python3 -c "import sqlite3; c=sqlite3.connect('$T/w.db'); c.execute('pragma wal_
 t0=$(mono_ns); "$WALSHIP" restore -q -o "$T/restored.db" $AUTH "$SFTP_URL" >/dev/null; t1=$(mono_ns)
 RESTORE_MS=$(ms $t0 $t1)
 if cmp -s "$T/restored.db" "$T/w.db"; then SAME=byte-identical; else SAME=DIFFERENT; fi
-printf 'get -r db/%s %s/got\n' "$(basename "$SFTP_DIR")" "$T" >"$T/b3"
+# the generation restore reads: the newest (names sort by time)
+GEN=$(ls "$SFTP_DIR/generations" | sort | tail -1)
+mkdir -p "$T/got"
+printf 'get -r db/%s/generations/%s %s/got/\n' "$(basename "$SFTP_DIR")" "$GEN" "$T" >"$T/b3"
 cp "$T/w.db" "$T/copy.db"
 t0=$(mono_ns); ossh_sftp "$T/b3" >/dev/null; t1=$(mono_ns); IC=$(sqlite3 "$T/copy.db" 'pragma integrity_check'); t2=$(mono_ns)
 GET_MS=$(ms $t0 $t1); IC_MS=$(ms $t1 $t2); GOT=$(py "print(dir_bytes('$T/got'))")
@@ -135,7 +138,7 @@ echo "2b. WAL backlog: walship resumed but txid $LAST2 never reached the replica
 else
 echo "2b. WAL backlog: walship did NOT resume: it started a new generation (full snapshot on the replica after $BACKLOG_MS ms): $(grep -o 'starting a new generation: [^=]*' "$T/walship.log" | tail -1)"
 fi
-printf '%-44s %-22s %-22s %-8s %s\n' "3. restore ($(py "print('%.1f' % ($REPLICA_BYTES/2**20))") MiB replica)" \
+printf '%-44s %-22s %-22s %-8s %s\n' "3. restore (newest generation $(py "print('%.1f' % ($GOT/2**20))") MiB)" \
     "$RESTORE_MS ms" "$((GET_MS + IC_MS)) ms (get $GET_MS + check $IC_MS)" \
     "$(py "print('%.2f' % (($GET_MS+$IC_MS)/$RESTORE_MS))")" ">= 0.80 ($SAME; got $(py "print('%.1f' % ($GOT/2**20))") MiB)"
 echo "RESULT sftp snap_ratio=$(py "print('%.2f' % ($PUT_SNAP_MS/$SNAP_MS))") bulk_ratio=$(py "print('%.2f' % ($PUT_SEG_MS/$BULK_MS))") backlog_ratio=$(py "print('%.2f' % ($PUT_BL_MS/max(1,$BACKLOG_MS)))") restore_ratio=$(py "print('%.2f' % (($GET_MS+$IC_MS)/$RESTORE_MS))")"
