@@ -1,0 +1,32 @@
+#!/usr/bin/env python3
+"""loader.py DB MIB [TXN_KIB] : bulk load MIB MiB in TXN_KIB (default 1024) transactions of 64 KiB
+blobs, half of them random and half low-entropy (so zstd gets about 2:1, not a trivial 100:1).
+Prints "start NS" and "end NS" (CLOCK_MONOTONIC) around the load, and "commits N"."""
+import os, sqlite3, sys, time
+db, mib = sys.argv[1], int(sys.argv[2])
+txn_kib = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
+per_txn = max(1, txn_kib // 64)
+c = sqlite3.connect(db, isolation_level=None)
+c.execute('pragma busy_timeout=5000')
+c.execute('pragma synchronous=NORMAL')
+if os.environ.get('WAL_AUTOCHECKPOINT'):
+    c.execute('pragma wal_autocheckpoint=%d' % int(os.environ['WAL_AUTOCHECKPOINT']))
+text = (b'walship bulk benchmark row %d ' * 4000)[:32768]
+blobs, n = [], mib * 16
+for i in range(n):   # pre-generate: the load itself measures sqlite, not the generator
+    if i % 2:
+        blobs.append(os.urandom(65536))
+    else:
+        blobs.append(os.urandom(32768) + text)
+t0 = time.monotonic_ns()
+commits = 0
+for i in range(0, n, per_txn):
+    c.execute('begin')
+    c.executemany('insert into t(v) values (?)', [(b,) for b in blobs[i:i + per_txn]])
+    c.execute('commit')
+    commits += 1
+t1 = time.monotonic_ns()
+if os.environ.get('KEEP_WAL'):   # leave the WAL in place: skip the checkpoint on close
+    print('start %d\nend %d\ncommits %d' % (t0, t1, commits), flush=True)
+    os._exit(0)
+print('start %d\nend %d\ncommits %d' % (t0, t1, commits), flush=True)
