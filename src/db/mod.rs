@@ -216,11 +216,12 @@ impl Db {
         Ok(())
     }
 
-    /// Takes SQLite's write lock (`BEGIN IMMEDIATE`), waiting at most ~100 ms; false if busy.
+    /// Takes SQLite's write lock (`BEGIN IMMEDIATE`), waiting at most `wait`; false if busy.
     ///
     /// # Errors
     /// SQLite errors other than busy.
-    pub fn lock_writes(&mut self) -> Result<bool> {
+    pub fn lock_writes(&mut self, wait: Duration) -> Result<bool> {
+        self.writer.busy_timeout(wait)?;
         match self.writer.execute_batch("BEGIN IMMEDIATE") {
             Ok(()) => Ok(true),
             Err(rusqlite::Error::SqliteFailure(e, _))

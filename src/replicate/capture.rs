@@ -22,7 +22,7 @@ use anyhow::{anyhow, bail, Result};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
 /// zstd level for segments and snapshots: fast, still ~2-4x on typical pages.
@@ -587,7 +587,11 @@ impl Capture {
         // Copy most frames without holding anything the application waits for...
         self.db.checkpoint_passive()?;
         // ...then hold the write lock only to capture the tail and copy it.
-        if !self.db.lock_writes()? {
+        // Waiting for the lock competes with the application's writers, so wait briefly while
+        // the WAL is small, and longer as it grows (a busy writer leaves only short gaps).
+        let over = self.wal_frames() / u64::from(threshold.max(1));
+        let wait = Duration::from_millis((20 * over * over).clamp(20, 2000));
+        if !self.db.lock_writes(wait)? {
             return Ok(false);
         }
         let t0 = std::time::Instant::now();

@@ -173,6 +173,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
 
     // Shippers.
     let shared = Arc::new(Shared::default());
+    shared.lock().head = Some(cap.key());
     let ident = identity(&settings.db);
     let mut threads = Vec::new();
     for (idx, r) in settings.replicas.iter().enumerate() {
@@ -251,7 +252,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
                 Ok(Some(c)) => {
                     cap = c;
                     replaced_logged = false;
-                    kick(&shared);
+                    kick_head(&shared, &cap);
                 }
                 Ok(None) => {}
                 Err(e) => error!(db = %settings.db.display(), "cannot reopen: {e:#}"),
@@ -262,7 +263,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
             match cap.snapshot() {
                 Ok(()) => {
                     last_snapshot = Instant::now();
-                    kick(&shared);
+                    kick_head(&shared, &cap);
                 }
                 Err(e) => {
                     error!(db = %settings.db.display(), "snapshot failed: {e:#}");
@@ -314,6 +315,11 @@ fn kick(shared: &Shared) {
     shared.cv.notify_all();
 }
 
+fn kick_head(shared: &Shared, cap: &Capture) {
+    shared.lock().head = Some(cap.key());
+    kick(shared);
+}
+
 /// Capture, pin rotation, checkpoint; a broken WAL starts a new generation.
 fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
     let r = cap.step();
@@ -325,10 +331,10 @@ fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Res
     };
     cap.rotate_pin()?;
     if matches!(r?, Step::Captured(_)) {
-        kick(shared);
+        kick_head(shared, cap);
     }
     if cap.maybe_checkpoint(settings.checkpoint_pages)? {
-        kick(shared);
+        kick_head(shared, cap);
     }
     Ok(())
 }

@@ -71,6 +71,9 @@ pub struct Inner {
     pub replicas: Vec<ReplicaStatus>,
     /// Bumped whenever the spool changes.
     pub version: u64,
+    /// The newest captured position (set before shippers start, updated after each capture
+    /// round, always after the files it covers were spooled).
+    pub head: Option<Key>,
 }
 
 impl Shared {
@@ -173,6 +176,9 @@ impl Shipper {
         let mut last_retention = Instant::now() - Duration::from_secs(3600);
         loop {
             // Work out the next file, or wait.
+            // The head is read before listing the spool, so that every file it covers is in
+            // the listing (files are spooled before the head moves).
+            let head_before = self.shared.lock().head;
             let files = match self.spool.list() {
                 Ok(f) => f,
                 Err(e) => {
@@ -180,7 +186,7 @@ impl Shipper {
                     Vec::new()
                 }
             };
-            let next = self.next_file(pos.map(|p| p.0), &files);
+            let next = self.next_file(pos.map(|p| p.0), &files, head_before);
             let version = {
                 let g = self.shared.lock();
                 if g.stopping && (next.is_none() || g.deadline.is_some_and(|d| Instant::now() >= d))
@@ -368,12 +374,31 @@ impl Shipper {
     }
 
     /// The next file to send after `pos`, handling gaps (see module docs).
-    fn next_file(&self, pos: Option<Key>, files: &[SpoolFile]) -> Option<SpoolFile> {
+    fn next_file(
+        &self,
+        pos: Option<Key>,
+        files: &[SpoolFile],
+        head: Option<Key>,
+    ) -> Option<SpoolFile> {
         let later: Vec<&SpoolFile> = files
             .iter()
             .filter(|f| pos.is_none_or(|p| f.key() > p))
             .collect();
-        let first = *later.first()?;
+        let Some(first) = later.first().copied() else {
+            // Nothing spooled after us: fine if we hold the head, else (a replica added while
+            // walship was stopped, or one whose files were dropped) we need a snapshot.
+            let mut g = self.shared.lock();
+            let behind = match (head, pos) {
+                (Some(h), Some(p)) => p.generation != h.generation || p.last < h.last,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if behind && !g.snapshot_wanted {
+                warn!(replica = %g.replicas[self.idx].name, "replica is behind and nothing newer is spooled; asking for a fresh snapshot");
+                g.snapshot_wanted = true;
+            }
+            return None;
+        };
         let continuous = match (pos, first.name) {
             (_, FileName::Snapshot { .. }) => true,
             (Some(p), FileName::Segment { first: a, .. }) => {
