@@ -629,8 +629,6 @@ fn ready_waits_for_every_reachable_replica_even_when_another_is_caught_up_but_fa
         "READY=1 while b, reachable, has not synced: {held:?}"
     );
     open_gate(&s, &fifo);
-    // A commit gives `b` something to ship: with the database unchanged since run 1 the spool is
-    // empty and `b` would never get a snapshot (see the ignored test below).
     s.insert(1);
     assert_eq!(
         sock.wait_for("READY=", WAIT).as_deref(),
@@ -642,11 +640,9 @@ fn ready_waits_for_every_reachable_replica_even_when_another_is_caught_up_but_fa
 }
 
 /// A replica added to the config while the daemon was stopped, the database unchanged since:
-/// the generation resumes, the spool is empty (everything went to the old replicas and was
-/// deleted), and the new replica gets nothing: it stays at 0/N, nobody asks for a snapshot,
-/// READY comes only from the 30 s fallback. Engine bug, reported; unignore once fixed.
+/// the generation resumes and the spool is empty (everything went to the old replicas and was
+/// deleted), so the new replica's shipper must ask for a fresh snapshot by itself.
 #[test]
-#[ignore = "engine bug: a replica added on restart with an unchanged database is never synced"]
 fn a_replica_added_on_restart_is_synced_without_new_writes() {
     let s = Scratch::new();
     let a = s.root.join("replica-a");

@@ -429,21 +429,59 @@ fn e2e_wal_reset() {
         );
         w3.wait();
     }
+    // After a clean stop walship saved its page hashes: it resumes the generation by
+    // shipping exactly the pages that differ (it says so), instead of a full snapshot.
     let s2 = d.wait_caught_up(10 * SEC);
+    let log = d.log_text();
+    assert!(
+        s2.generation == s1.generation && log.contains("changed while walship was stopped"),
+        "walship should resume generation {} by difference after a clean stop: {}\nlog:\n{log}",
+        s1.generation,
+        s2.line
+    );
+    let out = restore_latest(&sb, "restored-1.db");
+    assert_same_db(&sb.db(), &out);
+
+    // After kill -9 there are no saved hashes: the reset breaks continuity, and walship starts
+    // a new generation with a snapshot.
+    d.kill9();
+    {
+        let c = rusqlite::Connection::open(sb.db()).expect("open");
+        c.busy_timeout(5 * SEC).expect("busy");
+        let busy: i64 = c
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .expect("checkpoint");
+        assert_eq!(busy, 0, "TRUNCATE checkpoint was busy with walship killed");
+        c.execute_batch("INSERT INTO t(writer, seq, payload) VALUES ('y', 0, randomblob(5000));")
+            .expect("insert");
+        d.restart();
+        let mut w4 = Writer::spawn(
+            &sb.db(),
+            "d",
+            WriterOpts {
+                commits: 50,
+                rate: 0.0,
+                big_every: 0,
+            },
+            10,
+        );
+        w4.wait();
+    }
+    let s3 = d.wait_caught_up(10 * SEC);
     assert_ne!(
-        s2.generation,
+        s3.generation,
         s1.generation,
-        "walship resumed generation {} after a WAL reset it did not see: {}\nlog:\n{}",
+        "walship resumed generation {} after a WAL reset it did not see (killed, no saved hashes): {}\nlog:\n{}",
         s1.generation,
-        s2.line,
+        s3.line,
         d.log_text()
     );
     let list = walship(["list", &sb.replica_url()]).ok();
     assert!(
-        list.stdout.contains(&s2.generation) && list.stdout.contains(&s1.generation),
+        list.stdout.contains(&s3.generation) && list.stdout.contains(&s1.generation),
         "list should show both generations {} and {}:\n{}",
         s1.generation,
-        s2.generation,
+        s3.generation,
         list.stdout
     );
     d.stop();

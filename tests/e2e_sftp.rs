@@ -295,12 +295,29 @@ fn e2e_sftp_two_replicas_fallback() {
     let s = d.wait_status("the sftp replica to be reported failing", 15 * SEC, |s| {
         s.failing.as_deref().is_some_and(|f| f.contains("alpha")) && s.ok == 1
     });
+    // The status line may predate the capture of the last writes: wait until the file
+    // replica holds at least that head and its position has stopped moving for 2 s.
     let head = s.txid;
-    let local = poll("the file replica to hold the head", 10 * SEC, || {
+    let at = |sb: &Sandbox| {
         replica_positions(&sb.state())
             .into_iter()
             .find(|(n, p)| n == "local" && p.last >= head && p.generation == s.generation)
-    });
+    };
+    let mut last_seen = None;
+    let mut since = Instant::now();
+    let local = poll(
+        "the file replica to hold everything written",
+        20 * SEC,
+        || {
+            let found = at(&sb)?;
+            if last_seen != Some(found.1.last) {
+                last_seen = Some(found.1.last);
+                since = Instant::now();
+                return None;
+            }
+            (since.elapsed() >= 2 * SEC).then_some(found)
+        },
+    );
     eprintln!("with sshd down: {} ; local at {:?}", s.line, local.1);
     d.assert_running();
 

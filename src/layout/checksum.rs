@@ -115,6 +115,22 @@ impl PageHashes {
     pub fn db_checksum(&self) -> u64 {
         self.sum
     }
+
+    /// The hash of every page, page 1 first.
+    pub fn as_slice(&self) -> &[u64] {
+        &self.hashes
+    }
+
+    /// An image from saved per-page hashes (page 1 first).
+    pub fn from_hashes(page_size: u32, hashes: Vec<u64>) -> Self {
+        let sum = hashes.iter().fold(0u64, |a, h| a.wrapping_add(*h));
+        PageHashes {
+            page_size,
+            hashes,
+            sum,
+            zeros: Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -230,7 +230,7 @@ impl Capture {
                 return Ok(true);
             }
         }
-        // Case 2: no WAL continuity, but the database is exactly as it was.
+        // Case 2: no WAL continuity; the current state is compared with the saved one.
         let h = self.db.wal_header()?;
         let (end, end_pages) = match h {
             Some(h) => {
@@ -246,6 +246,15 @@ impl Capture {
             }
             None => (None, self.db.file_geometry()?.1),
         };
+        // With the page hashes saved at the last clean stop, ship exactly the pages that
+        // differ: correct whatever happened to the WAL meanwhile.
+        if let Some(saved) = self.load_hashes() {
+            self.pos = end;
+            let changed = self.write_diff(&saved, end_pages)?;
+            info!(generation = %generation, txid = self.at.txid, "resumed the generation: {changed} page(s) changed while walship was stopped");
+            let _ = std::fs::remove_file(self.hashes_path());
+            return Ok(true);
+        }
         self.rescan(end.map_or(0, |e| e.frames), end_pages)?;
         if self.hashes.db_checksum() == saved_checksum && self.hashes.len() == end_pages {
             self.pos = end;
@@ -258,6 +267,120 @@ impl Capture {
             "the WAL was reset while walship was stopped and the database changed",
         )?;
         Ok(false)
+    }
+
+    fn hashes_path(&self) -> PathBuf {
+        self.state_path.with_file_name("pagehashes")
+    }
+
+    /// Saves the per-page hashes of the captured state (at a clean stop), so that the next
+    /// start can resume by difference even if the WAL was reset meanwhile.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn save_hashes(&self) -> Result<()> {
+        let hs = self.hashes.as_slice();
+        let mut buf = format!(
+            "walship-pagehashes 1 {} {} {} {:016x}\n",
+            self.at.generation, self.at.txid, self.page_size, self.at.db_checksum
+        )
+        .into_bytes();
+        buf.reserve(hs.len() * 8);
+        for h in hs {
+            buf.extend_from_slice(&h.to_le_bytes());
+        }
+        crate::target::file::write_file_atomic(&self.hashes_path(), &mut buf.as_slice(), 0o640)
+            .map(|_| ())
+            .map_err(|e| anyhow!("cannot write {}: {e}", self.hashes_path().display()))
+    }
+
+    /// The saved page hashes if they describe exactly the resumed state.
+    fn load_hashes(&self) -> Option<PageHashes> {
+        let data = std::fs::read(self.hashes_path()).ok()?;
+        let nl = data.iter().position(|&b| b == b'\n')?;
+        let header = std::str::from_utf8(&data[..nl]).ok()?;
+        let want = format!(
+            "walship-pagehashes 1 {} {} {} {:016x}",
+            self.at.generation, self.at.txid, self.page_size, self.at.db_checksum
+        );
+        let body = &data[nl + 1..];
+        if header != want || body.len() % 8 != 0 {
+            return None;
+        }
+        let hashes: Vec<u64> = body
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        let ph = PageHashes::from_hashes(self.page_size, hashes);
+        (ph.db_checksum() == self.at.db_checksum).then_some(ph)
+    }
+
+    /// Writes one commit holding every page of the current state (at `self.pos`) whose hash
+    /// differs from `saved`, following the same save-then-publish protocol as segments.
+    /// Returns the number of pages shipped.
+    fn write_diff(&mut self, saved: &PageHashes, db_pages: u32) -> Result<u64> {
+        let r = self.write_diff_inner(saved, db_pages);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    fn write_diff_inner(&mut self, saved: &PageHashes, db_pages: u32) -> Result<u64> {
+        let ps = self.page_size;
+        let frames = self.pos.map_or(0, |p| p.frames);
+        let prev = self.state_kv("");
+        let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
+        let _cleanup = RemoveOnDrop(tmp.clone());
+        let mut enc = Encoder::new(
+            BufWriter::with_capacity(256 << 10, f),
+            Kind::Segment,
+            ps,
+            ZSTD_LEVEL,
+        )?;
+        let mut hashes = PageHashes::new(ps);
+        let mut changed = 0u64;
+        let old = saved.as_slice();
+        self.db.for_each_page(ps, frames, db_pages, |pgno, data| {
+            hashes.set(pgno, data);
+            if old.get(pgno as usize - 1) != hashes.as_slice().get(pgno as usize - 1) {
+                enc.page(pgno, data)?;
+                changed += 1;
+            }
+            Ok(())
+        })?;
+        hashes.set_size(db_pages);
+        self.hashes = hashes;
+        if changed == 0 && db_pages == saved.len() {
+            self.save_state()?;
+            return Ok(0);
+        }
+        self.at.txid += 1;
+        self.at.time_ms = now_ms().max(self.at.time_ms);
+        self.at.db_pages = db_pages;
+        self.at.db_checksum = self.hashes.db_checksum();
+        enc.commit(&Commit {
+            txid: self.at.txid,
+            time_ms: self.at.time_ms,
+            db_pages,
+            db_checksum: self.at.db_checksum,
+        })?;
+        let f = enc
+            .finish()?
+            .into_inner()
+            .map_err(|e| anyhow!("cannot write segment: {}", e.error()))?;
+        let name = FileName::Segment {
+            level: 0,
+            first: self.at.txid,
+            last: self.at.txid,
+            first_ms: self.at.time_ms,
+            last_ms: self.at.time_ms,
+        };
+        let mut kv = self.state_kv("");
+        kv.0.extend(prev.0.into_iter().map(|(k, v)| (format!("prev-{k}"), v)));
+        kv.save(&self.state_path)?;
+        self.spool.publish(&tmp, f, &self.at.generation, &name)?;
+        Ok(changed)
     }
 
     /// Recomputes all page hashes for the state after WAL frame `frames`.

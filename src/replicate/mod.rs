@@ -305,6 +305,9 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     }
     let (line, _) = status(&cap, &shared, &spool);
     write_status(&settings.state_dir, &line);
+    if let Err(e) = cap.save_hashes() {
+        warn!("{e:#}: the next start may need a full snapshot");
+    }
     info!("stopped: {line}");
     drop(watcher);
     Ok(())
