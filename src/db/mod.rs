@@ -8,12 +8,17 @@
 //!   overwritten, and at most one restart can happen while only a slot-0 pin is held, and only
 //!   after every frame of the old WAL was already captured. So a WAL whose salt-1 is exactly one
 //!   more than the one walship knows is a continuation; anything else breaks continuity.
-//! - walship checkpoints only after capturing ([`Db::lock_writes`] takes SQLite's write lock
-//!   with `BEGIN IMMEDIATE`, the tail is captured, pins are dropped, a PASSIVE checkpoint runs,
-//!   a new pin begins, the write lock is released). PASSIVE never waits on readers, and writers
-//!   wait only for that short window, well within any sane busy timeout.
-//! - The database file is read through one file handle kept open for the life of [`Db`]:
-//!   closing any descriptor of the file would drop the POSIX locks SQLite holds on it.
+//! - walship checkpoints only after capturing ([`Db::lock_writes`] takes SQLite's WAL write
+//!   lock, the tail is captured, pins are dropped, a PASSIVE checkpoint runs, a new pin begins,
+//!   the write lock is released). PASSIVE never waits on readers, and writers wait only for
+//!   that short window, well within any sane busy timeout. The write lock is the `-shm` byte
+//!   SQLite's unix VFS uses for it (offset 120), taken with `fcntl(F_SETLK)` polled every
+//!   50 µs: SQLite's own busy handler sleeps for milliseconds and loses every race against a
+//!   writer that commits back to back, and walship must win one to bound the WAL. No
+//!   connection of walship's ever takes that lock through SQLite, so the two never mix.
+//! - The database and `-shm` files are read or locked through handles kept open for the life
+//!   of [`Db`]: closing any descriptor of a file drops every POSIX lock the process holds on it,
+//!   SQLite's included.
 //!
 //! Walship's connections never write and have autocheckpoint off; they never change the schema.
 
@@ -53,6 +58,9 @@ impl WalPos {
         }
     }
 }
+
+/// Offset in `-shm` of SQLite's WAL write lock byte (`UNIX_SHM_BASE` + `WAL_WRITE_LOCK`).
+const SHM_WRITE_LOCK: i64 = 120;
 
 /// One commit found in the WAL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,9 +103,12 @@ pub struct Db {
     pins: [Connection; 2],
     /// Which of `pins` currently holds a read transaction (`None` while unpinned).
     active: Option<usize>,
-    writer: Connection,
     ckpt: Connection,
     file: File,
+    /// The `-shm` file, for the write lock (see the module comment).
+    shm: File,
+    /// Whether walship holds the WAL write lock.
+    write_locked: bool,
     wal: Option<File>,
     path: PathBuf,
     wal_path: PathBuf,
@@ -111,6 +122,8 @@ fn open_conn(path: &Path) -> Result<Connection> {
     )
     .with_context(|| format!("cannot open database {}", path.display()))?;
     c.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // walship reads pages from the files directly; its connections need almost no cache.
+    c.pragma_update(None, "cache_size", -64)?;
     c.busy_timeout(Duration::from_millis(5000))?;
     Ok(c)
 }
@@ -154,10 +167,8 @@ impl Db {
             File::open(path).with_context(|| format!("cannot open database {}", path.display()))?;
         let md = file.metadata()?;
         let pins = [open_conn(path)?, open_conn(path)?];
-        let writer = open_conn(path)?;
         let ckpt = open_conn(path)?;
         ckpt.busy_timeout(Duration::ZERO)?;
-        writer.busy_timeout(Duration::from_millis(20))?;
         let mode: String = ckpt.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             bail!(
@@ -167,12 +178,20 @@ impl Db {
         }
         let mut wal_path = path.as_os_str().to_owned();
         wal_path.push("-wal");
+        let mut shm_path = path.as_os_str().to_owned();
+        shm_path.push("-shm");
+        let shm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&shm_path)
+            .with_context(|| format!("cannot open {}", Path::new(&shm_path).display()))?;
         let mut db = Db {
             pins,
             active: None,
-            writer,
             ckpt,
             file,
+            shm,
+            write_locked: false,
             wal: None,
             path: path.to_owned(),
             wal_path: PathBuf::from(wal_path),
@@ -216,21 +235,50 @@ impl Db {
         Ok(())
     }
 
-    /// Takes SQLite's write lock (`BEGIN IMMEDIATE`), waiting at most `wait`; false if busy.
+    fn shm_lock(&self, kind: i16, wait: bool) -> std::io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain fcntl on a descriptor we own, with a fully initialised flock.
+        let mut fl: nix::libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = kind;
+        fl.l_whence = nix::libc::SEEK_SET as i16;
+        fl.l_start = SHM_WRITE_LOCK;
+        fl.l_len = 1;
+        let cmd = if wait {
+            nix::libc::F_SETLKW
+        } else {
+            nix::libc::F_SETLK
+        };
+        // SAFETY: as above.
+        let rc = unsafe { nix::libc::fcntl(self.shm.as_raw_fd(), cmd, &fl) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(nix::libc::EAGAIN) | Some(nix::libc::EACCES) => Ok(false),
+            _ => Err(e),
+        }
+    }
+
+    /// Takes SQLite's WAL write lock, trying every 50 µs for at most `wait`; false if an
+    /// application writer kept it.
     ///
     /// # Errors
-    /// SQLite errors other than busy.
+    /// fcntl errors other than "held by another process".
     pub fn lock_writes(&mut self, wait: Duration) -> Result<bool> {
-        self.writer.busy_timeout(wait)?;
-        match self.writer.execute_batch("BEGIN IMMEDIATE") {
-            Ok(()) => Ok(true),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::DatabaseBusy
-                    || e.code == rusqlite::ErrorCode::DatabaseLocked =>
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if self
+                .shm_lock(nix::libc::F_WRLCK as i16, false)
+                .context("cannot take the WAL write lock")?
             {
-                Ok(false)
+                self.write_locked = true;
+                return Ok(true);
             }
-            Err(e) => Err(e).context("cannot take the write lock"),
+            if std::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 
@@ -267,10 +315,8 @@ impl Db {
             self.begin_pin(0)?;
             r
         })();
-        let unlock = self.writer.execute_batch("ROLLBACK");
-        let r = result?;
-        unlock.context("cannot release the write lock")?;
-        Ok(r)
+        self.unlock_writes();
+        result
     }
 
     /// A PASSIVE checkpoint that waits on nothing: copies what the pins allow.
@@ -292,10 +338,13 @@ impl Db {
         }
     }
 
-    /// Releases the write lock if held (used on error paths).
+    /// Releases the write lock if held.
     pub fn unlock_writes(&mut self) {
-        if !self.writer.is_autocommit() {
-            let _ = self.writer.execute_batch("ROLLBACK");
+        if self.write_locked {
+            if let Err(e) = self.shm_lock(nix::libc::F_UNLCK as i16, false) {
+                tracing::error!("cannot release the WAL write lock: {e}");
+            }
+            self.write_locked = false;
         }
     }
 

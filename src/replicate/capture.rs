@@ -707,12 +707,16 @@ impl Capture {
         if self.wal_frames() < u64::from(threshold) || self.checkpointed_at == self.pos {
             return Ok(false);
         }
-        // Copy most frames without holding anything the application waits for...
-        self.db.checkpoint_passive()?;
-        // ...then hold the write lock only to capture the tail and copy it.
+        let over = self.wal_frames() / u64::from(threshold.max(1));
+        // Copy most frames without holding anything the application waits for, then hold the
+        // write lock only to capture the tail and copy it. A WAL far past the threshold means
+        // the writer outruns walship: then everything happens under the lock, which holds the
+        // writer back until the WAL is reset (within its busy timeout).
+        if over < 4 {
+            self.db.checkpoint_passive()?;
+        }
         // Waiting for the lock competes with the application's writers, so wait briefly while
         // the WAL is small, and longer as it grows (a busy writer leaves only short gaps).
-        let over = self.wal_frames() / u64::from(threshold.max(1));
         let wait = Duration::from_millis((20 * over * over).clamp(20, 2000));
         if !self.db.lock_writes(wait)? {
             return Ok(false);

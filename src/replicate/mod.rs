@@ -325,6 +325,11 @@ fn kick_head(shared: &Shared, cap: &Capture) {
 
 /// Capture, pin rotation, checkpoint; a broken WAL starts a new generation.
 fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
+    // A WAL already past the threshold is checkpointed before capturing more: under a writer
+    // that commits faster than walship captures, this is what bounds the WAL.
+    if cap.maybe_checkpoint(settings.checkpoint_pages)? {
+        kick_head(shared, cap);
+    }
     let r = cap.step();
     let r = match r {
         Err(e) if e.downcast_ref::<BrokenWal>().is_some() => cap

@@ -353,17 +353,26 @@ impl Shipper {
             first_ms,
             last_ms,
         };
-        let mut inputs = Vec::new();
-        for f in batch {
-            let p = self.spool.path(&f.generation, &f.name);
-            let r: Box<dyn Read + Send> = Box::new(
-                std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?,
-            );
-            inputs.push((p.display().to_string(), r));
-        }
+        let inputs: Vec<String> = batch
+            .iter()
+            .map(|f| {
+                self.spool
+                    .path(&f.generation, &f.name)
+                    .display()
+                    .to_string()
+            })
+            .collect();
         let (tmp, file) = self.spool.create_temp(&first.generation)?;
         let _cleanup = RemoveOnDrop(tmp.clone());
-        merge_segments(inputs, file, 1)?;
+        merge_segments(
+            &inputs,
+            |p| {
+                let f = std::fs::File::open(p).with_context(|| format!("cannot open {p}"))?;
+                Ok(Box::new(f) as Box<dyn Read + Send>)
+            },
+            file,
+            1,
+        )?;
         let mut file = std::fs::File::open(&tmp)
             .with_context(|| format!("cannot reopen {}", tmp.display()))?;
         let dest = file_path(&first.generation, &name);
@@ -511,17 +520,10 @@ impl Shipper {
         else {
             return Ok(false);
         };
-        let mut readers = Vec::new();
-        for input in &inputs {
-            let path = file_path(g, input);
-            readers.push((
-                format!("{}/{path}", self.target.url()),
-                self.target.read(&path)?,
-            ));
-        }
+        let paths: Vec<String> = inputs.iter().map(|i| file_path(g, i)).collect();
         let (tmp, f) = self.spool.create_temp(g)?;
         let _cleanup = RemoveOnDrop(tmp.clone());
-        merge_segments(readers, f, 3)?;
+        merge_segments(&paths, |p| Ok(self.target.read(p)?), f, 3)?;
         let mut file = std::fs::File::open(&tmp)
             .with_context(|| format!("cannot reopen {}", tmp.display()))?;
         let name = FileName::Segment {
@@ -587,15 +589,18 @@ pub const BATCH_BYTES: u64 = 32 << 20;
 /// Decodes the segments read from `inputs` in order and writes them, re-encoded as one
 /// segment, to `out` (fsynced). Every input is fully verified on the way.
 fn merge_segments(
-    inputs: Vec<(String, Box<dyn Read + Send>)>,
+    inputs: &[String],
+    open: impl Fn(&str) -> Result<Box<dyn Read + Send>>,
     out: std::fs::File,
     level: i32,
 ) -> Result<()> {
     let mut enc: Option<Encoder<BufWriter<std::fs::File>>> = None;
     let mut out = Some(out);
-    for (label, r) in inputs {
+    // One input open at a time: memory stays at one decoder whatever the fan-in.
+    for label in inputs {
+        let r = open(label)?;
         let mut dec = Decoder::new(
-            std::io::BufReader::with_capacity(256 << 10, r),
+            std::io::BufReader::with_capacity(128 << 10, r),
             Kind::Segment,
         )
         .map_err(|e| anyhow!("{label}: {e}"))?;
