@@ -6,6 +6,7 @@ mod e2e;
 mod e2e_sftp;
 mod generator;
 mod notify;
+mod packaging;
 mod sshd;
 mod systemd_files;
 mod target_file;
