@@ -39,9 +39,14 @@ fn example_config_parses_as_shipped_and_fully_uncommented() {
     let full: String = text
         .lines()
         .map(|l| match l.strip_prefix('#') {
-            Some(r) if r.starts_with("[[") || r.split_once(" = ").is_some_and(|(k, _)| {
-                !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
-            }) => r,
+            Some(r)
+                if r.starts_with("[[")
+                    || r.split_once(" = ").is_some_and(|(k, _)| {
+                        !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+                    }) =>
+            {
+                r
+            }
             _ => l,
         })
         .map(|l| format!("{l}\n"))
@@ -83,5 +88,9 @@ fn key_lists_match_the_parser() {
     let mut top = fields("RawConfig");
     top.retain(|k| k != "replica");
     assert_eq!(top, TOP_KEYS, "top-level keys changed in src/config.rs");
-    assert_eq!(fields("RawReplica"), REPLICA_KEYS, "replica keys changed in src/config.rs");
+    assert_eq!(
+        fields("RawReplica"),
+        REPLICA_KEYS,
+        "replica keys changed in src/config.rs"
+    );
 }

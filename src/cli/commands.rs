@@ -128,6 +128,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if_replica_exists,
             url_flags,
         } => {
+            let (config, url) = instance_name(config, url);
             let (out, replicas) = match (load(&config)?, url) {
                 (Some(s), None) => (output.unwrap_or_else(|| s.db.clone()), s.replicas),
                 (None, Some(u)) => {
@@ -205,6 +206,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             url,
             url_flags,
         } => {
+            let (config, db) = match (db, &url) {
+                (Some(d), None) => {
+                    let (c, rest) = instance_name(config, Some(d.display().to_string()));
+                    (c, rest.map(PathBuf::from))
+                }
+                (db, _) => (config, db),
+            };
             let settings = match (load(&config)?, db, url) {
                 (Some(s), None, None) => s,
                 (None, Some(db), Some(u)) => ad_hoc(&db, &[u], &url_flags, None)?,
@@ -239,6 +247,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             url,
             url_flags,
         } => {
+            let (config, url) = instance_name(config, url);
             let replicas = match (load(&config)?, url) {
                 (Some(s), None) => s.replicas,
                 (None, Some(u)) => ad_hoc(Path::new("/list"), &[u], &url_flags, None)?.replicas,
@@ -310,6 +319,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             generate_docs(&dir)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// A lone positional argument that is neither a URL nor a path (`walship restore fruits`)
+/// names an instance: it stands for `--config fruits`, i.e. /etc/walship/fruits.toml.
+fn instance_name(config: ConfigArg, arg: Option<String>) -> (ConfigArg, Option<String>) {
+    match arg {
+        Some(a) if config.config.is_none() && !a.contains('/') && !a.is_empty() => {
+            (ConfigArg { config: Some(a) }, None)
+        }
+        other => (config, other),
     }
 }
 

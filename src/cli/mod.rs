@@ -101,8 +101,8 @@ pub enum Command {
         /// Output file [default: the configured db].
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
-        /// Replica URL (without --config).
-        #[arg(value_name = "URL", conflicts_with = "config")]
+        /// Replica URL (without --config), or an instance NAME for /etc/walship/NAME.toml.
+        #[arg(value_name = "URL|NAME", conflicts_with = "config")]
         url: Option<String>,
         /// Newest commit at or before this time (RFC 3339, e.g. 2026-11-24T10:00:00Z).
         #[arg(long, value_name = "RFC3339", conflicts_with = "position")]
@@ -133,8 +133,8 @@ pub enum Command {
     Verify {
         #[command(flatten)]
         config: ConfigArg,
-        /// The database (without --config).
-        #[arg(value_name = "DB", conflicts_with = "config")]
+        /// The database (without --config); alone, an instance NAME for /etc/walship/NAME.toml.
+        #[arg(value_name = "DB|NAME", conflicts_with = "config")]
         db: Option<PathBuf>,
         /// The replica URL (without --config).
         #[arg(value_name = "URL", requires = "db")]
@@ -146,8 +146,8 @@ pub enum Command {
     List {
         #[command(flatten)]
         config: ConfigArg,
-        /// The replica URL (without --config).
-        #[arg(value_name = "URL", conflicts_with = "config")]
+        /// The replica URL (without --config), or an instance NAME for /etc/walship/NAME.toml.
+        #[arg(value_name = "URL|NAME", conflicts_with = "config")]
         url: Option<String>,
         #[command(flatten)]
         url_flags: UrlFlags,
