@@ -146,12 +146,12 @@ fn e2e_sftp_faults() {
     let mut slow = Vec::new();
     std::thread::sleep(Duration::from_millis(500));
 
-    // 1. sshd killed during writes (mid-upload, most likely), back after 5 s.
+    // 1. sshd killed during writes (mid-upload, most likely), back after 30 s.
     reported(&d, &mut rep);
     sshd.kill();
     let before = committed(&ws).len();
     let down = Instant::now();
-    while down.elapsed() < 5 * SEC {
+    while down.elapsed() < 30 * SEC {
         std::thread::sleep(Duration::from_millis(100));
         reported(&d, &mut rep);
         d.assert_running();
@@ -176,11 +176,11 @@ fn e2e_sftp_faults() {
     }
     reported(&d, &mut rep);
 
-    // 2. sshd frozen (SIGSTOP) for 10 s.
+    // 2. sshd frozen (SIGSTOP) for 30 s: longer than walship's 10 s timeout.
     sshd.stop();
     let before = committed(&ws).len();
     let frozen = Instant::now();
-    while frozen.elapsed() < 10 * SEC {
+    while frozen.elapsed() < 30 * SEC {
         std::thread::sleep(Duration::from_millis(100));
         reported(&d, &mut rep);
         d.assert_running();
