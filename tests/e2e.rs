@@ -896,3 +896,88 @@ fn e2e_outage() {
     assert_contains_all(&rows(&out), &done, "restore after the outage");
     eprintln!("e2e_outage: {} rows, {:?}", done.len(), t0.elapsed());
 }
+
+/// Invariant 4: with the replica down, walship's local disk stays within `spool-limit` (plus
+/// the one snapshot a resynchronisation needs), checkpoints go on so the WAL stays small, and
+/// when the replica returns it resynchronises from a fresh snapshot by itself.
+#[test]
+fn e2e_spool_limit() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    sb.create_db();
+    let limit: u64 = 256 << 10;
+    let cfg = sb.path("spool.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "db = \"{}\"\nstate-dir = \"{}\"\nspool-limit = \"256KiB\"\n[[replica]]\nurl = \"{}\"\n",
+            sb.db().display(),
+            sb.state().display(),
+            sb.replica_url()
+        ),
+    )
+    .expect("write config");
+    let mut d = Daemon::start_raw(
+        vec!["replicate".into(), "--config".into(), cfg.into_os_string()],
+        &sb.state(),
+    );
+    d.wait_caught_up(10 * SEC);
+    let blocker = sb.path("blocker");
+    fs::write(&blocker, b"not a directory").expect("write");
+    exchange(&blocker, &sb.replica());
+    let mut w = Writer::spawn(
+        &sb.db(),
+        "big",
+        WriterOpts {
+            commits: 600,
+            rate: 0.0,
+            big_every: 3,
+        },
+        77,
+    );
+    w.wait();
+    // Let the loop run its maintenance, then measure what the spool holds.
+    let spool_bytes = |sb: &Sandbox| -> (u64, u64) {
+        let mut total = 0;
+        let mut snaps = 0;
+        for p in walk(&sb.state().join("spool")) {
+            let n = fs::metadata(sb.state().join("spool").join(&p)).map_or(0, |m| m.len());
+            total += n;
+            if p.to_string_lossy().contains("snap-") {
+                snaps += n;
+            }
+        }
+        (total, snaps)
+    };
+    let (total, snaps) = poll("the spool to shrink under its limit", 15 * SEC, || {
+        let (t, s) = spool_bytes(&sb);
+        (t <= limit + s + (64 << 10)).then_some((t, s))
+    });
+    let wal = fs::metadata(sb.path("data/app.db-wal")).map_or(0, |m| m.len());
+    eprintln!("spool {total} bytes (snapshots {snaps}), WAL {wal} bytes, with the replica down");
+    assert!(
+        d.log_text().contains("spool over its limit"),
+        "the log should say loudly that spooled files were dropped:\n{}",
+        d.log_text()
+    );
+    assert!(
+        wal < 64 << 20,
+        "the WAL grew to {wal} bytes with the replica down"
+    );
+    d.assert_running();
+    // The replica returns: it resynchronises from a snapshot by itself.
+    exchange(&blocker, &sb.replica());
+    d.wait_status("catch-up after the outage", 20 * SEC, Status::caught_up);
+    assert!(
+        d.log_text().contains("resynchronising from snapshot")
+            || d.log_text().contains("asking for a fresh snapshot"),
+        "the log should say the replica resynchronised from a snapshot:\n{}",
+        d.log_text()
+    );
+    let done = w.committed();
+    d.stop();
+    let out = restore_latest(&sb, "restored.db");
+    assert_same_db(&sb.db(), &out);
+    assert_contains_all(&rows(&out), &done, "restore after a spool overflow");
+    eprintln!("e2e_spool_limit: {:?}", t0.elapsed());
+}

@@ -97,6 +97,14 @@ pub enum WalState {
     Broken(String),
 }
 
+/// Position of a verified sequential read of WAL frames (see [`Db::read_next`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FrameCursor {
+    header: WalHeader,
+    running: [u32; 2],
+    next: u64,
+}
+
 /// walship's handle on one database.
 pub struct Db {
     // Field order matters: connections drop before `file` (see the module comment).
@@ -110,6 +118,8 @@ pub struct Db {
     /// Whether walship holds the WAL write lock.
     write_locked: bool,
     wal: Option<File>,
+    /// The WAL header seen by the last scan.
+    last_header: Option<WalHeader>,
     path: PathBuf,
     wal_path: PathBuf,
     identity: (u64, u64),
@@ -192,6 +202,7 @@ impl Db {
             file,
             shm,
             write_locked: false,
+            last_header: None,
             wal: None,
             path: path.to_owned(),
             wal_path: PathBuf::from(wal_path),
@@ -424,6 +435,7 @@ impl Db {
     /// Walks valid frames from `pos`, returning complete commits and the position after the
     /// last one. Frames after the last commit frame (a transaction in progress) are left.
     fn scan_from(&mut self, h: &WalHeader, pos: &WalPos) -> Result<(Vec<WalCommit>, WalPos)> {
+        self.last_header = Some(*h);
         let ps = h.page_size as usize;
         let frame_size = (FRAME_HEADER_SIZE + ps) as u64;
         let path = self.wal_path.clone();
@@ -464,6 +476,59 @@ impl Db {
             }
         }
         Ok((commits, end))
+    }
+
+    /// Reads the next frame of a cursor into `page`, verifying its salts and checksum again:
+    /// a frame that changed since [`Db::scan`] validated it (which the pin protocol should
+    /// make impossible) is an error, never silently captured.
+    ///
+    /// # Errors
+    /// I/O errors, a short file, or a frame that no longer verifies.
+    pub fn read_next(&mut self, cur: &mut FrameCursor, page: &mut [u8]) -> Result<FrameHeader> {
+        let frame_size = (FRAME_HEADER_SIZE + cur.header.page_size as usize) as u64;
+        let off = WAL_HEADER_SIZE as u64 + cur.next * frame_size;
+        let path = self.wal_path.clone();
+        let f = self
+            .wal_file()?
+            .ok_or_else(|| anyhow!("{} disappeared", path.display()))?;
+        let mut fh = [0u8; FRAME_HEADER_SIZE];
+        if !read_exact_at(f, &mut fh, off)?
+            || !read_exact_at(f, page, off + FRAME_HEADER_SIZE as u64)?
+        {
+            bail!("{} is shorter than expected", path.display());
+        }
+        let Some((h, running)) = cur.header.check_frame(cur.running, &fh, page) else {
+            return Err(crate::replicate::capture::BrokenWal(format!(
+                "WAL frame {} of {} changed while walship read it",
+                cur.next + 1,
+                path.display()
+            ))
+            .into());
+        };
+        cur.running = running;
+        cur.next += 1;
+        Ok(h)
+    }
+
+    /// The WAL header seen by the last [`Db::scan`].
+    pub fn last_header(&self) -> Option<WalHeader> {
+        self.last_header
+    }
+
+    /// A cursor reading frames after `start`, verified against the WAL header of the last
+    /// [`Db::scan`].
+    ///
+    /// # Errors
+    /// No scan has seen a header.
+    pub fn cursor(&self, start: &WalPos) -> Result<FrameCursor> {
+        let header = self
+            .last_header
+            .ok_or_else(|| anyhow!("internal: no WAL header scanned"))?;
+        Ok(FrameCursor {
+            header,
+            running: start.running,
+            next: start.frames,
+        })
     }
 
     /// Reads frame number `index` (0-based) of the WAL into `page` and returns its header.

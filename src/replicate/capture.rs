@@ -224,7 +224,7 @@ impl Capture {
                     self.pos = Some(end);
                     self.save_state()?;
                 } else {
-                    self.write_merged(p.frames, &end, end_pages)?;
+                    self.write_merged(&p, &end, end_pages)?;
                 }
                 info!(generation = %generation, txid = self.at.txid, "resumed the generation: the WAL is continuous");
                 return Ok(true);
@@ -466,10 +466,19 @@ impl Capture {
         let checksum = hashes.db_checksum();
         if self.at.db_checksum != 0 && self.at.txid > 1 && checksum != self.at.db_checksum {
             let _ = std::fs::remove_file(&tmp);
-            bail!(
-                "snapshot checksum {checksum:016x} disagrees with the captured state {:016x}",
+            let a = hashes.as_slice();
+            let b = self.hashes.as_slice();
+            let differ = (0..a.len().max(b.len()))
+                .filter(|&i| a.get(i) != b.get(i))
+                .count();
+            // The captured history no longer provably matches the database: it must not be
+            // extended. The next step starts a new generation from this consistent read.
+            self.poisoned = true;
+            return Err(BrokenWal(format!(
+                "snapshot check failed: {differ} page(s) of {db_pages} differ from the captured state (checksum {checksum:016x}, captured {:016x})",
                 self.at.db_checksum
-            );
+            ))
+            .into());
         }
         enc.commit(&Commit {
             txid: self.at.txid,
@@ -502,7 +511,7 @@ impl Capture {
     }
 
     /// One merged commit for frames after `from` up to `end` (used when resuming).
-    fn write_merged(&mut self, from: u64, end: &WalPos, db_pages: u32) -> Result<()> {
+    fn write_merged(&mut self, from: &WalPos, end: &WalPos, db_pages: u32) -> Result<()> {
         let commit = WalCommit {
             frames_end: end.frames,
             db_pages,
@@ -540,20 +549,28 @@ impl Capture {
                 }
             },
         };
+        let header = self.db.last_header();
+        let restart_pos = |h: Option<crate::wal::WalHeader>| {
+            h.map(|h| WalPos::start(&h))
+                .ok_or_else(|| anyhow!("internal: no WAL header scanned"))
+        };
         let (from, commits, end) = match state {
             WalState::Empty => return Ok(Step::Idle),
             WalState::Broken(why) => return Err(BrokenWal(why).into()),
-            WalState::Same { commits, end } => (self.pos.map_or(0, |p| p.frames), commits, end),
-            WalState::Restarted { commits, end } => (0, commits, end),
+            WalState::Same { commits, end } => match self.pos {
+                Some(p) => (p, commits, end),
+                None => (restart_pos(header)?, commits, end),
+            },
+            WalState::Restarted { commits, end } => (restart_pos(header)?, commits, end),
         };
         if commits.is_empty() {
-            if from == 0 {
+            if from.frames == 0 {
                 self.pos = Some(end);
             }
             return Ok(Step::Idle);
         }
         let n = commits.len() as u64;
-        self.write_segments(from, &commits, &end, true)?;
+        self.write_segments(&from, &commits, &end, true)?;
         Ok(Step::Captured(n))
     }
 
@@ -564,7 +581,7 @@ impl Capture {
     /// two holds (see [`Capture::start`]). Any failure poisons the capture (memory is ahead).
     fn write_segments(
         &mut self,
-        from: u64,
+        from: &WalPos,
         commits: &[WalCommit],
         end: &WalPos,
         per_commit: bool,
@@ -578,14 +595,15 @@ impl Capture {
 
     fn write_segments_inner(
         &mut self,
-        from: u64,
+        from: &WalPos,
         commits: &[WalCommit],
         end: &WalPos,
         per_commit: bool,
     ) -> Result<()> {
         let ps = self.page_size;
         let mut page = vec![0u8; ps as usize];
-        let mut frame = from;
+        let mut cursor = self.db.cursor(from)?;
+        let mut frame = from.frames;
         let mut i = 0;
         while i < commits.len() {
             let prev = self.state_kv("");
@@ -603,7 +621,7 @@ impl Capture {
             while i < commits.len() {
                 let c = commits[i];
                 while frame < c.frames_end {
-                    let fh = self.db.read_frame(ps, frame, &mut page)?;
+                    let fh = self.db.read_next(&mut cursor, &mut page)?;
                     enc.page(fh.pgno, &page)?;
                     if per_commit {
                         self.hashes.set(fh.pgno, &page);

@@ -265,6 +265,18 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
                     last_snapshot = Instant::now();
                     kick_head(&shared, &cap);
                 }
+                Err(e) if e.downcast_ref::<BrokenWal>().is_some() => {
+                    error!(db = %settings.db.display(), error_kind = "continuity", "{e:#}: starting a new generation");
+                    match cap.new_generation(&format!("{e:#}")) {
+                        Ok(()) => {
+                            last_snapshot = Instant::now();
+                            kick_head(&shared, &cap);
+                        }
+                        Err(e) => {
+                            error!(db = %settings.db.display(), "cannot start a new generation: {e:#}")
+                        }
+                    }
+                }
                 Err(e) => {
                     error!(db = %settings.db.display(), "snapshot failed: {e:#}");
                     shared.lock().snapshot_wanted = want;
