@@ -106,6 +106,8 @@ pub struct Capture {
     /// Set when a step failed half-way (memory ahead of the spool): the next step starts a
     /// new generation instead of guessing.
     poisoned: bool,
+    /// Frames the last step captured (see [`Capture::is_hot`]).
+    last_step_frames: u64,
 }
 
 /// What one capture step did.
@@ -148,6 +150,7 @@ impl Capture {
             hashes: PageHashes::new(4096),
             checkpointed_at: None,
             poisoned: false,
+            last_step_frames: 0,
         };
         match saved {
             None => cap.new_generation("no previous state")?,
@@ -563,6 +566,7 @@ impl Capture {
             },
             WalState::Restarted { commits, end } => (restart_pos(header)?, commits, end),
         };
+        self.last_step_frames = end.frames.saturating_sub(from.frames);
         if commits.is_empty() {
             if from.frames == 0 {
                 self.pos = Some(end);
@@ -725,7 +729,26 @@ impl Capture {
         if self.wal_frames() < u64::from(threshold) || self.checkpointed_at == self.pos {
             return Ok(false);
         }
-        let over = self.wal_frames() / u64::from(threshold.max(1));
+        self.checkpoint_now(threshold, false)
+    }
+
+    /// True when the last step captured at least `threshold` frames: the writer outruns
+    /// capture, and the next round should capture under the write lock.
+    pub fn is_hot(&self, threshold: u32) -> bool {
+        self.last_step_frames >= u64::from(threshold)
+    }
+
+    /// Captures under the write lock and checkpoints, whatever the WAL's size; see
+    /// [`Capture::maybe_checkpoint`]. With `hot`, everything happens under the lock.
+    ///
+    /// # Errors
+    /// Capture or SQLite errors.
+    pub fn checkpoint_now(&mut self, threshold: u32, hot: bool) -> Result<bool> {
+        let over = if hot {
+            u64::MAX
+        } else {
+            self.wal_frames() / u64::from(threshold.max(1))
+        };
         // Copy most frames without holding anything the application waits for, then hold the
         // write lock only to capture the tail and copy it. A WAL far past the threshold means
         // the writer outruns walship: then everything happens under the lock, which holds the
@@ -735,7 +758,8 @@ impl Capture {
         }
         // Waiting for the lock competes with the application's writers, so wait briefly while
         // the WAL is small, and longer as it grows (a busy writer leaves only short gaps).
-        let wait = Duration::from_millis((20 * over * over).clamp(20, 2000));
+        let wait =
+            Duration::from_millis(over.saturating_mul(over).saturating_mul(20).clamp(20, 2000));
         if !self.db.lock_writes(wait)? {
             return Ok(false);
         }

@@ -337,8 +337,16 @@ fn kick_head(shared: &Shared, cap: &Capture) {
 
 /// Capture, pin rotation, checkpoint; a broken WAL starts a new generation.
 fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
-    // A WAL already past the threshold is checkpointed before capturing more: under a writer
-    // that commits faster than walship captures, this is what bounds the WAL.
+    // A writer that outran the last step is held back: this round captures under the write
+    // lock and resets the WAL, which is what bounds the WAL under a bulk load.
+    if cap.is_hot(settings.checkpoint_pages)
+        && cap.checkpoint_now(settings.checkpoint_pages, true)?
+    {
+        cap.rotate_pin()?;
+        kick_head(shared, cap);
+        return Ok(());
+    }
+    // A WAL already past the threshold is checkpointed before capturing more.
     if cap.maybe_checkpoint(settings.checkpoint_pages)? {
         kick_head(shared, cap);
     }
