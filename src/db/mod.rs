@@ -120,6 +120,9 @@ pub struct Db {
     wal: Option<File>,
     /// The WAL header seen by the last scan.
     last_header: Option<WalHeader>,
+    /// Set when walship was left without a pin: continuity across a WAL restart can then no
+    /// longer be proven, so the next restart seen is treated as a break.
+    lost_pin: bool,
     path: PathBuf,
     wal_path: PathBuf,
     identity: (u64, u64),
@@ -203,6 +206,7 @@ impl Db {
             shm,
             write_locked: false,
             last_header: None,
+            lost_pin: false,
             wal: None,
             path: path.to_owned(),
             wal_path: PathBuf::from(wal_path),
@@ -239,6 +243,10 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn rotate_pin(&mut self) -> Result<()> {
+        if self.active.is_none() {
+            // No pin since a failure: whatever happened meanwhile is judged by the next scan.
+            self.lost_pin = true;
+        }
         let old = self.active.unwrap_or(1);
         let new = 1 - old;
         self.begin_pin(new)?;
@@ -330,7 +338,11 @@ impl Db {
                     other => break other,
                 }
             };
-            self.begin_pin(0)?;
+            if let Err(e) = self.begin_pin(0) {
+                // Unpinned once the write lock goes: a restart seen later proves nothing.
+                self.lost_pin = true;
+                return Err(e);
+            }
             r
         })();
         self.unlock_writes();
@@ -425,9 +437,15 @@ impl Db {
                 pos.page_size, h.page_size
             )));
         }
+        let lost_pin = std::mem::take(&mut self.lost_pin);
         if (h.salt1, h.salt2) == (pos.salt1, pos.salt2) {
             let (commits, end) = self.scan_from(&h, pos)?;
             return Ok(WalState::Same { commits, end });
+        }
+        if lost_pin {
+            return Ok(WalState::Broken(
+                "the WAL was reset while walship held no read lock on it".into(),
+            ));
         }
         if h.salt1 == pos.salt1.wrapping_add(1) {
             let (commits, end) = self.scan_from(&h, &WalPos::start(&h))?;

@@ -523,7 +523,7 @@ impl Shipper {
         let paths: Vec<String> = inputs.iter().map(|i| file_path(g, i)).collect();
         let (tmp, f) = self.spool.create_temp(g)?;
         let _cleanup = RemoveOnDrop(tmp.clone());
-        merge_segments(&paths, |p| Ok(self.target.read(p)?), f, 3)?;
+        merge_segments(&paths, |p| Ok(self.target.read(p)?), f, 1)?;
         let mut file = std::fs::File::open(&tmp)
             .with_context(|| format!("cannot reopen {}", tmp.display()))?;
         let name = FileName::Segment {
