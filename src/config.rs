@@ -353,7 +353,8 @@ fn valid_name(s: &str) -> bool {
 fn default_name(url: &ReplicaUrl) -> String {
     match url {
         ReplicaUrl::File(_) => "file".to_owned(),
-        ReplicaUrl::Sftp { host, .. } => {
+        ReplicaUrl::Sftp(u) => {
+            let host = &u.host;
             let n: String = host
                 .to_ascii_lowercase()
                 .chars()

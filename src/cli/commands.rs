@@ -288,7 +288,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 (Some(s), _) => s
                     .replicas
                     .iter()
-                    .find(|r| matches!(&r.url, crate::url::ReplicaUrl::Sftp { host, port, .. } if *host == parsed.host && *port == parsed.port))
+                    .find(|r| matches!(&r.url, crate::url::ReplicaUrl::Sftp(u) if u.host == parsed.host && u.port == parsed.port))
                     .map(|r| r.known_hosts.clone())
                     .unwrap_or_else(|| PathBuf::from(config::DEFAULT_KNOWN_HOSTS)),
                 (None, Some(k)) => k,

@@ -556,35 +556,6 @@ impl Db {
         })
     }
 
-    /// Reads frame number `index` (0-based) of the WAL into `page` and returns its header.
-    /// Only for frames already validated by [`Db::scan`] under the current pin.
-    ///
-    /// # Errors
-    /// I/O errors or a short file.
-    pub fn read_frame(
-        &mut self,
-        page_size: u32,
-        index: u64,
-        page: &mut [u8],
-    ) -> Result<FrameHeader> {
-        let frame_size = (FRAME_HEADER_SIZE + page_size as usize) as u64;
-        let off = WAL_HEADER_SIZE as u64 + index * frame_size;
-        let path = self.wal_path.clone();
-        let f = self
-            .wal_file()?
-            .ok_or_else(|| anyhow!("{} disappeared", path.display()))?;
-        let mut fh = [0u8; FRAME_HEADER_SIZE];
-        if !read_exact_at(f, &mut fh, off)?
-            || !read_exact_at(f, page, off + FRAME_HEADER_SIZE as u64)?
-        {
-            bail!("{} is shorter than expected", path.display());
-        }
-        Ok(FrameHeader {
-            pgno: u32::from_be_bytes([fh[0], fh[1], fh[2], fh[3]]),
-            commit_size: u32::from_be_bytes([fh[4], fh[5], fh[6], fh[7]]),
-        })
-    }
-
     /// Page size and page count of the database file itself (used when the WAL is empty).
     ///
     /// # Errors

@@ -792,11 +792,6 @@ impl Capture {
             rank: 0,
         }
     }
-
-    /// Consumes the capture, returning the database handle.
-    pub fn into_db(self) -> Db {
-        self.db
-    }
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -53,7 +53,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 pub fn open_target(r: &ReplicaSettings) -> Result<Box<dyn Target>> {
     match &r.url {
         crate::url::ReplicaUrl::File(p) => Ok(Box::new(crate::target::file::FileTarget::new(p))),
-        crate::url::ReplicaUrl::Sftp { .. } => crate::target::open_sftp(r),
+        crate::url::ReplicaUrl::Sftp(_) => crate::target::open_sftp(r),
     }
 }
 

@@ -191,13 +191,7 @@ pub fn split_parent(path: &str) -> (&str, &str) {
 /// # Errors
 /// A replica that is not sftp, or an sftp replica without a key.
 pub fn open_sftp(r: &crate::config::ReplicaSettings) -> anyhow::Result<Box<dyn Target>> {
-    let crate::url::ReplicaUrl::Sftp {
-        user,
-        host,
-        port,
-        path,
-    } = &r.url
-    else {
+    let crate::url::ReplicaUrl::Sftp(url) = &r.url else {
         anyhow::bail!("{} is not an sftp URL", r.url);
     };
     let cred = |name: String| {
@@ -210,14 +204,8 @@ pub fn open_sftp(r: &crate::config::ReplicaSettings) -> anyhow::Result<Box<dyn T
         .unwrap_or_default();
     let passphrase_file =
         cred(format!("walship-passphrase-{}", r.name)).or_else(|| r.passphrase_file.clone());
-    let url = sftp::SftpUrl {
-        user: user.clone(),
-        host: host.clone(),
-        port: *port,
-        path: path.trim_start_matches('/').to_owned(),
-    };
     Ok(Box::new(sftp::SftpTarget::new(sftp::SftpOptions {
-        url,
+        url: url.clone(),
         key_path,
         passphrase_file,
         known_hosts: r.known_hosts.clone(),
