@@ -329,18 +329,46 @@ impl Capture {
         r
     }
 
+    /// Starts a segment in the spool, remembering the state before it.
+    fn begin_segment(&self) -> Result<PendingSegment> {
+        let prev = self.state_kv("");
+        let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
+        let cleanup = RemoveOnDrop(tmp);
+        let enc = Encoder::new(
+            BufWriter::with_capacity(256 << 10, f),
+            Kind::Segment,
+            self.page_size,
+            ZSTD_LEVEL,
+        )?;
+        Ok(PendingSegment { enc, prev, cleanup })
+    }
+
+    /// Finishes a segment: saves the state naming the positions before (`prev-*`) and after
+    /// it, then publishes it (see [`Capture::write_segments`] for why in that order).
+    fn publish_segment(&self, seg: PendingSegment, name: &FileName) -> Result<()> {
+        let f = seg
+            .enc
+            .finish()?
+            .into_inner()
+            .map_err(|e| anyhow!("cannot write segment: {}", e.error()))?;
+        let mut kv = self.state_kv("");
+        kv.0.extend(
+            seg.prev
+                .0
+                .into_iter()
+                .map(|(k, v)| (format!("prev-{k}"), v)),
+        );
+        kv.save(&self.state_path)?;
+        self.spool
+            .publish(&seg.cleanup.0, f, &self.at.generation, name)?;
+        Ok(())
+    }
+
     fn write_diff_inner(&mut self, saved: &PageHashes, db_pages: u32) -> Result<u64> {
         let ps = self.page_size;
         let frames = self.pos.map_or(0, |p| p.frames);
-        let prev = self.state_kv("");
-        let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
-        let _cleanup = RemoveOnDrop(tmp.clone());
-        let mut enc = Encoder::new(
-            BufWriter::with_capacity(256 << 10, f),
-            Kind::Segment,
-            ps,
-            ZSTD_LEVEL,
-        )?;
+        let mut seg = self.begin_segment()?;
+        let enc = &mut seg.enc;
         let mut hashes = PageHashes::new(ps);
         let mut changed = 0u64;
         let old = saved.as_slice();
@@ -368,10 +396,6 @@ impl Capture {
             db_pages,
             db_checksum: self.at.db_checksum,
         })?;
-        let f = enc
-            .finish()?
-            .into_inner()
-            .map_err(|e| anyhow!("cannot write segment: {}", e.error()))?;
         let name = FileName::Segment {
             level: 0,
             first: self.at.txid,
@@ -379,10 +403,7 @@ impl Capture {
             first_ms: self.at.time_ms,
             last_ms: self.at.time_ms,
         };
-        let mut kv = self.state_kv("");
-        kv.0.extend(prev.0.into_iter().map(|(k, v)| (format!("prev-{k}"), v)));
-        kv.save(&self.state_path)?;
-        self.spool.publish(&tmp, f, &self.at.generation, &name)?;
+        self.publish_segment(seg, &name)?;
         Ok(changed)
     }
 
@@ -610,15 +631,8 @@ impl Capture {
         let mut frame = from.frames;
         let mut i = 0;
         while i < commits.len() {
-            let prev = self.state_kv("");
-            let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
-            let _cleanup = RemoveOnDrop(tmp.clone());
-            let mut enc = Encoder::new(
-                BufWriter::with_capacity(256 << 10, f),
-                Kind::Segment,
-                ps,
-                ZSTD_LEVEL,
-            )?;
+            let mut seg = self.begin_segment()?;
+            let enc = &mut seg.enc;
             let first = self.at.txid + 1;
             let first_ms = now_ms().max(self.at.time_ms);
             let mut last = commits[i];
@@ -651,10 +665,6 @@ impl Capture {
                     break;
                 }
             }
-            let w = enc.finish()?;
-            let f = w
-                .into_inner()
-                .map_err(|e| anyhow!("cannot write segment: {}", e.error()))?;
             let name = FileName::Segment {
                 level: 0,
                 first,
@@ -669,10 +679,7 @@ impl Capture {
                 running: last.running,
                 page_size: ps,
             });
-            let mut kv = self.state_kv("");
-            kv.0.extend(prev.0.into_iter().map(|(k, v)| (format!("prev-{k}"), v)));
-            kv.save(&self.state_path)?;
-            self.spool.publish(&tmp, f, &self.at.generation, &name)?;
+            self.publish_segment(seg, &name)?;
         }
         Ok(())
     }
@@ -792,6 +799,13 @@ impl Capture {
             rank: 0,
         }
     }
+}
+
+/// A segment being written to the spool (see [`Capture::begin_segment`]).
+struct PendingSegment {
+    enc: Encoder<BufWriter<std::fs::File>>,
+    prev: Kv,
+    cleanup: RemoveOnDrop,
 }
 
 struct RemoveOnDrop(PathBuf);
