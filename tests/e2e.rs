@@ -981,3 +981,145 @@ fn e2e_spool_limit() {
     assert_contains_all(&rows(&out), &done, "restore after a spool overflow");
     eprintln!("e2e_spool_limit: {:?}", t0.elapsed());
 }
+
+/// Unmounts a tmpfs on drop (tests run as root).
+struct Tmpfs(PathBuf);
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).expect("mkdir");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(
+            st.success(),
+            "mount tmpfs on {} (tests need root)",
+            at.display()
+        );
+        Tmpfs(at.to_owned())
+    }
+    fn resize(&self, size: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("remount");
+        assert!(st.success(), "remount {}", self.0.display());
+    }
+}
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The replica's disk fills up: a clear "No space left" error in the status, the application
+/// keeps writing, nothing partial is left on the replica, and once space is freed walship
+/// catches up by itself; the restore equals the source.
+#[test]
+fn e2e_replica_disk_full() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    sb.create_db();
+    let disk = Tmpfs::mount(&sb.replica(), "1m");
+    let mut d = start(&sb);
+    d.wait_caught_up(10 * SEC);
+    let mut w = Writer::spawn(
+        &sb.db(),
+        "fill",
+        WriterOpts {
+            commits: 400,
+            rate: 0.0,
+            big_every: 2,
+        },
+        5,
+    );
+    let s = d.wait_status("the full replica to be reported", 20 * SEC, |s| {
+        s.failing
+            .as_deref()
+            .is_some_and(|f| f.contains("No space left") || f.contains("no space"))
+    });
+    eprintln!("disk full reported: {}", s.line);
+    w.wait();
+    d.assert_running();
+    assert!(
+        walk(&sb.replica())
+            .iter()
+            .all(|p| !p.to_string_lossy().contains(".walship-tmp-")),
+        "a failed upload left a temporary file on the replica: {:?}",
+        walk(&sb.replica())
+    );
+    // Space comes back: walship catches up by itself.
+    disk.resize("256m");
+    d.wait_status(
+        "catch-up after space was freed",
+        20 * SEC,
+        Status::caught_up,
+    );
+    let done = w.committed();
+    d.stop();
+    let out = restore_latest(&sb, "restored.db");
+    assert_same_db(&sb.db(), &out);
+    assert_contains_all(
+        &rows(&out),
+        &done,
+        "restore after the replica's disk was full",
+    );
+    drop(disk);
+    eprintln!("e2e_replica_disk_full: {:?}", t0.elapsed());
+}
+
+/// walship's own disk (the state directory with its spool) fills up: capture fails with a
+/// clear error, the application keeps writing, walship keeps running; once space is freed it
+/// recovers by itself and the replica restores to exactly the source.
+#[test]
+fn e2e_state_disk_full() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    sb.create_db();
+    let disk = Tmpfs::mount(&sb.state(), "256k");
+    let mut d = start(&sb);
+    d.wait_caught_up(10 * SEC);
+    let mut w = Writer::spawn(
+        &sb.db(),
+        "fill",
+        WriterOpts {
+            commits: 300,
+            rate: 0.0,
+            big_every: 2,
+        },
+        6,
+    );
+    w.wait();
+    poll("the log to report the full disk", 20 * SEC, || {
+        d.log_text().contains("No space left").then_some(())
+    });
+    d.assert_running();
+    disk.resize("256m");
+    // Any write wakes the loop; the next status shows it caught up.
+    let mut w2 = Writer::spawn(
+        &sb.db(),
+        "after",
+        WriterOpts {
+            commits: 5,
+            rate: 0.0,
+            big_every: 0,
+        },
+        7,
+    );
+    w2.wait();
+    d.wait_status(
+        "recovery after space was freed",
+        20 * SEC,
+        Status::caught_up,
+    );
+    let mut done = w.committed();
+    done.extend(w2.committed());
+    d.stop();
+    let out = restore_latest(&sb, "restored.db");
+    assert_same_db(&sb.db(), &out);
+    assert_contains_all(&rows(&out), &done, "restore after walship's disk was full");
+    drop(disk);
+    eprintln!("e2e_state_disk_full: {:?}", t0.elapsed());
+}

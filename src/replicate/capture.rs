@@ -425,7 +425,8 @@ impl Capture {
     /// # Errors
     /// Database, WAL or spool errors.
     pub fn new_generation(&mut self, why: &str) -> Result<()> {
-        self.poisoned = false;
+        // Until its snapshot is spooled, nothing may be captured on top of it.
+        self.poisoned = true;
         let generation = GenerationId {
             ms: now_ms(),
             rand: rand::random(),
@@ -464,6 +465,7 @@ impl Capture {
             db_pages,
         };
         self.write_snapshot()?;
+        self.poisoned = false;
         Ok(())
     }
 

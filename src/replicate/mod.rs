@@ -208,6 +208,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let mut last_snapshot = Instant::now();
     let mut status_line = String::new();
     let mut failing_since: Option<Instant> = None;
+    let mut last_capture_error = String::new();
     let mut replaced_logged = false;
     let watchdog = notifier.watchdog_interval();
     loop {
@@ -235,10 +236,18 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
             }
         }
         match capture_round(&mut cap, settings, &shared) {
-            Ok(()) => failing_since = None,
+            Ok(()) => {
+                if failing_since.take().is_some() {
+                    info!(db = %settings.db.display(), "capture works again");
+                }
+                last_capture_error.clear();
+            }
             Err(e) => {
-                if failing_since.is_none() {
-                    error!(db = %settings.db.display(), error_kind = "capture", "capture failed: {e:#}");
+                // Logged when it changes, not on every retry.
+                let msg = format!("{e:#}");
+                if msg != last_capture_error {
+                    error!(db = %settings.db.display(), error_kind = "capture", "capture failed: {msg}");
+                    last_capture_error = msg;
                 }
                 failing_since.get_or_insert_with(Instant::now);
             }
@@ -337,6 +346,21 @@ fn kick_head(shared: &Shared, cap: &Capture) {
 
 /// Capture, pin rotation, checkpoint; a broken WAL starts a new generation.
 fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
+    match capture_round_inner(cap, settings, shared) {
+        // Wherever continuity broke (a step, a checkpoint's tail, a failed write), a new
+        // generation starts; if that fails too, the capture stays poisoned and the next round
+        // tries again.
+        Err(e) if e.downcast_ref::<BrokenWal>().is_some() => {
+            cap.new_generation(&format!("{e:#}"))?;
+            cap.rotate_pin()?;
+            kick_head(shared, cap);
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn capture_round_inner(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
     // A writer that outran the last step is held back: this round captures under the write
     // lock and resets the WAL, which is what bounds the WAL under a bulk load.
     if cap.is_hot(settings.checkpoint_pages)
@@ -350,15 +374,9 @@ fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Res
     if cap.maybe_checkpoint(settings.checkpoint_pages)? {
         kick_head(shared, cap);
     }
-    let r = cap.step();
-    let r = match r {
-        Err(e) if e.downcast_ref::<BrokenWal>().is_some() => cap
-            .new_generation(&e.to_string())
-            .map(|()| Step::Captured(1)),
-        other => other,
-    };
+    let r = cap.step()?;
     cap.rotate_pin()?;
-    if matches!(r?, Step::Captured(_)) {
+    if matches!(r, Step::Captured(_)) {
         kick_head(shared, cap);
     }
     if cap.maybe_checkpoint(settings.checkpoint_pages)? {
