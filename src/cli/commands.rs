@@ -342,19 +342,8 @@ fn verify_one(db: &Path, t: &dyn Target) -> Result<String> {
     let restored =
         std::fs::File::open(&tmp).with_context(|| format!("cannot open {}", tmp.display()))?;
     let mut d = crate::db::Db::open(db)?;
-    let (pages, frames) = match d.wal_header()? {
-        Some(h) => {
-            let start = crate::db::WalPos::start(&h);
-            match d.scan(&start)? {
-                crate::db::WalState::Same { commits, end } => match commits.last() {
-                    Some(c) => (c.db_pages, end.frames),
-                    None => (d.file_geometry()?.1, 0),
-                },
-                _ => bail!("the WAL changed while reading it; try again"),
-            }
-        }
-        None => (d.file_geometry()?.1, 0),
-    };
+    let (end, pages, _) = d.current_end()?;
+    let frames = end.map_or(0, |e| e.frames);
     let ps = r.page_size;
     let mut differ = 0u64;
     let mut buf = vec![0u8; ps as usize];

@@ -556,6 +556,31 @@ impl Db {
         })
     }
 
+    /// The current state of the database as WAL and file show it now: the position after the
+    /// last complete commit of the whole WAL (`None` without a WAL), the database size in pages
+    /// and the page size. Must run under a pin.
+    ///
+    /// # Errors
+    /// I/O errors, an invalid header, or a WAL that changed while being read.
+    pub fn current_end(&mut self) -> Result<(Option<WalPos>, u32, u32)> {
+        match self.wal_header()? {
+            Some(h) => {
+                let WalState::Same { commits, end } = self.scan(&WalPos::start(&h))? else {
+                    bail!("the WAL changed while reading it");
+                };
+                let pages = match commits.last() {
+                    Some(c) => c.db_pages,
+                    None => self.file_geometry()?.1,
+                };
+                Ok((Some(end), pages, h.page_size))
+            }
+            None => {
+                let (ps, pages) = self.file_geometry()?;
+                Ok((None, pages, ps))
+            }
+        }
+    }
+
     /// Page size and page count of the database file itself (used when the WAL is empty).
     ///
     /// # Errors

@@ -234,21 +234,7 @@ impl Capture {
             }
         }
         // Case 2: no WAL continuity; the current state is compared with the saved one.
-        let h = self.db.wal_header()?;
-        let (end, end_pages) = match h {
-            Some(h) => {
-                let start = WalPos::start(&h);
-                let WalState::Same { commits, end } = self.db.scan(&start)? else {
-                    bail!("the WAL changed while reading it");
-                };
-                let pages = match commits.last() {
-                    Some(c) => c.db_pages,
-                    None => self.db.file_geometry()?.1,
-                };
-                (Some(end), pages)
-            }
-            None => (None, self.db.file_geometry()?.1),
-        };
+        let (end, end_pages, _) = self.db.current_end()?;
         // With the page hashes saved at the last clean stop, ship exactly the pages that
         // differ: correct whatever happened to the WAL meanwhile.
         if let Some(saved) = self.load_hashes() {
@@ -432,23 +418,7 @@ impl Capture {
             rand: rand::random(),
         };
         warn!(generation = %generation, "starting a new generation: {why}");
-        let (end, db_pages, page_size) = match self.db.wal_header()? {
-            Some(h) => {
-                let start = WalPos::start(&h);
-                let WalState::Same { commits, end } = self.db.scan(&start)? else {
-                    bail!("the WAL changed while reading it");
-                };
-                let pages = match commits.last() {
-                    Some(c) => c.db_pages,
-                    None => self.db.file_geometry()?.1,
-                };
-                (Some(end), pages, h.page_size)
-            }
-            None => {
-                let (ps, pages) = self.db.file_geometry()?;
-                (None, pages, ps)
-            }
-        };
+        let (end, db_pages, page_size) = self.db.current_end()?;
         if db_pages == 0 {
             bail!(
                 "{} is empty (0 pages): nothing to replicate yet",
