@@ -5,12 +5,17 @@
 //! - Every commit gets the next txid of the generation, and its segment record carries the
 //!   whole-database checksum after it, maintained incrementally in [`PageHashes`]; a snapshot
 //!   recomputes it from scratch and must agree (a disagreement starts a new generation).
-//! - The capture state file is written after the spool files it describes; on restart a
-//!   spool newer than the state means the last step was cut short, and a new generation starts
-//!   rather than guessing.
-//! - A new generation begins with a snapshot; a restart resumes the generation only when
-//!   continuity is proven: the same WAL still holds the frames after the saved position, or
-//!   the database's checksum equals the saved one.
+//! - Before a segment is published, the state file records the positions before (`prev-*`) and
+//!   after it; on restart the spool and the replicas' positions tell which one holds, so a
+//!   crash between the two redoes the step. A spool that is ahead of both, or a newer
+//!   generation in the spool, starts a new generation rather than guessing.
+//! - A new generation begins with a snapshot, and nothing is captured on top of it until that
+//!   snapshot is spooled. A restart resumes the generation only when continuity is proven: the
+//!   same WAL still holds the frames after the saved position; or page hashes saved at a clean
+//!   stop let exactly the changed pages ship as one commit; or the database's checksum equals
+//!   the saved one.
+//! - A step that fails half-way (memory ahead of the spool) poisons the capture: the next
+//!   round starts a new generation.
 
 use super::spool::{Key, Spool};
 use super::state::Kv;
@@ -520,8 +525,8 @@ impl Capture {
     /// Captures every complete new commit into segments.
     ///
     /// # Errors
-    /// [`StepError`]-like anyhow errors; a broken WAL is reported with `Broken:` prefix via
-    /// [`BrokenWal`].
+    /// I/O and SQLite errors; a break in continuity is a [`BrokenWal`] error, on which the
+    /// caller starts a new generation.
     pub fn step(&mut self) -> Result<Step> {
         if self.poisoned {
             return Err(BrokenWal("an earlier capture step failed half-way".into()).into());
