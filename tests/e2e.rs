@@ -975,6 +975,15 @@ fn e2e_spool_limit() {
         d.log_text()
     );
     let done = w.committed();
+    // A snapshot that disagrees with the captured history is handled (a new generation), but
+    // it must be visible: see docs/RELIABILITY.md.
+    for l in d
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("snapshot check failed"))
+    {
+        eprintln!("e2e_spool_limit: NOTE {l}");
+    }
     d.stop();
     let out = restore_latest(&sb, "restored.db");
     assert_same_db(&sb.db(), &out);

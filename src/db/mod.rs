@@ -614,8 +614,14 @@ impl Db {
     /// count `frames` (the database file overlaid with the newest frame of each page among the
     /// first `frames`). Must run under the pin that validated those frames.
     ///
+    /// A pin that began on a fully checkpointed WAL ("slot 0") still lets one WAL restart
+    /// happen, and a restart overwrites frames from the start of the file: so every frame used
+    /// must carry the salts of the WAL header seen by the last scan, and that header must be
+    /// the same once all pages were read. Otherwise the pages are not a consistent state and
+    /// [`WalMoved`] is returned: the caller captures the new frames and reads again.
+    ///
     /// # Errors
-    /// I/O errors, or an error from `f`.
+    /// I/O errors, [`WalMoved`], or an error from `f`.
     pub fn for_each_page(
         &mut self,
         page_size: u32,
@@ -627,25 +633,38 @@ impl Db {
         let mut latest: HashMap<u32, u64> = HashMap::new();
         let mut fh = [0u8; FRAME_HEADER_SIZE];
         let frame_size = (FRAME_HEADER_SIZE + ps) as u64;
-        if frames > 0 {
+        let expect = if frames > 0 {
+            let h = self
+                .last_header
+                .ok_or_else(|| anyhow!("internal: no WAL header scanned"))?;
             let path = self.wal_path.clone();
             let wal = self
                 .wal_file()?
                 .ok_or_else(|| anyhow!("{} disappeared", path.display()))?;
             for i in 0..frames {
                 if !read_exact_at(wal, &mut fh, WAL_HEADER_SIZE as u64 + i * frame_size)? {
-                    bail!("{} is shorter than expected", path.display());
+                    return Err(WalMoved.into());
+                }
+                let salts = (
+                    u32::from_be_bytes([fh[8], fh[9], fh[10], fh[11]]),
+                    u32::from_be_bytes([fh[12], fh[13], fh[14], fh[15]]),
+                );
+                if salts != (h.salt1, h.salt2) {
+                    return Err(WalMoved.into());
                 }
                 latest.insert(u32::from_be_bytes([fh[0], fh[1], fh[2], fh[3]]), i);
             }
-        }
+            Some(h)
+        } else {
+            None
+        };
         let mut page = vec![0u8; ps];
         for pgno in 1..=db_pages {
             if let Some(&i) = latest.get(&pgno) {
                 let wal = self.wal.as_ref().ok_or_else(|| anyhow!("WAL closed"))?;
                 let off = WAL_HEADER_SIZE as u64 + i * frame_size + FRAME_HEADER_SIZE as u64;
                 if !read_exact_at(wal, &mut page, off)? {
-                    bail!("{} is shorter than expected", self.wal_path.display());
+                    return Err(WalMoved.into());
                 }
             } else {
                 let off = u64::from(pgno - 1) * ps as u64;
@@ -655,9 +674,20 @@ impl Db {
             }
             f(pgno, &page)?;
         }
+        if let Some(h) = expect {
+            let now = self.wal_header()?;
+            if now.map(|n| (n.salt1, n.salt2)) != Some((h.salt1, h.salt2)) {
+                return Err(WalMoved.into());
+            }
+        }
         Ok(())
     }
 }
+
+/// The WAL was restarted while pages were being read from it: what was read is not one state.
+#[derive(Debug, thiserror::Error)]
+#[error("the WAL was restarted while walship read the database; reading again")]
+pub struct WalMoved;
 
 /// Reads exactly `buf.len()` bytes at `off`; Ok(false) if the file ends first.
 fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<bool> {

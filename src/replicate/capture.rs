@@ -19,7 +19,7 @@
 
 use super::spool::{Key, Spool};
 use super::state::Kv;
-use crate::db::{Db, WalCommit, WalPos, WalState};
+use crate::db::{Db, WalCommit, WalMoved, WalPos, WalState};
 use crate::layout::checksum::PageHashes;
 use crate::layout::codec::{Commit, Encoder, Kind};
 use crate::layout::names::{FileName, GenerationId};
@@ -423,23 +423,32 @@ impl Capture {
             rand: rand::random(),
         };
         warn!(generation = %generation, "starting a new generation: {why}");
-        let (end, db_pages, page_size) = self.db.current_end()?;
-        if db_pages == 0 {
-            bail!(
-                "{} is empty (0 pages): nothing to replicate yet",
-                self.db.path().display()
-            );
+        let mut attempt = 0;
+        loop {
+            let (end, db_pages, page_size) = self.db.current_end()?;
+            if db_pages == 0 {
+                bail!(
+                    "{} is empty (0 pages): nothing to replicate yet",
+                    self.db.path().display()
+                );
+            }
+            self.page_size = page_size;
+            self.pos = end;
+            self.at = Captured {
+                generation,
+                txid: 1,
+                time_ms: now_ms(),
+                db_checksum: 0,
+                db_pages,
+            };
+            match self.write_snapshot() {
+                // The WAL restarted under the read (a slot-0 pin allows one restart): the
+                // next read, of the new WAL, cannot be disturbed again.
+                Err(e) if e.is::<WalMoved>() && attempt < 5 => attempt += 1,
+                Err(e) => return Err(e),
+                Ok(()) => break,
+            }
         }
-        self.page_size = page_size;
-        self.pos = end;
-        self.at = Captured {
-            generation,
-            txid: 1,
-            time_ms: now_ms(),
-            db_checksum: 0,
-            db_pages,
-        };
-        self.write_snapshot()?;
         self.poisoned = false;
         Ok(())
     }
@@ -450,6 +459,7 @@ impl Capture {
         let frames = self.pos.map_or(0, |p| p.frames);
         let db_pages = self.at.db_pages;
         let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
+        let _cleanup = RemoveOnDrop(tmp.clone());
         let mut enc = Encoder::new(
             BufWriter::with_capacity(1 << 20, f),
             Kind::Snapshot,
@@ -466,7 +476,6 @@ impl Capture {
         hashes.set_size(db_pages);
         let checksum = hashes.db_checksum();
         if self.at.db_checksum != 0 && self.at.txid > 1 && checksum != self.at.db_checksum {
-            let _ = std::fs::remove_file(&tmp);
             let a = hashes.as_slice();
             let b = self.hashes.as_slice();
             let differ = (0..a.len().max(b.len()))
@@ -507,8 +516,14 @@ impl Capture {
     /// # Errors
     /// Database, WAL or spool errors.
     pub fn snapshot(&mut self) -> Result<()> {
-        self.step()?;
-        self.write_snapshot()
+        let mut attempt = 0;
+        loop {
+            self.step()?;
+            match self.write_snapshot() {
+                Err(e) if e.is::<WalMoved>() && attempt < 5 => attempt += 1,
+                other => return other,
+            }
+        }
     }
 
     /// One merged commit for frames after `from` up to `end` (used when resuming).
