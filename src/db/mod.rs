@@ -8,6 +8,9 @@
 //!   overwritten, and at most one restart can happen while only a slot-0 pin is held, and only
 //!   after every frame of the old WAL was already captured. So a WAL whose salt-1 is exactly one
 //!   more than the one walship knows is a continuation; anything else breaks continuity.
+//!   That one restart does overwrite frames walship already captured: reads of the whole state
+//!   ([`Db::for_each_page`], for snapshots) check every frame's salts and the header afterwards
+//!   and report [`WalMoved`], and capture re-verifies each frame's checksum as it reads it.
 //! - walship checkpoints only after capturing ([`Db::lock_writes`] takes SQLite's WAL write
 //!   lock, the tail is captured, pins are dropped, a PASSIVE checkpoint runs, a new pin begins,
 //!   the write lock is released). PASSIVE never waits on readers, and writers wait only for
