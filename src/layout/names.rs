@@ -198,6 +198,38 @@ impl FileName {
         Err(bad_name(name, "not a snapshot or segment file name"))
     }
 
+    /// The first txid the file holds (a snapshot holds just its own).
+    pub fn first_txid(&self) -> u64 {
+        match *self {
+            FileName::Snapshot { txid, .. } => txid,
+            FileName::Segment { first, .. } => first,
+        }
+    }
+
+    /// The last txid the file holds: the state it leaves the database in.
+    pub fn last_txid(&self) -> u64 {
+        match *self {
+            FileName::Snapshot { txid, .. } => txid,
+            FileName::Segment { last, .. } => last,
+        }
+    }
+
+    /// Capture time of the first commit the file holds.
+    pub fn first_ms(&self) -> u64 {
+        match *self {
+            FileName::Snapshot { time_ms, .. } => time_ms,
+            FileName::Segment { first_ms, .. } => first_ms,
+        }
+    }
+
+    /// Capture time of the last commit the file holds.
+    pub fn last_ms(&self) -> u64 {
+        match *self {
+            FileName::Snapshot { time_ms, .. } => time_ms,
+            FileName::Segment { last_ms, .. } => last_ms,
+        }
+    }
+
     /// Whether every field fits its fixed width (times below 2^48, level <= 9), i.e. whether
     /// `parse(&self.to_string())` gives `self` back.
     pub fn is_valid(&self) -> bool {

@@ -313,11 +313,7 @@ impl Capture {
     /// differs from `saved`, following the same save-then-publish protocol as segments.
     /// Returns the number of pages shipped.
     fn write_diff(&mut self, saved: &PageHashes, db_pages: u32) -> Result<u64> {
-        let r = self.write_diff_inner(saved, db_pages);
-        if r.is_err() {
-            self.poisoned = true;
-        }
-        r
+        self.poison_on_err(|c| c.write_diff_inner(saved, db_pages))
     }
 
     /// Starts a segment in the spool, remembering the state before it.
@@ -603,7 +599,12 @@ impl Capture {
         end: &WalPos,
         per_commit: bool,
     ) -> Result<()> {
-        let r = self.write_segments_inner(from, commits, end, per_commit);
+        self.poison_on_err(|c| c.write_segments_inner(from, commits, end, per_commit))
+    }
+
+    /// Runs `f`; if it fails, memory may be ahead of the spool, so the capture is poisoned.
+    fn poison_on_err<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let r = f(self);
         if r.is_err() {
             self.poisoned = true;
         }

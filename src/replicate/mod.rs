@@ -292,10 +292,14 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
                 }
             }
         }
-        if let Err(e) = gc_spool(&spool, &shared, settings.spool_limit) {
-            warn!("spool maintenance failed: {e:#}");
-        }
-        let (line, caught_up) = status(&cap, &shared, &spool);
+        let spooled = match gc_spool(&spool, &shared, settings.spool_limit) {
+            Ok(files) => files,
+            Err(e) => {
+                warn!("spool maintenance failed: {e:#}");
+                spool.list().unwrap_or_default()
+            }
+        };
+        let (line, caught_up) = status(&cap, &shared, &spooled);
         if line != status_line {
             notifier.status(&line);
             write_status(&settings.state_dir, &line);
@@ -324,7 +328,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     for h in threads {
         let _ = h.join();
     }
-    let (line, _) = status(&cap, &shared, &spool);
+    let (line, _) = status(&cap, &shared, &spool.list().unwrap_or_default());
     write_status(&settings.state_dir, &line);
     if let Err(e) = cap.save_hashes() {
         warn!("{e:#}: the next start may need a full snapshot");
@@ -401,14 +405,15 @@ fn position(cap: &Capture) -> String {
     format!("{}/{}", cap.at.generation, cap.at.txid)
 }
 
-/// Deletes spooled files every replica has, then enforces the spool limit.
-fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<()> {
+/// Deletes spooled files every replica has, then enforces the spool limit; returns what is left.
+fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<Vec<spool::SpoolFile>> {
     let positions: Vec<Option<spool::Key>> =
         shared.lock().replicas.iter().map(|r| r.position).collect();
     let files = spool.list()?;
     let min = positions.iter().copied().min().flatten();
     let mut total = 0u64;
     let mut keep = Vec::new();
+    let mut dropped = Vec::new();
     for f in files {
         if min.is_some_and(|m| f.key() <= m) {
             spool.remove(&f)?;
@@ -434,17 +439,18 @@ fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<()> {
             warn!(error_kind = "spool-limit", "spool over its limit ({total} > {limit} bytes): dropping {} — lagging replicas will resynchronise from a snapshot", f.name);
             spool.remove(f)?;
             total -= f.size;
+            dropped.push(f.key());
         }
     }
-    Ok(())
+    keep.retain(|f| !dropped.contains(&f.key()));
+    Ok(keep)
 }
 
 /// The one-line status, and whether every replica is settled: it holds everything captured,
 /// or it is known to be failing. A replica that is both counts once, so READY still waits for
 /// every reachable replica that has not caught up.
-fn status(cap: &Capture, shared: &Shared, spool: &Spool) -> (String, bool) {
+fn status(cap: &Capture, shared: &Shared, files: &[spool::SpoolFile]) -> (String, bool) {
     let now = now_ms();
-    let files = spool.list().unwrap_or_default();
     let g = shared.lock();
     let n = g.replicas.len();
     let mut ok = 0;
@@ -462,10 +468,7 @@ fn status(cap: &Capture, shared: &Shared, spool: &Spool) -> (String, bool) {
             let first_missing = files
                 .iter()
                 .find(|f| r.position.is_none_or(|p| f.key() > p))
-                .map(|f| match f.name {
-                    crate::layout::names::FileName::Snapshot { time_ms, .. } => time_ms,
-                    crate::layout::names::FileName::Segment { first_ms, .. } => first_ms,
-                })
+                .map(|f| f.name.first_ms())
                 .unwrap_or(cap.at.time_ms);
             max_lag = max_lag.max(now.saturating_sub(first_missing));
         }

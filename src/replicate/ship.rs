@@ -222,10 +222,7 @@ impl Shipper {
                 let batch = self.batch_after(&f, &files);
                 let sent = self.upload_batch(&batch)?;
                 let last = batch.last().unwrap_or(&f);
-                let time_ms = match last.name {
-                    FileName::Snapshot { time_ms, .. } => time_ms,
-                    FileName::Segment { last_ms, .. } => last_ms,
-                };
+                let time_ms = last.name.last_ms();
                 pos = Some((last.key(), time_ms));
                 let mut kv = Kv::default();
                 kv.set("generation", last.generation)

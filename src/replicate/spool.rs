@@ -26,17 +26,10 @@ pub struct Key {
 impl Key {
     /// The key of `name` in `generation`.
     pub fn of(generation: GenerationId, name: &FileName) -> Key {
-        match *name {
-            FileName::Snapshot { txid, .. } => Key {
-                generation,
-                last: txid,
-                rank: 1,
-            },
-            FileName::Segment { last, .. } => Key {
-                generation,
-                last,
-                rank: 0,
-            },
+        Key {
+            generation,
+            last: name.last_txid(),
+            rank: u8::from(matches!(name, FileName::Snapshot { .. })),
         }
     }
 }

@@ -151,25 +151,12 @@ fn reader(
 
 /// The txid a plan stops at, resolving a time to the newest commit at or before it.
 fn stop_txid(t: &dyn Target, plan: &Plan) -> Result<u64> {
-    let chain_end = plan.segments.last().map_or_else(
-        || match plan.snapshot {
-            FileName::Snapshot { txid, .. } => txid,
-            FileName::Segment { last, .. } => last,
-        },
-        |s| match s {
-            FileName::Segment { last, .. } => *last,
-            FileName::Snapshot { txid, .. } => *txid,
-        },
-    );
+    let chain_end = plan.segments.last().unwrap_or(&plan.snapshot).last_txid();
     match plan.stop {
         Stop::Latest => Ok(chain_end),
         Stop::Txid(x) => Ok(x),
         Stop::TimeMs(ms) => {
-            let snap_txid = match plan.snapshot {
-                FileName::Snapshot { txid, .. } => txid,
-                FileName::Segment { last, .. } => last,
-            };
-            let mut best = snap_txid;
+            let mut best = plan.snapshot.last_txid();
             for s in &plan.segments {
                 if let FileName::Segment {
                     first_ms,
@@ -321,10 +308,7 @@ fn apply(
                     );
                 }
                 page_size = ps;
-                let first = match f {
-                    FileName::Snapshot { txid, .. } => txid,
-                    FileName::Segment { first, .. } => first,
-                };
+                let first = f.first_txid();
                 if let Some(a) = applied {
                     if first > a + 1 {
                         bail!(
