@@ -393,15 +393,13 @@ impl Shipper {
         let Some(first) = later.first().copied() else {
             // Nothing spooled after us: fine if we hold the head, else (a replica added while
             // walship was stopped, or one whose files were dropped) we need a snapshot.
-            let mut g = self.shared.lock();
             let behind = match (head, pos) {
                 (Some(h), Some(p)) => p.generation != h.generation || p.last < h.last,
                 (Some(_), None) => true,
                 (None, _) => false,
             };
-            if behind && !g.snapshot_wanted {
-                warn!(replica = %g.replicas[self.idx].name, "replica is behind and nothing newer is spooled; asking for a fresh snapshot");
-                g.snapshot_wanted = true;
+            if behind {
+                self.want_snapshot("replica is behind and nothing newer is spooled");
             }
             return None;
         };
@@ -422,12 +420,22 @@ impl Shipper {
             warn!(replica = %self.name(), "replica missed spooled files (spool limit or a new replica); resynchronising from snapshot {}", s.name);
             return Some((*s).clone());
         }
-        let mut g = self.shared.lock();
-        if !g.snapshot_wanted {
-            warn!(replica = %g.replicas[self.idx].name, "replica is missing files that are no longer spooled; asking for a fresh snapshot");
-            g.snapshot_wanted = true;
-        }
+        self.want_snapshot("replica is missing files that are no longer spooled");
         None
+    }
+
+    /// Asks the main loop for a fresh snapshot, and wakes it: an idle main loop sleeps until
+    /// the snapshot interval, so without the wake a lagging replica would wait that long
+    /// (this was a CI failure: the wake after the previous upload had already been consumed).
+    fn want_snapshot(&self, why: &str) {
+        let mut g = self.shared.lock();
+        if g.snapshot_wanted {
+            return; // asked already; the main loop has not taken it yet
+        }
+        warn!(replica = %g.replicas[self.idx].name, "{why}; asking for a fresh snapshot");
+        g.snapshot_wanted = true;
+        drop(g);
+        let _ = self.wake.send(super::Msg::Progress);
     }
 
     /// Checks or writes the marker, and removes temporary files an earlier run left.
