@@ -49,6 +49,19 @@ pub struct WalPos {
     pub page_size: u32,
 }
 
+/// SQLite's view of the WAL from its wal-index (see [`Db::wal_index`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalIndexHint {
+    /// Valid frames in the WAL (`mxFrame`).
+    pub frames: u32,
+    /// Salts of the WAL those frames belong to (as [`WalPos`] holds them).
+    pub salt1: u32,
+    /// Second salt.
+    pub salt2: u32,
+    /// Frames already copied into the database (`nBackfill`).
+    pub backfilled: u32,
+}
+
 impl WalPos {
     /// The position at the start of a WAL with header `h`.
     pub fn start(h: &WalHeader) -> Self {
@@ -255,6 +268,27 @@ impl Db {
         self.begin_pin(new)?;
         self.end_pin(old)?;
         Ok(())
+    }
+
+    /// What SQLite's wal-index says of the current WAL, read without any lock: a hint for
+    /// deciding how to capture, never used for what is captured. `None` when the two header
+    /// copies disagree (a writer is updating them) or the index cannot be read.
+    pub fn wal_index(&self) -> Option<WalIndexHint> {
+        // Two copies of the 48-byte header, then the checkpoint info (nBackfill first); all in
+        // native byte order.
+        let mut b = [0u8; 100];
+        if !read_exact_at(&self.shm, &mut b, 0).ok()? || b[..48] != b[48..96] {
+            return None;
+        }
+        let u = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        // The salts are the WAL header's bytes, copied as they are (big-endian).
+        let be = |o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        Some(WalIndexHint {
+            frames: u(16),
+            salt1: be(32),
+            salt2: be(36),
+            backfilled: u(96),
+        })
     }
 
     fn shm_lock(&self, kind: i16, wait: bool) -> std::io::Result<bool> {
@@ -704,4 +738,44 @@ fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<bool> {
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wal-index hint agrees with the WAL itself: frame count and salts while a writer
+    /// appends, `backfilled` after a checkpoint, and a restart shows as new salts.
+    #[test]
+    fn wal_index_hint_matches_the_wal() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("t.db");
+        let app = rusqlite::Connection::open(&p)?;
+        app.pragma_update(None, "journal_mode", "wal")?;
+        app.pragma_update(None, "wal_autocheckpoint", 0)?;
+        app.execute_batch("create table t(x); insert into t values (randomblob(5000));")?;
+        let mut db = Db::open(&p)?;
+        db.rotate_pin()?;
+        for _ in 0..20 {
+            app.execute("insert into t values (randomblob(3000))", [])?;
+        }
+        let (Some(end), _, _) = db.current_end()? else {
+            bail!("no WAL after 21 commits");
+        };
+        let h = db.wal_index().context("no wal-index hint")?;
+        assert_eq!(u64::from(h.frames), end.frames);
+        assert_eq!((h.salt1, h.salt2), (end.salt1, end.salt2));
+        assert!(h.backfilled < h.frames);
+        assert!(db.lock_writes(Duration::from_secs(1))?);
+        let (log, done) = db.checkpoint_locked()?;
+        assert_eq!(log, done);
+        let h2 = db.wal_index().context("no wal-index hint")?;
+        assert_eq!((h2.frames, h2.backfilled), (h.frames, h.frames));
+        // The next writer restarts the WAL from its start, with new salts.
+        app.execute("insert into t values (1)", [])?;
+        let h3 = db.wal_index().context("no wal-index hint")?;
+        assert!(h3.frames < h.frames, "{h3:?} after {h:?}");
+        assert_ne!((h3.salt1, h3.salt2), (h.salt1, h.salt2));
+        Ok(())
+    }
 }

@@ -111,8 +111,6 @@ pub struct Capture {
     /// Set when a step failed half-way (memory ahead of the spool): the next step starts a
     /// new generation instead of guessing.
     poisoned: bool,
-    /// Frames the last step captured (see [`Capture::is_hot`]).
-    last_step_frames: u64,
 }
 
 /// What one capture step did.
@@ -155,7 +153,6 @@ impl Capture {
             hashes: PageHashes::new(4096),
             checkpointed_at: None,
             poisoned: false,
-            last_step_frames: 0,
         };
         match saved {
             None => cap.new_generation("no previous state")?,
@@ -575,7 +572,6 @@ impl Capture {
             },
             WalState::Restarted { commits, end } => (restart_pos(header)?, commits, end),
         };
-        self.last_step_frames = end.frames.saturating_sub(from.frames);
         if commits.is_empty() {
             if from.frames == 0 {
                 self.pos = Some(end);
@@ -583,7 +579,14 @@ impl Capture {
             return Ok(Step::Idle);
         }
         let n = commits.len() as u64;
+        let t0 = std::time::Instant::now();
         self.write_segments(&from, &commits, &end, true)?;
+        tracing::trace!(
+            commits = n,
+            frames = end.frames.saturating_sub(from.frames),
+            ms = t0.elapsed().as_millis() as u64,
+            "captured"
+        );
         Ok(Step::Captured(n))
     }
 
@@ -732,10 +735,29 @@ impl Capture {
         self.checkpoint_now(threshold, false)
     }
 
-    /// True when the last step captured at least `threshold` frames: the writer outruns
-    /// capture, and the next round should capture under the write lock.
+    /// True when the WAL holds at least twice `threshold` frames (as SQLite's wal-index says),
+    /// some of them not yet captured nor checkpointed: the writer outruns capture, and this
+    /// round should capture under the write lock. Deciding on the WAL's size before capturing,
+    /// rather than on what the last round captured, is what bounds the WAL: an unlocked round
+    /// never starts on more than `2 × threshold` frames, so the writer can add only what it
+    /// writes while that much is captured.
     pub fn is_hot(&self, threshold: u32) -> bool {
-        self.last_step_frames >= u64::from(threshold)
+        let Some(h) = self.db.wal_index() else {
+            return false;
+        };
+        h.frames >= threshold.saturating_mul(2) && h.backfilled < h.frames && !self.holds(&h)
+    }
+
+    /// True if the capture position is at the end of the WAL SQLite's wal-index describes.
+    fn holds(&self, h: &crate::db::WalIndexHint) -> bool {
+        self.pos.is_some_and(|p| {
+            (p.salt1, p.salt2) == (h.salt1, h.salt2) && p.frames >= u64::from(h.frames)
+        })
+    }
+
+    /// True unless the wal-index shows frames beyond the capture position.
+    fn captured_all(&self) -> bool {
+        self.db.wal_index().is_none_or(|h| self.holds(&h))
     }
 
     /// Captures under the write lock and checkpoints, whatever the WAL's size; see
@@ -744,22 +766,22 @@ impl Capture {
     /// # Errors
     /// Capture or SQLite errors.
     pub fn checkpoint_now(&mut self, threshold: u32, hot: bool) -> Result<bool> {
-        let over = if hot {
-            u64::MAX
-        } else {
-            self.wal_frames() / u64::from(threshold.max(1))
-        };
-        // Copy most frames without holding anything the application waits for, then hold the
-        // write lock only to capture the tail and copy it. A WAL far past the threshold means
-        // the writer outruns walship: then everything happens under the lock, which holds the
-        // writer back until the WAL is reset (within its busy timeout).
-        if over < 4 {
+        // Normally: copy most frames without holding anything the application waits for, then
+        // hold the write lock briefly (an application writer may keep it: then next round) only
+        // to capture the tail and copy it. Hot (the writer outruns capture): everything under
+        // the lock, waiting for it as long as a busy writer needs to leave a gap; holding it
+        // holds the writer back (within its busy timeout) until the WAL is reset.
+        // A writer that appended since the last step is active: the copy (and its fsyncs)
+        // would give it time to grow the WAL, so everything happens under the lock.
+        let mut hot = hot || !self.captured_all();
+        if !hot {
+            let t = std::time::Instant::now();
             self.db.checkpoint_passive()?;
+            tracing::trace!(ms = t.elapsed().as_millis() as u64, "passive");
+            // A writer that grew the WAL meanwhile is outrunning us, and must now be waited for.
+            hot = self.is_hot(threshold);
         }
-        // Waiting for the lock competes with the application's writers, so wait briefly while
-        // the WAL is small, and longer as it grows (a busy writer leaves only short gaps).
-        let wait =
-            Duration::from_millis(over.saturating_mul(over).saturating_mul(20).clamp(20, 2000));
+        let wait = Duration::from_millis(if hot { 2000 } else { 20 });
         if !self.db.lock_writes(wait)? {
             return Ok(false);
         }

@@ -344,7 +344,14 @@ fn kick(shared: &Shared) {
 }
 
 fn kick_head(shared: &Shared, cap: &Capture) {
-    shared.lock().head = Some(cap.key());
+    {
+        let mut g = shared.lock();
+        let key = Some(cap.key());
+        if g.head != key {
+            g.head = key;
+            g.head_moved = Some(Instant::now());
+        }
+    }
     kick(shared);
 }
 
@@ -365,18 +372,14 @@ fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Res
 }
 
 fn capture_round_inner(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
-    // A writer that outran the last step is held back: this round captures under the write
-    // lock and resets the WAL, which is what bounds the WAL under a bulk load.
+    // A writer that outruns capture is held back: this round captures under the write lock
+    // and resets the WAL, which is what bounds the WAL under a bulk load.
     if cap.is_hot(settings.checkpoint_pages)
         && cap.checkpoint_now(settings.checkpoint_pages, true)?
     {
         cap.rotate_pin()?;
         kick_head(shared, cap);
         return Ok(());
-    }
-    // A WAL already past the threshold is checkpointed before capturing more.
-    if cap.maybe_checkpoint(settings.checkpoint_pages)? {
-        kick_head(shared, cap);
     }
     let r = cap.step()?;
     cap.rotate_pin()?;

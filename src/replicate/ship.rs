@@ -34,6 +34,9 @@ use tracing::{error, info, warn};
 /// Longest wait between two attempts against a failing replica.
 pub const MAX_BACKOFF: Duration = Duration::from_millis(3000);
 
+/// How long the database must go without new commits before a replica is compacted.
+pub const COMPACT_WHEN_QUIET: Duration = Duration::from_secs(1);
+
 /// What the rest of walship knows about one replica.
 #[derive(Debug, Clone, Default)]
 pub struct ReplicaStatus {
@@ -74,6 +77,9 @@ pub struct Inner {
     /// The newest captured position (set before shippers start, updated after each capture
     /// round, always after the files it covers were spooled).
     pub head: Option<Key>,
+    /// When `head` last moved: compaction waits until the database has been quiet for
+    /// [`COMPACT_WHEN_QUIET`], so that it never competes with capture for CPU and disk.
+    pub head_moved: Option<Instant>,
 }
 
 impl Shared {
@@ -174,6 +180,8 @@ impl Shipper {
         let mut failures: u32 = 0;
         let mut remote: Option<(GenerationId, Vec<FileName>)> = None;
         let mut last_retention = Instant::now() - Duration::from_secs(3600);
+        // Set while compaction waits for the database to be quiet.
+        let mut compact_after: Option<Instant> = None;
         loop {
             // Work out the next file, or wait.
             // The head is read before listing the spool, so that every file it covers is in
@@ -207,6 +215,17 @@ impl Shipper {
                             remote = Some((k.generation, self.remote_files(&k.generation)?));
                         }
                     }
+                    let busy = self
+                        .shared
+                        .lock()
+                        .head_moved
+                        .map(|t| t + COMPACT_WHEN_QUIET)
+                        .filter(|t| *t > Instant::now());
+                    if busy.is_some() {
+                        compact_after = busy;
+                        return Ok(false);
+                    }
+                    compact_after = None;
                     if let Some((g, files)) = remote.as_mut() {
                         if self.compact(g, files)? {
                             // More may be due; new spooled files still come first.
@@ -258,10 +277,13 @@ impl Shipper {
                     self.set_error(None);
                     let g = self.shared.lock();
                     if g.version == version && !g.stopping {
+                        let timeout = compact_after.map_or(Duration::from_secs(300), |t| {
+                            t.saturating_duration_since(Instant::now())
+                        });
                         let _ = self
                             .shared
                             .cv
-                            .wait_timeout(g, Duration::from_secs(300))
+                            .wait_timeout(g, timeout)
                             .map(|(g, _)| drop(g));
                     }
                 }

@@ -105,10 +105,15 @@ impl Spool {
         let mut out = Vec::new();
         for g in self.generations()? {
             let gdir = self.dir.join(g.to_string());
-            for ent in
-                fs::read_dir(&gdir).with_context(|| format!("cannot list {}", gdir.display()))?
-            {
-                let ent = ent?;
+            let entries = match fs::read_dir(&gdir) {
+                Ok(e) => e,
+                // The main loop removes a generation every replica holds: a shipper listing
+                // at that moment must not see an error (it would back off for nothing).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("cannot list {}", gdir.display())),
+            };
+            for ent in entries {
+                let ent = ent.with_context(|| format!("cannot list {}", gdir.display()))?;
                 let Some(name) = ent
                     .file_name()
                     .to_str()
