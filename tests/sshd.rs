@@ -110,8 +110,11 @@ pub fn fingerprint(pubkey: &Path) -> String {
 
 /// A running test sshd.
 pub struct Sshd {
-    /// The loopback port it listens on.
+    /// The port it listens on.
     pub port: u16,
+    /// The address it listens on: 127.0.0.1, or its namespace's end of the link.
+    pub addr: String,
+    /// The network namespace it runs in ([`Sshd::start_in_netns`]), removed after sshd.
     /// Holds config, keys, known_hosts and the log.
     pub dir: tempfile::TempDir,
     /// The client private key authorized for `replicator`.
@@ -125,12 +128,26 @@ pub struct Sshd {
     config: PathBuf,
     log: PathBuf,
     child: Mutex<Option<Child>>,
+    pub netns: Option<crate::netns::Netns>,
 }
 
 impl Sshd {
-    /// Starts sshd on a free port; panics with sshd's log if it does not come up.
+    /// Starts sshd on a free loopback port; panics with sshd's log if it does not come up.
     pub fn start() -> Sshd {
+        Sshd::start_at(None)
+    }
+
+    /// Starts sshd inside a network namespace of its own (ALPHA behind a veth link the test
+    /// can cut, blackhole, make lossy or slow through [`Sshd::netns`]).
+    pub fn start_in_netns() -> Sshd {
+        Sshd::start_at(Some(crate::netns::Netns::new()))
+    }
+
+    fn start_at(netns: Option<crate::netns::Netns>) -> Sshd {
         layout();
+        let addr = netns
+            .as_ref()
+            .map_or_else(|| "127.0.0.1".to_owned(), |n| n.ns_ip.clone());
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         keygen(&d.join("host_ed25519"), "ed25519", "");
@@ -152,7 +169,7 @@ impl Sshd {
         fs::write(
             &config,
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile none\nUsePAM yes\n\
+                "Port {port}\nListenAddress {addr}\nHostKey {host}\nPidFile none\nUsePAM yes\n\
                  LogLevel VERBOSE\nSubsystem sftp internal-sftp\nMaxStartups 100\n\
                  Match User replicator\n\tAuthorizedKeysFile {auth}/authorized_keys_%u\n\
                  Include {dropin}\n",
@@ -169,9 +186,11 @@ impl Sshd {
         let pubkey = fs::read_to_string(&host_pub).expect("host pub");
         let mut it = pubkey.split_whitespace();
         let (t, b) = (it.next().expect("type"), it.next().expect("blob"));
-        fs::write(&known_hosts, format!("[127.0.0.1]:{port} {t} {b}\n")).expect("known_hosts");
+        fs::write(&known_hosts, format!("[{addr}]:{port} {t} {b}\n")).expect("known_hosts");
         let s = Sshd {
             port,
+            addr,
+            netns,
             client_key: d.join("client_ed25519"),
             known_hosts,
             host_pub,
@@ -201,7 +220,16 @@ impl Sshd {
             .append(true)
             .open(&self.log)
             .expect("sshd log");
-        let child = Command::new("/usr/sbin/sshd")
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs sshd: the child's pid is sshd's.
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &n.name, "/usr/sbin/sshd"]);
+                c
+            }
+            None => Command::new("/usr/sbin/sshd"),
+        };
+        let child = cmd
             .args(["-D", "-e", "-f"])
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -213,7 +241,7 @@ impl Sshd {
         *self.child.lock().expect("lock") = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+            if let Ok(mut s) = TcpStream::connect((self.addr.as_str(), self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut b = [0u8; 4];
                 if s.read_exact(&mut b).is_ok() && &b == b"SSH-" {
@@ -308,8 +336,11 @@ impl Sshd {
 
     /// `sftp://replicator@127.0.0.1:<port>/<path>`.
     pub fn url(&self, path: &str) -> SftpUrl {
-        SftpUrl::parse(&format!("sftp://replicator@127.0.0.1:{}/{path}", self.port))
-            .expect("test URL")
+        SftpUrl::parse(&format!(
+            "sftp://replicator@{}:{}/{path}",
+            self.addr, self.port
+        ))
+        .expect("test URL")
     }
 
     /// Options for `path` with the harness's client key and known_hosts.

@@ -5,6 +5,7 @@ mod daemon_notify;
 mod e2e;
 mod e2e_sftp;
 mod generator;
+mod netns;
 mod notify;
 mod packaging;
 mod sshd;

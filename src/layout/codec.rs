@@ -234,6 +234,12 @@ impl<W: Write> Encoder<W> {
         })
     }
 
+    /// Compresses with `n` worker threads (for large files: snapshots); the output is the same
+    /// format, one zstd frame.
+    pub fn workers(&mut self, n: u32) -> io::Result<()> {
+        self.z.multithread(n)
+    }
+
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.z.write_all(bytes)?;
         self.hasher.update(bytes);

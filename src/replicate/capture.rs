@@ -459,6 +459,12 @@ impl Capture {
             self.page_size,
             ZSTD_LEVEL,
         )?;
+        // Snapshots are large and rare: compress on every core (the database file is read on
+        // this thread meanwhile).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        if cores > 1 {
+            enc.workers(cores as u32)?;
+        }
         let mut hashes = PageHashes::new(self.page_size);
         self.db
             .for_each_page(self.page_size, frames, db_pages, |pgno, data| {

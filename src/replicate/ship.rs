@@ -29,13 +29,19 @@ use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Longest wait between two attempts against a failing replica.
 pub const MAX_BACKOFF: Duration = Duration::from_millis(3000);
 
-/// How long the database must go without new commits before a replica is compacted.
+/// How often an idle shipper sweeps the replica for temporary files (see `remove_temps`).
+pub const TEMP_SWEEP: Duration = Duration::from_secs(60);
+
+/// How long the database must go without new commits before a replica is compacted...
 pub const COMPACT_WHEN_QUIET: Duration = Duration::from_secs(1);
+
+/// ...but a database that is never quiet still gets compacted this often.
+pub const COMPACT_MAX_DEFER: Duration = Duration::from_secs(10);
 
 /// What the rest of walship knows about one replica.
 #[derive(Debug, Clone, Default)]
@@ -180,8 +186,10 @@ impl Shipper {
         let mut failures: u32 = 0;
         let mut remote: Option<(GenerationId, Vec<FileName>)> = None;
         let mut last_retention = Instant::now() - Duration::from_secs(3600);
-        // Set while compaction waits for the database to be quiet.
+        let mut last_sweep = Instant::now();
+        // Set while compaction waits for the database to be quiet, and since when it waits.
         let mut compact_after: Option<Instant> = None;
+        let mut deferred_since: Option<Instant> = None;
         loop {
             // Work out the next file, or wait.
             // The head is read before listing the spool, so that every file it covers is in
@@ -199,6 +207,12 @@ impl Shipper {
                 let g = self.shared.lock();
                 if g.stopping && (next.is_none() || g.deadline.is_some_and(|d| Instant::now() >= d))
                 {
+                    drop(g);
+                    if prepared && next.is_none() {
+                        if let Err(e) = self.remove_temps() {
+                            debug!(replica = %self.name(), "temporary files not swept at stop: {e:#}");
+                        }
+                    }
                     return;
                 }
                 g.version
@@ -215,20 +229,31 @@ impl Shipper {
                             remote = Some((k.generation, self.remote_files(&k.generation)?));
                         }
                     }
-                    let busy = self
+                    if last_sweep.elapsed() > TEMP_SWEEP {
+                        last_sweep = Instant::now();
+                        self.remove_temps()?;
+                    }
+                    // Compaction waits for the database to be quiet, but not for ever: a
+                    // database that is never quiet is compacted at least every
+                    // COMPACT_MAX_DEFER.
+                    let now = Instant::now();
+                    let since = *deferred_since.get_or_insert(now);
+                    let quiet_at = self
                         .shared
                         .lock()
                         .head_moved
-                        .map(|t| t + COMPACT_WHEN_QUIET)
-                        .filter(|t| *t > Instant::now());
-                    if busy.is_some() {
-                        compact_after = busy;
-                        return Ok(false);
+                        .map(|t| t + COMPACT_WHEN_QUIET);
+                    if let Some(q) = quiet_at.filter(|q| *q > now) {
+                        if now < since + COMPACT_MAX_DEFER {
+                            compact_after = Some(q.min(since + COMPACT_MAX_DEFER));
+                            return Ok(false);
+                        }
                     }
                     compact_after = None;
                     if let Some((g, files)) = remote.as_mut() {
                         if self.compact(g, files)? {
-                            // More may be due; new spooled files still come first.
+                            // More may be due (once overdue, compaction goes on until done);
+                            // new spooled files still come first.
                             return Ok(true);
                         }
                         if last_retention.elapsed() > Duration::from_secs(600) {
@@ -236,6 +261,7 @@ impl Shipper {
                             self.retain(g)?;
                         }
                     }
+                    deferred_since = None;
                     return Ok(false);
                 };
                 let batch = self.batch_after(&f, &files);
@@ -491,6 +517,16 @@ impl Shipper {
             }
             Err(e) => return Err(e.into()),
         }
+        self.remove_temps()
+    }
+
+    /// Removes temporary files of interrupted uploads from every generation. Safe whenever
+    /// this shipper is not uploading: it is the replica's only writer. Run at start, after
+    /// every error, every [`TEMP_SWEEP`] while idle and at a clean stop, because a connection
+    /// that was cut can still deliver an upload's first requests to the server after the
+    /// reconnection's sweep (found with a blackholed link: the old TCP connection's queued
+    /// data reached the old server session once the link healed).
+    fn remove_temps(&self) -> Result<()> {
         for g in self.target.list(GENERATIONS_DIR)? {
             if g.is_dir && g.name.parse::<GenerationId>().is_ok() {
                 let n = self
