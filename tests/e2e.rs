@@ -1132,3 +1132,109 @@ fn e2e_state_disk_full() {
     drop(disk);
     eprintln!("e2e_state_disk_full: {:?}", t0.elapsed());
 }
+
+/// The database changing shape under walship: a VACUUM that shrinks it while replicating; its
+/// page size changed while walship is stopped; the file replaced by a rename and then deleted
+/// and created anew while walship runs. Each is detected and explained in the log, handled
+/// with a new generation where continuity is gone, and the restore equals the source each time.
+#[test]
+fn e2e_db_changes() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    let db = sb.db();
+    // Waits until the replica restores to exactly the source (the status alone may still show
+    // the state before the last change was seen).
+    let caught_up_to_source = |d: &mut Daemon, what: &str, name: &str| {
+        let out = sb.path(name);
+        let want = logical_bytes(&db);
+        poll(what, 15 * SEC, || {
+            d.assert_running();
+            let _ = fs::remove_file(&out);
+            let r = restore(&out, &sb.replica_url(), &[]);
+            (r.status.success() && logical_bytes(&out) == want).then_some(())
+        });
+        assert_same_db(&db, &out);
+        eprintln!("e2e_db_changes: {what}: equal");
+    };
+    sqlite3(&db, "create table t(id integer primary key, v);");
+    let mut d = start(&sb);
+    sqlite3(
+        &db,
+        "with recursive n(i) as (select 1 union all select i+1 from n where i < 3000) \
+         insert into t(v) select randomblob(2000) from n;",
+    );
+    caught_up_to_source(&mut d, "3000 rows", "a.db");
+
+    // 1. VACUUM under replication: the database shrinks (the last commit has fewer pages).
+    sqlite3(&db, "delete from t where id % 3 != 0;");
+    let pages = |db: &Path| sqlite3(db, "pragma page_count").parse::<u64>().unwrap_or(0);
+    let before = pages(&db);
+    sqlite3(&db, "vacuum;");
+    let after = pages(&db);
+    assert!(
+        after < before / 2,
+        "VACUUM did not shrink: {before} -> {after} pages"
+    );
+    caught_up_to_source(&mut d, "after VACUUM", "b.db");
+    let gen1 = d.status().expect("status").generation;
+
+    // 2. The page size changed while walship is stopped: a new generation, explained.
+    d.stop();
+    sqlite3(
+        &db,
+        "pragma journal_mode=delete; pragma page_size=8192; vacuum; pragma journal_mode=wal;",
+    );
+    assert_eq!(sqlite3(&db, "pragma page_size"), "8192");
+    sqlite3(
+        &db,
+        "insert into t(v) values ('after the page size change');",
+    );
+    d.restart();
+    caught_up_to_source(&mut d, "after the page size change", "c.db");
+    let gen2 = d.status().expect("status").generation;
+    assert_ne!(gen1, gen2, "a page size change must start a new generation");
+    assert_eq!(sqlite3(&sb.path("c.db"), "pragma page_size"), "8192");
+
+    // 3. The file replaced by a rename while walship runs (a restore from elsewhere, say).
+    let other = sb.path("data/other.db");
+    sqlite3(
+        &other,
+        "pragma journal_mode=wal; create table t(id integer primary key, v); \
+         insert into t(v) values ('a different database');",
+    );
+    sqlite3(&other, "pragma journal_mode=delete;");
+    fs::rename(&other, &db).expect("rename over the database");
+    let s = d.wait_status("a new generation for the replaced file", 10 * SEC, |s| {
+        s.generation != gen2 && s.caught_up()
+    });
+    caught_up_to_source(&mut d, "after the file was replaced", "d.db");
+    assert_eq!(
+        sqlite3(&sb.path("d.db"), "select v from t"),
+        "a different database"
+    );
+
+    // 4. Deleted while walship runs, then created anew.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    d.assert_running();
+    sqlite3(
+        &db,
+        "create table t(id integer primary key, v); insert into t(v) values ('born again');",
+    );
+    d.wait_status("a new generation for the new file", 10 * SEC, |x| {
+        x.generation != s.generation && x.caught_up()
+    });
+    caught_up_to_source(&mut d, "after delete and create", "e.db");
+    assert_eq!(sqlite3(&sb.path("e.db"), "select v from t"), "born again");
+    let log = d.log_text();
+    d.stop();
+    for want in ["page size", "replaced or deleted"] {
+        assert!(
+            log.contains(want),
+            "the log does not explain the change ({want:?}):\n{log}"
+        );
+    }
+    eprintln!("e2e_db_changes: {:?}", t0.elapsed());
+}

@@ -236,7 +236,15 @@ impl Capture {
             }
         }
         // Case 2: no WAL continuity; the current state is compared with the saved one.
-        let (end, end_pages, _) = self.db.current_end()?;
+        let (end, end_pages, now_page_size) = self.db.current_end()?;
+        if now_page_size != page_size {
+            // No page-for-page difference exists across page sizes (found by e2e_db_changes:
+            // diffing 8 KiB pages against 4 KiB hashes shipped a corrupt database).
+            self.new_generation(&format!(
+                "the page size changed from {page_size} to {now_page_size} while walship was stopped"
+            ))?;
+            return Ok(false);
+        }
         // With the page hashes saved at the last clean stop, ship exactly the pages that
         // differ: correct whatever happened to the WAL meanwhile.
         if let Some(saved) = self.load_hashes() {

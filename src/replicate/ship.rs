@@ -423,7 +423,7 @@ impl Shipper {
         let dest = file_path(&first.generation, &name);
         self.target
             .write_atomic(&dest, &mut file)
-            .with_context(|| format!("failed to upload {dest}"))?;
+            .map_err(|e| upload_error(e.into(), &dest))?;
         Ok(name)
     }
 
@@ -551,7 +551,7 @@ impl Shipper {
         let dest = file_path(&f.generation, &f.name);
         self.target
             .write_atomic(&dest, &mut src)
-            .with_context(|| format!("failed to upload {dest}"))?;
+            .map_err(|e| upload_error(e.into(), &dest))?;
         Ok(())
     }
 
@@ -701,5 +701,14 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Names the file in an upload error, unless the target's own message already does.
+fn upload_error(e: anyhow::Error, dest: &str) -> anyhow::Error {
+    if format!("{e:#}").contains(dest) {
+        e
+    } else {
+        e.context(format!("failed to upload {dest}"))
     }
 }
