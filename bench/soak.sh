@@ -16,7 +16,8 @@ start_sshd
 SSHD_CFG="$T/sshd/sshd_config"
 kill_tree() { local c; for c in $(pgrep -P "$1"); do kill_tree "$c"; done; kill -KILL "$1" 2>/dev/null || true; }
 sshd_kill() { local p; for p in $(pgrep -f "sshd -D -e -f $SSHD_CFG"); do kill_tree "$p"; done; }
-sshd_start() { /usr/sbin/sshd -D -e -f "$SSHD_CFG" 2>>"$T/sshd/sshd.log" & PIDS="$PIDS $!"; }
+sshd_start() { (/usr/sbin/sshd -D -e -f "$SSHD_CFG" 2>>"$T/sshd/sshd.log" &); }
+trap 'sshd_kill; cleanup' EXIT
 
 make_db "$T/w.db"
 start_walship "$T/w.db" "$SFTP_URL" "$T/state" "$T/walship.log" --key-path "$SFTP_KEY" --known-hosts "$SFTP_KNOWN"
@@ -36,7 +37,7 @@ while kill -0 "$WRITER" 2>/dev/null; do
     lag=$(sed -n 's/.*lag \([0-9]*\) ms.*/\1/p' "$T/state/status" 2>/dev/null); lag=${lag:-0}
     rss=$(awk '/^VmRSS/ {print $2}' /proc/$WPID/status)
     fds=$(ls /proc/$WPID/fd | wc -l)
-    st=$(du -sb "$T/state" | cut -f1)
+    st=$(du -sb "$T/state" 2>/dev/null | cut -f1)
     wal=$(stat -c %s "$T/w.db-wal" 2>/dev/null || echo 0)
     echo "$now,$lag,$rss,$fds,$st,$wal,$outage" >>"$T/soak.csv"
     sleep 1
@@ -52,7 +53,7 @@ python3 "$BENCH/plot.py" "$OUT/soak-state.png" "walship state directory (bytes) 
 python3 "$BENCH/plot.py" "$OUT/soak-rss.png" "walship RSS (KiB) during the soak, outages grey" "$OUT/soak.csv" t rss_kib outage
 
 python3 -c "import sqlite3; c=sqlite3.connect('$T/w.db'); c.execute('pragma wal_checkpoint(TRUNCATE)'); c.close()"
-"$WALSHIP" restore -q -o "$T/restored.db" --key-path "$SFTP_KEY" --known-hosts "$SFTP_KNOWN" "$SFTP_URL"
+RESTORED=$("$WALSHIP" restore -o "$T/restored.db" --key-path "$SFTP_KEY" --known-hosts "$SFTP_KNOWN" "$SFTP_URL" 2>&1 | tail -1)
 if cmp -s "$T/restored.db" "$T/w.db"; then SAME=byte-identical; else SAME=DIFFERENT; fi
 IC=$(sqlite3 "$T/restored.db" 'pragma integrity_check')
 echo "# soak.sh  $(date -u +%FT%TZ)  $(nproc) cores  ${MIN} min at $RATE commits/s, sshd killed ${OUTAGE_S}s every ${EVERY_S}s  walship $($WALSHIP --version)"
@@ -73,6 +74,7 @@ for i, r in enumerate(rows):
         back = next((s['t'] - r['t'] for s in rows[i:] if s['lag_ms'] < 50), None)
         print('  outage ending at t=%d s: %s' % (r['t'], 'never' if back is None else '%d s' % back))
 PY
+echo "$RESTORED"
 echo "restore: $SAME, integrity $IC; rows $(sqlite3 "$T/restored.db" 'select count(*) from t') of $(sqlite3 "$T/w.db" 'select count(*) from t')"
 echo "walship log: $(grep -c ERROR "$T/walship.log" || true) ERROR lines; distinct WARN/ERROR:"
 grep -E 'WARN|ERROR' "$T/walship.log" | sed -E 's/^[^ ]+ +//; s/[0-9a-f]{12,20}/X/g; s#/tmp/[^ ]*##g; s/[0-9]+ ms/N ms/g' | sort | uniq -c | sort -rn | head -8 || true

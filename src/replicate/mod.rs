@@ -128,6 +128,34 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
         info!(db = %settings.db.display(), "switched {} to WAL mode (journal_mode=WAL)", settings.db.display());
     }
     let spool = Arc::new(Spool::open(&settings.state_dir)?);
+    // Shippers first: they connect to their replicas while the first snapshot is written.
+    let shared = Arc::new(Shared::default());
+    let ident = identity(&settings.db);
+    let mut threads = Vec::new();
+    for (idx, r) in settings.replicas.iter().enumerate() {
+        let target = open_target(r)?;
+        shared.lock().replicas.push(ReplicaStatus {
+            name: r.name.clone(),
+            url: target.url(),
+            ..ReplicaStatus::default()
+        });
+        let s = Shipper {
+            idx,
+            target,
+            shared: shared.clone(),
+            spool: spool.clone(),
+            state_path: settings.state_dir.join(format!("replica-{}.state", r.name)),
+            identity: ident.clone(),
+            fanout: settings.compaction_fanout,
+            retention: settings.retention,
+            wake: tx.clone(),
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("ship-{}", r.name))
+            .spawn(move || s.run())
+            .context("cannot start shipper thread")?;
+        threads.push(h);
+    }
     let db = Db::open(&settings.db)?;
     let mut cap = Capture::start(
         db,
@@ -136,6 +164,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
         settings.segment_size,
     )?;
     cap.rotate_pin()?;
+    kick_head(&shared, &cap);
 
     // Watch the database's directory; only events on the database or its WAL wake us.
     let dir = settings
@@ -171,35 +200,6 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
         .watch(&dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("cannot watch {}", dir.display()))?;
 
-    // Shippers.
-    let shared = Arc::new(Shared::default());
-    shared.lock().head = Some(cap.key());
-    let ident = identity(&settings.db);
-    let mut threads = Vec::new();
-    for (idx, r) in settings.replicas.iter().enumerate() {
-        let target = open_target(r)?;
-        shared.lock().replicas.push(ReplicaStatus {
-            name: r.name.clone(),
-            url: target.url(),
-            ..ReplicaStatus::default()
-        });
-        let s = Shipper {
-            idx,
-            target,
-            shared: shared.clone(),
-            spool: spool.clone(),
-            state_path: settings.state_dir.join(format!("replica-{}.state", r.name)),
-            identity: ident.clone(),
-            fanout: settings.compaction_fanout,
-            retention: settings.retention,
-            wake: tx.clone(),
-        };
-        let h = std::thread::Builder::new()
-            .name(format!("ship-{}", r.name))
-            .spawn(move || s.run())
-            .context("cannot start shipper thread")?;
-        threads.push(h);
-    }
     drop(tx);
     info!(db = %settings.db.display(), generation = %cap.at.generation, position = %position(&cap), "replicating to {} replica(s)", settings.replicas.len());
 
