@@ -27,3 +27,13 @@ pub mod systemd;
 pub mod target;
 pub mod url;
 pub mod wal;
+
+/// Property-test case counts: `default` in the normal suite, or `WALSHIP_FUZZ_CASES` when set
+/// (`bench/fuzz.sh` runs the format parsers' properties with many more cases).
+#[cfg(test)]
+pub(crate) fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("WALSHIP_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

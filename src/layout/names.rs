@@ -540,4 +540,27 @@ mod tests {
         let missing = Marker::parse("format = 1\n").unwrap_err().to_string();
         assert!(missing.contains("database"), "{missing}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: crate::fuzz_cases(512),
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Any string: the name parsers return a value or an error, never panic, and what
+        /// they accept prints back to the same text (names are canonical: no two spellings).
+        #[test]
+        fn arbitrary_names_never_panic(s in "\\PC{0,80}", hexy in "(snap|seg|[0-9a-f.-]){0,90}") {
+            for t in [&s, &hexy] {
+                if let Ok(f) = FileName::parse(t) {
+                    proptest::prop_assert_eq!(&f.to_string(), t);
+                }
+                if let Ok(g) = t.parse::<GenerationId>() {
+                    proptest::prop_assert_eq!(&g.to_string(), t);
+                }
+                let _ = t.parse::<Position>();
+                let _ = Marker::parse(t);
+            }
+        }
+    }
 }

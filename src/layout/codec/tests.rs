@@ -535,7 +535,7 @@ fn drain(bytes: &[u8], kind: Kind) -> Result<usize, LayoutError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::fuzz_cases(256), ..ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_files_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {

@@ -358,7 +358,7 @@ fn range(f: &FileName) -> (u64, u64) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: crate::fuzz_cases(512), ..ProptestConfig::default() })]
 
     #[test]
     fn restore_plans_are_contiguous_chains(l in arb_listing(), w in arb_want()) {
