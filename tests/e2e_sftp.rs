@@ -511,3 +511,115 @@ fn e2e_sftp_two_replicas_fallback() {
     assert_no_temp_files(&dir);
     eprintln!("e2e_sftp_two_replicas_fallback: {:?}", t0.elapsed());
 }
+
+/// A hostile or broken server, planted on the server side after a good replication: a symlink
+/// named like the newest segment (pointing at /etc/passwd), a sparse 64 GiB "segment" with
+/// garbage in its header, and a segment duplicated under an overlapping name. Restore and
+/// verify never follow the link, never allocate for the absurd size (they finish in seconds),
+/// never write outside the output path, and either restore the true state or fail with one
+/// line naming the file; removing the planted files makes the replica whole again.
+#[test]
+fn e2e_sftp_hostile_server() {
+    let sshd = Sshd::start();
+    let dir = TestDir::new("e2e-hostile");
+    let url = sftp_url(&sshd, &dir);
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start_sftp(&sb, &sshd, &url);
+    let mut ws = writers(
+        &sb.db(),
+        1,
+        WriterOpts {
+            commits: 200,
+            rate: 0.0,
+            big_every: 20,
+        },
+    );
+    wait_all(&mut ws);
+    let s = d.wait_caught_up(20 * SEC);
+    d.stop();
+    let gen_dir = dir.local.join("generations").join(&s.generation);
+    let next = s.txid + 1;
+    let seg_name = |a: u64, b: u64| {
+        format!(
+            "seg-0-{a:016x}-{b:016x}-{:012x}-{:012x}.wseg",
+            now_ms(),
+            now_ms()
+        )
+    };
+    let outside = sb.path("outside");
+    fs::create_dir_all(&outside).expect("mkdir");
+    let check = |what: &str, must_succeed: bool| {
+        let out = sb.path(&format!("{}.db", what.replace(' ', "-")));
+        let t = Instant::now();
+        let r = restore_sftp(&sshd, &out, &url, &[]);
+        assert!(
+            t.elapsed() < 20 * SEC,
+            "{what}: restore took {:?}",
+            t.elapsed()
+        );
+        if r.status.success() {
+            assert_same_db(&sb.db(), &out);
+        } else {
+            assert!(!must_succeed, "{what}: restore failed: {}", r.stderr);
+            let line = r.one_error_line();
+            assert!(
+                !out.exists(),
+                "{what}: a failed restore left {}",
+                out.display()
+            );
+            eprintln!("{what}: {line}");
+        }
+        assert!(
+            walk(&outside).is_empty(),
+            "{what}: something was written outside the output path"
+        );
+        r
+    };
+    check("clean", true);
+
+    // 1. A symlink the server plants, named like the next segment: never followed.
+    let link = gen_dir.join(seg_name(next, next));
+    std::os::unix::fs::symlink("/etc/passwd", &link).expect("symlink");
+    check("planted symlink", true);
+    fs::remove_file(&link).expect("rm");
+
+    // 2. An absurdly large "segment" (sparse 64 GiB, garbage header): refused by name, fast.
+    let huge = gen_dir.join(seg_name(next, next + 5));
+    let f = fs::File::create(&huge).expect("create");
+    f.set_len(64 << 30).expect("set_len");
+    drop(f);
+    let r = check("absurd size", false);
+    assert!(
+        r.stderr.contains(&seg_name(next, next + 5)[..40]),
+        "the error does not name the file: {}",
+        r.stderr
+    );
+    let v = walship([
+        "verify".as_ref(),
+        sb.db().as_os_str(),
+        url.as_ref(),
+        "--key-path".as_ref(),
+        sshd.client_key.as_os_str(),
+        "--known-hosts".as_ref(),
+        sshd.known_hosts.as_os_str(),
+    ]);
+    assert!(
+        !v.status.success(),
+        "verify passed over a broken newest segment"
+    );
+    v.one_error_line();
+    fs::remove_file(&huge).expect("rm");
+
+    // 3. A segment duplicated under an overlapping range that claims more than it holds.
+    let seg = walk(&gen_dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".wseg"))
+        .max()
+        .expect("a segment");
+    let dup = gen_dir.join(seg_name(1, next + 2));
+    fs::copy(gen_dir.join(&seg), &dup).expect("copy");
+    check("overlapping duplicate", false);
+    fs::remove_file(&dup).expect("rm");
+    check("cleaned up", true);
+}
