@@ -77,6 +77,7 @@ cat <<OUT
 # status at catch-up: $STATUS
 metric                              walship        baseline       ratio    target
 load time (ms)                      $(printf '%-14s %-14s %.2fx' "$LOAD_MS" "$BASE_LOAD" "$(py "print($LOAD_MS/$BASE_LOAD)")")    (baseline: plain sqlite3)
+SQLITE_BUSY (busy timeout 5 s)      $(printf '%-14s %-14s' "$(kv busy "$T/w.load")" "$(kv busy "$T/base.load")")
 load end -> last txid on replica    $(printf '%-14s %-14s %-8s' "$CATCH" - -) <= 3000 ms
 WAL peak (MiB)                      $(printf '%-14.1f %-14.1f %.1fx' "$(py "print($(kv wal "$T/w.peak")/2**20)")" "$(py "print($(kv wal "$T/base.peak")/2**20)")" "$(py "print($(kv wal "$T/w.peak")/max(1,$(kv wal "$T/base.peak")))")")     <= 64 MiB
 walship CPU s per GiB loaded        $(py "print('%.2f' % (($CPU1-$CPU0)/$GIB))")  ($(py "print('%.2f' % ($CPU1-$CPU0))") s for $MIB MiB)

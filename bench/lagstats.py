@@ -13,10 +13,16 @@ wfile, watchfile, bfile = sys.argv[1:4]
 label = sys.argv[4] if len(sys.argv) > 4 else 'replica'
 
 
+busy = {}
+
+
 def load_writer(p):
     phases = {}
     order = []
     for line in open(p):
+        if line.startswith('# busy '):
+            busy[p] = int(line.split()[2])
+            continue
         if not line.strip():
             continue
         ph, seq, a, b = line.split()
@@ -64,6 +70,8 @@ for ph in order:
         (' MISSING %d' % missing) if missing else '',
         ms(pct(blat, 50)), ms(pct(blat, 99)), ms(pct(lat, 50)), ms(pct(lat, 99)),
         pct(lat, 50) / pct(blat, 50) if blat else float('nan'), nsegs))
+print('SQLITE_BUSY errors (busy timeout 5 s): %s with walship, %s plain' % (
+    busy.get(wfile, '?'), busy.get(bfile, '?')))
 # machine-readable summary for the 100/s phase
 for ph in order:
     if ph.startswith('100:'):

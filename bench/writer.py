@@ -4,7 +4,8 @@
 PHASES: comma-separated RATE:SECONDS (RATE 0 = as fast as possible), e.g. 10:3,100:4,1000:3,0:2;
 one idle second between phases. Writes "PHASE SEQ T_START_NS T_END_NS" per commit (SEQ counts
 this writer's commits from 1; with walship started after the database was created, the commit
-SEQ gets txid SEQ+1). Commits are autocommit INSERTs of a 100-byte row.
+SEQ gets txid SEQ+1). Commits are autocommit INSERTs of a 100-byte row, busy timeout 5 s; a
+commit that still fails (SQLITE_BUSY) is counted, not retried: the last line is "# busy N".
 """
 import os, sqlite3, sys, time
 
@@ -15,6 +16,7 @@ c.execute('pragma busy_timeout=5000')
 c.execute('pragma synchronous=%s' % sync)
 row = os.urandom(50).hex()
 seq = 0
+busy = 0
 rows = []
 for ph in phases.split(','):
     rate, secs = ph.split(':')
@@ -35,10 +37,16 @@ for ph in phases.split(','):
         seq += 1
         i += 1
         a = time.monotonic_ns()
-        c.execute('insert into t(v) values (?)', (row,))
+        try:
+            c.execute('insert into t(v) values (?)', (row,))
+        except sqlite3.OperationalError as e:   # SQLITE_BUSY after the 5 s busy timeout
+            busy += 1
+            print('writer: %s' % e, file=sys.stderr)
+            seq -= 1
+            continue
         b = time.monotonic_ns()
         rows.append('%s %d %d %d' % (ph, seq, a, b))
     time.sleep(1.0)
 with open(out_path, 'w') as f:
-    f.write('\n'.join(rows) + '\n')
+    f.write('\n'.join(rows) + '\n# busy %d\n' % busy)
 c.close()
