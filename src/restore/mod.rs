@@ -238,11 +238,41 @@ fn check_latest_complete(t: &dyn Target, listing: &Listing, plan: &Plan, end: u6
     Ok(())
 }
 
+/// How often a restore lists and plans again when a planned file vanished meanwhile.
+const VANISHED_RETRIES: u32 = 3;
+
 /// Restores from one replica into `tmp` (which must not exist). Returns what was restored.
+///
+/// A replica that a running walship keeps compacting and pruning may delete a planned file
+/// between the listing and its read (its content then lives in a merged file): such a restore
+/// starts over from a new listing, up to [`VANISHED_RETRIES`] times. A file that is missing
+/// from the listing itself is a gap, reported as such, never retried.
 ///
 /// # Errors
 /// Any fetch, decode, checksum or consistency error, naming the file.
 pub fn restore_into(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
+    let mut attempt = 0;
+    loop {
+        match restore_once(t, want, tmp) {
+            Err(e) if attempt < VANISHED_RETRIES && vanished(&e) => {
+                attempt += 1;
+                let _ = std::fs::remove_file(tmp);
+                info!("{e:#}: the replica changed while restoring (compaction or retention by a running walship); listing it again");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// True if a file the plan named was gone when read.
+fn vanished(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<crate::target::TargetError>()
+            .is_some_and(|t| t.kind == crate::target::ErrorKind::NotFound)
+    })
+}
+
+fn restore_once(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
     let listing = list_replica(t)?;
     let plan = plan_restore(&listing, want).map_err(|e| anyhow!("{}: {e}", t.url()))?;
     let target_txid = stop_txid(t, &plan)?;
