@@ -436,7 +436,12 @@ impl Daemon {
     /// The current `status` file, parsed (panics on a malformed one).
     pub fn status(&self) -> Option<Status> {
         let text = fs::read_to_string(self.state.join("status")).ok()?;
-        if text.trim().is_empty() {
+        // Empty, or written while starting (before the first snapshot): nothing to report yet.
+        if text.trim().is_empty()
+            || text
+                .split_once(' ')
+                .is_some_and(|(_, r)| r.starts_with("starting: "))
+        {
             return None;
         }
         Some(Status::parse(&text).unwrap_or_else(|| {

@@ -30,6 +30,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
+/// Longest walship holds SQLite's write lock to capture a backlog (a checkpoint's own copy
+/// comes on top, bounded by the WAL that was captured): far below any sane busy timeout.
+const LOCK_BUDGET: Duration = Duration::from_millis(500);
+
 /// zstd level for segments and snapshots: fast, still ~2-4x on typical pages.
 const ZSTD_LEVEL: i32 = 1;
 
@@ -550,6 +554,15 @@ impl Capture {
     /// I/O and SQLite errors; a break in continuity is a [`BrokenWal`] error, on which the
     /// caller starts a new generation.
     pub fn step(&mut self) -> Result<Step> {
+        self.step_limited(None).map(|(s, _)| s)
+    }
+
+    /// Like [`Capture::step`], but captures at most about `max_frames` frames (whole commits,
+    /// at least one); the flag says whether complete commits remain after what was captured.
+    ///
+    /// # Errors
+    /// As [`Capture::step`].
+    pub fn step_limited(&mut self, max_frames: Option<u64>) -> Result<(Step, bool)> {
         if self.poisoned {
             return Err(BrokenWal("an earlier capture step failed half-way".into()).into());
         }
@@ -578,7 +591,7 @@ impl Capture {
                 .ok_or_else(|| anyhow!("internal: no WAL header scanned"))
         };
         let (from, commits, end) = match state {
-            WalState::Empty => return Ok(Step::Idle),
+            WalState::Empty => return Ok((Step::Idle, false)),
             WalState::Broken(why) => return Err(BrokenWal(why).into()),
             WalState::Same { commits, end } => match self.pos {
                 Some(p) => (p, commits, end),
@@ -590,8 +603,24 @@ impl Capture {
             if from.frames == 0 {
                 self.pos = Some(end);
             }
-            return Ok(Step::Idle);
+            return Ok((Step::Idle, false));
         }
+        let over = |c: &crate::db::WalCommit| {
+            max_frames.is_some_and(|m| c.frames_end.saturating_sub(from.frames) > m)
+        };
+        let (commits, end, more) = match commits.iter().position(over) {
+            Some(k) if commits.len() > 1 => {
+                let k = k.max(1);
+                let c = commits[k - 1];
+                let cut = WalPos {
+                    frames: c.frames_end,
+                    running: c.running,
+                    ..end
+                };
+                (commits[..k].to_vec(), cut, true)
+            }
+            _ => (commits, end, false),
+        };
         let n = commits.len() as u64;
         let t0 = std::time::Instant::now();
         self.write_segments(&from, &commits, &end, true)?;
@@ -601,7 +630,7 @@ impl Capture {
             ms = t0.elapsed().as_millis() as u64,
             "captured"
         );
-        Ok(Step::Captured(n))
+        Ok((Step::Captured(n), more))
     }
 
     /// Writes the frames from `from` through the given commits into one or more segments, cut
@@ -799,10 +828,28 @@ impl Capture {
         if !self.db.lock_writes(wait)? {
             return Ok(false);
         }
+        // Capture under the lock in chunks of `threshold` frames, and give the lock back after
+        // LOCK_BUDGET even if frames remain (a large backlog, a slow machine): the application
+        // must never wait anywhere near its busy timeout. What was captured stays captured;
+        // the next round goes on from there.
         let t0 = std::time::Instant::now();
-        if let Err(e) = self.step() {
-            self.db.unlock_writes();
-            return Err(e);
+        loop {
+            match self.step_limited(Some(u64::from(threshold.max(1)))) {
+                Ok((_, false)) => break,
+                Ok((_, true)) if t0.elapsed() < LOCK_BUDGET => {}
+                Ok((_, true)) => {
+                    self.db.unlock_writes();
+                    tracing::debug!(
+                        locked_ms = t0.elapsed().as_millis() as u64,
+                        "released the write lock before the backlog was captured"
+                    );
+                    return Ok(false);
+                }
+                Err(e) => {
+                    self.db.unlock_writes();
+                    return Err(e);
+                }
+            }
         }
         let (log, done) = self.db.checkpoint_locked()?;
         self.checkpointed_at = self.pos;

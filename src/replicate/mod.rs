@@ -156,6 +156,13 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
             .context("cannot start shipper thread")?;
         threads.push(h);
     }
+    // The first snapshot of a large database takes a while: say so meanwhile.
+    let line = format!(
+        "starting: resuming or snapshotting {}",
+        settings.db.display()
+    );
+    notifier.status(&line);
+    write_status(&settings.state_dir, &line);
     let db = Db::open(&settings.db)?;
     let mut cap = Capture::start(
         db,
