@@ -359,9 +359,17 @@ fn ready_after_first_sync_then_status_follows_position() {
         .map(|(_, l)| l.as_str())
         .filter(|l| l.starts_with("STATUS="))
         .collect();
+    // Start-up says what it does before the first snapshot; then the replication status.
+    assert!(
+        statuses
+            .first()
+            .is_some_and(|l| l.starts_with("STATUS=starting: ")),
+        "the first status should say walship is starting: {statuses:?}"
+    );
     assert!(
         statuses
             .iter()
+            .skip(1)
             .all(|l| parse_status(l).is_some_and(|st| st.ok == 0 && st.of == 1)),
         "while held the status says 0/1: {statuses:?}"
     );
@@ -538,8 +546,8 @@ fn sigterm_waits_for_a_slow_replica_to_receive_everything() {
     let mut d = Daemon::spawn(&s, Some(sock.path()), &[]);
     // The loop runs (it reports 0/1) while the replica cannot take anything.
     let line = sock
-        .wait_for("STATUS=", WAIT)
-        .unwrap_or_else(|| panic!("no STATUS=: {:?}", sock.seen()));
+        .wait_for("STATUS=replicated to ", WAIT)
+        .unwrap_or_else(|| panic!("no STATUS=replicated: {:?}", sock.seen()));
     assert!(parse_status(&line).is_some_and(|st| st.ok == 0), "{line}");
     s.insert(40);
     s.insert(2);
