@@ -98,7 +98,9 @@ MARK=$(wc -l <"$T/watch.out")
 t0=$(mono_ns)
 "$WALSHIP" replicate --config "$T/walship.toml" >>"$T/walship.log" 2>&1 &
 WPID=$!; PIDS="$PIDS $WPID"
-# Two ways to resume are fine: replaying the WAL frames (the last txid is LAST2), or, when the WAL
+# Three ways to resume are fine: the WAL is continuous and its backlog is merged into one commit
+# (txid LAST+1, logged "resumed the generation: the WAL is continuous"); replaying the WAL frames
+# (the last txid is LAST2); or, when the WAL
 # was reset while walship was stopped (walship's own checkpoint at its clean stop empties it, so the
 # loader starts a new WAL), "resume by difference": one txid LAST+1 holding every page changed
 # while stopped (walship logs "resumed the generation: N page(s) changed while walship was
@@ -109,7 +111,9 @@ import sys, time
 f, want, mark, log, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 dl = time.monotonic() + float(__import__("os").environ.get("WAIT_S", "120"))
 while time.monotonic() < dl:
-    diff = 'changed while walship was stopped' in open(log, errors='replace').read()
+    text = open(log, errors='replace').read()
+    # resumed by difference, or with the WAL's backlog merged into one commit: one txid LAST+1
+    diff = 'changed while walship was stopped' in text or 'resumed the generation: the WAL is continuous' in text
     for l in open(f).readlines()[mark:]:
         p = l.split()
         if p and p[0] == 'seg' and int(p[2]) >= (last + 1 if diff else want):
@@ -167,7 +171,7 @@ printf '%-44s %-22s %-22s %-8s %s\n' "2. bulk $MIB2 MiB load ($SEG_N segs, $(py 
     "$BULK_MS ms $(mbs $SEG_BYTES $BULK_MS) MiB/s" "$PUT_SEG_MS ms $(mbs $SEG_BYTES $PUT_SEG_MS) MiB/s" \
     "$(py "print('%.2f' % ($PUT_SEG_MS/$BULK_MS))")" ">= 0.80 (load start -> on replica; load alone took $LOAD_MS ms; catch-up after load end $CATCH_MS ms)"
 if [ "$BACKLOG_KIND" = seg ] || [ "$BACKLOG_KIND" = diff ]; then
-[ "$BACKLOG_KIND" = seg ] && HOW="replayed the WAL" || HOW="resumed by difference: 1 txid"
+[ "$BACKLOG_KIND" = seg ] && HOW="replayed the WAL" || HOW="resumed with one txid (the WAL backlog merged, or the pages changed while stopped)"
 printf '%-44s %-22s %-22s %-8s %s\n' "2b. $MIB2 MiB WAL backlog ($BL_N segs, $(py "print('%.1f' % ($BL_BYTES/2**20))") MiB)" \
     "$BACKLOG_MS ms $(mbs $BL_BYTES $BACKLOG_MS) MiB/s" "$PUT_BL_MS ms $(mbs $BL_BYTES $PUT_BL_MS) MiB/s" \
     "$(py "print('%.2f' % ($PUT_BL_MS/$BACKLOG_MS))")" ">= 0.80 (walship restart -> last txid on replica, incl. its start-up; $HOW)"
