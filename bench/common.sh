@@ -25,11 +25,16 @@ start_walship() {
     "$WALSHIP" replicate "$db" "$url" --state-dir "$st" "$@" >"$log" 2>&1 &
     WPID=$!
     PIDS="$PIDS $WPID"
+    wait_ready "$st" "$log"
+}
+
+# wait_ready STATE LOG: waits (up to 60 s) until walship $WPID reports its replica caught up
+wait_ready() {
     local i=0
-    until [ -s "$st/status" ] && grep -q 'replicated to 1/1' "$st/status" 2>/dev/null; do
+    until [ -s "$1/status" ] && grep -q 'replicated to 1/1' "$1/status" 2>/dev/null; do
         i=$((i + 1))
         if [ $i -gt 6000 ] || ! kill -0 "$WPID" 2>/dev/null; then
-            echo "bench: walship did not become ready:" >&2; cat "$log" >&2; exit 1
+            echo "bench: walship did not become ready:" >&2; cat "$2" >&2; exit 1
         fi
         sleep 0.01
     done

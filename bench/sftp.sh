@@ -52,14 +52,7 @@ COMMITS0=$(( N0 / 16 + 1 ))   # not a txid: walship starts at txid 1 = snapshot
 t0=$(mono_ns)
 "$WALSHIP" replicate --config "$T/walship.toml" >"$T/walship.log" 2>&1 &
 WPID=$!; PIDS="$PIDS $WPID"
-i=0
-until [ -s "$T/state/status" ] && grep -q 'replicated to 1/1' "$T/state/status" 2>/dev/null; do
-    i=$((i + 1))
-    if [ $i -gt 6000 ] || ! kill -0 "$WPID" 2>/dev/null; then
-        echo "bench: walship did not become ready:" >&2; cat "$T/walship.log" >&2; exit 1
-    fi
-    sleep 0.01
-done
+wait_ready "$T/state" "$T/walship.log"
 t1=$(mono_ns)
 SNAP_MS=$(ms $t0 $t1)
 SNAP_FILE=$(ls "$SFTP_DIR"/generations/*/snap-*.wsnap | head -1)

@@ -34,6 +34,23 @@ fn start_sftp(sb: &Sandbox, sshd: &Sshd, url: &str) -> Daemon {
     Daemon::start(&a, &sb.state())
 }
 
+/// A fresh replica directory on `sshd`, a new database, and walship replicating it there.
+struct Replicating {
+    dir: TestDir,
+    url: String,
+    sb: Sandbox,
+    d: Daemon,
+}
+
+fn replicating(sshd: &Sshd, name: &str) -> Replicating {
+    let dir = TestDir::new(name);
+    let url = sftp_url(sshd, &dir);
+    let sb = Sandbox::new();
+    sb.create_db();
+    let d = start_sftp(&sb, sshd, &url);
+    Replicating { dir, url, sb, d }
+}
+
 fn restore_sftp(sshd: &Sshd, out: &Path, url: &str, extra: &[&str]) -> Out {
     let mut a: Vec<OsString> = vec!["restore".into(), "-o".into(), out.into()];
     a.extend(extra.iter().map(OsString::from));
@@ -72,11 +89,12 @@ fn assert_no_temp_files(dir: &TestDir) {
 fn e2e_sftp_writers() {
     let t0 = Instant::now();
     let sshd = Sshd::start();
-    let dir = TestDir::new("e2e-writers");
-    let url = sftp_url(&sshd, &dir);
-    let sb = Sandbox::new();
-    sb.create_db();
-    let mut d = start_sftp(&sb, &sshd, &url);
+    let Replicating {
+        dir,
+        url,
+        sb,
+        mut d,
+    } = replicating(&sshd, "e2e-writers");
     let mut ws = writers(
         &sb.db(),
         3,
@@ -137,11 +155,12 @@ fn catch_up_time(d: &mut Daemon, what: &str) -> (Duration, Duration) {
 fn e2e_sftp_faults() {
     let t0 = Instant::now();
     let sshd = Sshd::start();
-    let dir = TestDir::new("e2e-faults");
-    let url = sftp_url(&sshd, &dir);
-    let sb = Sandbox::new();
-    sb.create_db();
-    let mut d = start_sftp(&sb, &sshd, &url);
+    let Replicating {
+        dir,
+        url,
+        sb,
+        mut d,
+    } = replicating(&sshd, "e2e-faults");
     d.wait_caught_up(10 * SEC);
     let mut ws = writers(
         &sb.db(),
@@ -280,11 +299,12 @@ fn e2e_sftp_network_faults() {
     let Some(ns) = sshd.netns.as_ref() else {
         panic!("no network namespace")
     };
-    let dir = TestDir::new("e2e-netns");
-    let url = sftp_url(&sshd, &dir);
-    let sb = Sandbox::new();
-    sb.create_db();
-    let mut d = start_sftp(&sb, &sshd, &url);
+    let Replicating {
+        dir,
+        url,
+        sb,
+        mut d,
+    } = replicating(&sshd, "e2e-netns");
     d.wait_caught_up(10 * SEC);
     let mut ws = writers(
         &sb.db(),
@@ -528,11 +548,12 @@ fn e2e_sftp_two_replicas_fallback() {
 #[test]
 fn e2e_sftp_hostile_server() {
     let sshd = Sshd::start();
-    let dir = TestDir::new("e2e-hostile");
-    let url = sftp_url(&sshd, &dir);
-    let sb = Sandbox::new();
-    sb.create_db();
-    let mut d = start_sftp(&sb, &sshd, &url);
+    let Replicating {
+        dir,
+        url,
+        sb,
+        mut d,
+    } = replicating(&sshd, "e2e-hostile");
     let mut ws = writers(
         &sb.db(),
         1,

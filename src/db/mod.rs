@@ -291,7 +291,9 @@ impl Db {
         })
     }
 
-    fn shm_lock(&self, kind: i16, wait: bool) -> std::io::Result<bool> {
+    /// Sets (or clears, with `F_UNLCK`) the write lock byte without waiting; false if another
+    /// process holds it.
+    fn shm_lock(&self, kind: i16) -> std::io::Result<bool> {
         use std::os::fd::AsRawFd;
         // SAFETY: a plain fcntl on a descriptor we own, with a fully initialised flock.
         let mut fl: nix::libc::flock = unsafe { std::mem::zeroed() };
@@ -299,13 +301,8 @@ impl Db {
         fl.l_whence = nix::libc::SEEK_SET as i16;
         fl.l_start = SHM_WRITE_LOCK;
         fl.l_len = 1;
-        let cmd = if wait {
-            nix::libc::F_SETLKW
-        } else {
-            nix::libc::F_SETLK
-        };
         // SAFETY: as above.
-        let rc = unsafe { nix::libc::fcntl(self.shm.as_raw_fd(), cmd, &fl) };
+        let rc = unsafe { nix::libc::fcntl(self.shm.as_raw_fd(), nix::libc::F_SETLK, &fl) };
         if rc == 0 {
             return Ok(true);
         }
@@ -317,8 +314,7 @@ impl Db {
     }
 
     /// Takes SQLite's WAL write lock, polling (without sleeping for the first 20 ms, then every
-    /// 50 µs) for at most `wait`; false if an
-    /// application writer kept it.
+    /// 50 µs) for at most `wait`; false if an application writer kept it.
     ///
     /// # Errors
     /// fcntl errors other than "held by another process".
@@ -327,7 +323,7 @@ impl Db {
         let deadline = started + wait;
         loop {
             if self
-                .shm_lock(nix::libc::F_WRLCK as i16, false)
+                .shm_lock(nix::libc::F_WRLCK as i16)
                 .context("cannot take the WAL write lock")?
             {
                 self.write_locked = true;
@@ -408,7 +404,7 @@ impl Db {
     /// Releases the write lock if held.
     pub fn unlock_writes(&mut self) {
         if self.write_locked {
-            if let Err(e) = self.shm_lock(nix::libc::F_UNLCK as i16, false) {
+            if let Err(e) = self.shm_lock(nix::libc::F_UNLCK as i16) {
                 tracing::error!("cannot release the WAL write lock: {e}");
             }
             self.write_locked = false;

@@ -811,11 +811,9 @@ impl Capture {
     pub fn checkpoint_now(&mut self, threshold: u32, hot: bool) -> Result<bool> {
         // Normally: copy most frames without holding anything the application waits for, then
         // hold the write lock briefly (an application writer may keep it: then next round) only
-        // to capture the tail and copy it. Hot (the writer outruns capture): everything under
-        // the lock, waiting for it as long as a busy writer needs to leave a gap; holding it
-        // holds the writer back (within its busy timeout) until the WAL is reset.
-        // A writer that appended since the last step is active: the copy (and its fsyncs)
-        // would give it time to grow the WAL, so everything happens under the lock.
+        // to capture the tail and copy it. Hot (the writer outruns capture, or appended since
+        // the last step, so the copy and its fsyncs would let it grow the WAL): everything under
+        // the lock, waiting for it as long as a busy writer needs to leave a gap.
         let mut hot = hot || !self.captured_all();
         if !hot {
             let t = std::time::Instant::now();

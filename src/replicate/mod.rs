@@ -276,23 +276,9 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
         }
         let want = std::mem::take(&mut shared.lock().snapshot_wanted);
         if want || last_snapshot.elapsed() >= settings.snapshot_interval {
-            match cap.snapshot() {
-                Ok(()) => {
-                    last_snapshot = Instant::now();
-                    kick_head(&shared, &cap);
-                }
-                Err(e) if e.downcast_ref::<BrokenWal>().is_some() => {
-                    error!(db = %settings.db.display(), error_kind = "continuity", "{e:#}: starting a new generation");
-                    match cap.new_generation(&format!("{e:#}")) {
-                        Ok(()) => {
-                            last_snapshot = Instant::now();
-                            kick_head(&shared, &cap);
-                        }
-                        Err(e) => {
-                            error!(db = %settings.db.display(), "cannot start a new generation: {e:#}")
-                        }
-                    }
-                }
+            let r = cap.snapshot().map(|()| kick_head(&shared, &cap));
+            match new_generation_if_broken(&mut cap, &shared, r) {
+                Ok(()) => last_snapshot = Instant::now(),
                 Err(e) => {
                     error!(db = %settings.db.display(), "snapshot failed: {e:#}");
                     shared.lock().snapshot_wanted = want;
@@ -364,10 +350,15 @@ fn kick_head(shared: &Shared, cap: &Capture) {
 
 /// Capture, pin rotation, checkpoint; a broken WAL starts a new generation.
 fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
-    match capture_round_inner(cap, settings, shared) {
-        // Wherever continuity broke (a step, a checkpoint's tail, a failed write), a new
-        // generation starts; if that fails too, the capture stays poisoned and the next round
-        // tries again.
+    let r = capture_round_inner(cap, settings, shared);
+    new_generation_if_broken(cap, shared, r)
+}
+
+/// Wherever continuity broke (a step, a checkpoint's tail, a snapshot, a failed write), a new
+/// generation starts; if that fails too, the capture stays poisoned and the next round tries
+/// again. Other errors pass through.
+fn new_generation_if_broken(cap: &mut Capture, shared: &Shared, r: Result<()>) -> Result<()> {
+    match r {
         Err(e) if e.downcast_ref::<BrokenWal>().is_some() => {
             cap.new_generation(&format!("{e:#}"))?;
             cap.rotate_pin()?;
