@@ -321,6 +321,8 @@ fn e2e_kill9() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    let mut rep = Report::new("kill -9 of walship at random moments");
+    rep.rounds = rounds;
     for round in 0..rounds {
         std::thread::sleep(Duration::from_millis(rng.random_range(50..600)));
         d.assert_running();
@@ -346,7 +348,9 @@ fn e2e_kill9() {
         // snapshot than the gap between kills, and kills that always land in start-up would
         // only ever test start-up.
         if round % 4 != 3 {
+            let t = Instant::now();
             d.wait_status("start-up after kill -9", 60 * SEC, |_| true);
+            rep.recovered(t.elapsed());
         }
     }
     stop_all(&mut ws);
@@ -354,8 +358,17 @@ fn e2e_kill9() {
     d.wait_caught_up(20 * SEC);
     d.stop();
     let final_out = restore_latest(&sb, "final.db");
-    assert_same_db(&sb.db(), &final_out);
     let all = rows(&final_out);
+    rep.commits(&all, &done);
+    let mut temps = rep.temp_files_in(&sb.replica());
+    temps.extend(rep.temp_files_in(&sb.state()));
+    rep.log(&d);
+    rep.finish();
+    assert!(
+        temps.is_empty(),
+        "temporary files left after kill -9 rounds and a clean stop: {temps:?}"
+    );
+    assert_same_db(&sb.db(), &final_out);
     assert_contains_all(&all, &done, "final restore after kill -9 rounds");
     assert_eq!(all.len(), done.len());
 
@@ -505,6 +518,12 @@ fn e2e_wal_reset() {
     );
     d.stop();
     let out = restore_latest(&sb, "restored.db");
+    let mut rep = Report::new("WAL reset (TRUNCATE) behind walship's back");
+    rep.rounds = 2;
+    rep.temp_files_in(&sb.replica());
+    rep.temp_files_in(&sb.state());
+    rep.log(&d);
+    rep.finish();
     assert_same_db(&sb.db(), &out);
     eprintln!("e2e_wal_reset: {:?}", t0.elapsed());
 }
@@ -855,6 +874,8 @@ fn e2e_outage() {
     sb.create_db();
     let mut d = start(&sb);
     d.wait_caught_up(10 * SEC);
+    let mut rep = Report::new("file replica unwritable under 2 writers");
+    rep.rounds = 1;
     let mut ws = writers(
         &sb.db(),
         2,
@@ -896,6 +917,7 @@ fn e2e_outage() {
     let s = d.wait_status("catch-up after the outage", 15 * SEC, Status::caught_up);
     let took = back.elapsed();
     eprintln!("caught up {took:?} after the replica returned: {}", s.line);
+    rep.recovered(took);
     assert!(
         took <= Duration::from_secs(6),
         "walship took {took:?} to catch up after the replica returned (want ~5 s)"
@@ -911,6 +933,7 @@ fn e2e_outage() {
     .ok();
     d.stop();
     let out = restore_latest(&sb, "restored.db");
+    rep.end(&d, &out, &done, &[&sb.replica(), &sb.state()]);
     assert_same_db(&sb.db(), &out);
     assert_contains_all(&rows(&out), &done, "restore after the outage");
     eprintln!("e2e_outage: {} rows, {:?}", done.len(), t0.elapsed());
@@ -941,6 +964,8 @@ fn e2e_spool_limit() {
         &sb.state(),
     );
     d.wait_caught_up(10 * SEC);
+    let mut rep = Report::new("replica down, spool over its 256 KiB limit");
+    rep.rounds = 1;
     let blocker = sb.path("blocker");
     fs::write(&blocker, b"not a directory").expect("write");
     exchange(&blocker, &sb.replica());
@@ -986,7 +1011,9 @@ fn e2e_spool_limit() {
     d.assert_running();
     // The replica returns: it resynchronises from a snapshot by itself.
     exchange(&blocker, &sb.replica());
+    let back = Instant::now();
     d.wait_status("catch-up after the outage", 20 * SEC, Status::caught_up);
+    rep.recovered(back.elapsed());
     assert!(
         d.log_text().contains("resynchronising from snapshot")
             || d.log_text().contains("asking for a fresh snapshot"),
@@ -1005,6 +1032,7 @@ fn e2e_spool_limit() {
     }
     d.stop();
     let out = restore_latest(&sb, "restored.db");
+    rep.end(&d, &out, &done, &[&sb.replica(), &sb.state()]);
     assert_same_db(&sb.db(), &out);
     assert_contains_all(&rows(&out), &done, "restore after a spool overflow");
     eprintln!("e2e_spool_limit: {:?}", t0.elapsed());
@@ -1053,6 +1081,8 @@ fn e2e_replica_disk_full() {
     let disk = Tmpfs::mount(&sb.replica(), "1m");
     let mut d = start(&sb);
     d.wait_caught_up(10 * SEC);
+    let mut rep = Report::new("replica's disk full (1 MiB tmpfs)");
+    rep.rounds = 1;
     let mut w = Writer::spawn(
         &sb.db(),
         "fill",
@@ -1080,14 +1110,17 @@ fn e2e_replica_disk_full() {
     );
     // Space comes back: walship catches up by itself.
     disk.resize("256m");
+    let freed = Instant::now();
     d.wait_status(
         "catch-up after space was freed",
         20 * SEC,
         Status::caught_up,
     );
+    rep.recovered(freed.elapsed());
     let done = w.committed();
     d.stop();
     let out = restore_latest(&sb, "restored.db");
+    rep.end(&d, &out, &done, &[&sb.replica(), &sb.state()]);
     assert_same_db(&sb.db(), &out);
     assert_contains_all(
         &rows(&out),
@@ -1109,6 +1142,8 @@ fn e2e_state_disk_full() {
     let disk = Tmpfs::mount(&sb.state(), "256k");
     let mut d = start(&sb);
     d.wait_caught_up(10 * SEC);
+    let mut rep = Report::new("walship's own disk full (256 KiB tmpfs)");
+    rep.rounds = 1;
     let mut w = Writer::spawn(
         &sb.db(),
         "fill",
@@ -1125,6 +1160,7 @@ fn e2e_state_disk_full() {
     });
     d.assert_running();
     disk.resize("256m");
+    let freed = Instant::now();
     // Any write wakes the loop; the next status shows it caught up.
     let mut w2 = Writer::spawn(
         &sb.db(),
@@ -1142,10 +1178,12 @@ fn e2e_state_disk_full() {
         20 * SEC,
         Status::caught_up,
     );
+    rep.recovered(freed.elapsed());
     let mut done = w.committed();
     done.extend(w2.committed());
     d.stop();
     let out = restore_latest(&sb, "restored.db");
+    rep.end(&d, &out, &done, &[&sb.replica(), &sb.state()]);
     assert_same_db(&sb.db(), &out);
     assert_contains_all(&rows(&out), &done, "restore after walship's disk was full");
     drop(disk);
@@ -1249,6 +1287,12 @@ fn e2e_db_changes() {
     assert_eq!(sqlite3(&sb.path("e.db"), "select v from t"), "born again");
     let log = d.log_text();
     d.stop();
+    let mut rep = Report::new("database VACUUMed, page size changed, replaced, deleted");
+    rep.rounds = 4;
+    rep.temp_files_in(&sb.replica());
+    rep.temp_files_in(&sb.state());
+    rep.log(&d);
+    rep.finish();
     for want in ["page size", "replaced or deleted"] {
         assert!(
             log.contains(want),

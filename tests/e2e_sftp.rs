@@ -180,6 +180,8 @@ fn e2e_sftp_faults() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    let mut rpt = Report::new("sshd killed 30 s, then SIGSTOPped 30 s (per cycle)");
+    rpt.rounds = cycles;
     for cycle in 0..cycles {
         // 1. sshd killed during writes (mid-upload, most likely), back after 30 s.
         reported(&d, &mut rep);
@@ -205,7 +207,8 @@ fn e2e_sftp_faults() {
             s.line
         );
         sshd.restart();
-        let (took, _) = catch_up_time(&mut d, "after sshd restart");
+        let (took, done) = catch_up_time(&mut d, "after sshd restart");
+        rpt.recovered(done);
         if took > 5 * SEC {
             slow.push(format!("cycle {cycle}, sshd restart: {took:?}"));
         }
@@ -228,7 +231,8 @@ fn e2e_sftp_faults() {
             "the application stalled while sshd was frozen"
         );
         sshd.cont();
-        let (took, _) = catch_up_time(&mut d, "after SIGCONT");
+        let (took, done) = catch_up_time(&mut d, "after SIGCONT");
+        rpt.recovered(done);
         if took > 5 * SEC {
             slow.push(format!("cycle {cycle}, sshd SIGSTOP: {took:?}"));
         }
@@ -239,9 +243,10 @@ fn e2e_sftp_faults() {
     let done = committed(&ws);
     d.wait_caught_up(20 * SEC);
     d.stop();
-    assert_no_temp_files(&dir);
     let out = sb.path("restored.db");
     restore_sftp(&sshd, &out, &url, &[]).ok();
+    rpt.end(&d, &out, &done, &[&dir.local, &sb.state()]);
+    assert_no_temp_files(&dir);
     assert_same_db(&sb.db(), &out);
     let all = rows(&out);
     assert_contains_all(&all, &done, "restore from sftp after the faults");
@@ -317,6 +322,9 @@ fn e2e_sftp_network_faults() {
     );
     let mut rep = Vec::new();
     let mut report = Vec::new();
+    let mut rpt = Report::new(
+        "network: link down, blackhole, 20 % loss, 4 Mbit/s (sshd in a namespace behind veth)",
+    );
     type Fault<'a> = (&'a str, bool, Box<dyn Fn(bool) + 'a>);
     let faults: Vec<Fault> = vec![
         ("link down", true, Box::new(|on| ns.link(!on))),
@@ -375,6 +383,8 @@ fn e2e_sftp_network_faults() {
         }
         fault(false);
         let (took, done) = catch_up_time(&mut d, what);
+        rpt.rounds += 1;
+        rpt.recovered(done);
         reported(&d, &mut rep);
         report.push(format!(
             "{what}: {during} commits, catch-up started {took:.1?} and done {done:.1?} after"
@@ -389,9 +399,10 @@ fn e2e_sftp_network_faults() {
     let done = committed(&ws);
     d.wait_caught_up(20 * SEC);
     d.stop();
-    assert_no_temp_files(&dir);
     let out = sb.path("restored.db");
     restore_sftp(&sshd, &out, &url, &[]).ok();
+    rpt.end(&d, &out, &done, &[&dir.local, &sb.state()]);
+    assert_no_temp_files(&dir);
     assert_same_db(&sb.db(), &out);
     let all = rows(&out);
     assert_contains_all(&all, &done, "restore from sftp after the network faults");

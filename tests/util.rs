@@ -866,3 +866,147 @@ pub fn now_ms() -> u64 {
         .expect("clock")
         .as_millis() as u64
 }
+
+/// One fault scenario's figures for the campaign table of issue #6: what was done (rounds,
+/// commits written), what it cost (commits lost, recovery time), and what it left (temporary
+/// files, errors and warnings walship logged). `finish` prints one `REPORT` line and, when
+/// `WALSHIP_REPORT` names a file, appends the figures to it as one JSON object per line, which
+/// `bench/campaign.sh` turns into the table of docs/RELIABILITY.md.
+///
+/// Tests call `finish` before asserting on the same figures, so a failing scenario is still
+/// reported with what it measured.
+pub struct Report {
+    scenario: &'static str,
+    t0: Instant,
+    pub rounds: usize,
+    pub commits: usize,
+    pub lost: usize,
+    recovery: Vec<Duration>,
+    pub temp_files: usize,
+    errors: usize,
+    warnings: usize,
+    messages: BTreeSet<String>,
+}
+
+impl Report {
+    pub fn new(scenario: &'static str) -> Report {
+        Report {
+            scenario,
+            t0: Instant::now(),
+            rounds: 0,
+            commits: 0,
+            lost: 0,
+            recovery: Vec::new(),
+            temp_files: 0,
+            errors: 0,
+            warnings: 0,
+            messages: BTreeSet::new(),
+        }
+    }
+
+    /// Counts what `want` (committed by writers) holds, and which of it `have` lacks.
+    pub fn commits(&mut self, have: &BTreeSet<(String, i64)>, want: &[(String, i64)]) {
+        self.commits = want.len();
+        self.lost = want.iter().filter(|p| !have.contains(*p)).count();
+    }
+
+    /// One recovery: from the end of a fault until walship had caught up again.
+    pub fn recovered(&mut self, took: Duration) {
+        self.recovery.push(took);
+    }
+
+    /// Counts the ERROR and WARN lines of a daemon's log (every start of it, if restarted),
+    /// and keeps the distinct error messages with numbers, hex and paths blanked.
+    pub fn log(&mut self, d: &Daemon) {
+        for line in d.log_text().lines() {
+            let Some((level, msg)) = [" ERROR ", " WARN "]
+                .iter()
+                .find_map(|l| line.split_once(l).map(|(_, m)| (*l, m)))
+            else {
+                continue;
+            };
+            if level == " WARN " {
+                self.warnings += 1;
+                continue;
+            }
+            self.errors += 1;
+            let mut m = String::new();
+            for w in msg.split_whitespace() {
+                if w.contains('=') {
+                    break; // structured fields follow the message
+                }
+                if !m.is_empty() {
+                    m.push(' ');
+                }
+                if w.contains('/') {
+                    m.push_str("<path>");
+                } else {
+                    m.extend(w.chars().map(|c| if c.is_ascii_digit() { 'N' } else { c }));
+                }
+            }
+            self.messages.insert(m);
+        }
+    }
+
+    /// Adds the temporary files (`.walship-tmp-*`) left anywhere under `dir`; returns them.
+    pub fn temp_files_in(&mut self, dir: &Path) -> Vec<PathBuf> {
+        let temps: Vec<PathBuf> = walk(dir)
+            .into_iter()
+            .filter(|p| {
+                p.file_name().is_some_and(|n| {
+                    n.to_string_lossy()
+                        .starts_with(walship::target::TEMP_PREFIX)
+                })
+            })
+            .map(|p| dir.join(p))
+            .collect();
+        self.temp_files += temps.len();
+        temps
+    }
+
+    /// The usual end of a scenario: the commits of `done` that `restored` lacks, the
+    /// temporary files left under `dirs`, the daemon's log; then `finish`.
+    pub fn end(&mut self, d: &Daemon, restored: &Path, done: &[(String, i64)], dirs: &[&Path]) {
+        self.commits(&rows(restored), done);
+        for dir in dirs {
+            self.temp_files_in(dir);
+        }
+        self.log(d);
+        self.finish();
+    }
+
+    pub fn finish(&self) {
+        let max_recovery = self.recovery.iter().max().map(|d| d.as_millis());
+        let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+        let json = format!(
+            "{{\"scenario\":{},\"rounds\":{},\"commits\":{},\"lost\":{},\"recoveries\":{},\
+             \"recovery_max_ms\":{},\"temp_files\":{},\"errors\":{},\"warnings\":{},\
+             \"error_messages\":[{}],\"seconds\":{:.1}}}",
+            q(self.scenario),
+            self.rounds,
+            self.commits,
+            self.lost,
+            self.recovery.len(),
+            max_recovery.map_or("null".to_string(), |m| m.to_string()),
+            self.temp_files,
+            self.errors,
+            self.warnings,
+            self.messages
+                .iter()
+                .map(|m| q(m))
+                .collect::<Vec<_>>()
+                .join(","),
+            self.t0.elapsed().as_secs_f64()
+        );
+        eprintln!("REPORT {json}");
+        if let Some(path) = std::env::var_os("WALSHIP_REPORT") {
+            use std::io::Write;
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("open WALSHIP_REPORT {path:?}: {e}"));
+            writeln!(f, "{json}").expect("append to WALSHIP_REPORT");
+        }
+    }
+}

@@ -6,8 +6,8 @@
 //! (within a generation: by last txid, a snapshot after the segment that ends at its txid).
 
 use crate::layout::names::{FileName, GenerationId};
-use crate::target::file::fsync_dir;
-use crate::target::{temp_name, TEMP_PREFIX};
+use crate::target::file::{fsync_dir, remove_temp_files};
+use crate::target::temp_name;
 use anyhow::{Context, Result};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -70,15 +70,8 @@ impl Spool {
         let spool = Spool { dir };
         for g in spool.generations()? {
             let gdir = spool.dir.join(g.to_string());
-            for ent in
-                fs::read_dir(&gdir).with_context(|| format!("cannot list {}", gdir.display()))?
-            {
-                let ent = ent?;
-                if ent.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-                    fs::remove_file(ent.path())
-                        .with_context(|| format!("cannot remove {}", ent.path().display()))?;
-                }
-            }
+            remove_temp_files(&gdir)
+                .with_context(|| format!("cannot remove temporary files in {}", gdir.display()))?;
         }
         Ok(spool)
     }

@@ -93,6 +93,37 @@ pub fn write_file_atomic(dest: &Path, data: &mut dyn Read, mode: u32) -> io::Res
     result
 }
 
+/// Removes the temporary files (named by [`temp_name`]) that an interrupted
+/// [`write_file_atomic`] left in `dir` (not below it), then fsyncs `dir`; a missing `dir` has
+/// none. Only for directories no other live process writes into (walship holds the state
+/// directory's lock; a replica's temp files are swept when nothing uploads).
+///
+/// # Errors
+/// Listing, removing or syncing failed.
+pub fn remove_temp_files(dir: &Path) -> io::Result<usize> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut n = 0;
+    for ent in rd {
+        let ent = ent?;
+        if ent
+            .file_name()
+            .to_str()
+            .is_some_and(|s| s.starts_with(super::TEMP_PREFIX))
+        {
+            fs::remove_file(ent.path())?;
+            n += 1;
+        }
+    }
+    if n > 0 {
+        fsync_dir(dir)?;
+    }
+    Ok(n)
+}
+
 impl Target for FileTarget {
     fn url(&self) -> String {
         format!("file://{}", self.root.display())
@@ -177,27 +208,7 @@ impl Target for FileTarget {
 
     fn cleanup(&self, dir: &str) -> Result<usize> {
         check_path(dir, true)?;
-        let rd = match fs::read_dir(self.abs(dir)) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(self.err("list", dir, &e)),
-        };
-        let mut n = 0;
-        for ent in rd {
-            let ent = ent.map_err(|e| self.err("list", dir, &e))?;
-            if ent
-                .file_name()
-                .to_str()
-                .is_some_and(|s| s.starts_with(super::TEMP_PREFIX))
-            {
-                fs::remove_file(ent.path())
-                    .map_err(|e| self.err("remove temporary file in", dir, &e))?;
-                n += 1;
-            }
-        }
-        if n > 0 {
-            fsync_dir(&self.abs(dir)).map_err(|e| self.err("sync directory", dir, &e))?;
-        }
-        Ok(n)
+        remove_temp_files(&self.abs(dir))
+            .map_err(|e| self.err("remove temporary files in", dir, &e))
     }
 }
