@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use tracing::{info, warn};
 
 /// The largest database a restore will build (protects against hostile sizes).
@@ -82,20 +82,41 @@ pub fn list_replica(t: &dyn Target) -> Result<Listing> {
     Ok(Listing { generations: gens })
 }
 
-enum Batch {
-    Pages(Vec<(u32, Vec<u8>)>),
-    Commit(Commit),
+/// One decoded record, as handed from the reader to the applier.
+enum Item {
+    /// A new file begins, with its page size.
     File(FileName, u32),
+    /// A page: its number and where its bytes start in [`Chunk::data`] (a page-size run).
+    Page(u32, usize),
+    Commit(Commit),
 }
 
-/// Streams the plan's files as batches, ending early at the stop txid.
+/// A run of decoded records handed over as one message: one channel hand-off per ~1 MiB of
+/// pages or [`CHUNK_ITEMS`] records rather than per commit (with one message per commit, the
+/// two threads spent most of a long replay waking each other).
+#[derive(Default)]
+struct Chunk {
+    items: Vec<Item>,
+    data: Vec<u8>,
+}
+
+/// Records per [`Chunk`] at most (a commit record is ~30 bytes: this bounds a chunk of
+/// page-less commits).
+const CHUNK_ITEMS: usize = 8192;
+/// Page bytes per [`Chunk`] before it is handed over.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// Streams the plan's files as chunks of records, ending early when the applier hangs up
+/// (it reached the stop txid).
 fn reader(
     t: &dyn Target,
     g: GenerationId,
     files: Vec<FileName>,
-    tx: std::sync::mpsc::SyncSender<Result<Batch>>,
+    tx: SyncSender<Result<Chunk>>,
+    free: Receiver<Chunk>,
 ) {
-    let send = |b: Result<Batch>| tx.send(b).is_ok();
+    let next = || free.try_recv().unwrap_or_default();
+    let mut chunk = next();
     for f in files {
         let path = file_path(&g, &f);
         let label = format!("{}/{path}", t.url());
@@ -107,33 +128,19 @@ fn reader(
             let src = t.read(&path)?;
             let mut dec = Decoder::new(std::io::BufReader::with_capacity(1 << 20, src), kind)
                 .map_err(|e| anyhow!("{label}: {e}"))?;
-            if !send(Ok(Batch::File(f, dec.page_size()))) {
-                return Ok(false);
-            }
-            let mut pages = Vec::new();
-            let mut bytes = 0usize;
+            chunk.items.push(Item::File(f, dec.page_size()));
             while let Some(rec) = dec.next().map_err(|e| anyhow!("{label}: {e}"))? {
                 match rec {
                     Record::Page { pgno, data } => {
-                        bytes += data.len();
-                        pages.push((pgno, data.to_vec()));
-                        if bytes >= 1 << 20 {
-                            if !send(Ok(Batch::Pages(std::mem::take(&mut pages)))) {
-                                return Ok(false);
-                            }
-                            bytes = 0;
-                        }
+                        chunk.items.push(Item::Page(pgno, chunk.data.len()));
+                        chunk.data.extend_from_slice(data);
                     }
-                    Record::Commit(c) => {
-                        if !pages.is_empty() && !send(Ok(Batch::Pages(std::mem::take(&mut pages))))
-                        {
-                            return Ok(false);
-                        }
-                        bytes = 0;
-                        if !send(Ok(Batch::Commit(c))) {
-                            return Ok(false);
-                        }
-                    }
+                    Record::Commit(c) => chunk.items.push(Item::Commit(c)),
+                }
+                if (chunk.data.len() >= CHUNK_BYTES || chunk.items.len() >= CHUNK_ITEMS)
+                    && tx.send(Ok(std::mem::replace(&mut chunk, next()))).is_err()
+                {
+                    return Ok(false);
                 }
             }
             Ok(true)
@@ -142,10 +149,16 @@ fn reader(
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
+                // What was decoded before the error is applied first, so that the error is
+                // reported where it happened (and a stop txid before it still succeeds).
+                let _ = tx.send(Ok(std::mem::take(&mut chunk)));
                 let _ = tx.send(Err(e));
                 return;
             }
         }
+    }
+    if !chunk.items.is_empty() {
+        let _ = tx.send(Ok(chunk));
     }
 }
 
@@ -294,11 +307,13 @@ fn restore_once(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
         .mode(0o644)
         .open(tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))?;
-    let (tx, rx) = sync_channel::<Result<Batch>>(8);
+    let (tx, rx) = sync_channel::<Result<Chunk>>(2);
+    // Applied chunks go back to the reader for reuse: no allocation (and page faults) per chunk.
+    let (free_tx, free_rx) = sync_channel::<Chunk>(4);
     let g = plan.generation;
     let restored = std::thread::scope(|s| {
-        s.spawn(|| reader(t, g, files, tx));
-        let r = apply(&rx, &out, target_txid, &t.url(), &g);
+        s.spawn(|| reader(t, g, files, tx, free_rx));
+        let r = apply(&rx, &free_tx, &out, target_txid, &t.url(), &g);
         drop(rx);
         r
     })?;
@@ -312,7 +327,8 @@ fn restore_once(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
 }
 
 fn apply(
-    rx: &Receiver<Result<Batch>>,
+    rx: &Receiver<Result<Chunk>>,
+    free: &SyncSender<Chunk>,
     out: &File,
     target: u64,
     url: &str,
@@ -328,40 +344,45 @@ fn apply(
     let label = |f: &Option<FileName>| {
         f.map_or_else(String::new, |f| format!("{url}/{}", file_path(g, &f)))
     };
-    for b in rx.iter() {
-        match b? {
-            Batch::File(f, ps) => {
-                if page_size != 0 && ps != page_size {
-                    bail!(
-                        "{}: page size {ps} differs from the snapshot's {page_size}",
-                        label(&Some(f))
-                    );
-                }
-                page_size = ps;
-                let first = f.first_txid();
-                if let Some(a) = applied {
-                    if first > a + 1 {
+    'chunks: for chunk in rx.iter() {
+        let mut chunk = chunk?;
+        for item in chunk.items.drain(..) {
+            match item {
+                Item::File(f, ps) => {
+                    if page_size != 0 && ps != page_size {
                         bail!(
-                            "{}: gap in the replica: txids {}..{} are missing",
-                            label(&Some(f)),
-                            a + 1,
-                            first - 1
+                            "{}: page size {ps} differs from the snapshot's {page_size}",
+                            label(&Some(f))
                         );
                     }
+                    page_size = ps;
+                    let first = f.first_txid();
+                    if let Some(a) = applied {
+                        if first > a + 1 {
+                            bail!(
+                                "{}: gap in the replica: txids {}..{} are missing",
+                                label(&Some(f)),
+                                a + 1,
+                                first - 1
+                            );
+                        }
+                    }
+                    current = Some(f);
+                    next_in_file = first;
+                    skipping = applied.is_some_and(|a| next_in_file <= a);
+                    hashes.get_or_insert_with(|| PageHashes::new(ps));
                 }
-                current = Some(f);
-                next_in_file = first;
-                skipping = applied.is_some_and(|a| next_in_file <= a);
-                hashes.get_or_insert_with(|| PageHashes::new(ps));
-            }
-            Batch::Pages(pages) => {
-                if skipping {
-                    continue;
-                }
-                let h = hashes
-                    .as_mut()
-                    .ok_or_else(|| anyhow!("internal: pages before a file"))?;
-                for (pgno, data) in pages {
+                Item::Page(pgno, start) => {
+                    if skipping {
+                        continue;
+                    }
+                    let h = hashes
+                        .as_mut()
+                        .ok_or_else(|| anyhow!("internal: pages before a file"))?;
+                    let data = chunk
+                        .data
+                        .get(start..start + page_size as usize)
+                        .ok_or_else(|| anyhow!("internal: page beyond its chunk"))?;
                     let off = u64::from(pgno - 1) * u64::from(page_size);
                     if off + u64::from(page_size) > MAX_DB_BYTES {
                         bail!(
@@ -369,53 +390,55 @@ fn apply(
                             label(&current)
                         );
                     }
-                    out.write_all_at(&data, off)
+                    out.write_all_at(data, off)
                         .context("cannot write the restored database")?;
-                    h.set(pgno, &data);
+                    h.set(pgno, data);
                 }
-            }
-            Batch::Commit(c) => {
-                if c.txid != next_in_file {
-                    bail!(
-                        "{}: commit txid {} where {} was expected from the file name",
-                        label(&current),
-                        c.txid,
-                        next_in_file
-                    );
-                }
-                next_in_file += 1;
-                if skipping {
-                    skipping = applied.is_some_and(|a| next_in_file <= a);
-                    continue;
-                }
-                skipping = false;
-                if u64::from(c.db_pages) * u64::from(page_size) > MAX_DB_BYTES {
-                    bail!(
-                        "{}: database size of {} pages is beyond the limit",
-                        label(&current),
-                        c.db_pages
-                    );
-                }
-                let h = hashes
-                    .as_mut()
-                    .ok_or_else(|| anyhow!("internal: commit before a file"))?;
-                h.set_size(c.db_pages);
-                if h.db_checksum() != c.db_checksum {
-                    bail!(
+                Item::Commit(c) => {
+                    if c.txid != next_in_file {
+                        bail!(
+                            "{}: commit txid {} where {} was expected from the file name",
+                            label(&current),
+                            c.txid,
+                            next_in_file
+                        );
+                    }
+                    next_in_file += 1;
+                    if skipping {
+                        skipping = applied.is_some_and(|a| next_in_file <= a);
+                        continue;
+                    }
+                    skipping = false;
+                    if u64::from(c.db_pages) * u64::from(page_size) > MAX_DB_BYTES {
+                        bail!(
+                            "{}: database size of {} pages is beyond the limit",
+                            label(&current),
+                            c.db_pages
+                        );
+                    }
+                    let h = hashes
+                        .as_mut()
+                        .ok_or_else(|| anyhow!("internal: commit before a file"))?;
+                    h.set_size(c.db_pages);
+                    if h.db_checksum() != c.db_checksum {
+                        bail!(
                         "{}: checksum mismatch at txid {}: the restored database hashes to {:016x}, the replica recorded {:016x}",
                         label(&current),
                         c.txid,
                         h.db_checksum(),
                         c.db_checksum
                     );
-                }
-                applied = Some(c.txid);
-                last_commit = Some(c);
-                if c.txid >= target {
-                    break;
+                    }
+                    applied = Some(c.txid);
+                    last_commit = Some(c);
+                    if c.txid >= target {
+                        break 'chunks;
+                    }
                 }
             }
         }
+        chunk.data.clear();
+        let _ = free.try_send(chunk);
     }
     let c = last_commit.ok_or_else(|| anyhow!("{url}: nothing was restored"))?;
     if c.txid != target {
