@@ -58,8 +58,11 @@ SNAP_MS=$(ms $t0 $t1)
 SNAP_FILE=$(ls "$SFTP_DIR"/generations/*/snap-*.wsnap | head -1)
 SNAP_BYTES=$(stat -c %s "$SNAP_FILE")
 
-# 2. bulk load while replicating
+# 2. bulk load while replicating (WAL, state dir and RSS sampled every 10 ms; CPU from /proc)
 start_watch "$SFTP_DIR" "$T/watch.out"
+python3 "$BENCH/sampler.py" "$T/peak" "$T/w.db-wal" "$T/state" "$WPID" & SPID=$!; PIDS="$PIDS $SPID"
+until [ -e "$T/peak.ready" ]; do sleep 0.005; done
+CPU0=$(py "print(proc_cpu_seconds($WPID))")
 python3 "$BENCH/loader.py" "$T/w.db" "$MIB2" >"$T/load"
 LAST=$(( $(kv commits "$T/load") + 1 ))
 REPL_NS=$(python3 - "$T/watch.out" "$LAST" <<'PY'
@@ -76,6 +79,8 @@ print(-1)
 PY
 )
 [ "$REPL_NS" != -1 ] || { echo "bench: the replica never got txid $LAST" >&2; exit 1; }
+CPU1=$(py "print(proc_cpu_seconds($WPID))")
+kill -TERM "$SPID"; wait "$SPID" || true
 BULK_MS=$(ms "$(kv start "$T/load")" "$REPL_NS")
 CATCH_MS=$(ms "$(kv end "$T/load")" "$REPL_NS")
 LOAD_MS=$(ms "$(kv start "$T/load")" "$(kv end "$T/load")")
@@ -176,6 +181,8 @@ fi
 printf '%-44s %-22s %-22s %-8s %s\n' "3. restore (newest generation $(py "print('%.1f' % ($GOT/2**20))") MiB)" \
     "$RESTORE_MS ms" "$((GET_MS + IC_MS)) ms (get $GET_MS + check $IC_MS)" \
     "$(py "print('%.2f' % (($GET_MS+$IC_MS)/$RESTORE_MS))")" ">= 0.80 ($SAME; got $(py "print('%.1f' % ($GOT/2**20))") MiB)"
+echo "2. during the bulk load: WAL peak $(py "print('%.1f' % ($(kv wal "$T/peak")/2**20))") MiB, state-dir (local disk) peak $(py "print('%.1f' % ($(kv state "$T/peak")/2**20))") MiB, walship RSS peak $(py "print('%.1f' % ($(kv rss_kib "$T/peak")/1024))") MiB, walship CPU $(py "print('%.2f' % ($CPU1-$CPU0))") s = $(py "print('%.2f' % (($CPU1-$CPU0)*1024/$MIB2))") s per GiB loaded; SQLITE_BUSY $(kv busy "$T/load")"
+echo "replica after all steps: $(py "print('%.1f' % ($REPLICA_BYTES/2**20))") MiB for a $(py "print('%.1f' % ($(stat -c %s "$T/w.db")/2**20))") MiB database (history of every step included)"
 echo "RESULT sftp snap_ratio=$(py "print('%.2f' % ($PUT_SNAP_MS/$SNAP_MS))") bulk_ratio=$(py "print('%.2f' % ($PUT_SEG_MS/$BULK_MS))") backlog_ratio=$( case $BACKLOG_KIND in seg|diff) py "print('%.2f' % ($PUT_BL_MS/max(1,$BACKLOG_MS)))";; *) echo NA;; esac) restore_ratio=$(py "print('%.2f' % (($GET_MS+$IC_MS)/$RESTORE_MS))")"
 echo "walship log: $(grep -c ERROR "$T/walship.log" || true) ERROR lines; distinct WARN/ERROR:"
 grep -E 'WARN|ERROR' "$T/walship.log" | sed -E 's/^[^ ]+ +//; s/[0-9a-f]{12,16}/X/g; s#/tmp/[^ ]*##g; s#:[0-9]+/db/[^ ]*##g' | sort | uniq -c | head -8 || true
