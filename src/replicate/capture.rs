@@ -532,7 +532,11 @@ impl Capture {
             self.step()?;
             match self.write_snapshot() {
                 Err(e) if e.is::<WalMoved>() && attempt < 5 => attempt += 1,
-                other => return other,
+                other => {
+                    // The snapshot's buffers (zstd workers' among them) are free now.
+                    super::trim_heap();
+                    return other;
+                }
             }
         }
     }

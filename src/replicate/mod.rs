@@ -100,6 +100,19 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// Gives the allocator's free memory back to the system (glibc's `malloc_trim`). After a
+/// burst (a backlog shipped after an outage, a compaction, a snapshot) the heap keeps freed
+/// buffers between live ones, which only this returns: without it RSS stayed ~3 MiB higher
+/// after each sftp outage. Called when a burst ends, never on a timer; it takes microseconds
+/// on walship's small heap.
+pub(crate) fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the kernel; it is thread-safe.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
 /// Waits for the database file to exist (an application may create it after boot).
 fn wait_for_db(
     db: &Path,

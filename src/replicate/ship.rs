@@ -36,6 +36,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_millis(3000);
 
 /// How often an idle shipper sweeps the replica for temporary files (see `remove_temps`).
 pub const TEMP_SWEEP: Duration = Duration::from_secs(60);
+/// Least time between two heap trims after bursts.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// How long the database must go without new commits before a replica is compacted...
 pub const COMPACT_WHEN_QUIET: Duration = Duration::from_secs(1);
@@ -190,6 +192,11 @@ impl Shipper {
         // Set while compaction waits for the database to be quiet, and since when it waits.
         let mut compact_after: Option<Instant> = None;
         let mut deferred_since: Option<Instant> = None;
+        // Set by a burst (a merged backlog, a compaction, a failure): the heap is trimmed once
+        // the replica is caught up again, at most every TRIM_EVERY (trimmed pages fault in
+        // again when reused).
+        let mut trim_due = false;
+        let mut last_trim = Instant::now();
         loop {
             // Work out the next file, or wait.
             // The head is read before listing the spool, so that every file it covers is in
@@ -223,6 +230,11 @@ impl Shipper {
                     prepared = true;
                 }
                 let Some(f) = next else {
+                    if trim_due && last_trim.elapsed() >= TRIM_EVERY {
+                        super::trim_heap();
+                        trim_due = false;
+                        last_trim = Instant::now();
+                    }
                     // Idle: housekeeping on the replica's current generation.
                     if remote.is_none() {
                         if let Some((k, _)) = pos {
@@ -252,6 +264,7 @@ impl Shipper {
                     compact_after = None;
                     if let Some((g, files)) = remote.as_mut() {
                         if self.compact(g, files)? {
+                            trim_due = true;
                             // More may be due (once overdue, compaction goes on until done);
                             // new spooled files still come first.
                             return Ok(true);
@@ -266,6 +279,7 @@ impl Shipper {
                 };
                 let batch = self.batch_after(&f, &files);
                 let sent = self.upload_batch(&batch)?;
+                trim_due |= batch.len() > 1;
                 let last = batch.last().unwrap_or(&f);
                 let time_ms = last.name.last_ms();
                 pos = Some((last.key(), time_ms));
@@ -315,6 +329,7 @@ impl Shipper {
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
+                    trim_due = true;
                     // Whatever failed, the replica may not be what we think: look again.
                     prepared = false;
                     remote = None;
