@@ -16,23 +16,36 @@ ROUNDS="${ROUNDS:-100}"; CYCLES="${CYCLES:-20}"
 JSON="$OUT/campaign.jsonl"; LOG="$OUT/campaign.log"
 rm -f "$JSON"
 cd "$REPO"
+REV="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src tests Cargo.toml || echo +changes)"
 t0=$(date +%s)
 set +e
 WALSHIP_REPORT="$JSON" WALSHIP_KILL9_ROUNDS="$ROUNDS" WALSHIP_SSHD_CYCLES="$CYCLES" \
     cargo test --release --test tests e2e -- --test-threads=1 >"$LOG" 2>&1
 rc=$?
 set -e
-echo "# campaign.sh  $(date -u +%FT%TZ)  $(nproc) cores  kill -9 rounds $ROUNDS, sshd cycles $CYCLES  main at $(git rev-parse --short HEAD)  $(( $(date +%s) - t0 )) s  cargo test exit $rc"
+echo "# campaign.sh  $(date -u +%FT%TZ)  $(nproc) cores  kill -9 rounds $ROUNDS, sshd cycles $CYCLES  main at $REV  $(( $(date +%s) - t0 )) s  cargo test exit $rc"
 python3 - "$JSON" "$LOG" <<'PY'
-import json, re, sys
-rows = [json.loads(l) for l in open(sys.argv[1])] if __import__('os').path.exists(sys.argv[1]) else []
+import json, os, re, sys
+rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
+
+def kinds(msgs):
+    """The distinct errors, shortened: which replica failed and paths are blanked already."""
+    out = []
+    for m in msgs:
+        m = re.sub(r'N+', 'N', m)
+        m = re.sub(r'^replica \S+ failing: ', '', m)
+        m = re.sub(r'(<path> )+', '', m).strip()
+        if m not in out:
+            out.append(m)
+    return '; '.join(out[:4]) + (' (+%d more)' % (len(out) - 4) if len(out) > 4 else '') or '-'
+
 print('| scenario | rounds | commits written | commits lost | recovery (max) | temp files left | errors logged (warnings) | distinct errors |')
 print('|---|---|---|---|---|---|---|---|')
 for r in rows:
     rec = '-' if r['recovery_max_ms'] is None else '%.1f s (%d)' % (r['recovery_max_ms'] / 1000, r['recoveries'])
     print('| %s | %d | %s | %d | %s | %d | %d (%d) | %s |' % (
         r['scenario'], r['rounds'], r['commits'] or '-', r['lost'], rec, r['temp_files'],
-        r['errors'], r['warnings'], '; '.join(r['error_messages']) or '-'))
+        r['errors'], r['warnings'], kinds(r['error_messages'])))
 print()
 verdicts = re.findall(r'^test (\S+) \.\.\. (\w+)', open(sys.argv[2]).read(), re.M)
 print('tests: %d passed, %d failed: %s' % (

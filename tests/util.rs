@@ -941,7 +941,16 @@ impl Report {
                 if w.contains('/') {
                     m.push_str("<path>");
                 } else {
-                    m.extend(w.chars().map(|c| if c.is_ascii_digit() { 'N' } else { c }));
+                    // A run of digits (a port, an errno, an address part) becomes one N.
+                    let mut digits = false;
+                    for c in w.chars() {
+                        if !c.is_ascii_digit() {
+                            m.push(c);
+                        } else if !digits {
+                            m.push('N');
+                        }
+                        digits = c.is_ascii_digit();
+                    }
                 }
             }
             self.messages.insert(m);

@@ -530,7 +530,7 @@ fn status(cap: &Capture, shared: &Shared, files: &[spool::SpoolFile]) -> (String
 fn write_status(dir: &Path, line: &str) {
     let p = dir.join("status");
     let text = format!("{} {}\n", now_ms(), line);
-    if let Err(e) = crate::target::file::write_file_atomic(&p, &mut text.as_bytes(), 0o644) {
+    if let Err(e) = crate::target::file::replace_file(&p, text.as_bytes(), 0o644) {
         debug!("cannot write {}: {e}", p.display());
     }
 }

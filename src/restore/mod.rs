@@ -692,7 +692,9 @@ mod tests {
         let mut x = 12345u64;
         for round in 0..4u8 {
             for i in 0..npages {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 // every page once in order per round, and a random page again
                 for pgno in [i + 1, (x >> 33) as u32 % npages + 1] {
                     let fill = round.wrapping_mul(31).wrapping_add(pgno as u8);
