@@ -1,8 +1,9 @@
 //! Restore and verify: rebuild a database from a replica, proving it correct on the way.
 //!
 //! The pipeline: a reader thread fetches the planned files in order and decodes them
-//! (network and decompression), handing batches of pages to the applier, which writes them
-//! into a temporary file beside the output and keeps per-page hashes.
+//! (network and decompression), handing chunks of records (~1 MiB) to the applier, which keeps
+//! per-page hashes and writes the pages, through a small write-back cache, into a temporary
+//! file beside the output.
 //!
 //! Invariants:
 //! - Nothing is written outside the temporary file and, at the very end, the output path: the
@@ -10,8 +11,8 @@
 //!   `PRAGMA integrity_check`), then renamed over the output and the directory fsynced.
 //! - A restore stops exactly at a commit boundary; a file whose content disagrees with its
 //!   name, a checksum mismatch, or a gap is an error naming the file.
-//! - Memory is bounded: a few batches of pages in flight, 8 bytes of hash per page, and a
-//!   database size limit of [`MAX_DB_BYTES`] against hostile metadata.
+//! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
+//!   of hash per page, and a database size limit of [`MAX_DB_BYTES`] against hostile metadata.
 
 use crate::layout::checksum::PageHashes;
 use crate::layout::codec::{Commit, Decoder, Kind, Record};
