@@ -409,6 +409,8 @@ fn e2e_kill9() {
 #[test]
 fn e2e_wal_reset() {
     let t0 = Instant::now();
+    let mut rep = Report::new("WAL reset (TRUNCATE) behind walship's back");
+    rep.rounds = 2;
     let sb = Sandbox::new();
     sb.create_db();
     let mut d = start(&sb);
@@ -518,12 +520,7 @@ fn e2e_wal_reset() {
     );
     d.stop();
     let out = restore_latest(&sb, "restored.db");
-    let mut rep = Report::new("WAL reset (TRUNCATE) behind walship's back");
-    rep.rounds = 2;
-    rep.temp_files_in(&sb.replica());
-    rep.temp_files_in(&sb.state());
-    rep.log(&d);
-    rep.finish();
+    rep.end_without_rows(&d, &[&sb.replica(), &sb.state()]);
     assert_same_db(&sb.db(), &out);
     eprintln!("e2e_wal_reset: {:?}", t0.elapsed());
 }
@@ -1197,6 +1194,8 @@ fn e2e_state_disk_full() {
 #[test]
 fn e2e_db_changes() {
     let t0 = Instant::now();
+    let mut rep = Report::new("database VACUUMed, page size changed, replaced, deleted");
+    rep.rounds = 4;
     let sb = Sandbox::new();
     let db = sb.db();
     // Waits until the replica restores to exactly the source (the status alone may still show
@@ -1287,12 +1286,7 @@ fn e2e_db_changes() {
     assert_eq!(sqlite3(&sb.path("e.db"), "select v from t"), "born again");
     let log = d.log_text();
     d.stop();
-    let mut rep = Report::new("database VACUUMed, page size changed, replaced, deleted");
-    rep.rounds = 4;
-    rep.temp_files_in(&sb.replica());
-    rep.temp_files_in(&sb.state());
-    rep.log(&d);
-    rep.finish();
+    rep.end_without_rows(&d, &[&sb.replica(), &sb.state()]);
     for want in ["page size", "replaced or deleted"] {
         assert!(
             log.contains(want),

@@ -977,6 +977,12 @@ impl Report {
     /// temporary files left under `dirs`, the daemon's log; then `finish`.
     pub fn end(&mut self, d: &Daemon, restored: &Path, done: &[(String, i64)], dirs: &[&Path]) {
         self.commits(&rows(restored), done);
+        self.end_without_rows(d, dirs);
+    }
+
+    /// The end of a scenario whose writers' rows are not counted: temporary files under
+    /// `dirs`, the daemon's log; then `finish`.
+    pub fn end_without_rows(&mut self, d: &Daemon, dirs: &[&Path]) {
         for dir in dirs {
             self.temp_files_in(dir);
         }

@@ -71,6 +71,21 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// # Errors
 /// Any I/O failure; the temporary file is removed on failure.
 pub fn write_file_atomic(dest: &Path, data: &mut dyn Read, mode: u32) -> io::Result<u64> {
+    write_via_temp(dest, data, mode, true)
+}
+
+/// Replaces `dest` with `data` through a temporary file and a rename, without fsync: readers
+/// never see a torn file, but after a power loss it may hold an older version or nothing. Only
+/// for files rewritten at once on start that lose nothing when stale (walship's `status` file,
+/// rewritten with every commit: two fsyncs per commit for nothing).
+///
+/// # Errors
+/// Any I/O failure; the temporary file is removed on failure.
+pub fn replace_file(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_via_temp(dest, &mut &data[..], mode, false).map(|_| ())
+}
+
+fn write_via_temp(dest: &Path, data: &mut dyn Read, mode: u32, durable: bool) -> io::Result<u64> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(temp_name());
     let result = (|| {
@@ -81,38 +96,15 @@ pub fn write_file_atomic(dest: &Path, data: &mut dyn Read, mode: u32) -> io::Res
             .open(&tmp)?;
         let n = io::copy(data, &mut f)?;
         f.flush()?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         drop(f);
         fs::rename(&tmp, dest)?;
-        fsync_dir(dir)?;
+        if durable {
+            fsync_dir(dir)?;
+        }
         Ok(n)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Replaces `dest` with `data` through a temporary file and a rename, without fsync: readers
-/// never see a torn file, but after a power loss it may hold an older version or nothing. Only
-/// for files that are rewritten at once on start and lose nothing when stale (walship's
-/// `status` file, rewritten with every commit: two fsyncs per commit for it cost a fifth of
-/// the daemon's CPU at 200 commits/s).
-///
-/// # Errors
-/// Any I/O failure; the temporary file is removed on failure.
-pub fn replace_file(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(temp_name());
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        drop(f);
-        fs::rename(&tmp, dest)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
