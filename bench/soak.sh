@@ -61,12 +61,13 @@ python3 - "$T/soak.csv" "$EVERY_S" "$OUTAGE_S" <<'PY'
 import csv, sys
 rows = [{k: int(v) for k, v in r.items()} for r in csv.DictReader(open(sys.argv[1]))]
 every, out = int(sys.argv[2]), int(sys.argv[3])
-print('period        RSS max KiB  fds max  state max MiB  WAL max MiB  lag max ms (outside outages)')
+print('period        RSS p50 KiB  RSS max KiB  fds max  state max MiB  WAL max MiB  lag max ms (outside outages)')
 for p in range(0, rows[-1]['t'] + 1, every):
     w = [r for r in rows if p <= r['t'] < p + every]
     if not w: continue
     calm = [r['lag_ms'] for r in w if not r['outage'] and r['t'] - p > out + 30] or [0]
-    print('%5d-%-6d  %11d  %7d  %13.1f  %11.1f  %d' % (p, p + every, max(r['rss_kib'] for r in w),
+    rss = sorted(r['rss_kib'] for r in w)
+    print('%5d-%-6d  %11d  %11d  %7d  %13.1f  %11.1f  %d' % (p, p + every, rss[len(rss) // 2], rss[-1],
           max(r['fds'] for r in w), max(r['state_bytes'] for r in w) / 2**20, max(r['wal_bytes'] for r in w) / 2**20, max(calm)))
 print('recovery: seconds from sshd restart until lag < 50 ms')
 for i, r in enumerate(rows):
