@@ -1387,3 +1387,67 @@ fn restore_lists_again_when_a_planned_file_vanishes() {
         }
     }
 }
+
+/// Big files are streamed while capture writes them: the first snapshot, and a commit larger
+/// than a segment, reach the replica during their compression (the log says so), end exactly
+/// at the published file, and restore byte for byte. A restart that resumes with one big
+/// commit streams it too.
+#[test]
+fn e2e_streamed_snapshot_and_big_commit() {
+    let sb = Sandbox::new();
+    let db = sb.db();
+    sqlite3(&db, "create table t(id integer primary key, v);");
+    let fill = |rows: u32| {
+        sqlite3(
+            &db,
+            &format!(
+                "with recursive n(i) as (select 1 union all select i+1 from n where i < {rows}) \
+                 insert into t(v) select randomblob(3000) from n;"
+            ),
+        );
+    };
+    fill(10_000); // ~30 MiB: the first snapshot
+    let mut d = start(&sb);
+    let s0 = d.wait_caught_up(30 * SEC);
+    fill(8_000); // one ~24 MiB transaction: more than a 16 MiB segment
+    d.wait_status("the big commit replicated", 30 * SEC, |s| {
+        s.caught_up() && s.txid > s0.txid
+    });
+    let log = d.log_text();
+    for what in ["streaming snap-", "streaming seg-"] {
+        assert!(log.contains(what), "no '{what}' in the log:\n{log}");
+    }
+    // The big commit is one segment of one txid on the replica.
+    assert!(
+        segments(&sb.replica()).iter().any(|p| {
+            let n = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            n.is_some_and(|n| {
+                let f: Vec<&str> = n.split('-').collect();
+                f.len() > 3 && f[2] == f[3] && fs::metadata(p).is_ok_and(|m| m.len() > 16 << 20)
+            })
+        }),
+        "no single-commit segment over 16 MiB on the replica"
+    );
+    // Stopped, then written to: the restart resumes with one commit holding the difference.
+    d.stop();
+    fill(6_000);
+    let before = d.log_text().len();
+    d.restart();
+    d.wait_caught_up(30 * SEC);
+    let log = d.log_text();
+    assert!(
+        log[before..].contains("streaming seg-"),
+        "the resume's big commit was not streamed:\n{}",
+        &log[before..]
+    );
+    d.stop();
+    let out = restore_latest(&sb, "streamed.db");
+    assert_same_db(&db, &out);
+    assert_integrity(&out);
+    let leftovers: Vec<PathBuf> = walk(&sb.replica())
+        .into_iter()
+        .chain(walk(&sb.state()))
+        .filter(|p| p.to_string_lossy().contains(".walship-tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}

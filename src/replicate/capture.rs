@@ -16,8 +16,12 @@
 //!   the saved one.
 //! - A step that fails half-way (memory ahead of the spool) poisons the capture: the next
 //!   round starts a new generation.
+//! - Snapshots, a resume's one commit and any commit of at least a segment's size are spooled
+//!   *live* (named before they are written, their time being when their capture began), so
+//!   that replicas receive them while they are compressed; replicas finish them only once
+//!   they are published, after the state above is saved.
 
-use super::spool::{Key, Spool};
+use super::spool::{Key, Spool, SpoolWriter};
 use super::state::Kv;
 use crate::db::{Db, WalCommit, WalMoved, WalPos, WalState};
 use crate::layout::checksum::PageHashes;
@@ -36,6 +40,9 @@ const LOCK_BUDGET: Duration = Duration::from_millis(500);
 
 /// zstd level for segments and snapshots: fast, still ~2-4x on typical pages.
 const ZSTD_LEVEL: i32 = 1;
+
+/// A commit this big (and at least a segment's size) is spooled live (see `spool`).
+const LIVE_MIN_BYTES: u64 = 4 << 20;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -325,24 +332,24 @@ impl Capture {
         self.poison_on_err(|c| c.write_diff_inner(saved, db_pages))
     }
 
-    /// Starts a segment in the spool, remembering the state before it.
-    fn begin_segment(&self) -> Result<PendingSegment> {
+    /// Starts a segment in the spool, remembering the state before it; `live` names a big
+    /// segment that shippers may stream while it is written.
+    fn begin_segment(&self, live: Option<FileName>) -> Result<PendingSegment> {
         let prev = self.state_kv("");
-        let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
-        let cleanup = RemoveOnDrop(tmp);
+        let w = self.spool.create(&self.at.generation, live)?;
         let enc = Encoder::new(
-            BufWriter::with_capacity(256 << 10, f),
+            BufWriter::with_capacity(256 << 10, w),
             Kind::Segment,
             self.page_size,
             ZSTD_LEVEL,
         )?;
-        Ok(PendingSegment { enc, prev, cleanup })
+        Ok(PendingSegment { enc, prev })
     }
 
     /// Finishes a segment: saves the state naming the positions before (`prev-*`) and after
     /// it, then publishes it (see [`Capture::write_segments`] for why in that order).
     fn publish_segment(&self, seg: PendingSegment, name: &FileName) -> Result<()> {
-        let f = seg
+        let w = seg
             .enc
             .finish()?
             .into_inner()
@@ -355,15 +362,25 @@ impl Capture {
                 .map(|(k, v)| (format!("prev-{k}"), v)),
         );
         kv.save(&self.state_path)?;
-        self.spool
-            .publish(&seg.cleanup.0, f, &self.at.generation, name)?;
+        self.spool.publish(w, &self.at.generation, name)?;
         Ok(())
     }
 
     fn write_diff_inner(&mut self, saved: &PageHashes, db_pages: u32) -> Result<u64> {
         let ps = self.page_size;
         let frames = self.pos.map_or(0, |p| p.frames);
-        let mut seg = self.begin_segment()?;
+        // One commit, named before it is written so that shippers can stream it live (its time
+        // is that of the read it comes from).
+        let txid = self.at.txid + 1;
+        let time_ms = now_ms().max(self.at.time_ms);
+        let name = FileName::Segment {
+            level: 0,
+            first: txid,
+            last: txid,
+            first_ms: time_ms,
+            last_ms: time_ms,
+        };
+        let mut seg = self.begin_segment(Some(name))?;
         let enc = &mut seg.enc;
         let mut hashes = PageHashes::new(ps);
         let mut changed = 0u64;
@@ -382,23 +399,16 @@ impl Capture {
             self.save_state()?;
             return Ok(0);
         }
-        self.at.txid += 1;
-        self.at.time_ms = now_ms().max(self.at.time_ms);
+        self.at.txid = txid;
+        self.at.time_ms = time_ms;
         self.at.db_pages = db_pages;
         self.at.db_checksum = self.hashes.db_checksum();
         enc.commit(&Commit {
-            txid: self.at.txid,
-            time_ms: self.at.time_ms,
+            txid,
+            time_ms,
             db_pages,
             db_checksum: self.at.db_checksum,
         })?;
-        let name = FileName::Segment {
-            level: 0,
-            first: self.at.txid,
-            last: self.at.txid,
-            first_ms: self.at.time_ms,
-            last_ms: self.at.time_ms,
-        };
         self.publish_segment(seg, &name)?;
         Ok(changed)
     }
@@ -463,10 +473,14 @@ impl Capture {
     fn write_snapshot(&mut self) -> Result<()> {
         let frames = self.pos.map_or(0, |p| p.frames);
         let db_pages = self.at.db_pages;
-        let (tmp, f) = self.spool.create_temp(&self.at.generation)?;
-        let _cleanup = RemoveOnDrop(tmp.clone());
+        let name = FileName::Snapshot {
+            txid: self.at.txid,
+            time_ms: self.at.time_ms,
+        };
+        // Live: shippers upload the snapshot while it is compressed.
+        let w = self.spool.create(&self.at.generation, Some(name))?;
         let mut enc = Encoder::new(
-            BufWriter::with_capacity(1 << 20, f),
+            BufWriter::with_capacity(1 << 20, w),
             Kind::Snapshot,
             self.page_size,
             ZSTD_LEVEL,
@@ -507,15 +521,11 @@ impl Capture {
             db_pages,
             db_checksum: checksum,
         })?;
-        let w = enc.finish()?;
-        let f = w
+        let w = enc
+            .finish()?
             .into_inner()
             .map_err(|e| anyhow!("cannot write snapshot: {}", e.error()))?;
-        let name = FileName::Snapshot {
-            txid: self.at.txid,
-            time_ms: self.at.time_ms,
-        };
-        let size = self.spool.publish(&tmp, f, &self.at.generation, &name)?;
+        let size = self.spool.publish(w, &self.at.generation, &name)?;
         self.hashes = hashes;
         self.at.db_checksum = checksum;
         info!(generation = %self.at.generation, txid = self.at.txid, pages = db_pages, bytes = size, "snapshot written");
@@ -674,10 +684,21 @@ impl Capture {
         let mut frame = from.frames;
         let mut i = 0;
         while i < commits.len() {
-            let mut seg = self.begin_segment()?;
-            let enc = &mut seg.enc;
             let first = self.at.txid + 1;
             let first_ms = now_ms().max(self.at.time_ms);
+            // A commit of at least a segment's size is alone in its segment: named now (its
+            // time is when its capture began), shippers can stream it while it is written.
+            let big = commits[i].frames_end.saturating_sub(frame) * u64::from(ps)
+                >= self.segment_size.max(LIVE_MIN_BYTES);
+            let live = big.then_some(FileName::Segment {
+                level: 0,
+                first,
+                last: first,
+                first_ms,
+                last_ms: first_ms,
+            });
+            let mut seg = self.begin_segment(live)?;
+            let enc = &mut seg.enc;
             let mut last = commits[i];
             while i < commits.len() {
                 let c = commits[i];
@@ -693,7 +714,11 @@ impl Capture {
                     self.hashes.set_size(c.db_pages);
                 }
                 self.at.txid += 1;
-                self.at.time_ms = now_ms().max(self.at.time_ms);
+                self.at.time_ms = if big {
+                    first_ms
+                } else {
+                    now_ms().max(self.at.time_ms)
+                };
                 self.at.db_pages = c.db_pages;
                 self.at.db_checksum = self.hashes.db_checksum();
                 enc.commit(&Commit {
@@ -704,7 +729,7 @@ impl Capture {
                 })?;
                 last = c;
                 i += 1;
-                if enc.raw_bytes() >= self.segment_size {
+                if big || enc.raw_bytes() >= self.segment_size {
                     break;
                 }
             }
@@ -881,16 +906,8 @@ impl Capture {
 
 /// A segment being written to the spool (see [`Capture::begin_segment`]).
 struct PendingSegment {
-    enc: Encoder<BufWriter<std::fs::File>>,
+    enc: Encoder<BufWriter<SpoolWriter>>,
     prev: Kv,
-    cleanup: RemoveOnDrop,
-}
-
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// The WAL changed in a way that breaks continuity: a new generation is needed.

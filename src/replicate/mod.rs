@@ -167,6 +167,12 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let spool = Arc::new(Spool::open(&settings.state_dir)?);
     // Shippers first: they connect to their replicas while the first snapshot is written.
     let shared = Arc::new(Shared::default());
+    let woken = Arc::downgrade(&shared);
+    spool.on_live(move || {
+        if let Some(s) = woken.upgrade() {
+            kick(&s);
+        }
+    });
     let ident = identity(&settings.db);
     let mut threads = Vec::new();
     for (idx, r) in settings.replicas.iter().enumerate() {

@@ -11,11 +11,14 @@
 //! - Errors never stop the thread: they are recorded in the replica's status, logged when
 //!   they change, and retried with exponential backoff capped at [`MAX_BACKOFF`] (plus jitter)
 //!   so catch-up starts within a few seconds of the replica's return.
+//! - A file that capture is still writing live (a snapshot, a big commit) is streamed when it
+//!   is the replica's next file; its upload completes only once it is published, and an
+//!   abandoned one leaves nothing on the replica (see `spool`).
 //! - Compaction uploads the merged file before deleting its inputs; retention only deletes
 //!   what [`plan_retention`] allows. A crash in between leaves redundant files, never a gap.
 
 use super::capture::now_ms;
-use super::spool::{Key, Spool, SpoolFile};
+use super::spool::{Key, LiveFile, Spool, SpoolFile};
 use super::state::Kv;
 use crate::layout::codec::{Decoder, Encoder, Kind, Record};
 use crate::layout::names::{
@@ -200,7 +203,9 @@ impl Shipper {
         loop {
             // Work out the next file, or wait.
             // The head is read before listing the spool, so that every file it covers is in
-            // the listing (files are spooled before the head moves).
+            // the listing (files are spooled before the head moves); so is the live file, so
+            // that every file published before it is in the listing too.
+            let live = self.spool.live();
             let head_before = self.shared.lock().head;
             let files = match self.spool.list() {
                 Ok(f) => f,
@@ -229,6 +234,19 @@ impl Shipper {
                     self.prepare()?;
                     prepared = true;
                 }
+                // Nothing spooled to send: the file capture is writing may be next.
+                let mut streamed = false;
+                let next = match (next, live.filter(|l| live_follows(pos.map(|p| p.0), l))) {
+                    (None, Some(l)) => match self.upload_live(&l)? {
+                        Some(f) => {
+                            streamed = true;
+                            Some(f)
+                        }
+                        // Abandoned, or published meanwhile: look again.
+                        None => return Ok(true),
+                    },
+                    (next, _) => next,
+                };
                 let Some(f) = next else {
                     if trim_due && last_trim.elapsed() >= TRIM_EVERY {
                         super::trim_heap();
@@ -277,8 +295,13 @@ impl Shipper {
                     deferred_since = None;
                     return Ok(false);
                 };
-                let batch = self.batch_after(&f, &files);
-                let sent = self.upload_batch(&batch)?;
+                let (batch, sent) = if streamed {
+                    (vec![f.clone()], f.name)
+                } else {
+                    let batch = self.batch_after(&f, &files);
+                    let sent = self.upload_batch(&batch)?;
+                    (batch, sent)
+                };
                 trim_due |= batch.len() > 1;
                 let last = batch.last().unwrap_or(&f);
                 let time_ms = last.name.last_ms();
@@ -570,6 +593,34 @@ impl Shipper {
         Ok(())
     }
 
+    /// Streams the file capture is writing live to the replica, finishing once it is published
+    /// (see `spool`); `None` if capture abandoned it, or published it before it could be opened
+    /// (the next listing has it then).
+    fn upload_live(&self, l: &Arc<LiveFile>) -> Result<Option<SpoolFile>> {
+        let mut reader = match l.reader() {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open live spool file {}", l.name))
+            }
+        };
+        let dest = file_path(&l.generation, &l.name);
+        info!(replica = %self.name(), "streaming {} to the replica while it is written", l.name);
+        match self.target.write_atomic(&dest, &mut reader) {
+            Ok(_) => {}
+            Err(_) if l.abandoned() => return Ok(None),
+            Err(e) => return Err(upload_error(e.into(), &dest)),
+        }
+        let size = l
+            .published()
+            .ok_or_else(|| anyhow!("internal: {} uploaded before it was published", l.name))?;
+        Ok(Some(SpoolFile {
+            generation: l.generation,
+            name: l.name,
+            size,
+        }))
+    }
+
     fn remote_files(&self, g: &GenerationId) -> Result<Vec<FileName>> {
         Ok(self
             .target
@@ -666,6 +717,18 @@ pub const BATCH_BYTES: u64 = 32 << 20;
 
 /// Decodes the segments read from `inputs` in order and writes them, re-encoded as one
 /// segment, to `out` (fsynced). Every input is fully verified on the way.
+/// Whether the live file `l` is what a replica at `pos` takes next: a snapshot (a start or a
+/// resynchronisation), or the segment right after `pos`.
+fn live_follows(pos: Option<Key>, l: &LiveFile) -> bool {
+    match (pos, l.name) {
+        (p, FileName::Snapshot { .. }) => p.is_none_or(|p| l.key() > p),
+        (Some(p), FileName::Segment { first, .. }) => {
+            p.generation == l.generation && first == p.last + 1
+        }
+        (None, FileName::Segment { .. }) => false,
+    }
+}
+
 fn merge_segments(
     inputs: &[String],
     open: impl Fn(&str) -> Result<Box<dyn Read + Send>>,

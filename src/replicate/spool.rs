@@ -4,13 +4,23 @@
 //! appears under its final name only when complete and durable (temp, fsync, rename, dir
 //! fsync); files are ordered by [`Key`], which is the order replicas must receive them in
 //! (within a generation: by last txid, a snapshot after the segment that ends at its txid).
+//!
+//! A big file (a snapshot, a resume's one commit, a huge transaction) can be *live*: while
+//! capture still writes it, shippers may already stream its bytes to their replicas
+//! ([`LiveFile`]), so that compressing, spooling and uploading overlap instead of running one
+//! after the other. A live reader sees only bytes whose `write` has returned, and reaches its
+//! end only once the file is published (durable in the spool, and the capture state saved):
+//! a replica can never hold a file that a crash could make walship write differently.
 
 use crate::layout::names::{FileName, GenerationId};
 use crate::target::file::{fsync_dir, remove_temp_files};
 use crate::target::temp_name;
 use anyhow::{Context, Result};
 use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 /// The order of files within the spool and on a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -56,6 +66,19 @@ impl SpoolFile {
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
+    /// The file capture is writing live, if any (see the module doc).
+    live: Mutex<Weak<LiveFile>>,
+    /// Called when a live file starts (wakes idle shippers).
+    on_live: Mutex<Option<Hook>>,
+}
+
+/// A callback; `Debug` so that [`Spool`] can derive it.
+struct Hook(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 impl Spool {
@@ -67,7 +90,11 @@ impl Spool {
         let dir = state_dir.join("spool");
         fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create spool directory {}", dir.display()))?;
-        let spool = Spool { dir };
+        let spool = Spool {
+            dir,
+            live: Mutex::new(Weak::new()),
+            on_live: Mutex::new(None),
+        };
         for g in spool.generations()? {
             let gdir = spool.dir.join(g.to_string());
             remove_temp_files(&gdir)
@@ -156,30 +183,86 @@ impl Spool {
         }
     }
 
-    /// Makes a finished temporary file durable under its final name.
+    /// Starts a new spool file of `generation`. With `live`, the name it will be published
+    /// under, shippers may stream it while it is written (see the module doc).
     ///
     /// # Errors
-    /// I/O errors with the path; the temporary file is removed.
+    /// I/O errors with the path.
+    pub fn create(&self, generation: &GenerationId, live: Option<FileName>) -> Result<SpoolWriter> {
+        let (tmp, file) = self.create_temp(generation)?;
+        let live = match live {
+            Some(name) => {
+                let l = Arc::new(LiveFile {
+                    generation: *generation,
+                    name,
+                    path: tmp.clone(),
+                    state: Mutex::new(LiveState::default()),
+                    cv: Condvar::new(),
+                });
+                *lock(&self.live) = Arc::downgrade(&l);
+                if let Some(h) = lock(&self.on_live).as_ref() {
+                    (h.0)();
+                }
+                Some(l)
+            }
+            None => None,
+        };
+        Ok(SpoolWriter {
+            tmp,
+            file: Some(file),
+            live,
+        })
+    }
+
+    /// Sets what to call whenever a live file starts.
+    pub fn on_live(&self, f: impl Fn() + Send + Sync + 'static) {
+        *lock(&self.on_live) = Some(Hook(Box::new(f)));
+    }
+
+    /// The file capture is writing live, unless there is none or it has ended.
+    pub fn live(&self) -> Option<Arc<LiveFile>> {
+        lock(&self.live)
+            .upgrade()
+            .filter(|l| lock(&l.state).end.is_none())
+    }
+
+    /// Makes a finished spool file durable under its final name `name` (which must be the one
+    /// it was created live for); a live file's readers reach their end only now.
+    ///
+    /// # Errors
+    /// I/O errors with the path; the temporary file is removed (and live readers fail).
     pub fn publish(
         &self,
-        tmp: &Path,
-        f: File,
+        mut w: SpoolWriter,
         generation: &GenerationId,
         name: &FileName,
     ) -> Result<u64> {
         let dest = self.path(generation, name);
+        if let Some(l) = &w.live {
+            anyhow::ensure!(
+                l.generation == *generation && l.name == *name,
+                "internal: live spool file {} published as {}",
+                l.name,
+                name
+            );
+        }
+        let file = w.file.take();
         let r = (|| -> std::io::Result<u64> {
+            let f = file.ok_or_else(|| io::Error::other("already published"))?;
             f.sync_all()?;
             let len = f.metadata()?.len();
             drop(f);
-            fs::rename(tmp, &dest)?;
+            fs::rename(&w.tmp, &dest)?;
             fsync_dir(dest.parent().unwrap_or(&self.dir))?;
             Ok(len)
         })();
-        if r.is_err() {
-            let _ = fs::remove_file(tmp);
+        let len = r.with_context(|| format!("cannot write spool file {}", dest.display()))?;
+        // Published: nothing to remove on drop; live readers may finish.
+        w.tmp = PathBuf::new();
+        if let Some(l) = w.live.take() {
+            l.end(Some(len));
         }
-        r.with_context(|| format!("cannot write spool file {}", dest.display()))
+        Ok(len)
     }
 
     /// Deletes a spooled file (and its generation directory once empty).
@@ -198,5 +281,246 @@ impl Spool {
             fsync_dir(&self.dir)?;
         }
         Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A spool file being written: counts what reached the file for live readers, and removes
+/// the temporary file (failing live readers) if dropped before [`Spool::publish`].
+#[derive(Debug)]
+pub struct SpoolWriter {
+    tmp: PathBuf,
+    file: Option<File>,
+    live: Option<Arc<LiveFile>>,
+}
+
+impl Write for SpoolWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("spool file already published"))?;
+        let n = f.write(buf)?;
+        if let Some(l) = &self.live {
+            let mut st = lock(&l.state);
+            st.written += n as u64;
+            l.cv.notify_all();
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), File::flush)
+    }
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+        if let Some(l) = self.live.take() {
+            l.end(None);
+        }
+    }
+}
+
+/// A spool file that capture is still writing (see the module doc).
+#[derive(Debug)]
+pub struct LiveFile {
+    /// Its generation.
+    pub generation: GenerationId,
+    /// The name it will be published under.
+    pub name: FileName,
+    path: PathBuf,
+    state: Mutex<LiveState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct LiveState {
+    /// Bytes whose `write` returned.
+    written: u64,
+    /// `None` while written; then `Some(Some(size))` once published, `Some(None)` if abandoned.
+    end: Option<Option<u64>>,
+}
+
+impl LiveFile {
+    /// Its ordering key.
+    pub fn key(&self) -> Key {
+        Key::of(self.generation, &self.name)
+    }
+
+    /// Its size once published.
+    pub fn published(&self) -> Option<u64> {
+        lock(&self.state).end.flatten()
+    }
+
+    /// True when capture gave the file up (an error, or nothing to write after all).
+    pub fn abandoned(&self) -> bool {
+        matches!(lock(&self.state).end, Some(None))
+    }
+
+    fn end(&self, size: Option<u64>) {
+        lock(&self.state).end = Some(size);
+        self.cv.notify_all();
+    }
+
+    /// Opens a reader that follows the file as it is written.
+    ///
+    /// # Errors
+    /// The file is gone already (published under its final name, or abandoned).
+    pub fn reader(self: &Arc<Self>) -> io::Result<LiveReader> {
+        Ok(LiveReader {
+            file: File::open(&self.path)?,
+            live: Arc::clone(self),
+            pos: 0,
+        })
+    }
+}
+
+/// Reads a [`LiveFile`]: blocks until more bytes are written; ends when it is published; fails
+/// if capture abandons it.
+#[derive(Debug)]
+pub struct LiveReader {
+    live: Arc<LiveFile>,
+    file: File,
+    pos: u64,
+}
+
+impl Read for LiveReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let avail = {
+            let mut st = lock(&self.live.state);
+            loop {
+                if st.written > self.pos {
+                    break st.written - self.pos;
+                }
+                match st.end {
+                    Some(Some(_)) => return Ok(0),
+                    Some(None) => {
+                        return Err(io::Error::other(format!(
+                            "capture abandoned {} before publishing it",
+                            self.live.name
+                        )))
+                    }
+                    None => {}
+                }
+                st = match self.live.cv.wait_timeout(st, Duration::from_secs(1)) {
+                    Ok((g, _)) => g,
+                    Err(p) => p.into_inner().0,
+                };
+            }
+        };
+        let want = buf.len().min(usize::try_from(avail).unwrap_or(usize::MAX));
+        let n = self.file.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("live spool file {} is shorter than written", self.live.name),
+            ));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn setup() -> (tempfile::TempDir, Arc<Spool>, GenerationId, FileName) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let g = GenerationId { ms: 1, rand: 2 };
+        let name = FileName::Snapshot {
+            txid: 1,
+            time_ms: 5,
+        };
+        (dir, spool, g, name)
+    }
+
+    #[test]
+    fn live_reader_follows_the_writer_and_ends_only_at_publish() {
+        let (_dir, spool, g, name) = setup();
+        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w2 = woken.clone();
+        spool.on_live(move || {
+            w2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mut w = spool.create(&g, Some(name)).unwrap();
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let live = spool.live().expect("a live file");
+        assert_eq!(live.key(), Key::of(g, &name));
+        let mut r = live.reader().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let expect = data.clone();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).unwrap();
+            (got, Instant::now(), live.published())
+        });
+        for chunk in data.chunks(100_000) {
+            w.write_all(chunk).unwrap();
+        }
+        // Everything is written, but not published: the reader must still wait.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !reader.is_finished(),
+            "the reader ended before the file was published"
+        );
+        let published_at = Instant::now();
+        let size = spool.publish(w, &g, &name).unwrap();
+        let (got, ended_at, seen) = reader.join().unwrap();
+        assert!(ended_at >= published_at);
+        assert_eq!(seen, Some(size));
+        assert_eq!(got, expect);
+        assert!(spool.live().is_none(), "a published file is no longer live");
+        let listed = spool.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].size, expect.len() as u64);
+    }
+
+    #[test]
+    fn an_abandoned_live_file_fails_its_readers_and_leaves_nothing() {
+        let (dir, spool, g, name) = setup();
+        let mut w = spool.create(&g, Some(name)).unwrap();
+        w.write_all(b"half a snapshot").unwrap();
+        let live = spool.live().unwrap();
+        let mut r = live.reader().unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(r.read(&mut buf).unwrap(), 4);
+        drop(w);
+        assert!(live.abandoned());
+        let mut rest = Vec::new();
+        let e = r.read_to_end(&mut rest).unwrap_err();
+        assert!(e.to_string().contains("abandoned"), "{e}");
+        assert!(spool.live().is_none());
+        assert!(spool.list().unwrap().is_empty());
+        let gdir = dir.path().join("spool").join(g.to_string());
+        assert_eq!(
+            fs::read_dir(gdir).unwrap().count(),
+            0,
+            "temporary file left"
+        );
+    }
+
+    #[test]
+    fn publishing_under_another_name_is_refused() {
+        let (_dir, spool, g, name) = setup();
+        let w = spool.create(&g, Some(name)).unwrap();
+        let other = FileName::Snapshot {
+            txid: 2,
+            time_ms: 5,
+        };
+        assert!(spool.publish(w, &g, &other).is_err());
+        assert!(spool.list().unwrap().is_empty());
     }
 }

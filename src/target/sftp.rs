@@ -465,7 +465,11 @@ impl SftpTarget {
             let (kind, why) = self.describe(&e);
             fail(kind, format!("could not start the SFTP subsystem: {why}"))
         })?;
-        tracing::debug!(target = %url, "SFTP session established");
+        tracing::debug!(
+            target = %url,
+            cipher = sess.methods(MethodType::CryptCs).unwrap_or("?"),
+            "SFTP session established"
+        );
         Ok(Conn {
             sftp,
             sess,
