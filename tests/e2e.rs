@@ -1428,18 +1428,57 @@ fn e2e_streamed_snapshot_and_big_commit() {
         }),
         "no single-commit segment over 16 MiB on the replica"
     );
-    // Stopped, then written to: the restart resumes with one commit holding the difference.
-    d.stop();
-    fill(6_000);
-    let before = d.log_text().len();
-    d.restart();
-    d.wait_caught_up(30 * SEC);
-    let log = d.log_text();
-    assert!(
-        log[before..].contains("streaming seg-"),
-        "the resume's big commit was not streamed:\n{}",
-        &log[before..]
-    );
+    // Stopped, then written to, twice: a reader holding a transaction keeps SQLite from
+    // restarting the WAL, so the first restart finds the WAL continuous and merges its
+    // backlog into one commit (updating the page hashes saved at the stop); without the
+    // reader the WAL restarts, and the second resumes with the pages that differ.
+    for (holder, how) in [
+        (true, "the WAL is continuous"),
+        (false, "changed while walship was stopped"),
+    ] {
+        // A small commit first, so that the reader's snapshot needs the WAL (a reader of a
+        // fully checkpointed WAL reads the database file alone and holds nothing).
+        sqlite3(&db, "insert into t(v) values (1);");
+        let mut reader = holder.then(|| {
+            let mut c = Command::new("python3")
+                .arg("-c")
+                .arg(
+                    "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], isolation_level=None); \
+                     c.execute('begin'); c.execute('select count(*) from t').fetchall(); \
+                     print('ready', flush=True); sys.stdin.read()",
+                )
+                .arg(&db)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("python3");
+            let mut line = String::new();
+            let out = c.stdout.take().expect("stdout");
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)
+                .expect("read");
+            assert_eq!(line.trim(), "ready");
+            c
+        });
+        d.stop();
+        fill(6_000);
+        let before = d.log_text().len();
+        d.restart();
+        d.wait_caught_up(30 * SEC);
+        if let Some(r) = reader.as_mut() {
+            drop(r.stdin.take());
+            r.wait().expect("reader");
+        }
+        let log = d.log_text();
+        for what in [how, "streaming seg-"] {
+            assert!(
+                log[before..].contains(what),
+                "no '{what}' after the restart:\n{}",
+                &log[before..]
+            );
+        }
+        let out = restore_latest(&sb, &format!("resumed-{holder}.db"));
+        assert_same_db(&db, &out);
+    }
     d.stop();
     let out = restore_latest(&sb, "streamed.db");
     assert_same_db(&db, &out);

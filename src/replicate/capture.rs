@@ -226,13 +226,8 @@ impl Capture {
         if let Some(p) = pos {
             if let WalState::Same { commits, end } = self.db.scan(&p)? {
                 let db_pages = commits.last().map_or(0, |c| c.db_pages);
-                let end_pages = if commits.is_empty() {
-                    self.at.db_pages
-                } else {
-                    db_pages
-                };
-                self.rescan(end.frames, end_pages)?;
                 if commits.is_empty() {
+                    self.rescan(end.frames, self.at.db_pages)?;
                     if self.hashes.db_checksum() != saved_checksum {
                         self.new_generation("the database differs from the saved state")?;
                         return Ok(false);
@@ -240,7 +235,15 @@ impl Capture {
                     self.pos = Some(end);
                     self.save_state()?;
                 } else {
-                    self.write_merged(&p, &end, end_pages)?;
+                    // The page hashes saved at a clean stop describe the state at `p`: the
+                    // backlog's frames update them, so the database is not read again.
+                    let saved = self.load_hashes();
+                    let saved_hashes = saved.is_some();
+                    match saved {
+                        Some(h) => self.hashes = h,
+                        None => self.rescan(end.frames, db_pages)?,
+                    }
+                    self.write_merged(&p, &end, db_pages, saved_hashes)?;
                 }
                 info!(generation = %generation, txid = self.at.txid, "resumed the generation: the WAL is continuous");
                 return Ok(true);
@@ -551,15 +554,22 @@ impl Capture {
         }
     }
 
-    /// One merged commit for frames after `from` up to `end` (used when resuming).
-    fn write_merged(&mut self, from: &WalPos, end: &WalPos, db_pages: u32) -> Result<()> {
+    /// One merged commit for frames after `from` up to `end` (used when resuming). The page
+    /// hashes are either those of the state at `from` (`update_hashes`: each frame updates
+    /// them) or already those of the end state.
+    fn write_merged(
+        &mut self,
+        from: &WalPos,
+        end: &WalPos,
+        db_pages: u32,
+        update_hashes: bool,
+    ) -> Result<()> {
         let commit = WalCommit {
             frames_end: end.frames,
             db_pages,
             running: end.running,
         };
-        // Hashes were recomputed for the end state: write pages without touching them.
-        self.write_segments(from, &[commit], end, false)
+        self.write_segments(from, &[commit], end, update_hashes)
     }
 
     /// Captures every complete new commit into segments.
