@@ -715,8 +715,6 @@ pub const BATCH_FILES: usize = 1024;
 /// Most compressed bytes merged into one upload.
 pub const BATCH_BYTES: u64 = 32 << 20;
 
-/// Decodes the segments read from `inputs` in order and writes them, re-encoded as one
-/// segment, to `out` (fsynced). Every input is fully verified on the way.
 /// Whether the live file `l` is what a replica at `pos` takes next: a snapshot (a start or a
 /// resynchronisation), or the segment right after `pos`.
 fn live_follows(pos: Option<Key>, l: &LiveFile) -> bool {
@@ -729,6 +727,8 @@ fn live_follows(pos: Option<Key>, l: &LiveFile) -> bool {
     }
 }
 
+/// Decodes the segments read from `inputs` in order and writes them, re-encoded as one
+/// segment, to `out` (fsynced). Every input is fully verified on the way.
 fn merge_segments(
     inputs: &[String],
     open: impl Fn(&str) -> Result<Box<dyn Read + Send>>,
