@@ -1035,38 +1035,6 @@ fn e2e_spool_limit() {
     eprintln!("e2e_spool_limit: {:?}", t0.elapsed());
 }
 
-/// Unmounts a tmpfs on drop (tests run as root).
-struct Tmpfs(PathBuf);
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(at).expect("mkdir");
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .expect("mount");
-        assert!(
-            st.success(),
-            "mount tmpfs on {} (tests need root)",
-            at.display()
-        );
-        Tmpfs(at.to_owned())
-    }
-    fn resize(&self, size: &str) {
-        let st = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .expect("remount");
-        assert!(st.success(), "remount {}", self.0.display());
-    }
-}
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// The replica's disk fills up: a clear "No space left" error in the status, the application
 /// keeps writing, nothing partial is left on the replica, and once space is freed walship
 /// catches up by itself; the restore equals the source.

@@ -662,3 +662,82 @@ fn e2e_sftp_hostile_server() {
     fs::remove_file(&dup).expect("rm");
     check("cleaned up", true);
 }
+
+/// ALPHA's disk fills up (the replica directory is a 2 MiB tmpfs): OpenSSH's sftp-server
+/// reports ENOSPC as a bare "failure", and walship says what it is ("no space left on the
+/// server") in the status; the application keeps writing; failed uploads do not pile up
+/// temporary files on the server; once space is back walship catches up by itself and the
+/// restore from sftp equals the source.
+#[test]
+fn e2e_sftp_disk_full() {
+    let t0 = Instant::now();
+    let sshd = Sshd::start();
+    let dir = TestDir::new("diskfull");
+    let disk = Tmpfs::mount(&dir.local, "2m");
+    for (cmd, arg) in [("chown", "replicator:replicator"), ("chmod", "700")] {
+        let st = std::process::Command::new(cmd)
+            .arg(arg)
+            .arg(&dir.local)
+            .status()
+            .expect(cmd);
+        assert!(st.success(), "{cmd} {arg} {}", dir.local.display());
+    }
+    let url = sftp_url(&sshd, &dir);
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start_sftp(&sb, &sshd, &url);
+    d.wait_caught_up(15 * SEC);
+    let mut rep = Report::new("ALPHA's disk full over sftp (2 MiB tmpfs)");
+    rep.rounds = 1;
+    let mut w = Writer::spawn(
+        &sb.db(),
+        "fill",
+        WriterOpts {
+            commits: 400,
+            rate: 0.0,
+            big_every: 2,
+        },
+        5,
+    );
+    let s = d.wait_status("the full server disk to be reported", 30 * SEC, |s| {
+        s.failing
+            .as_deref()
+            .is_some_and(|f| f.contains("no space left on the server"))
+    });
+    eprintln!("server disk full reported: {}", s.line);
+    w.wait();
+    d.assert_running();
+    // While the disk stays full, retries sweep what the failed upload before them left: at
+    // most the one being written exists at any moment.
+    let until = Instant::now() + 3 * SEC;
+    while Instant::now() < until {
+        let temps = walk(&dir.local)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(TEMP_PREFIX))
+            .count();
+        assert!(temps <= 1, "{temps} temporary files on the full server");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    disk.resize("256m");
+    let freed = Instant::now();
+    d.wait_status(
+        "catch-up after space was freed on the server",
+        30 * SEC,
+        Status::caught_up,
+    );
+    rep.recovered(freed.elapsed());
+    let done = w.committed();
+    d.stop();
+    assert_no_temp_files(&dir);
+    let out = sb.path("restored.db");
+    restore_sftp(&sshd, &out, &url, &[]).ok();
+    rep.end(&d, &out, &done, &[&dir.local, &sb.state()]);
+    assert_same_db(&sb.db(), &out);
+    assert_contains_all(
+        &rows(&out),
+        &done,
+        "restore after the server's disk was full",
+    );
+    drop(disk);
+    eprintln!("e2e_sftp_disk_full: {:?}", t0.elapsed());
+}

@@ -1025,3 +1025,35 @@ impl Report {
         }
     }
 }
+
+/// A tmpfs of a given size mounted at a path (a small disk to fill), unmounted on drop.
+pub struct Tmpfs(PathBuf);
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).expect("mkdir");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(
+            st.success(),
+            "mount tmpfs on {} (tests need root)",
+            at.display()
+        );
+        Tmpfs(at.to_owned())
+    }
+    pub fn resize(&self, size: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("remount");
+        assert!(st.success(), "remount {}", self.0.display());
+    }
+}
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -157,11 +157,27 @@ fn open_conn(path: &Path) -> Result<Connection> {
     Ok(c)
 }
 
-/// Switches `path` to WAL mode if it is not already; returns true if it switched.
+/// Switches `path` to WAL mode if it is not already; returns true if it switched. SQLite
+/// refuses the switch while another connection uses the file (an application creating the
+/// database, say): that is retried for about a second before it counts as a failure.
 ///
 /// # Errors
 /// Says why the switch is impossible (read-only file, an exclusive lock holder, ...).
 pub fn ensure_wal_mode(path: &Path) -> Result<bool> {
+    let mut attempt = 0;
+    loop {
+        match try_wal_mode(path) {
+            Err(e) if attempt < 20 => {
+                tracing::debug!("{e:#}; retrying");
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn try_wal_mode(path: &Path) -> Result<bool> {
     let c = open_conn(path)?;
     let mode: String = c
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))

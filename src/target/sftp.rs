@@ -761,15 +761,30 @@ impl SftpTarget {
                 if n == 0 {
                     break;
                 }
-                file.write_all(&buf[..n])
-                    .map_err(|e| self.io_fail(c, path, &e))?;
+                if let Err(e) = file.write_all(&buf[..n]) {
+                    if !matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::TimedOut) {
+                        if let Some(full) = self.no_space(&mut file, path) {
+                            c.give_up();
+                            return Err(Fail::Done(full));
+                        }
+                    }
+                    return Err(self.io_fail(c, path, &e));
+                }
                 total += n as u64;
                 if n < buf.len() {
                     break;
                 }
             }
-            file.fsync()?;
-            file.close()?;
+            for step in [ssh2::File::fsync, ssh2::File::close] {
+                if let Err(e) = step(&mut file) {
+                    if sftp_code(&e) == Some(FX_FAILURE) {
+                        if let Some(full) = self.no_space(&mut file, path) {
+                            return Err(Fail::Done(full));
+                        }
+                    }
+                    return Err(Fail::Ssh(e));
+                }
+            }
             Ok(total)
         })();
         let total = match result {
@@ -790,6 +805,23 @@ impl SftpTarget {
         }
         Self::fsync_dir(c, &dir)?;
         Ok(total)
+    }
+
+    /// OpenSSH's sftp-server reports a full disk (ENOSPC) as a bare "failure": after a failed
+    /// write, fsync or close, this asks the server how much space is left on the file's file
+    /// system (`statvfs@openssh.com`) and, if it is (nearly) none, returns the error to show.
+    fn no_space(&self, file: &mut ssh2::File, path: &str) -> Option<TargetError> {
+        let st = file.statvfs().ok()?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        (free < WRITE_CHUNK as u64).then(|| {
+            TargetError::new(
+                ErrorKind::Other,
+                format!(
+                    "failed to upload {path} to {}: no space left on the server ({free} bytes free)",
+                    self.opts.url
+                ),
+            )
+        })
     }
 
     /// Maps an I/O error from an ssh2 file handle (which keeps only a kind and a message) to a
