@@ -147,6 +147,17 @@ fn fields<const N: usize>(s: &str, widths: [usize; N]) -> Option<[&str; N]> {
 }
 
 impl FileName {
+    /// The name of a level-0 segment holding the one commit `txid`, captured at `time_ms`.
+    pub fn one_commit(txid: u64, time_ms: u64) -> FileName {
+        FileName::Segment {
+            level: 0,
+            first: txid,
+            last: txid,
+            first_ms: time_ms,
+            last_ms: time_ms,
+        }
+    }
+
     /// Parses a snapshot or segment file name, strictly: exact lengths, lowercase hex only,
     /// `first <= last`, `first_ms <= last_ms`, level one decimal digit.
     pub fn parse(name: &str) -> Result<FileName, LayoutError> {

@@ -376,13 +376,7 @@ impl Capture {
         // is that of the read it comes from).
         let txid = self.at.txid + 1;
         let time_ms = now_ms().max(self.at.time_ms);
-        let name = FileName::Segment {
-            level: 0,
-            first: txid,
-            last: txid,
-            first_ms: time_ms,
-            last_ms: time_ms,
-        };
+        let name = FileName::one_commit(txid, time_ms);
         let mut seg = self.begin_segment(Some(name))?;
         let enc = &mut seg.enc;
         let mut hashes = PageHashes::new(ps);
@@ -700,13 +694,7 @@ impl Capture {
             // time is when its capture began), shippers can stream it while it is written.
             let big = commits[i].frames_end.saturating_sub(frame) * u64::from(ps)
                 >= self.segment_size.max(LIVE_MIN_BYTES);
-            let live = big.then_some(FileName::Segment {
-                level: 0,
-                first,
-                last: first,
-                first_ms,
-                last_ms: first_ms,
-            });
+            let live = big.then_some(FileName::one_commit(first, first_ms));
             let mut seg = self.begin_segment(live)?;
             let enc = &mut seg.enc;
             let mut last = commits[i];
