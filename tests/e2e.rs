@@ -1048,16 +1048,7 @@ fn e2e_replica_disk_full() {
     d.wait_caught_up(10 * SEC);
     let mut rep = Report::new("replica's disk full (1 MiB tmpfs)");
     rep.rounds = 1;
-    let mut w = Writer::spawn(
-        &sb.db(),
-        "fill",
-        WriterOpts {
-            commits: 400,
-            rate: 0.0,
-            big_every: 2,
-        },
-        5,
-    );
+    let mut w = Writer::filler(&sb.db(), 400, 5);
     let s = d.wait_status("the full replica to be reported", 20 * SEC, |s| {
         s.failing
             .as_deref()
@@ -1109,16 +1100,7 @@ fn e2e_state_disk_full() {
     d.wait_caught_up(10 * SEC);
     let mut rep = Report::new("walship's own disk full (256 KiB tmpfs)");
     rep.rounds = 1;
-    let mut w = Writer::spawn(
-        &sb.db(),
-        "fill",
-        WriterOpts {
-            commits: 300,
-            rate: 0.0,
-            big_every: 2,
-        },
-        6,
-    );
+    let mut w = Writer::filler(&sb.db(), 300, 6);
     w.wait();
     poll("the log to report the full disk", 20 * SEC, || {
         d.log_text().contains("No space left").then_some(())

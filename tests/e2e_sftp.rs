@@ -689,16 +689,7 @@ fn e2e_sftp_disk_full() {
     d.wait_caught_up(15 * SEC);
     let mut rep = Report::new("ALPHA's disk full over sftp (2 MiB tmpfs)");
     rep.rounds = 1;
-    let mut w = Writer::spawn(
-        &sb.db(),
-        "fill",
-        WriterOpts {
-            commits: 400,
-            rate: 0.0,
-            big_every: 2,
-        },
-        5,
-    );
+    let mut w = Writer::filler(&sb.db(), 400, 5);
     let s = d.wait_status("the full server disk to be reported", 30 * SEC, |s| {
         s.failing
             .as_deref()

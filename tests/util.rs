@@ -575,6 +575,17 @@ pub struct WriterOpts {
 }
 
 impl Writer {
+    /// A writer that fills a disk: `commits` commits as fast as it can, every second one
+    /// with a big row.
+    pub fn filler(db: &Path, commits: u32, seed: u64) -> Writer {
+        let o = WriterOpts {
+            commits,
+            rate: 0.0,
+            big_every: 2,
+        };
+        Writer::spawn(db, "fill", o, seed)
+    }
+
     pub fn spawn(db: &Path, name: &str, o: WriterOpts, seed: u64) -> Writer {
         let dir = db.parent().expect("db dir").parent().expect("sandbox");
         let out = dir.join(format!("writer-{name}.txt"));

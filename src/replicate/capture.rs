@@ -19,7 +19,7 @@
 //! - Snapshots, a resume's one commit and any commit of at least a segment's size are spooled
 //!   *live* (named before they are written, their time being when their capture began), so
 //!   that replicas receive them while they are compressed; replicas finish them only once
-//!   they are published, after the state above is saved.
+//!   they are published in the spool (for a segment, after the state above is saved).
 
 use super::spool::{Key, Spool, SpoolWriter};
 use super::state::Kv;

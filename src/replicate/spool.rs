@@ -9,8 +9,9 @@
 //! capture still writes it, shippers may already stream its bytes to their replicas
 //! ([`LiveFile`]), so that compressing, spooling and uploading overlap instead of running one
 //! after the other. A live reader sees only bytes whose `write` has returned, and reaches its
-//! end only once the file is published (durable in the spool, and the capture state saved):
-//! a replica can never hold a file that a crash could make walship write differently.
+//! end only once the file is published (durable under its final name in the spool, which for
+//! a segment is after capture saved its state): a replica never holds a file that the spool
+//! does not, so a crash cannot make walship write a different file under that position.
 
 use crate::layout::names::{FileName, GenerationId};
 use crate::target::file::{fsync_dir, remove_temp_files};
@@ -209,8 +210,9 @@ impl Spool {
         };
         Ok(SpoolWriter {
             tmp,
-            file: Some(file),
+            file,
             live,
+            published: false,
         })
     }
 
@@ -246,19 +248,16 @@ impl Spool {
                 name
             );
         }
-        let file = w.file.take();
         let r = (|| -> std::io::Result<u64> {
-            let f = file.ok_or_else(|| io::Error::other("already published"))?;
-            f.sync_all()?;
-            let len = f.metadata()?.len();
-            drop(f);
+            w.file.sync_all()?;
+            let len = w.file.metadata()?.len();
             fs::rename(&w.tmp, &dest)?;
             fsync_dir(dest.parent().unwrap_or(&self.dir))?;
             Ok(len)
         })();
         let len = r.with_context(|| format!("cannot write spool file {}", dest.display()))?;
         // Published: nothing to remove on drop; live readers may finish.
-        w.tmp = PathBuf::new();
+        w.published = true;
         if let Some(l) = w.live.take() {
             l.end(Some(len));
         }
@@ -293,17 +292,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct SpoolWriter {
     tmp: PathBuf,
-    file: Option<File>,
+    file: File,
     live: Option<Arc<LiveFile>>,
+    published: bool,
 }
 
 impl Write for SpoolWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let f = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("spool file already published"))?;
-        let n = f.write(buf)?;
+        let n = self.file.write(buf)?;
         if let Some(l) = &self.live {
             let mut st = lock(&l.state);
             st.written += n as u64;
@@ -313,13 +309,13 @@ impl Write for SpoolWriter {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.as_mut().map_or(Ok(()), File::flush)
+        self.file.flush()
     }
 }
 
 impl Drop for SpoolWriter {
     fn drop(&mut self) {
-        if !self.tmp.as_os_str().is_empty() {
+        if !self.published {
             let _ = fs::remove_file(&self.tmp);
         }
         if let Some(l) = self.live.take() {
