@@ -1237,7 +1237,7 @@ fn e2e_db_changes() {
     let log = d.log_text();
     d.stop();
     rep.end_without_rows(&d, &[&sb.replica(), &sb.state()]);
-    for want in ["page size", "replaced or deleted"] {
+    for want in ["page size", "was replaced by another file", "was deleted"] {
         assert!(
             log.contains(want),
             "the log does not explain the change ({want:?}):\n{log}"

@@ -310,23 +310,7 @@ impl Db {
     /// Sets (or clears, with `F_UNLCK`) the write lock byte without waiting; false if another
     /// process holds it.
     fn shm_lock(&self, kind: i16) -> std::io::Result<bool> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain fcntl on a descriptor we own, with a fully initialised flock.
-        let mut fl: nix::libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = kind;
-        fl.l_whence = nix::libc::SEEK_SET as i16;
-        fl.l_start = SHM_WRITE_LOCK;
-        fl.l_len = 1;
-        // SAFETY: as above.
-        let rc = unsafe { nix::libc::fcntl(self.shm.as_raw_fd(), nix::libc::F_SETLK, &fl) };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(nix::libc::EAGAIN) | Some(nix::libc::EACCES) => Ok(false),
-            _ => Err(e),
-        }
+        fcntl_lock(&self.shm, kind, SHM_WRITE_LOCK)
     }
 
     /// Takes SQLite's WAL write lock, polling (without sleeping for the first 20 ms, then every
@@ -429,10 +413,31 @@ impl Db {
 
     /// True if the path no longer names the file walship has open (replaced or deleted).
     pub fn replaced(&self) -> bool {
-        match std::fs::metadata(&self.path) {
-            Ok(md) => (md.dev(), md.ino()) != self.identity,
-            Err(_) => true,
+        file_id(&self.path) != Some(self.identity)
+    }
+
+    /// Closes every handle on a database whose path now names another file (or none), without
+    /// ever touching the new one. SQLite's close does not checkpoint a moved or deleted file,
+    /// so the old `-wal` and `-shm` stay under their names: their identities are returned, for
+    /// [`StaleSidecars::remove`].
+    pub fn close_replaced(mut self) -> StaleSidecars {
+        let id = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino()));
+        let mut shm_path = self.path.as_os_str().to_owned();
+        shm_path.push("-shm");
+        let stale = StaleSidecars {
+            wal: self
+                .wal
+                .as_ref()
+                .and_then(id)
+                .map(|i| (self.wal_path.clone(), i)),
+            shm: id(&self.shm).map(|i| (PathBuf::from(shm_path), i)),
+        };
+        for i in 0..2 {
+            let _ = self.end_pin(i);
         }
+        self.unlock_writes();
+        drop(self);
+        stale
     }
 
     fn wal_file(&mut self) -> Result<Option<&File>> {
@@ -731,6 +736,103 @@ impl Db {
         }
         Ok(())
     }
+}
+
+/// The `-wal` and `-shm` of a database walship closed because its path was replaced.
+#[derive(Debug)]
+pub struct StaleSidecars {
+    wal: Option<(PathBuf, (u64, u64))>,
+    shm: Option<(PathBuf, (u64, u64))>,
+}
+
+/// Offset in `-shm` of the byte every SQLite connection holds a shared lock on while it has
+/// the wal-index open (`UNIX_SHM_DMS`).
+const SHM_DMS_LOCK: i64 = 128;
+
+impl StaleSidecars {
+    /// Removes the old database's `-wal` and `-shm` if they are still there under their names
+    /// (SQLite leaves them when its database file was moved: its close does not checkpoint a
+    /// moved file) and no other process has them open. Left there, SQLite would pair them with
+    /// the new file and read the old pages over it. Returns `None` once the names are free of
+    /// them, or the one still in use by another process (which holds the old database open):
+    /// the new file must not be opened until that process lets go.
+    ///
+    /// Race-free against an application opening the new file meanwhile: the removal happens
+    /// under an exclusive lock on the wal-index's DMS byte, which every SQLite connection
+    /// takes (shared) before it uses the wal-index, so none can be using or opening them.
+    ///
+    /// # Errors
+    /// I/O errors other than "not found".
+    pub fn remove(&self) -> Result<Option<&Path>> {
+        let wal = self.wal.as_ref().filter(|(p, id)| file_id(p) == Some(*id));
+        let shm = self.shm.as_ref().filter(|(p, id)| file_id(p) == Some(*id));
+        let unlink = |p: &Path| match std::fs::remove_file(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", p.display()))
+            }
+            _ => {
+                tracing::info!("removed {} of the replaced database", p.display());
+                Ok(())
+            }
+        };
+        let Some((shm_path, shm_id)) = shm else {
+            // Without its wal-index nobody can be using the old WAL.
+            if let Some((p, _)) = wal {
+                unlink(p)?;
+            }
+            return Ok(None);
+        };
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(shm_path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", shm_path.display())),
+        };
+        if f.metadata().ok().map(|m| (m.dev(), m.ino())) != Some(*shm_id) {
+            return Ok(None);
+        }
+        if !fcntl_lock(&f, nix::libc::F_WRLCK as i16, SHM_DMS_LOCK)
+            .with_context(|| format!("cannot lock {}", shm_path.display()))?
+        {
+            return Ok(Some(shm_path.as_path()));
+        }
+        if let Some((p, _)) = wal {
+            unlink(p)?;
+        }
+        unlink(shm_path)?;
+        // Closing `f` releases the lock.
+        Ok(None)
+    }
+}
+
+/// Sets (or clears, with `F_UNLCK`) a POSIX lock on one byte without waiting; false if
+/// another process holds a conflicting lock.
+fn fcntl_lock(f: &File, kind: i16, offset: i64) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain fcntl on a descriptor we own, with a fully initialised flock.
+    let mut fl: nix::libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = nix::libc::SEEK_SET as i16;
+    fl.l_start = offset;
+    fl.l_len = 1;
+    // SAFETY: as above.
+    let rc = unsafe { nix::libc::fcntl(f.as_raw_fd(), nix::libc::F_SETLK, &fl) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(nix::libc::EAGAIN) | Some(nix::libc::EACCES) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// The (device, inode) a path names now, if any.
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// The WAL was restarted while pages were being read from it: what was read is not one state.

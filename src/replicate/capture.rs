@@ -67,6 +67,17 @@ pub struct Captured {
     pub db_pages: u32,
 }
 
+impl Captured {
+    /// The spool key of this state.
+    pub fn key(&self) -> Key {
+        Key {
+            generation: self.generation,
+            last: self.txid,
+            rank: 0,
+        }
+    }
+}
+
 /// A capture state read back from the state file.
 struct Saved {
     at: Captured,
@@ -135,7 +146,8 @@ pub enum Step {
 
 impl Capture {
     /// Opens capture for `db`: resumes the saved generation when continuity is proven, else
-    /// starts a new one with a snapshot.
+    /// starts a new one with a snapshot. With `fresh` (the reason: the file was replaced under
+    /// a running walship, say), a new generation starts whatever the saved state says.
     ///
     /// # Errors
     /// Database, WAL or spool errors.
@@ -144,6 +156,7 @@ impl Capture {
         spool: Arc<Spool>,
         state_dir: &Path,
         segment_size: u64,
+        fresh: Option<&str>,
     ) -> Result<Capture> {
         let state_path = state_dir.join("capture.state");
         let saved = Kv::load(&state_path)?;
@@ -165,13 +178,14 @@ impl Capture {
             checkpointed_at: None,
             poisoned: false,
         };
-        match saved {
-            None => cap.new_generation("no previous state")?,
-            Some(kv) => match cap.try_resume(&kv) {
-                Ok(true) => {}
-                Ok(false) => {}
-                Err(e) => cap.new_generation(&format!("cannot resume: {e:#}"))?,
-            },
+        match (fresh, saved) {
+            (Some(why), _) => cap.new_generation(why)?,
+            (None, None) => cap.new_generation("no previous state")?,
+            (None, Some(kv)) => {
+                if let Err(e) = cap.try_resume(&kv) {
+                    cap.new_generation(&format!("cannot resume: {e:#}"))?;
+                }
+            }
         }
         Ok(cap)
     }
@@ -892,13 +906,15 @@ impl Capture {
         self.db.replaced()
     }
 
+    /// Ends capture of a database whose file was replaced or deleted: every handle on the old
+    /// file is closed (see [`Db::close_replaced`]). What was captured stays in the spool.
+    pub fn close_replaced(self) -> crate::db::StaleSidecars {
+        self.db.close_replaced()
+    }
+
     /// The spool key of the newest captured state.
     pub fn key(&self) -> Key {
-        Key {
-            generation: self.at.generation,
-            last: self.at.txid,
-            rank: 0,
-        }
+        self.at.key()
     }
 }
 

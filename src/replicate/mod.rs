@@ -10,6 +10,13 @@
 //! PASSIVE under a short write lock); local disk use is bounded by `spool-limit` (past it the
 //! oldest spooled files are dropped and lagging replicas resynchronise from a snapshot); what
 //! `status` reports as replicated is what a replica durably holds.
+//!
+//! A database file replaced (renamed over) or deleted under the daemon is noticed on the
+//! directory's inotify event: what its WAL still held is captured, every handle on the old
+//! file is closed, and its `-wal`/`-shm` are removed once no other process uses them (SQLite
+//! leaves them behind for a moved file, and would read them over the new one). Only then is
+//! the new file opened, always as a new generation: nothing of the old file is ever read as,
+//! or checkpointed into, the new one.
 
 pub mod capture;
 pub mod ship;
@@ -20,8 +27,8 @@ use crate::config::{ReplicaSettings, Settings};
 use crate::db::{ensure_wal_mode, Db};
 use crate::systemd::Notifier;
 use crate::target::Target;
-use anyhow::{anyhow, Context, Result};
-use capture::{now_ms, BrokenWal, Capture, Step};
+use anyhow::{anyhow, bail, Context, Result};
+use capture::{now_ms, BrokenWal, Capture, Captured, Step};
 use notify::{EventKind, RecursiveMode, Watcher};
 use ship::{ReplicaStatus, Shared, Shipper};
 use spool::Spool;
@@ -212,6 +219,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
         spool.clone(),
         &settings.state_dir,
         settings.segment_size,
+        None,
     )?;
     cap.rotate_pin()?;
     kick_head(&shared, &cap);
@@ -251,7 +259,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
         .with_context(|| format!("cannot watch {}", dir.display()))?;
 
     drop(tx);
-    info!(db = %settings.db.display(), generation = %cap.at.generation, position = %position(&cap), "replicating to {} replica(s)", settings.replicas.len());
+    info!(db = %settings.db.display(), generation = %cap.at.generation, position = %position(&cap.at), "replicating to {} replica(s)", settings.replicas.len());
 
     let mut ready = false;
     let started = Instant::now();
@@ -259,7 +267,11 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let mut status_line = String::new();
     let mut failing_since: Option<Instant> = None;
     let mut last_capture_error = String::new();
-    let mut replaced_logged = false;
+    // The database being captured; `None` from the moment its file was replaced or deleted
+    // until the new file is opened (see `Replaced`).
+    let mut at = cap.at;
+    let mut cap = Some(cap);
+    let mut replaced: Option<Replaced> = None;
     let watchdog = notifier.watchdog_interval();
     loop {
         stall_failpoint();
@@ -269,7 +281,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
                 .saturating_sub(last_snapshot.elapsed())
                 .max(Duration::from_millis(10)),
         );
-        let timeout = if failing_since.is_some() || !ready {
+        let timeout = if failing_since.is_some() || !ready || cap.is_none() {
             timeout.min(Duration::from_millis(200))
         } else {
             timeout
@@ -285,48 +297,62 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
                 stop = true;
             }
         }
-        match capture_round(&mut cap, settings, &shared) {
-            Ok(()) => {
-                if failing_since.take().is_some() {
-                    info!(db = %settings.db.display(), "capture works again");
+        if let Some(c) = cap.as_mut() {
+            match capture_round(c, settings, &shared) {
+                Ok(()) => {
+                    if failing_since.take().is_some() {
+                        info!(db = %settings.db.display(), "capture works again");
+                    }
+                    last_capture_error.clear();
                 }
-                last_capture_error.clear();
-            }
-            Err(e) => {
-                // Logged when it changes, not on every retry.
-                let msg = format!("{e:#}");
-                if msg != last_capture_error {
-                    error!(db = %settings.db.display(), error_kind = "capture", "capture failed: {msg}");
-                    last_capture_error = msg;
+                Err(e) => {
+                    // Logged when it changes, not on every retry.
+                    let msg = format!("{e:#}");
+                    if msg != last_capture_error {
+                        error!(db = %settings.db.display(), error_kind = "capture", "capture failed: {msg}");
+                        last_capture_error = msg;
+                    }
+                    failing_since.get_or_insert_with(Instant::now);
                 }
-                failing_since.get_or_insert_with(Instant::now);
             }
         }
-        if cap.db_replaced() {
-            if !replaced_logged {
-                warn!(db = %settings.db.display(), error_kind = "db-replaced", "the database file was replaced or deleted; replicating the new file once it exists");
-                replaced_logged = true;
-            }
-            match reopen(&settings.db, &spool, settings) {
+        if let Some(c) = cap.take_if(|c| c.db_replaced()) {
+            // Every handle on the old file goes at once: kept open, its WAL and wal-index
+            // would be paired with the new file by anyone opening it (walship included).
+            let r = Replaced::close(c, &settings.db);
+            warn!(db = %settings.db.display(), error_kind = "db-replaced", "the database file was {}: closed every handle on the old file; a new generation starts once the new file can be opened", r.how);
+            replaced = Some(r);
+        }
+        if let Some(r) = replaced.as_mut() {
+            match r.reopen(&settings.db, &spool, settings) {
                 Ok(Some(c)) => {
-                    cap = c;
-                    replaced_logged = false;
-                    kick_head(&shared, &cap);
+                    kick_head(&shared, &c);
+                    cap = Some(c);
+                    replaced = None;
                 }
                 Ok(None) => {}
-                Err(e) => error!(db = %settings.db.display(), "cannot reopen: {e:#}"),
-            }
-        }
-        let want = std::mem::take(&mut shared.lock().snapshot_wanted);
-        if want || last_snapshot.elapsed() >= settings.snapshot_interval {
-            let r = cap.snapshot().map(|()| kick_head(&shared, &cap));
-            match new_generation_if_broken(&mut cap, &shared, r) {
-                Ok(()) => last_snapshot = Instant::now(),
                 Err(e) => {
-                    error!(db = %settings.db.display(), "snapshot failed: {e:#}");
-                    shared.lock().snapshot_wanted = want;
+                    let msg = format!("{e:#}");
+                    if msg != r.last_error {
+                        error!(db = %settings.db.display(), error_kind = "db-replaced", "cannot open the new database file: {msg}");
+                        r.last_error = msg;
+                    }
                 }
             }
+        }
+        if let Some(c) = cap.as_mut() {
+            let want = std::mem::take(&mut shared.lock().snapshot_wanted);
+            if want || last_snapshot.elapsed() >= settings.snapshot_interval {
+                let r = c.snapshot().map(|()| kick_head(&shared, c));
+                match new_generation_if_broken(c, &shared, r) {
+                    Ok(()) => last_snapshot = Instant::now(),
+                    Err(e) => {
+                        error!(db = %settings.db.display(), "snapshot failed: {e:#}");
+                        shared.lock().snapshot_wanted = want;
+                    }
+                }
+            }
+            at = c.at;
         }
         let spooled = match gc_spool(&spool, &shared, settings.spool_limit) {
             Ok(files) => files,
@@ -335,7 +361,10 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
                 spool.list().unwrap_or_default()
             }
         };
-        let (line, caught_up) = status(&cap, &shared, &spooled);
+        let problem = replaced
+            .as_ref()
+            .map(|r| format!("the file was {}, {}", r.how, r.waiting()));
+        let (line, caught_up) = status(&at, &shared, &spooled, problem);
         if line != status_line {
             notifier.status(&line);
             write_status(&settings.state_dir, &line);
@@ -354,7 +383,10 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     // Graceful stop: capture the last commits, give replicas time to receive them.
     notifier.stopping();
     info!("stopping: shipping what is pending");
-    let _ = capture_round(&mut cap, settings, &shared);
+    if let Some(c) = cap.as_mut() {
+        let _ = capture_round(c, settings, &shared);
+        at = c.at;
+    }
     {
         let mut g = shared.lock();
         g.stopping = true;
@@ -364,14 +396,86 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     for h in threads {
         let _ = h.join();
     }
-    let (line, _) = status(&cap, &shared, &spool.list().unwrap_or_default());
+    let (line, _) = status(&at, &shared, &spool.list().unwrap_or_default(), None);
     write_status(&settings.state_dir, &line);
-    if let Err(e) = cap.save_hashes() {
+    if let Some(Err(e)) = cap.as_ref().map(Capture::save_hashes) {
         warn!("{e:#}: the next start may need a full snapshot");
     }
     info!("stopped: {line}");
     drop(watcher);
     Ok(())
+}
+
+/// A database file replaced (renamed over) or deleted under the running daemon, whose old
+/// file walship has closed. The new file is opened once it exists and the old file's `-wal`
+/// and `-shm` are gone (walship removes them once no other process uses them: SQLite would
+/// read them over the new file), and it always starts a new generation.
+struct Replaced {
+    /// "replaced by another file" or "deleted".
+    how: &'static str,
+    stale: crate::db::StaleSidecars,
+    /// The old database's sidecar still in use by another process, if any.
+    in_use: Option<PathBuf>,
+    /// The last error logged while reopening (each is logged once).
+    last_error: String,
+}
+
+impl Replaced {
+    fn close(cap: Capture, db: &Path) -> Replaced {
+        let how = if db.exists() {
+            "replaced by another file"
+        } else {
+            "deleted"
+        };
+        Replaced {
+            how,
+            stale: cap.close_replaced(),
+            in_use: None,
+            last_error: String::new(),
+        }
+    }
+
+    /// What walship waits for before it opens the new file.
+    fn waiting(&self) -> String {
+        match &self.in_use {
+            Some(p) => format!(
+                "waiting until no process holds the old database (its {} is still in use)",
+                p.display()
+            ),
+            None => "waiting for the new file".into(),
+        }
+    }
+
+    fn reopen(
+        &mut self,
+        db: &Path,
+        spool: &Arc<Spool>,
+        settings: &Settings,
+    ) -> Result<Option<Capture>> {
+        self.in_use = self.stale.remove()?.map(Path::to_path_buf);
+        if let Some(p) = &self.in_use {
+            bail!(
+                "{} of the old database is still open in another process (an application still using the file that was {}); opening the new file now would read the old WAL over it: waiting until that process closes it",
+                p.display(),
+                self.how
+            );
+        }
+        if !db.exists() {
+            return Ok(None);
+        }
+        ensure_wal_mode(db)?;
+        let d = Db::open(db)?;
+        let why = format!("the database file was {} while walship ran", self.how);
+        let mut c = Capture::start(
+            d,
+            spool.clone(),
+            &settings.state_dir,
+            settings.segment_size,
+            Some(&why),
+        )?;
+        c.rotate_pin()?;
+        Ok(Some(c))
+    }
 }
 
 fn kick(shared: &Shared) {
@@ -433,20 +537,8 @@ fn capture_round_inner(cap: &mut Capture, settings: &Settings, shared: &Shared) 
     Ok(())
 }
 
-fn reopen(db: &Path, spool: &Arc<Spool>, settings: &Settings) -> Result<Option<Capture>> {
-    if !db.exists() {
-        return Ok(None);
-    }
-    ensure_wal_mode(db)?;
-    let d = Db::open(db)?;
-    // Resumes only if the new file provably holds the same content; else a new generation.
-    let mut c = Capture::start(d, spool.clone(), &settings.state_dir, settings.segment_size)?;
-    c.rotate_pin()?;
-    Ok(Some(c))
-}
-
-fn position(cap: &Capture) -> String {
-    format!("{}/{}", cap.at.generation, cap.at.txid)
+fn position(at: &Captured) -> String {
+    format!("{}/{}", at.generation, at.txid)
 }
 
 /// Deletes spooled files every replica has, then enforces the spool limit; returns what is left.
@@ -493,15 +585,24 @@ fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<Vec<spool::Spo
 /// The one-line status, and whether every replica is settled: it holds everything captured,
 /// or it is known to be failing. A replica that is both counts once, so READY still waits for
 /// every reachable replica that has not caught up.
-fn status(cap: &Capture, shared: &Shared, files: &[spool::SpoolFile]) -> (String, bool) {
+/// `db_problem` says what keeps the database itself from being captured, if anything.
+fn status(
+    at: &Captured,
+    shared: &Shared,
+    files: &[spool::SpoolFile],
+    db_problem: Option<String>,
+) -> (String, bool) {
     let now = now_ms();
     let g = shared.lock();
     let n = g.replicas.len();
     let mut ok = 0;
     let mut settled = 0;
     let mut max_lag = 0u64;
-    let mut down = Vec::new();
-    let head = cap.key();
+    let mut down: Vec<String> = db_problem
+        .map(|p| format!("database: {p}"))
+        .into_iter()
+        .collect();
+    let head = at.key();
     for r in &g.replicas {
         let caught_up = r
             .position
@@ -513,7 +614,7 @@ fn status(cap: &Capture, shared: &Shared, files: &[spool::SpoolFile]) -> (String
                 .iter()
                 .find(|f| r.position.is_none_or(|p| f.key() > p))
                 .map(|f| f.name.first_ms())
-                .unwrap_or(cap.at.time_ms);
+                .unwrap_or(at.time_ms);
             max_lag = max_lag.max(now.saturating_sub(first_missing));
         }
         if let Some(e) = &r.error {
@@ -525,7 +626,7 @@ fn status(cap: &Capture, shared: &Shared, files: &[spool::SpoolFile]) -> (String
     }
     let mut line = format!(
         "replicated to {ok}/{n} replicas, lag {max_lag} ms, position {}",
-        position(cap)
+        position(at)
     );
     if !down.is_empty() {
         line.push_str(&format!(", failing: {}", down.join("; ")));

@@ -1,0 +1,182 @@
+//! End to end: what applications and operators do around a running walship (issue #10): a
+//! file moved over the database, an application's own checkpoints, long read transactions,
+//! writers with no busy timeout. Real SQLite writers, the real binary, a file:// replica.
+
+use crate::util::*;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const SEC: Duration = Duration::from_secs(1);
+
+/// The sqlite3 CLI with a busy timeout of `timeout_ms` (0: none, the CLI's default).
+fn sqlite3_t(db: &Path, timeout_ms: u32, sql: &str) -> String {
+    let o = Command::new("sqlite3")
+        .args(["-cmd", &format!(".timeout {timeout_ms}")])
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("run the sqlite3 CLI (install sqlite3)");
+    assert!(
+        o.status.success(),
+        "sqlite3 {} {sql:?}: {}",
+        db.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn sqlite3(db: &Path, sql: &str) -> String {
+    sqlite3_t(db, 5000, sql)
+}
+
+fn start(sb: &Sandbox) -> Daemon {
+    Daemon::start(
+        &[sb.db().into_os_string(), sb.replica_url().into()],
+        &sb.state(),
+    )
+}
+
+/// Restores the latest state until it equals `db` (the status may be a moment ahead of what a
+/// replica lists), then compares page by page.
+fn restored_equals(sb: &Sandbox, db: &Path, name: &str) {
+    let out = sb.path(name);
+    let want = logical_bytes(db);
+    poll(
+        &format!("a restore equal to {}", db.display()),
+        15 * SEC,
+        || {
+            let _ = fs::remove_file(&out);
+            let r = restore(&out, &sb.replica_url(), &[]);
+            (r.status.success() && logical_bytes(&out) == want).then_some(())
+        },
+    );
+    assert_same_db(db, &out);
+}
+
+/// `mv new.db app.db` while walship runs and the application is stopped: the old WAL and
+/// wal-index (kept alive only by walship's connections) must not be paired with the new file.
+/// The application must read the new file's content at once, walship must start a new
+/// generation saying why, and nothing of the old database may ever be written into the new
+/// file (not by walship's checkpoints, not when it stops).
+#[test]
+fn e2e_file_moved_over_the_database() {
+    let sb = Sandbox::new();
+    let db = sb.db();
+    sqlite3(
+        &db,
+        "pragma journal_mode=wal; create table t(id integer primary key, v);",
+    );
+    let mut d = start(&sb);
+    // The old database's last commits stay in its WAL (walship checkpoints only past
+    // checkpoint-pages frames): that WAL is what must not reach the new file.
+    for i in 0..20 {
+        sqlite3(&db, &format!("insert into t(v) values ('old {i}');"));
+    }
+    let before = d.wait_caught_up(10 * SEC);
+    let wal = sb.path("data/app.db-wal");
+    assert!(
+        wal.exists(),
+        "the old database has no WAL: the test proves nothing"
+    );
+
+    let new = sb.path("data/new.db");
+    sqlite3(
+        &new,
+        "pragma journal_mode=wal; create table t(id integer primary key, v); \
+         insert into t(v) values ('new 1'), ('new 2');",
+    );
+    assert!(!Path::new(&format!("{}-wal", new.display())).exists());
+    fs::rename(&new, &db).expect("mv new.db over the database");
+    // An application opening the database a moment later sees the new file, not the old
+    // WAL's pages over it.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        sqlite3(&db, "select group_concat(v) from t"),
+        "new 1,new 2",
+        "the new file was read with the old database's WAL; walship's log:\n{}",
+        d.log_text()
+    );
+    let s = d.wait_status("a new generation for the moved file", 10 * SEC, |s| {
+        s.generation != before.generation && s.caught_up()
+    });
+    assert!(s.txid >= 1);
+    let log = d.log_text();
+    assert!(
+        log.contains("replaced"),
+        "the log does not say the file was replaced:\n{log}"
+    );
+    assert!(
+        !log.contains("resumed the generation"),
+        "a replaced file must not resume the old generation:\n{log}"
+    );
+    restored_equals(&sb, &db, "a.db");
+    sqlite3(&db, "insert into t(v) values ('new 3');");
+    restored_equals(&sb, &db, "b.db");
+    d.stop();
+    assert_eq!(
+        sqlite3(&db, "select group_concat(v) from t"),
+        "new 1,new 2,new 3",
+        "walship's stop wrote another database into the file"
+    );
+    assert_integrity(&db);
+}
+
+/// The same move while an application still has the old database open: its `-wal` and `-shm`
+/// are in use, and SQLite would read them over the new file. walship says what it waits for,
+/// and replicates the new file once that application lets go.
+#[test]
+fn e2e_file_moved_while_the_old_one_is_open() {
+    let sb = Sandbox::new();
+    let db = sb.db();
+    sqlite3(
+        &db,
+        "pragma journal_mode=wal; create table t(id integer primary key, v);",
+    );
+    let mut d = start(&sb);
+    sqlite3(&db, "insert into t(v) values ('old');");
+    let before = d.wait_caught_up(10 * SEC);
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); \
+             c.execute('select count(*) from t').fetchall(); print('open', flush=True); \
+             sys.stdin.read()",
+        ])
+        .arg(&db)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start python3");
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let out = holder.stdout.take().expect("holder stdout");
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("holder ready");
+        assert_eq!(line.trim(), "open");
+    }
+    let new = sb.path("data/new.db");
+    sqlite3(
+        &new,
+        "create table t(id integer primary key, v); insert into t(v) values ('new');",
+    );
+    fs::rename(&new, &db).expect("mv new.db over the database");
+    let s = d.wait_status(
+        "walship waits for the old database's holder",
+        5 * SEC,
+        |s| s.line.contains("still in use"),
+    );
+    assert_eq!(s.generation, before.generation, "{}", s.line);
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    d.wait_status("a new generation once the holder closed", 10 * SEC, |s| {
+        s.generation != before.generation && s.caught_up()
+    });
+    assert_eq!(sqlite3(&db, "select group_concat(v) from t"), "new");
+    restored_equals(&sb, &db, "a.db");
+    d.stop();
+    assert_eq!(sqlite3(&db, "select group_concat(v) from t"), "new");
+}
