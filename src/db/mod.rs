@@ -60,6 +60,9 @@ pub struct WalIndexHint {
     pub salt2: u32,
     /// Frames already copied into the database (`nBackfill`).
     pub backfilled: u32,
+    /// SQLite's count of committed transactions (`iChange`): one more with every commit, and
+    /// unchanged by a WAL restart, while any connection keeps the wal-index open.
+    pub changes: u32,
 }
 
 impl WalPos {
@@ -77,6 +80,13 @@ impl WalPos {
 
 /// Offset in `-shm` of SQLite's WAL write lock byte (`UNIX_SHM_BASE` + `WAL_WRITE_LOCK`).
 const SHM_WRITE_LOCK: i64 = 120;
+
+/// Offset in `-shm` of SQLite's checkpointer lock byte (`WAL_CKPT_LOCK`).
+const SHM_CKPT_LOCK: i64 = 121;
+
+/// Longest walship waits, without a read lock, for an application's checkpoint it let
+/// through: SQLite's busy handler retries within 100 ms.
+const YIELD_WAIT: Duration = Duration::from_millis(300);
 
 /// One commit found in the WAL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +149,10 @@ pub struct Db {
     /// Set when walship was left without a pin: continuity across a WAL restart can then no
     /// longer be proven, so the next restart seen is treated as a break.
     lost_pin: bool,
+    /// SQLite's commit count (the wal-index's `iChange`) at a position in the WAL (salts,
+    /// frames), when a scan could tie the two together: across any WAL reset, it proves
+    /// whether every commit was seen (see [`Db::scan`]).
+    known: Option<Known>,
     path: PathBuf,
     wal_path: PathBuf,
     identity: (u64, u64),
@@ -239,6 +253,7 @@ impl Db {
             write_locked: false,
             last_header: None,
             lost_pin: false,
+            known: None,
             wal: None,
             path: path.to_owned(),
             wal_path: PathBuf::from(wal_path),
@@ -304,6 +319,7 @@ impl Db {
             salt1: be(32),
             salt2: be(36),
             backfilled: u(96),
+            changes: u(8),
         })
     }
 
@@ -382,20 +398,27 @@ impl Db {
         result
     }
 
-    /// A PASSIVE checkpoint that waits on nothing: copies what the pins allow.
+    /// A PASSIVE checkpoint that waits on nothing: copies what the pins allow. Returns
+    /// (frames in WAL, frames checkpointed), `None` if another checkpoint was running.
     ///
     /// # Errors
     /// SQLite errors other than busy.
-    pub fn checkpoint_passive(&self) -> Result<()> {
+    pub fn checkpoint_passive(&self) -> Result<Option<(i64, i64)>> {
         match self
             .ckpt
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        {
-            Ok(()) => Ok(()),
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            }) {
+            Ok((0, log, done)) => Ok(Some((log, done))),
+            Ok(_) => Ok(None),
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::DatabaseBusy =>
             {
-                Ok(())
+                Ok(None)
             }
             Err(e) => Err(e).context("checkpoint failed"),
         }
@@ -409,6 +432,72 @@ impl Db {
             }
             self.write_locked = false;
         }
+    }
+
+    /// True if another process holds both SQLite's WAL write lock and its checkpointer lock:
+    /// an application's FULL, RESTART or TRUNCATE checkpoint, which may be waiting for
+    /// walship's read lock (it would wait out its whole busy timeout, holding every writer
+    /// off meanwhile).
+    pub fn checkpointer_waiting(&self) -> bool {
+        shm_held(&self.shm, SHM_WRITE_LOCK) && shm_held(&self.shm, SHM_CKPT_LOCK)
+    }
+
+    /// Lets an application's checkpoint through: with every frame of the WAL captured (`pos`
+    /// at the end SQLite's wal-index shows), walship ends its read transactions, waits (at
+    /// most [`YIELD_WAIT`]) for the checkpointer to finish, and pins again. Meanwhile the
+    /// checkpointer holds the write lock, so nothing is appended; whatever happens after it
+    /// lets go is judged by the next scan: SQLite's commit count, saved here, must account
+    /// for every commit of a restarted WAL, or continuity is broken. Returns false (and does
+    /// nothing) unless `pos` is the end of the WAL.
+    ///
+    /// # Errors
+    /// SQLite errors; when no pin could be taken again, continuity is no longer proven.
+    pub fn yield_to_checkpointer(&mut self, pos: &WalPos) -> Result<bool> {
+        let Some(h) = self.wal_index() else {
+            return Ok(false);
+        };
+        if (h.salt1, h.salt2) != (pos.salt1, pos.salt2) || u64::from(h.frames) != pos.frames {
+            return Ok(false);
+        }
+        self.known = Some(Known {
+            salts: (pos.salt1, pos.salt2),
+            frames: pos.frames,
+            changes: h.changes,
+        });
+        for i in 0..2 {
+            self.end_pin(i)?;
+        }
+        self.active = None;
+        let deadline = std::time::Instant::now() + YIELD_WAIT;
+        while shm_held(&self.shm, SHM_CKPT_LOCK) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Err(e) = self.begin_pin(0) {
+            self.lost_pin = true;
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Whether exactly the commits of the new WAL (`h`, `commits`) were made since SQLite's
+    /// commit count was `changes` (then no commit of the old WAL went unseen); `None` while
+    /// SQLite's index does not yet show what the scan found. A wal-index rebuilt by SQLite's
+    /// recovery counts from 0 again, and proves nothing.
+    fn commits_accounted(
+        &self,
+        changes: u32,
+        h: &WalHeader,
+        commits: &[WalCommit],
+    ) -> Option<bool> {
+        let ix = self.wal_index()?;
+        let frames = u64::from(ix.frames);
+        if (ix.salt1, ix.salt2) != (h.salt1, h.salt2)
+            || (frames != 0 && !commits.iter().any(|c| c.frames_end == frames))
+        {
+            return None;
+        }
+        let seen = commits.iter().filter(|c| c.frames_end <= frames).count() as u32;
+        Some(ix.changes != 0 && changes.wrapping_add(seen) == ix.changes)
     }
 
     /// True if the path no longer names the file walship has open (replaced or deleted).
@@ -496,13 +585,50 @@ impl Db {
             let (commits, end) = self.scan_from(&h, pos)?;
             return Ok(WalState::Same { commits, end });
         }
+        // A new WAL. Continuity holds if SQLite's commit count moved by exactly the commits
+        // of the new WAL since the position (an application's TRUNCATE checkpoint, after which
+        // a connection that never restarted a WAL itself writes one with random salts); or,
+        // failing that proof, under the pin protocol (salt-1 one more, pinned throughout).
+        let known = self.known.take().filter(|k| k.at(pos));
+        let mut attempt = 0;
+        let (commits, end) = loop {
+            let (commits, end) = self.scan_from(&h, &WalPos::start(&h))?;
+            let Some(k) = known else {
+                break (commits, end);
+            };
+            match self.commits_accounted(k.changes, &h, &commits) {
+                Some(true) => return Ok(WalState::Restarted { commits, end }),
+                Some(false) => {
+                    return Ok(WalState::Broken(
+                        "commits were made in the old WAL after the last one walship captured, and the WAL was reset before walship could read them".into(),
+                    ))
+                }
+                // A commit is landing (its frames are written before SQLite's index shows
+                // it): read again shortly; with nothing complete yet, judge next round.
+                None if attempt < 50 => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                None if commits.is_empty() => {
+                    self.known = known;
+                    return Ok(WalState::Empty);
+                }
+                None => break (commits, end),
+            }
+        };
+        tracing::debug!(
+            ?known,
+            ?pos,
+            index = ?self.wal_index(),
+            commits = commits.len(),
+            "SQLite's commit count does not prove continuity across the WAL reset"
+        );
         if lost_pin {
             return Ok(WalState::Broken(
                 "the WAL was reset while walship held no read lock on it".into(),
             ));
         }
         if h.salt1 == pos.salt1.wrapping_add(1) {
-            let (commits, end) = self.scan_from(&h, &WalPos::start(&h))?;
             return Ok(WalState::Restarted { commits, end });
         }
         Ok(WalState::Broken(format!(
@@ -515,6 +641,9 @@ impl Db {
     /// last one. Frames after the last commit frame (a transaction in progress) are left.
     fn scan_from(&mut self, h: &WalHeader, pos: &WalPos) -> Result<(Vec<WalCommit>, WalPos)> {
         self.last_header = Some(*h);
+        // Read before the frames: the commit count it shows belongs to a commit the scan
+        // then finds (frames are only appended while the WAL is pinned).
+        let hint = self.wal_index();
         let ps = h.page_size as usize;
         let frame_size = (FRAME_HEADER_SIZE + ps) as u64;
         let path = self.wal_path.clone();
@@ -552,6 +681,17 @@ impl Db {
                     running,
                     page_size: h.page_size,
                 };
+            }
+        }
+        if let Some(ix) = hint.filter(|ix| (ix.salt1, ix.salt2) == (h.salt1, h.salt2)) {
+            let at = u64::from(ix.frames);
+            if at == pos.frames || commits.iter().any(|c| c.frames_end == at) {
+                let after = commits.iter().filter(|c| c.frames_end > at).count() as u32;
+                self.known = Some(Known {
+                    salts: (h.salt1, h.salt2),
+                    frames: end.frames,
+                    changes: ix.changes.wrapping_add(after),
+                });
             }
         }
         Ok((commits, end))
@@ -738,6 +878,20 @@ impl Db {
     }
 }
 
+/// SQLite's commit count at a position in the WAL.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    salts: (u32, u32),
+    frames: u64,
+    changes: u32,
+}
+
+impl Known {
+    fn at(&self, pos: &WalPos) -> bool {
+        self.salts == (pos.salt1, pos.salt2) && self.frames == pos.frames
+    }
+}
+
 /// The `-wal` and `-shm` of a database walship closed because its path was replaced.
 #[derive(Debug)]
 pub struct StaleSidecars {
@@ -806,6 +960,20 @@ impl StaleSidecars {
         // Closing `f` releases the lock.
         Ok(None)
     }
+}
+
+/// True if another process holds a lock on byte `offset` of `f` (`F_GETLK`).
+fn shm_held(f: &File, offset: i64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain fcntl on a descriptor we own, with a fully initialised flock.
+    let mut fl: nix::libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = nix::libc::F_WRLCK as i16;
+    fl.l_whence = nix::libc::SEEK_SET as i16;
+    fl.l_start = offset;
+    fl.l_len = 1;
+    // SAFETY: as above; F_GETLK only fills `fl`.
+    let rc = unsafe { nix::libc::fcntl(f.as_raw_fd(), nix::libc::F_GETLK, &mut fl) };
+    rc == 0 && fl.l_type != nix::libc::F_UNLCK as i16
 }
 
 /// Sets (or clears, with `F_UNLCK`) a POSIX lock on one byte without waiting; false if

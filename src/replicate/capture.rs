@@ -41,6 +41,13 @@ const LOCK_BUDGET: Duration = Duration::from_millis(500);
 /// zstd level for segments and snapshots: fast, still ~2-4x on typical pages.
 const ZSTD_LEVEL: i32 = 1;
 
+/// How long a checkpoint chases a writer without any lock (see `checkpoint_unlocked`).
+const UNLOCKED_CHECKPOINT_BUDGET: Duration = Duration::from_millis(250);
+
+/// First and longest pause of checkpoints while a reader keeps them from copying the WAL.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
 /// A commit this big (and at least a segment's size) is spooled live (see `spool`).
 const LIVE_MIN_BYTES: u64 = 4 << 20;
 
@@ -133,6 +140,11 @@ pub struct Capture {
     /// Set when a step failed half-way (memory ahead of the spool): the next step starts a
     /// new generation instead of guessing.
     poisoned: bool,
+    /// While an application's read transaction keeps checkpoints from copying the whole WAL:
+    /// no checkpoint (and no capture under the write lock) before this instant, and the
+    /// next back-off. Retaking the write lock for a checkpoint that cannot progress would
+    /// only hold the application's writers back.
+    checkpoint_backoff: Option<(std::time::Instant, Duration)>,
 }
 
 /// What one capture step did.
@@ -177,6 +189,7 @@ impl Capture {
             hashes: PageHashes::new(4096),
             checkpointed_at: None,
             poisoned: false,
+            checkpoint_backoff: None,
         };
         match (fresh, saved) {
             (Some(why), _) => cap.new_generation(why)?,
@@ -813,10 +826,45 @@ impl Capture {
     /// # Errors
     /// Capture or SQLite errors.
     pub fn maybe_checkpoint(&mut self, threshold: u32) -> Result<bool> {
-        if self.wal_frames() < u64::from(threshold) || self.checkpointed_at == self.pos {
+        if self.wal_frames() < u64::from(threshold)
+            || self.checkpointed_at == self.pos
+            || self.backing_off()
+        {
             return Ok(false);
         }
         self.checkpoint_now(threshold, false)
+    }
+
+    /// True while checkpoints wait for a reader that kept the last one from copying the WAL.
+    fn backing_off(&self) -> bool {
+        self.checkpoint_backoff
+            .is_some_and(|(until, _)| std::time::Instant::now() < until)
+    }
+
+    /// Lets an application's FULL/RESTART/TRUNCATE checkpoint through if one waits: captures
+    /// everything (the checkpointer holds the write lock: nothing more can be appended), then
+    /// lets go of the read lock until it is done (see [`Db::yield_to_checkpointer`]). Returns
+    /// true if it did.
+    ///
+    /// # Errors
+    /// Capture or SQLite errors.
+    pub fn yield_to_checkpointer(&mut self) -> Result<bool> {
+        if !self.db.checkpointer_waiting() {
+            return Ok(false);
+        }
+        self.step()?;
+        let Some(pos) = self.pos else {
+            return Ok(false);
+        };
+        let t = std::time::Instant::now();
+        let done = self.db.yield_to_checkpointer(&pos)?;
+        if done {
+            tracing::debug!(
+                ms = t.elapsed().as_millis() as u64,
+                "let an application's checkpoint through"
+            );
+        }
+        Ok(done)
     }
 
     /// True when the WAL holds at least twice `threshold` frames (as SQLite's wal-index says),
@@ -826,6 +874,9 @@ impl Capture {
     /// never starts on more than `2 × threshold` frames, so the writer can add only what it
     /// writes while that much is captured.
     pub fn is_hot(&self, threshold: u32) -> bool {
+        if self.backing_off() {
+            return false;
+        }
         let Some(h) = self.db.wal_index() else {
             return false;
         };
@@ -839,32 +890,25 @@ impl Capture {
         })
     }
 
-    /// True unless the wal-index shows frames beyond the capture position.
-    fn captured_all(&self) -> bool {
-        self.db.wal_index().is_none_or(|h| self.holds(&h))
-    }
-
-    /// Captures under the write lock and checkpoints, whatever the WAL's size; see
-    /// [`Capture::maybe_checkpoint`]. With `hot`, everything happens under the lock.
+    /// Checkpoints whatever the WAL's size (see [`Capture::maybe_checkpoint`]): without any
+    /// lock the application waits for, unless `hot` or the writer outruns that, when the
+    /// tail is captured and copied under SQLite's write lock.
     ///
     /// # Errors
     /// Capture or SQLite errors.
     pub fn checkpoint_now(&mut self, threshold: u32, hot: bool) -> Result<bool> {
-        // Normally: copy most frames without holding anything the application waits for, then
-        // hold the write lock briefly (an application writer may keep it: then next round) only
-        // to capture the tail and copy it. Hot (the writer outruns capture, or appended since
-        // the last step, so the copy and its fsyncs would let it grow the WAL): everything under
-        // the lock, waiting for it as long as a busy writer needs to leave a gap.
-        let mut hot = hot || !self.captured_all();
+        // Normally without any lock the application waits for (see `checkpoint_unlocked`).
+        // Hot (the writer outruns capture): everything under the write lock, waiting for it
+        // as long as a busy writer needs to leave a gap.
         if !hot {
-            let t = std::time::Instant::now();
-            self.db.checkpoint_passive()?;
-            tracing::trace!(ms = t.elapsed().as_millis() as u64, "passive");
-            // A writer that grew the WAL meanwhile is outrunning us, and must now be waited for.
-            hot = self.is_hot(threshold);
+            if self.checkpoint_unlocked()? {
+                return Ok(true);
+            }
+            if !self.is_hot(threshold) {
+                return Ok(false);
+            }
         }
-        let wait = Duration::from_millis(if hot { 2000 } else { 20 });
-        if !self.db.lock_writes(wait)? {
+        if !self.db.lock_writes(Duration::from_millis(2000))? {
             return Ok(false);
         }
         // Capture under the lock in chunks of `threshold` frames, and give the lock back after
@@ -892,6 +936,7 @@ impl Capture {
         }
         let (log, done) = self.db.checkpoint_locked()?;
         self.checkpointed_at = self.pos;
+        self.note_checkpoint(log, done);
         tracing::debug!(
             log,
             done,
@@ -899,6 +944,66 @@ impl Capture {
             "checkpoint"
         );
         Ok(true)
+    }
+
+    /// A checkpoint that holds nothing an application writer waits for: capture everything
+    /// and move the pin to the end, copy the WAL with a PASSIVE checkpoint (it stops at the
+    /// pin), and, if the writer appended nothing meanwhile (the whole WAL is then captured
+    /// and copied), move the pin once more: it now begins on a fully copied WAL (SQLite's
+    /// read slot 0), so the application's next commit restarts the WAL, and that one restart
+    /// comes after every frame of the old WAL was captured (the pin protocol, see `db`). A
+    /// writer that appended meanwhile is caught up with again (each copy is only what it
+    /// added) for at most [`UNLOCKED_CHECKPOINT_BUDGET`]; true once the WAL was copied whole.
+    fn checkpoint_unlocked(&mut self) -> Result<bool> {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < UNLOCKED_CHECKPOINT_BUDGET {
+            self.step()?;
+            self.rotate_pin()?;
+            let t = std::time::Instant::now();
+            let Some((log, done)) = self.db.checkpoint_passive()? else {
+                return Ok(false);
+            };
+            let (Some(pos), Some(h)) = (self.pos, self.db.wal_index()) else {
+                return Ok(false);
+            };
+            tracing::trace!(ms = t.elapsed().as_millis() as u64, log, done, "passive");
+            if (h.salt1, h.salt2) != (pos.salt1, pos.salt2) {
+                return Ok(false);
+            }
+            if u64::from(h.frames) == pos.frames && h.backfilled == h.frames {
+                self.rotate_pin()?;
+                self.checkpointed_at = self.pos;
+                self.note_checkpoint(log, done);
+                tracing::debug!(frames = h.frames, "checkpoint");
+                return Ok(true);
+            }
+            if u64::from(h.backfilled) < pos.frames {
+                // Frames walship holds no pin before were not copied: a reader's.
+                self.note_checkpoint(i64::from(h.frames), i64::from(h.backfilled));
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Backs checkpoints off while a reader keeps them from copying the whole WAL (`done`
+    /// of `log` frames copied), and ends the back-off once one did.
+    fn note_checkpoint(&mut self, log: i64, done: i64) {
+        self.checkpoint_backoff = if done < log {
+            // A reader keeps frames from being copied: wait for it, longer each time.
+            let next = self
+                .checkpoint_backoff
+                .map_or(MIN_BACKOFF, |(_, b)| (b * 2).min(MAX_BACKOFF));
+            tracing::debug!(
+                log,
+                done,
+                backoff_ms = next.as_millis() as u64,
+                "a reader holds the WAL: checkpoints back off"
+            );
+            Some((std::time::Instant::now() + next, next))
+        } else {
+            None
+        };
     }
 
     /// True if the database file was replaced or deleted under walship.

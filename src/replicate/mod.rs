@@ -50,6 +50,11 @@ pub enum Msg {
     Stop,
 }
 
+/// How long after a change to the database the main loop keeps looking, every
+/// [`CHECKPOINTER_POLL`], for an application's checkpoint waiting for walship's read lock.
+const CHECKPOINTER_WATCH: Duration = Duration::from_secs(2);
+const CHECKPOINTER_POLL: Duration = Duration::from_millis(20);
+
 /// How long shutdown waits for replicas to receive what is spooled.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 
@@ -272,6 +277,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let mut at = cap.at;
     let mut cap = Some(cap);
     let mut replaced: Option<Replaced> = None;
+    let mut last_change = Instant::now();
     let watchdog = notifier.watchdog_interval();
     loop {
         stall_failpoint();
@@ -283,10 +289,17 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
         );
         let timeout = if failing_since.is_some() || !ready || cap.is_none() {
             timeout.min(Duration::from_millis(200))
+        } else if last_change.elapsed() < CHECKPOINTER_WATCH {
+            // An application's checkpoint waiting for walship's read lock changes no file, so
+            // no event says so: look for one for a while after each change.
+            timeout.min(CHECKPOINTER_POLL)
         } else {
             timeout
         };
         let msg = rx.recv_timeout(timeout);
+        if matches!(msg, Ok(Msg::Changed)) {
+            last_change = Instant::now();
+        }
         if matches!(msg, Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected)) {
             break;
         }
@@ -531,9 +544,13 @@ fn capture_round_inner(cap: &mut Capture, settings: &Settings, shared: &Shared) 
     if matches!(r, Step::Captured(_)) {
         kick_head(shared, cap);
     }
-    if cap.maybe_checkpoint(settings.checkpoint_pages)? {
+    if cap.yield_to_checkpointer()? {
         kick_head(shared, cap);
+        return Ok(());
     }
+    // A checkpoint may capture commits that landed meanwhile.
+    cap.maybe_checkpoint(settings.checkpoint_pages)?;
+    kick_head(shared, cap);
     Ok(())
 }
 
