@@ -19,6 +19,7 @@
 //! or checkpointed into, the new one.
 
 pub mod capture;
+pub mod dblock;
 pub mod ship;
 pub mod spool;
 pub mod state;
@@ -29,6 +30,7 @@ use crate::systemd::Notifier;
 use crate::target::Target;
 use anyhow::{anyhow, bail, Context, Result};
 use capture::{now_ms, BrokenWal, Capture, Captured, Step};
+use dblock::DbLock;
 use notify::{EventKind, RecursiveMode, Watcher};
 use ship::{ReplicaStatus, Shared, Shipper};
 use spool::Spool;
@@ -168,6 +170,9 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     if !wait_for_db(&settings.db, &rx, notifier)? {
         return Ok(());
     }
+    // Before any connection opens: the lock must outlive them all (see `dblock`). `None` while
+    // the file was replaced and the new one is not open yet.
+    let mut db_lock = Some(DbLock::acquire(&settings.db)?);
     if ensure_wal_mode(&settings.db)? {
         info!(db = %settings.db.display(), "switched {} to WAL mode (journal_mode=WAL)", settings.db.display());
     }
@@ -320,14 +325,17 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
             // Every handle on the old file goes at once: kept open, its WAL and wal-index
             // would be paired with the new file by anyone opening it (walship included).
             let r = Replaced::close(c, &settings.db);
+            // The old file's connections are closed: its lock can go.
+            db_lock = None;
             warn!(db = %settings.db.display(), error_kind = "db-replaced", "the database file was {}: closed every handle on the old file; a new generation starts once the new file can be opened", r.how);
             replaced = Some(r);
         }
         if let Some(r) = replaced.as_mut() {
             match r.reopen(&settings.db, &spool, settings) {
-                Ok(Some(c)) => {
+                Ok(Some((c, lock))) => {
                     kick_head(&shared, &c);
                     cap = Some(c);
+                    db_lock = Some(lock);
                     replaced = None;
                 }
                 Ok(None) => {}
@@ -403,6 +411,9 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     }
     info!("stopped: {line}");
     drop(watcher);
+    // Connections first, then the lock (see `dblock`).
+    drop(cap);
+    drop(db_lock);
     Ok(())
 }
 
@@ -446,12 +457,14 @@ impl Replaced {
         }
     }
 
+    /// Opens the new file, locked first (a [`DbLock`] on its inode: another walship may
+    /// replicate the file that was moved in, and then this fails until it lets go).
     fn reopen(
         &mut self,
         db: &Path,
         spool: &Arc<Spool>,
         settings: &Settings,
-    ) -> Result<Option<Capture>> {
+    ) -> Result<Option<(Capture, DbLock)>> {
         self.in_use = self.stale.remove()?.map(Path::to_path_buf);
         if let Some(p) = &self.in_use {
             bail!(
@@ -463,6 +476,7 @@ impl Replaced {
         if !db.exists() {
             return Ok(None);
         }
+        let lock = DbLock::acquire(db)?;
         ensure_wal_mode(db)?;
         let d = Db::open(db)?;
         let why = format!("the database file was {} while walship ran", self.how);
@@ -474,7 +488,7 @@ impl Replaced {
             Some(&why),
         )?;
         c.rotate_pin()?;
-        Ok(Some(c))
+        Ok(Some((c, lock)))
     }
 }
 
