@@ -6,6 +6,9 @@
 //! events on the database or its WAL (inotify), replica progress, signals, and timers that are
 //! due (watchdog, snapshot interval): an idle database costs no work.
 //!
+//! One replicator per database ([`dblock`]: a flock on the database file, whatever the state
+//! directory) and one writer per replica ([`owner`]: the newest claim owns it).
+//!
 //! Invariants: the application is never waited on (capture reads files, checkpoints are
 //! PASSIVE under a short write lock); local disk use is bounded by `spool-limit` (past it the
 //! oldest spooled files are dropped and lagging replicas resynchronise from a snapshot); what
@@ -20,6 +23,7 @@
 
 pub mod capture;
 pub mod dblock;
+pub mod owner;
 pub mod ship;
 pub mod spool;
 pub mod state;
@@ -186,6 +190,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
         }
     });
     let ident = identity(&settings.db);
+    let instance = owner::instance_id(&settings.state_dir)?;
     let mut threads = Vec::new();
     for (idx, r) in settings.replicas.iter().enumerate() {
         let target = open_target(r)?;
@@ -201,6 +206,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
             spool: spool.clone(),
             state_path: settings.state_dir.join(format!("replica-{}.state", r.name)),
             identity: ident.clone(),
+            instance,
             fanout: settings.compaction_fanout,
             retention: settings.retention,
             wake: tx.clone(),
@@ -557,10 +563,20 @@ fn position(at: &Captured) -> String {
 
 /// Deletes spooled files every replica has, then enforces the spool limit; returns what is left.
 fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<Vec<spool::SpoolFile>> {
-    let positions: Vec<Option<spool::Key>> =
-        shared.lock().replicas.iter().map(|r| r.position).collect();
+    // A retired replica (taken over by another instance) holds nothing back.
+    let positions: Vec<Option<spool::Key>> = shared
+        .lock()
+        .replicas
+        .iter()
+        .filter(|r| !r.retired)
+        .map(|r| r.position)
+        .collect();
     let files = spool.list()?;
-    let min = positions.iter().copied().min().flatten();
+    let min = if positions.is_empty() {
+        files.last().map(spool::SpoolFile::key)
+    } else {
+        positions.iter().copied().min().flatten()
+    };
     let mut total = 0u64;
     let mut keep = Vec::new();
     let mut dropped = Vec::new();
