@@ -2,7 +2,7 @@
 //! binary with real writers:
 //! - a second `walship replicate` of a database that a daemon already replicates is refused at
 //!   once, whatever its state directory or config, naming the first daemon's pid, and the first
-//!   goes on replicating;
+//!   goes on replicating; the lock follows a file moved over the database;
 //! - when the database lock cannot see the first daemon (two databases at the same path in two
 //!   mount namespaces, hence the same replica identity `host:/path`), the replica's owner claim
 //!   makes the later daemon take the replica over and the earlier one stop writing to it, so a
@@ -389,5 +389,76 @@ fn e2e_replica_taken_over() {
     let mut b = NsDaemon::start(&other_dir, &data_dir, &cfg_b, &state_b);
     b.wait_caught_up(15 * SEC);
     b.stop();
+    a.stop();
+}
+
+/// The lock follows the file: a database that another walship replicates is moved over the one
+/// a first walship replicates, through a hard link (so it stays the other's database too, at
+/// its own path). The first must not open it while the other holds it (each would pair the
+/// file with another WAL, `app.db-wal` and `other.db-wal`: a corruption); it says so in its
+/// status and retries, replicates the file once the other stops, and then holds the new file's
+/// lock: a third replicator of the path is refused, naming the first.
+#[test]
+fn e2e_lock_follows_a_moved_in_database() {
+    let sb = Sandbox::new();
+    sb.create_db();
+    let db = sb.db();
+    let mut a = Daemon::start(
+        &[db.clone().into_os_string(), sb.replica_url().into()],
+        &sb.state(),
+    );
+    let gen_a = a.wait_caught_up(10 * SEC).generation;
+    let pid_a = a.pid().expect("pid");
+
+    // C replicates another database of the same directory, to its own replica.
+    let other = sb.path("data/other.db");
+    create_table(&other);
+    rusqlite::Connection::open(&other)
+        .and_then(|c| c.execute("INSERT INTO t(writer, seq) VALUES ('moved in', 1)", []))
+        .expect("write other.db");
+    let c_replica = format!("file://{}", sb.path("replica-c").display());
+    let mut c = Daemon::start(
+        &[other.clone().into_os_string(), c_replica.clone().into()],
+        &sb.path("state-c"),
+    );
+    c.wait_caught_up(10 * SEC);
+    let pid_c = c.pid().expect("pid");
+
+    let link = sb.path("data/link.db");
+    fs::hard_link(&other, &link).expect("ln other.db link.db");
+    fs::rename(&link, &db).expect("mv link.db over the database");
+    let held = a.wait_status("A to report that C holds the new file", 10 * SEC, |s| {
+        s.failing
+            .as_ref()
+            .is_some_and(|f| f.contains(&format!("walship (pid {pid_c})")))
+    });
+    assert_eq!(
+        held.generation, gen_a,
+        "A replicated a file C holds: {}",
+        held.line
+    );
+    c.stop();
+    let s = a.wait_status("A to replicate the moved-in file", 15 * SEC, |s| {
+        s.generation != gen_a && s.caught_up()
+    });
+    eprintln!("after C stopped: {}", s.line);
+    let (code, log, _) = run_expecting_exit(
+        &[
+            "replicate".into(),
+            db.clone().into(),
+            c_replica.into(),
+            "--state-dir".into(),
+            sb.path("state-third").into(),
+        ],
+        10 * SEC,
+    );
+    assert_eq!(code, 75, "{log}");
+    assert!(
+        log.contains(&format!("already replicated by walship (pid {pid_a})")),
+        "{log}"
+    );
+    let out = sb.path("restored.db");
+    restore(&out, &sb.replica_url(), &[]).ok();
+    assert_same_db(&db, &out);
     a.stop();
 }

@@ -344,7 +344,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
                     db_lock = Some(lock);
                     replaced = None;
                 }
-                Ok(None) => {}
+                Ok(None) => r.last_error.clear(),
                 Err(e) => {
                     let msg = format!("{e:#}");
                     if msg != r.last_error {
@@ -459,6 +459,10 @@ impl Replaced {
                 "waiting until no process holds the old database (its {} is still in use)",
                 p.display()
             ),
+            // Another walship holds the new file's lock, say (see `dblock`).
+            None if !self.last_error.is_empty() => {
+                format!("cannot open the new file, retrying: {}", self.last_error)
+            }
             None => "waiting for the new file".into(),
         }
     }
