@@ -73,6 +73,21 @@ pub struct TakenOver {
     pub at: String,
 }
 
+/// The [`TakenOver`] error for the newer claim `newest`, with its host and pid when readable.
+fn taken_over(t: &dyn Target, newest: &ClaimName) -> anyhow::Error {
+    let (who, at) = match read_claim(t, newest) {
+        Ok(c) => (format!("host {}, pid {}", c.host, c.pid), c.claimed_ms),
+        Err(e) => (format!("unreadable claim: {e:#}"), newest.ms),
+    };
+    TakenOver {
+        url: t.url(),
+        by: newest.instance,
+        who,
+        at: rfc3339(at),
+    }
+    .into()
+}
+
 /// This instance's claim on one replica.
 #[derive(Debug)]
 pub struct Ownership {
@@ -163,12 +178,18 @@ impl Ownership {
     }
 
     /// Writes a new claim naming `generation`, newer than every claim on the replica, then
-    /// deletes this instance's older claims.
+    /// deletes this instance's older claims. Once this instance has claimed the replica, a
+    /// newer claim of another one found in the same listing is a takeover, not outbid.
     ///
     /// # Errors
-    /// Target errors.
+    /// [`TakenOver`]; target errors.
     pub fn claim(&mut self, t: &dyn Target, generation: Option<GenerationId>) -> Result<()> {
         let existing = claims_on(t)?;
+        if let Some((ours, _)) = self.claimed {
+            if let Some(newer) = existing.last().filter(|n| **n > ours) {
+                return Err(taken_over(t, newer));
+            }
+        }
         let name = ClaimName::next(&existing, now_ms(), self.instance);
         let host = nix::unistd::gethostname()
             .ok()
@@ -219,19 +240,7 @@ impl Ownership {
                 self.checked = Some(Instant::now());
                 Ok(())
             }
-            Some(newest) if *newest > ours => {
-                let (who, at) = match read_claim(t, newest) {
-                    Ok(c) => (format!("host {}, pid {}", c.host, c.pid), c.claimed_ms),
-                    Err(e) => (format!("unreadable claim: {e:#}"), newest.ms),
-                };
-                Err(TakenOver {
-                    url: t.url(),
-                    by: newest.instance,
-                    who,
-                    at: rfc3339(at),
-                }
-                .into())
-            }
+            Some(newest) if *newest > ours => Err(taken_over(t, newest)),
             // Our claim is gone and nobody claimed after it (deleted by hand?): claim again.
             _ => {
                 warn!(
@@ -262,10 +271,149 @@ impl Ownership {
     pub fn before_write(&mut self, t: &dyn Target, g: GenerationId) -> Result<()> {
         match self.claimed {
             Some((_, Some(named))) if named == g => self.verify_if_stale(t),
-            _ => {
-                self.verify(t)?;
-                self.claim(t, Some(g))
-            }
+            _ => self.claim(t, Some(g)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::file::FileTarget;
+
+    fn gen(ms: u64) -> GenerationId {
+        GenerationId { ms, rand: 7 }
+    }
+
+    fn claim_files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("owner-"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn taken(r: Result<()>) -> TakenOver {
+        let e = r.expect_err("should be taken over");
+        match e.downcast::<TakenOver>() {
+            Ok(t) => t,
+            Err(e) => panic!("not a takeover: {e:#}"),
+        }
+    }
+
+    #[test]
+    fn the_newest_claim_owns_the_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = FileTarget::new(dir.path());
+        let mut a = Ownership::new(InstanceId(1), "h:/db".into());
+        let mut b = Ownership::new(InstanceId(2), "h:/db".into());
+        a.claim(&t, None).unwrap();
+        a.before_write(&t, gen(10)).unwrap();
+        a.before_write(&t, gen(11)).unwrap();
+        // Each new generation is claimed anew; only the newest claim of an instance is kept.
+        assert_eq!(claim_files(dir.path()).len(), 1);
+        let (_, c) = newest_claim(&t).unwrap().unwrap();
+        assert_eq!((c.instance, c.generation), (InstanceId(1), Some(gen(11))));
+        assert_eq!(c.pid, std::process::id());
+
+        // B starts: its claim wins; A stops at its next check, and cannot outbid B by
+        // claiming a new generation either.
+        b.claim(&t, Some(gen(5))).unwrap();
+        let e = taken(a.verify(&t));
+        assert_eq!(e.by, InstanceId(2));
+        assert!(
+            e.who.contains(&format!("pid {}", std::process::id())),
+            "{}",
+            e.who
+        );
+        let msg = anyhow::Error::from(e).to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "replica {} was taken over by instance 0000000000000002 (host ",
+                t.url()
+            )),
+            "{msg}"
+        );
+        assert!(msg.ends_with("; stopping"), "{msg}");
+        taken(a.before_write(&t, gen(12)));
+        b.verify(&t).unwrap();
+        b.before_write(&t, gen(5)).unwrap();
+        assert_eq!(
+            claim_files(dir.path()).len(),
+            2,
+            "A's claim stays: B deletes only its own"
+        );
+
+        // A restart of A (same instance, a new process) claims the replica back.
+        let mut a2 = Ownership::new(InstanceId(1), "h:/db".into());
+        a2.claim(&t, Some(gen(11))).unwrap();
+        taken(b.verify(&t));
+        a2.verify(&t).unwrap();
+        // ...and the dead process's older claim of the same instance is gone.
+        assert_eq!(claim_files(dir.path()).len(), 2);
+
+        // A state directory copied elsewhere (same instance id, two processes): the later
+        // claim wins even over the same instance's earlier one.
+        let mut a3 = Ownership::new(InstanceId(1), "h:/db".into());
+        a3.claim(&t, None).unwrap();
+        assert_eq!(taken(a2.verify(&t)).by, InstanceId(1));
+    }
+
+    #[test]
+    fn a_vanished_claim_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = FileTarget::new(dir.path());
+        let mut a = Ownership::new(InstanceId(1), "h:/db".into());
+        a.before_write(&t, gen(3)).unwrap();
+        for f in claim_files(dir.path()) {
+            std::fs::remove_file(dir.path().join(f)).unwrap();
+        }
+        a.verify(&t).unwrap();
+        let (_, c) = newest_claim(&t).unwrap().unwrap();
+        assert_eq!(c.generation, Some(gen(3)));
+    }
+
+    #[test]
+    fn hostile_claims_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = FileTarget::new(dir.path());
+        let name = "owner-000000000001-0000000000000009.toml";
+        std::fs::write(
+            dir.path().join(name),
+            "x".repeat(CLAIM_MAX_BYTES as usize + 1),
+        )
+        .unwrap();
+        let e = newest_claim(&t).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains("larger than"), "{e}");
+        // A claim whose content names another instance than its file name.
+        let c = Claim {
+            instance: InstanceId(8),
+            host: "h".into(),
+            pid: 1,
+            database: "h:/db".into(),
+            claimed_ms: 1,
+            generation: None,
+        };
+        std::fs::write(dir.path().join(name), c.to_toml()).unwrap();
+        let e = newest_claim(&t).unwrap_err().to_string();
+        assert!(e.contains("names instance 0000000000000008"), "{e}");
+        // Names that are not claims are not claims.
+        std::fs::remove_file(dir.path().join(name)).unwrap();
+        std::fs::write(dir.path().join("owner-1-2.toml"), c.to_toml()).unwrap();
+        assert!(newest_claim(&t).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_instance_id_is_kept_in_the_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = instance_id(dir.path()).unwrap();
+        assert_eq!(instance_id(dir.path()).unwrap(), id);
+        let text = std::fs::read_to_string(dir.path().join(INSTANCE_FILE)).unwrap();
+        assert_eq!(text, format!("{id}\n"));
+        std::fs::write(dir.path().join(INSTANCE_FILE), "garbage").unwrap();
+        let new = instance_id(dir.path()).unwrap();
+        assert_eq!(instance_id(dir.path()).unwrap(), new);
     }
 }

@@ -732,6 +732,44 @@ fn install(tmp: &Path, out: &Path, dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A latest restore follows the newest claim's generation: newer generations (of an
+    /// instance that was taken over) are left out; without a usable claim nothing is.
+    #[test]
+    fn latest_follows_the_owner() {
+        use crate::layout::owner::InstanceId;
+        use crate::replicate::owner::Ownership;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = crate::target::file::FileTarget::new(dir.path());
+        let g = |ms| GenerationId { ms, rand: 1 };
+        let snap = (
+            FileName::Snapshot {
+                txid: 1,
+                time_ms: 1,
+            },
+            10,
+        );
+        let seg = (FileName::one_commit(2, 2), 10);
+        let listing = Listing {
+            generations: vec![
+                (g(1), vec![snap, seg]),
+                (g(2), vec![snap]),
+                (g(3), vec![snap, seg]),
+                (g(4), vec![seg]),
+            ],
+        };
+        let kept = |l: &Listing| l.generations.iter().map(|x| x.0.ms).collect::<Vec<_>>();
+        // No claim (an older walship's replica): everything.
+        assert_eq!(kept(&owners_view(&t, listing.clone())), [1, 2, 3, 4]);
+        let mut owner = Ownership::new(InstanceId(5), "h:/db".into());
+        owner.before_write(&t, g(2)).expect("claim");
+        assert_eq!(kept(&owners_view(&t, listing.clone())), [1, 2]);
+        let plan = plan_restore(&owners_view(&t, listing.clone()), &Want::Latest).expect("plan");
+        assert_eq!(plan.generation, g(2));
+        // The owner's generation has no snapshot yet (claimed, not written): everything.
+        owner.before_write(&t, g(4)).expect("claim");
+        assert_eq!(kept(&owners_view(&t, listing.clone())), [1, 2, 3, 4]);
+    }
+
     /// Pages put in any order, rewritten, in runs longer than one `pwritev` and past the
     /// write-back limit, land in the file exactly as the last version of each.
     #[test]
