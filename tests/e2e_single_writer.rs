@@ -315,11 +315,16 @@ fn e2e_replica_taken_over() {
 
     // A writes on; it must notice the takeover at its next check (CLAIM_CHECK, 5 s). Not
     // asserted yet: what matters first is what a restore gives.
-    let deadline = Instant::now() + 10 * SEC;
+    let claimed = Instant::now();
+    let deadline = claimed + 10 * SEC;
     let taken = loop {
         a.assert_running();
         let failing = a.status().and_then(|s| s.failing);
         if let Some(f) = failing.filter(|f| f.contains("taken over")) {
+            eprintln!(
+                "A reported the takeover {:?} after B caught up",
+                claimed.elapsed()
+            );
             break Some(f);
         }
         if Instant::now() > deadline {
