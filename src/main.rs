@@ -1,10 +1,12 @@
 //! The `walship` binary: parse the command line, set up logging, run, and turn errors into one
-//! line on stderr and an exit code (78 for configuration errors, 64 for bad arguments).
+//! line on stderr and an exit code (78 for configuration errors, 64 for bad arguments, 75 when
+//! another replicator already holds the database).
 
 use clap::Parser;
 use std::process::ExitCode;
 use walship::cli::{run, Cli};
 use walship::config::ConfigError;
+use walship::replicate::dblock::AlreadyReplicated;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -45,6 +47,11 @@ fn main() -> ExitCode {
             eprintln!("walship: {msg}");
             if e.chain().any(|c| c.downcast_ref::<ConfigError>().is_some()) {
                 ExitCode::from(78)
+            } else if e
+                .chain()
+                .any(|c| c.downcast_ref::<AlreadyReplicated>().is_some())
+            {
+                ExitCode::from(AlreadyReplicated::EXIT_CODE)
             } else {
                 ExitCode::FAILURE
             }

@@ -5,6 +5,7 @@ mod daemon_notify;
 mod e2e;
 mod e2e_apps;
 mod e2e_sftp;
+mod e2e_single_writer;
 mod generator;
 mod netns;
 mod notify;

@@ -386,6 +386,21 @@ impl Drop for RemoveOnDrop {
 fn list_one(name: &str, t: &dyn Target, out: &mut dyn Write) -> Result<()> {
     let l = list_replica(t)?;
     writeln!(out, "replica {name}: {}", t.url())?;
+    // The owner: the instance whose claim is the newest (a "latest" restore follows it).
+    match crate::replicate::owner::newest_claim(t) {
+        Ok(Some((_, c))) => writeln!(
+            out,
+            "  owner: instance {} (host {}, pid {}) since {}{}",
+            c.instance,
+            c.host,
+            c.pid,
+            fmt_ms(c.claimed_ms),
+            c.generation
+                .map_or(String::new(), |g| format!(", writing generation {g}"))
+        )?,
+        Ok(None) => {}
+        Err(e) => writeln!(out, "  owner: unknown ({e:#})")?,
+    }
     if l.generations.is_empty() {
         writeln!(out, "  (empty)")?;
     }

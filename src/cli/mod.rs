@@ -69,6 +69,11 @@ pub enum Command {
     ///   walship replicate /var/data/db/fruits.db sftp://replicator@alpha/db/fruits --key-path /etc/walship/replicator.key
     ///
     /// A database in rollback-journal mode is switched to WAL mode first (logged).
+    ///
+    /// One replicator per database: walship holds an exclusive flock(2) on the database file
+    /// while it runs, and a second `walship replicate` of the same file (whatever its state
+    /// directory, config or user) exits at once with status 75 (EX_TEMPFAIL), naming the pid
+    /// of the first. Configuration errors exit 78 (EX_CONFIG), other failures 1.
     Replicate {
         #[command(flatten)]
         config: ConfigArg,

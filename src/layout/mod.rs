@@ -1,10 +1,12 @@
 //! The on-replica format, pure: what walship writes to a replica and how it reads it back.
 //!
-//! A replica directory holds a marker file ([`MARKER_FILE`]) and one directory per generation
-//! (`generations/<id>/`), each holding snapshot files (a whole database at one commit) and segment
-//! files (a run of consecutive commits). This module names those files ([`names`]), encodes and
-//! decodes them ([`codec`]), carries the whole-database checksum ([`checksum`]), and decides from a
-//! listing alone what to restore, compact or delete ([`plan`]).
+//! A replica directory holds a marker file ([`MARKER_FILE`]), the owner claims of the instances
+//! that wrote it (`owner-<ms>-<instance>.toml`, the newest one owns the replica), and one
+//! directory per generation (`generations/<id>/`), each holding snapshot files (a whole database
+//! at one commit) and segment files (a run of consecutive commits). This module names those files
+//! ([`names`], [`owner`]), encodes and decodes them ([`codec`]), carries the whole-database
+//! checksum ([`checksum`]), and decides from a listing alone what to restore, compact or delete
+//! ([`plan`]).
 //!
 //! Invariants kept:
 //! - Nothing here does I/O other than through the `Read`/`Write` streams handed in; no clock, no
@@ -20,6 +22,7 @@
 pub mod checksum;
 pub mod codec;
 pub mod names;
+pub mod owner;
 pub mod plan;
 
 pub use checksum::{page_hash, PageHashes};
@@ -70,6 +73,9 @@ pub enum LayoutError {
     /// The marker's format number is 0.
     #[error("replica format 0 is not valid")]
     MarkerFormatZero,
+    /// An owner claim file (see [`owner`]) is not valid TOML or has bad fields.
+    #[error("invalid owner claim: {0}")]
+    InvalidClaim(String),
 
     /// The file does not start with the walship magic.
     #[error("not a walship file (bad magic)")]

@@ -17,7 +17,7 @@ pub const GENERATIONS_DIR: &str = "generations";
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Times (ms since the Unix epoch) are written as 12 hex digits: they must be below 2^48.
-const TIME_LIMIT: u64 = 1 << 48;
+pub(super) const TIME_LIMIT: u64 = 1 << 48;
 
 /// A generation: an unbroken history of the database, started whenever continuity with the
 /// replica cannot be proven. Ordered by start time, then by the random part.
@@ -36,7 +36,7 @@ impl fmt::Display for GenerationId {
 }
 
 /// Parses exactly `s.len()` lowercase hex digits; `None` if any other byte is present.
-fn hex(s: &str) -> Option<u64> {
+pub(super) fn hex(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 16 {
         return None;
     }
@@ -52,7 +52,7 @@ fn hex(s: &str) -> Option<u64> {
     Some(v)
 }
 
-fn bad_name(name: &str, reason: &'static str) -> LayoutError {
+pub(super) fn bad_name(name: &str, reason: &'static str) -> LayoutError {
     // A hostile listing may hold huge names: keep the message short.
     let shown: String = name.chars().take(100).collect();
     LayoutError::InvalidName {
@@ -130,7 +130,7 @@ impl fmt::Display for FileName {
 }
 
 /// Splits `s` into fields separated by single `-`, checking each field's exact width.
-fn fields<const N: usize>(s: &str, widths: [usize; N]) -> Option<[&str; N]> {
+pub(super) fn fields<const N: usize>(s: &str, widths: [usize; N]) -> Option<[&str; N]> {
     let mut out = [""; N];
     let mut parts = s.split('-');
     for (slot, width) in out.iter_mut().zip(widths) {
@@ -360,7 +360,7 @@ impl Marker {
 }
 
 /// 1-based line and column (in characters) of byte offset `at` in `text`.
-fn line_column(text: &str, at: usize) -> (usize, usize) {
+pub(super) fn line_column(text: &str, at: usize) -> (usize, usize) {
     let before = text.get(..at).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;

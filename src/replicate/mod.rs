@@ -6,6 +6,9 @@
 //! events on the database or its WAL (inotify), replica progress, signals, and timers that are
 //! due (watchdog, snapshot interval): an idle database costs no work.
 //!
+//! One replicator per database ([`dblock`]: a flock on the database file, whatever the state
+//! directory) and one writer per replica ([`owner`]: the newest claim owns it).
+//!
 //! Invariants: the application is never waited on (capture reads files, checkpoints are
 //! PASSIVE under a short write lock); local disk use is bounded by `spool-limit` (past it the
 //! oldest spooled files are dropped and lagging replicas resynchronise from a snapshot); what
@@ -19,6 +22,8 @@
 //! or checkpointed into, the new one.
 
 pub mod capture;
+pub mod dblock;
+pub mod owner;
 pub mod ship;
 pub mod spool;
 pub mod state;
@@ -29,6 +34,7 @@ use crate::systemd::Notifier;
 use crate::target::Target;
 use anyhow::{anyhow, bail, Context, Result};
 use capture::{now_ms, BrokenWal, Capture, Captured, Step};
+use dblock::DbLock;
 use notify::{EventKind, RecursiveMode, Watcher};
 use ship::{ReplicaStatus, Shared, Shipper};
 use spool::Spool;
@@ -173,6 +179,9 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     if !wait_for_db(&settings.db, &rx, notifier)? {
         return Ok(());
     }
+    // Before any connection opens: the lock must outlive them all (see `dblock`). `None` while
+    // the file was replaced and the new one is not open yet.
+    let mut db_lock = Some(DbLock::acquire(&settings.db)?);
     if ensure_wal_mode(&settings.db)? {
         info!(db = %settings.db.display(), "switched {} to WAL mode (journal_mode=WAL)", settings.db.display());
     }
@@ -186,6 +195,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
         }
     });
     let ident = identity(&settings.db);
+    let instance = owner::instance_id(&settings.state_dir)?;
     let mut threads = Vec::new();
     for (idx, r) in settings.replicas.iter().enumerate() {
         let target = open_target(r)?;
@@ -201,6 +211,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
             spool: spool.clone(),
             state_path: settings.state_dir.join(format!("replica-{}.state", r.name)),
             identity: ident.clone(),
+            instance,
             fanout: settings.compaction_fanout,
             retention: settings.retention,
             wake: tx.clone(),
@@ -333,17 +344,20 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
             // Every handle on the old file goes at once: kept open, its WAL and wal-index
             // would be paired with the new file by anyone opening it (walship included).
             let r = Replaced::close(c, &settings.db);
+            // The old file's connections are closed: its lock can go.
+            db_lock = None;
             warn!(db = %settings.db.display(), error_kind = "db-replaced", "the database file was {}: closed every handle on the old file; a new generation starts once the new file can be opened", r.how);
             replaced = Some(r);
         }
         if let Some(r) = replaced.as_mut() {
             match r.reopen(&settings.db, &spool, settings) {
-                Ok(Some(c)) => {
+                Ok(Some((c, lock))) => {
                     kick_head(&shared, &c);
                     cap = Some(c);
+                    db_lock = Some(lock);
                     replaced = None;
                 }
-                Ok(None) => {}
+                Ok(None) => r.last_error.clear(),
                 Err(e) => {
                     let msg = format!("{e:#}");
                     if msg != r.last_error {
@@ -416,6 +430,9 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     }
     info!("stopped: {line}");
     drop(watcher);
+    // Connections first, then the lock (see `dblock`).
+    drop(cap);
+    drop(db_lock);
     Ok(())
 }
 
@@ -455,16 +472,22 @@ impl Replaced {
                 "waiting until no process holds the old database (its {} is still in use)",
                 p.display()
             ),
+            // Another walship holds the new file's lock, say (see `dblock`).
+            None if !self.last_error.is_empty() => {
+                format!("cannot open the new file, retrying: {}", self.last_error)
+            }
             None => "waiting for the new file".into(),
         }
     }
 
+    /// Opens the new file, locked first (a [`DbLock`] on its inode: another walship may
+    /// replicate the file that was moved in, and then this fails until it lets go).
     fn reopen(
         &mut self,
         db: &Path,
         spool: &Arc<Spool>,
         settings: &Settings,
-    ) -> Result<Option<Capture>> {
+    ) -> Result<Option<(Capture, DbLock)>> {
         self.in_use = self.stale.remove()?.map(Path::to_path_buf);
         if let Some(p) = &self.in_use {
             bail!(
@@ -476,6 +499,7 @@ impl Replaced {
         if !db.exists() {
             return Ok(None);
         }
+        let lock = DbLock::acquire(db)?;
         ensure_wal_mode(db)?;
         let d = Db::open(db)?;
         let why = format!("the database file was {} while walship ran", self.how);
@@ -487,7 +511,7 @@ impl Replaced {
             Some(&why),
         )?;
         c.rotate_pin()?;
-        Ok(Some(c))
+        Ok(Some((c, lock)))
     }
 }
 
@@ -560,10 +584,20 @@ fn position(at: &Captured) -> String {
 
 /// Deletes spooled files every replica has, then enforces the spool limit; returns what is left.
 fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<Vec<spool::SpoolFile>> {
-    let positions: Vec<Option<spool::Key>> =
-        shared.lock().replicas.iter().map(|r| r.position).collect();
+    // A retired replica (taken over by another instance) holds nothing back.
+    let positions: Vec<Option<spool::Key>> = shared
+        .lock()
+        .replicas
+        .iter()
+        .filter(|r| !r.retired)
+        .map(|r| r.position)
+        .collect();
     let files = spool.list()?;
-    let min = positions.iter().copied().min().flatten();
+    let min = if positions.is_empty() {
+        files.last().map(spool::SpoolFile::key)
+    } else {
+        positions.iter().copied().min().flatten()
+    };
     let mut total = 0u64;
     let mut keep = Vec::new();
     let mut dropped = Vec::new();

@@ -8,22 +8,33 @@
 //! - A gap (spooled files dropped by the spool limit, or a replica that never had the
 //!   generation's snapshot) is never papered over: the replica skips to a snapshot, or asks
 //!   capture for a fresh one and waits for it.
-//! - Errors never stop the thread: they are recorded in the replica's status, logged when
-//!   they change, and retried with exponential backoff capped at [`MAX_BACKOFF`] (plus jitter)
-//!   so catch-up starts within a few seconds of the replica's return.
+//! - Errors never stop the thread but one: they are recorded in the replica's status, logged
+//!   when they change, and retried with exponential backoff capped at [`MAX_BACKOFF`] (plus
+//!   jitter) so catch-up starts within a few seconds of the replica's return. The exception is
+//!   [`TakenOver`]: another instance claimed the replica after this one (see `owner`), so this
+//!   shipper writes and deletes nothing more there, reports it, and ends (retired: its position
+//!   no longer holds spooled files back).
+//! - One writer per replica: every upload, sweep, compaction and retention runs only while this
+//!   instance's claim was found to be the newest within `owner::CLAIM_CHECK`, and the first file
+//!   of a generation is preceded by a claim naming it.
 //! - A file that capture is still writing live (a snapshot, a big commit) is streamed when it
 //!   is the replica's next file; its upload completes only once it is published, and an
 //!   abandoned one leaves nothing on the replica (see `spool`).
 //! - Compaction uploads the merged file before deleting its inputs; retention only deletes
 //!   what [`plan_retention`] allows. A crash in between leaves redundant files, never a gap.
+//!   Retention runs only for the replica's owner and never deletes a generation newer than the
+//!   owner's current one, so another instance's newer generations are never touched; older
+//!   generations (a previous owner's included) age out by the retention policy.
 
 use super::capture::now_ms;
+use super::owner::{Ownership, TakenOver};
 use super::spool::{Key, LiveFile, Spool, SpoolFile};
 use super::state::Kv;
 use crate::layout::codec::{Decoder, Encoder, Kind, Record};
 use crate::layout::names::{
     file_path, generation_dir, FileName, GenerationId, Marker, GENERATIONS_DIR, MARKER_FILE,
 };
+use crate::layout::owner::InstanceId;
 use crate::layout::plan::{plan_compaction, plan_retention, redundant_segments, Deletion, Listing};
 use crate::target::{ErrorKind, Target};
 use anyhow::{anyhow, bail, Context, Result};
@@ -61,6 +72,9 @@ pub struct ReplicaStatus {
     pub time_ms: u64,
     /// The last error, while failing.
     pub error: Option<String>,
+    /// Set when the shipper stopped for good (another instance took the replica over): its
+    /// position no longer holds spooled files back.
+    pub retired: bool,
 }
 
 /// State shared between capture (main loop) and the shippers.
@@ -117,6 +131,8 @@ pub struct Shipper {
     pub state_path: PathBuf,
     /// Identity written in the marker ("host:/path").
     pub identity: String,
+    /// This instance (its state directory), for the replica's owner claim.
+    pub instance: InstanceId,
     /// Compaction fan-out.
     pub fanout: usize,
     /// Retention window.
@@ -188,6 +204,7 @@ impl Shipper {
             g.replicas[self.idx].time_ms = pos.map_or(0, |p| p.1);
         }
         let mut prepared = false;
+        let mut owner = Ownership::new(self.instance, self.identity.clone());
         let mut failures: u32 = 0;
         let mut remote: Option<(GenerationId, Vec<FileName>)> = None;
         let mut last_retention = Instant::now() - Duration::from_secs(3600);
@@ -221,7 +238,10 @@ impl Shipper {
                 {
                     drop(g);
                     if prepared && next.is_none() {
-                        if let Err(e) = self.remove_temps() {
+                        let swept = owner
+                            .verify_if_stale(self.target.as_ref())
+                            .and_then(|()| self.remove_temps());
+                        if let Err(e) = swept {
                             debug!(replica = %self.name(), "temporary files not swept at stop: {e:#}");
                         }
                     }
@@ -231,20 +251,23 @@ impl Shipper {
             };
             let result = (|| -> Result<bool> {
                 if !prepared {
-                    self.prepare()?;
+                    self.prepare(&mut owner, pos.map(|p| p.0.generation))?;
                     prepared = true;
                 }
                 // Nothing spooled to send: the file capture is writing may be next.
                 let mut streamed = false;
                 let next = match (next, live.filter(|l| live_follows(pos.map(|p| p.0), l))) {
-                    (None, Some(l)) => match self.upload_live(&l)? {
-                        Some(f) => {
-                            streamed = true;
-                            Some(f)
+                    (None, Some(l)) => {
+                        owner.before_write(self.target.as_ref(), l.generation)?;
+                        match self.upload_live(&l)? {
+                            Some(f) => {
+                                streamed = true;
+                                Some(f)
+                            }
+                            // Abandoned, or published meanwhile: look again.
+                            None => return Ok(true),
                         }
-                        // Abandoned, or published meanwhile: look again.
-                        None => return Ok(true),
-                    },
+                    }
                     (next, _) => next,
                 };
                 let Some(f) = next else {
@@ -261,6 +284,7 @@ impl Shipper {
                     }
                     if last_sweep.elapsed() > TEMP_SWEEP {
                         last_sweep = Instant::now();
+                        owner.verify_if_stale(self.target.as_ref())?;
                         self.remove_temps()?;
                     }
                     // Compaction waits for the database to be quiet, but not for ever: a
@@ -281,6 +305,7 @@ impl Shipper {
                     }
                     compact_after = None;
                     if let Some((g, files)) = remote.as_mut() {
+                        owner.verify_if_stale(self.target.as_ref())?;
                         if self.compact(g, files)? {
                             trim_due = true;
                             // More may be due (once overdue, compaction goes on until done);
@@ -289,6 +314,7 @@ impl Shipper {
                         }
                         if last_retention.elapsed() > Duration::from_secs(600) {
                             last_retention = Instant::now();
+                            owner.verify_if_stale(self.target.as_ref())?;
                             self.retain(g)?;
                         }
                     }
@@ -298,6 +324,7 @@ impl Shipper {
                 let (batch, sent) = if streamed {
                     (vec![f.clone()], f.name)
                 } else {
+                    owner.before_write(self.target.as_ref(), f.generation)?;
                     let batch = self.batch_after(&f, &files);
                     let sent = self.upload_batch(&batch)?;
                     (batch, sent)
@@ -349,6 +376,14 @@ impl Shipper {
                             .wait_timeout(g, timeout)
                             .map(|(g, _)| drop(g));
                     }
+                }
+                Err(e) if e.downcast_ref::<TakenOver>().is_some() => {
+                    // Permanent: the other instance owns the replica now. Nothing more is
+                    // written or deleted there; the error stays in the status until restart.
+                    self.set_error(Some(format!("{e:#}")));
+                    self.shared.lock().replicas[self.idx].retired = true;
+                    let _ = self.wake.send(super::Msg::Progress);
+                    return;
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -524,8 +559,10 @@ impl Shipper {
         let _ = self.wake.send(super::Msg::Progress);
     }
 
-    /// Checks or writes the marker, and removes temporary files an earlier run left.
-    fn prepare(&self) -> Result<()> {
+    /// Checks or writes the marker, claims the replica (first time in this process: a new
+    /// claim naming `generation`, the replica's position) or checks the claim (after an error),
+    /// and removes temporary files an earlier run left.
+    fn prepare(&self, owner: &mut Ownership, generation: Option<GenerationId>) -> Result<()> {
         let url = self.target.url();
         match self.target.read(MARKER_FILE) {
             Ok(mut r) => {
@@ -555,16 +592,27 @@ impl Shipper {
             }
             Err(e) => return Err(e.into()),
         }
+        if owner.has_claimed() {
+            owner.verify(self.target.as_ref())?;
+        } else {
+            owner.claim(self.target.as_ref(), generation)?;
+        }
         self.remove_temps()
     }
 
-    /// Removes temporary files of interrupted uploads from every generation. Safe whenever
-    /// this shipper is not uploading: it is the replica's only writer. Run at start, after
+    /// Removes temporary files of interrupted uploads from the root and every generation. Safe
+    /// whenever this shipper is not uploading and owns the replica (callers check the claim
+    /// first, see `owner`): it is then the replica's only writer. Run at start, after
     /// every error, every [`TEMP_SWEEP`] while idle and at a clean stop, because a connection
     /// that was cut can still deliver an upload's first requests to the server after the
     /// reconnection's sweep (found with a blackholed link: the old TCP connection's queued
     /// data reached the old server session once the link healed).
     fn remove_temps(&self) -> Result<()> {
+        // The root too: owner claims and the marker are written there.
+        let n = self.target.cleanup("")?;
+        if n > 0 {
+            info!(replica = %self.name(), "removed {n} temporary file(s) left by an interrupted claim");
+        }
         for g in self.target.list(GENERATIONS_DIR)? {
             if g.is_dir && g.name.parse::<GenerationId>().is_ok() {
                 let n = self
@@ -673,7 +721,8 @@ impl Shipper {
         Ok(true)
     }
 
-    /// Applies the retention policy to the replica.
+    /// Applies the retention policy to the replica (the caller has checked that this instance
+    /// owns it): generations newer than `current` are kept whoever wrote them.
     fn retain(&self, current: &GenerationId) -> Result<()> {
         let mut listing = Listing {
             generations: Vec::new(),

@@ -11,6 +11,9 @@
 //!   `PRAGMA integrity_check`), then renamed over the output and the directory fsynced.
 //! - A restore stops exactly at a commit boundary; a file whose content disagrees with its
 //!   name, a checksum mismatch, or a gap is an error naming the file.
+//! - A "latest" restore follows the replica's owner: generations newer than the one its newest
+//!   claim names were written by an instance that was taken over, and are left out (see
+//!   `owners_view`). Point-in-time restores (`--timestamp`, `--position`) see every generation.
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
 //!   of hash per page, and a database size limit of [`MAX_DB_BYTES`] against hostile metadata.
 
@@ -206,6 +209,53 @@ fn stop_txid(t: &dyn Target, plan: &Plan) -> Result<u64> {
     }
 }
 
+/// The listing as the replica's owner left it, for a "latest" restore: the newest owner claim
+/// (see [`crate::layout::owner`]) names the generation its instance writes; generations newer
+/// than that one were written by an instance that had been taken over (it stops at its next
+/// check, up to `replicate::owner::CLAIM_CHECK` later) and are left out, with a warning. The
+/// listing is returned whole when there is no claim (a replica of an older walship), when the
+/// claim names no generation or one without a snapshot, or when it cannot be read (claims
+/// only choose among generations; every file restored is still verified).
+fn owners_view(t: &dyn Target, mut listing: Listing) -> Listing {
+    let (name, claim) = match crate::replicate::owner::newest_claim(t) {
+        Ok(Some(c)) => c,
+        Ok(None) => return listing,
+        Err(e) => {
+            warn!("ignoring the replica's owner claim: {e:#}");
+            return listing;
+        }
+    };
+    let Some(owned) = claim.generation else {
+        return listing;
+    };
+    let has_snapshot = listing.generations.iter().any(|(g, files)| {
+        *g == owned
+            && files
+                .iter()
+                .any(|(f, _)| matches!(f, FileName::Snapshot { .. }))
+    });
+    if !has_snapshot {
+        warn!(
+            "{}/{name}: the owner's generation {owned} has no snapshot; restoring the newest generation that has one",
+            t.url()
+        );
+        return listing;
+    }
+    listing.generations.retain(|(g, _)| {
+        let keep = *g <= owned;
+        if !keep {
+            warn!(
+                "{}: ignoring generation {g}, newer than generation {owned} of the replica's owner (instance {}, host {}): written by an instance that was taken over",
+                t.url(),
+                claim.instance,
+                claim.host
+            );
+        }
+        keep
+    });
+    listing
+}
+
 /// Refuses to call a restore "latest" when the replica holds newer data the plan cannot reach:
 /// a newer generation without a snapshot, or segments beyond a gap.
 fn check_latest_complete(t: &dyn Target, listing: &Listing, plan: &Plan, end: u64) -> Result<()> {
@@ -288,7 +338,10 @@ fn vanished(e: &anyhow::Error) -> bool {
 }
 
 fn restore_once(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
-    let listing = list_replica(t)?;
+    let mut listing = list_replica(t)?;
+    if matches!(want, Want::Latest) {
+        listing = owners_view(t, listing);
+    }
     let plan = plan_restore(&listing, want).map_err(|e| anyhow!("{}: {e}", t.url()))?;
     let target_txid = stop_txid(t, &plan)?;
     if matches!(want, Want::Latest) {
@@ -678,6 +731,44 @@ fn install(tmp: &Path, out: &Path, dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A latest restore follows the newest claim's generation: newer generations (of an
+    /// instance that was taken over) are left out; without a usable claim nothing is.
+    #[test]
+    fn latest_follows_the_owner() {
+        use crate::layout::owner::InstanceId;
+        use crate::replicate::owner::Ownership;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = crate::target::file::FileTarget::new(dir.path());
+        let g = |ms| GenerationId { ms, rand: 1 };
+        let snap = (
+            FileName::Snapshot {
+                txid: 1,
+                time_ms: 1,
+            },
+            10,
+        );
+        let seg = (FileName::one_commit(2, 2), 10);
+        let listing = Listing {
+            generations: vec![
+                (g(1), vec![snap, seg]),
+                (g(2), vec![snap]),
+                (g(3), vec![snap, seg]),
+                (g(4), vec![seg]),
+            ],
+        };
+        let kept = |l: &Listing| l.generations.iter().map(|x| x.0.ms).collect::<Vec<_>>();
+        // No claim (an older walship's replica): everything.
+        assert_eq!(kept(&owners_view(&t, listing.clone())), [1, 2, 3, 4]);
+        let mut owner = Ownership::new(InstanceId(5), "h:/db".into());
+        owner.before_write(&t, g(2)).expect("claim");
+        assert_eq!(kept(&owners_view(&t, listing.clone())), [1, 2]);
+        let plan = plan_restore(&owners_view(&t, listing.clone()), &Want::Latest).expect("plan");
+        assert_eq!(plan.generation, g(2));
+        // The owner's generation has no snapshot yet (claimed, not written): everything.
+        owner.before_write(&t, g(4)).expect("claim");
+        assert_eq!(kept(&owners_view(&t, listing.clone())), [1, 2, 3, 4]);
+    }
 
     /// Pages put in any order, rewritten, in runs longer than one `pwritev` and past the
     /// write-back limit, land in the file exactly as the last version of each.
