@@ -3,6 +3,7 @@
 mod conformance;
 mod daemon_notify;
 mod e2e;
+mod e2e_restore_ops;
 mod e2e_sftp;
 mod generator;
 mod netns;
