@@ -6,6 +6,7 @@
 //! - `restore -o` only ever replaces a regular file: a device, symlink, directory, FIFO or
 //!   socket is refused before anything is written, and no failure leaves a temporary file.
 
+use crate::util::*;
 use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -108,4 +109,205 @@ fn sftp_list_tolerates_vanishing_entries() {
         n > 10 && removed > 1000,
         "too little churn to mean anything"
     );
+}
+
+/// The rows of writer `w` in a restored database: how many, asserting they are 0..n (a commit
+/// boundary) and that the database passes `PRAGMA integrity_check`.
+fn restored_rows(db: &Path) -> usize {
+    assert_integrity(db);
+    let rows = rows(db);
+    for (i, (w, seq)) in rows.iter().enumerate() {
+        assert!(
+            w == "w" && *seq == i as i64,
+            "{}: row {i} is ({w}, {seq}): not a commit boundary of the writer",
+            db.display()
+        );
+    }
+    rows.len()
+}
+
+/// A real walship daemon replicates a database that a writer changes continuously, to a
+/// file:// replica compacted as often as the settings allow (fanout 2, 64 KiB segments,
+/// retention 1s); meanwhile `walship restore` runs in a loop, and `walship verify` whenever
+/// the writer pauses and the replica has caught up (compaction runs exactly then, once the
+/// database is quiet). Every restore and verify must succeed; each restored database passes
+/// integrity_check, holds the writer's rows 0..n (a commit boundary), never fewer than the
+/// restore before it, never more than were committed; no temporary file is left.
+#[test]
+fn e2e_restore_and_verify_during_compaction() {
+    let t0 = Instant::now();
+    let sb = Sandbox::new();
+    sb.create_db();
+    let cfg = sb.path("live.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "db = \"{}\"\nstate-dir = \"{}\"\nsnapshot-interval = \"1m\"\nretention = \"1s\"\n\
+             segment-size = \"64KiB\"\ncompaction-fanout = 2\n[[replica]]\nurl = \"{}\"\n",
+            sb.db().display(),
+            sb.state().display(),
+            sb.replica_url()
+        ),
+    )
+    .expect("write config");
+    let mut d = Daemon::start_raw(
+        vec!["replicate".into(), "--config".into(), cfg.clone().into()],
+        &sb.state(),
+    );
+    // The first snapshot is on the replica before anyone restores.
+    d.wait_caught_up(Duration::from_secs(20));
+
+    let committed = AtomicUsize::new(0);
+    let pause = AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
+    let restores = AtomicUsize::new(0);
+    let failures = std::sync::Mutex::new(Vec::<String>::new());
+    // Runs that followed a merged segment / planned again from a new listing (their logs).
+    let followed = AtomicUsize::new(0);
+    let replanned = AtomicUsize::new(0);
+    let note = |o: &Out| {
+        if o.stderr.contains("going on from txid") {
+            followed.fetch_add(1, Ordering::SeqCst);
+        }
+        if o.stderr.contains("planning again") {
+            replanned.fetch_add(1, Ordering::SeqCst);
+        }
+    };
+    let mut verifies = 0;
+    let outdir = sb.path("restored");
+    fs::create_dir(&outdir).expect("mkdir restored");
+    let run_for = Duration::from_secs(30);
+
+    std::thread::scope(|s| {
+        // The application: one row per commit, flat out but for short sleeps, with pauses.
+        let writer = s.spawn(|| {
+            let c = rusqlite::Connection::open(sb.db()).expect("open db");
+            c.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+            let mut n = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                if pause.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                c.execute_batch(&format!(
+                    "BEGIN IMMEDIATE; INSERT INTO t(writer, seq, payload) VALUES ('w', {n}, randomblob(120)); COMMIT;"
+                ))
+                .unwrap_or_else(|e| panic!("the application's commit {n} failed: {e}"));
+                n += 1;
+                committed.store(n, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        // An operator restoring the latest state over and over.
+        let restorer = s.spawn(|| {
+            let mut prev = 0usize;
+            let mut i = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let out = outdir.join(format!("r{i}.db"));
+                let o = restore(&out, &sb.replica_url(), &["-v"]);
+                note(&o);
+                let after = committed.load(Ordering::SeqCst);
+                restores.fetch_add(1, Ordering::SeqCst);
+                if !o.status.success() {
+                    failures.lock().expect("lock").push(format!(
+                        "restore: {}",
+                        o.stderr.trim().lines().last().unwrap_or("")
+                    ));
+                    continue;
+                }
+                let n = restored_rows(&out);
+                assert!(
+                    n >= prev,
+                    "restore {i} holds {n} rows, the one before held {prev}: an older state"
+                );
+                // One commit may be replicated before the writer counts it.
+                assert!(
+                    n <= after + 1,
+                    "restore {i} holds {n} rows, only {after} were committed"
+                );
+                prev = n;
+                fs::remove_file(&out).expect("remove restored");
+            }
+            prev
+        });
+        let deadline = Instant::now() + run_for;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2500));
+            // The application pauses; once the replica holds everything, verify until the
+            // pause ends (compaction runs now: the database is quiet).
+            pause.store(true, Ordering::SeqCst);
+            d.wait_caught_up(Duration::from_secs(20));
+            let until = Instant::now() + Duration::from_millis(2000);
+            while Instant::now() < until {
+                let o = walship([
+                    "-v".as_ref(),
+                    "verify".as_ref(),
+                    "--config".as_ref(),
+                    cfg.as_os_str(),
+                ]);
+                verifies += 1;
+                note(&o);
+                if !o.status.success() {
+                    failures.lock().expect("lock").push(format!(
+                        "verify: {}",
+                        o.stderr.trim().lines().last().unwrap_or("")
+                    ));
+                }
+            }
+            pause.store(false, Ordering::SeqCst);
+        }
+        stop.store(true, Ordering::SeqCst);
+        writer.join().expect("writer thread");
+        restorer.join().expect("restorer thread");
+    });
+    let total = committed.load(Ordering::SeqCst);
+    d.wait_caught_up(Duration::from_secs(20));
+    // Compaction goes on now that the database is quiet.
+    let last = outdir.join("last.db");
+    let o = restore(&last, &sb.replica_url(), &[]);
+    if !o.status.success() {
+        failures
+            .lock()
+            .expect("lock")
+            .push(format!("final restore: {}", o.stderr.trim()));
+    }
+    let files = walk(&sb.replica());
+    let compacted = files
+        .iter()
+        .filter(|p| !p.to_string_lossy().contains("seg-0-"))
+        .count();
+    let failures = failures.into_inner().expect("lock");
+    let restores = restores.load(Ordering::SeqCst);
+    eprintln!(
+        "e2e_restore_and_verify_during_compaction: {restores} restores and {verifies} verifies during compaction, {} failed; {total} commits; {} files on the replica at the end, {compacted} of them not level 0; {} runs followed a merged segment, {} planned again; {:?}",
+        failures.len(),
+        files.len(),
+        followed.load(Ordering::SeqCst),
+        replanned.load(Ordering::SeqCst),
+        t0.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {restores} restores and {verifies} verifies failed on a live replica, e.g.:\n{}",
+        failures.len(),
+        failures[..failures.len().min(5)].join("\n")
+    );
+    assert!(
+        restores >= 40 && verifies >= 20,
+        "too few runs to mean anything"
+    );
+    assert_eq!(
+        restored_rows(&last),
+        total,
+        "the final restore holds every commit"
+    );
+    assert_same_db(&sb.db(), &last);
+    d.stop();
+    let temps: Vec<_> = [outdir, sb.db().with_file_name(""), sb.replica()]
+        .iter()
+        .flat_map(|d| walk(d))
+        .filter(|p| p.to_string_lossy().contains(walship::target::TEMP_PREFIX))
+        .collect();
+    assert!(temps.is_empty(), "temporary files left: {temps:?}");
 }

@@ -11,6 +11,10 @@
 //!   `PRAGMA integrity_check`), then renamed over the output and the directory fsynced.
 //! - A restore stops exactly at a commit boundary; a file whose content disagrees with its
 //!   name, a checksum mismatch, or a gap is an error naming the file.
+//! - A live replica (one that a running walship compacts and prunes while it is read) restores
+//!   like a quiet one: a planned segment merged away is followed into the merged segment, and
+//!   a failure while the replica changed is retried from a new listing (see [`restore_into`]);
+//!   only a failure on a replica that did not change is final.
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
 //!   of hash per page, and a database size limit of [`MAX_DB_BYTES`] against hostile metadata.
 
@@ -19,7 +23,7 @@ use crate::layout::codec::{Commit, Decoder, Kind, Record};
 use crate::layout::names::{
     file_path, generation_dir, FileName, GenerationId, Position, GENERATIONS_DIR,
 };
-use crate::layout::plan::{plan_restore, Listing, Plan, Stop, Want};
+use crate::layout::plan::{plan_continuation, plan_restore, Listing, Plan, Stop, Want};
 use crate::target::file::fsync_dir;
 use crate::target::{temp_name, Target};
 use anyhow::{anyhow, bail, Context, Result};
@@ -108,18 +112,82 @@ const CHUNK_ITEMS: usize = 8192;
 /// Page bytes per [`Chunk`] before it is handed over.
 const CHUNK_BYTES: usize = 1 << 20;
 
+/// How often one restore attempt lists a generation again to follow segments that compaction
+/// merged away while it ran (each time, the merged segment continues the chain).
+const FOLLOW_LIMIT: u32 = 64;
+
+/// Opens a planned segment; if it is gone (merged away by a running walship's compaction),
+/// lists the generation again and replaces the rest of the plan (`rest`, `f` first) with the
+/// segments that carry the restore on from `covered` to `target`, then opens the first of
+/// them. Errors with the original `NotFound` when nothing continues the chain (retention, a
+/// new generation): [`restore_into`] then starts over from a new listing.
+fn open_following(
+    t: &dyn Target,
+    g: &GenerationId,
+    rest: &mut std::collections::VecDeque<FileName>,
+    covered: u64,
+    target: u64,
+    follows: &mut u32,
+) -> Result<Option<(FileName, Box<dyn std::io::Read + Send>)>> {
+    loop {
+        let Some(f) = rest.pop_front() else {
+            return Ok(None);
+        };
+        let err = match t.read(&file_path(g, &f)) {
+            Ok(src) => return Ok(Some((f, src))),
+            Err(e) => e,
+        };
+        let is_segment = matches!(f, FileName::Segment { .. });
+        if err.kind != crate::target::ErrorKind::NotFound || !is_segment || *follows >= FOLLOW_LIMIT
+        {
+            return Err(err.into());
+        }
+        *follows += 1;
+        let files: Vec<FileName> = t
+            .list(&generation_dir(g))?
+            .into_iter()
+            .filter_map(|e| FileName::parse(&e.name).ok())
+            .collect();
+        let Some(next) = plan_continuation(&files, covered, target) else {
+            return Err(err.into());
+        };
+        info!(
+            "{}/{}: gone (merged by compaction?); going on from txid {covered} with {} file(s) listed again",
+            t.url(),
+            file_path(g, &f),
+            next.len()
+        );
+        *rest = next.into();
+    }
+}
+
 /// Streams the plan's files as chunks of records, ending early when the applier hangs up
-/// (it reached the stop txid).
+/// (it reached the stop txid). A planned segment that vanished before it was opened is
+/// followed into what compaction merged it into (see [`open_following`]).
 fn reader(
     t: &dyn Target,
     g: GenerationId,
     files: Vec<FileName>,
+    target: u64,
     tx: SyncSender<Result<Chunk>>,
     free: Receiver<Chunk>,
 ) {
     let next = || free.try_recv().unwrap_or_default();
     let mut chunk = next();
-    for f in files {
+    let mut rest: std::collections::VecDeque<FileName> = files.into();
+    // The last txid of the files read so far: where a continuation starts.
+    let mut covered = 0u64;
+    let mut follows = 0u32;
+    loop {
+        let (f, src) = match open_following(t, &g, &mut rest, covered, target, &mut follows) {
+            Ok(Some(x)) => x,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(Ok(std::mem::take(&mut chunk)));
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
         let path = file_path(&g, &f);
         let label = format!("{}/{path}", t.url());
         let r = (|| -> Result<bool> {
@@ -127,7 +195,6 @@ fn reader(
                 FileName::Snapshot { .. } => Kind::Snapshot,
                 FileName::Segment { .. } => Kind::Segment,
             };
-            let src = t.read(&path)?;
             let mut dec = Decoder::new(std::io::BufReader::with_capacity(1 << 20, src), kind)
                 .map_err(|e| anyhow!("{label}: {e}"))?;
             chunk.items.push(Item::File(f, dec.page_size()));
@@ -148,7 +215,7 @@ fn reader(
             Ok(true)
         })();
         match r {
-            Ok(true) => {}
+            Ok(true) => covered = covered.max(f.last_txid()),
             Ok(false) => return,
             Err(e) => {
                 // What was decoded before the error is applied first, so that the error is
@@ -253,46 +320,54 @@ fn check_latest_complete(t: &dyn Target, listing: &Listing, plan: &Plan, end: u6
     Ok(())
 }
 
-/// How often a restore lists and plans again when a planned file vanished meanwhile.
-const VANISHED_RETRIES: u32 = 3;
+/// How many times a restore plans from a new listing when an attempt failed while the replica
+/// changed under it.
+const ATTEMPTS: u32 = 8;
 
 /// Restores from one replica into `tmp` (which must not exist). Returns what was restored.
 ///
-/// A replica that a running walship keeps compacting and pruning may delete a planned file
-/// between the listing and its read (its content then lives in a merged file): such a restore
-/// starts over from a new listing, up to [`VANISHED_RETRIES`] times. A file that is missing
-/// from the listing itself is a gap, reported as such, never retried.
+/// A replica that a running walship keeps compacting and pruning changes while it is read:
+/// a listing is not a snapshot of one moment (it may miss both a merged segment written while
+/// it ran and the inputs deleted meanwhile), and a planned file may be gone when it is read.
+/// A vanished segment is followed into the segment it was merged into; any other failure is
+/// final only if the replica did not change meanwhile (a new listing equals the one planned
+/// from): otherwise the restore starts over from the new listing, up to [`ATTEMPTS`] times.
+/// A file missing from a replica that does not change is a gap, reported at once.
 ///
 /// # Errors
 /// Any fetch, decode, checksum or consistency error, naming the file.
 pub fn restore_into(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
-    let mut attempt = 0;
+    let mut listing = list_replica(t)?;
+    let mut attempt = 1;
     loop {
-        match restore_once(t, want, tmp) {
-            Err(e) if attempt < VANISHED_RETRIES && vanished(&e) => {
-                attempt += 1;
-                let _ = std::fs::remove_file(tmp);
-                info!("{e:#}: the replica changed while restoring (compaction or retention by a running walship); listing it again");
-            }
-            other => return other,
+        let e = match restore_once(t, want, tmp, &listing) {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        };
+        let _ = std::fs::remove_file(tmp);
+        if attempt >= ATTEMPTS {
+            return Err(e);
         }
+        // A listing that fails now says nothing about the first error: report that one.
+        let Ok(fresh) = list_replica(t) else {
+            return Err(e);
+        };
+        if fresh == listing {
+            return Err(e);
+        }
+        info!("{e:#}: the replica changed while restoring (compaction or retention by a running walship); planning again from a new listing");
+        // Let a burst of compaction or retention finish.
+        std::thread::sleep(std::time::Duration::from_millis(20 * u64::from(attempt)));
+        listing = fresh;
+        attempt += 1;
     }
 }
 
-/// True if a file the plan named was gone when read.
-fn vanished(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<crate::target::TargetError>()
-            .is_some_and(|t| t.kind == crate::target::ErrorKind::NotFound)
-    })
-}
-
-fn restore_once(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
-    let listing = list_replica(t)?;
-    let plan = plan_restore(&listing, want).map_err(|e| anyhow!("{}: {e}", t.url()))?;
+fn restore_once(t: &dyn Target, want: &Want, tmp: &Path, listing: &Listing) -> Result<Restored> {
+    let plan = plan_restore(listing, want).map_err(|e| anyhow!("{}: {e}", t.url()))?;
     let target_txid = stop_txid(t, &plan)?;
     if matches!(want, Want::Latest) {
-        check_latest_complete(t, &listing, &plan, target_txid)?;
+        check_latest_complete(t, listing, &plan, target_txid)?;
     }
     let mut files = vec![plan.snapshot];
     files.extend(plan.segments.iter().copied());
@@ -314,7 +389,7 @@ fn restore_once(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
     let (free_tx, free_rx) = sync_channel::<Chunk>(4);
     let g = plan.generation;
     let restored = std::thread::scope(|s| {
-        s.spawn(|| reader(t, g, files, tx, free_rx));
+        s.spawn(|| reader(t, g, files, target_txid, tx, free_rx));
         let r = apply(&rx, &free_tx, &out, target_txid, &t.url(), &g);
         drop(rx);
         r
