@@ -311,3 +311,217 @@ fn e2e_restore_and_verify_during_compaction() {
         .collect();
     assert!(temps.is_empty(), "temporary files left: {temps:?}");
 }
+
+/// Names in `dir` (sorted), to prove a refused restore wrote nothing there.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Temporary files (walship's prefix) anywhere under `dir`.
+fn temps_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(walship::target::TEMP_PREFIX))
+        .collect()
+}
+
+/// `restore -o` only ever replaces a regular file. A character device (a /dev/null of our
+/// own, made with mknod), a symlink, a directory, a FIFO and a socket at `-o` are refused at
+/// once, with and without --force: one `walship: ...` line naming the path and what it is,
+/// exit non-zero, the thing unchanged, nothing written in its directory. --if-db-not-exists
+/// skips a database (a file or a symlink to one) and refuses the rest. A restore that fails
+/// midway (a corrupt segment) leaves no temporary file and the forced-over file unchanged;
+/// --force over a regular file still restores.
+#[test]
+fn e2e_restore_output_only_replaces_regular_files() {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = Daemon::start(
+        &[sb.db().into_os_string(), sb.replica_url().into()],
+        &sb.state(),
+    );
+    for round in 0..2 {
+        let mut w = Writer::spawn(
+            &sb.db(),
+            &format!("o{round}"),
+            WriterOpts {
+                commits: 40,
+                rate: 0.0,
+                big_every: 8,
+            },
+            round,
+        );
+        w.wait();
+        d.wait_caught_up(Duration::from_secs(10));
+    }
+    d.stop();
+    let url = sb.replica_url();
+
+    let dir = sb.path("out");
+    fs::create_dir(&dir).expect("mkdir out");
+    let target_file = dir.join("real.db");
+    fs::write(&target_file, b"not walship's to touch").expect("write real.db");
+    let dev = dir.join("null");
+    mknod(
+        &dev,
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o666),
+        makedev(1, 3),
+    )
+    .expect("mknod");
+    let link = dir.join("link.db");
+    std::os::unix::fs::symlink(&target_file, &link).expect("symlink");
+    let dangling = dir.join("dangling.db");
+    std::os::unix::fs::symlink(dir.join("nowhere.db"), &dangling).expect("symlink");
+    let subdir = dir.join("dir.db");
+    fs::create_dir(&subdir).expect("mkdir");
+    fs::write(subdir.join("inside"), b"x").expect("write inside");
+    let fifo = dir.join("fifo.db");
+    nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o644)).expect("mkfifo");
+    let sock = dir.join("sock.db");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind socket");
+    let before = names_in(&dir);
+
+    let cases: [(&Path, &str); 6] = [
+        (&dev, "a character device"),
+        (&link, "a symbolic link"),
+        (&dangling, "a symbolic link"),
+        (&subdir, "a directory"),
+        (&fifo, "a FIFO"),
+        (&sock, "a socket"),
+    ];
+    for (path, what) in cases {
+        for extra in [&["--force"][..], &[][..]] {
+            let t = Instant::now();
+            let o = restore(path, &url, extra).fails();
+            let e = o.one_error_line();
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains(what),
+                "{extra:?}: the error must name {} and say it is {what}: {e}",
+                path.display()
+            );
+            assert!(t.elapsed() < Duration::from_secs(10), "refused at once");
+        }
+        assert_eq!(
+            names_in(&dir),
+            before,
+            "nothing written beside {}",
+            path.display()
+        );
+    }
+    assert!(
+        fs::symlink_metadata(&dev)
+            .expect("lstat dev")
+            .file_type()
+            .is_char_device()
+            && fs::symlink_metadata(&dev).expect("lstat dev").rdev() == makedev(1, 3),
+        "the device is still the same device"
+    );
+    assert_eq!(
+        fs::read_link(&link).expect("readlink"),
+        target_file,
+        "the link is still a link"
+    );
+    assert_eq!(
+        fs::read(&target_file).expect("read"),
+        b"not walship's to touch"
+    );
+    assert!(fs::symlink_metadata(&dangling)
+        .expect("lstat")
+        .file_type()
+        .is_symlink());
+    assert_eq!(names_in(&subdir), ["inside"], "the directory is unchanged");
+    assert!(fs::symlink_metadata(&fifo)
+        .expect("lstat")
+        .file_type()
+        .is_fifo());
+    assert!(fs::symlink_metadata(&sock)
+        .expect("lstat")
+        .file_type()
+        .is_socket());
+
+    // --if-db-not-exists: a database there (a file, or a symlink to one) means nothing to do;
+    // what cannot be a database is an error, not a silent success.
+    for skip in [&target_file, &link] {
+        let o = restore(skip, &url, &["--if-db-not-exists"]).ok();
+        assert!(o.stdout.contains("nothing to restore"), "{}", o.stdout);
+    }
+    for (path, what) in [
+        (&subdir, "a directory"),
+        (&dev, "a character device"),
+        (&dangling, "a symbolic link"),
+    ] {
+        let o = restore(path, &url, &["--if-db-not-exists"]).fails();
+        let e = o.one_error_line();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains(what),
+            "{e}"
+        );
+    }
+    assert_eq!(fs::read_link(&link).expect("readlink"), target_file);
+    assert_eq!(
+        fs::read(&target_file).expect("read"),
+        b"not walship's to touch"
+    );
+    assert_eq!(names_in(&dir), before);
+    assert!(temps_under(&dir).is_empty());
+
+    // A restore that fails midway: the newest segment of a copy of the replica is corrupt.
+    let bad = sb.path("bad-replica");
+    fs::create_dir(&bad).expect("mkdir");
+    for rel in walk(&sb.replica()) {
+        let to = bad.join(&rel);
+        fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+        fs::copy(sb.replica().join(&rel), &to).expect("copy");
+    }
+    let newest = segments(&bad)
+        .into_iter()
+        .max_by_key(|p| {
+            let name = p.file_name().expect("name").to_string_lossy().into_owned();
+            let last = name.split('-').nth(3).unwrap_or("0").to_owned();
+            u64::from_str_radix(&last, 16).unwrap_or(0)
+        })
+        .expect("a segment");
+    let mut b = fs::read(&newest).expect("read segment");
+    let i = b.len() / 2;
+    b[i] ^= 0x40;
+    fs::write(&newest, b).expect("corrupt segment");
+    let bad_url = format!("file://{}", bad.display());
+    let fresh = dir.join("fresh.db");
+    let o = restore(&fresh, &bad_url, &[]).fails();
+    assert!(
+        o.one_error_line().contains("seg-"),
+        "names the segment: {}",
+        o.stderr
+    );
+    let o = restore(&target_file, &bad_url, &["--force"]).fails();
+    assert!(
+        o.one_error_line().contains("seg-"),
+        "names the segment: {}",
+        o.stderr
+    );
+    assert_eq!(
+        fs::read(&target_file).expect("read"),
+        b"not walship's to touch"
+    );
+    assert!(
+        temps_under(&dir).is_empty(),
+        "temporary files left: {:?}",
+        temps_under(&dir)
+    );
+    assert_eq!(names_in(&dir), before);
+
+    // --force over a regular file still works, and a symlink to it is left alone.
+    restore(&target_file, &url, &["--force"]).ok();
+    assert_same_db(&sb.db(), &target_file);
+    assert_eq!(fs::read_link(&link).expect("readlink"), target_file);
+    assert!(temps_under(&dir).is_empty());
+}

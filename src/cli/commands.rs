@@ -10,6 +10,7 @@ use crate::layout::plan::Want;
 use crate::replicate::{self, open_target};
 use crate::restore::{self, list_replica, RestoreOptions};
 use crate::systemd::Notifier;
+use crate::target::file::RemoveOnDrop;
 use crate::target::Target;
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::Write;
@@ -144,9 +145,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     .into())
                 }
             };
-            if if_db_not_exists && out.exists() {
-                println!("{} exists: nothing to restore", out.display());
-                return Ok(ExitCode::SUCCESS);
+            if if_db_not_exists {
+                // A database there (a regular file, or a symlink to one, as SQLite would open
+                // it) means nothing to do. Anything else can neither be restored over nor
+                // pass for a database: an error, not a silent success.
+                match restore::inspect_output(&out)? {
+                    restore::Output::Missing => {}
+                    restore::Output::RegularFile => {
+                        println!("{} exists: nothing to restore", out.display());
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    restore::Output::Other(what) => {
+                        if std::fs::metadata(&out).is_ok_and(|m| m.is_file()) {
+                            println!("{} exists ({what}): nothing to restore", out.display());
+                            return Ok(ExitCode::SUCCESS);
+                        }
+                        bail!(
+                            "cannot restore to {}: it is {what}, not a database (--if-db-not-exists)",
+                            out.display()
+                        );
+                    }
+                }
             }
             let want = match (timestamp, position) {
                 (Some(t), _) => {
@@ -336,7 +355,7 @@ fn instance_name(config: ConfigArg, arg: Option<String>) -> (ConfigArg, Option<S
 /// Restores the latest state into a temporary file and compares it with the database.
 fn verify_one(db: &Path, t: &dyn Target) -> Result<String> {
     let tmp = std::env::temp_dir().join(crate::target::temp_name());
-    let _guard = RemoveOnDrop(tmp.clone());
+    let _guard = RemoveOnDrop::new(&tmp);
     let r = restore::restore_into(t, &Want::Latest, &tmp)?;
     restore::integrity_check(&tmp)?;
     let restored =
@@ -374,13 +393,6 @@ fn verify_one(db: &Path, t: &dyn Target) -> Result<String> {
         pages,
         r.db_checksum
     ))
-}
-
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 fn list_one(name: &str, t: &dyn Target, out: &mut dyn Write) -> Result<()> {

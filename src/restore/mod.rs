@@ -8,7 +8,9 @@
 //! Invariants:
 //! - Nothing is written outside the temporary file and, at the very end, the output path: the
 //!   temporary file is fsynced, checked (whole-database checksum at every commit,
-//!   `PRAGMA integrity_check`), then renamed over the output and the directory fsynced.
+//!   `PRAGMA integrity_check`), then renamed over the output and the directory fsynced. The
+//!   output is only ever created or, when forced, a regular file replaced (never a symlink,
+//!   directory, device, FIFO or socket), and no failure leaves the temporary file behind.
 //! - A restore stops exactly at a commit boundary; a file whose content disagrees with its
 //!   name, a checksum mismatch, or a gap is an error naming the file.
 //! - A live replica (one that a running walship compacts and prunes while it is read) restores
@@ -24,7 +26,7 @@ use crate::layout::names::{
     file_path, generation_dir, FileName, GenerationId, Position, GENERATIONS_DIR,
 };
 use crate::layout::plan::{plan_continuation, plan_restore, Listing, Plan, Stop, Want};
-use crate::target::file::fsync_dir;
+use crate::target::file::{fsync_dir, RemoveOnDrop};
 use crate::target::{temp_name, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::{File, OpenOptions};
@@ -662,21 +664,111 @@ pub struct RestoreOptions {
     pub force: bool,
 }
 
-/// Restores into `out` from the first replica that works, trying the next on failure.
+/// What is at a restore's output path (not following a symlink).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Nothing: the restore creates it.
+    Missing,
+    /// A regular file: replaced only with `--force`.
+    RegularFile,
+    /// Anything else, described for messages ("a symbolic link to /x", "a directory"...):
+    /// a restore never replaces it.
+    Other(String),
+}
+
+/// Looks at `path` with `lstat`: a symlink is reported as one, never followed.
 ///
 /// # Errors
-/// The output exists (without force), or every replica failed (each reason listed).
+/// `path` cannot be examined (other than not existing).
+pub fn inspect_output(path: &Path) -> Result<Output> {
+    use std::os::unix::fs::FileTypeExt;
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Output::Missing),
+        Err(e) => return Err(e).with_context(|| format!("cannot examine {}", path.display())),
+    };
+    let ft = md.file_type();
+    Ok(if ft.is_file() {
+        Output::RegularFile
+    } else if ft.is_symlink() {
+        match std::fs::read_link(path) {
+            Ok(to) => Output::Other(format!("a symbolic link to {}", to.display())),
+            Err(_) => Output::Other("a symbolic link".into()),
+        }
+    } else if ft.is_dir() {
+        Output::Other("a directory".into())
+    } else if ft.is_char_device() {
+        Output::Other("a character device".into())
+    } else if ft.is_block_device() {
+        Output::Other("a block device".into())
+    } else if ft.is_fifo() {
+        Output::Other("a FIFO".into())
+    } else if ft.is_socket() {
+        Output::Other("a socket".into())
+    } else {
+        Output::Other("not a regular file".into())
+    })
+}
+
+/// The error for an output path that a restore never replaces.
+fn not_replaceable(path: &Path, what: &str) -> anyhow::Error {
+    anyhow!(
+        "cannot restore to {}: it is {what}; restore only creates a new file or replaces a regular file (with --force)",
+        path.display()
+    )
+}
+
+/// SQLite's files beside a database: a restore removes stale ones before its rename.
+fn siblings(out: &Path) -> Vec<PathBuf> {
+    ["-wal", "-shm", "-journal"]
+        .iter()
+        .map(|suffix| {
+            let mut p = out.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
+        })
+        .collect()
+}
+
+/// Checks that a restore may write `out`: nothing there, or a regular file and `force`; and
+/// SQLite's files beside it, which the restore removes, are regular files if they exist.
+///
+/// # Errors
+/// Anything else at `out` or beside it, named with what it is; an existing file without force.
+fn check_output(out: &Path, force: bool) -> Result<()> {
+    match inspect_output(out)? {
+        Output::Missing => {}
+        Output::RegularFile if force => {}
+        Output::RegularFile => bail!(
+            "{} already exists: refusing to overwrite it (use --force)",
+            out.display()
+        ),
+        Output::Other(what) => return Err(not_replaceable(out, &what)),
+    }
+    for p in siblings(out) {
+        if let Output::Other(what) = inspect_output(&p)? {
+            return Err(not_replaceable(&p, &what));
+        }
+    }
+    Ok(())
+}
+
+/// Restores into `out` from the first replica that works, trying the next on failure.
+///
+/// `out` is only ever created or, with `force`, replaced when it is a regular file: a symlink,
+/// directory, device, FIFO or socket there fails at once, before anything is read or written
+/// (and again just before the final rename, should one appear meanwhile). The temporary file
+/// is removed on every failure.
+///
+/// # Errors
+/// The output exists (without force) or is not a regular file, or every replica failed (each
+/// reason listed).
 pub fn restore(
     targets: &[(String, Box<dyn Target>)],
     opts: &RestoreOptions,
     out: &Path,
 ) -> Result<Restored> {
-    if out.exists() && !opts.force {
-        bail!(
-            "{} already exists: refusing to overwrite it (use --force)",
-            out.display()
-        );
-    }
+    check_output(out, opts.force)?;
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -690,18 +782,19 @@ pub fn restore(
     }
     let mut errors = Vec::new();
     for (name, t) in targets {
-        let tmp = dir.join(temp_name());
-        let r = restore_into(t.as_ref(), &opts.want, &tmp).and_then(|r| {
-            integrity_check(&tmp)?;
+        let tmp = RemoveOnDrop::new(dir.join(temp_name()));
+        let r = restore_into(t.as_ref(), &opts.want, tmp.path()).and_then(|r| {
+            integrity_check(tmp.path())?;
             Ok(r)
         });
         match r {
             Ok(r) => {
-                install(&tmp, out, &dir)?;
+                check_output(out, opts.force)?;
+                install(tmp, out, &dir)?;
                 return Ok(r);
             }
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
+                drop(tmp);
                 if targets.len() > 1 {
                     warn!(
                         "replica {name} ({}) failed: {e:#}; trying the next one",
@@ -720,32 +813,30 @@ pub fn restore(
 }
 
 /// Moves a verified temporary file into place: owner like the directory (when root), stale
-/// `-wal`/`-shm` of a forced overwrite removed first, rename, directory fsync.
-fn install(tmp: &Path, out: &Path, dir: &Path) -> Result<()> {
+/// `-wal`/`-shm` of a forced overwrite removed first, rename, directory fsync. The temporary
+/// file is gone afterwards, whatever happens.
+fn install(tmp: RemoveOnDrop, out: &Path, dir: &Path) -> Result<()> {
     if nix::unistd::geteuid().is_root() {
         if let Ok(md) = std::fs::metadata(dir) {
             let _ = nix::unistd::chown(
-                tmp,
+                tmp.path(),
                 Some(nix::unistd::Uid::from_raw(md.uid())),
                 Some(nix::unistd::Gid::from_raw(md.gid())),
             );
         }
     }
-    for suffix in ["-wal", "-shm", "-journal"] {
-        let mut p = out.as_os_str().to_owned();
-        p.push(suffix);
-        match std::fs::remove_file(PathBuf::from(&p)) {
+    for p in siblings(out) {
+        match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                let _ = std::fs::remove_file(tmp);
-                return Err(e)
-                    .with_context(|| format!("cannot remove stale {}", Path::new(&p).display()));
+                return Err(e).with_context(|| format!("cannot remove stale {}", p.display()));
             }
         }
     }
-    std::fs::rename(tmp, out)
+    std::fs::rename(tmp.path(), out)
         .with_context(|| format!("cannot move the restored database to {}", out.display()))?;
+    tmp.keep();
     fsync_dir(dir).with_context(|| format!("cannot sync directory {}", dir.display()))?;
     Ok(())
 }

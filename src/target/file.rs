@@ -57,6 +57,42 @@ impl FileTarget {
     }
 }
 
+/// Removes a (temporary) file when dropped, unless [`RemoveOnDrop::keep`] says it was moved
+/// into place: every error path, and a panic, leave no temporary file behind.
+#[derive(Debug)]
+pub struct RemoveOnDrop {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl RemoveOnDrop {
+    /// Guards `path` (which may not exist yet).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            armed: true,
+        }
+    }
+
+    /// The guarded path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file was renamed into place (or must stay): do not remove it.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Fsyncs a directory so that entries created, renamed or removed in it are durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     let d = if dir.as_os_str().is_empty() {
