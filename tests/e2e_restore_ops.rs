@@ -525,3 +525,78 @@ fn e2e_restore_output_only_replaces_regular_files() {
     assert_eq!(fs::read_link(&link).expect("readlink"), target_file);
     assert!(temps_under(&dir).is_empty());
 }
+
+/// An operator interrupts a long restore (SIGINT, as Ctrl-C; SIGTERM, as a timeout would):
+/// the partial temporary file beside the output is removed, the output is not created, and
+/// the command fails with one `walship: interrupted ...` line.
+#[test]
+fn e2e_interrupted_restore_leaves_no_temp_file() {
+    use nix::sys::signal::{kill, Signal};
+    use std::process::{Command, Stdio};
+
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = Daemon::start(
+        &[sb.db().into_os_string(), sb.replica_url().into()],
+        &sb.state(),
+    );
+    let mut w = Writer::spawn(
+        &sb.db(),
+        "big",
+        WriterOpts {
+            commits: 300,
+            rate: 0.0,
+            big_every: 2,
+        },
+        7,
+    );
+    w.wait();
+    d.wait_caught_up(Duration::from_secs(30));
+    d.stop();
+    let dir = sb.path("out");
+    fs::create_dir(&dir).expect("mkdir out");
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        let out = dir.join(format!("{sig}.db"));
+        let child = Command::new(BIN)
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(sb.replica_url())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn walship restore");
+        // Interrupt it while its temporary file is being written.
+        let seen = (0..20_000).any(|_| {
+            std::thread::sleep(Duration::from_micros(500));
+            !temps_under(&dir).is_empty()
+        });
+        assert!(
+            seen,
+            "the restore finished before it could be interrupted: make the database bigger"
+        );
+        kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("kill");
+        let o = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "{sig}: exit 0 after interruption: {stderr}"
+        );
+        // Rarely the signal lands after the rename: then the output is complete.
+        if out.exists() {
+            assert_same_db(&sb.db(), &out);
+            eprintln!("{sig}: landed after the rename");
+            continue;
+        }
+        eprintln!("{sig}: interrupted mid-restore: {}", stderr.trim());
+        assert!(
+            temps_under(&dir).is_empty(),
+            "{sig}: temporary file left: {:?}",
+            temps_under(&dir)
+        );
+        assert!(
+            stderr.trim().lines().count() == 1 && stderr.starts_with("walship: interrupted"),
+            "{sig}: one `walship: interrupted ...` line, got {stderr:?}"
+        );
+    }
+}

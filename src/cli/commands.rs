@@ -205,6 +205,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     return Ok(ExitCode::SUCCESS);
                 }
             }
+            remove_temps_on_signal(match out.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            });
             let r = restore::restore(&ts, &RestoreOptions { want, force }, &out)?;
             println!(
                 "restored {} from {}: position {} ({}), {} pages of {} bytes, checksum {:016x} verified, {} file(s) read",
@@ -249,6 +253,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             let ts = targets(&settings.replicas, None)?;
+            remove_temps_on_signal(std::env::temp_dir());
             let mut failures = Vec::new();
             for (name, t) in &ts {
                 match verify_one(&settings.db, t.as_ref()) {
@@ -350,6 +355,43 @@ fn instance_name(config: ConfigArg, arg: Option<String>) -> (ConfigArg, Option<S
         }
         other => (config, other),
     }
+}
+
+/// Makes an interrupted restore or verify (SIGINT, SIGTERM, SIGHUP) remove the temporary
+/// files this process made in `dir` before it exits: the default action would end it at once
+/// and leave a partial database beside the output. Exits 128 + the signal's number.
+fn remove_temps_on_signal(dir: PathBuf) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot handle signals ({e}): an interrupted restore may leave a temporary file in {}", dir.display());
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        let Some(sig) = signals.forever().next() else {
+            return;
+        };
+        let prefix = format!("{}{}-", crate::target::TEMP_PREFIX, std::process::id());
+        let mut removed = 0;
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let ours = e
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(&prefix));
+                if ours && std::fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        eprintln!(
+            "walship: interrupted by signal {sig} ({removed} temporary file(s) removed from {})",
+            dir.display()
+        );
+        std::process::exit(128 + sig);
+    });
 }
 
 /// Restores the latest state into a temporary file and compares it with the database.
