@@ -128,9 +128,10 @@ fn restored_rows(db: &Path) -> usize {
 
 /// A real walship daemon replicates a database that a writer changes continuously, to a
 /// file:// replica compacted as often as the settings allow (fanout 2, 64 KiB segments,
-/// retention 1s); meanwhile `walship restore` runs in a loop, and `walship verify` whenever
-/// the writer pauses and the replica has caught up (compaction runs exactly then, once the
-/// database is quiet). Every restore and verify must succeed; each restored database passes
+/// retention 1s); every other cycle walship is restarted after the application reset its WAL,
+/// so new generations begin and retention deletes old ones. Meanwhile `walship restore` runs
+/// in a loop, and `walship verify` whenever the writer pauses and the replica has caught up
+/// (compaction runs exactly then, once the database is quiet). Every restore and verify must succeed; each restored database passes
 /// integrity_check, holds the writer's rows 0..n (a commit boundary), never fewer than the
 /// restore before it, never more than were committed; no temporary file is left.
 #[test]
@@ -174,6 +175,7 @@ fn e2e_restore_and_verify_during_compaction() {
         }
     };
     let mut verifies = 0;
+    let mut restarts = 0;
     let outdir = sb.path("restored");
     fs::create_dir(&outdir).expect("mkdir restored");
     let run_for = Duration::from_secs(30);
@@ -232,8 +234,28 @@ fn e2e_restore_and_verify_during_compaction() {
             prev
         });
         let deadline = Instant::now() + run_for;
+        let mut cycle = 0;
         while Instant::now() < deadline {
+            cycle += 1;
             std::thread::sleep(Duration::from_millis(2500));
+            if cycle % 2 == 0 {
+                // walship is killed; the application commits and resets its WAL meanwhile,
+                // so that walship starts a new generation, and from the second one on,
+                // retention (1s) deletes the generation before the previous one, file by file.
+                d.kill9();
+                std::thread::sleep(Duration::from_millis(300));
+                pause.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+                let c = rusqlite::Connection::open(sb.db()).expect("open db");
+                c.busy_timeout(Duration::from_secs(5))
+                    .expect("busy timeout");
+                c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    .expect("checkpoint");
+                drop(c);
+                pause.store(false, Ordering::SeqCst);
+                d.restart();
+                restarts += 1;
+            }
             // The application pauses; once the replica holds everything, verify until the
             // pause ends (compaction runs now: the database is quiet).
             pause.store(true, Ordering::SeqCst);
@@ -304,6 +326,13 @@ fn e2e_restore_and_verify_during_compaction() {
     );
     assert_same_db(&sb.db(), &last);
     d.stop();
+    let log = d.log_text();
+    let generations = log.matches("retention removed generation").count();
+    eprintln!("{restarts} restarts, {generations} generations removed by retention meanwhile");
+    assert!(
+        generations >= 1,
+        "retention never removed a generation; log:\n{log}"
+    );
     let temps: Vec<_> = [outdir, sb.db().with_file_name(""), sb.replica()]
         .iter()
         .flat_map(|d| walk(d))
