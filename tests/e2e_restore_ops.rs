@@ -15,8 +15,9 @@ use walship::target::Target;
 
 /// Lists `dir` of `t` again and again for `dur` while another thread creates and removes
 /// files (and a subdirectory with files) in `local`, the same directory on this machine, as
-/// fast as it can. Every listing must succeed and hold the files that exist throughout.
-/// Returns (listings, files removed meanwhile).
+/// fast as it can, for at least `dur` (up to 8 times as long on a busy machine, until there
+/// were 200 listings and 5000 removals). Every listing must succeed and hold the files that
+/// exist throughout. Returns (listings, files removed meanwhile).
 fn list_under_churn(t: &dyn Target, dir: &str, local: &Path, dur: Duration) -> (usize, usize) {
     fs::create_dir_all(local).expect("mkdir");
     for i in 0..200 {
@@ -50,10 +51,15 @@ fn list_under_churn(t: &dyn Target, dir: &str, local: &Path, dur: Duration) -> (
                 i += 1;
             }
         });
-        let deadline = Instant::now() + dur;
+        // At least `dur`, and on a busy machine on until there was churn enough (bounded).
+        let start = Instant::now();
+        let enough = |listings: usize| {
+            let t = start.elapsed();
+            t >= dur * 8 || (t >= dur && listings >= 200 && removed.load(Ordering::Relaxed) >= 5000)
+        };
         let sub = format!("{dir}/sub");
         let result = (|| {
-            while Instant::now() < deadline {
+            while !enough(listings) {
                 let l = t
                     .list(dir)
                     .map_err(|e| format!("listing {dir} while files come and go: {e}"))?;
@@ -83,7 +89,7 @@ fn list_under_churn(t: &dyn Target, dir: &str, local: &Path, dur: Duration) -> (
 fn file_list_tolerates_vanishing_entries() {
     let dir = tempfile::tempdir().expect("tempdir");
     let t = walship::target::file::FileTarget::new(dir.path());
-    let (n, removed) = list_under_churn(&t, "g", &dir.path().join("g"), Duration::from_secs(2));
+    let (n, removed) = list_under_churn(&t, "g", &dir.path().join("g"), Duration::from_secs(1));
     eprintln!(
         "file_list_tolerates_vanishing_entries: {n} listings, {removed} files removed meanwhile"
     );
@@ -101,7 +107,7 @@ fn sftp_list_tolerates_vanishing_entries() {
     let sshd = crate::sshd::Sshd::start();
     let dir = crate::sshd::TestDir::new("churn");
     let t = sshd.target(&dir.remote);
-    let (n, removed) = list_under_churn(&t, "g", &dir.local.join("g"), Duration::from_secs(2));
+    let (n, removed) = list_under_churn(&t, "g", &dir.local.join("g"), Duration::from_secs(1));
     eprintln!(
         "sftp_list_tolerates_vanishing_entries: {n} listings, {removed} files removed meanwhile"
     );
