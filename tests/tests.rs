@@ -4,6 +4,7 @@ mod conformance;
 mod daemon_notify;
 mod e2e;
 mod e2e_apps;
+mod e2e_restore_ops;
 mod e2e_sftp;
 mod e2e_single_writer;
 mod generator;

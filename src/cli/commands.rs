@@ -10,6 +10,7 @@ use crate::layout::plan::Want;
 use crate::replicate::{self, open_target};
 use crate::restore::{self, list_replica, RestoreOptions};
 use crate::systemd::Notifier;
+use crate::target::file::RemoveOnDrop;
 use crate::target::Target;
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::Write;
@@ -144,9 +145,27 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     .into())
                 }
             };
-            if if_db_not_exists && out.exists() {
-                println!("{} exists: nothing to restore", out.display());
-                return Ok(ExitCode::SUCCESS);
+            if if_db_not_exists {
+                // A database there (a regular file, or a symlink to one, as SQLite would open
+                // it) means nothing to do. Anything else can neither be restored over nor
+                // pass for a database: an error, not a silent success.
+                match restore::inspect_output(&out)? {
+                    restore::Output::Missing => {}
+                    restore::Output::RegularFile => {
+                        println!("{} exists: nothing to restore", out.display());
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    restore::Output::Other(what) => {
+                        if std::fs::metadata(&out).is_ok_and(|m| m.is_file()) {
+                            println!("{} exists ({what}): nothing to restore", out.display());
+                            return Ok(ExitCode::SUCCESS);
+                        }
+                        bail!(
+                            "cannot restore to {}: it is {what}, not a database (--if-db-not-exists)",
+                            out.display()
+                        );
+                    }
+                }
             }
             let want = match (timestamp, position) {
                 (Some(t), _) => {
@@ -186,6 +205,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     return Ok(ExitCode::SUCCESS);
                 }
             }
+            remove_temps_on_signal(match out.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            });
             let r = restore::restore(&ts, &RestoreOptions { want, force }, &out)?;
             println!(
                 "restored {} from {}: position {} ({}), {} pages of {} bytes, checksum {:016x} verified, {} file(s) read",
@@ -230,6 +253,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             let ts = targets(&settings.replicas, None)?;
+            remove_temps_on_signal(std::env::temp_dir());
             let mut failures = Vec::new();
             for (name, t) in &ts {
                 match verify_one(&settings.db, t.as_ref()) {
@@ -333,10 +357,47 @@ fn instance_name(config: ConfigArg, arg: Option<String>) -> (ConfigArg, Option<S
     }
 }
 
+/// Makes an interrupted restore or verify (SIGINT, SIGTERM, SIGHUP) remove the temporary
+/// files this process made in `dir` before it exits: the default action would end it at once
+/// and leave a partial database beside the output. Exits 128 + the signal's number.
+fn remove_temps_on_signal(dir: PathBuf) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot handle signals ({e}): an interrupted restore may leave a temporary file in {}", dir.display());
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        let Some(sig) = signals.forever().next() else {
+            return;
+        };
+        let prefix = format!("{}{}-", crate::target::TEMP_PREFIX, std::process::id());
+        let mut removed = 0;
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let ours = e
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(&prefix));
+                if ours && std::fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        eprintln!(
+            "walship: interrupted by signal {sig} ({removed} temporary file(s) removed from {})",
+            dir.display()
+        );
+        std::process::exit(128 + sig);
+    });
+}
+
 /// Restores the latest state into a temporary file and compares it with the database.
 fn verify_one(db: &Path, t: &dyn Target) -> Result<String> {
     let tmp = std::env::temp_dir().join(crate::target::temp_name());
-    let _guard = RemoveOnDrop(tmp.clone());
+    let _guard = RemoveOnDrop::new(&tmp);
     let r = restore::restore_into(t, &Want::Latest, &tmp)?;
     restore::integrity_check(&tmp)?;
     let restored =
@@ -374,13 +435,6 @@ fn verify_one(db: &Path, t: &dyn Target) -> Result<String> {
         pages,
         r.db_checksum
     ))
-}
-
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 fn list_one(name: &str, t: &dyn Target, out: &mut dyn Write) -> Result<()> {

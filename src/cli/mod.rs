@@ -118,10 +118,12 @@ pub enum Command {
         /// Use only this replica (by name) from the config.
         #[arg(long, value_name = "NAME")]
         replica: Option<String>,
-        /// Overwrite the output file if it exists.
+        /// Overwrite the output file if it exists (only ever a regular file: a symlink,
+        /// directory, device, FIFO or socket is refused).
         #[arg(long)]
         force: bool,
-        /// Do nothing (exit 0) if the output file already exists.
+        /// Do nothing (exit 0) if the output file already exists (a regular file, or a symlink
+        /// to one); anything else there is an error.
         #[arg(long)]
         if_db_not_exists: bool,
         /// Do nothing (exit 0) if no replica holds any data.

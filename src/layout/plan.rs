@@ -244,6 +244,17 @@ pub fn plan_restore(listing: &Listing, want: &Want) -> Result<Plan, LayoutError>
     }
 }
 
+/// The segments that carry a restore on from txid `from` (already applied) to `target`, chosen
+/// from `files` (one generation's, listed again), or `None` if they cannot reach `target`.
+/// A restore of a replica that a running walship compacts follows this when a planned segment
+/// was merged away meanwhile: the merged segment continues the chain (it may start before
+/// `from + 1`; the applier skips commits it already applied).
+pub fn plan_continuation(files: &[FileName], from: u64, target: u64) -> Option<Vec<FileName>> {
+    let segs = distinct_segments(files);
+    let (chain, covered) = chain(&segs, from, |c| c >= target);
+    (covered >= target).then_some(chain)
+}
+
 /// For each segment, whether another segment of a higher level covers its whole range.
 fn covered_by_higher(segs: &[Seg]) -> Vec<bool> {
     // Per level: segments sorted by first, with the running maximum of last.

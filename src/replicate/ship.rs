@@ -36,6 +36,7 @@ use crate::layout::names::{
 };
 use crate::layout::owner::InstanceId;
 use crate::layout::plan::{plan_compaction, plan_retention, redundant_segments, Deletion, Listing};
+use crate::target::file::RemoveOnDrop;
 use crate::target::{ErrorKind, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufWriter, Read};
@@ -481,7 +482,7 @@ impl Shipper {
             })
             .collect();
         let (tmp, file) = self.spool.create_temp(&first.generation)?;
-        let _cleanup = RemoveOnDrop(tmp.clone());
+        let _cleanup = RemoveOnDrop::new(&tmp);
         merge_segments(
             &inputs,
             |p| {
@@ -699,7 +700,7 @@ impl Shipper {
         };
         let paths: Vec<String> = inputs.iter().map(|i| file_path(g, i)).collect();
         let (tmp, f) = self.spool.create_temp(g)?;
-        let _cleanup = RemoveOnDrop(tmp.clone());
+        let _cleanup = RemoveOnDrop::new(&tmp);
         merge_segments(&paths, |p| Ok(self.target.read(p)?), f, 1)?;
         let mut file = std::fs::File::open(&tmp)
             .with_context(|| format!("cannot reopen {}", tmp.display()))?;
@@ -822,13 +823,6 @@ fn merge_segments(
         .map_err(|e| anyhow!("cannot write merged segment: {}", e.error()))?;
     file.sync_all()?;
     Ok(())
-}
-
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// Names the file in an upload error, unless the target's own message already does.

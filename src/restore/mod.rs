@@ -8,12 +8,18 @@
 //! Invariants:
 //! - Nothing is written outside the temporary file and, at the very end, the output path: the
 //!   temporary file is fsynced, checked (whole-database checksum at every commit,
-//!   `PRAGMA integrity_check`), then renamed over the output and the directory fsynced.
+//!   `PRAGMA integrity_check`), then renamed over the output and the directory fsynced. The
+//!   output is only ever created or, when forced, a regular file replaced (never a symlink,
+//!   directory, device, FIFO or socket), and no failure leaves the temporary file behind.
 //! - A restore stops exactly at a commit boundary; a file whose content disagrees with its
 //!   name, a checksum mismatch, or a gap is an error naming the file.
 //! - A "latest" restore follows the replica's owner: generations newer than the one its newest
 //!   claim names were written by an instance that was taken over, and are left out (see
 //!   `owners_view`). Point-in-time restores (`--timestamp`, `--position`) see every generation.
+//! - A live replica (one that a running walship compacts and prunes while it is read) restores
+//!   like a quiet one: a planned segment merged away is followed into the merged segment, and
+//!   a failure while the replica changed is retried from a new listing (see [`restore_into`]);
+//!   only a failure on a replica that did not change is final.
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
 //!   of hash per page, and a database size limit of [`MAX_DB_BYTES`] against hostile metadata.
 
@@ -22,8 +28,8 @@ use crate::layout::codec::{Commit, Decoder, Kind, Record};
 use crate::layout::names::{
     file_path, generation_dir, FileName, GenerationId, Position, GENERATIONS_DIR,
 };
-use crate::layout::plan::{plan_restore, Listing, Plan, Stop, Want};
-use crate::target::file::fsync_dir;
+use crate::layout::plan::{plan_continuation, plan_restore, Listing, Plan, Stop, Want};
+use crate::target::file::{fsync_dir, RemoveOnDrop};
 use crate::target::{temp_name, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::{File, OpenOptions};
@@ -111,18 +117,82 @@ const CHUNK_ITEMS: usize = 8192;
 /// Page bytes per [`Chunk`] before it is handed over.
 const CHUNK_BYTES: usize = 1 << 20;
 
+/// How often one restore attempt lists a generation again to follow segments that compaction
+/// merged away while it ran (each time, the merged segment continues the chain).
+const FOLLOW_LIMIT: u32 = 64;
+
+/// Opens a planned segment; if it is gone (merged away by a running walship's compaction),
+/// lists the generation again and replaces the rest of the plan (`rest`, `f` first) with the
+/// segments that carry the restore on from `covered` to `target`, then opens the first of
+/// them. Errors with the original `NotFound` when nothing continues the chain (retention, a
+/// new generation): [`restore_into`] then starts over from a new listing.
+fn open_following(
+    t: &dyn Target,
+    g: &GenerationId,
+    rest: &mut std::collections::VecDeque<FileName>,
+    covered: u64,
+    target: u64,
+    follows: &mut u32,
+) -> Result<Option<(FileName, Box<dyn std::io::Read + Send>)>> {
+    loop {
+        let Some(f) = rest.pop_front() else {
+            return Ok(None);
+        };
+        let err = match t.read(&file_path(g, &f)) {
+            Ok(src) => return Ok(Some((f, src))),
+            Err(e) => e,
+        };
+        let is_segment = matches!(f, FileName::Segment { .. });
+        if err.kind != crate::target::ErrorKind::NotFound || !is_segment || *follows >= FOLLOW_LIMIT
+        {
+            return Err(err.into());
+        }
+        *follows += 1;
+        let files: Vec<FileName> = t
+            .list(&generation_dir(g))?
+            .into_iter()
+            .filter_map(|e| FileName::parse(&e.name).ok())
+            .collect();
+        let Some(next) = plan_continuation(&files, covered, target) else {
+            return Err(err.into());
+        };
+        info!(
+            "{}/{}: gone (merged by compaction?); going on from txid {covered} with {} file(s) listed again",
+            t.url(),
+            file_path(g, &f),
+            next.len()
+        );
+        *rest = next.into();
+    }
+}
+
 /// Streams the plan's files as chunks of records, ending early when the applier hangs up
-/// (it reached the stop txid).
+/// (it reached the stop txid). A planned segment that vanished before it was opened is
+/// followed into what compaction merged it into (see [`open_following`]).
 fn reader(
     t: &dyn Target,
     g: GenerationId,
     files: Vec<FileName>,
+    target: u64,
     tx: SyncSender<Result<Chunk>>,
     free: Receiver<Chunk>,
 ) {
     let next = || free.try_recv().unwrap_or_default();
     let mut chunk = next();
-    for f in files {
+    let mut rest: std::collections::VecDeque<FileName> = files.into();
+    // The last txid of the files read so far: where a continuation starts.
+    let mut covered = 0u64;
+    let mut follows = 0u32;
+    loop {
+        let (f, src) = match open_following(t, &g, &mut rest, covered, target, &mut follows) {
+            Ok(Some(x)) => x,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(Ok(std::mem::take(&mut chunk)));
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
         let path = file_path(&g, &f);
         let label = format!("{}/{path}", t.url());
         let r = (|| -> Result<bool> {
@@ -130,7 +200,6 @@ fn reader(
                 FileName::Snapshot { .. } => Kind::Snapshot,
                 FileName::Segment { .. } => Kind::Segment,
             };
-            let src = t.read(&path)?;
             let mut dec = Decoder::new(std::io::BufReader::with_capacity(1 << 20, src), kind)
                 .map_err(|e| anyhow!("{label}: {e}"))?;
             chunk.items.push(Item::File(f, dec.page_size()));
@@ -151,7 +220,7 @@ fn reader(
             Ok(true)
         })();
         match r {
-            Ok(true) => {}
+            Ok(true) => covered = covered.max(f.last_txid()),
             Ok(false) => return,
             Err(e) => {
                 // What was decoded before the error is applied first, so that the error is
@@ -303,49 +372,61 @@ fn check_latest_complete(t: &dyn Target, listing: &Listing, plan: &Plan, end: u6
     Ok(())
 }
 
-/// How often a restore lists and plans again when a planned file vanished meanwhile.
-const VANISHED_RETRIES: u32 = 3;
+/// How many times a restore plans from a new listing when an attempt failed while the replica
+/// changed under it.
+const ATTEMPTS: u32 = 8;
 
 /// Restores from one replica into `tmp` (which must not exist). Returns what was restored.
 ///
-/// A replica that a running walship keeps compacting and pruning may delete a planned file
-/// between the listing and its read (its content then lives in a merged file): such a restore
-/// starts over from a new listing, up to [`VANISHED_RETRIES`] times. A file that is missing
-/// from the listing itself is a gap, reported as such, never retried.
+/// A replica that a running walship keeps compacting and pruning changes while it is read:
+/// a listing is not a snapshot of one moment (it may miss both a merged segment written while
+/// it ran and the inputs deleted meanwhile), and a planned file may be gone when it is read.
+/// A vanished segment is followed into the segment it was merged into; any other failure is
+/// final only if the replica did not change meanwhile (a new listing equals the one planned
+/// from): otherwise the restore starts over from the new listing, up to [`ATTEMPTS`] times.
+/// A file missing from a replica that does not change is a gap, reported at once.
 ///
 /// # Errors
 /// Any fetch, decode, checksum or consistency error, naming the file.
 pub fn restore_into(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
-    let mut attempt = 0;
-    loop {
-        match restore_once(t, want, tmp) {
-            Err(e) if attempt < VANISHED_RETRIES && vanished(&e) => {
-                attempt += 1;
-                let _ = std::fs::remove_file(tmp);
-                info!("{e:#}: the replica changed while restoring (compaction or retention by a running walship); listing it again");
-            }
-            other => return other,
-        }
-    }
-}
-
-/// True if a file the plan named was gone when read.
-fn vanished(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<crate::target::TargetError>()
-            .is_some_and(|t| t.kind == crate::target::ErrorKind::NotFound)
-    })
-}
-
-fn restore_once(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
     let mut listing = list_replica(t)?;
-    if matches!(want, Want::Latest) {
-        listing = owners_view(t, listing);
+    let mut attempt = 1;
+    loop {
+        let e = match restore_once(t, want, tmp, &listing) {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        };
+        let _ = std::fs::remove_file(tmp);
+        if attempt >= ATTEMPTS {
+            return Err(e);
+        }
+        // A listing that fails now says nothing about the first error: report that one.
+        let Ok(fresh) = list_replica(t) else {
+            return Err(e);
+        };
+        if fresh == listing {
+            return Err(e);
+        }
+        info!("{e:#}: the replica changed while restoring (compaction or retention by a running walship); planning again from a new listing");
+        // Let a burst of compaction or retention finish.
+        std::thread::sleep(std::time::Duration::from_millis(20 * u64::from(attempt)));
+        listing = fresh;
+        attempt += 1;
     }
-    let plan = plan_restore(&listing, want).map_err(|e| anyhow!("{}: {e}", t.url()))?;
+}
+
+fn restore_once(t: &dyn Target, want: &Want, tmp: &Path, listing: &Listing) -> Result<Restored> {
+    let owned;
+    let listing = if matches!(want, Want::Latest) {
+        owned = owners_view(t, listing.clone());
+        &owned
+    } else {
+        listing
+    };
+    let plan = plan_restore(listing, want).map_err(|e| anyhow!("{}: {e}", t.url()))?;
     let target_txid = stop_txid(t, &plan)?;
     if matches!(want, Want::Latest) {
-        check_latest_complete(t, &listing, &plan, target_txid)?;
+        check_latest_complete(t, listing, &plan, target_txid)?;
     }
     let mut files = vec![plan.snapshot];
     files.extend(plan.segments.iter().copied());
@@ -367,7 +448,7 @@ fn restore_once(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
     let (free_tx, free_rx) = sync_channel::<Chunk>(4);
     let g = plan.generation;
     let restored = std::thread::scope(|s| {
-        s.spawn(|| reader(t, g, files, tx, free_rx));
+        s.spawn(|| reader(t, g, files, target_txid, tx, free_rx));
         let r = apply(&rx, &free_tx, &out, target_txid, &t.url(), &g);
         drop(rx);
         r
@@ -640,21 +721,111 @@ pub struct RestoreOptions {
     pub force: bool,
 }
 
-/// Restores into `out` from the first replica that works, trying the next on failure.
+/// What is at a restore's output path (not following a symlink).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Nothing: the restore creates it.
+    Missing,
+    /// A regular file: replaced only with `--force`.
+    RegularFile,
+    /// Anything else, described for messages ("a symbolic link to /x", "a directory"...):
+    /// a restore never replaces it.
+    Other(String),
+}
+
+/// Looks at `path` with `lstat`: a symlink is reported as one, never followed.
 ///
 /// # Errors
-/// The output exists (without force), or every replica failed (each reason listed).
+/// `path` cannot be examined (other than not existing).
+pub fn inspect_output(path: &Path) -> Result<Output> {
+    use std::os::unix::fs::FileTypeExt;
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Output::Missing),
+        Err(e) => return Err(e).with_context(|| format!("cannot examine {}", path.display())),
+    };
+    let ft = md.file_type();
+    Ok(if ft.is_file() {
+        Output::RegularFile
+    } else if ft.is_symlink() {
+        match std::fs::read_link(path) {
+            Ok(to) => Output::Other(format!("a symbolic link to {}", to.display())),
+            Err(_) => Output::Other("a symbolic link".into()),
+        }
+    } else if ft.is_dir() {
+        Output::Other("a directory".into())
+    } else if ft.is_char_device() {
+        Output::Other("a character device".into())
+    } else if ft.is_block_device() {
+        Output::Other("a block device".into())
+    } else if ft.is_fifo() {
+        Output::Other("a FIFO".into())
+    } else if ft.is_socket() {
+        Output::Other("a socket".into())
+    } else {
+        Output::Other("not a regular file".into())
+    })
+}
+
+/// The error for an output path that a restore never replaces.
+fn not_replaceable(path: &Path, what: &str) -> anyhow::Error {
+    anyhow!(
+        "cannot restore to {}: it is {what}; restore only creates a new file or replaces a regular file (with --force)",
+        path.display()
+    )
+}
+
+/// SQLite's files beside a database: a restore removes stale ones before its rename.
+fn siblings(out: &Path) -> Vec<PathBuf> {
+    ["-wal", "-shm", "-journal"]
+        .iter()
+        .map(|suffix| {
+            let mut p = out.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
+        })
+        .collect()
+}
+
+/// Checks that a restore may write `out`: nothing there, or a regular file and `force`; and
+/// SQLite's files beside it, which the restore removes, are regular files if they exist.
+///
+/// # Errors
+/// Anything else at `out` or beside it, named with what it is; an existing file without force.
+fn check_output(out: &Path, force: bool) -> Result<()> {
+    match inspect_output(out)? {
+        Output::Missing => {}
+        Output::RegularFile if force => {}
+        Output::RegularFile => bail!(
+            "{} already exists: refusing to overwrite it (use --force)",
+            out.display()
+        ),
+        Output::Other(what) => return Err(not_replaceable(out, &what)),
+    }
+    for p in siblings(out) {
+        if let Output::Other(what) = inspect_output(&p)? {
+            return Err(not_replaceable(&p, &what));
+        }
+    }
+    Ok(())
+}
+
+/// Restores into `out` from the first replica that works, trying the next on failure.
+///
+/// `out` is only ever created or, with `force`, replaced when it is a regular file: a symlink,
+/// directory, device, FIFO or socket there fails at once, before anything is read or written
+/// (and again just before the final rename, should one appear meanwhile). The temporary file
+/// is removed on every failure.
+///
+/// # Errors
+/// The output exists (without force) or is not a regular file, or every replica failed (each
+/// reason listed).
 pub fn restore(
     targets: &[(String, Box<dyn Target>)],
     opts: &RestoreOptions,
     out: &Path,
 ) -> Result<Restored> {
-    if out.exists() && !opts.force {
-        bail!(
-            "{} already exists: refusing to overwrite it (use --force)",
-            out.display()
-        );
-    }
+    check_output(out, opts.force)?;
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -668,18 +839,19 @@ pub fn restore(
     }
     let mut errors = Vec::new();
     for (name, t) in targets {
-        let tmp = dir.join(temp_name());
-        let r = restore_into(t.as_ref(), &opts.want, &tmp).and_then(|r| {
-            integrity_check(&tmp)?;
+        let tmp = RemoveOnDrop::new(dir.join(temp_name()));
+        let r = restore_into(t.as_ref(), &opts.want, tmp.path()).and_then(|r| {
+            integrity_check(tmp.path())?;
             Ok(r)
         });
         match r {
             Ok(r) => {
-                install(&tmp, out, &dir)?;
+                check_output(out, opts.force)?;
+                install(tmp, out, &dir)?;
                 return Ok(r);
             }
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
+                drop(tmp);
                 if targets.len() > 1 {
                     warn!(
                         "replica {name} ({}) failed: {e:#}; trying the next one",
@@ -698,32 +870,30 @@ pub fn restore(
 }
 
 /// Moves a verified temporary file into place: owner like the directory (when root), stale
-/// `-wal`/`-shm` of a forced overwrite removed first, rename, directory fsync.
-fn install(tmp: &Path, out: &Path, dir: &Path) -> Result<()> {
+/// `-wal`/`-shm` of a forced overwrite removed first, rename, directory fsync. The temporary
+/// file is gone afterwards, whatever happens.
+fn install(tmp: RemoveOnDrop, out: &Path, dir: &Path) -> Result<()> {
     if nix::unistd::geteuid().is_root() {
         if let Ok(md) = std::fs::metadata(dir) {
             let _ = nix::unistd::chown(
-                tmp,
+                tmp.path(),
                 Some(nix::unistd::Uid::from_raw(md.uid())),
                 Some(nix::unistd::Gid::from_raw(md.gid())),
             );
         }
     }
-    for suffix in ["-wal", "-shm", "-journal"] {
-        let mut p = out.as_os_str().to_owned();
-        p.push(suffix);
-        match std::fs::remove_file(PathBuf::from(&p)) {
+    for p in siblings(out) {
+        match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                let _ = std::fs::remove_file(tmp);
-                return Err(e)
-                    .with_context(|| format!("cannot remove stale {}", Path::new(&p).display()));
+                return Err(e).with_context(|| format!("cannot remove stale {}", p.display()));
             }
         }
     }
-    std::fs::rename(tmp, out)
+    std::fs::rename(tmp.path(), out)
         .with_context(|| format!("cannot move the restored database to {}", out.display()))?;
+    tmp.keep();
     fsync_dir(dir).with_context(|| format!("cannot sync directory {}", dir.display()))?;
     Ok(())
 }

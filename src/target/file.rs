@@ -3,7 +3,9 @@
 //! Invariants: every write goes to a temporary file in the destination directory, is fsynced,
 //! renamed over the final name, and the directory is fsynced, so after a power cut a final name
 //! holds either the old complete file or the new complete file. Directories created on the way
-//! are fsynced into their parents too.
+//! are fsynced into their parents too. A listing is taken while a running walship may compact
+//! and prune the same directory: an entry removed between `readdir` and its `stat`, or a
+//! directory removed while it is read, is simply not listed (as with OpenSSH's sftp-server).
 
 use super::{check_path, split_parent, temp_name, Entry, Result, Target, TargetError};
 use std::fs::{self, File, OpenOptions};
@@ -52,6 +54,42 @@ impl FileTarget {
             fsync_dir(parent)?;
         }
         Ok(())
+    }
+}
+
+/// Removes a (temporary) file when dropped, unless [`RemoveOnDrop::keep`] says it was moved
+/// into place: every error path, and a panic, leave no temporary file behind.
+#[derive(Debug)]
+pub struct RemoveOnDrop {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl RemoveOnDrop {
+    /// Guards `path` (which may not exist yet).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            armed: true,
+        }
+    }
+
+    /// The guarded path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file was renamed into place (or must stay): do not remove it.
+    pub fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -157,7 +195,12 @@ impl Target for FileTarget {
         };
         let mut out = Vec::new();
         for ent in rd {
-            let ent = ent.map_err(|e| self.err("list", dir, &e))?;
+            let ent = match ent {
+                Ok(ent) => ent,
+                // The directory itself was removed while being read (retention): it is gone.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(self.err("list", dir, &e)),
+            };
             let Some(name) = ent.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
@@ -165,7 +208,13 @@ impl Target for FileTarget {
                 continue;
             }
             // DirEntry::metadata does not follow symlinks: a planted link is never followed.
-            let md = ent.metadata().map_err(|e| self.err("list", dir, &e))?;
+            let md = match ent.metadata() {
+                Ok(md) => md,
+                // Removed between readdir and stat (compaction or retention by a running
+                // walship): a listing taken a moment later would not hold it either.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err("list", dir, &e)),
+            };
             out.push(Entry {
                 name,
                 size: md.len(),

@@ -7,7 +7,8 @@
 //!   temporary name, are fsynced, renamed to the final name, and the directory is fsynced. A
 //!   crash leaves either nothing or a temporary file that [`Target::cleanup`] removes later;
 //!   readers never see a partial file under a final name.
-//! - [`Target::list`] returns final names only, never temporary ones, sorted by name.
+//! - [`Target::list`] returns final names only, never temporary ones, sorted by name, and
+//!   tolerates entries and directories vanishing while it lists.
 //! - Paths are checked by [`check_path`] before any I/O, so a bad name can never reach outside
 //!   the replica's root.
 
@@ -90,7 +91,10 @@ pub trait Target: Send + Sync + fmt::Debug {
     fn url(&self) -> String;
 
     /// Lists the directory `dir` (relative, `""` for the root), sorted by name. A missing
-    /// directory is an empty listing, not an error. Temporary files are not listed.
+    /// directory is an empty listing, not an error. Temporary files are not listed. The
+    /// directory may change while it is listed (a running walship compacts and prunes it): an
+    /// entry removed meanwhile is left out, and a directory removed meanwhile lists as empty;
+    /// neither is an error.
     ///
     /// # Errors
     /// `Unavailable` when the target can't be reached, `Other` for anything else.

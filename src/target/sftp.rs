@@ -867,7 +867,10 @@ impl SftpTarget {
         }
     }
 
-    /// Reads the directory `full` with strict name checks; `None` if it does not exist.
+    /// Reads the directory `full` with strict name checks; `None` if it does not exist, or
+    /// stopped existing while it was read (retention by a running walship). OpenSSH's
+    /// sftp-server stats each entry itself and leaves out one that vanished before its stat,
+    /// so a listing taken during compaction holds only names that existed.
     fn read_dir(&self, c: &Conn, full: &str) -> OpResult<Option<Vec<(String, ssh2::FileStat)>>> {
         let mut d = match c.sftp.opendir(Path::new(full)) {
             Ok(d) => d,
@@ -881,6 +884,9 @@ impl SftpTarget {
             let (name, st) = match d.readdir() {
                 Ok(x) => x,
                 Err(e) if e.code() == ErrorCode::Session(LIBSSH2_ERROR_FILE) => break,
+                Err(e) if matches!(sftp_code(&e), Some(FX_NO_SUCH_FILE | FX_NO_SUCH_PATH)) => {
+                    return Ok(None)
+                }
                 Err(e) => return Err(Fail::Ssh(e)),
             };
             let raw = name.as_os_str().as_encoded_bytes();

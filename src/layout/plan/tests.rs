@@ -83,6 +83,33 @@ fn latest_prefers_compacted_segments_and_stops_at_a_gap() {
     );
 }
 
+/// A restore that applied txids up to 4 and finds its next segment (5..6) merged away into
+/// 3..8 goes on with the merged one; a gap, or segments ending before the target, give None.
+#[test]
+fn continuation_follows_a_merged_segment() {
+    let now = [
+        snap(0, 0),
+        seg(1, 1, 2),
+        seg(1, 3, 8),
+        seg(0, 9, 9),
+        seg(0, 10, 12),
+    ];
+    assert_eq!(plan_continuation(&now, 4, 8), Some(vec![seg(1, 3, 8)]));
+    assert_eq!(
+        plan_continuation(&now, 4, 11),
+        Some(vec![seg(1, 3, 8), seg(0, 9, 9), seg(0, 10, 12)])
+    );
+    assert_eq!(plan_continuation(&now, 12, 12), Some(vec![]));
+    assert_eq!(
+        plan_continuation(&now, 4, 13),
+        None,
+        "ends before the target"
+    );
+    let gap = [snap(0, 0), seg(0, 1, 4), seg(0, 6, 8)];
+    assert_eq!(plan_continuation(&gap, 4, 8), None, "txid 5 is missing");
+    assert_eq!(plan_continuation(&[], 4, 8), None, "the generation is gone");
+}
+
 #[test]
 fn position_cases() {
     let l = listing(&[
