@@ -4,6 +4,7 @@ mod conformance;
 mod daemon_notify;
 mod e2e;
 mod e2e_sftp;
+mod e2e_startup_errors;
 mod generator;
 mod netns;
 mod notify;

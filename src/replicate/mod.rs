@@ -134,6 +134,59 @@ fn wait_for_db(
     Ok(true)
 }
 
+/// How often start-up tries again while another process holds the database locked.
+const LOCKED_RETRY: Duration = Duration::from_secs(1);
+
+/// How often the log repeats that start-up still waits for a lock.
+const LOCKED_REPEAT: Duration = Duration::from_secs(300);
+
+/// Puts the database in WAL mode, waiting as long as another process holds it locked (an
+/// application using `locking_mode=EXCLUSIVE`, a long transaction): the log and the status say
+/// at once which process blocks it, and again every [`LOCKED_REPEAT`] while it lasts; SIGTERM
+/// ends the wait at once. Returns whether it switched, or `None` when stopped meanwhile.
+fn wait_for_wal_mode(
+    settings: &Settings,
+    stop: &std::sync::mpsc::Receiver<Msg>,
+    notifier: &Notifier,
+) -> Result<Option<bool>> {
+    let db = &settings.db;
+    let started = Instant::now();
+    let mut said: Option<(String, Instant)> = None;
+    loop {
+        match crate::db::try_wal_mode(db) {
+            Ok(switched) => {
+                if said.is_some() {
+                    info!(db = %db.display(), "{} is no longer locked after {} s: starting", db.display(), started.elapsed().as_secs());
+                }
+                return Ok(Some(switched));
+            }
+            Err(e) if crate::db::is_locked(&e) => {
+                let why = format!("{e:#}");
+                let due = said
+                    .as_ref()
+                    .is_none_or(|(w, at)| *w != why || at.elapsed() >= LOCKED_REPEAT);
+                if due {
+                    let line = format!(
+                        "waiting ({} s so far), retrying every {} s: {why}",
+                        started.elapsed().as_secs(),
+                        LOCKED_RETRY.as_secs()
+                    );
+                    warn!(db = %db.display(), error_kind = "db-locked", "{line}");
+                    notifier.status(&line);
+                    write_status(&settings.state_dir, &format!("starting: {line}"));
+                    said = Some((why, Instant::now()));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        notifier.watchdog();
+        if let Ok(Msg::Stop) = stop.recv_timeout(LOCKED_RETRY) {
+            info!(db = %db.display(), "stopped while waiting for the lock on {}", db.display());
+            return Ok(None);
+        }
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT. Returns after shipping what is pending (or after
 /// [`SHUTDOWN_GRACE`]).
 ///
@@ -161,7 +214,10 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     if !wait_for_db(&settings.db, &rx, notifier)? {
         return Ok(());
     }
-    if ensure_wal_mode(&settings.db)? {
+    let Some(switched) = wait_for_wal_mode(settings, &rx, notifier)? else {
+        return Ok(());
+    };
+    if switched {
         info!(db = %settings.db.display(), "switched {} to WAL mode (journal_mode=WAL)", settings.db.display());
     }
     let spool = Arc::new(Spool::open(&settings.state_dir)?);
