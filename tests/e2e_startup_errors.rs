@@ -346,3 +346,110 @@ fn e2e_errors_name_the_database() {
     fails_naming(r, &out, &[&read_only]);
     drop(disk);
 }
+
+/// Generation directories on a file replica: (name, number of files in it).
+fn replica_generations(root: &Path) -> Vec<(String, usize)> {
+    let mut out: Vec<(String, usize)> = fs::read_dir(root.join("generations"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let n = fs::read_dir(e.path()).map_or(0, |rd| rd.count());
+            (e.file_name().to_string_lossy().into_owned(), n)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// walship's state directory stays full for seconds while the application writes on (issue
+/// #10: every retry started a new generation, ~65 a second, and left hundreds of empty
+/// generation directories on the replica). One failure is one failure: the snapshot of the
+/// one new generation is retried with backoff, the error is logged a handful of times, not
+/// hundreds; stopped while still failing, walship leaves no empty generation directory; the
+/// replica holds at most the original generation and one new one; once space returns walship
+/// recovers by itself and restore equals the source.
+#[test]
+fn e2e_state_dir_full_for_seconds() {
+    let sb = Sandbox::new();
+    sb.create_db();
+    let disk = Tmpfs::mount(&sb.state(), "256k");
+    let mut d = start(&sb);
+    d.wait_caught_up(10 * SEC);
+    let mut rep = Report::new("walship's own disk full for 8 s (256 KiB tmpfs)");
+    rep.rounds = 1;
+    let mut w = Writer::filler(&sb.db(), 300, 6);
+    w.wait();
+    poll("the log to report the full disk", 20 * SEC, || {
+        d.log_text().contains("No space left").then_some(())
+    });
+    // The disk stays full while the application goes on writing.
+    let mut during = Writer::spawn(
+        &sb.db(),
+        "during",
+        WriterOpts {
+            commits: 0,
+            rate: 50.0,
+            big_every: 0,
+        },
+        7,
+    );
+    std::thread::sleep(8 * SEC);
+    during.stop();
+    d.assert_running();
+    // Stopped while it still fails: nothing half-made stays on the replica.
+    d.stop();
+    let while_full = d.log_text();
+    let gens_full = replica_generations(&sb.replica());
+    disk.resize("256m");
+    let freed = Instant::now();
+    d.restart();
+    let mut after = Writer::spawn(
+        &sb.db(),
+        "after",
+        WriterOpts {
+            commits: 5,
+            rate: 0.0,
+            big_every: 0,
+        },
+        8,
+    );
+    after.wait();
+    d.wait_caught_up(30 * SEC);
+    rep.recovered(freed.elapsed());
+    let mut done = w.committed();
+    done.extend(during.committed());
+    done.extend(after.committed());
+    d.stop();
+    let out = sb.path("restored.db");
+    restore(&out, &sb.replica_url(), &[]).ok();
+    rep.end(&d, &out, &done, &[&sb.replica(), &sb.state()]);
+    let count = |text: &str, what: &str| text.lines().filter(|l| l.contains(what)).count();
+    let new_gens = count(&while_full, "starting a new generation");
+    let errors = count(&while_full, " ERROR ");
+    let gens = replica_generations(&sb.replica());
+    eprintln!(
+        "while full: {new_gens} new generation(s) started, {errors} ERROR line(s), replica at stop {gens_full:?}; after recovery {gens:?} (recovered in {:?})",
+        freed.elapsed()
+    );
+    assert!(
+        gens_full.iter().chain(&gens).all(|(_, n)| *n > 0),
+        "empty generation directories on the replica: at the stop while full {gens_full:?}, after recovery {gens:?}"
+    );
+    assert!(
+        gens.len() <= 2,
+        "generations on the replica (at most the original and one new): {gens:?}"
+    );
+    // The first start, and the one generation after the failed write.
+    assert!(
+        new_gens <= 2,
+        "{new_gens} generations started while the disk was full:\n{while_full}"
+    );
+    assert!(
+        errors <= 6,
+        "{errors} ERROR lines while the disk was full for 8 s:\n{while_full}"
+    );
+    assert_same_db(&sb.db(), &out);
+    assert_contains_all(&rows(&out), &done, "restore after walship's disk was full");
+    drop(disk);
+}

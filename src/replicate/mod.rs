@@ -315,6 +315,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let mut status_line = String::new();
     let mut failing_since: Option<Instant> = None;
     let mut last_capture_error = String::new();
+    let mut last_snapshot_error = String::new();
     let mut replaced_logged = false;
     let watchdog = notifier.watchdog_interval();
     loop {
@@ -377,9 +378,17 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
         if want || last_snapshot.elapsed() >= settings.snapshot_interval {
             let r = cap.snapshot().map(|()| kick_head(&shared, &cap));
             match new_generation_if_broken(&mut cap, &shared, r) {
-                Ok(()) => last_snapshot = Instant::now(),
+                Ok(()) => {
+                    last_snapshot = Instant::now();
+                    last_snapshot_error.clear();
+                }
                 Err(e) => {
-                    error!(db = %settings.db.display(), "snapshot failed: {e:#}");
+                    // Retried with backoff (see Capture::snapshot); logged when it changes.
+                    let msg = format!("{e:#}");
+                    if msg != last_snapshot_error {
+                        error!(db = %settings.db.display(), "snapshot failed: {msg}");
+                        last_snapshot_error = msg;
+                    }
                     shared.lock().snapshot_wanted = want;
                 }
             }
