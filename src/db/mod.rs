@@ -24,6 +24,10 @@
 //!   SQLite's included.
 //!
 //! Walship's connections never write and have autocheckpoint off; they never change the schema.
+//!
+//! Every SQLite error on the user's database is a [`DbError`] that names the file and, where
+//! it can be found out, why: a file that is not a database, a read-only mount, a file, `-wal`,
+//! `-shm` or directory the user may not write, or the process holding the lock.
 
 use crate::wal::{FrameHeader, WalHeader, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
 use anyhow::{anyhow, bail, Context, Result};

@@ -6,6 +6,10 @@
 //! events on the database or its WAL (inotify), replica progress, signals, and timers that are
 //! due (watchdog, snapshot interval): an idle database costs no work.
 //!
+//! Start-up waits for the database to exist, and for a lock another process holds on it
+//! (`locking_mode=EXCLUSIVE`) to go, saying at once in the log and the status what it waits
+//! for; SIGTERM ends either wait within a second.
+//!
 //! Invariants: the application is never waited on (capture reads files, checkpoints are
 //! PASSIVE under a short write lock); local disk use is bounded by `spool-limit` (past it the
 //! oldest spooled files are dropped and lagging replicas resynchronise from a snapshot); what
