@@ -419,7 +419,10 @@ impl Db {
             open_conn(path, BUSY_TIMEOUT)?,
             open_conn(path, BUSY_TIMEOUT)?,
         ];
-        let ckpt = open_conn(path, Duration::ZERO)?;
+        let ckpt = open_conn(path, BUSY_TIMEOUT)?;
+        // Checkpoints never wait: a busy checkpoint is tried again next round.
+        ckpt.busy_timeout(Duration::ZERO)
+            .map_err(|e| explain(path, "open database", e))?;
         let mode: String = ckpt
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(|e| explain(path, "read the journal mode of", e))?;
