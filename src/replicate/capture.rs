@@ -919,6 +919,7 @@ impl Capture {
     /// rather than on what the last round captured, is what bounds the WAL: an unlocked round
     /// never starts on more than `2 × threshold` frames, so the writer can add only what it
     /// writes while that much is captured.
+    ///
     /// A poisoned capture is never hot: it cannot capture, so the lock would be held for
     /// nothing.
     pub fn is_hot(&self, threshold: u32) -> bool {
