@@ -7,6 +7,7 @@ mod e2e_apps;
 mod e2e_restore_ops;
 mod e2e_sftp;
 mod e2e_single_writer;
+mod e2e_startup_errors;
 mod generator;
 mod netns;
 mod notify;

@@ -24,6 +24,10 @@
 //!   SQLite's included.
 //!
 //! Walship's connections never write and have autocheckpoint off; they never change the schema.
+//!
+//! Every SQLite error on the user's database is a [`DbError`] that names the file and, where
+//! it can be found out, why: a file that is not a database, a read-only mount, a file, `-wal`,
+//! `-shm` or directory the user may not write, or the process holding the lock.
 
 use crate::wal::{FrameHeader, WalHeader, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
 use anyhow::{anyhow, bail, Context, Result};
@@ -158,16 +162,208 @@ pub struct Db {
     identity: (u64, u64),
 }
 
-fn open_conn(path: &Path) -> Result<Connection> {
+/// How long walship's connections wait for a lock held by the application.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// How long one attempt to switch to WAL mode waits for a lock: short, so that a start-up
+/// blocked by another process says so at once and stays responsive to SIGTERM.
+const WAL_SWITCH_BUSY: Duration = Duration::from_millis(100);
+
+/// First byte of the range of SQLite's locks in the database file (`PENDING_BYTE`), and the
+/// length of that range (pending, reserved, and the 510 shared bytes).
+const LOCK_RANGE: (i64, i64) = (0x4000_0000, 512);
+
+/// A SQLite error on the user's database, explained: which file, what walship tried, and the
+/// likely reason, found by looking at the file, its directory, its filesystem and its locks.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct DbError {
+    /// SQLite's primary result code.
+    pub code: rusqlite::ErrorCode,
+    /// The whole message: operation, path, SQLite's text, and the reason found.
+    msg: String,
+}
+
+impl DbError {
+    /// True if another connection's lock kept walship out (`SQLITE_BUSY`, `SQLITE_LOCKED`).
+    pub fn is_locked(&self) -> bool {
+        matches!(
+            self.code,
+            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+        )
+    }
+}
+
+/// True if `e` says, anywhere in its chain, that another process holds the database locked.
+pub fn is_locked(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<DbError>().is_some_and(DbError::is_locked))
+}
+
+/// Turns a SQLite error from `what` (`"open database"`, `"read"`, ...) on `path` into a
+/// [`DbError`] that names the file and says why, as far as it can be found out.
+pub fn explain(path: &Path, what: &str, e: rusqlite::Error) -> anyhow::Error {
+    explain_as(path, format!("cannot {what} {}", path.display()), e)
+}
+
+/// Like [`explain`], with the whole description of what failed (naming `path`) given.
+fn explain_as(path: &Path, failed: String, e: rusqlite::Error) -> anyhow::Error {
+    let rusqlite::Error::SqliteFailure(f, text) = &e else {
+        return anyhow::Error::new(e).context(failed);
+    };
+    let text = text
+        .clone()
+        .unwrap_or_else(|| rusqlite::ffi::code_to_str(f.extended_code).to_owned());
+    let mut msg = format!("{failed}: {text}");
+    if let Some(h) = hint(path, f.code) {
+        msg.push_str(&format!(" ({h})"));
+    }
+    DbError { code: f.code, msg }.into()
+}
+
+/// The likely reason for an error `code` on `path`.
+fn hint(path: &Path, code: rusqlite::ErrorCode) -> Option<String> {
+    use rusqlite::ErrorCode as C;
+    match code {
+        C::NotADatabase | C::DatabaseCorrupt => Some(not_a_database(path)),
+        C::DatabaseBusy | C::DatabaseLocked => Some(lock_hint(path)),
+        C::CannotOpen | C::ReadOnly | C::PermissionDenied | C::SystemIoFailure => access_hint(path),
+        C::DiskFull => Some(format!(
+            "the filesystem holding {} is full",
+            parent_dir(path).display()
+        )),
+        _ => None,
+    }
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+fn not_a_database(path: &Path) -> String {
+    let mut head = [0u8; 16];
+    match File::open(path).map(|f| read_exact_at(&f, &mut head, 0)) {
+        Ok(Ok(true)) if &head == b"SQLite format 3\0" => {
+            "it starts with SQLite's header but the rest is damaged".into()
+        }
+        Ok(Ok(_)) => {
+            "its first bytes are not SQLite's header: it is not an SQLite database, or it is encrypted".into()
+        }
+        _ => "it is not an SQLite database".into(),
+    }
+}
+
+/// Says what keeps `path` from being opened or written: a missing file, a read-only
+/// filesystem, or a file or directory walship's user may not write.
+fn access_hint(path: &Path) -> Option<String> {
+    use nix::unistd::{access, geteuid, AccessFlags};
+    let uid = geteuid();
+    let dir = parent_dir(path);
+    if !path.exists() {
+        return Some("it does not exist".into());
+    }
+    if nix::sys::statvfs::statvfs(dir)
+        .is_ok_and(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+    {
+        return Some(format!(
+            "the filesystem holding {} is mounted read-only",
+            dir.display()
+        ));
+    }
+    for (flag, what) in [
+        (AccessFlags::R_OK, "readable"),
+        (AccessFlags::W_OK, "writable"),
+    ] {
+        if access(path, flag).is_err() {
+            return Some(format!("the file is not {what} by uid {uid}"));
+        }
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for suffix in ["-wal", "-shm"] {
+        let side = dir.join(format!("{name}{suffix}"));
+        if side.exists() {
+            if access(&side, AccessFlags::R_OK | AccessFlags::W_OK).is_err() {
+                return Some(format!(
+                    "{} is not both readable and writable by uid {uid}",
+                    side.display()
+                ));
+            }
+        } else if access(dir, AccessFlags::W_OK | AccessFlags::X_OK).is_err() {
+            return Some(format!(
+                "the directory {} is not writable by uid {uid}, and SQLite must create {name}-wal and {name}-shm there",
+                dir.display()
+            ));
+        }
+    }
+    None
+}
+
+/// Names the process holding SQLite's locks on `path`, and what kind of lock it holds.
+fn lock_hint(path: &Path) -> String {
+    let who = |pid: i32| {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        match comm.trim() {
+            "" => format!("process {pid}"),
+            c => format!("process {pid} ({c})"),
+        }
+    };
+    // A read lock conflicts only with a writer's lock; a write lock with any lock.
+    let holder = |kind: i16| lock_holder(path, kind).ok().flatten();
+    if let Some(pid) = holder(nix::libc::F_RDLCK as i16) {
+        return format!(
+            "{} holds it write-locked: an application using PRAGMA locking_mode=EXCLUSIVE, or one in a long write transaction",
+            who(pid)
+        );
+    }
+    if let Some(pid) = holder(nix::libc::F_WRLCK as i16) {
+        return format!(
+            "{} holds a read lock on it: an application using PRAGMA locking_mode=EXCLUSIVE, or one in a long transaction",
+            who(pid)
+        );
+    }
+    "another connection holds it locked: an application using PRAGMA locking_mode=EXCLUSIVE, or one in a long transaction".into()
+}
+
+/// The pid of a process whose lock on SQLite's lock bytes of `path` conflicts with a lock of
+/// `kind` (`F_GETLK`; walship's own locks never conflict with its own).
+fn lock_holder(path: &Path, kind: i16) -> std::io::Result<Option<i32>> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(path)?;
+    // SAFETY: a plain fcntl on a descriptor we own, with a fully initialised flock.
+    let mut fl: nix::libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = nix::libc::SEEK_SET as i16;
+    fl.l_start = LOCK_RANGE.0;
+    fl.l_len = LOCK_RANGE.1;
+    // SAFETY: as above; F_GETLK only writes into `fl`.
+    let rc = unsafe { nix::libc::fcntl(f.as_raw_fd(), nix::libc::F_GETLK, &mut fl) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((fl.l_type != nix::libc::F_UNLCK as i16).then_some(fl.l_pid))
+}
+
+fn open_conn(path: &Path, busy: Duration) -> Result<Connection> {
     let c = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
-    .with_context(|| format!("cannot open database {}", path.display()))?;
-    c.pragma_update(None, "wal_autocheckpoint", 0)?;
-    // walship reads pages from the files directly; its connections need almost no cache.
-    c.pragma_update(None, "cache_size", -64)?;
-    c.busy_timeout(Duration::from_millis(5000))?;
+    .map_err(|e| explain(path, "open database", e))?;
+    let setup = || -> rusqlite::Result<()> {
+        // First: rusqlite opens with a 5 s timeout, and setting cache_size reads the schema.
+        c.busy_timeout(busy)?;
+        c.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // walship reads pages from the files directly; its connections need almost no cache.
+        c.pragma_update(None, "cache_size", -64)
+    };
+    setup().map_err(|e| explain(path, "open database", e))?;
     Ok(c)
 }
 
@@ -176,12 +372,13 @@ fn open_conn(path: &Path) -> Result<Connection> {
 /// database, say): that is retried for about a second before it counts as a failure.
 ///
 /// # Errors
-/// Says why the switch is impossible (read-only file, an exclusive lock holder, ...).
+/// Says why the switch is impossible (read-only file, an exclusive lock holder, ...), naming
+/// the file; [`is_locked`] tells a lock held by another process from the rest.
 pub fn ensure_wal_mode(path: &Path) -> Result<bool> {
     let mut attempt = 0;
     loop {
         match try_wal_mode(path) {
-            Err(e) if attempt < 20 => {
+            Err(e) if attempt < 10 => {
                 tracing::debug!("{e:#}; retrying");
                 attempt += 1;
                 std::thread::sleep(Duration::from_millis(50));
@@ -191,21 +388,26 @@ pub fn ensure_wal_mode(path: &Path) -> Result<bool> {
     }
 }
 
-fn try_wal_mode(path: &Path) -> Result<bool> {
-    let c = open_conn(path)?;
+/// One attempt of [`ensure_wal_mode`]: waits at most a tenth of a second for a lock.
+///
+/// # Errors
+/// As [`ensure_wal_mode`].
+pub fn try_wal_mode(path: &Path) -> Result<bool> {
+    let c = open_conn(path, WAL_SWITCH_BUSY)?;
     let mode: String = c
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-        .with_context(|| format!("cannot read the journal mode of {}", path.display()))?;
+        .map_err(|e| explain(path, "read the journal mode of", e))?;
     if mode.eq_ignore_ascii_case("wal") {
         return Ok(false);
     }
     let new: String = c
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         .map_err(|e| {
-            anyhow!(
-                "cannot switch {} from journal_mode={mode} to WAL: {e} (is another process holding it with locking_mode=EXCLUSIVE, or is the file or its directory read-only?)",
+            let failed = format!(
+                "cannot switch {} from journal_mode={mode} to WAL",
                 path.display()
-            )
+            );
+            explain_as(path, failed, e)
         })?;
     if !new.eq_ignore_ascii_case("wal") {
         bail!(
@@ -224,11 +426,20 @@ impl Db {
     pub fn open(path: &Path) -> Result<Db> {
         let file =
             File::open(path).with_context(|| format!("cannot open database {}", path.display()))?;
-        let md = file.metadata()?;
-        let pins = [open_conn(path)?, open_conn(path)?];
-        let ckpt = open_conn(path)?;
-        ckpt.busy_timeout(Duration::ZERO)?;
-        let mode: String = ckpt.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        let md = file
+            .metadata()
+            .with_context(|| format!("cannot open database {}", path.display()))?;
+        let pins = [
+            open_conn(path, BUSY_TIMEOUT)?,
+            open_conn(path, BUSY_TIMEOUT)?,
+        ];
+        let ckpt = open_conn(path, BUSY_TIMEOUT)?;
+        // Checkpoints never wait: a busy checkpoint is tried again next round.
+        ckpt.busy_timeout(Duration::ZERO)
+            .map_err(|e| explain(path, "open database", e))?;
+        let mode: String = ckpt
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(|e| explain(path, "read the journal mode of", e))?;
         if !mode.eq_ignore_ascii_case("wal") {
             bail!(
                 "{} is not in WAL mode (journal_mode={mode})",
@@ -270,9 +481,10 @@ impl Db {
 
     fn begin_pin(&mut self, i: usize) -> Result<()> {
         let c = &self.pins[i];
-        c.execute_batch("BEGIN")?;
+        c.execute_batch("BEGIN")
+            .map_err(|e| explain(&self.path, "read", e))?;
         c.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
-            .with_context(|| format!("cannot read {}", self.path.display()))?;
+            .map_err(|e| explain(&self.path, "read", e))?;
         self.active = Some(i);
         Ok(())
     }

@@ -16,6 +16,10 @@
 //!   the saved one.
 //! - A step that fails half-way (memory ahead of the spool) poisons the capture: the next
 //!   round starts a new generation.
+//! - One failure is one failure: a snapshot that cannot be written (walship's disk is full,
+//!   say) is tried again with a backoff of 1 s doubling up to 15 s, returning the same error
+//!   meanwhile; a new generation's snapshot is retried under the same generation id as long as
+//!   nothing of that generation was published (spooled or on a replica).
 //! - Snapshots, a resume's one commit and any commit of at least a segment's size are spooled
 //!   *live* (named before they are written, their time being when their capture began), so
 //!   that replicas receive them while they are compressed; replicas finish them only once
@@ -31,7 +35,7 @@ use anyhow::{anyhow, bail, Result};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
 /// Longest walship holds SQLite's write lock to capture a backlog (a checkpoint's own copy
@@ -145,6 +149,28 @@ pub struct Capture {
     /// next back-off. Retaking the write lock for a checkpoint that cannot progress would
     /// only hold the application's writers back.
     checkpoint_backoff: Option<(std::time::Instant, Duration)>,
+    /// The last snapshot failed (a full disk, say): when to try again, and in which generation.
+    retry: Option<Retry>,
+}
+
+/// First wait before a failed snapshot is tried again; it doubles with every failure...
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+
+/// ...up to this.
+const RETRY_MAX: Duration = Duration::from_secs(15);
+
+/// A snapshot that could not be written, and when to try again (see [`Capture::new_generation`]).
+struct Retry {
+    /// The new generation the failed snapshot began (`None` for a snapshot within the current
+    /// generation). The next attempt reuses it as long as nothing of it was published.
+    generation: Option<GenerationId>,
+    /// Failures in a row.
+    failures: u32,
+    /// No attempt before this.
+    at: Instant,
+    /// The failure, returned as it is until `at`: the main loop logs an error when it changes,
+    /// so a failure that lasts is logged once.
+    error: String,
 }
 
 /// What one capture step did.
@@ -190,6 +216,7 @@ impl Capture {
             checkpointed_at: None,
             poisoned: false,
             checkpoint_backoff: None,
+            retry: None,
         };
         match (fresh, saved) {
             (Some(why), _) => cap.new_generation(why)?,
@@ -452,16 +479,42 @@ impl Capture {
 
     /// Starts a new generation: captures to the end of the WAL and writes a snapshot.
     ///
+    /// One failure is one failure: if the snapshot cannot be written (walship's disk is
+    /// full, say), the next call tries again after a backoff (until then it returns the same
+    /// error at once), and with the same generation id as long as nothing of it was
+    /// published, so a lasting failure starts one generation, not one per attempt.
+    ///
     /// # Errors
     /// Database, WAL or spool errors.
     pub fn new_generation(&mut self, why: &str) -> Result<()> {
         // Until its snapshot is spooled, nothing may be captured on top of it.
         self.poisoned = true;
-        let generation = GenerationId {
-            ms: now_ms(),
-            rand: rand::random(),
+        self.retry_due()?;
+        let again = self
+            .retry
+            .as_ref()
+            .and_then(|r| r.generation)
+            .filter(|g| self.unpublished(g));
+        let generation = match again {
+            Some(g) => {
+                tracing::debug!(generation = %g, "trying the snapshot of the new generation again");
+                g
+            }
+            None => {
+                let g = GenerationId {
+                    ms: now_ms(),
+                    rand: rand::random(),
+                };
+                warn!(generation = %g, "starting a new generation: {why}");
+                g
+            }
         };
-        warn!(generation = %generation, "starting a new generation: {why}");
+        let r = self.begin_generation(generation);
+        self.attempted(r, Some(generation))
+    }
+
+    /// Captures to the end of the WAL and writes the snapshot that begins `generation`.
+    fn begin_generation(&mut self, generation: GenerationId) -> Result<()> {
         let mut attempt = 0;
         loop {
             let (end, db_pages, page_size) = self.db.current_end()?;
@@ -561,6 +614,7 @@ impl Capture {
     /// # Errors
     /// Database, WAL or spool errors.
     pub fn snapshot(&mut self) -> Result<()> {
+        self.retry_due()?;
         let mut attempt = 0;
         loop {
             self.step()?;
@@ -569,10 +623,64 @@ impl Capture {
                 other => {
                     // The snapshot's buffers (zstd workers' among them) are free now.
                     super::trim_heap();
-                    return other;
+                    return self.attempted(other, None);
                 }
             }
         }
+    }
+
+    /// The error of the last failed snapshot while it is too early to try again.
+    fn retry_due(&self) -> Result<()> {
+        match &self.retry {
+            Some(r) if Instant::now() < r.at => Err(anyhow!("{}", r.error)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records the outcome of a snapshot attempt (of new generation `generation`, if any):
+    /// a failure is tried again after a backoff, doubling from [`RETRY_FIRST`] up to
+    /// [`RETRY_MAX`]. A break in continuity is not a failed attempt: it is acted on at once.
+    fn attempted(&mut self, r: Result<()>, generation: Option<GenerationId>) -> Result<()> {
+        match &r {
+            Ok(()) => {
+                if let Some(old) = self.retry.take() {
+                    info!(generation = %self.at.generation, "snapshot written after {} failed attempt(s)", old.failures);
+                }
+            }
+            Err(e) if e.is::<BrokenWal>() => {}
+            Err(e) => {
+                let failures = self.retry.as_ref().map_or(0, |r| r.failures) + 1;
+                let wait = RETRY_FIRST
+                    .saturating_mul(1 << (failures - 1).min(8))
+                    .min(RETRY_MAX);
+                tracing::debug!(failures, "snapshot failed; next attempt in {wait:?}: {e:#}");
+                self.retry = Some(Retry {
+                    generation,
+                    failures,
+                    at: Instant::now() + wait,
+                    error: format!("{e:#}"),
+                });
+            }
+        }
+        r
+    }
+
+    /// True if nothing of generation `g` was published: not in the spool, and no replica
+    /// recorded a position in it. Only such a generation may be begun again by another
+    /// snapshot (its txid 1 is then the new snapshot's, everywhere).
+    fn unpublished(&self, g: &GenerationId) -> bool {
+        let Ok(files) = self.spool.list() else {
+            return false;
+        };
+        let dir = self
+            .state_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        !files.iter().any(|f| f.generation == *g)
+            && !super::ship::replica_positions(&dir)
+                .iter()
+                .any(|k| k.generation == *g)
     }
 
     /// One merged commit for frames after `from` up to `end` (used when resuming). The page
@@ -873,8 +981,11 @@ impl Capture {
     /// rather than on what the last round captured, is what bounds the WAL: an unlocked round
     /// never starts on more than `2 × threshold` frames, so the writer can add only what it
     /// writes while that much is captured.
+    ///
+    /// A poisoned capture is never hot: it cannot capture, so the lock would be held for
+    /// nothing.
     pub fn is_hot(&self, threshold: u32) -> bool {
-        if self.backing_off() {
+        if self.poisoned || self.backing_off() {
             return false;
         }
         let Some(h) = self.db.wal_index() else {

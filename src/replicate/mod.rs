@@ -9,6 +9,10 @@
 //! One replicator per database ([`dblock`]: a flock on the database file, whatever the state
 //! directory) and one writer per replica ([`owner`]: the newest claim owns it).
 //!
+//! Start-up waits for the database to exist, and for a lock another process holds on it
+//! (`locking_mode=EXCLUSIVE`) to go, saying at once in the log and the status what it waits
+//! for; SIGTERM ends either wait within a second.
+//!
 //! Invariants: the application is never waited on (capture reads files, checkpoints are
 //! PASSIVE under a short write lock); local disk use is bounded by `spool-limit` (past it the
 //! oldest spooled files are dropped and lagging replicas resynchronise from a snapshot); what
@@ -152,6 +156,59 @@ fn wait_for_db(
     Ok(true)
 }
 
+/// How often start-up tries again while another process holds the database locked.
+const LOCKED_RETRY: Duration = Duration::from_secs(1);
+
+/// How often the log repeats that start-up still waits for a lock.
+const LOCKED_REPEAT: Duration = Duration::from_secs(300);
+
+/// Puts the database in WAL mode, waiting as long as another process holds it locked (an
+/// application using `locking_mode=EXCLUSIVE`, a long transaction): the log and the status say
+/// at once which process blocks it, and again every [`LOCKED_REPEAT`] while it lasts; SIGTERM
+/// ends the wait at once. Returns whether it switched, or `None` when stopped meanwhile.
+fn wait_for_wal_mode(
+    settings: &Settings,
+    stop: &std::sync::mpsc::Receiver<Msg>,
+    notifier: &Notifier,
+) -> Result<Option<bool>> {
+    let db = &settings.db;
+    let started = Instant::now();
+    let mut said: Option<(String, Instant)> = None;
+    loop {
+        match crate::db::try_wal_mode(db) {
+            Ok(switched) => {
+                if said.is_some() {
+                    info!(db = %db.display(), "{} is no longer locked after {} s: starting", db.display(), started.elapsed().as_secs());
+                }
+                return Ok(Some(switched));
+            }
+            Err(e) if crate::db::is_locked(&e) => {
+                let why = format!("{e:#}");
+                let due = said
+                    .as_ref()
+                    .is_none_or(|(w, at)| *w != why || at.elapsed() >= LOCKED_REPEAT);
+                if due {
+                    let line = format!(
+                        "waiting ({} s so far), retrying every {} s: {why}",
+                        started.elapsed().as_secs(),
+                        LOCKED_RETRY.as_secs()
+                    );
+                    warn!(db = %db.display(), error_kind = "db-locked", "{line}");
+                    notifier.status(&line);
+                    write_status(&settings.state_dir, &format!("starting: {line}"));
+                    said = Some((why, Instant::now()));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        notifier.watchdog();
+        if let Ok(Msg::Stop) = stop.recv_timeout(LOCKED_RETRY) {
+            info!(db = %db.display(), "stopped while waiting for the lock on {}", db.display());
+            return Ok(None);
+        }
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT. Returns after shipping what is pending (or after
 /// [`SHUTDOWN_GRACE`]).
 ///
@@ -182,7 +239,10 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     // Before any connection opens: the lock must outlive them all (see `dblock`). `None` while
     // the file was replaced and the new one is not open yet.
     let mut db_lock = Some(DbLock::acquire(&settings.db)?);
-    if ensure_wal_mode(&settings.db)? {
+    let Some(switched) = wait_for_wal_mode(settings, &rx, notifier)? else {
+        return Ok(());
+    };
+    if switched {
         info!(db = %settings.db.display(), "switched {} to WAL mode (journal_mode=WAL)", settings.db.display());
     }
     let spool = Arc::new(Spool::open(&settings.state_dir)?);
@@ -283,6 +343,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let mut status_line = String::new();
     let mut failing_since: Option<Instant> = None;
     let mut last_capture_error = String::new();
+    let mut last_snapshot_error = String::new();
     // The database being captured; `None` from the moment its file was replaced or deleted
     // until the new file is opened (see `Replaced`).
     let mut at = cap.at;
@@ -372,9 +433,17 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
             if want || last_snapshot.elapsed() >= settings.snapshot_interval {
                 let r = c.snapshot().map(|()| kick_head(&shared, c));
                 match new_generation_if_broken(c, &shared, r) {
-                    Ok(()) => last_snapshot = Instant::now(),
+                    Ok(()) => {
+                        last_snapshot = Instant::now();
+                        last_snapshot_error.clear();
+                    }
                     Err(e) => {
-                        error!(db = %settings.db.display(), "snapshot failed: {e:#}");
+                        // Retried with backoff (see Capture::snapshot); logged when it changes.
+                        let msg = format!("{e:#}");
+                        if msg != last_snapshot_error {
+                            error!(db = %settings.db.display(), "snapshot failed: {msg}");
+                            last_snapshot_error = msg;
+                        }
                         shared.lock().snapshot_wanted = want;
                     }
                 }

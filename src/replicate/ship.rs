@@ -25,6 +25,9 @@
 //!   Retention runs only for the replica's owner and never deletes a generation newer than the
 //!   owner's current one, so another instance's newer generations are never touched; older
 //!   generations (a previous owner's included) age out by the retention policy.
+//! - No empty generation directory stays on a replica: a failed upload of a generation's
+//!   snapshot (its first file) removes the directory it left empty, and every sweep of
+//!   temporary files removes generation directories that hold no file.
 
 use super::capture::now_ms;
 use super::owner::{Ownership, TakenOver};
@@ -491,7 +494,8 @@ impl Shipper {
             },
             file,
             1,
-        )?;
+        )
+        .with_context(|| merge_failed(&tmp))?;
         let mut file = std::fs::File::open(&tmp)
             .with_context(|| format!("cannot reopen {}", tmp.display()))?;
         let dest = file_path(&first.generation, &name);
@@ -615,16 +619,49 @@ impl Shipper {
             info!(replica = %self.name(), "removed {n} temporary file(s) left by an interrupted claim");
         }
         for g in self.target.list(GENERATIONS_DIR)? {
-            if g.is_dir && g.name.parse::<GenerationId>().is_ok() {
+            let Ok(id) = g.name.parse::<GenerationId>() else {
+                continue;
+            };
+            if g.is_dir {
                 let n = self
                     .target
                     .cleanup(&format!("{GENERATIONS_DIR}/{}", g.name))?;
                 if n > 0 {
                     info!(replica = %self.name(), "removed {n} temporary file(s) left by an interrupted upload");
                 }
+                self.remove_if_empty(&id)?;
             }
         }
         Ok(())
+    }
+
+    /// Removes the directory of generation `g` if it holds no file: an upload that failed
+    /// before a generation's first file arrived leaves one (the upload creates it), and a
+    /// generation without files is of no use to anyone.
+    fn remove_if_empty(&self, g: &GenerationId) -> Result<()> {
+        let dir = generation_dir(g);
+        if self.target.list(&dir)?.is_empty() {
+            self.target.remove_dir(&dir)?;
+            debug!(replica = %self.name(), "removed the empty directory of generation {g}");
+        }
+        Ok(())
+    }
+
+    /// After a failed upload of `name` in generation `g`: if it was a snapshot (a
+    /// generation's first file), removes `g`'s directory when the failed upload left it
+    /// empty, and returns `e`. A replica that cannot be reached now is swept once it can
+    /// (see [`Shipper::remove_temps`]).
+    fn upload_failed(&self, g: &GenerationId, name: &FileName, e: anyhow::Error) -> anyhow::Error {
+        let unreachable = e.chain().any(|c| {
+            c.downcast_ref::<crate::target::TargetError>()
+                .is_some_and(|t| t.kind == ErrorKind::Unavailable)
+        });
+        if matches!(name, FileName::Snapshot { .. }) && !unreachable {
+            if let Err(re) = self.remove_if_empty(g) {
+                debug!(replica = %self.name(), "empty generation {g} not removed yet: {re:#}");
+            }
+        }
+        e
     }
 
     fn upload(&self, f: &SpoolFile) -> Result<()> {
@@ -636,9 +673,9 @@ impl Shipper {
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
         };
         let dest = file_path(&f.generation, &f.name);
-        self.target
-            .write_atomic(&dest, &mut src)
-            .map_err(|e| upload_error(e.into(), &dest))?;
+        self.target.write_atomic(&dest, &mut src).map_err(|e| {
+            self.upload_failed(&f.generation, &f.name, upload_error(e.into(), &dest))
+        })?;
         Ok(())
     }
 
@@ -657,8 +694,14 @@ impl Shipper {
         info!(replica = %self.name(), "streaming {} to the replica while it is written", l.name);
         match self.target.write_atomic(&dest, &mut reader) {
             Ok(_) => {}
-            Err(_) if l.abandoned() => return Ok(None),
-            Err(e) => return Err(upload_error(e.into(), &dest)),
+            Err(e) if l.abandoned() => {
+                let _ = self.upload_failed(&l.generation, &l.name, e.into());
+                return Ok(None);
+            }
+            Err(e) => {
+                let e = upload_error(e.into(), &dest);
+                return Err(self.upload_failed(&l.generation, &l.name, e));
+            }
         }
         let size = l
             .published()
@@ -701,7 +744,8 @@ impl Shipper {
         let paths: Vec<String> = inputs.iter().map(|i| file_path(g, i)).collect();
         let (tmp, f) = self.spool.create_temp(g)?;
         let _cleanup = RemoveOnDrop::new(&tmp);
-        merge_segments(&paths, |p| Ok(self.target.read(p)?), f, 1)?;
+        merge_segments(&paths, |p| Ok(self.target.read(p)?), f, 1)
+            .with_context(|| merge_failed(&tmp))?;
         let mut file = std::fs::File::open(&tmp)
             .with_context(|| format!("cannot reopen {}", tmp.display()))?;
         let name = FileName::Segment {
@@ -817,12 +861,19 @@ fn merge_segments(
         }
     }
     let enc = enc.ok_or_else(|| anyhow!("internal: nothing to merge"))?;
-    let file = enc
-        .finish()?
-        .into_inner()
-        .map_err(|e| anyhow!("cannot write merged segment: {}", e.error()))?;
+    let file = enc.finish()?.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     Ok(())
+}
+
+/// What a failed merge into the spool file `tmp` says (its directory: the temporary name
+/// changes on every attempt, and a lasting failure must read the same to be logged once).
+fn merge_failed(tmp: &std::path::Path) -> String {
+    let dir = tmp.parent().unwrap_or(tmp);
+    format!(
+        "cannot merge segments into a spool file in {}",
+        dir.display()
+    )
 }
 
 /// Names the file in an upload error, unless the target's own message already does.

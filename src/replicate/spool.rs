@@ -177,8 +177,12 @@ impl Spool {
             match OpenOptions::new().write(true).create_new(true).open(&tmp) {
                 Ok(f) => return Ok((tmp, f)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => attempts += 1,
+                // Named by its directory: the temporary name differs on every attempt, and
+                // a lasting failure must read the same each time to be logged once.
                 Err(e) => {
-                    return Err(e).with_context(|| format!("cannot create {}", tmp.display()))
+                    return Err(e).with_context(|| {
+                        format!("cannot create a spool file in {}", gdir.display())
+                    })
                 }
             }
         }
@@ -299,7 +303,13 @@ pub struct SpoolWriter {
 
 impl Write for SpoolWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
+        let n = self.file.write(buf).map_err(|e| {
+            let dir = self.tmp.parent().unwrap_or(&self.tmp);
+            io::Error::new(
+                e.kind(),
+                format!("cannot write a spool file in {}: {e}", dir.display()),
+            )
+        })?;
         if let Some(l) = &self.live {
             let mut st = lock(&l.state);
             st.written += n as u64;

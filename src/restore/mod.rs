@@ -837,6 +837,25 @@ pub fn restore(
             dir.display()
         );
     }
+    // Said before anything is downloaded: the temporary file and the rename need it.
+    match nix::unistd::access(
+        &dir,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    ) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EROFS) => bail!(
+            "cannot restore to {}: the filesystem holding {} is mounted read-only",
+            out.display(),
+            dir.display()
+        ),
+        Err(e) => bail!(
+            "cannot restore to {}: the directory {} is not writable by uid {} ({})",
+            out.display(),
+            dir.display(),
+            nix::unistd::geteuid(),
+            e.desc()
+        ),
+    }
     let mut errors = Vec::new();
     for (name, t) in targets {
         let tmp = RemoveOnDrop::new(dir.join(temp_name()));
