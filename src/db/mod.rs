@@ -11,14 +11,29 @@
 //!   That one restart does overwrite frames walship already captured: reads of the whole state
 //!   ([`Db::for_each_page`], for snapshots) check every frame's salts and the header afterwards
 //!   and report [`WalMoved`], and capture re-verifies each frame's checksum as it reads it.
-//! - walship checkpoints only after capturing ([`Db::lock_writes`] takes SQLite's WAL write
-//!   lock, the tail is captured, pins are dropped, a PASSIVE checkpoint runs, a new pin begins,
-//!   the write lock is released). PASSIVE never waits on readers, and writers wait only for
-//!   that short window, well within any sane busy timeout. The write lock is the `-shm` byte
-//!   SQLite's unix VFS uses for it (offset 120), taken with `fcntl(F_SETLK)` polled every
-//!   50 µs: SQLite's own busy handler sleeps for milliseconds and loses every race against a
-//!   writer that commits back to back, and walship must win one to bound the WAL. No
-//!   connection of walship's ever takes that lock through SQLite, so the two never mix.
+//! - walship checkpoints only after capturing, and normally without any lock the application
+//!   waits for: a PASSIVE checkpoint copies up to walship's pin, and when the whole WAL was
+//!   captured and copied the pin moves onto the fully copied WAL (slot 0), so the next writer
+//!   restarts it. Only when a writer outruns capture does walship take SQLite's WAL write lock
+//!   ([`Db::lock_writes`]: the tail is captured, pins are dropped, a PASSIVE checkpoint runs, a
+//!   new pin begins, the lock is released); writers wait only for that short window. The
+//!   write lock is the `-shm` byte SQLite's unix VFS uses for it (offset 120), taken with
+//!   `fcntl(F_SETLK)` polled every 50 µs: SQLite's own busy handler sleeps for milliseconds
+//!   and loses every race against a writer that commits back to back, and walship must win
+//!   one to bound the WAL. No connection of walship's ever takes that lock through SQLite, so
+//!   the two never mix.
+//! - An application's own FULL/RESTART/TRUNCATE checkpoint waits for every reader, walship's
+//!   pin included. Seen from its locks (write and checkpointer bytes held by another process),
+//!   walship captures to the end and lets go of its pin until that checkpoint is done
+//!   ([`Db::yield_to_checkpointer`]); nothing can be appended meanwhile, the checkpointer holds
+//!   the write lock.
+//! - SQLite's commit counter (the wal-index's `iChange`, one more per commit, kept across WAL
+//!   restarts) is recorded at walship's position whenever a scan can tie the two together.
+//!   Across any WAL reset it decides continuity: it must have moved by exactly the commits of
+//!   the new WAL (then no commit went unseen), or continuity is broken. Only without that
+//!   proof does the pin protocol above (salt-1 one more, pinned throughout) decide. A WAL
+//!   restarted by a TRUNCATE and then written by a connection that never restarted one itself
+//!   carries random salts: only the counter tells that case apart.
 //! - The database and `-shm` files are read or locked through handles kept open for the life
 //!   of [`Db`]: closing any descriptor of a file drops every POSIX lock the process holds on it,
 //!   SQLite's included.
@@ -656,7 +671,7 @@ impl Db {
 
     /// Lets an application's checkpoint through: with every frame of the WAL captured (`pos`
     /// at the end SQLite's wal-index shows), walship ends its read transactions, waits (at
-    /// most [`YIELD_WAIT`]) for the checkpointer to finish, and pins again. Meanwhile the
+    /// most `YIELD_WAIT`) for the checkpointer to finish, and pins again. Meanwhile the
     /// checkpointer holds the write lock, so nothing is appended; whatever happens after it
     /// lets go is judged by the next scan: SQLite's commit count, saved here, must account
     /// for every commit of a restarted WAL, or continuity is broken. Returns false (and does

@@ -4,7 +4,8 @@
 //! Threads: the main loop (this module) owns the database and the spool's producer side; one
 //! [`ship::Shipper`] thread per replica consumes the spool. The main loop wakes only for file
 //! events on the database or its WAL (inotify), replica progress, signals, and timers that are
-//! due (watchdog, snapshot interval): an idle database costs no work.
+//! due (watchdog, snapshot interval; for 2 s after each change, a 20 ms look for an application's
+//! checkpoint waiting on walship): an idle database costs no work.
 //!
 //! One replicator per database ([`dblock`]: a flock on the database file, whatever the state
 //! directory) and one writer per replica ([`owner`]: the newest claim owns it).
@@ -14,7 +15,7 @@
 //! for; SIGTERM ends either wait within a second.
 //!
 //! Invariants: the application is never waited on (capture reads files, checkpoints are
-//! PASSIVE under a short write lock); local disk use is bounded by `spool-limit` (past it the
+//! PASSIVE, under a short write lock only while a writer outruns capture); local disk use is bounded by `spool-limit` (past it the
 //! oldest spooled files are dropped and lagging replicas resynchronise from a snapshot); what
 //! `status` reports as replicated is what a replica durably holds.
 //!
