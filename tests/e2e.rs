@@ -977,7 +977,13 @@ fn e2e_spool_limit() {
         77,
     );
     w.wait();
-    // Let the loop run its maintenance, then measure what the spool holds.
+    // Capture may still be catching up with the writer: wait until the spool went over its
+    // limit (said loudly), then measure what it holds once maintenance ran.
+    poll(
+        "the log to say spooled files were dropped",
+        15 * SEC,
+        || d.log_text().contains("spool over its limit").then_some(()),
+    );
     let spool_bytes = |sb: &Sandbox| -> (u64, u64) {
         let mut total = 0;
         let mut snaps = 0;

@@ -259,9 +259,28 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// Runs `f` on a descriptor of `path` that stays open for the life of the process. Closing any
+/// descriptor of a file drops every POSIX lock the process holds on it, SQLite's included: a
+/// diagnosis inside the daemon, whose connections hold locks on the very file, must never
+/// open and close it. One descriptor is kept per file (device and inode).
+fn with_kept_file<T>(path: &Path, f: impl FnOnce(&File) -> T) -> std::io::Result<T> {
+    use std::sync::{Mutex, OnceLock};
+    static KEPT: OnceLock<Mutex<HashMap<(u64, u64), File>>> = OnceLock::new();
+    let md = std::fs::metadata(path)?;
+    let mut kept = KEPT
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let file = match kept.entry((md.dev(), md.ino())) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(File::open(path)?),
+    };
+    Ok(f(file))
+}
+
 fn not_a_database(path: &Path) -> String {
     let mut head = [0u8; 16];
-    match File::open(path).map(|f| read_exact_at(&f, &mut head, 0)) {
+    match with_kept_file(path, |f| read_exact_at(f, &mut head, 0)) {
         Ok(Ok(true)) if &head == b"SQLite format 3\0" => {
             "it starts with SQLite's header but the rest is damaged".into()
         }
@@ -349,8 +368,11 @@ fn lock_hint(path: &Path) -> String {
 /// The pid of a process whose lock on SQLite's lock bytes of `path` conflicts with a lock of
 /// `kind` (`F_GETLK`; walship's own locks never conflict with its own).
 fn lock_holder(path: &Path, kind: i16) -> std::io::Result<Option<i32>> {
+    with_kept_file(path, |f| lock_holder_of(f, kind))?
+}
+
+fn lock_holder_of(f: &File, kind: i16) -> std::io::Result<Option<i32>> {
     use std::os::fd::AsRawFd;
-    let f = File::open(path)?;
     // SAFETY: a plain fcntl on a descriptor we own, with a fully initialised flock.
     let mut fl: nix::libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind;

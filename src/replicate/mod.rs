@@ -643,8 +643,10 @@ fn capture_round_inner(cap: &mut Capture, settings: &Settings, shared: &Shared) 
         return Ok(());
     }
     // A checkpoint may capture commits that landed meanwhile.
-    cap.maybe_checkpoint(settings.checkpoint_pages)?;
-    kick_head(shared, cap);
+    let before = cap.key();
+    if cap.maybe_checkpoint(settings.checkpoint_pages)? || cap.key() != before {
+        kick_head(shared, cap);
+    }
     Ok(())
 }
 
