@@ -12,24 +12,6 @@ use std::time::{Duration, Instant};
 
 const SEC: Duration = Duration::from_secs(1);
 
-/// Runs the sqlite3 CLI as an application would: with a busy timeout of 5 s (the CLI's own
-/// default is none, and walship briefly locks a database it has just (re)opened).
-fn sqlite3(db: &Path, sql: &str) -> String {
-    let o = Command::new("sqlite3")
-        .args(["-cmd", ".timeout 5000"])
-        .arg(db)
-        .arg(sql)
-        .output()
-        .expect("run the sqlite3 CLI (install sqlite3)");
-    assert!(
-        o.status.success(),
-        "sqlite3 {} {sql:?}: {}",
-        db.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
 fn start(sb: &Sandbox) -> Daemon {
     Daemon::start(
         &[sb.db().into_os_string(), sb.replica_url().into()],

@@ -10,27 +10,6 @@ use std::time::Duration;
 
 const SEC: Duration = Duration::from_secs(1);
 
-/// The sqlite3 CLI with a busy timeout of `timeout_ms` (0: none, the CLI's default).
-fn sqlite3_t(db: &Path, timeout_ms: u32, sql: &str) -> String {
-    let o = Command::new("sqlite3")
-        .args(["-cmd", &format!(".timeout {timeout_ms}")])
-        .arg(db)
-        .arg(sql)
-        .output()
-        .expect("run the sqlite3 CLI (install sqlite3)");
-    assert!(
-        o.status.success(),
-        "sqlite3 {} {sql:?}: {}",
-        db.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
-fn sqlite3(db: &Path, sql: &str) -> String {
-    sqlite3_t(db, 5000, sql)
-}
-
 fn start(sb: &Sandbox) -> Daemon {
     Daemon::start(
         &[sb.db().into_os_string(), sb.replica_url().into()],

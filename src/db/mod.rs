@@ -130,8 +130,8 @@ pub enum WalState {
         /// The position after the last new commit.
         end: WalPos,
     },
-    /// The WAL was restarted exactly once since `pos` (salt-1 incremented); `commits` are from
-    /// its start.
+    /// A new WAL follows `pos` without a commit lost (SQLite's commit count proves it, or
+    /// salt-1 is one more under the pin protocol); `commits` are from its start.
     Restarted {
         /// Commits from the start of the new WAL.
         commits: Vec<WalCommit>,
