@@ -224,13 +224,24 @@ fn app_reader(db: &Path, secs: u32) -> std::process::Child {
     c
 }
 
-fn app_db(sb: &Sandbox) -> std::path::PathBuf {
+/// A WAL database with table `t(id, v)` replicated by a running walship, caught up.
+fn replicated_app_db() -> (Sandbox, std::path::PathBuf, Daemon) {
+    let sb = Sandbox::new();
     let db = sb.db();
     sqlite3(
         &db,
         "pragma journal_mode=wal; create table t(id integer primary key, v);",
     );
-    db
+    let mut d = start(&sb);
+    d.wait_caught_up(10 * SEC);
+    (sb, db, d)
+}
+
+/// Waits until walship caught up, checks the replica restores to the database, stops it.
+fn caught_up_and_restorable(sb: &Sandbox, db: &Path, d: &mut Daemon) {
+    d.wait_caught_up(10 * SEC);
+    restored_equals(sb, db, "a.db");
+    d.stop();
 }
 
 /// An application that runs `pragma wal_checkpoint(TRUNCATE)` (and RESTART) itself: each
@@ -238,10 +249,8 @@ fn app_db(sb: &Sandbox) -> std::path::PathBuf {
 /// application's commits stay fast, and walship keeps its generation (it saw every frame).
 #[test]
 fn e2e_app_checkpoints() {
-    let sb = Sandbox::new();
-    let db = app_db(&sb);
-    let mut d = start(&sb);
-    let before = d.wait_caught_up(10 * SEC);
+    let (sb, db, mut d) = replicated_app_db();
+    let before = d.status().expect("status");
     for mode in ["TRUNCATE", "RESTART"] {
         let r = app_write(
             &db,
@@ -273,7 +282,6 @@ fn e2e_app_checkpoints() {
             "{mode}: a commit took {} ms: {r:?}",
             r.max_ms
         );
-        let _ = r.p99_ms;
     }
     let s = d.wait_caught_up(10 * SEC);
     assert_eq!(
@@ -291,10 +299,7 @@ fn e2e_app_checkpoints() {
 /// in the milliseconds.
 #[test]
 fn e2e_long_reader_does_not_stall_writers() {
-    let sb = Sandbox::new();
-    let db = app_db(&sb);
-    let mut d = start(&sb);
-    d.wait_caught_up(10 * SEC);
+    let (sb, db, mut d) = replicated_app_db();
     let mut reader = app_reader(&db, 6);
     // ~3 frames a commit: the WAL passes walship's checkpoint threshold (checkpoint-pages,
     // 1000) twice over while the reader holds it.
@@ -311,19 +316,14 @@ fn e2e_long_reader_does_not_stall_writers() {
         r.max_ms < 750.0 && r.p99_ms < 40.0,
         "writers stalled behind walship's checkpoints while a reader held the WAL: {r:?}"
     );
-    d.wait_caught_up(10 * SEC);
-    restored_equals(&sb, &db, "a.db");
-    d.stop();
+    caught_up_and_restorable(&sb, &db, &mut d);
 }
 
 /// An application with no busy timeout at all (the sqlite3 CLI's default) writing 100 commits
 /// a second: walship's locks must never make one of its commits fail.
 #[test]
 fn e2e_writer_without_busy_timeout() {
-    let sb = Sandbox::new();
-    let db = app_db(&sb);
-    let mut d = start(&sb);
-    d.wait_caught_up(10 * SEC);
+    let (sb, db, mut d) = replicated_app_db();
     // ~6 frames a commit: walship checkpoints every couple of seconds meanwhile.
     let r = app_write(
         &db,
@@ -341,7 +341,5 @@ fn e2e_writer_without_busy_timeout() {
     eprintln!("e2e_writer_without_busy_timeout: {r:?}");
     assert!(r.commits + r.busy >= 550, "{r:?}");
     assert_eq!(r.busy, 0, "commits failed with SQLITE_BUSY: {r:?}");
-    d.wait_caught_up(10 * SEC);
-    restored_equals(&sb, &db, "a.db");
-    d.stop();
+    caught_up_and_restorable(&sb, &db, &mut d);
 }

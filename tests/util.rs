@@ -163,15 +163,22 @@ where
     S: AsRef<OsStr>,
 {
     let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-    let cmd = format!(
-        "walship {}",
-        args.iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let mut child = Command::new(BIN)
-        .args(&args)
+    let mut c = Command::new(BIN);
+    c.args(&args);
+    run_to_end(c, format!("walship {}", shell_words(&args)))
+}
+
+fn shell_words<S: AsRef<OsStr>>(args: &[S]) -> String {
+    args.iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `c` (named `cmd` in messages) with no stdin to completion, 60 s at most, collecting
+/// its output.
+fn run_to_end(mut c: Command, cmd: String) -> Out {
+    let mut child = c
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1073,52 +1080,9 @@ impl Drop for Tmpfs {
 /// library drops root's supplementary groups): permission checks apply as they do to an
 /// operator's service user.
 pub fn walship_as<S: AsRef<OsStr>>(uid: u32, args: &[S]) -> Out {
-    let cmd = format!(
-        "(uid {uid}) walship {}",
-        args.iter()
-            .map(|a| a.as_ref().to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let mut child = Command::new(BIN)
-        .args(args)
-        .uid(uid)
-        .gid(uid)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    let mut so = child.stdout.take().expect("stdout");
-    let mut se = child.stderr.take().expect("stderr");
-    let to = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut so, &mut s);
-        s
-    });
-    let te = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut se, &mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`{cmd}` did not finish within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Out {
-        status,
-        stdout: to.join().unwrap_or_default(),
-        stderr: te.join().unwrap_or_default(),
-        cmd,
-    }
+    let mut c = Command::new(BIN);
+    c.args(args).uid(uid).gid(uid);
+    run_to_end(c, format!("(uid {uid}) walship {}", shell_words(args)))
 }
 
 /// Runs the sqlite3 CLI as an application would: with a busy timeout of 5 s (the CLI's own

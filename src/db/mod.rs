@@ -1170,13 +1170,12 @@ impl StaleSidecars {
         let wal = self.wal.as_ref().filter(|(p, id)| file_id(p) == Some(*id));
         let shm = self.shm.as_ref().filter(|(p, id)| file_id(p) == Some(*id));
         let unlink = |p: &Path| match std::fs::remove_file(p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("cannot remove {}", p.display()))
-            }
-            _ => {
+            Ok(()) => {
                 tracing::info!("removed {} of the replaced database", p.display());
                 Ok(())
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", p.display())),
         };
         let Some((shm_path, shm_id)) = shm else {
             // Without its wal-index nobody can be using the old WAL.
