@@ -75,6 +75,29 @@ pub struct ReplicaSettings {
     pub timeout: Duration,
 }
 
+impl ReplicaSettings {
+    /// How to log in to this replica. A key and a passphrase that systemd passes as credentials
+    /// (`walship-key-<name>`, `walship-passphrase-<name>`, wired by the systemd generator) are
+    /// preferred over the configured paths.
+    pub fn access(&self) -> crate::backend::Access {
+        let cred =
+            |prefix: &str| crate::systemd::credential_path(&format!("{prefix}{}", self.name));
+        crate::backend::Access {
+            key_path: cred(crate::systemd::KEY_CREDENTIAL_PREFIX).or_else(|| self.key_path.clone()),
+            passphrase_file: cred(crate::systemd::PASSPHRASE_CREDENTIAL_PREFIX)
+                .or_else(|| self.passphrase_file.clone()),
+            known_hosts: self.known_hosts.clone(),
+            use_agent: self.use_agent,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Opens this replica's backend.
+    pub fn open(&self) -> Box<dyn crate::backend::Backend> {
+        crate::backend::open(&self.url, &self.access())
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct RawConfig {

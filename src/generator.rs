@@ -19,6 +19,7 @@
 //!   is escaped as `%%`.
 
 use crate::config::{self, Settings};
+use crate::systemd::{KEY_CREDENTIAL_PREFIX, PASSPHRASE_CREDENTIAL_PREFIX};
 use crate::url::ReplicaUrl;
 use anyhow::Context;
 use std::fmt::Write as _;
@@ -28,13 +29,6 @@ use std::path::{Path, PathBuf};
 /// File name of the generated drop-in inside `walship@NAME.service.d/`. Admin overrides from
 /// `systemctl edit` (`override.conf`) sort after it and win.
 pub const DROP_IN_NAME: &str = "50-walship-generated.conf";
-
-/// Prefix of the credential that carries a replica's private key: `walship-key-<replica name>`.
-pub const KEY_CREDENTIAL_PREFIX: &str = "walship-key-";
-
-/// Prefix of the credential that carries a replica's key passphrase:
-/// `walship-passphrase-<replica name>`.
-pub const PASSPHRASE_CREDENTIAL_PREFIX: &str = "walship-passphrase-";
 
 /// Writes `<out_dir>/walship@NAME.service.d/50-walship-generated.conf` for every
 /// `<config_dir>/NAME.toml` whose NAME is a valid instance name ([`valid_instance_name`]) and
@@ -96,7 +90,7 @@ pub fn generate(config_dir: &Path, out_dir: &Path) -> anyhow::Result<Vec<String>
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let dest = dir.join(DROP_IN_NAME);
-        crate::target::file::write_file_atomic(&dest, &mut text.as_bytes(), 0o644)
+        crate::durable::write_file_atomic(&dest, &mut text.as_bytes(), 0o644)
             .with_context(|| format!("cannot write {}", dest.display()))?;
     }
     Ok(warnings)

@@ -4,7 +4,7 @@
 //! - [`cli`]: the clap definition (help, man pages, completions) and what each command does.
 //! - [`config`]: the TOML file of one database, validated into `Settings` (exit 78 on errors).
 //! - [`url`]: replica URLs, `file:///PATH` and `sftp://USER@HOST[:PORT]/PATH`.
-//! - [`target`]: the storage seam, `trait Target` and its implementations (`file://`, `sftp://`,
+//! - [`backend`]: the storage seam, `trait Backend` and its implementations (`file://`, `sftp://`,
 //!   with `known_hosts` checking for the latter).
 //! - [`wal`]: the SQLite WAL format, pure: header, frames, salts, the checksum chain.
 //! - [`layout`]: the on-replica format, pure: names, snapshot and segment encoding, whole-database
@@ -16,15 +16,17 @@
 //! - [`systemd`]: sd_notify (`READY`/`STATUS`/`WATCHDOG`/`STOPPING`), journald-aware logging,
 //!   credentials from `LoadCredential=`.
 //! - [`generator`]: the systemd generator writing a sandbox drop-in per `/etc/walship/NAME.toml`.
+pub mod backend;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod db;
+pub mod durable;
 pub mod generator;
 pub mod layout;
 pub mod replicate;
 pub mod restore;
 pub mod systemd;
-pub mod target;
 pub mod url;
 pub mod wal;
 

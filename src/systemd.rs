@@ -279,13 +279,19 @@ fn stderr_is_journal() -> bool {
     }
 }
 
+/// Prefix of the credential that carries a replica's private key: `walship-key-<replica name>`.
+pub const KEY_CREDENTIAL_PREFIX: &str = "walship-key-";
+
+/// Prefix of the credential that carries a replica's key passphrase:
+/// `walship-passphrase-<replica name>`.
+pub const PASSPHRASE_CREDENTIAL_PREFIX: &str = "walship-passphrase-";
+
 /// The file systemd passed as credential `name` (`LoadCredential=name:...` in the unit):
 /// `$CREDENTIALS_DIRECTORY/<name>` if that variable is set and the file exists. Names with a
 /// `/` or that are `.`/`..` are never looked up.
 ///
-/// The engine prefers `credential_path("walship-key-<replica>")` over the replica's `key-path`,
-/// and `credential_path("walship-passphrase-<replica>")` over its `passphrase-file`: the
-/// generator (see [`crate::generator`]) wires root-only keys in that way.
+/// [`crate::config::ReplicaSettings::access`] prefers these credentials over the replica's
+/// `key-path` and `passphrase-file`: the generator wires root-only keys in that way.
 pub fn credential_path(name: &str) -> Option<PathBuf> {
     if name.is_empty() || name == "." || name == ".." || name.contains('/') {
         return None;

@@ -1,11 +1,12 @@
 //! The conformance suite that every storage target must pass. Each target's test calls
 //! [`run`] with a fresh, empty target; the suite checks the invariants documented on
-//! `walship::target::Target`.
+//! `walship::backend::Backend`.
 
 use std::io::Read;
-use walship::target::{ErrorKind, Target, TEMP_PREFIX};
+use walship::backend::{Backend, ErrorKind};
+use walship::durable::TEMP_PREFIX;
 
-fn read_all(t: &dyn Target, path: &str) -> Vec<u8> {
+fn read_all(t: &dyn Backend, path: &str) -> Vec<u8> {
     let mut buf = Vec::new();
     t.read(path)
         .unwrap_or_else(|e| panic!("read {path}: {e}"))
@@ -15,7 +16,7 @@ fn read_all(t: &dyn Target, path: &str) -> Vec<u8> {
 }
 
 /// Runs every conformance check against `t`, which must be empty.
-pub fn run(t: &dyn Target) {
+pub fn run(t: &dyn Backend) {
     // An empty or missing directory lists as empty.
     assert!(
         t.list("").expect("list root").is_empty(),

@@ -1243,23 +1243,23 @@ fn e2e_db_changes() {
 #[test]
 fn restore_lists_again_when_a_planned_file_vanishes() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use walship::target::{file::FileTarget, Entry, Target};
+    use walship::backend::{file::FileBackend, Backend, Entry};
 
     #[derive(Debug)]
     struct Vanishing {
-        inner: FileTarget,
+        inner: FileBackend,
         root: PathBuf,
         reads: AtomicUsize,
         restore_after: bool,
     }
-    impl Target for Vanishing {
+    impl Backend for Vanishing {
         fn url(&self) -> String {
             self.inner.url()
         }
-        fn list(&self, dir: &str) -> walship::target::Result<Vec<Entry>> {
+        fn list(&self, dir: &str) -> walship::backend::Result<Vec<Entry>> {
             self.inner.list(dir)
         }
-        fn read(&self, path: &str) -> walship::target::Result<Box<dyn std::io::Read + Send>> {
+        fn read(&self, path: &str) -> walship::backend::Result<Box<dyn std::io::Read + Send>> {
             if path.contains("/seg-") && self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
                 let p = self.root.join(path);
                 let away = self.root.join("moved-away");
@@ -1272,16 +1272,20 @@ fn restore_lists_again_when_a_planned_file_vanishes() {
             }
             self.inner.read(path)
         }
-        fn write_atomic(&self, p: &str, d: &mut dyn std::io::Read) -> walship::target::Result<u64> {
+        fn write_atomic(
+            &self,
+            p: &str,
+            d: &mut dyn std::io::Read,
+        ) -> walship::backend::Result<u64> {
             self.inner.write_atomic(p, d)
         }
-        fn delete(&self, p: &str) -> walship::target::Result<()> {
+        fn delete(&self, p: &str) -> walship::backend::Result<()> {
             self.inner.delete(p)
         }
-        fn remove_dir(&self, d: &str) -> walship::target::Result<()> {
+        fn remove_dir(&self, d: &str) -> walship::backend::Result<()> {
             self.inner.remove_dir(d)
         }
-        fn cleanup(&self, d: &str) -> walship::target::Result<usize> {
+        fn cleanup(&self, d: &str) -> walship::backend::Result<usize> {
             self.inner.cleanup(d)
         }
     }
@@ -1304,7 +1308,7 @@ fn restore_lists_again_when_a_planned_file_vanishes() {
     d.stop();
     for restore_after in [true, false] {
         let t = Vanishing {
-            inner: FileTarget::new(sb.replica()),
+            inner: FileBackend::new(sb.replica()),
             root: sb.replica(),
             reads: AtomicUsize::new(0),
             restore_after,

@@ -11,14 +11,14 @@ use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use walship::target::Target;
+use walship::backend::Backend;
 
 /// Lists `dir` of `t` again and again for `dur` while another thread creates and removes
 /// files (and a subdirectory with files) in `local`, the same directory on this machine, as
 /// fast as it can, for at least `dur` (up to 8 times as long on a busy machine, until there
 /// were 200 listings and 5000 removals). Every listing must succeed and hold the files that
 /// exist throughout. Returns (listings, files removed meanwhile).
-fn list_under_churn(t: &dyn Target, dir: &str, local: &Path, dur: Duration) -> (usize, usize) {
+fn list_under_churn(t: &dyn Backend, dir: &str, local: &Path, dur: Duration) -> (usize, usize) {
     fs::create_dir_all(local).expect("mkdir");
     for i in 0..200 {
         fs::write(local.join(format!("keep-{i:03}")), b"k").expect("write keep");
@@ -88,7 +88,7 @@ fn list_under_churn(t: &dyn Target, dir: &str, local: &Path, dur: Duration) -> (
 #[test]
 fn file_list_tolerates_vanishing_entries() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let t = walship::target::file::FileTarget::new(dir.path());
+    let t = walship::backend::file::FileBackend::new(dir.path());
     let (n, removed) = list_under_churn(&t, "g", &dir.path().join("g"), Duration::from_secs(1));
     eprintln!(
         "file_list_tolerates_vanishing_entries: {n} listings, {removed} files removed meanwhile"
@@ -342,7 +342,7 @@ fn e2e_restore_and_verify_during_compaction() {
     let temps: Vec<_> = [outdir, sb.db().with_file_name(""), sb.replica()]
         .iter()
         .flat_map(|d| walk(d))
-        .filter(|p| p.to_string_lossy().contains(walship::target::TEMP_PREFIX))
+        .filter(|p| p.to_string_lossy().contains(walship::durable::TEMP_PREFIX))
         .collect();
     assert!(temps.is_empty(), "temporary files left: {temps:?}");
 }
@@ -361,7 +361,7 @@ fn names_in(dir: &Path) -> Vec<String> {
 fn temps_under(dir: &Path) -> Vec<std::path::PathBuf> {
     walk(dir)
         .into_iter()
-        .filter(|p| p.to_string_lossy().contains(walship::target::TEMP_PREFIX))
+        .filter(|p| p.to_string_lossy().contains(walship::durable::TEMP_PREFIX))
         .collect()
 }
 

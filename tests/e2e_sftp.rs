@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use walship::target::TEMP_PREFIX;
+use walship::durable::TEMP_PREFIX;
 
 const SEC: Duration = Duration::from_secs(1);
 

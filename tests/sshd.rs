@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use walship::target::sftp::{SftpOptions, SftpTarget, SftpUrl};
+use walship::backend::sftp::{SftpBackend, SftpOptions};
+use walship::url::SftpUrl;
 
 /// The chroot's writable directory as seen from the host.
 pub const DB_DIR: &str = "/var/data/replicator/db";
@@ -352,8 +353,8 @@ impl Sshd {
     }
 
     /// A target at `path` with a 5 s timeout.
-    pub fn target(&self, path: &str) -> SftpTarget {
-        SftpTarget::new(self.options(path, Duration::from_secs(5)))
+    pub fn target(&self, path: &str) -> SftpBackend {
+        SftpBackend::new(self.options(path, Duration::from_secs(5)))
     }
 }
 

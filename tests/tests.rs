@@ -1,5 +1,7 @@
 //! walship's integration tests: one test binary, a module per area.
 
+mod backend_file;
+mod backend_sftp;
 mod conformance;
 mod daemon_notify;
 mod e2e;
@@ -14,6 +16,4 @@ mod notify;
 mod packaging;
 mod sshd;
 mod systemd_files;
-mod target_file;
-mod target_sftp;
 mod util;

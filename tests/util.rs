@@ -982,7 +982,7 @@ impl Report {
             .filter(|p| {
                 p.file_name().is_some_and(|n| {
                     n.to_string_lossy()
-                        .starts_with(walship::target::TEMP_PREFIX)
+                        .starts_with(walship::durable::TEMP_PREFIX)
                 })
             })
             .map(|p| dir.join(p))

@@ -4,14 +4,14 @@
 //! `tracing` to stderr (or the journal), and failures are returned as errors for `main`.
 
 use super::{Cli, Command, ConfigArg, UrlFlags};
+use crate::backend::Backend;
 use crate::config::{self, ConfigError, ReplicaSettings, Settings};
+use crate::durable::RemoveOnDrop;
 use crate::layout::names::{FileName, Position};
 use crate::layout::plan::Want;
-use crate::replicate::{self, open_target};
+use crate::replicate;
 use crate::restore::{self, list_replica, RestoreOptions};
 use crate::systemd::Notifier;
-use crate::target::file::RemoveOnDrop;
-use crate::target::Target;
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -44,7 +44,7 @@ fn ad_hoc(
 fn targets(
     replicas: &[ReplicaSettings],
     only: Option<&str>,
-) -> Result<Vec<(String, Box<dyn Target>)>> {
+) -> Result<Vec<(String, Box<dyn Backend>)>> {
     let chosen: Vec<&ReplicaSettings> = replicas
         .iter()
         .filter(|r| only.is_none_or(|n| r.name == n))
@@ -60,13 +60,8 @@ fn targets(
     }
     chosen
         .into_iter()
-        .map(|r| Ok((r.name.clone(), open_target(r)?)))
+        .map(|r| Ok((r.name.clone(), r.open())))
         .collect()
-}
-
-fn fmt_ms(ms: u64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 fn fmt_size(n: u64) -> String {
@@ -215,7 +210,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 out.display(),
                 r.url,
                 r.position,
-                fmt_ms(r.time_ms),
+                crate::clock::rfc3339(r.time_ms),
                 r.db_pages,
                 r.page_size,
                 r.db_checksum,
@@ -307,7 +302,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             fingerprint,
             yes,
         } => {
-            let parsed = crate::target::sftp::SftpUrl::parse(&url).map_err(ConfigError)?;
+            let parsed = crate::url::SftpUrl::parse(&url).map_err(ConfigError)?;
             let kh = match (load(&config)?, known_hosts) {
                 (Some(s), _) => s
                     .replicas
@@ -319,7 +314,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 (None, None) => PathBuf::from(config::DEFAULT_KNOWN_HOSTS),
             };
             let mut out = std::io::stdout().lock();
-            crate::target::sftp::trust(&parsed, &kh, fingerprint.as_deref(), yes, &mut out)?;
+            crate::backend::sftp::trust(&parsed, &kh, fingerprint.as_deref(), yes, &mut out)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::SystemdGenerator { dirs } => {
@@ -373,7 +368,7 @@ fn remove_temps_on_signal(dir: PathBuf) {
         let Some(sig) = signals.forever().next() else {
             return;
         };
-        let prefix = format!("{}{}-", crate::target::TEMP_PREFIX, std::process::id());
+        let prefix = format!("{}{}-", crate::durable::TEMP_PREFIX, std::process::id());
         let mut removed = 0;
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
@@ -395,8 +390,8 @@ fn remove_temps_on_signal(dir: PathBuf) {
 }
 
 /// Restores the latest state into a temporary file and compares it with the database.
-fn verify_one(db: &Path, t: &dyn Target) -> Result<String> {
-    let tmp = std::env::temp_dir().join(crate::target::temp_name());
+fn verify_one(db: &Path, t: &dyn Backend) -> Result<String> {
+    let tmp = std::env::temp_dir().join(crate::durable::temp_name());
     let _guard = RemoveOnDrop::new(&tmp);
     let r = restore::restore_into(t, &Want::Latest, &tmp)?;
     restore::integrity_check(&tmp)?;
@@ -423,21 +418,21 @@ fn verify_one(db: &Path, t: &dyn Target) -> Result<String> {
             pages,
             r.db_pages,
             r.position,
-            fmt_ms(r.time_ms)
+            crate::clock::rfc3339(r.time_ms)
         );
     }
     Ok(format!(
         "verified: {} at {} ({}) equals {} page for page ({} pages, checksum {:016x})",
         r.url,
         r.position,
-        fmt_ms(r.time_ms),
+        crate::clock::rfc3339(r.time_ms),
         db.display(),
         pages,
         r.db_checksum
     ))
 }
 
-fn list_one(name: &str, t: &dyn Target, out: &mut dyn Write) -> Result<()> {
+fn list_one(name: &str, t: &dyn Backend, out: &mut dyn Write) -> Result<()> {
     let l = list_replica(t)?;
     writeln!(out, "replica {name}: {}", t.url())?;
     // The owner: the instance whose claim is the newest (a "latest" restore follows it).
@@ -448,7 +443,7 @@ fn list_one(name: &str, t: &dyn Target, out: &mut dyn Write) -> Result<()> {
             c.instance,
             c.host,
             c.pid,
-            fmt_ms(c.claimed_ms),
+            crate::clock::rfc3339(c.claimed_ms),
             c.generation
                 .map_or(String::new(), |g| format!(", writing generation {g}"))
         )?,
@@ -465,7 +460,7 @@ fn list_one(name: &str, t: &dyn Target, out: &mut dyn Write) -> Result<()> {
         writeln!(
             out,
             "  generation {g}  started {}  {} file(s), {}",
-            fmt_ms(g.ms),
+            crate::clock::rfc3339(g.ms),
             files.len(),
             fmt_size(bytes)
         )?;
@@ -475,7 +470,7 @@ fn list_one(name: &str, t: &dyn Target, out: &mut dyn Write) -> Result<()> {
                     writeln!(
                         out,
                         "    snapshot  {g}/{txid:<10}  {}  {}",
-                        fmt_ms(time_ms),
+                        crate::clock::rfc3339(time_ms),
                         fmt_size(*size)
                     )?;
                 }
@@ -489,8 +484,8 @@ fn list_one(name: &str, t: &dyn Target, out: &mut dyn Write) -> Result<()> {
                     writeln!(
                         out,
                         "    segment   L{level} txid {first}..{last}  {} .. {}  {}",
-                        fmt_ms(first_ms),
-                        fmt_ms(last_ms),
+                        crate::clock::rfc3339(first_ms),
+                        crate::clock::rfc3339(last_ms),
                         fmt_size(*size)
                     )?;
                 }
@@ -530,7 +525,10 @@ fn print_status(dir: &Path) -> Result<()> {
         if running { "running" } else { "not running" }
     );
     println!("status:   {text}");
-    println!("updated:  {}", fmt_ms(ms.parse().unwrap_or(0)));
+    println!(
+        "updated:  {}",
+        crate::clock::rfc3339(ms.parse().unwrap_or(0))
+    );
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok())
@@ -548,7 +546,7 @@ fn print_status(dir: &Path) -> Result<()> {
                 "replica {name}: generation {} txid {} ({})",
                 kv.str("generation").unwrap_or("?"),
                 kv.str("last").unwrap_or("?"),
-                fmt_ms(kv.u64("time-ms").unwrap_or(0))
+                crate::clock::rfc3339(kv.u64("time-ms").unwrap_or(0))
             );
         }
     }

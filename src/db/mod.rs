@@ -10,7 +10,7 @@
 //!   more than the one walship knows is a continuation; anything else breaks continuity.
 //!   That one restart does overwrite frames walship already captured: reads of the whole state
 //!   ([`Db::for_each_page`], for snapshots) check every frame's salts and the header afterwards
-//!   and report [`WalMoved`], and capture re-verifies each frame's checksum as it reads it.
+//!   and report [`WalChange::Moved`], and capture re-verifies each frame's checksum as it reads it.
 //! - walship checkpoints only after capturing, and normally without any lock the application
 //!   waits for: a PASSIVE checkpoint copies up to walship's pin, and when the whole WAL was
 //!   captured and copied the pin moves onto the fully copied WAL (slot 0), so the next writer
@@ -966,7 +966,7 @@ impl Db {
             bail!("{} is shorter than expected", path.display());
         }
         let Some((h, running)) = cur.header.check_frame(cur.running, &fh, page) else {
-            return Err(crate::replicate::capture::BrokenWal(format!(
+            return Err(WalChange::Broken(format!(
                 "WAL frame {} of {} changed while walship read it",
                 cur.next + 1,
                 path.display()
@@ -1061,10 +1061,10 @@ impl Db {
     /// happen, and a restart overwrites frames from the start of the file: so every frame used
     /// must carry the salts of the WAL header seen by the last scan, and that header must be
     /// the same once all pages were read. Otherwise the pages are not a consistent state and
-    /// [`WalMoved`] is returned: the caller captures the new frames and reads again.
+    /// [`WalChange::Moved`] is returned: the caller captures the new frames and reads again.
     ///
     /// # Errors
-    /// I/O errors, [`WalMoved`], or an error from `f`.
+    /// I/O errors, [`WalChange::Moved`], or an error from `f`.
     pub fn for_each_page(
         &mut self,
         page_size: u32,
@@ -1086,14 +1086,14 @@ impl Db {
                 .ok_or_else(|| anyhow!("{} disappeared", path.display()))?;
             for i in 0..frames {
                 if !read_exact_at(wal, &mut fh, WAL_HEADER_SIZE as u64 + i * frame_size)? {
-                    return Err(WalMoved.into());
+                    return Err(WalChange::Moved.into());
                 }
                 let salts = (
                     u32::from_be_bytes([fh[8], fh[9], fh[10], fh[11]]),
                     u32::from_be_bytes([fh[12], fh[13], fh[14], fh[15]]),
                 );
                 if salts != (h.salt1, h.salt2) {
-                    return Err(WalMoved.into());
+                    return Err(WalChange::Moved.into());
                 }
                 latest.insert(u32::from_be_bytes([fh[0], fh[1], fh[2], fh[3]]), i);
             }
@@ -1107,7 +1107,7 @@ impl Db {
                 let wal = self.wal.as_ref().ok_or_else(|| anyhow!("WAL closed"))?;
                 let off = WAL_HEADER_SIZE as u64 + i * frame_size + FRAME_HEADER_SIZE as u64;
                 if !read_exact_at(wal, &mut page, off)? {
-                    return Err(WalMoved.into());
+                    return Err(WalChange::Moved.into());
                 }
             } else {
                 let off = u64::from(pgno - 1) * ps as u64;
@@ -1120,7 +1120,7 @@ impl Db {
         if let Some(h) = expect {
             let now = self.wal_header()?;
             if now.map(|n| (n.salt1, n.salt2)) != Some((h.salt1, h.salt2)) {
-                return Err(WalMoved.into());
+                return Err(WalChange::Moved.into());
             }
         }
         Ok(())
@@ -1251,10 +1251,29 @@ fn file_id(p: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// The WAL was restarted while pages were being read from it: what was read is not one state.
+/// The WAL changed under walship in a way its caller must act on.
 #[derive(Debug, thiserror::Error)]
-#[error("the WAL was restarted while walship read the database; reading again")]
-pub struct WalMoved;
+pub enum WalChange {
+    /// The WAL was restarted while pages were being read from it: what was read is not one
+    /// state; read again.
+    #[error("the WAL was restarted while walship read the database; reading again")]
+    Moved,
+    /// Continuity with what was captured is broken: a new generation is needed.
+    #[error("{0}")]
+    Broken(String),
+}
+
+impl WalChange {
+    /// Whether `e` is a [`WalChange::Moved`].
+    pub fn is_moved(e: &anyhow::Error) -> bool {
+        matches!(e.downcast_ref::<WalChange>(), Some(WalChange::Moved))
+    }
+
+    /// Whether `e` is a [`WalChange::Broken`].
+    pub fn is_broken(e: &anyhow::Error) -> bool {
+        matches!(e.downcast_ref::<WalChange>(), Some(WalChange::Broken(_)))
+    }
+}
 
 /// Reads exactly `buf.len()` bytes at `off`; Ok(false) if the file ends first.
 fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<bool> {

@@ -27,7 +27,8 @@
 
 use super::spool::{Key, Spool, SpoolWriter};
 use super::state::Kv;
-use crate::db::{Db, WalCommit, WalMoved, WalPos, WalState};
+use crate::clock::now_ms;
+use crate::db::{Db, WalChange, WalCommit, WalPos, WalState};
 use crate::layout::checksum::PageHashes;
 use crate::layout::codec::{Commit, Encoder, Kind};
 use crate::layout::names::{FileName, GenerationId};
@@ -35,7 +36,7 @@ use anyhow::{anyhow, bail, Result};
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// Longest walship holds SQLite's write lock to capture a backlog (a checkpoint's own copy
@@ -54,14 +55,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// A commit this big (and at least a segment's size) is spooled live (see `spool`).
 const LIVE_MIN_BYTES: u64 = 4 << 20;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Where capture stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,7 +349,7 @@ impl Capture {
         for h in hs {
             buf.extend_from_slice(&h.to_le_bytes());
         }
-        crate::target::file::write_file_atomic(&self.hashes_path(), &mut buf.as_slice(), 0o640)
+        crate::durable::write_file_atomic(&self.hashes_path(), &mut buf.as_slice(), 0o640)
             .map(|_| ())
             .map_err(|e| anyhow!("cannot write {}: {e}", self.hashes_path().display()))
     }
@@ -536,7 +529,7 @@ impl Capture {
             match self.write_snapshot() {
                 // The WAL restarted under the read (a slot-0 pin allows one restart): the
                 // next read, of the new WAL, cannot be disturbed again.
-                Err(e) if e.is::<WalMoved>() && attempt < 5 => attempt += 1,
+                Err(e) if WalChange::is_moved(&e) && attempt < 5 => attempt += 1,
                 Err(e) => return Err(e),
                 Ok(()) => break,
             }
@@ -586,7 +579,7 @@ impl Capture {
             // The captured history no longer provably matches the database: it must not be
             // extended. The next step starts a new generation from this consistent read.
             self.poisoned = true;
-            return Err(BrokenWal(format!(
+            return Err(WalChange::Broken(format!(
                 "snapshot check failed: {differ} page(s) of {db_pages} differ from the captured state (checksum {checksum:016x}, captured {:016x})",
                 self.at.db_checksum
             ))
@@ -619,7 +612,7 @@ impl Capture {
         loop {
             self.step()?;
             match self.write_snapshot() {
-                Err(e) if e.is::<WalMoved>() && attempt < 5 => attempt += 1,
+                Err(e) if WalChange::is_moved(&e) && attempt < 5 => attempt += 1,
                 other => {
                     // The snapshot's buffers (zstd workers' among them) are free now.
                     super::trim_heap();
@@ -647,7 +640,7 @@ impl Capture {
                     info!(generation = %self.at.generation, "snapshot written after {} failed attempt(s)", old.failures);
                 }
             }
-            Err(e) if e.is::<BrokenWal>() => {}
+            Err(e) if WalChange::is_broken(&e) => {}
             Err(e) => {
                 let failures = self.retry.as_ref().map_or(0, |r| r.failures) + 1;
                 let wait = RETRY_FIRST
@@ -704,7 +697,7 @@ impl Capture {
     /// Captures every complete new commit into segments.
     ///
     /// # Errors
-    /// I/O and SQLite errors; a break in continuity is a [`BrokenWal`] error, on which the
+    /// I/O and SQLite errors; a break in continuity is a [`WalChange::Broken`] error, on which the
     /// caller starts a new generation.
     pub fn step(&mut self) -> Result<Step> {
         self.step_limited(None).map(|(s, _)| s)
@@ -717,7 +710,7 @@ impl Capture {
     /// As [`Capture::step`].
     pub fn step_limited(&mut self, max_frames: Option<u64>) -> Result<(Step, bool)> {
         if self.poisoned {
-            return Err(BrokenWal("an earlier capture step failed half-way".into()).into());
+            return Err(WalChange::Broken("an earlier capture step failed half-way".into()).into());
         }
         let state = match self.pos {
             Some(p) => self.db.scan(&p)?,
@@ -745,7 +738,7 @@ impl Capture {
         };
         let (from, commits, end) = match state {
             WalState::Empty => return Ok((Step::Idle, false)),
-            WalState::Broken(why) => return Err(BrokenWal(why).into()),
+            WalState::Broken(why) => return Err(WalChange::Broken(why).into()),
             WalState::Same { commits, end } => match self.pos {
                 Some(p) => (p, commits, end),
                 None => (restart_pos(header)?, commits, end),
@@ -1139,8 +1132,3 @@ struct PendingSegment {
     enc: Encoder<BufWriter<SpoolWriter>>,
     prev: Kv,
 }
-
-/// The WAL changed in a way that breaks continuity: a new generation is needed.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BrokenWal(pub String);

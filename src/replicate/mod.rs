@@ -33,12 +33,13 @@ pub mod ship;
 pub mod spool;
 pub mod state;
 
-use crate::config::{ReplicaSettings, Settings};
+use crate::clock::now_ms;
+use crate::config::Settings;
+use crate::db::WalChange;
 use crate::db::{ensure_wal_mode, Db};
 use crate::systemd::Notifier;
-use crate::target::Target;
 use anyhow::{anyhow, bail, Context, Result};
-use capture::{now_ms, BrokenWal, Capture, Captured, Step};
+use capture::{Capture, Captured, Step};
 use dblock::DbLock;
 use notify::{EventKind, RecursiveMode, Watcher};
 use ship::{ReplicaStatus, Shared, Shipper};
@@ -68,17 +69,6 @@ const CHECKPOINTER_POLL: Duration = Duration::from_millis(20);
 
 /// How long shutdown waits for replicas to receive what is spooled.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
-
-/// Opens the storage target for a replica.
-///
-/// # Errors
-/// A replica whose kind is not available.
-pub fn open_target(r: &ReplicaSettings) -> Result<Box<dyn Target>> {
-    match &r.url {
-        crate::url::ReplicaUrl::File(p) => Ok(Box::new(crate::target::file::FileTarget::new(p))),
-        crate::url::ReplicaUrl::Sftp(_) => crate::target::open_sftp(r),
-    }
-}
 
 /// The identity written into replica markers: `host:/path/of.db`.
 pub fn identity(db: &Path) -> String {
@@ -228,7 +218,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let _lock = lock_state_dir(&settings.state_dir)?;
     // A state file (status, replica state, page hashes) being replaced when the previous
     // instance was killed leaves its temporary file behind; nobody else writes here.
-    crate::target::file::remove_temp_files(&settings.state_dir).with_context(|| {
+    crate::durable::remove_temp_files(&settings.state_dir).with_context(|| {
         format!(
             "cannot remove temporary files in state directory {}",
             settings.state_dir.display()
@@ -259,7 +249,7 @@ pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let instance = owner::instance_id(&settings.state_dir)?;
     let mut threads = Vec::new();
     for (idx, r) in settings.replicas.iter().enumerate() {
-        let target = open_target(r)?;
+        let target = r.open();
         shared.lock().replicas.push(ReplicaStatus {
             name: r.name.clone(),
             url: target.url(),
@@ -613,7 +603,7 @@ fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Res
 /// again. Other errors pass through.
 fn new_generation_if_broken(cap: &mut Capture, shared: &Shared, r: Result<()>) -> Result<()> {
     match r {
-        Err(e) if e.downcast_ref::<BrokenWal>().is_some() => {
+        Err(e) if WalChange::is_broken(&e) => {
             cap.new_generation(&format!("{e:#}"))?;
             cap.rotate_pin()?;
             kick_head(shared, cap);
@@ -760,7 +750,7 @@ fn status(
 fn write_status(dir: &Path, line: &str) {
     let p = dir.join("status");
     let text = format!("{} {}\n", now_ms(), line);
-    if let Err(e) = crate::target::file::replace_file(&p, text.as_bytes(), 0o644) {
+    if let Err(e) = crate::durable::replace_file(&p, text.as_bytes(), 0o644) {
         debug!("cannot write {}: {e}", p.display());
     }
 }

@@ -16,13 +16,14 @@
 //! - A taken-over instance deletes nothing of the new owner's: it stops at the check.
 //! - Claims are new files (names never reused); an instance deletes only its own older claims.
 
+use crate::backend::Backend;
+use crate::clock::{now_ms, rfc3339};
 use crate::layout::owner::{Claim, ClaimName, InstanceId, CLAIM_MAX_BYTES};
 use crate::layout::GenerationId;
-use crate::target::Target;
 use anyhow::{anyhow, Context, Result};
 use std::io::Read;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// How old a successful ownership check may be when the shipper writes or deletes.
@@ -54,7 +55,7 @@ pub fn instance_id(state_dir: &Path) -> Result<InstanceId> {
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
     }
     let id = InstanceId(rand::random::<u64>());
-    crate::target::file::replace_file(&p, format!("{id}\n").as_bytes(), 0o644)
+    crate::durable::replace_file(&p, format!("{id}\n").as_bytes(), 0o644)
         .with_context(|| format!("cannot write {}", p.display()))?;
     Ok(id)
 }
@@ -74,7 +75,7 @@ pub struct TakenOver {
 }
 
 /// The [`TakenOver`] error for the newer claim `newest`, with its host and pid when readable.
-fn taken_over(t: &dyn Target, newest: &ClaimName) -> anyhow::Error {
+fn taken_over(t: &dyn Backend, newest: &ClaimName) -> anyhow::Error {
     let (who, at) = match read_claim(t, newest) {
         Ok(c) => (format!("host {}, pid {}", c.host, c.pid), c.claimed_ms),
         Err(e) => (format!("unreadable claim: {e:#}"), newest.ms),
@@ -101,17 +102,7 @@ pub struct Ownership {
     checked: Option<Instant>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-fn claims_on(t: &dyn Target) -> Result<Vec<ClaimName>> {
+fn claims_on(t: &dyn Backend) -> Result<Vec<ClaimName>> {
     let entries = t.list("")?;
     Ok(ClaimName::all(
         entries
@@ -124,8 +115,8 @@ fn claims_on(t: &dyn Target) -> Result<Vec<ClaimName>> {
 /// Reads and parses the claim `name` (at most [`CLAIM_MAX_BYTES`]).
 ///
 /// # Errors
-/// Target errors, an oversized or invalid claim; the message names the file.
-pub fn read_claim(t: &dyn Target, name: &ClaimName) -> Result<Claim> {
+/// Backend errors, an oversized or invalid claim; the message names the file.
+pub fn read_claim(t: &dyn Backend, name: &ClaimName) -> Result<Claim> {
     let path = name.to_string();
     let mut text = String::new();
     t.read(&path)?
@@ -145,8 +136,8 @@ pub fn read_claim(t: &dyn Target, name: &ClaimName) -> Result<Claim> {
 /// written by an older walship).
 ///
 /// # Errors
-/// Target errors, an invalid newest claim.
-pub fn newest_claim(t: &dyn Target) -> Result<Option<(ClaimName, Claim)>> {
+/// Backend errors, an invalid newest claim.
+pub fn newest_claim(t: &dyn Backend) -> Result<Option<(ClaimName, Claim)>> {
     let Some(newest) = claims_on(t)?.pop() else {
         return Ok(None);
     };
@@ -183,7 +174,7 @@ impl Ownership {
     ///
     /// # Errors
     /// [`TakenOver`]; target errors.
-    pub fn claim(&mut self, t: &dyn Target, generation: Option<GenerationId>) -> Result<()> {
+    pub fn claim(&mut self, t: &dyn Backend, generation: Option<GenerationId>) -> Result<()> {
         let existing = claims_on(t)?;
         if let Some((ours, _)) = self.claimed {
             if let Some(newer) = existing.last().filter(|n| **n > ours) {
@@ -230,7 +221,7 @@ impl Ownership {
     ///
     /// # Errors
     /// [`TakenOver`] when a newer claim exists; target errors.
-    pub fn verify(&mut self, t: &dyn Target) -> Result<()> {
+    pub fn verify(&mut self, t: &dyn Backend) -> Result<()> {
         let Some((ours, generation)) = self.claimed else {
             return self.claim(t, None);
         };
@@ -256,7 +247,7 @@ impl Ownership {
     ///
     /// # Errors
     /// As [`Ownership::verify`].
-    pub fn verify_if_stale(&mut self, t: &dyn Target) -> Result<()> {
+    pub fn verify_if_stale(&mut self, t: &dyn Backend) -> Result<()> {
         if self.checked.is_some_and(|c| c.elapsed() < CLAIM_CHECK) {
             return Ok(());
         }
@@ -268,7 +259,7 @@ impl Ownership {
     ///
     /// # Errors
     /// As [`Ownership::verify`].
-    pub fn before_write(&mut self, t: &dyn Target, g: GenerationId) -> Result<()> {
+    pub fn before_write(&mut self, t: &dyn Backend, g: GenerationId) -> Result<()> {
         match self.claimed {
             Some((_, Some(named))) if named == g => self.verify_if_stale(t),
             _ => self.claim(t, Some(g)),
@@ -279,7 +270,7 @@ impl Ownership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::file::FileTarget;
+    use crate::backend::file::FileBackend;
 
     fn gen(ms: u64) -> GenerationId {
         GenerationId { ms, rand: 7 }
@@ -306,7 +297,7 @@ mod tests {
     #[test]
     fn the_newest_claim_owns_the_replica() {
         let dir = tempfile::tempdir().unwrap();
-        let t = FileTarget::new(dir.path());
+        let t = FileBackend::new(dir.path());
         let mut a = Ownership::new(InstanceId(1), "h:/db".into());
         let mut b = Ownership::new(InstanceId(2), "h:/db".into());
         a.claim(&t, None).unwrap();
@@ -364,7 +355,7 @@ mod tests {
     #[test]
     fn a_vanished_claim_is_written_again() {
         let dir = tempfile::tempdir().unwrap();
-        let t = FileTarget::new(dir.path());
+        let t = FileBackend::new(dir.path());
         let mut a = Ownership::new(InstanceId(1), "h:/db".into());
         a.before_write(&t, gen(3)).unwrap();
         for f in claim_files(dir.path()) {
@@ -378,7 +369,7 @@ mod tests {
     #[test]
     fn hostile_claims_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let t = FileTarget::new(dir.path());
+        let t = FileBackend::new(dir.path());
         let name = "owner-000000000001-0000000000000009.toml";
         std::fs::write(
             dir.path().join(name),

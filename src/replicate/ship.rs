@@ -29,18 +29,18 @@
 //!   snapshot (its first file) removes the directory it left empty, and every sweep of
 //!   temporary files removes generation directories that hold no file.
 
-use super::capture::now_ms;
 use super::owner::{Ownership, TakenOver};
 use super::spool::{Key, LiveFile, Spool, SpoolFile};
 use super::state::Kv;
+use crate::backend::{Backend, ErrorKind};
+use crate::clock::now_ms;
+use crate::durable::RemoveOnDrop;
 use crate::layout::codec::{Decoder, Encoder, Kind, Record};
 use crate::layout::names::{
     file_path, generation_dir, FileName, GenerationId, Marker, GENERATIONS_DIR, MARKER_FILE,
 };
 use crate::layout::owner::InstanceId;
 use crate::layout::plan::{plan_compaction, plan_retention, redundant_segments, Deletion, Listing};
-use crate::target::file::RemoveOnDrop;
-use crate::target::{ErrorKind, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufWriter, Read};
 use std::path::PathBuf;
@@ -126,7 +126,7 @@ pub struct Shipper {
     /// Index in `Inner::replicas`.
     pub idx: usize,
     /// The storage target.
-    pub target: Box<dyn Target>,
+    pub target: Box<dyn Backend>,
     /// Shared state.
     pub shared: Arc<Shared>,
     /// The spool.
@@ -653,7 +653,7 @@ impl Shipper {
     /// (see [`Shipper::remove_temps`]).
     fn upload_failed(&self, g: &GenerationId, name: &FileName, e: anyhow::Error) -> anyhow::Error {
         let unreachable = e.chain().any(|c| {
-            c.downcast_ref::<crate::target::TargetError>()
+            c.downcast_ref::<crate::backend::BackendError>()
                 .is_some_and(|t| t.kind == ErrorKind::Unavailable)
         });
         if matches!(name, FileName::Snapshot { .. }) && !unreachable {

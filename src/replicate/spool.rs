@@ -13,9 +13,8 @@
 //! a segment is after capture saved its state): a replica never holds a file that the spool
 //! does not, so a crash cannot make walship write a different file under that position.
 
+use crate::durable::{fsync_dir, remove_temp_files, temp_name};
 use crate::layout::names::{FileName, GenerationId};
-use crate::target::file::{fsync_dir, remove_temp_files};
-use crate::target::temp_name;
 use anyhow::{Context, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};

@@ -4,8 +4,8 @@
 //! rename, directory fsync), so after a crash it holds either the previous or the new
 //! content; reading is strict (a missing key or a bad number is an error naming the file).
 
+use crate::durable::write_file_atomic;
 use crate::layout::names::GenerationId;
-use crate::target::file::write_file_atomic;
 use anyhow::{anyhow, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;

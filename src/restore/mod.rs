@@ -23,14 +23,14 @@
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
 //!   of hash per page, and a database size limit of [`MAX_DB_BYTES`] against hostile metadata.
 
+use crate::backend::Backend;
+use crate::durable::{fsync_dir, temp_name, RemoveOnDrop};
 use crate::layout::checksum::PageHashes;
 use crate::layout::codec::{Commit, Decoder, Kind, Record};
 use crate::layout::names::{
     file_path, generation_dir, FileName, GenerationId, Position, GENERATIONS_DIR,
 };
 use crate::layout::plan::{plan_continuation, plan_restore, Listing, Plan, Stop, Want};
-use crate::target::file::{fsync_dir, RemoveOnDrop};
-use crate::target::{temp_name, Target};
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::IoSlice;
@@ -64,8 +64,8 @@ pub struct Restored {
 /// Lists a replica strictly: unknown names are skipped with a warning.
 ///
 /// # Errors
-/// Target errors.
-pub fn list_replica(t: &dyn Target) -> Result<Listing> {
+/// Backend errors.
+pub fn list_replica(t: &dyn Backend) -> Result<Listing> {
     let mut gens = Vec::new();
     for e in t.list(GENERATIONS_DIR)? {
         let Ok(g) = e.name.parse::<GenerationId>() else {
@@ -127,7 +127,7 @@ const FOLLOW_LIMIT: u32 = 64;
 /// them. Errors with the original `NotFound` when nothing continues the chain (retention, a
 /// new generation): [`restore_into`] then starts over from a new listing.
 fn open_following(
-    t: &dyn Target,
+    t: &dyn Backend,
     g: &GenerationId,
     rest: &mut std::collections::VecDeque<FileName>,
     covered: u64,
@@ -143,7 +143,9 @@ fn open_following(
             Err(e) => e,
         };
         let is_segment = matches!(f, FileName::Segment { .. });
-        if err.kind != crate::target::ErrorKind::NotFound || !is_segment || *follows >= FOLLOW_LIMIT
+        if err.kind != crate::backend::ErrorKind::NotFound
+            || !is_segment
+            || *follows >= FOLLOW_LIMIT
         {
             return Err(err.into());
         }
@@ -170,7 +172,7 @@ fn open_following(
 /// (it reached the stop txid). A planned segment that vanished before it was opened is
 /// followed into what compaction merged it into (see [`open_following`]).
 fn reader(
-    t: &dyn Target,
+    t: &dyn Backend,
     g: GenerationId,
     files: Vec<FileName>,
     target: u64,
@@ -237,7 +239,7 @@ fn reader(
 }
 
 /// The txid a plan stops at, resolving a time to the newest commit at or before it.
-fn stop_txid(t: &dyn Target, plan: &Plan) -> Result<u64> {
+fn stop_txid(t: &dyn Backend, plan: &Plan) -> Result<u64> {
     let chain_end = plan.segments.last().unwrap_or(&plan.snapshot).last_txid();
     match plan.stop {
         Stop::Latest => Ok(chain_end),
@@ -285,7 +287,7 @@ fn stop_txid(t: &dyn Target, plan: &Plan) -> Result<u64> {
 /// listing is returned whole when there is no claim (a replica of an older walship), when the
 /// claim names no generation or one without a snapshot, or when it cannot be read (claims
 /// only choose among generations; every file restored is still verified).
-fn owners_view(t: &dyn Target, mut listing: Listing) -> Listing {
+fn owners_view(t: &dyn Backend, mut listing: Listing) -> Listing {
     let (name, claim) = match crate::replicate::owner::newest_claim(t) {
         Ok(Some(c)) => c,
         Ok(None) => return listing,
@@ -327,7 +329,7 @@ fn owners_view(t: &dyn Target, mut listing: Listing) -> Listing {
 
 /// Refuses to call a restore "latest" when the replica holds newer data the plan cannot reach:
 /// a newer generation without a snapshot, or segments beyond a gap.
-fn check_latest_complete(t: &dyn Target, listing: &Listing, plan: &Plan, end: u64) -> Result<()> {
+fn check_latest_complete(t: &dyn Backend, listing: &Listing, plan: &Plan, end: u64) -> Result<()> {
     if let Some((g, _)) = listing
         .generations
         .iter()
@@ -388,7 +390,7 @@ const ATTEMPTS: u32 = 8;
 ///
 /// # Errors
 /// Any fetch, decode, checksum or consistency error, naming the file.
-pub fn restore_into(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored> {
+pub fn restore_into(t: &dyn Backend, want: &Want, tmp: &Path) -> Result<Restored> {
     let mut listing = list_replica(t)?;
     let mut attempt = 1;
     loop {
@@ -415,7 +417,7 @@ pub fn restore_into(t: &dyn Target, want: &Want, tmp: &Path) -> Result<Restored>
     }
 }
 
-fn restore_once(t: &dyn Target, want: &Want, tmp: &Path, listing: &Listing) -> Result<Restored> {
+fn restore_once(t: &dyn Backend, want: &Want, tmp: &Path, listing: &Listing) -> Result<Restored> {
     let owned;
     let listing = if matches!(want, Want::Latest) {
         owned = owners_view(t, listing.clone());
@@ -821,7 +823,7 @@ fn check_output(out: &Path, force: bool) -> Result<()> {
 /// The output exists (without force) or is not a regular file, or every replica failed (each
 /// reason listed).
 pub fn restore(
-    targets: &[(String, Box<dyn Target>)],
+    targets: &[(String, Box<dyn Backend>)],
     opts: &RestoreOptions,
     out: &Path,
 ) -> Result<Restored> {
@@ -928,7 +930,7 @@ mod tests {
         use crate::layout::owner::InstanceId;
         use crate::replicate::owner::Ownership;
         let dir = tempfile::tempdir().expect("tempdir");
-        let t = crate::target::file::FileTarget::new(dir.path());
+        let t = crate::backend::file::FileBackend::new(dir.path());
         let g = |ms| GenerationId { ms, rand: 1 };
         let snap = (
             FileName::Snapshot {

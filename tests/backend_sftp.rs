@@ -5,10 +5,11 @@
 use crate::sshd::{fingerprint, keygen, Sshd, TestDir};
 use std::io::Read;
 use std::time::{Duration, Instant};
-use walship::target::sftp::{scan_host_key, trust, SftpTarget};
-use walship::target::{ErrorKind, Target, TEMP_PREFIX};
+use walship::backend::sftp::{scan_host_key, trust, SftpBackend};
+use walship::backend::{Backend, ErrorKind};
+use walship::durable::TEMP_PREFIX;
 
-fn err_of<T>(r: walship::target::Result<T>) -> walship::target::TargetError {
+fn err_of<T>(r: walship::backend::Result<T>) -> walship::backend::BackendError {
     match r {
         Ok(_) => panic!("expected an error"),
         Err(e) => e,
@@ -35,7 +36,7 @@ fn sftp_host_keys_and_trust() {
     let kh = sshd.dir.path().join("etc/walship/known_hosts");
     let mut o = sshd.options(&dir.remote, Duration::from_secs(5));
     o.known_hosts = kh.clone();
-    let e = err_of(SftpTarget::new(o.clone()).list(""));
+    let e = err_of(SftpBackend::new(o.clone()).list(""));
     assert_eq!(e.kind, ErrorKind::Other, "{e}");
     assert!(
         e.msg.contains(&fp) && e.msg.contains("walship trust"),
@@ -46,7 +47,7 @@ fn sftp_host_keys_and_trust() {
     // Port semantics: an entry without a port is for port 22 only.
     std::fs::create_dir_all(kh.parent().expect("parent")).expect("mkdir");
     std::fs::write(&kh, format!("127.0.0.1 {}", scanned.to_openssh())).expect("write");
-    let e = err_of(SftpTarget::new(o.clone()).list(""));
+    let e = err_of(SftpBackend::new(o.clone()).list(""));
     assert!(e.msg.contains("not trusted"), "{e}");
 
     // trust: no confirmation, then a wrong fingerprint, are refused and change nothing.
@@ -63,7 +64,7 @@ fn sftp_host_keys_and_trust() {
     let wrong = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
     let e = trust(&url, &kh, Some(wrong), true, &mut Vec::new()).expect_err("wrong fp");
     assert!(e.to_string().contains("does not match"), "{e}");
-    assert!(SftpTarget::new(o.clone()).list("").is_err());
+    assert!(SftpBackend::new(o.clone()).list("").is_err());
 
     // The right fingerprint adds `[127.0.0.1]:port`, mode 0644; then it works.
     trust(&url, &kh, Some(&fp), false, &mut Vec::new()).expect("trust");
@@ -75,7 +76,7 @@ fn sftp_host_keys_and_trust() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&kh).expect("stat").permissions().mode() & 0o777;
     assert_eq!(mode, 0o644);
-    SftpTarget::new(o.clone())
+    SftpBackend::new(o.clone())
         .check_connection()
         .expect("trusted now");
     let mut out = Vec::new();
@@ -89,7 +90,7 @@ fn sftp_host_keys_and_trust() {
     let mut f = other_pub.split_whitespace();
     let (t, b) = (f.next().expect("t"), f.next().expect("b"));
     std::fs::write(&kh, format!("[127.0.0.1]:{} {t} {b}\n", sshd.port)).expect("write");
-    let e = err_of(SftpTarget::new(o.clone()).list(""));
+    let e = err_of(SftpBackend::new(o.clone()).list(""));
     assert!(
         e.msg.contains("CHANGED") && e.msg.contains("man-in-the-middle"),
         "{e}"
@@ -104,7 +105,7 @@ fn sftp_host_keys_and_trust() {
     trust(&url, &kh, Some(&fp), true, &mut Vec::new()).expect("replace with --yes");
     let text = std::fs::read_to_string(&kh).expect("read");
     assert!(!text.contains(b), "old key replaced: {text}");
-    SftpTarget::new(o).check_connection().expect("works again");
+    SftpBackend::new(o).check_connection().expect("works again");
 }
 
 #[test]
@@ -117,7 +118,7 @@ fn sftp_auth_and_permission_errors() {
     keygen(&stranger, "ed25519", "");
     let mut o = sshd.options(&dir.remote, Duration::from_secs(5));
     o.key_path = stranger;
-    let e = err_of(SftpTarget::new(o).list(""));
+    let e = err_of(SftpBackend::new(o).list(""));
     assert_eq!(e.kind, ErrorKind::Other, "{e}");
     assert!(
         e.msg.contains("refused key") && e.msg.contains("replicator"),
@@ -133,14 +134,14 @@ fn sftp_auth_and_permission_errors() {
     sshd.authorize(&ecdsa.with_extension("pub"));
     let mut o = sshd.options(&dir.remote, Duration::from_secs(5));
     o.key_path = rsa;
-    SftpTarget::new(o.clone()).check_connection().expect("rsa");
+    SftpBackend::new(o.clone()).check_connection().expect("rsa");
     o.key_path = ecdsa;
-    let e = err_of(SftpTarget::new(o.clone()).check_connection());
+    let e = err_of(SftpBackend::new(o.clone()).check_connection());
     assert!(e.msg.contains("passphrase"), "{e}");
     let pf = sshd.dir.path().join("passphrase");
     std::fs::write(&pf, "s3cret pass\n").expect("write");
     o.passphrase_file = Some(pf);
-    SftpTarget::new(o)
+    SftpBackend::new(o)
         .check_connection()
         .expect("ecdsa with passphrase");
 
@@ -160,7 +161,7 @@ fn sftp_auth_and_permission_errors() {
 fn sftp_frozen_server_times_out_and_recovers() {
     let sshd = Sshd::start();
     let dir = TestDir::new("frozen");
-    let t = SftpTarget::new(sshd.options(&dir.remote, Duration::from_secs(2)));
+    let t = SftpBackend::new(sshd.options(&dir.remote, Duration::from_secs(2)));
     t.write_atomic("f", &mut &b"before"[..]).expect("write");
 
     // An established session.
@@ -172,7 +173,7 @@ fn sftp_frozen_server_times_out_and_recovers() {
     eprintln!("frozen server: Unavailable after {took:?}");
     assert!(took < Duration::from_millis(3500), "took {took:?}: {e}");
     // A new connection (handshake) against the frozen server.
-    let t2 = SftpTarget::new(sshd.options(&dir.remote, Duration::from_secs(2)));
+    let t2 = SftpBackend::new(sshd.options(&dir.remote, Duration::from_secs(2)));
     let start = Instant::now();
     let e = err_of(t2.list(""));
     let took = start.elapsed();
@@ -190,7 +191,7 @@ fn sftp_frozen_server_times_out_and_recovers() {
 fn sftp_killed_mid_upload_and_restart() {
     let sshd = Sshd::start();
     let dir = TestDir::new("killed");
-    let t = SftpTarget::new(sshd.options(&dir.remote, Duration::from_secs(2)));
+    let t = SftpBackend::new(sshd.options(&dir.remote, Duration::from_secs(2)));
     t.write_atomic("g/first", &mut &b"1"[..]).expect("write");
 
     // Idle session, server restarted: the next operation reconnects by itself.
@@ -279,7 +280,7 @@ fn sftp_hostile_names_are_skipped() {
     assert_eq!(names, vec!["ok"]);
 }
 
-/// Throughput of `SftpTarget` against OpenSSH's own `sftp` client on the same sshd. Run by
+/// Throughput of `SftpBackend` against OpenSSH's own `sftp` client on the same sshd. Run by
 /// `bench/sftp-throughput.sh` (release build); `WALSHIP_BENCH_MIB` sets the size (default 256).
 #[test]
 #[ignore = "benchmark: run bench/sftp-throughput.sh"]

@@ -1,13 +1,13 @@
 //! The storage seam: where replica files live.
 //!
-//! A [`Target`] is a flat-ish namespace of files addressed by relative, `/`-separated paths below
+//! A [`Backend`] is a flat-ish namespace of files addressed by relative, `/`-separated paths below
 //! the replica's root (for example `generations/0193a1b2c3d4e5f60708/seg-0-...`). Every target
 //! keeps these invariants, which the conformance suite in `tests/` checks for each of them:
-//! - [`Target::write_atomic`] is all-or-nothing and durable when it returns: the bytes go to a
+//! - [`Backend::write_atomic`] is all-or-nothing and durable when it returns: the bytes go to a
 //!   temporary name, are fsynced, renamed to the final name, and the directory is fsynced. A
-//!   crash leaves either nothing or a temporary file that [`Target::cleanup`] removes later;
+//!   crash leaves either nothing or a temporary file that [`Backend::cleanup`] removes later;
 //!   readers never see a partial file under a final name.
-//! - [`Target::list`] returns final names only, never temporary ones, sorted by name, and
+//! - [`Backend::list`] returns final names only, never temporary ones, sorted by name, and
 //!   tolerates entries and directories vanishing while it lists.
 //! - Paths are checked by [`check_path`] before any I/O, so a bad name can never reach outside
 //!   the replica's root.
@@ -16,8 +16,11 @@ pub mod file;
 pub mod known_hosts;
 pub mod sftp;
 
+use crate::url::ReplicaUrl;
 use std::fmt;
 use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
 
 /// One file in a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,14 +48,14 @@ pub enum ErrorKind {
 /// An error from a target, carrying what was attempted and where.
 #[derive(Debug, thiserror::Error)]
 #[error("{msg}")]
-pub struct TargetError {
+pub struct BackendError {
     /// The class of failure.
     pub kind: ErrorKind,
     /// A complete one-line message: operation, path, target, cause.
     pub msg: String,
 }
 
-impl TargetError {
+impl BackendError {
     /// Builds an error of `kind` with a full message.
     pub fn new(kind: ErrorKind, msg: impl Into<String>) -> Self {
         Self {
@@ -61,7 +64,7 @@ impl TargetError {
         }
     }
 
-    /// Maps an I/O error from operation `op` on `path` of target `target` to a [`TargetError`].
+    /// Maps an I/O error from operation `op` on `path` of target `target` to a [`BackendError`].
     pub fn io(op: &str, path: &str, target: &str, err: &std::io::Error) -> Self {
         use std::io::ErrorKind as K;
         let kind = match err.kind() {
@@ -83,10 +86,10 @@ impl TargetError {
 }
 
 /// Result of a target operation.
-pub type Result<T> = std::result::Result<T, TargetError>;
+pub type Result<T> = std::result::Result<T, BackendError>;
 
 /// A place that holds replica files. Implementations must be usable from several threads.
-pub trait Target: Send + Sync + fmt::Debug {
+pub trait Backend: Send + Sync + fmt::Debug {
     /// The target's URL for messages (never contains secrets).
     fn url(&self) -> String;
 
@@ -127,16 +130,13 @@ pub trait Target: Send + Sync + fmt::Debug {
     /// `Unavailable` or `Other` when the target fails.
     fn remove_dir(&self, dir: &str) -> Result<()>;
 
-    /// Removes temporary files that an interrupted [`Target::write_atomic`] left in `dir`, and
+    /// Removes temporary files that an interrupted [`Backend::write_atomic`] left in `dir`, and
     /// returns how many it removed.
     ///
     /// # Errors
     /// `Unavailable` or `Other` when the target fails.
     fn cleanup(&self, dir: &str) -> Result<usize>;
 }
-
-/// Prefix of every temporary file name; final names never start with it.
-pub const TEMP_PREFIX: &str = ".walship-tmp-";
 
 /// Checks that `path` is a relative path made of plain names: no empty, `.` or `..` component,
 /// no leading `/`, no backslash or NUL, and no temporary-file prefix. `""` (the root) is allowed
@@ -145,40 +145,15 @@ pub const TEMP_PREFIX: &str = ".walship-tmp-";
 /// # Errors
 /// An `Other` error naming the bad path.
 pub fn check_path(path: &str, allow_root: bool) -> Result<()> {
-    let bad = |why: &str| {
-        Err(TargetError::new(
+    if path.is_empty() && allow_root {
+        return Ok(());
+    }
+    crate::url::plain_relative_path(path).map_err(|why| {
+        BackendError::new(
             ErrorKind::Other,
             format!("refusing replica path {path:?}: {why}"),
-        ))
-    };
-    if path.is_empty() {
-        return if allow_root { Ok(()) } else { bad("empty") };
-    }
-    if path.len() > 1024 {
-        return bad("too long");
-    }
-    for comp in path.split('/') {
-        if comp.is_empty() || comp == "." || comp == ".." {
-            return bad("not a plain relative path");
-        }
-        if comp.contains(['\\', '\0']) || comp.chars().any(char::is_control) {
-            return bad("contains a forbidden character");
-        }
-        if comp.starts_with(TEMP_PREFIX) {
-            return bad("uses the temporary-file prefix");
-        }
-    }
-    Ok(())
-}
-
-/// A unique temporary name (for the directory of a final file) that [`Target::cleanup`]
-/// recognises.
-pub fn temp_name() -> String {
-    format!(
-        "{TEMP_PREFIX}{}-{:016x}",
-        std::process::id(),
-        rand::random::<u64>()
-    )
+        )
+    })
 }
 
 /// Splits `path` into its parent directory (`""` for the root) and its file name.
@@ -189,33 +164,36 @@ pub fn split_parent(path: &str) -> (&str, &str) {
     }
 }
 
-/// Opens the sftp target for a replica, preferring a key (and passphrase) that systemd passes
-/// as a credential (`walship-key-<name>`, `walship-passphrase-<name>`) over the configured paths.
-///
-/// # Errors
-/// A replica that is not sftp, or an sftp replica without a key.
-pub fn open_sftp(r: &crate::config::ReplicaSettings) -> anyhow::Result<Box<dyn Target>> {
-    let crate::url::ReplicaUrl::Sftp(url) = &r.url else {
-        anyhow::bail!("{} is not an sftp URL", r.url);
-    };
-    let cred = |name: String| {
-        std::env::var_os("CREDENTIALS_DIRECTORY")
-            .map(|d| std::path::Path::new(&d).join(name))
-            .filter(|p| p.exists())
-    };
-    let key_path = cred(format!("walship-key-{}", r.name))
-        .or_else(|| r.key_path.clone())
-        .unwrap_or_default();
-    let passphrase_file =
-        cred(format!("walship-passphrase-{}", r.name)).or_else(|| r.passphrase_file.clone());
-    Ok(Box::new(sftp::SftpTarget::new(sftp::SftpOptions {
-        url: url.clone(),
-        key_path,
-        passphrase_file,
-        known_hosts: r.known_hosts.clone(),
-        use_agent: r.use_agent,
-        timeout: r.timeout,
-    })))
+/// What opening a replica needs besides its URL: how to log in to it (sftp uses all of it;
+/// `file://` none). Credentials passed by systemd are already resolved here (see
+/// [`crate::config::ReplicaSettings::access`]).
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// Private key for sftp.
+    pub key_path: Option<PathBuf>,
+    /// File whose first line is the key's passphrase.
+    pub passphrase_file: Option<PathBuf>,
+    /// OpenSSH known_hosts file host keys are checked against.
+    pub known_hosts: PathBuf,
+    /// Also try the keys of a running ssh-agent.
+    pub use_agent: bool,
+    /// Bound on connecting and on every network operation.
+    pub timeout: Duration,
+}
+
+/// Opens the replica at `url`: the one place that maps a URL scheme to its backend.
+pub fn open(url: &ReplicaUrl, access: &Access) -> Box<dyn Backend> {
+    match url {
+        ReplicaUrl::File(path) => Box::new(file::FileBackend::new(path)),
+        ReplicaUrl::Sftp(url) => Box::new(sftp::SftpBackend::new(sftp::SftpOptions {
+            url: url.clone(),
+            key_path: access.key_path.clone().unwrap_or_default(),
+            passphrase_file: access.passphrase_file.clone(),
+            known_hosts: access.known_hosts.clone(),
+            use_agent: access.use_agent,
+            timeout: access.timeout,
+        })),
+    }
 }
 
 #[cfg(test)]

@@ -286,7 +286,7 @@ pub fn add_host_key(
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    crate::target::file::write_file_atomic(path, &mut new.as_bytes(), 0o644)?;
+    crate::durable::write_file_atomic(path, &mut new.as_bytes(), 0o644)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
 }
 

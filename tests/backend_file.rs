@@ -1,17 +1,18 @@
 //! The `file://` target passes the conformance suite, and cleans up stale temporary files.
 
-use walship::target::{file::FileTarget, Target, TEMP_PREFIX};
+use walship::backend::{file::FileBackend, Backend};
+use walship::durable::TEMP_PREFIX;
 
 #[test]
 fn file_target_conformance() {
     let dir = tempfile::tempdir().expect("tempdir");
-    crate::conformance::run(&FileTarget::new(dir.path().join("replica")));
+    crate::conformance::run(&FileBackend::new(dir.path().join("replica")));
 }
 
 #[test]
 fn file_target_cleanup_removes_stale_temp_files() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let t = FileTarget::new(dir.path());
+    let t = FileBackend::new(dir.path());
     t.write_atomic("g/x", &mut &b"1"[..]).expect("write");
     std::fs::write(
         dir.path().join("g").join(format!("{TEMP_PREFIX}99-1")),
