@@ -640,7 +640,7 @@ impl Capture {
                     info!(generation = %self.at.generation, "snapshot written after {} failed attempt(s)", old.failures);
                 }
             }
-            Err(e) if WalChange::is_broken(&e) => {}
+            Err(e) if WalChange::is_broken(e) => {}
             Err(e) => {
                 let failures = self.retry.as_ref().map_or(0, |r| r.failures) + 1;
                 let wait = RETRY_FIRST
