@@ -235,23 +235,16 @@ struct Status {
 }
 
 fn parse_status(line: &str) -> Option<Status> {
-    let rest = line.strip_prefix("STATUS=replicated to ")?;
-    let (ok, rest) = rest.split_once('/')?;
-    let (of, rest) = rest.split_once(" replicas, lag ")?;
-    let (lag, rest) = rest.split_once(" ms, position ")?;
-    let pos = rest.split(',').next()?;
-    let (generation, txid) = pos.split_once('/')?;
-    let gen_ok = generation.len() == 20
-        && generation
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
-    gen_ok.then_some(())?;
+    let status = line.strip_prefix("STATUS=")?.parse().ok()?;
+    let walship::replicate::state::Status::Replicating(p) = status else {
+        return None;
+    };
     Some(Status {
-        ok: ok.parse().ok()?,
-        of: of.parse().ok()?,
-        lag_ms: lag.parse().ok()?,
-        generation: generation.to_owned(),
-        txid: txid.parse().ok()?,
+        ok: u32::try_from(p.ok).ok()?,
+        of: u32::try_from(p.total).ok()?,
+        lag_ms: p.lag_ms,
+        generation: p.generation.to_string(),
+        txid: p.txid,
     })
 }
 

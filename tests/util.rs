@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use walship::replicate::state::{StateDir, StatusFile};
 
 /// The walship binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_walship");
@@ -249,28 +250,23 @@ impl Status {
         self.ok == self.total && self.failing.is_none()
     }
 
-    /// Parses `<unix ms> replicated to N/M replicas, lag X ms, position GEN/TXID[, failing: ...]`.
+    /// Parses `<unix ms> replicated to N/M replicas, lag X ms, position GEN/TXID[, failing: ...]`
+    /// with walship's own parser (`StatusFile`); `None` for anything else.
     pub fn parse(text: &str) -> Option<Status> {
         let line = text.lines().next()?.to_owned();
-        let (ms, rest) = line.split_once(' ')?;
-        let rest = rest.strip_prefix("replicated to ")?;
-        let (ratio, rest) = rest.split_once(" replicas, lag ")?;
-        let (ok, total) = ratio.split_once('/')?;
-        let (lag, rest) = rest.split_once(" ms, position ")?;
-        let (position, failing) = match rest.split_once(", failing: ") {
-            Some((p, f)) => (p.to_owned(), Some(f.to_owned())),
-            None => (rest.to_owned(), None),
+        let file: StatusFile = text.parse().ok()?;
+        let walship::replicate::state::Status::Replicating(p) = file.status else {
+            return None;
         };
-        let (generation, txid) = position.split_once('/')?;
         Some(Status {
-            written_ms: ms.parse().ok()?,
-            ok: ok.parse().ok()?,
-            total: total.parse().ok()?,
-            lag_ms: lag.parse().ok()?,
-            generation: generation.to_owned(),
-            txid: txid.parse().ok()?,
-            position: position.clone(),
-            failing,
+            written_ms: file.written_ms,
+            ok: u32::try_from(p.ok).ok()?,
+            total: u32::try_from(p.total).ok()?,
+            lag_ms: p.lag_ms,
+            position: format!("{}/{}", p.generation, p.txid),
+            generation: p.generation.to_string(),
+            txid: p.txid,
+            failing: p.failing,
             line,
         })
     }
@@ -290,43 +286,20 @@ impl ReplicaPos {
     }
 }
 
-/// Reads every `replica-<name>.state` in `state_dir`: name -> position.
+/// Every replica's recorded position in `state_dir` (walship's own reader, `StateDir`).
 pub fn replica_positions(state_dir: &Path) -> Vec<(String, ReplicaPos)> {
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(state_dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        let Some(name) = n
-            .strip_prefix("replica-")
-            .and_then(|s| s.strip_suffix(".state"))
-        else {
-            continue;
-        };
-        let Ok(text) = fs::read_to_string(e.path()) else {
-            continue;
-        };
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k).and_then(|v| v.strip_prefix(' ')))
-                .map(str::to_owned)
-        };
-        if let (Some(g), Some(l), Some(t)) = (get("generation"), get("last"), get("time-ms")) {
-            if let (Ok(l), Ok(t)) = (l.parse(), t.parse()) {
-                out.push((
-                    name.to_owned(),
-                    ReplicaPos {
-                        generation: g,
-                        last: l,
-                        time_ms: t,
-                    },
-                ));
-            }
-        }
-    }
-    out.sort();
-    out
+    StateDir::new(state_dir)
+        .positions()
+        .into_iter()
+        .map(|(name, p)| {
+            let pos = ReplicaPos {
+                generation: p.key.generation.to_string(),
+                last: p.key.last,
+                time_ms: p.time_ms,
+            };
+            (name, pos)
+        })
+        .collect()
 }
 
 /// The `walship replicate` daemon; killed on drop.

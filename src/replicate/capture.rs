@@ -26,7 +26,7 @@
 //!   they are published in the spool (for a segment, after the state above is saved).
 
 use super::spool::{Key, Spool, SpoolWriter};
-use super::state::Kv;
+use super::state::{CaptureState, Captured, SavedCapture, StateDir};
 use crate::clock::now_ms;
 use crate::db::{Db, WalChange, WalCommit, WalPos, WalState};
 use crate::layout::checksum::PageHashes;
@@ -34,7 +34,7 @@ use crate::layout::codec::{Commit, Encoder, Kind};
 use crate::layout::names::{FileName, GenerationId};
 use anyhow::{anyhow, bail, Result};
 use std::io::BufWriter;
-use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -56,75 +56,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A commit this big (and at least a segment's size) is spooled live (see `spool`).
 const LIVE_MIN_BYTES: u64 = 4 << 20;
 
-/// Where capture stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Captured {
-    /// The generation.
-    pub generation: GenerationId,
-    /// The last captured txid.
-    pub txid: u64,
-    /// When it was captured.
-    pub time_ms: u64,
-    /// Database checksum after it.
-    pub db_checksum: u64,
-    /// Database size in pages after it.
-    pub db_pages: u32,
-}
-
-impl Captured {
-    /// The spool key of this state.
-    pub fn key(&self) -> Key {
-        Key {
-            generation: self.generation,
-            last: self.txid,
-            rank: 0,
-        }
-    }
-}
-
-/// A capture state read back from the state file.
-struct Saved {
-    at: Captured,
-    page_size: u32,
-    pos: Option<WalPos>,
-}
-
-impl Saved {
-    fn parse(kv: &Kv, prefix: &str) -> Result<Saved> {
-        let k = |s: &str| format!("{prefix}{s}");
-        let page_size = u32::try_from(kv.u64(&k("page-size"))?)?;
-        let pos = match kv.str(&k("wal"))? {
-            "none" => None,
-            _ => Some(WalPos {
-                salt1: u32::try_from(kv.hex(&k("salt1"))?)?,
-                salt2: u32::try_from(kv.hex(&k("salt2"))?)?,
-                frames: kv.u64(&k("frames"))?,
-                running: [
-                    u32::try_from(kv.hex(&k("running0"))?)?,
-                    u32::try_from(kv.hex(&k("running1"))?)?,
-                ],
-                page_size,
-            }),
-        };
-        Ok(Saved {
-            at: Captured {
-                generation: kv.generation(&k("generation"))?,
-                txid: kv.u64(&k("txid"))?,
-                time_ms: kv.u64(&k("time-ms"))?,
-                db_checksum: kv.hex(&k("db-checksum"))?,
-                db_pages: u32::try_from(kv.u64(&k("db-pages"))?)?,
-            },
-            page_size,
-            pos,
-        })
-    }
-}
-
 /// The capture engine for one database.
 pub struct Capture {
     db: Db,
     spool: Arc<Spool>,
-    state_path: PathBuf,
+    state: StateDir,
     segment_size: u64,
     /// Where capture stands (generation, txid, checksum).
     pub at: Captured,
@@ -185,16 +121,15 @@ impl Capture {
     pub fn start(
         db: Db,
         spool: Arc<Spool>,
-        state_dir: &Path,
+        state: &StateDir,
         segment_size: u64,
         fresh: Option<&str>,
     ) -> Result<Capture> {
-        let state_path = state_dir.join("capture.state");
-        let saved = Kv::load(&state_path)?;
+        let saved = state.load_capture()?;
         let mut cap = Capture {
             db,
             spool,
-            state_path,
+            state: state.clone(),
             segment_size,
             at: Captured {
                 generation: GenerationId { ms: 0, rand: 0 },
@@ -214,8 +149,8 @@ impl Capture {
         match (fresh, saved) {
             (Some(why), _) => cap.new_generation(why)?,
             (None, None) => cap.new_generation("no previous state")?,
-            (None, Some(kv)) => {
-                if let Err(e) = cap.try_resume(&kv) {
+            (None, Some(saved)) => {
+                if let Err(e) = cap.try_resume(saved) {
                     cap.new_generation(&format!("cannot resume: {e:#}"))?;
                 }
             }
@@ -225,9 +160,8 @@ impl Capture {
 
     /// Tries to resume from saved state; on a proven continuation returns true, otherwise
     /// starts a new generation itself and returns false.
-    fn try_resume(&mut self, kv: &Kv) -> Result<bool> {
-        let cur = Saved::parse(kv, "")?;
-        let prev = Saved::parse(kv, "prev-").ok();
+    fn try_resume(&mut self, saved: SavedCapture) -> Result<bool> {
+        let SavedCapture { cur, prev } = saved;
         let spool = self.spool.list()?;
         if spool.iter().any(|f| f.generation > cur.at.generation) {
             self.new_generation(
@@ -247,13 +181,11 @@ impl Capture {
         // The state is saved before its segment is published: if neither the spool nor any
         // replica has the saved txid, that segment never existed and the step is redone from
         // the position before it.
-        let dir = self
-            .state_path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let replicated = super::ship::replica_positions(&dir)
+        let replicated = self
+            .state
+            .positions()
             .into_iter()
+            .map(|(_, p)| p.key)
             .filter(|k| k.generation == cur.at.generation)
             .map(|k| k.last)
             .max();
@@ -265,7 +197,7 @@ impl Capture {
             }
             _ => cur,
         };
-        let Saved { at, page_size, pos } = chosen;
+        let CaptureState { at, page_size, pos } = chosen;
         let (generation, txid, saved_checksum) = (at.generation, at.txid, at.db_checksum);
         self.at = at;
         self.page_size = page_size;
@@ -312,7 +244,7 @@ impl Capture {
             self.pos = end;
             let changed = self.write_diff(&saved, end_pages)?;
             info!(generation = %generation, txid = self.at.txid, "resumed the generation: {changed} page(s) changed while walship was stopped");
-            let _ = std::fs::remove_file(self.hashes_path());
+            self.state.remove_page_hashes();
             return Ok(true);
         }
         self.rescan(end.map_or(0, |e| e.frames), end_pages)?;
@@ -329,50 +261,19 @@ impl Capture {
         Ok(false)
     }
 
-    fn hashes_path(&self) -> PathBuf {
-        self.state_path.with_file_name("pagehashes")
-    }
-
     /// Saves the per-page hashes of the captured state (at a clean stop), so that the next
     /// start can resume by difference even if the WAL was reset meanwhile.
     ///
     /// # Errors
     /// I/O errors.
     pub fn save_hashes(&self) -> Result<()> {
-        let hs = self.hashes.as_slice();
-        let mut buf = format!(
-            "walship-pagehashes 1 {} {} {} {:016x}\n",
-            self.at.generation, self.at.txid, self.page_size, self.at.db_checksum
-        )
-        .into_bytes();
-        buf.reserve(hs.len() * 8);
-        for h in hs {
-            buf.extend_from_slice(&h.to_le_bytes());
-        }
-        crate::durable::write_file_atomic(&self.hashes_path(), &mut buf.as_slice(), 0o640)
-            .map(|_| ())
-            .map_err(|e| anyhow!("cannot write {}: {e}", self.hashes_path().display()))
+        self.state
+            .save_page_hashes(&self.at, self.page_size, &self.hashes)
     }
 
     /// The saved page hashes if they describe exactly the resumed state.
     fn load_hashes(&self) -> Option<PageHashes> {
-        let data = std::fs::read(self.hashes_path()).ok()?;
-        let nl = data.iter().position(|&b| b == b'\n')?;
-        let header = std::str::from_utf8(&data[..nl]).ok()?;
-        let want = format!(
-            "walship-pagehashes 1 {} {} {} {:016x}",
-            self.at.generation, self.at.txid, self.page_size, self.at.db_checksum
-        );
-        let body = &data[nl + 1..];
-        if header != want || body.len() % 8 != 0 {
-            return None;
-        }
-        let hashes: Vec<u64> = body
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect();
-        let ph = PageHashes::from_hashes(self.page_size, hashes);
-        (ph.db_checksum() == self.at.db_checksum).then_some(ph)
+        self.state.load_page_hashes(&self.at, self.page_size)
     }
 
     /// Writes one commit holding every page of the current state (at `self.pos`) whose hash
@@ -385,7 +286,7 @@ impl Capture {
     /// Starts a segment in the spool, remembering the state before it; `live` names a big
     /// segment that shippers may stream while it is written.
     fn begin_segment(&self, live: Option<FileName>) -> Result<PendingSegment> {
-        let prev = self.state_kv("");
+        let prev = self.state();
         let w = self.spool.create(&self.at.generation, live)?;
         let enc = Encoder::new(
             BufWriter::with_capacity(256 << 10, w),
@@ -404,14 +305,10 @@ impl Capture {
             .finish()?
             .into_inner()
             .map_err(|e| anyhow!("cannot write segment: {}", e.error()))?;
-        let mut kv = self.state_kv("");
-        kv.0.extend(
-            seg.prev
-                .0
-                .into_iter()
-                .map(|(k, v)| (format!("prev-{k}"), v)),
-        );
-        kv.save(&self.state_path)?;
+        self.state.save_capture(&SavedCapture {
+            cur: self.state(),
+            prev: Some(seg.prev),
+        })?;
         self.spool.publish(w, &self.at.generation, name)?;
         Ok(())
     }
@@ -665,15 +562,12 @@ impl Capture {
         let Ok(files) = self.spool.list() else {
             return false;
         };
-        let dir = self
-            .state_path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
         !files.iter().any(|f| f.generation == *g)
-            && !super::ship::replica_positions(&dir)
+            && !self
+                .state
+                .positions()
                 .iter()
-                .any(|k| k.generation == *g)
+                .any(|(_, p)| p.key.generation == *g)
     }
 
     /// One merged commit for frames after `from` up to `end` (used when resuming). The page
@@ -878,34 +772,20 @@ impl Capture {
         Ok(())
     }
 
-    /// The state as `key value` pairs, keys prefixed with `prefix`.
-    fn state_kv(&self, prefix: &str) -> Kv {
-        let mut kv = Kv::default();
-        let k = |s: &str| format!("{prefix}{s}");
-        kv.set(&k("generation"), self.at.generation)
-            .set(&k("txid"), self.at.txid)
-            .set(&k("time-ms"), self.at.time_ms)
-            .set(&k("db-checksum"), format!("{:016x}", self.at.db_checksum))
-            .set(&k("db-pages"), self.at.db_pages)
-            .set(&k("page-size"), self.page_size);
-        match self.pos {
-            None => {
-                kv.set(&k("wal"), "none");
-            }
-            Some(p) => {
-                kv.set(&k("wal"), "yes")
-                    .set(&k("salt1"), format!("{:08x}", p.salt1))
-                    .set(&k("salt2"), format!("{:08x}", p.salt2))
-                    .set(&k("frames"), p.frames)
-                    .set(&k("running0"), format!("{:08x}", p.running[0]))
-                    .set(&k("running1"), format!("{:08x}", p.running[1]));
-            }
+    /// The captured state, as saved.
+    fn state(&self) -> CaptureState {
+        CaptureState {
+            at: self.at,
+            page_size: self.page_size,
+            pos: self.pos,
         }
-        kv
     }
 
     fn save_state(&self) -> Result<()> {
-        self.state_kv("").save(&self.state_path)
+        self.state.save_capture(&SavedCapture {
+            cur: self.state(),
+            prev: None,
+        })
     }
 
     /// Frames in the current WAL (what a checkpoint would reclaim).
@@ -1130,5 +1010,5 @@ impl Capture {
 /// A segment being written to the spool (see [`Capture::begin_segment`]).
 struct PendingSegment {
     enc: Encoder<BufWriter<SpoolWriter>>,
-    prev: Kv,
+    prev: CaptureState,
 }

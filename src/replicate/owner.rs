@@ -22,43 +22,11 @@ use crate::layout::owner::{Claim, ClaimName, InstanceId, CLAIM_MAX_BYTES};
 use crate::layout::GenerationId;
 use anyhow::{anyhow, Context, Result};
 use std::io::Read;
-use std::path::Path;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// How old a successful ownership check may be when the shipper writes or deletes.
 pub const CLAIM_CHECK: Duration = Duration::from_secs(5);
-
-/// The file in the state directory that holds the instance id.
-pub const INSTANCE_FILE: &str = "instance";
-
-/// The id of the instance whose state directory is `state_dir`, created on first use. A file
-/// that is not exactly 16 lowercase hex digits is replaced by a new id (logged): a new id only
-/// means a new claim, which wins anyway.
-///
-/// # Errors
-/// The file cannot be read or written.
-pub fn instance_id(state_dir: &Path) -> Result<InstanceId> {
-    let p = state_dir.join(INSTANCE_FILE);
-    match std::fs::read(&p) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            if let Ok(id) = text.trim_end_matches('\n').parse::<InstanceId>() {
-                return Ok(id);
-            }
-            warn!(
-                "{} does not hold an instance id: making a new one",
-                p.display()
-            );
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
-    }
-    let id = InstanceId(rand::random::<u64>());
-    crate::durable::replace_file(&p, format!("{id}\n").as_bytes(), 0o644)
-        .with_context(|| format!("cannot write {}", p.display()))?;
-    Ok(id)
-}
 
 /// Another instance claimed the replica after this one: a permanent error for this shipper.
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +244,7 @@ mod tests {
         GenerationId { ms, rand: 7 }
     }
 
-    fn claim_files(dir: &Path) -> Vec<String> {
+    fn claim_files(dir: &std::path::Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -394,17 +362,5 @@ mod tests {
         std::fs::remove_file(dir.path().join(name)).unwrap();
         std::fs::write(dir.path().join("owner-1-2.toml"), c.to_toml()).unwrap();
         assert!(newest_claim(&t).unwrap().is_none());
-    }
-
-    #[test]
-    fn the_instance_id_is_kept_in_the_state_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let id = instance_id(dir.path()).unwrap();
-        assert_eq!(instance_id(dir.path()).unwrap(), id);
-        let text = std::fs::read_to_string(dir.path().join(INSTANCE_FILE)).unwrap();
-        assert_eq!(text, format!("{id}\n"));
-        std::fs::write(dir.path().join(INSTANCE_FILE), "garbage").unwrap();
-        let new = instance_id(dir.path()).unwrap();
-        assert_eq!(instance_id(dir.path()).unwrap(), new);
     }
 }

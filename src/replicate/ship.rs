@@ -31,7 +31,7 @@
 
 use super::owner::{Ownership, TakenOver};
 use super::spool::{Key, LiveFile, Spool, SpoolFile};
-use super::state::Kv;
+use super::state::{ReplicaPosition, StateDir};
 use crate::backend::{Backend, ErrorKind};
 use crate::clock::now_ms;
 use crate::durable::RemoveOnDrop;
@@ -43,7 +43,6 @@ use crate::layout::owner::InstanceId;
 use crate::layout::plan::{plan_compaction, plan_retention, redundant_segments, Deletion, Listing};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufWriter, Read};
-use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -131,8 +130,8 @@ pub struct Shipper {
     pub shared: Arc<Shared>,
     /// The spool.
     pub spool: Arc<Spool>,
-    /// This replica's position file.
-    pub state_path: PathBuf,
+    /// The state directory, which records this replica's position.
+    pub state: StateDir,
     /// Identity written in the marker ("host:/path").
     pub identity: String,
     /// This instance (its state directory), for the replica's owner claim.
@@ -143,33 +142,6 @@ pub struct Shipper {
     pub retention: Duration,
     /// Wakes the main loop after progress.
     pub wake: Sender<super::Msg>,
-}
-
-/// The positions of every replica recorded in `state_dir` (`replica-*.state`).
-pub fn replica_positions(state_dir: &std::path::Path) -> Vec<Key> {
-    let Ok(rd) = std::fs::read_dir(state_dir) else {
-        return Vec::new();
-    };
-    rd.filter_map(|e| e.ok())
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with("replica-") && n.ends_with(".state")
-        })
-        .filter_map(|e| load_position(&e.path()).ok().flatten())
-        .map(|(k, _)| k)
-        .collect()
-}
-
-fn load_position(path: &std::path::Path) -> Result<Option<(Key, u64)>> {
-    let Some(kv) = Kv::load(path)? else {
-        return Ok(None);
-    };
-    let key = Key {
-        generation: kv.generation("generation")?,
-        last: kv.u64("last")?,
-        rank: u8::try_from(kv.u64("rank")?)?,
-    };
-    Ok(Some((key, kv.u64("time-ms")?)))
 }
 
 impl Shipper {
@@ -195,7 +167,11 @@ impl Shipper {
     /// Runs until stopped.
     pub fn run(self) {
         let name = self.name();
-        let mut pos = match load_position(&self.state_path) {
+        let mut pos = match self
+            .state
+            .load_position(&name)
+            .map(|p| p.map(|p| (p.key, p.time_ms)))
+        {
             Ok(p) => p,
             Err(e) => {
                 warn!(replica = %name, "ignoring unreadable position file: {e:#}");
@@ -337,12 +313,11 @@ impl Shipper {
                 let last = batch.last().unwrap_or(&f);
                 let time_ms = last.name.last_ms();
                 pos = Some((last.key(), time_ms));
-                let mut kv = Kv::default();
-                kv.set("generation", last.generation)
-                    .set("last", last.key().last)
-                    .set("rank", last.key().rank)
-                    .set("time-ms", time_ms);
-                kv.save(&self.state_path)?;
+                let at = ReplicaPosition {
+                    key: last.key(),
+                    time_ms,
+                };
+                self.state.save_position(&name, &at)?;
                 {
                     let mut g = self.shared.lock();
                     g.replicas[self.idx].position = Some(last.key());

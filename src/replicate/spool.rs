@@ -82,12 +82,12 @@ impl std::fmt::Debug for Hook {
 }
 
 impl Spool {
-    /// Opens (creating) the spool under `state_dir` and removes leftover temporary files.
+    /// Opens (creating) the spool in `dir` and removes leftover temporary files.
     ///
     /// # Errors
     /// I/O errors with the path.
-    pub fn open(state_dir: &Path) -> Result<Spool> {
-        let dir = state_dir.join("spool");
+    pub fn open(dir: &Path) -> Result<Spool> {
+        let dir = dir.to_path_buf();
         fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create spool directory {}", dir.display()))?;
         let spool = Spool {
@@ -443,7 +443,7 @@ mod tests {
 
     fn setup() -> (tempfile::TempDir, Arc<Spool>, GenerationId, FileName) {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let spool = Arc::new(Spool::open(&dir.path().join("spool")).unwrap());
         let g = GenerationId { ms: 1, rand: 2 };
         let name = FileName::Snapshot {
             txid: 1,

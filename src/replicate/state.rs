@@ -1,102 +1,723 @@
-//! walship's local state files: small `key value` text files, written atomically and durably.
+//! The state directory: everything walship keeps on this machine about one database, behind
+//! one type, [`StateDir`], with typed values that `Display` and `FromStr`.
 //!
-//! Invariants: a state file is replaced only through `write_file_atomic` (temp, fsync,
-//! rename, directory fsync), so after a crash it holds either the previous or the new
-//! content; reading is strict (a missing key or a bad number is an error naming the file).
+//! Files (all under the state directory):
+//! - `lock`: flocked exclusively by the running daemon; `walship status` asks it whether a
+//!   daemon runs.
+//! - `status`: `<unix ms> <status line>` ([`StatusFile`], [`Status`]), replaced on every change
+//!   without fsync (it loses nothing when stale, and an fsync per commit would cost two).
+//! - `capture.state`: where capture stands, and where it stood before the last segment
+//!   ([`SavedCapture`]).
+//! - `pagehashes`: the per-page hashes of the captured state, saved at a clean stop.
+//! - `replica-<name>.state`: what replica `<name>` durably holds ([`ReplicaPosition`]).
+//! - `instance`: this installation's instance id, named in its owner claims on replicas.
+//! - `spool/`: captured files waiting for replicas (see `spool`).
+//!
+//! Invariants: every file but `status` and `instance` is replaced only through
+//! [`write_file_atomic`] (temp, fsync, rename, directory fsync), so after a crash it holds the
+//! previous or the new content; reading is strict (a missing key or a bad number is an error
+//! naming the file).
 
-use crate::durable::write_file_atomic;
+use super::spool::Key;
+use crate::db::WalPos;
+use crate::durable::{remove_temp_files, replace_file, write_file_atomic};
+use crate::layout::checksum::PageHashes;
 use crate::layout::names::GenerationId;
-use anyhow::{anyhow, Context, Result};
+use crate::layout::owner::InstanceId;
+use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::fmt;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use tracing::warn;
 
-/// An ordered set of `key value` pairs.
+/// The state directory of one database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+/// The daemon's exclusive lock on a state directory; released when dropped.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] File);
+
+impl StateDir {
+    /// The state directory at `dir` (nothing is created yet).
+    pub fn new(dir: impl Into<PathBuf>) -> StateDir {
+        StateDir { dir: dir.into() }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the spool lives.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.join("spool")
+    }
+
+    /// The id of the instance that owns this state directory, created on first use. A file
+    /// that is not exactly 16 lowercase hex digits is replaced by a new id (logged): a new id only
+    /// means a new claim, which wins anyway.
+    ///
+    /// # Errors
+    /// The file cannot be read or written.
+    pub fn instance_id(&self) -> Result<InstanceId> {
+        let p = self.dir.join("instance");
+        match std::fs::read(&p) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                if let Ok(id) = text.trim_end_matches('\n').parse::<InstanceId>() {
+                    return Ok(id);
+                }
+                warn!(
+                    "{} does not hold an instance id: making a new one",
+                    p.display()
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
+        }
+        let id = InstanceId(rand::random::<u64>());
+        crate::durable::replace_file(&p, format!("{id}\n").as_bytes(), 0o644)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        Ok(id)
+    }
+
+    /// Creates the directory, takes the daemon's lock, and removes the temporary files a killed
+    /// predecessor left (nobody else writes here).
+    ///
+    /// # Errors
+    /// The directory cannot be created or cleaned, or another walship holds the lock.
+    pub fn lock(&self) -> Result<StateLock> {
+        let dir = self.dir.display();
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create state directory {dir}"))?;
+        let p = self.dir.join("lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .with_context(|| format!("cannot open {}", p.display()))?;
+        if !flock(&f, nix::libc::LOCK_EX) {
+            bail!("another walship is already replicating with state directory {dir} (lock held)");
+        }
+        remove_temp_files(&self.dir)
+            .with_context(|| format!("cannot remove temporary files in state directory {dir}"))?;
+        Ok(StateLock(f))
+    }
+
+    /// Whether a daemon holds the lock now.
+    pub fn daemon_running(&self) -> bool {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.dir.join("lock"))
+            .is_ok_and(|f| !flock(&f, nix::libc::LOCK_SH))
+    }
+
+    fn status_path(&self) -> PathBuf {
+        self.dir.join("status")
+    }
+
+    /// Replaces the status file with `status`, stamped now. Failures are only logged: the
+    /// status is a report, never state.
+    pub fn write_status(&self, status: &Status) {
+        let p = self.status_path();
+        let text = StatusFile {
+            written_ms: crate::clock::now_ms(),
+            status: status.clone(),
+        }
+        .to_string();
+        if let Err(e) = replace_file(&p, text.as_bytes(), 0o644) {
+            tracing::debug!("cannot write {}: {e}", p.display());
+        }
+    }
+
+    /// The status file; `None` if there is none.
+    ///
+    /// # Errors
+    /// It cannot be read or is malformed (the message names it).
+    pub fn read_status(&self) -> Result<Option<StatusFile>> {
+        let p = self.status_path();
+        read_typed(&p)
+    }
+
+    fn capture_path(&self) -> PathBuf {
+        self.dir.join("capture.state")
+    }
+
+    /// The saved capture state, if any.
+    ///
+    /// # Errors
+    /// Unreadable or malformed (the message names the file).
+    pub fn load_capture(&self) -> Result<Option<SavedCapture>> {
+        read_typed(&self.capture_path())
+    }
+
+    /// Saves the capture state durably.
+    ///
+    /// # Errors
+    /// I/O errors, with the path.
+    pub fn save_capture(&self, c: &SavedCapture) -> Result<()> {
+        save_durably(&self.capture_path(), &c.to_string())
+    }
+
+    fn hashes_path(&self) -> PathBuf {
+        self.dir.join("pagehashes")
+    }
+
+    /// Saves the page hashes of the captured state `at` (with `page_size`) durably.
+    ///
+    /// # Errors
+    /// I/O errors, with the path.
+    pub fn save_page_hashes(
+        &self,
+        at: &Captured,
+        page_size: u32,
+        hashes: &PageHashes,
+    ) -> Result<()> {
+        let hs = hashes.as_slice();
+        let mut buf = hashes_header(at, page_size).into_bytes();
+        buf.push(b'\n');
+        buf.reserve(hs.len() * 8);
+        for h in hs {
+            buf.extend_from_slice(&h.to_le_bytes());
+        }
+        let p = self.hashes_path();
+        write_file_atomic(&p, &mut buf.as_slice(), 0o640)
+            .map(|_| ())
+            .with_context(|| format!("cannot write {}", p.display()))
+    }
+
+    /// The saved page hashes if they describe exactly the state `at` with `page_size`.
+    pub fn load_page_hashes(&self, at: &Captured, page_size: u32) -> Option<PageHashes> {
+        let data = std::fs::read(self.hashes_path()).ok()?;
+        let nl = data.iter().position(|&b| b == b'\n')?;
+        let header = std::str::from_utf8(&data[..nl]).ok()?;
+        let body = &data[nl + 1..];
+        if header != hashes_header(at, page_size) || body.len() % 8 != 0 {
+            return None;
+        }
+        let hashes: Vec<u64> = body
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        let ph = PageHashes::from_hashes(page_size, hashes);
+        (ph.db_checksum() == at.db_checksum).then_some(ph)
+    }
+
+    /// Removes the saved page hashes (once used: they describe a state that is gone).
+    pub fn remove_page_hashes(&self) {
+        let _ = std::fs::remove_file(self.hashes_path());
+    }
+
+    fn position_path(&self, replica: &str) -> PathBuf {
+        self.dir.join(format!("replica-{replica}.state"))
+    }
+
+    /// What replica `replica` durably holds, as recorded; `None` if nothing is.
+    ///
+    /// # Errors
+    /// Unreadable or malformed (the message names the file).
+    pub fn load_position(&self, replica: &str) -> Result<Option<ReplicaPosition>> {
+        read_typed(&self.position_path(replica))
+    }
+
+    /// Records durably that replica `replica` holds `pos`.
+    ///
+    /// # Errors
+    /// I/O errors, with the path.
+    pub fn save_position(&self, replica: &str, pos: &ReplicaPosition) -> Result<()> {
+        save_durably(&self.position_path(replica), &pos.to_string())
+    }
+
+    /// Every replica's recorded position, by replica name; unreadable records are left out.
+    pub fn positions(&self) -> Vec<(String, ReplicaPosition)> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, ReplicaPosition)> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let name = n.strip_prefix("replica-")?.strip_suffix(".state")?;
+                let pos = self.load_position(name).ok().flatten()?;
+                Some((name.to_owned(), pos))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+/// `flock(f, how | LOCK_NB)`; whether it was granted.
+fn flock(f: &File, how: i32) -> bool {
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    unsafe { nix::libc::flock(f.as_raw_fd(), how | nix::libc::LOCK_NB) == 0 }
+}
+
+fn hashes_header(at: &Captured, page_size: u32) -> String {
+    format!(
+        "walship-pagehashes 1 {} {} {page_size} {:016x}",
+        at.generation, at.txid, at.db_checksum
+    )
+}
+
+fn save_durably(path: &Path, text: &str) -> Result<()> {
+    write_file_atomic(path, &mut text.as_bytes(), 0o640)
+        .with_context(|| format!("cannot write state file {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads and parses `path`; `None` if it does not exist.
+fn read_typed<T: FromStr<Err = anyhow::Error>>(path: &Path) -> Result<Option<T>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read state file {}", path.display()))
+        }
+    };
+    text.parse()
+        .map(Some)
+        .with_context(|| format!("state file {} is malformed", path.display()))
+}
+
+/// An ordered set of `key value` lines: the text form of the state files.
 #[derive(Debug, Default, Clone)]
-pub struct Kv(pub BTreeMap<String, String>);
+struct Kv(BTreeMap<String, String>);
 
 impl Kv {
-    /// Sets `key` to the display form of `v`.
-    pub fn set(&mut self, key: &str, v: impl std::fmt::Display) -> &mut Self {
+    fn set(&mut self, key: &str, v: impl fmt::Display) -> &mut Self {
         self.0.insert(key.to_owned(), v.to_string());
         self
     }
 
-    /// The raw value of `key`.
-    ///
-    /// # Errors
-    /// The key is missing.
-    pub fn str(&self, key: &str) -> Result<&str> {
+    fn str(&self, key: &str) -> Result<&str> {
         self.0
             .get(key)
             .map(String::as_str)
             .ok_or_else(|| anyhow!("missing key {key:?}"))
     }
 
-    /// `key` parsed as a decimal u64.
-    ///
-    /// # Errors
-    /// Missing or not a number.
-    pub fn u64(&self, key: &str) -> Result<u64> {
+    fn num<T: FromStr>(&self, key: &str) -> Result<T> {
         let s = self.str(key)?;
         s.parse()
             .map_err(|_| anyhow!("bad number {s:?} for {key:?}"))
     }
 
-    /// `key` parsed as a hexadecimal u64.
-    ///
-    /// # Errors
-    /// Missing or not hex.
-    pub fn hex(&self, key: &str) -> Result<u64> {
+    fn hex(&self, key: &str) -> Result<u64> {
         let s = self.str(key)?;
         u64::from_str_radix(s, 16).map_err(|_| anyhow!("bad hex number {s:?} for {key:?}"))
     }
 
-    /// `key` parsed as a generation id.
-    ///
-    /// # Errors
-    /// Missing or malformed.
-    pub fn generation(&self, key: &str) -> Result<GenerationId> {
+    fn hex32(&self, key: &str) -> Result<u32> {
+        Ok(u32::try_from(self.hex(key)?)?)
+    }
+
+    fn generation(&self, key: &str) -> Result<GenerationId> {
         let s = self.str(key)?;
         s.parse()
             .map_err(|e| anyhow!("bad generation {s:?} for {key:?}: {e}"))
     }
+}
 
-    /// Writes the pairs to `path` atomically and durably.
-    ///
-    /// # Errors
-    /// I/O errors, with the path.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let mut text = String::new();
+impl fmt::Display for Kv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (k, v) in &self.0 {
-            text.push_str(k);
-            text.push(' ');
-            text.push_str(v);
-            text.push('\n');
+            writeln!(f, "{k} {v}")?;
         }
-        write_file_atomic(path, &mut text.as_bytes(), 0o640)
-            .with_context(|| format!("cannot write state file {}", path.display()))?;
         Ok(())
     }
+}
 
-    /// Reads `path`; `None` if it does not exist.
-    ///
-    /// # Errors
-    /// I/O errors or malformed lines, with the path.
-    pub fn load(path: &Path) -> Result<Option<Kv>> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot read state file {}", path.display()))
-            }
-        };
+impl FromStr for Kv {
+    type Err = anyhow::Error;
+    fn from_str(text: &str) -> Result<Kv> {
         let mut kv = Kv::default();
         for (i, line) in text.lines().enumerate() {
-            let (k, v) = line.split_once(' ').ok_or_else(|| {
-                anyhow!("state file {} line {} is malformed", path.display(), i + 1)
-            })?;
+            let (k, v) = line
+                .split_once(' ')
+                .ok_or_else(|| anyhow!("line {} is malformed", i + 1))?;
             kv.0.insert(k.to_owned(), v.to_owned());
         }
-        Ok(Some(kv))
+        Ok(kv)
+    }
+}
+
+/// Where capture stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Captured {
+    /// The generation.
+    pub generation: GenerationId,
+    /// The last captured txid.
+    pub txid: u64,
+    /// When it was captured.
+    pub time_ms: u64,
+    /// Database checksum after it.
+    pub db_checksum: u64,
+    /// Database size in pages after it.
+    pub db_pages: u32,
+}
+
+impl Captured {
+    /// The spool key of this state.
+    pub fn key(&self) -> Key {
+        Key {
+            generation: self.generation,
+            last: self.txid,
+            rank: 0,
+        }
+    }
+}
+
+/// A captured state as saved: where capture stands and where in the WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptureState {
+    /// Generation, txid, checksum.
+    pub at: Captured,
+    /// The database's page size.
+    pub page_size: u32,
+    /// The WAL position after the captured state (`None`: no WAL).
+    pub pos: Option<WalPos>,
+}
+
+impl CaptureState {
+    fn write(&self, kv: &mut Kv, prefix: &str) {
+        let k = |s: &str| format!("{prefix}{s}");
+        let at = &self.at;
+        kv.set(&k("generation"), at.generation)
+            .set(&k("txid"), at.txid)
+            .set(&k("time-ms"), at.time_ms)
+            .set(&k("db-checksum"), format!("{:016x}", at.db_checksum))
+            .set(&k("db-pages"), at.db_pages)
+            .set(&k("page-size"), self.page_size);
+        match self.pos {
+            None => kv.set(&k("wal"), "none"),
+            Some(p) => kv
+                .set(&k("wal"), "yes")
+                .set(&k("salt1"), format!("{:08x}", p.salt1))
+                .set(&k("salt2"), format!("{:08x}", p.salt2))
+                .set(&k("frames"), p.frames)
+                .set(&k("running0"), format!("{:08x}", p.running[0]))
+                .set(&k("running1"), format!("{:08x}", p.running[1])),
+        };
+    }
+
+    fn read(kv: &Kv, prefix: &str) -> Result<CaptureState> {
+        let k = |s: &str| format!("{prefix}{s}");
+        let page_size = kv.num(&k("page-size"))?;
+        let pos = match kv.str(&k("wal"))? {
+            "none" => None,
+            _ => Some(WalPos {
+                salt1: kv.hex32(&k("salt1"))?,
+                salt2: kv.hex32(&k("salt2"))?,
+                frames: kv.num(&k("frames"))?,
+                running: [kv.hex32(&k("running0"))?, kv.hex32(&k("running1"))?],
+                page_size,
+            }),
+        };
+        Ok(CaptureState {
+            at: Captured {
+                generation: kv.generation(&k("generation"))?,
+                txid: kv.num(&k("txid"))?,
+                time_ms: kv.num(&k("time-ms"))?,
+                db_checksum: kv.hex(&k("db-checksum"))?,
+                db_pages: kv.num(&k("db-pages"))?,
+            },
+            page_size,
+            pos,
+        })
+    }
+}
+
+/// `capture.state`: the captured state, and the one before the last segment (saved before
+/// that segment is published, so a start that finds neither the spool nor a replica holding
+/// `cur` redoes the step from `prev`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedCapture {
+    /// The newest captured state.
+    pub cur: CaptureState,
+    /// The state before the newest segment, if one was being published.
+    pub prev: Option<CaptureState>,
+}
+
+impl fmt::Display for SavedCapture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut kv = Kv::default();
+        self.cur.write(&mut kv, "");
+        if let Some(p) = &self.prev {
+            p.write(&mut kv, "prev-");
+        }
+        kv.fmt(f)
+    }
+}
+
+impl FromStr for SavedCapture {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<SavedCapture> {
+        let kv: Kv = s.parse()?;
+        Ok(SavedCapture {
+            cur: CaptureState::read(&kv, "")?,
+            prev: CaptureState::read(&kv, "prev-").ok(),
+        })
+    }
+}
+
+/// `replica-<name>.state`: the newest file a replica durably holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReplicaPosition {
+    /// The spool key of that file (generation, last txid, rank).
+    pub key: Key,
+    /// When its last commit was captured (Unix ms).
+    pub time_ms: u64,
+}
+
+impl fmt::Display for ReplicaPosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut kv = Kv::default();
+        kv.set("generation", self.key.generation)
+            .set("last", self.key.last)
+            .set("rank", self.key.rank)
+            .set("time-ms", self.time_ms);
+        kv.fmt(f)
+    }
+}
+
+impl FromStr for ReplicaPosition {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<ReplicaPosition> {
+        let kv: Kv = s.parse()?;
+        Ok(ReplicaPosition {
+            key: Key {
+                generation: kv.generation("generation")?,
+                last: kv.num("last")?,
+                rank: kv.num("rank")?,
+            },
+            time_ms: kv.num("time-ms")?,
+        })
+    }
+}
+
+/// The daemon's one-line status (the `status` file and sd_notify's `STATUS=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Not replicating yet: `starting: <what it does or waits for>`.
+    Starting(String),
+    /// Replicating: `replicated to OK/N replicas, lag X ms, position GEN/TXID[, failing: ...]`.
+    Replicating(Progress),
+}
+
+/// How far the replicas are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// Replicas holding everything captured.
+    pub ok: usize,
+    /// Replicas configured.
+    pub total: usize,
+    /// Age of the oldest commit some replica lacks (ms); 0 when all hold everything.
+    pub lag_ms: u64,
+    /// The captured generation.
+    pub generation: GenerationId,
+    /// The last captured txid.
+    pub txid: u64,
+    /// What fails, `; `-separated (`database: ...`, `<replica>: ...`), if anything.
+    pub failing: Option<String>,
+}
+
+impl Progress {
+    /// Every replica holds everything captured, and nothing fails.
+    pub fn caught_up(&self) -> bool {
+        self.ok == self.total && self.failing.is_none()
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Status::Starting(s) => write!(f, "starting: {s}"),
+            Status::Replicating(p) => {
+                write!(
+                    f,
+                    "replicated to {}/{} replicas, lag {} ms, position {}/{}",
+                    p.ok, p.total, p.lag_ms, p.generation, p.txid
+                )?;
+                match &p.failing {
+                    Some(x) => write!(f, ", failing: {x}"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+impl FromStr for Status {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Status> {
+        if let Some(what) = s.strip_prefix("starting: ") {
+            return Ok(Status::Starting(what.to_owned()));
+        }
+        let bad = || anyhow!("not a status line: {s:?}");
+        let rest = s.strip_prefix("replicated to ").ok_or_else(bad)?;
+        let (ratio, rest) = rest.split_once(" replicas, lag ").ok_or_else(bad)?;
+        let (ok, total) = ratio.split_once('/').ok_or_else(bad)?;
+        let (lag, rest) = rest.split_once(" ms, position ").ok_or_else(bad)?;
+        let (position, failing) = match rest.split_once(", failing: ") {
+            Some((p, f)) => (p, Some(f.to_owned())),
+            None => (rest, None),
+        };
+        let (generation, txid) = position.split_once('/').ok_or_else(bad)?;
+        Ok(Status::Replicating(Progress {
+            ok: ok.parse().map_err(|_| bad())?,
+            total: total.parse().map_err(|_| bad())?,
+            lag_ms: lag.parse().map_err(|_| bad())?,
+            generation: generation.parse().map_err(|_| bad())?,
+            txid: txid.parse().map_err(|_| bad())?,
+            failing,
+        }))
+    }
+}
+
+/// The `status` file: when it was written, and the status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusFile {
+    /// When it was written (Unix ms).
+    pub written_ms: u64,
+    /// The status then.
+    pub status: Status,
+}
+
+impl fmt::Display for StatusFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} {}", self.written_ms, self.status)
+    }
+}
+
+impl FromStr for StatusFile {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<StatusFile> {
+        let line = s.lines().next().unwrap_or_default();
+        let (ms, status) = line
+            .split_once(' ')
+            .ok_or_else(|| anyhow!("not a status line: {line:?}"))?;
+        Ok(StatusFile {
+            written_ms: ms
+                .parse()
+                .map_err(|_| anyhow!("bad time {ms:?} in status line"))?,
+            status: status.parse()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation() -> GenerationId {
+        GenerationId {
+            ms: 0x0193_a1b2_c3d4,
+            rand: 0xe5f6_0708,
+        }
+    }
+
+    #[test]
+    fn values_round_trip_through_their_text() {
+        let at = Captured {
+            generation: generation(),
+            txid: 42,
+            time_ms: 1_700_000_000_123,
+            db_checksum: 0xdead_beef_0000_0001,
+            db_pages: 7,
+        };
+        let cur = CaptureState {
+            at,
+            page_size: 4096,
+            pos: Some(WalPos {
+                salt1: 1,
+                salt2: 0xffff_ffff,
+                frames: 9,
+                running: [3, 4],
+                page_size: 4096,
+            }),
+        };
+        let prev = CaptureState { pos: None, ..cur };
+        for c in [
+            SavedCapture { cur, prev: None },
+            SavedCapture {
+                cur,
+                prev: Some(prev),
+            },
+        ] {
+            assert_eq!(c.to_string().parse::<SavedCapture>().unwrap(), c);
+        }
+        let pos = ReplicaPosition {
+            key: at.key(),
+            time_ms: 5,
+        };
+        assert_eq!(pos.to_string().parse::<ReplicaPosition>().unwrap(), pos);
+        let progress = Progress {
+            ok: 1,
+            total: 2,
+            lag_ms: 30,
+            generation: generation(),
+            txid: 42,
+            failing: None,
+        };
+        for s in [
+            Status::Starting("waiting for /x.db to be created".into()),
+            Status::Replicating(progress.clone()),
+            Status::Replicating(Progress {
+                failing: Some("b: down; database: locked".into()),
+                ..progress
+            }),
+        ] {
+            let f = StatusFile {
+                written_ms: 9,
+                status: s,
+            };
+            assert_eq!(f.to_string().parse::<StatusFile>().unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn malformed_files_are_errors_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        std::fs::write(dir.path().join("replica-a.state"), "generation x\n").unwrap();
+        let e = format!("{:#}", s.load_position("a").unwrap_err());
+        assert!(e.contains("replica-a.state"), "{e}");
+        assert!(s.load_position("b").unwrap().is_none());
+        assert!(s.positions().is_empty());
+        std::fs::write(dir.path().join("status"), "12 hello\n").unwrap();
+        assert!(s.read_status().is_err());
+    }
+
+    #[test]
+    fn the_lock_is_exclusive_and_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path().join("state"));
+        assert!(!s.daemon_running());
+        let lock = s.lock().unwrap();
+        assert!(s.daemon_running());
+        let e = format!("{:#}", s.lock().unwrap_err());
+        assert!(e.contains("lock held"), "{e}");
+        drop(lock);
+        assert!(!s.daemon_running());
+    }
+
+    #[test]
+    fn the_instance_id_is_kept_in_the_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = StateDir::new(dir.path()).instance_id().unwrap();
+        assert_eq!(StateDir::new(dir.path()).instance_id().unwrap(), id);
+        let text = std::fs::read_to_string(dir.path().join("instance")).unwrap();
+        assert_eq!(text, format!("{id}\n"));
+        std::fs::write(dir.path().join("instance"), "garbage").unwrap();
+        let new = StateDir::new(dir.path()).instance_id().unwrap();
+        assert_eq!(StateDir::new(dir.path()).instance_id().unwrap(), new);
     }
 }

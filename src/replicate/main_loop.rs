@@ -1,0 +1,475 @@
+//! The daemon's main loop: one round per wake-up captures what the database gained, notices
+//! a replaced database file, snapshots when due, trims the spool, and reports.
+//!
+//! Invariants: the loop wakes only for file events on the database or its WAL, replica
+//! progress, signals, and timers that are due (watchdog, snapshot interval; for
+//! [`CHECKPOINTER_WATCH`] after each change, a look every [`CHECKPOINTER_POLL`] for an
+//! application's checkpoint waiting on walship); an idle database costs no work. Errors of a
+//! round are logged when they change, not on every retry, and the round is tried again.
+
+use super::capture::{Capture, Step};
+use super::dblock::DbLock;
+use super::replaced::Replaced;
+use super::ship::Shared;
+use super::spool::{self, Spool};
+use super::state::{Captured, Progress, StateDir, Status};
+use super::{Msg, SHUTDOWN_GRACE};
+use crate::clock::now_ms;
+use crate::config::Settings;
+use crate::db::WalChange;
+use crate::systemd::Notifier;
+use anyhow::Result;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+
+/// How long after a change to the database the main loop keeps looking, every
+/// [`CHECKPOINTER_POLL`], for an application's checkpoint waiting for walship's read lock.
+const CHECKPOINTER_WATCH: Duration = Duration::from_secs(2);
+const CHECKPOINTER_POLL: Duration = Duration::from_millis(20);
+
+/// READY is sent at the latest this long after start-up, caught up or not.
+const READY_AT_THE_LATEST: Duration = Duration::from_secs(30);
+
+/// The running daemon's main loop and what it keeps between rounds.
+pub(crate) struct MainLoop<'a> {
+    pub(crate) settings: &'a Settings,
+    pub(crate) notifier: &'a Notifier,
+    pub(crate) state: StateDir,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) spool: Arc<Spool>,
+    pub(crate) rx: Receiver<Msg>,
+    /// The database being captured; `None` from the moment its file was replaced or deleted
+    /// until the new file is opened (see [`Replaced`]).
+    pub(crate) cap: Option<Capture>,
+    /// Where capture stands (kept while `cap` is `None`).
+    pub(crate) at: Captured,
+    /// The lock on the database file (see `dblock`); `None` while the file was replaced and
+    /// the new one is not open yet.
+    pub(crate) db_lock: Option<DbLock>,
+    replaced: Option<Replaced>,
+    ready: bool,
+    started: Instant,
+    last_snapshot: Instant,
+    last_change: Instant,
+    status: Option<Status>,
+    failing_since: Option<Instant>,
+    last_capture_error: String,
+    last_snapshot_error: String,
+}
+
+impl<'a> MainLoop<'a> {
+    /// A loop over a capture that was just started.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        settings: &'a Settings,
+        notifier: &'a Notifier,
+        state: StateDir,
+        shared: Arc<Shared>,
+        spool: Arc<Spool>,
+        rx: Receiver<Msg>,
+        cap: Capture,
+        db_lock: DbLock,
+    ) -> MainLoop<'a> {
+        let now = Instant::now();
+        MainLoop {
+            settings,
+            notifier,
+            state,
+            shared,
+            spool,
+            rx,
+            at: cap.at,
+            cap: Some(cap),
+            db_lock: Some(db_lock),
+            replaced: None,
+            ready: false,
+            started: now,
+            last_snapshot: now,
+            last_change: now,
+            status: None,
+            failing_since: None,
+            last_capture_error: String::new(),
+            last_snapshot_error: String::new(),
+        }
+    }
+
+    /// Runs rounds until SIGTERM/SIGINT.
+    pub(crate) fn run(&mut self) {
+        loop {
+            stall_failpoint();
+            let msg = self.rx.recv_timeout(self.timeout());
+            if matches!(msg, Ok(Msg::Changed)) {
+                self.last_change = Instant::now();
+            }
+            if matches!(msg, Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected)) {
+                break;
+            }
+            // Drain what else is queued: events coalesce.
+            let mut stop = false;
+            while let Ok(m) = self.rx.try_recv() {
+                stop |= matches!(m, Msg::Stop);
+            }
+            self.round();
+            if stop {
+                break;
+            }
+        }
+    }
+
+    /// How long to wait for the next event.
+    fn timeout(&self) -> Duration {
+        let timeout = self
+            .notifier
+            .watchdog_interval()
+            .unwrap_or(Duration::from_secs(3600))
+            .min(
+                self.settings
+                    .snapshot_interval
+                    .saturating_sub(self.last_snapshot.elapsed())
+                    .max(Duration::from_millis(10)),
+            );
+        if self.failing_since.is_some() || !self.ready || self.cap.is_none() {
+            timeout.min(Duration::from_millis(200))
+        } else if self.last_change.elapsed() < CHECKPOINTER_WATCH {
+            // An application's checkpoint waiting for walship's read lock changes no file, so
+            // no event says so: look for one for a while after each change.
+            timeout.min(CHECKPOINTER_POLL)
+        } else {
+            timeout
+        }
+    }
+
+    fn round(&mut self) {
+        self.capture();
+        self.notice_replaced();
+        self.reopen_replaced();
+        self.snapshot_if_due();
+        let spooled = match gc_spool(&self.spool, &self.shared, self.settings.spool_limit) {
+            Ok(files) => files,
+            Err(e) => {
+                warn!("spool maintenance failed: {e:#}");
+                self.spool.list().unwrap_or_default()
+            }
+        };
+        self.report(&spooled);
+        self.notifier.watchdog();
+    }
+
+    fn capture(&mut self) {
+        let Some(c) = self.cap.as_mut() else { return };
+        let db = self.settings.db.display();
+        match capture_round(c, self.settings, &self.shared) {
+            Ok(()) => {
+                if self.failing_since.take().is_some() {
+                    info!(db = %db, "capture works again");
+                }
+                self.last_capture_error.clear();
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if msg != self.last_capture_error {
+                    error!(db = %db, error_kind = "capture", "capture failed: {msg}");
+                    self.last_capture_error = msg;
+                }
+                self.failing_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// Closes every handle on a database file that was replaced or deleted: kept open, its WAL
+    /// and wal-index would be paired with the new file by anyone opening it (walship included).
+    fn notice_replaced(&mut self) {
+        let Some(c) = self.cap.take_if(|c| c.db_replaced()) else {
+            return;
+        };
+        let r = Replaced::close(c, &self.settings.db);
+        // The old file's connections are closed: its lock can go.
+        self.db_lock = None;
+        warn!(db = %self.settings.db.display(), error_kind = "db-replaced", "the database file was {}: closed every handle on the old file; a new generation starts once the new file can be opened", r.how);
+        self.replaced = Some(r);
+    }
+
+    fn reopen_replaced(&mut self) {
+        let Some(r) = self.replaced.as_mut() else {
+            return;
+        };
+        match r.reopen(&self.spool, &self.state, self.settings) {
+            Ok(Some((c, lock))) => {
+                kick_head(&self.shared, &c);
+                self.cap = Some(c);
+                self.db_lock = Some(lock);
+                self.replaced = None;
+            }
+            Ok(None) => r.last_error.clear(),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if msg != r.last_error {
+                    error!(db = %self.settings.db.display(), error_kind = "db-replaced", "cannot open the new database file: {msg}");
+                    r.last_error = msg;
+                }
+            }
+        }
+    }
+
+    fn snapshot_if_due(&mut self) {
+        let Some(c) = self.cap.as_mut() else { return };
+        let want = std::mem::take(&mut self.shared.lock().snapshot_wanted);
+        if want || self.last_snapshot.elapsed() >= self.settings.snapshot_interval {
+            let r = c.snapshot().map(|()| kick_head(&self.shared, c));
+            match new_generation_if_broken(c, &self.shared, r) {
+                Ok(()) => {
+                    self.last_snapshot = Instant::now();
+                    self.last_snapshot_error.clear();
+                }
+                Err(e) => {
+                    // Retried with backoff (see Capture::snapshot); logged when it changes.
+                    let msg = format!("{e:#}");
+                    if msg != self.last_snapshot_error {
+                        error!(db = %self.settings.db.display(), "snapshot failed: {msg}");
+                        self.last_snapshot_error = msg;
+                    }
+                    self.shared.lock().snapshot_wanted = want;
+                }
+            }
+        }
+        self.at = c.at;
+    }
+
+    /// Updates the status where it changed, and says READY once every replica is settled (or
+    /// after [`READY_AT_THE_LATEST`]).
+    fn report(&mut self, spooled: &[spool::SpoolFile]) {
+        let problem = self
+            .replaced
+            .as_ref()
+            .map(|r| format!("the file was {}, {}", r.how, r.waiting()));
+        let (st, caught_up) = status(&self.at, &self.shared, spooled, problem);
+        if self.status.as_ref() != Some(&st) {
+            self.notifier.status(&st.to_string());
+            self.state.write_status(&st);
+            self.status = Some(st);
+        }
+        if !self.ready && (caught_up || self.started.elapsed() > READY_AT_THE_LATEST) {
+            self.ready = true;
+            self.notifier.ready();
+            if let Some(st) = &self.status {
+                info!("ready: {st}");
+            }
+        }
+    }
+
+    /// Graceful stop: captures the last commits and gives replicas [`SHUTDOWN_GRACE`] to
+    /// receive them, then saves the page hashes for the next start.
+    pub(crate) fn shutdown(mut self, shippers: Vec<JoinHandle<()>>) {
+        self.notifier.stopping();
+        info!("stopping: shipping what is pending");
+        if let Some(c) = self.cap.as_mut() {
+            let _ = capture_round(c, self.settings, &self.shared);
+            self.at = c.at;
+        }
+        {
+            let mut g = self.shared.lock();
+            g.stopping = true;
+            g.deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+        }
+        kick(&self.shared);
+        for h in shippers {
+            let _ = h.join();
+        }
+        let (st, _) = status(
+            &self.at,
+            &self.shared,
+            &self.spool.list().unwrap_or_default(),
+            None,
+        );
+        self.state.write_status(&st);
+        if let Some(Err(e)) = self.cap.as_ref().map(Capture::save_hashes) {
+            warn!("{e:#}: the next start may need a full snapshot");
+        }
+        info!("stopped: {st}");
+        // Connections first, then the lock (see `dblock`).
+        drop(self.cap.take());
+        drop(self.db_lock.take());
+    }
+}
+
+pub(crate) fn kick(shared: &Shared) {
+    shared.lock().version += 1;
+    shared.cv.notify_all();
+}
+
+pub(crate) fn kick_head(shared: &Shared, cap: &Capture) {
+    {
+        let mut g = shared.lock();
+        let key = Some(cap.key());
+        if g.head != key {
+            g.head = key;
+            g.head_moved = Some(Instant::now());
+        }
+    }
+    kick(shared);
+}
+
+/// Capture, pin rotation, checkpoint; a broken WAL starts a new generation.
+fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
+    let r = capture_round_inner(cap, settings, shared);
+    new_generation_if_broken(cap, shared, r)
+}
+
+/// Wherever continuity broke (a step, a checkpoint's tail, a snapshot, a failed write), a new
+/// generation starts; if that fails too, the capture stays poisoned and the next round tries
+/// again. Other errors pass through.
+fn new_generation_if_broken(cap: &mut Capture, shared: &Shared, r: Result<()>) -> Result<()> {
+    match r {
+        Err(e) if WalChange::is_broken(&e) => {
+            cap.new_generation(&format!("{e:#}"))?;
+            cap.rotate_pin()?;
+            kick_head(shared, cap);
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn capture_round_inner(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
+    // A writer that outruns capture is held back: this round captures under the write lock
+    // and resets the WAL, which is what bounds the WAL under a bulk load.
+    if cap.is_hot(settings.checkpoint_pages)
+        && cap.checkpoint_now(settings.checkpoint_pages, true)?
+    {
+        cap.rotate_pin()?;
+        kick_head(shared, cap);
+        return Ok(());
+    }
+    let r = cap.step()?;
+    cap.rotate_pin()?;
+    if matches!(r, Step::Captured(_)) {
+        kick_head(shared, cap);
+    }
+    if cap.yield_to_checkpointer()? {
+        kick_head(shared, cap);
+        return Ok(());
+    }
+    // A checkpoint may capture commits that landed meanwhile.
+    let before = cap.key();
+    if cap.maybe_checkpoint(settings.checkpoint_pages)? || cap.key() != before {
+        kick_head(shared, cap);
+    }
+    Ok(())
+}
+
+/// Deletes spooled files every replica has, then enforces the spool limit; returns what is left.
+fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<Vec<spool::SpoolFile>> {
+    // A retired replica (taken over by another instance) holds nothing back.
+    let positions: Vec<Option<spool::Key>> = shared
+        .lock()
+        .replicas
+        .iter()
+        .filter(|r| !r.retired)
+        .map(|r| r.position)
+        .collect();
+    let files = spool.list()?;
+    let min = if positions.is_empty() {
+        files.last().map(spool::SpoolFile::key)
+    } else {
+        positions.iter().copied().min().flatten()
+    };
+    let mut total = 0u64;
+    let mut keep = Vec::new();
+    let mut dropped = Vec::new();
+    for f in files {
+        if min.is_some_and(|m| f.key() <= m) {
+            spool.remove(&f)?;
+        } else {
+            total += f.size;
+            keep.push(f);
+        }
+    }
+    if total > limit {
+        // Keep the newest snapshot; drop the oldest files until under the limit.
+        let newest_snap = keep
+            .iter()
+            .rev()
+            .find(|f| matches!(f.name, crate::layout::names::FileName::Snapshot { .. }))
+            .map(spool::SpoolFile::key);
+        for f in &keep {
+            if total <= limit {
+                break;
+            }
+            if Some(f.key()) == newest_snap {
+                continue;
+            }
+            warn!(error_kind = "spool-limit", "spool over its limit ({total} > {limit} bytes): dropping {} — lagging replicas will resynchronise from a snapshot", f.name);
+            spool.remove(f)?;
+            total -= f.size;
+            dropped.push(f.key());
+        }
+    }
+    keep.retain(|f| !dropped.contains(&f.key()));
+    Ok(keep)
+}
+
+/// The status, and whether every replica is settled: it holds everything captured,
+/// or it is known to be failing. A replica that is both counts once, so READY still waits for
+/// every reachable replica that has not caught up.
+/// `db_problem` says what keeps the database itself from being captured, if anything.
+fn status(
+    at: &Captured,
+    shared: &Shared,
+    files: &[spool::SpoolFile],
+    db_problem: Option<String>,
+) -> (Status, bool) {
+    let now = now_ms();
+    let g = shared.lock();
+    let n = g.replicas.len();
+    let mut ok = 0;
+    let mut settled = 0;
+    let mut max_lag = 0u64;
+    let mut down: Vec<String> = db_problem
+        .map(|p| format!("database: {p}"))
+        .into_iter()
+        .collect();
+    let head = at.key();
+    for r in &g.replicas {
+        let caught_up = r
+            .position
+            .is_some_and(|p| p.generation == head.generation && p.last >= head.last);
+        if caught_up {
+            ok += 1;
+        } else {
+            let first_missing = files
+                .iter()
+                .find(|f| r.position.is_none_or(|p| f.key() > p))
+                .map(|f| f.name.first_ms())
+                .unwrap_or(at.time_ms);
+            max_lag = max_lag.max(now.saturating_sub(first_missing));
+        }
+        if let Some(e) = &r.error {
+            down.push(format!("{}: {e}", r.name));
+        }
+        if caught_up || r.error.is_some() {
+            settled += 1;
+        }
+    }
+    let progress = Progress {
+        ok,
+        total: n,
+        lag_ms: max_lag,
+        generation: at.generation,
+        txid: at.txid,
+        failing: (!down.is_empty()).then(|| down.join("; ")),
+    };
+    (Status::Replicating(progress), settled >= n)
+}
+
+/// Test hook: while the file named by `WALSHIP_FAILPOINT_STALL` exists, the main loop
+/// stalls (to prove that the watchdog catches a hung loop).
+fn stall_failpoint() {
+    if let Some(p) = std::env::var_os("WALSHIP_FAILPOINT_STALL") {
+        while std::path::Path::new(&p).exists() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
