@@ -1,0 +1,223 @@
+//! Checkpoint policy: walship checkpoints only what it captured, normally without any lock the
+//! application waits for (PASSIVE, pinned), under the write lock only while a writer outruns
+//! capture, and it backs off while a reader keeps checkpoints from progressing and yields
+//! while an application's own checkpoint waits.
+
+use super::Capture;
+use anyhow::Result;
+use std::time::Duration;
+
+/// Longest walship holds SQLite's write lock to capture a backlog (a checkpoint's own copy
+/// comes on top, bounded by the WAL that was captured): far below any sane busy timeout.
+const LOCK_BUDGET: Duration = Duration::from_millis(500);
+
+/// How long a checkpoint chases a writer without any lock (see `checkpoint_unlocked`).
+const UNLOCKED_CHECKPOINT_BUDGET: Duration = Duration::from_millis(250);
+
+/// First and longest pause of checkpoints while a reader keeps them from copying the WAL.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+impl Capture {
+    /// Frames in the current WAL (what a checkpoint would reclaim).
+    pub fn wal_frames(&self) -> u64 {
+        self.pos.map_or(0, |p| p.frames)
+    }
+
+    /// Moves the pin forward after a step (see `db` module docs).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn rotate_pin(&mut self) -> Result<()> {
+        self.db.rotate_pin()
+    }
+
+    /// Checkpoints if the WAL holds at least `threshold` frames: write lock, capture the
+    /// tail, PASSIVE checkpoint, release. Returns true if a checkpoint ran.
+    ///
+    /// # Errors
+    /// Capture or SQLite errors.
+    pub fn maybe_checkpoint(&mut self, threshold: u32) -> Result<bool> {
+        if self.wal_frames() < u64::from(threshold)
+            || self.checkpointed_at == self.pos
+            || self.backing_off()
+        {
+            return Ok(false);
+        }
+        self.checkpoint_now(threshold, false)
+    }
+
+    /// True while checkpoints wait for a reader that kept the last one from copying the WAL.
+    pub(super) fn backing_off(&self) -> bool {
+        self.checkpoint_backoff
+            .is_some_and(|(until, _)| std::time::Instant::now() < until)
+    }
+
+    /// Lets an application's FULL/RESTART/TRUNCATE checkpoint through if one waits: captures
+    /// everything (the checkpointer holds the write lock: nothing more can be appended), then
+    /// lets go of the read lock until it is done (see [`Db::yield_to_checkpointer`]). Returns
+    /// true if it did.
+    ///
+    /// # Errors
+    /// Capture or SQLite errors.
+    pub fn yield_to_checkpointer(&mut self) -> Result<bool> {
+        if !self.db.checkpointer_waiting() {
+            return Ok(false);
+        }
+        self.step()?;
+        let Some(pos) = self.pos else {
+            return Ok(false);
+        };
+        let t = std::time::Instant::now();
+        let done = self.db.yield_to_checkpointer(&pos)?;
+        if done {
+            tracing::debug!(
+                ms = t.elapsed().as_millis() as u64,
+                "let an application's checkpoint through"
+            );
+        }
+        Ok(done)
+    }
+
+    /// True when the WAL holds at least twice `threshold` frames (as SQLite's wal-index says),
+    /// some of them not yet captured nor checkpointed: the writer outruns capture, and this
+    /// round should capture under the write lock. Deciding on the WAL's size before capturing,
+    /// rather than on what the last round captured, is what bounds the WAL: an unlocked round
+    /// never starts on more than `2 × threshold` frames, so the writer can add only what it
+    /// writes while that much is captured.
+    ///
+    /// A poisoned capture is never hot: it cannot capture, so the lock would be held for
+    /// nothing.
+    pub fn is_hot(&self, threshold: u32) -> bool {
+        if self.poisoned || self.backing_off() {
+            return false;
+        }
+        let Some(h) = self.db.wal_index() else {
+            return false;
+        };
+        h.frames >= threshold.saturating_mul(2) && h.backfilled < h.frames && !self.holds(&h)
+    }
+
+    /// True if the capture position is at the end of the WAL SQLite's wal-index describes.
+    pub(super) fn holds(&self, h: &crate::db::WalIndexHint) -> bool {
+        self.pos.is_some_and(|p| {
+            (p.salt1, p.salt2) == (h.salt1, h.salt2) && p.frames >= u64::from(h.frames)
+        })
+    }
+
+    /// Checkpoints whatever the WAL's size (see [`Capture::maybe_checkpoint`]): without any
+    /// lock the application waits for, unless `hot` or the writer outruns that, when the
+    /// tail is captured and copied under SQLite's write lock.
+    ///
+    /// # Errors
+    /// Capture or SQLite errors.
+    pub fn checkpoint_now(&mut self, threshold: u32, hot: bool) -> Result<bool> {
+        // Normally without any lock the application waits for (see `checkpoint_unlocked`).
+        // Hot (the writer outruns capture): everything under the write lock, waiting for it
+        // as long as a busy writer needs to leave a gap.
+        if !hot {
+            if self.checkpoint_unlocked()? {
+                return Ok(true);
+            }
+            if !self.is_hot(threshold) {
+                return Ok(false);
+            }
+        }
+        if !self.db.lock_writes(Duration::from_millis(2000))? {
+            return Ok(false);
+        }
+        // Capture under the lock in chunks of `threshold` frames, and give the lock back after
+        // LOCK_BUDGET even if frames remain (a large backlog, a slow machine): the application
+        // must never wait anywhere near its busy timeout. What was captured stays captured;
+        // the next round goes on from there.
+        let t0 = std::time::Instant::now();
+        loop {
+            match self.step_limited(Some(u64::from(threshold.max(1)))) {
+                Ok((_, false)) => break,
+                Ok((_, true)) if t0.elapsed() < LOCK_BUDGET => {}
+                Ok((_, true)) => {
+                    self.db.unlock_writes();
+                    tracing::debug!(
+                        locked_ms = t0.elapsed().as_millis() as u64,
+                        "released the write lock before the backlog was captured"
+                    );
+                    return Ok(false);
+                }
+                Err(e) => {
+                    self.db.unlock_writes();
+                    return Err(e);
+                }
+            }
+        }
+        let (log, done) = self.db.checkpoint_locked()?;
+        self.checkpointed_at = self.pos;
+        self.note_checkpoint(log, done);
+        tracing::debug!(
+            log,
+            done,
+            locked_ms = t0.elapsed().as_millis() as u64,
+            "checkpoint"
+        );
+        Ok(true)
+    }
+
+    /// A checkpoint that holds nothing an application writer waits for: capture everything
+    /// and move the pin to the end, copy the WAL with a PASSIVE checkpoint (it stops at the
+    /// pin), and, if the writer appended nothing meanwhile (the whole WAL is then captured
+    /// and copied), move the pin once more: it now begins on a fully copied WAL (SQLite's
+    /// read slot 0), so the application's next commit restarts the WAL, and that one restart
+    /// comes after every frame of the old WAL was captured (the pin protocol, see `db`). A
+    /// writer that appended meanwhile is caught up with again (each copy is only what it
+    /// added) for at most [`UNLOCKED_CHECKPOINT_BUDGET`]; true once the WAL was copied whole.
+    pub(super) fn checkpoint_unlocked(&mut self) -> Result<bool> {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < UNLOCKED_CHECKPOINT_BUDGET {
+            self.step()?;
+            self.rotate_pin()?;
+            let t = std::time::Instant::now();
+            let Some((log, done)) = self.db.checkpoint_passive()? else {
+                return Ok(false);
+            };
+            let (Some(pos), Some(h)) = (self.pos, self.db.wal_index()) else {
+                return Ok(false);
+            };
+            tracing::trace!(ms = t.elapsed().as_millis() as u64, log, done, "passive");
+            if (h.salt1, h.salt2) != (pos.salt1, pos.salt2) {
+                return Ok(false);
+            }
+            if u64::from(h.frames) == pos.frames && h.backfilled == h.frames {
+                self.rotate_pin()?;
+                self.checkpointed_at = self.pos;
+                self.note_checkpoint(log, done);
+                tracing::debug!(frames = h.frames, "checkpoint");
+                return Ok(true);
+            }
+            if u64::from(h.backfilled) < pos.frames {
+                // Frames walship holds no pin before were not copied: a reader's.
+                self.note_checkpoint(i64::from(h.frames), i64::from(h.backfilled));
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Backs checkpoints off while a reader keeps them from copying the whole WAL (`done`
+    /// of `log` frames copied), and ends the back-off once one did.
+    pub(super) fn note_checkpoint(&mut self, log: i64, done: i64) {
+        self.checkpoint_backoff = if done < log {
+            // A reader keeps frames from being copied: wait for it, longer each time.
+            let next = self
+                .checkpoint_backoff
+                .map_or(MIN_BACKOFF, |(_, b)| (b * 2).min(MAX_BACKOFF));
+            tracing::debug!(
+                log,
+                done,
+                backoff_ms = next.as_millis() as u64,
+                "a reader holds the WAL: checkpoints back off"
+            );
+            Some((std::time::Instant::now() + next, next))
+        } else {
+            None
+        };
+    }
+}
