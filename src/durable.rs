@@ -16,7 +16,7 @@ pub const TEMP_PREFIX: &str = ".walship-tmp-";
 
 /// A unique temporary name (for the directory of a final file) that [`Backend::cleanup`]
 /// recognises.
-pub fn temp_name() -> String {
+pub(crate) fn temp_name() -> String {
     format!(
         "{TEMP_PREFIX}{}-{:016x}",
         std::process::id(),
@@ -27,14 +27,14 @@ pub fn temp_name() -> String {
 /// Removes a (temporary) file when dropped, unless [`RemoveOnDrop::keep`] says it was moved
 /// into place: every error path, and a panic, leave no temporary file behind.
 #[derive(Debug)]
-pub struct RemoveOnDrop {
+pub(crate) struct RemoveOnDrop {
     path: PathBuf,
     armed: bool,
 }
 
 impl RemoveOnDrop {
     /// Guards `path` (which may not exist yet).
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             armed: true,
@@ -42,12 +42,12 @@ impl RemoveOnDrop {
     }
 
     /// The guarded path.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The file was renamed into place (or must stay): do not remove it.
-    pub fn keep(mut self) {
+    pub(crate) fn keep(mut self) {
         self.armed = false;
     }
 }
@@ -61,7 +61,7 @@ impl Drop for RemoveOnDrop {
 }
 
 /// Fsyncs a directory so that entries created, renamed or removed in it are durable.
-pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     let d = if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
@@ -75,7 +75,7 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 ///
 /// # Errors
 /// Any I/O failure; the temporary file is removed on failure.
-pub fn write_file_atomic(dest: &Path, data: &mut dyn Read, mode: u32) -> io::Result<u64> {
+pub(crate) fn write_file_atomic(dest: &Path, data: &mut dyn Read, mode: u32) -> io::Result<u64> {
     write_via_temp(dest, data, mode, true)
 }
 
@@ -86,7 +86,7 @@ pub fn write_file_atomic(dest: &Path, data: &mut dyn Read, mode: u32) -> io::Res
 ///
 /// # Errors
 /// Any I/O failure; the temporary file is removed on failure.
-pub fn replace_file(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn replace_file(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     write_via_temp(dest, &mut &data[..], mode, false).map(|_| ())
 }
 
@@ -124,7 +124,7 @@ fn write_via_temp(dest: &Path, data: &mut dyn Read, mode: u32, durable: bool) ->
 ///
 /// # Errors
 /// Listing, removing or syncing failed.
-pub fn remove_temp_files(dir: &Path) -> io::Result<usize> {
+pub(crate) fn remove_temp_files(dir: &Path) -> io::Result<usize> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),

@@ -49,7 +49,7 @@ impl Notifier {
     /// A notifier configured from the environment systemd sets for `Type=notify` services:
     /// `NOTIFY_SOCKET` (a path, or `@name` for an abstract socket), `WATCHDOG_USEC` and
     /// `WATCHDOG_PID`. Missing or malformed variables disable the corresponding feature.
-    pub fn from_env() -> Notifier {
+    pub(crate) fn from_env() -> Notifier {
         let socket = std::env::var_os("NOTIFY_SOCKET").map(PathBuf::from);
         let watchdog = watchdog_from_env(
             std::env::var("WATCHDOG_USEC").ok().as_deref(),
@@ -140,7 +140,7 @@ impl Notifier {
     }
 
     /// Sends raw `KEY=VALUE` lines (one datagram). Errors are logged at debug level only.
-    pub fn notify(&self, state: &str) {
+    pub(crate) fn notify(&self, state: &str) {
         let Some(inner) = &self.inner else { return };
         let sent = match &inner.address {
             Address::Path(p) => inner.socket.send_to(state.as_bytes(), p),
@@ -280,11 +280,11 @@ fn stderr_is_journal() -> bool {
 }
 
 /// Prefix of the credential that carries a replica's private key: `walship-key-<replica name>`.
-pub const KEY_CREDENTIAL_PREFIX: &str = "walship-key-";
+pub(crate) const KEY_CREDENTIAL_PREFIX: &str = "walship-key-";
 
 /// Prefix of the credential that carries a replica's key passphrase:
 /// `walship-passphrase-<replica name>`.
-pub const PASSPHRASE_CREDENTIAL_PREFIX: &str = "walship-passphrase-";
+pub(crate) const PASSPHRASE_CREDENTIAL_PREFIX: &str = "walship-passphrase-";
 
 /// The file systemd passed as credential `name` (`LoadCredential=name:...` in the unit):
 /// `$CREDENTIALS_DIRECTORY/<name>` if that variable is set and the file exists. Names with a
@@ -292,7 +292,7 @@ pub const PASSPHRASE_CREDENTIAL_PREFIX: &str = "walship-passphrase-";
 ///
 /// [`crate::config::ReplicaSettings::access`] prefers these credentials over the replica's
 /// `key-path` and `passphrase-file`: the generator wires root-only keys in that way.
-pub fn credential_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn credential_path(name: &str) -> Option<PathBuf> {
     if name.is_empty() || name == "." || name == ".." || name.contains('/') {
         return None;
     }

@@ -21,7 +21,7 @@ impl ReplicaUrl {
     ///
     /// # Errors
     /// A one-line description of what is wrong with `s`.
-    pub fn parse(s: &str) -> Result<ReplicaUrl, String> {
+    pub(crate) fn parse(s: &str) -> Result<ReplicaUrl, String> {
         if let Some(rest) = s.strip_prefix("file://") {
             if !rest.starts_with('/') {
                 return Err(format!(
@@ -155,7 +155,7 @@ impl SftpUrl {
     }
 
     /// `host:port` for messages (`[::1]:22` for IPv6).
-    pub fn host_port(&self) -> String {
+    pub(crate) fn host_port(&self) -> String {
         format!("{}:{}", self.url_host(), self.port)
     }
 
@@ -195,7 +195,7 @@ impl std::str::FromStr for SftpUrl {
 ///
 /// # Errors
 /// Why the path is refused, in a few words.
-pub fn plain_relative_path(path: &str) -> Result<(), &'static str> {
+pub(crate) fn plain_relative_path(path: &str) -> Result<(), &'static str> {
     if path.is_empty() {
         return Err("empty");
     }

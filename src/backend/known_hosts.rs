@@ -34,7 +34,7 @@ impl HostKey {
     ///
     /// # Errors
     /// A message if the blob does not start with a plausible SSH string (type name).
-    pub fn from_blob(blob: Vec<u8>) -> Result<HostKey, String> {
+    pub(crate) fn from_blob(blob: Vec<u8>) -> Result<HostKey, String> {
         let len = blob
             .get(..4)
             .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -65,7 +65,7 @@ impl HostKey {
 }
 
 /// The name under which OpenSSH looks a host up: `host` for port 22, else `[host]:port`.
-pub fn lookup_name(host: &str, port: u16) -> String {
+pub(crate) fn lookup_name(host: &str, port: u16) -> String {
     let host = host.to_ascii_lowercase();
     if port == 22 {
         host
@@ -76,7 +76,7 @@ pub fn lookup_name(host: &str, port: u16) -> String {
 
 /// What `known_hosts` says about a host's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// A line for this host carries exactly this key.
     Known,
     /// No line matches this host.
@@ -197,7 +197,7 @@ fn read_or_empty(path: &Path) -> io::Result<String> {
 }
 
 /// Checks `key` for `host`:`port` against the contents of a `known_hosts` file.
-pub fn check_text(text: &str, host: &str, port: u16, key: &HostKey) -> Verdict {
+pub(crate) fn check_text(text: &str, host: &str, port: u16, key: &HostKey) -> Verdict {
     let name = lookup_name(host, port);
     let mut others = Vec::new();
     let mut known = false;
@@ -225,13 +225,13 @@ pub fn check_text(text: &str, host: &str, port: u16, key: &HostKey) -> Verdict {
 ///
 /// # Errors
 /// The file exists but can't be read.
-pub fn check(path: &Path, host: &str, port: u16, key: &HostKey) -> io::Result<Verdict> {
+pub(crate) fn check(path: &Path, host: &str, port: u16, key: &HostKey) -> io::Result<Verdict> {
     Ok(check_text(&read_or_empty(path)?, host, port, key))
 }
 
 /// The key types that `known_hosts` at `path` lists for `host`:`port` (so the handshake can
 /// prefer them), in file order, without duplicates. Unreadable files give an empty list.
-pub fn known_key_types(path: &Path, host: &str, port: u16) -> Vec<String> {
+pub(crate) fn known_key_types(path: &Path, host: &str, port: u16) -> Vec<String> {
     let name = lookup_name(host, port);
     let mut out: Vec<String> = Vec::new();
     for line in read_or_empty(path)
@@ -257,7 +257,7 @@ pub fn known_key_types(path: &Path, host: &str, port: u16) -> Vec<String> {
 ///
 /// # Errors
 /// Any I/O failure reading or writing the file.
-pub fn add_host_key(
+pub(crate) fn add_host_key(
     path: &Path,
     host: &str,
     port: u16,

@@ -13,7 +13,7 @@
 //!   the replica's root.
 
 pub mod file;
-pub mod known_hosts;
+pub(crate) mod known_hosts;
 pub mod sftp;
 
 use crate::url::ReplicaUrl;
@@ -57,7 +57,7 @@ pub struct BackendError {
 
 impl BackendError {
     /// Builds an error of `kind` with a full message.
-    pub fn new(kind: ErrorKind, msg: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, msg: impl Into<String>) -> Self {
         Self {
             kind,
             msg: msg.into(),
@@ -65,7 +65,7 @@ impl BackendError {
     }
 
     /// Maps an I/O error from operation `op` on `path` of target `target` to a [`BackendError`].
-    pub fn io(op: &str, path: &str, target: &str, err: &std::io::Error) -> Self {
+    pub(crate) fn io(op: &str, path: &str, target: &str, err: &std::io::Error) -> Self {
         use std::io::ErrorKind as K;
         let kind = match err.kind() {
             K::NotFound => ErrorKind::NotFound,
@@ -144,7 +144,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
 ///
 /// # Errors
 /// An `Other` error naming the bad path.
-pub fn check_path(path: &str, allow_root: bool) -> Result<()> {
+pub(crate) fn check_path(path: &str, allow_root: bool) -> Result<()> {
     if path.is_empty() && allow_root {
         return Ok(());
     }
@@ -157,7 +157,7 @@ pub fn check_path(path: &str, allow_root: bool) -> Result<()> {
 }
 
 /// Splits `path` into its parent directory (`""` for the root) and its file name.
-pub fn split_parent(path: &str) -> (&str, &str) {
+pub(crate) fn split_parent(path: &str) -> (&str, &str) {
     match path.rfind('/') {
         Some(i) => (&path[..i], &path[i + 1..]),
         None => ("", path),
@@ -182,7 +182,7 @@ pub struct Access {
 }
 
 /// Opens the replica at `url`: the one place that maps a URL scheme to its backend.
-pub fn open(url: &ReplicaUrl, access: &Access) -> Box<dyn Backend> {
+pub(crate) fn open(url: &ReplicaUrl, access: &Access) -> Box<dyn Backend> {
     match url {
         ReplicaUrl::File(path) => Box::new(file::FileBackend::new(path)),
         ReplicaUrl::Sftp(url) => Box::new(sftp::SftpBackend::new(sftp::SftpOptions {

@@ -55,7 +55,7 @@ use std::time::Duration;
 
 /// Where capture stands in the WAL: just after the last captured commit frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WalPos {
+pub(crate) struct WalPos {
     /// Salts of the WAL generation being read.
     pub salt1: u32,
     /// Second salt.
@@ -70,7 +70,7 @@ pub struct WalPos {
 
 /// SQLite's view of the WAL from its wal-index (see [`Db::wal_index`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WalIndexHint {
+pub(crate) struct WalIndexHint {
     /// Valid frames in the WAL (`mxFrame`).
     pub frames: u32,
     /// Salts of the WAL those frames belong to (as [`WalPos`] holds them).
@@ -86,7 +86,7 @@ pub struct WalIndexHint {
 
 impl WalPos {
     /// The position at the start of a WAL with header `h`.
-    pub fn start(h: &WalHeader) -> Self {
+    pub(crate) fn start(h: &WalHeader) -> Self {
         Self {
             salt1: h.salt1,
             salt2: h.salt2,
@@ -109,7 +109,7 @@ const YIELD_WAIT: Duration = Duration::from_millis(300);
 
 /// One commit found in the WAL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WalCommit {
+pub(crate) struct WalCommit {
     /// Frame count just after the commit frame.
     pub frames_end: u64,
     /// Database size in pages after the commit.
@@ -120,7 +120,7 @@ pub struct WalCommit {
 
 /// What the WAL says relative to a known position.
 #[derive(Debug)]
-pub enum WalState {
+pub(crate) enum WalState {
     /// No WAL header yet (missing or empty file): nothing to read.
     Empty,
     /// Same WAL as `pos`; `commits` are new commits after it (possibly none).
@@ -144,14 +144,14 @@ pub enum WalState {
 
 /// Position of a verified sequential read of WAL frames (see [`Db::read_next`]).
 #[derive(Debug, Clone, Copy)]
-pub struct FrameCursor {
+pub(crate) struct FrameCursor {
     header: WalHeader,
     running: [u32; 2],
     next: u64,
 }
 
 /// walship's handle on one database.
-pub struct Db {
+pub(crate) struct Db {
     // Field order matters: connections drop before `file` (see the module comment).
     pins: [Connection; 2],
     /// Which of `pins` currently holds a read transaction (`None` while unpinned).
@@ -192,7 +192,7 @@ const LOCK_RANGE: (i64, i64) = (0x4000_0000, 512);
 /// likely reason, found by looking at the file, its directory, its filesystem and its locks.
 #[derive(Debug, thiserror::Error)]
 #[error("{msg}")]
-pub struct DbError {
+pub(crate) struct DbError {
     /// SQLite's primary result code.
     pub code: rusqlite::ErrorCode,
     /// The whole message: operation, path, SQLite's text, and the reason found.
@@ -201,7 +201,7 @@ pub struct DbError {
 
 impl DbError {
     /// True if another connection's lock kept walship out (`SQLITE_BUSY`, `SQLITE_LOCKED`).
-    pub fn is_locked(&self) -> bool {
+    pub(crate) fn is_locked(&self) -> bool {
         matches!(
             self.code,
             rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
@@ -210,14 +210,14 @@ impl DbError {
 }
 
 /// True if `e` says, anywhere in its chain, that another process holds the database locked.
-pub fn is_locked(e: &anyhow::Error) -> bool {
+pub(crate) fn is_locked(e: &anyhow::Error) -> bool {
     e.chain()
         .any(|c| c.downcast_ref::<DbError>().is_some_and(DbError::is_locked))
 }
 
 /// Turns a SQLite error from `what` (`"open database"`, `"read"`, ...) on `path` into a
 /// [`DbError`] that names the file and says why, as far as it can be found out.
-pub fn explain(path: &Path, what: &str, e: rusqlite::Error) -> anyhow::Error {
+pub(crate) fn explain(path: &Path, what: &str, e: rusqlite::Error) -> anyhow::Error {
     explain_as(path, format!("cannot {what} {}", path.display()), e)
 }
 
@@ -411,7 +411,7 @@ fn open_conn(path: &Path, busy: Duration) -> Result<Connection> {
 /// # Errors
 /// Says why the switch is impossible (read-only file, an exclusive lock holder, ...), naming
 /// the file; [`is_locked`] tells a lock held by another process from the rest.
-pub fn ensure_wal_mode(path: &Path) -> Result<bool> {
+pub(crate) fn ensure_wal_mode(path: &Path) -> Result<bool> {
     let mut attempt = 0;
     loop {
         match try_wal_mode(path) {
@@ -429,7 +429,7 @@ pub fn ensure_wal_mode(path: &Path) -> Result<bool> {
 ///
 /// # Errors
 /// As [`ensure_wal_mode`].
-pub fn try_wal_mode(path: &Path) -> Result<bool> {
+pub(crate) fn try_wal_mode(path: &Path) -> Result<bool> {
     let c = open_conn(path, WAL_SWITCH_BUSY)?;
     let mode: String = c
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -460,7 +460,7 @@ impl Db {
     ///
     /// # Errors
     /// The database can't be opened, isn't in WAL mode, or is not a database.
-    pub fn open(path: &Path) -> Result<Db> {
+    pub(crate) fn open(path: &Path) -> Result<Db> {
         let file =
             File::open(path).with_context(|| format!("cannot open database {}", path.display()))?;
         let md = file
@@ -512,7 +512,7 @@ impl Db {
     }
 
     /// The database path.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -538,7 +538,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn rotate_pin(&mut self) -> Result<()> {
+    pub(crate) fn rotate_pin(&mut self) -> Result<()> {
         if self.active.is_none() {
             // No pin since a failure: whatever happened meanwhile is judged by the next scan.
             self.lost_pin = true;
@@ -553,7 +553,7 @@ impl Db {
     /// What SQLite's wal-index says of the current WAL, read without any lock: a hint for
     /// deciding how to capture, never used for what is captured. `None` when the two header
     /// copies disagree (a writer is updating them) or the index cannot be read.
-    pub fn wal_index(&self) -> Option<WalIndexHint> {
+    pub(crate) fn wal_index(&self) -> Option<WalIndexHint> {
         // Two copies of the 48-byte header, then the checkpoint info (nBackfill first); all in
         // native byte order.
         let mut b = [0u8; 100];
@@ -583,7 +583,7 @@ impl Db {
     ///
     /// # Errors
     /// fcntl errors other than "held by another process".
-    pub fn lock_writes(&mut self, wait: Duration) -> Result<bool> {
+    pub(crate) fn lock_writes(&mut self, wait: Duration) -> Result<bool> {
         let started = std::time::Instant::now();
         let deadline = started + wait;
         loop {
@@ -612,7 +612,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors; the write lock is released in every case.
-    pub fn checkpoint_locked(&mut self) -> Result<(i64, i64)> {
+    pub(crate) fn checkpoint_locked(&mut self) -> Result<(i64, i64)> {
         let result = (|| {
             for i in 0..2 {
                 self.end_pin(i)?;
@@ -652,7 +652,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors other than busy.
-    pub fn checkpoint_passive(&self) -> Result<Option<(i64, i64)>> {
+    pub(crate) fn checkpoint_passive(&self) -> Result<Option<(i64, i64)>> {
         match self
             .ckpt
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -674,7 +674,7 @@ impl Db {
     }
 
     /// Releases the write lock if held.
-    pub fn unlock_writes(&mut self) {
+    pub(crate) fn unlock_writes(&mut self) {
         if self.write_locked {
             if let Err(e) = self.shm_lock(nix::libc::F_UNLCK as i16) {
                 tracing::error!("cannot release the WAL write lock: {e}");
@@ -687,7 +687,7 @@ impl Db {
     /// an application's FULL, RESTART or TRUNCATE checkpoint, which may be waiting for
     /// walship's read lock (it would wait out its whole busy timeout, holding every writer
     /// off meanwhile).
-    pub fn checkpointer_waiting(&self) -> bool {
+    pub(crate) fn checkpointer_waiting(&self) -> bool {
         shm_held(&self.shm, SHM_WRITE_LOCK) && shm_held(&self.shm, SHM_CKPT_LOCK)
     }
 
@@ -701,7 +701,7 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors; when no pin could be taken again, continuity is no longer proven.
-    pub fn yield_to_checkpointer(&mut self, pos: &WalPos) -> Result<bool> {
+    pub(crate) fn yield_to_checkpointer(&mut self, pos: &WalPos) -> Result<bool> {
         let Some(h) = self.wal_index() else {
             return Ok(false);
         };
@@ -750,7 +750,7 @@ impl Db {
     }
 
     /// True if the path no longer names the file walship has open (replaced or deleted).
-    pub fn replaced(&self) -> bool {
+    pub(crate) fn replaced(&self) -> bool {
         file_id(&self.path) != Some(self.identity)
     }
 
@@ -758,7 +758,7 @@ impl Db {
     /// ever touching the new one. SQLite's close does not checkpoint a moved or deleted file,
     /// so the old `-wal` and `-shm` stay under their names: their identities are returned, for
     /// [`StaleSidecars::remove`].
-    pub fn close_replaced(mut self) -> StaleSidecars {
+    pub(crate) fn close_replaced(mut self) -> StaleSidecars {
         let id = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino()));
         let mut shm_path = self.path.as_os_str().to_owned();
         shm_path.push("-shm");
@@ -796,7 +796,7 @@ impl Db {
     ///
     /// # Errors
     /// I/O errors, or a header that is present but invalid.
-    pub fn wal_header(&mut self) -> Result<Option<WalHeader>> {
+    pub(crate) fn wal_header(&mut self) -> Result<Option<WalHeader>> {
         let path = self.wal_path.clone();
         let Some(f) = self.wal_file()? else {
             return Ok(None);
@@ -819,7 +819,7 @@ impl Db {
     ///
     /// # Errors
     /// I/O errors.
-    pub fn scan(&mut self, pos: &WalPos) -> Result<WalState> {
+    pub(crate) fn scan(&mut self, pos: &WalPos) -> Result<WalState> {
         let Some(h) = self.wal_header()? else {
             return Ok(WalState::Empty);
         };
@@ -893,13 +893,12 @@ impl Db {
         // Read before the frames: the commit count it shows belongs to a commit the scan
         // then finds (frames are only appended while the WAL is pinned).
         let hint = self.wal_index();
-        let ps = h.page_size as usize;
-        let frame_size = (FRAME_HEADER_SIZE + ps) as u64;
+        let frame_size = h.frame_size() as u64;
         let path = self.wal_path.clone();
         let Some(f) = self.wal_file()? else {
             return Ok((Vec::new(), *pos));
         };
-        let mut buf = vec![0u8; FRAME_HEADER_SIZE + ps];
+        let mut buf = vec![0u8; h.frame_size()];
         let mut running = pos.running;
         let mut n = pos.frames;
         let mut commits = Vec::new();
@@ -917,7 +916,7 @@ impl Db {
             };
             running = next;
             n += 1;
-            if frame.commit_size > 0 {
+            if frame.is_commit() {
                 commits.push(WalCommit {
                     frames_end: n,
                     db_pages: frame.commit_size,
@@ -952,8 +951,12 @@ impl Db {
     ///
     /// # Errors
     /// I/O errors, a short file, or a frame that no longer verifies.
-    pub fn read_next(&mut self, cur: &mut FrameCursor, page: &mut [u8]) -> Result<FrameHeader> {
-        let frame_size = (FRAME_HEADER_SIZE + cur.header.page_size as usize) as u64;
+    pub(crate) fn read_next(
+        &mut self,
+        cur: &mut FrameCursor,
+        page: &mut [u8],
+    ) -> Result<FrameHeader> {
+        let frame_size = cur.header.frame_size() as u64;
         let off = WAL_HEADER_SIZE as u64 + cur.next * frame_size;
         let path = self.wal_path.clone();
         let f = self
@@ -979,7 +982,7 @@ impl Db {
     }
 
     /// The WAL header seen by the last [`Db::scan`].
-    pub fn last_header(&self) -> Option<WalHeader> {
+    pub(crate) fn last_header(&self) -> Option<WalHeader> {
         self.last_header
     }
 
@@ -988,7 +991,7 @@ impl Db {
     ///
     /// # Errors
     /// No scan has seen a header.
-    pub fn cursor(&self, start: &WalPos) -> Result<FrameCursor> {
+    pub(crate) fn cursor(&self, start: &WalPos) -> Result<FrameCursor> {
         let header = self
             .last_header
             .ok_or_else(|| anyhow!("internal: no WAL header scanned"))?;
@@ -1005,7 +1008,7 @@ impl Db {
     ///
     /// # Errors
     /// I/O errors, an invalid header, or a WAL that changed while being read.
-    pub fn current_end(&mut self) -> Result<(Option<WalPos>, u32, u32)> {
+    pub(crate) fn current_end(&mut self) -> Result<(Option<WalPos>, u32, u32)> {
         match self.wal_header()? {
             Some(h) => {
                 let WalState::Same { commits, end } = self.scan(&WalPos::start(&h))? else {
@@ -1028,7 +1031,7 @@ impl Db {
     ///
     /// # Errors
     /// I/O errors or an invalid header.
-    pub fn file_geometry(&self) -> Result<(u32, u32)> {
+    pub(crate) fn file_geometry(&self) -> Result<(u32, u32)> {
         let mut hdr = [0u8; 100];
         if !read_exact_at(&self.file, &mut hdr, 0)? {
             return Ok((0, 0));
@@ -1065,7 +1068,7 @@ impl Db {
     ///
     /// # Errors
     /// I/O errors, [`WalChange::Moved`], or an error from `f`.
-    pub fn for_each_page(
+    pub(crate) fn for_each_page(
         &mut self,
         page_size: u32,
         frames: u64,
@@ -1143,7 +1146,7 @@ impl Known {
 
 /// The `-wal` and `-shm` of a database walship closed because its path was replaced.
 #[derive(Debug)]
-pub struct StaleSidecars {
+pub(crate) struct StaleSidecars {
     wal: Option<(PathBuf, (u64, u64))>,
     shm: Option<(PathBuf, (u64, u64))>,
 }
@@ -1166,7 +1169,7 @@ impl StaleSidecars {
     ///
     /// # Errors
     /// I/O errors other than "not found".
-    pub fn remove(&self) -> Result<Option<&Path>> {
+    pub(crate) fn remove(&self) -> Result<Option<&Path>> {
         let wal = self.wal.as_ref().filter(|(p, id)| file_id(p) == Some(*id));
         let shm = self.shm.as_ref().filter(|(p, id)| file_id(p) == Some(*id));
         let unlink = |p: &Path| match std::fs::remove_file(p) {
@@ -1253,7 +1256,7 @@ fn file_id(p: &Path) -> Option<(u64, u64)> {
 
 /// The WAL changed under walship in a way its caller must act on.
 #[derive(Debug, thiserror::Error)]
-pub enum WalChange {
+pub(crate) enum WalChange {
     /// The WAL was restarted while pages were being read from it: what was read is not one
     /// state; read again.
     #[error("the WAL was restarted while walship read the database; reading again")]
@@ -1265,12 +1268,12 @@ pub enum WalChange {
 
 impl WalChange {
     /// Whether `e` is a [`WalChange::Moved`].
-    pub fn is_moved(e: &anyhow::Error) -> bool {
+    pub(crate) fn is_moved(e: &anyhow::Error) -> bool {
         matches!(e.downcast_ref::<WalChange>(), Some(WalChange::Moved))
     }
 
     /// Whether `e` is a [`WalChange::Broken`].
-    pub fn is_broken(e: &anyhow::Error) -> bool {
+    pub(crate) fn is_broken(e: &anyhow::Error) -> bool {
         matches!(e.downcast_ref::<WalChange>(), Some(WalChange::Broken(_)))
     }
 }

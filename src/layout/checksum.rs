@@ -13,7 +13,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// The hash of one page: `xxh3_64_with_seed(data, pgno as u64)`. Seeding with the page number
 /// makes two swapped pages change the sum.
-pub fn page_hash(pgno: u32, data: &[u8]) -> u64 {
+pub(crate) fn page_hash(pgno: u32, data: &[u8]) -> u64 {
     xxh3_64_with_seed(data, u64::from(pgno))
 }
 
@@ -24,7 +24,7 @@ pub fn page_hash(pgno: u32, data: &[u8]) -> u64 {
 /// Memory: 8 bytes per page, plus one page of zeros once a gap or growth needs one. A caller
 /// applying untrusted commits bounds the database size it accepts (it writes a file that large).
 #[derive(Debug, Clone)]
-pub struct PageHashes {
+pub(crate) struct PageHashes {
     /// Page size in bytes: the size of the zero page.
     page_size: u32,
     /// `hashes[i]` is the hash of page `i + 1`.
@@ -37,7 +37,7 @@ pub struct PageHashes {
 
 impl PageHashes {
     /// An empty database image (0 pages) with pages of `page_size` bytes.
-    pub fn new(page_size: u32) -> Self {
+    pub(crate) fn new(page_size: u32) -> Self {
         PageHashes {
             page_size,
             hashes: Vec::new(),
@@ -70,7 +70,7 @@ impl PageHashes {
 
     /// Records the content of page `pgno` (1-based; 0 is not a page and is ignored). A `pgno`
     /// beyond the current size extends the image, filling the gap with zero pages.
-    pub fn set(&mut self, pgno: u32, data: &[u8]) {
+    pub(crate) fn set(&mut self, pgno: u32, data: &[u8]) {
         if pgno == 0 {
             return;
         }
@@ -90,7 +90,7 @@ impl PageHashes {
 
     /// At a commit: sets the database size to `db_pages`, dropping pages beyond it or extending
     /// with zero pages.
-    pub fn set_size(&mut self, db_pages: u32) {
+    pub(crate) fn set_size(&mut self, db_pages: u32) {
         if db_pages < self.len() {
             for h in self.hashes.drain(db_pages as usize..) {
                 self.sum = self.sum.wrapping_sub(h);
@@ -101,28 +101,23 @@ impl PageHashes {
     }
 
     /// Number of pages in the image.
-    pub fn len(&self) -> u32 {
+    pub(crate) fn len(&self) -> u32 {
         // At most u32::MAX entries are ever pushed (page numbers are u32).
         u32::try_from(self.hashes.len()).unwrap_or(u32::MAX)
     }
 
-    /// Whether the image has no page.
-    pub fn is_empty(&self) -> bool {
-        self.hashes.is_empty()
-    }
-
     /// The database checksum of the image, in O(1).
-    pub fn db_checksum(&self) -> u64 {
+    pub(crate) fn db_checksum(&self) -> u64 {
         self.sum
     }
 
     /// The hash of every page, page 1 first.
-    pub fn as_slice(&self) -> &[u64] {
+    pub(crate) fn as_slice(&self) -> &[u64] {
         &self.hashes
     }
 
     /// An image from saved per-page hashes (page 1 first).
-    pub fn from_hashes(page_size: u32, hashes: Vec<u64>) -> Self {
+    pub(crate) fn from_hashes(page_size: u32, hashes: Vec<u64>) -> Self {
         let sum = hashes.iter().fold(0u64, |a, h| a.wrapping_add(*h));
         PageHashes {
             page_size,
@@ -150,7 +145,7 @@ mod tests {
         let ps = 512;
         let mut h = PageHashes::new(ps);
         let mut image: Vec<Vec<u8>> = Vec::new();
-        assert!(h.is_empty());
+        assert_eq!(h.len(), 0);
         assert_eq!(h.db_checksum(), 0);
         let steps: &[(u32, u8)] = &[(1, 1), (5, 5), (3, 3), (5, 7), (2, 0), (9, 9)];
         for &(pgno, byte) in steps {
@@ -172,7 +167,7 @@ mod tests {
         h.set(0, &[1; 512]);
         assert_eq!(h.len(), 7);
         h.set_size(0);
-        assert!(h.is_empty());
+        assert_eq!(h.len(), 0);
         assert_eq!(h.db_checksum(), 0);
     }
 

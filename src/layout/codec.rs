@@ -22,7 +22,7 @@ use std::io::{self, BufRead, BufReader, Chain, Cursor, Read, Write};
 use xxhash_rust::xxh3::Xxh3;
 
 /// The version of the file format this build writes and the newest it reads.
-pub const CODEC_VERSION: u8 = 1;
+pub(crate) const CODEC_VERSION: u8 = 1;
 /// The magic at the start of every snapshot and segment file.
 const MAGIC: &[u8; 8] = b"WALSHIP\0";
 /// Size of the plain header before the zstd frame.
@@ -80,7 +80,7 @@ impl fmt::Display for Kind {
 
 /// A commit record: the transaction `txid` ends here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Commit {
+pub(crate) struct Commit {
     /// The transaction's id, counting commits within a generation.
     pub txid: u64,
     /// When it was captured, ms since the Unix epoch.
@@ -93,7 +93,7 @@ pub struct Commit {
 
 /// One decoded record. A page's data is borrowed from the decoder's single page buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Record<'a> {
+pub(crate) enum Record<'a> {
     /// The content of page `pgno` (exactly page-size bytes).
     Page {
         /// The page number, 1..=2^31.
@@ -203,7 +203,7 @@ fn invalid_input(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::
 
 /// Writes one snapshot or segment file to a stream. Refuses (with `InvalidInput`) anything the
 /// decoder would refuse. After any error the encoder must be dropped: the file is unusable.
-pub struct Encoder<W: Write> {
+pub(crate) struct Encoder<W: Write> {
     z: zstd::stream::write::Encoder<'static, W>,
     page_size: u32,
     rules: Rules,
@@ -213,7 +213,7 @@ pub struct Encoder<W: Write> {
 
 impl<W: Write> Encoder<W> {
     /// Writes the plain header and starts the zstd frame at `zstd_level`.
-    pub fn new(mut w: W, kind: Kind, page_size: u32, zstd_level: i32) -> io::Result<Self> {
+    pub(crate) fn new(mut w: W, kind: Kind, page_size: u32, zstd_level: i32) -> io::Result<Self> {
         if !valid_page_size(page_size) {
             return Err(invalid_input(LayoutError::BadPageSize(page_size)));
         }
@@ -236,7 +236,7 @@ impl<W: Write> Encoder<W> {
 
     /// Compresses with `n` worker threads (for large files: snapshots); the output is the same
     /// format, one zstd frame.
-    pub fn workers(&mut self, n: u32) -> io::Result<()> {
+    pub(crate) fn workers(&mut self, n: u32) -> io::Result<()> {
         self.z.multithread(n)?;
         // Small jobs keep the workers' buffers (and so walship's peak RSS) small.
         self.z
@@ -251,7 +251,7 @@ impl<W: Write> Encoder<W> {
     }
 
     /// Adds page `pgno`; `data.len()` must equal the page size (`InvalidInput` otherwise).
-    pub fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
         if data.len() != self.page_size as usize {
             return Err(invalid_input(format!(
                 "page {pgno} has {} bytes, the page size is {}",
@@ -268,7 +268,7 @@ impl<W: Write> Encoder<W> {
     }
 
     /// Commits the pages added since the previous commit.
-    pub fn commit(&mut self, c: &Commit) -> io::Result<()> {
+    pub(crate) fn commit(&mut self, c: &Commit) -> io::Result<()> {
         self.rules.commit(c).map_err(invalid_input)?;
         let mut rec = [0u8; 29];
         rec[0] = TAG_COMMIT;
@@ -280,7 +280,7 @@ impl<W: Write> Encoder<W> {
     }
 
     /// Writes the end record, ends the zstd frame and returns the stream (not flushed or synced).
-    pub fn finish(mut self) -> io::Result<W> {
+    pub(crate) fn finish(mut self) -> io::Result<W> {
         self.rules.end().map_err(invalid_input)?;
         let mut rec = [0u8; 17];
         rec[0] = TAG_END;
@@ -291,7 +291,7 @@ impl<W: Write> Encoder<W> {
     }
 
     /// Decompressed bytes written so far (the caller cuts segments by size).
-    pub fn raw_bytes(&self) -> u64 {
+    pub(crate) fn raw_bytes(&self) -> u64 {
         self.raw
     }
 }
@@ -330,7 +330,7 @@ enum Step {
 }
 
 /// Reads one snapshot or segment file from a stream, checking everything.
-pub struct Decoder<R: Read> {
+pub(crate) struct Decoder<R: Read> {
     z: zstd::stream::read::Decoder<'static, Framed<R>>,
     page_size: u32,
     page: Vec<u8>,
@@ -351,7 +351,7 @@ impl<R: Read> Decoder<R> {
     /// Reads and validates the header: magic, version (newer is a clear error), kind, reserved
     /// bytes, page size (a power of two in 512..=65536), and that the zstd frame carries a content
     /// checksum.
-    pub fn new(r: R, expected: Kind) -> Result<Self, LayoutError> {
+    pub(crate) fn new(r: R, expected: Kind) -> Result<Self, LayoutError> {
         let mut src = Source {
             inner: r,
             failed: false,
@@ -423,14 +423,14 @@ impl<R: Read> Decoder<R> {
     }
 
     /// The page size from the header.
-    pub fn page_size(&self) -> u32 {
+    pub(crate) fn page_size(&self) -> u32 {
         self.page_size
     }
 
     /// The next record; `None` only after a valid end record at the end of the input. Any error
     /// is final: later calls return [`LayoutError::AfterError`].
     #[allow(clippy::should_implement_trait)] // records borrow the decoder: not an Iterator
-    pub fn next(&mut self) -> Result<Option<Record<'_>>, LayoutError> {
+    pub(crate) fn next(&mut self) -> Result<Option<Record<'_>>, LayoutError> {
         match self.state {
             State::Done => return Ok(None),
             State::Failed => return Err(LayoutError::AfterError),

@@ -19,22 +19,14 @@
 
 #![deny(missing_docs)]
 
-pub mod checksum;
-pub mod codec;
+pub(crate) mod checksum;
+pub(crate) mod codec;
 pub mod names;
-pub mod owner;
+pub(crate) mod owner;
 pub mod plan;
 
-pub use checksum::{page_hash, PageHashes};
-pub use codec::{Commit, Decoder, Encoder, Kind, Record, CODEC_VERSION};
-pub use names::{
-    file_path, generation_dir, FileName, GenerationId, Marker, Position, FORMAT_VERSION,
-    GENERATIONS_DIR, MARKER_FILE,
-};
-pub use plan::{
-    plan_compaction, plan_restore, plan_retention, redundant_segments, Deletion, Listing, Plan,
-    Stop, Want,
-};
+use codec::{Kind, CODEC_VERSION};
+use names::{GenerationId, Position, FORMAT_VERSION};
 
 /// Everything that can be wrong with names, files and listings read from a replica.
 ///

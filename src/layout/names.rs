@@ -12,7 +12,7 @@ use std::str::FromStr;
 /// The name of the marker file at the replica root.
 pub const MARKER_FILE: &str = "walship-replica.toml";
 /// The directory, under the replica root, that holds one directory per generation.
-pub const GENERATIONS_DIR: &str = "generations";
+pub(crate) const GENERATIONS_DIR: &str = "generations";
 /// The replica format this build writes and the newest it reads (the marker's `format`).
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -80,7 +80,7 @@ impl FromStr for GenerationId {
 }
 
 /// The directory of a generation, relative to the replica root: `generations/<id>`.
-pub fn generation_dir(g: &GenerationId) -> String {
+pub(crate) fn generation_dir(g: &GenerationId) -> String {
     format!("{GENERATIONS_DIR}/{g}")
 }
 
@@ -148,7 +148,7 @@ pub(super) fn fields<const N: usize>(s: &str, widths: [usize; N]) -> Option<[&st
 
 impl FileName {
     /// The name of a level-0 segment holding the one commit `txid`, captured at `time_ms`.
-    pub fn one_commit(txid: u64, time_ms: u64) -> FileName {
+    pub(crate) fn one_commit(txid: u64, time_ms: u64) -> FileName {
         FileName::Segment {
             level: 0,
             first: txid,
@@ -160,7 +160,7 @@ impl FileName {
 
     /// Parses a snapshot or segment file name, strictly: exact lengths, lowercase hex only,
     /// `first <= last`, `first_ms <= last_ms`, level one decimal digit.
-    pub fn parse(name: &str) -> Result<FileName, LayoutError> {
+    pub(crate) fn parse(name: &str) -> Result<FileName, LayoutError> {
         if let Some(body) = name
             .strip_prefix("snap-")
             .and_then(|r| r.strip_suffix(".wsnap"))
@@ -210,7 +210,7 @@ impl FileName {
     }
 
     /// The first txid the file holds (a snapshot holds just its own).
-    pub fn first_txid(&self) -> u64 {
+    pub(crate) fn first_txid(&self) -> u64 {
         match *self {
             FileName::Snapshot { txid, .. } => txid,
             FileName::Segment { first, .. } => first,
@@ -218,7 +218,7 @@ impl FileName {
     }
 
     /// The last txid the file holds: the state it leaves the database in.
-    pub fn last_txid(&self) -> u64 {
+    pub(crate) fn last_txid(&self) -> u64 {
         match *self {
             FileName::Snapshot { txid, .. } => txid,
             FileName::Segment { last, .. } => last,
@@ -226,7 +226,7 @@ impl FileName {
     }
 
     /// Capture time of the first commit the file holds.
-    pub fn first_ms(&self) -> u64 {
+    pub(crate) fn first_ms(&self) -> u64 {
         match *self {
             FileName::Snapshot { time_ms, .. } => time_ms,
             FileName::Segment { first_ms, .. } => first_ms,
@@ -234,7 +234,7 @@ impl FileName {
     }
 
     /// Capture time of the last commit the file holds.
-    pub fn last_ms(&self) -> u64 {
+    pub(crate) fn last_ms(&self) -> u64 {
         match *self {
             FileName::Snapshot { time_ms, .. } => time_ms,
             FileName::Segment { last_ms, .. } => last_ms,
@@ -243,7 +243,8 @@ impl FileName {
 
     /// Whether every field fits its fixed width (times below 2^48, level <= 9), i.e. whether
     /// `parse(&self.to_string())` gives `self` back.
-    pub fn is_valid(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_valid(&self) -> bool {
         match *self {
             FileName::Snapshot { time_ms, .. } => time_ms < TIME_LIMIT,
             FileName::Segment {
@@ -267,7 +268,7 @@ impl FromStr for FileName {
 }
 
 /// The path of a file relative to the replica root: `generations/<id>/<name>`.
-pub fn file_path(g: &GenerationId, f: &FileName) -> String {
+pub(crate) fn file_path(g: &GenerationId, f: &FileName) -> String {
     format!("{}/{f}", generation_dir(g))
 }
 
@@ -339,7 +340,7 @@ impl Marker {
 
     /// Parses a marker: invalid TOML, unknown or missing keys, and formats this build does not
     /// know are errors.
-    pub fn parse(text: &str) -> Result<Marker, LayoutError> {
+    pub(crate) fn parse(text: &str) -> Result<Marker, LayoutError> {
         let marker: Marker = toml::from_str(text).map_err(|e| {
             let (line, column) = match e.span() {
                 Some(span) => line_column(text, span.start),

@@ -23,7 +23,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The most bytes of a claim file anyone reads.
-pub const CLAIM_MAX_BYTES: u64 = 64 << 10;
+pub(crate) const CLAIM_MAX_BYTES: u64 = 64 << 10;
 
 /// Longest host or database text a claim may carry.
 const FIELD_MAX_CHARS: usize = 1024;
@@ -53,7 +53,7 @@ impl FromStr for InstanceId {
 /// The name of a claim file at the replica root. Ordered by time, then instance: the greatest
 /// claim owns the replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ClaimName {
+pub(crate) struct ClaimName {
     /// When it was claimed, ms since the Unix epoch (bumped past the newest earlier claim, so
     /// a host whose clock is behind still claims after the others); below 2^48.
     pub ms: u64,
@@ -72,7 +72,7 @@ impl ClaimName {
     ///
     /// # Errors
     /// Anything else.
-    pub fn parse(name: &str) -> Result<ClaimName, LayoutError> {
+    pub(crate) fn parse(name: &str) -> Result<ClaimName, LayoutError> {
         let bad = || bad_name(name, "not owner-<12 hex>-<16 hex>.toml");
         let body = name
             .strip_prefix("owner-")
@@ -86,7 +86,7 @@ impl ClaimName {
     }
 
     /// The claims among `names` (other names are skipped), oldest first.
-    pub fn all<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<ClaimName> {
+    pub(crate) fn all<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<ClaimName> {
         let mut v: Vec<ClaimName> = names
             .into_iter()
             .filter_map(|n| ClaimName::parse(n).ok())
@@ -97,7 +97,7 @@ impl ClaimName {
 
     /// The name of a new claim by `instance` at `now_ms`: after every claim in `existing`, even
     /// when this host's clock is behind theirs.
-    pub fn next(existing: &[ClaimName], now_ms: u64, instance: InstanceId) -> ClaimName {
+    pub(crate) fn next(existing: &[ClaimName], now_ms: u64, instance: InstanceId) -> ClaimName {
         let after = existing
             .iter()
             .map(|c| c.ms.saturating_add(1))
@@ -112,7 +112,7 @@ impl ClaimName {
 
 /// The content of a claim file: who claimed the replica, for messages and for restore.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claim {
+pub(crate) struct Claim {
     /// The claiming instance (the same as in the file's name).
     pub instance: InstanceId,
     /// The claimer's host name.
@@ -142,7 +142,7 @@ struct RawClaim {
 
 impl Claim {
     /// The claim as TOML text.
-    pub fn to_toml(&self) -> String {
+    pub(crate) fn to_toml(&self) -> String {
         let raw = RawClaim {
             instance: self.instance.to_string(),
             host: self.host.clone(),
@@ -165,7 +165,7 @@ impl Claim {
     ///
     /// # Errors
     /// [`LayoutError::InvalidClaim`] saying what is wrong.
-    pub fn parse(text: &str) -> Result<Claim, LayoutError> {
+    pub(crate) fn parse(text: &str) -> Result<Claim, LayoutError> {
         let invalid = |m: String| LayoutError::InvalidClaim(m);
         let raw: RawClaim = toml::from_str(text).map_err(|e| {
             let (line, column) = e

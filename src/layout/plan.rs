@@ -36,7 +36,7 @@ pub enum Want {
 
 /// Where the applier stops applying commits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
+pub(crate) enum Stop {
     /// After the last commit of the last segment.
     Latest,
     /// After the commit with this txid.
@@ -47,7 +47,7 @@ pub enum Stop {
 
 /// What to fetch and apply, in order, for a restore.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// The generation restored from.
     pub generation: GenerationId,
     /// The snapshot to start from.
@@ -60,7 +60,7 @@ pub struct Plan {
 
 /// One thing retention deletes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Deletion {
+pub(crate) enum Deletion {
     /// A whole generation directory.
     Generation(GenerationId),
     /// One file of a generation.
@@ -166,7 +166,7 @@ fn chain(segs: &[Seg], from: u64, done: impl Fn(u64) -> bool) -> (Vec<FileName>,
 ///   until one reaches the txid.
 /// - `TimeMs(t)`: generations newest first; in the first with a snapshot at or before `t`, the
 ///   latest such snapshot, then segments whose first commit is at or before `t`.
-pub fn plan_restore(listing: &Listing, want: &Want) -> Result<Plan, LayoutError> {
+pub(crate) fn plan_restore(listing: &Listing, want: &Want) -> Result<Plan, LayoutError> {
     let gens = by_generation(listing);
     if !gens.values().any(|f| f.iter().any(|f| snap(f).is_some())) {
         return Err(LayoutError::NoSnapshot);
@@ -249,7 +249,11 @@ pub fn plan_restore(listing: &Listing, want: &Want) -> Result<Plan, LayoutError>
 /// A restore of a replica that a running walship compacts follows this when a planned segment
 /// was merged away meanwhile: the merged segment continues the chain (it may start before
 /// `from + 1`; the applier skips commits it already applied).
-pub fn plan_continuation(files: &[FileName], from: u64, target: u64) -> Option<Vec<FileName>> {
+pub(crate) fn plan_continuation(
+    files: &[FileName],
+    from: u64,
+    target: u64,
+) -> Option<Vec<FileName>> {
     let segs = distinct_segments(files);
     let (chain, covered) = chain(&segs, from, |c| c >= target);
     (covered >= target).then_some(chain)
@@ -296,7 +300,7 @@ fn distinct_segments(files: &[FileName]) -> Vec<Seg> {
 ///
 /// Returns the level of the merged segment (the run's level + 1) and the run, oldest first.
 /// Level 9 is never merged (levels are one digit), and a `fanout` below 2 plans nothing.
-pub fn plan_compaction(files: &[FileName], fanout: usize) -> Option<(u8, Vec<FileName>)> {
+pub(crate) fn plan_compaction(files: &[FileName], fanout: usize) -> Option<(u8, Vec<FileName>)> {
     if fanout < 2 {
         return None;
     }
@@ -329,7 +333,7 @@ pub fn plan_compaction(files: &[FileName], fanout: usize) -> Option<(u8, Vec<Fil
 
 /// Segments whose range lies entirely inside another segment's range of a higher level (left over
 /// when a crash interrupted a compaction): safe to delete. Sorted, without duplicates.
-pub fn redundant_segments(files: &[FileName]) -> Vec<FileName> {
+pub(crate) fn redundant_segments(files: &[FileName]) -> Vec<FileName> {
     let segs = distinct_segments(files);
     let covered = covered_by_higher(&segs);
     segs.iter()
@@ -347,7 +351,7 @@ pub fn redundant_segments(files: &[FileName]) -> Vec<FileName> {
 /// now-retention.
 ///
 /// Generations newer than `current` are never deleted. The result is sorted.
-pub fn plan_retention(
+pub(crate) fn plan_retention(
     listing: &Listing,
     current: &GenerationId,
     now_ms: u64,

@@ -33,11 +33,10 @@ use std::path::{Path, PathBuf};
 
 /// An exclusive `flock` on a database file, released on drop.
 #[derive(Debug)]
-pub struct DbLock {
-    /// The descriptor holding the lock (kept open: closing it releases the lock).
+pub(crate) struct DbLock {
+    /// The descriptor holding the lock: kept open, never read (closing it releases the lock).
+    #[allow(dead_code)]
     file: File,
-    /// The database path, for messages.
-    path: PathBuf,
 }
 
 /// Another process holds the database's lock: a second replicator was refused.
@@ -64,7 +63,7 @@ impl DbLock {
     /// # Errors
     /// [`AlreadyReplicated`] when another process holds it; an error naming the file when it
     /// cannot be opened or locked.
-    pub fn acquire(path: &Path) -> Result<DbLock> {
+    pub(crate) fn acquire(path: &Path) -> Result<DbLock> {
         // Read-only is enough for flock, and works where walship may not write the file.
         let file = File::open(path)
             .with_context(|| format!("cannot open database {} to lock it", path.display()))?;
@@ -90,24 +89,7 @@ impl DbLock {
             }
             .into());
         }
-        Ok(DbLock {
-            file,
-            path: path.to_owned(),
-        })
-    }
-
-    /// Whether this lock is on the file now at `path` (false once the database was replaced
-    /// or deleted).
-    pub fn is_on(&self, path: &Path) -> bool {
-        match (self.file.metadata(), std::fs::metadata(path)) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-            _ => false,
-        }
-    }
-
-    /// The database path the lock was taken on.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(DbLock { file })
     }
 }
 
@@ -151,6 +133,14 @@ fn flock_holder(text: &str, dev: u64, ino: u64) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// Whether `lock` is on the file now at `path` (false once it was replaced or deleted).
+    fn is_on(lock: &DbLock, path: &Path) -> bool {
+        match (lock.file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+
     #[test]
     fn finds_the_flock_holder() {
         let text = "1: POSIX  ADVISORY  READ 77 fe:00:42 1073741826 1073742335\n\
@@ -170,7 +160,7 @@ mod tests {
         let db = dir.path().join("x.db");
         std::fs::write(&db, b"").unwrap();
         let held = DbLock::acquire(&db).unwrap();
-        assert!(held.is_on(&db));
+        assert!(is_on(&held, &db));
         // flock locks belong to the open file description: a second open conflicts even
         // within one process.
         let err = DbLock::acquire(&db).unwrap_err();
@@ -185,7 +175,7 @@ mod tests {
         let again = DbLock::acquire(&db).unwrap();
         std::fs::rename(dir.path().join("x.db"), dir.path().join("y.db")).unwrap();
         std::fs::write(&db, b"").unwrap();
-        assert!(!again.is_on(&db));
+        assert!(!is_on(&again, &db));
     }
 
     /// The claim the module rests on, by experiment: while the lock is held, another process

@@ -18,20 +18,20 @@
 
 use crate::backend::Backend;
 use crate::clock::{now_ms, rfc3339};
+use crate::layout::names::GenerationId;
 use crate::layout::owner::{Claim, ClaimName, InstanceId, CLAIM_MAX_BYTES};
-use crate::layout::GenerationId;
 use anyhow::{anyhow, Context, Result};
 use std::io::Read;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// How old a successful ownership check may be when the shipper writes or deletes.
-pub const CLAIM_CHECK: Duration = Duration::from_secs(5);
+pub(crate) const CLAIM_CHECK: Duration = Duration::from_secs(5);
 
 /// Another instance claimed the replica after this one: a permanent error for this shipper.
 #[derive(Debug, thiserror::Error)]
 #[error("replica {url} was taken over by instance {by} ({who}) at {at}; stopping")]
-pub struct TakenOver {
+pub(crate) struct TakenOver {
     /// The replica.
     pub url: String,
     /// The new owner.
@@ -59,7 +59,7 @@ fn taken_over(t: &dyn Backend, newest: &ClaimName) -> anyhow::Error {
 
 /// This instance's claim on one replica.
 #[derive(Debug)]
-pub struct Ownership {
+pub(crate) struct Ownership {
     /// This instance.
     instance: InstanceId,
     /// The database identity written into claims.
@@ -84,7 +84,7 @@ fn claims_on(t: &dyn Backend) -> Result<Vec<ClaimName>> {
 ///
 /// # Errors
 /// Backend errors, an oversized or invalid claim; the message names the file.
-pub fn read_claim(t: &dyn Backend, name: &ClaimName) -> Result<Claim> {
+pub(crate) fn read_claim(t: &dyn Backend, name: &ClaimName) -> Result<Claim> {
     let path = name.to_string();
     let mut text = String::new();
     t.read(&path)?
@@ -105,7 +105,7 @@ pub fn read_claim(t: &dyn Backend, name: &ClaimName) -> Result<Claim> {
 ///
 /// # Errors
 /// Backend errors, an invalid newest claim.
-pub fn newest_claim(t: &dyn Backend) -> Result<Option<(ClaimName, Claim)>> {
+pub(crate) fn newest_claim(t: &dyn Backend) -> Result<Option<(ClaimName, Claim)>> {
     let Some(newest) = claims_on(t)?.pop() else {
         return Ok(None);
     };
@@ -122,7 +122,7 @@ pub fn newest_claim(t: &dyn Backend) -> Result<Option<(ClaimName, Claim)>> {
 
 impl Ownership {
     /// No claim yet.
-    pub fn new(instance: InstanceId, identity: String) -> Ownership {
+    pub(crate) fn new(instance: InstanceId, identity: String) -> Ownership {
         Ownership {
             instance,
             identity,
@@ -132,7 +132,7 @@ impl Ownership {
     }
 
     /// Whether this instance has claimed the replica (in this process).
-    pub fn has_claimed(&self) -> bool {
+    pub(crate) fn has_claimed(&self) -> bool {
         self.claimed.is_some()
     }
 
@@ -142,7 +142,11 @@ impl Ownership {
     ///
     /// # Errors
     /// [`TakenOver`]; target errors.
-    pub fn claim(&mut self, t: &dyn Backend, generation: Option<GenerationId>) -> Result<()> {
+    pub(crate) fn claim(
+        &mut self,
+        t: &dyn Backend,
+        generation: Option<GenerationId>,
+    ) -> Result<()> {
         let existing = claims_on(t)?;
         if let Some((ours, _)) = self.claimed {
             if let Some(newer) = existing.last().filter(|n| **n > ours) {
@@ -189,7 +193,7 @@ impl Ownership {
     ///
     /// # Errors
     /// [`TakenOver`] when a newer claim exists; target errors.
-    pub fn verify(&mut self, t: &dyn Backend) -> Result<()> {
+    pub(crate) fn verify(&mut self, t: &dyn Backend) -> Result<()> {
         let Some((ours, generation)) = self.claimed else {
             return self.claim(t, None);
         };
@@ -215,7 +219,7 @@ impl Ownership {
     ///
     /// # Errors
     /// As [`Ownership::verify`].
-    pub fn verify_if_stale(&mut self, t: &dyn Backend) -> Result<()> {
+    pub(crate) fn verify_if_stale(&mut self, t: &dyn Backend) -> Result<()> {
         if self.checked.is_some_and(|c| c.elapsed() < CLAIM_CHECK) {
             return Ok(());
         }
@@ -227,7 +231,7 @@ impl Ownership {
     ///
     /// # Errors
     /// As [`Ownership::verify`].
-    pub fn before_write(&mut self, t: &dyn Backend, g: GenerationId) -> Result<()> {
+    pub(crate) fn before_write(&mut self, t: &dyn Backend, g: GenerationId) -> Result<()> {
         match self.claimed {
             Some((_, Some(named))) if named == g => self.verify_if_stale(t),
             _ => self.claim(t, Some(g)),

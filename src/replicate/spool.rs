@@ -35,7 +35,7 @@ pub struct Key {
 
 impl Key {
     /// The key of `name` in `generation`.
-    pub fn of(generation: GenerationId, name: &FileName) -> Key {
+    pub(crate) fn of(generation: GenerationId, name: &FileName) -> Key {
         Key {
             generation,
             last: name.last_txid(),
@@ -46,7 +46,7 @@ impl Key {
 
 /// One spooled file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpoolFile {
+pub(crate) struct SpoolFile {
     /// Its generation.
     pub generation: GenerationId,
     /// Its name (the same as on the replica).
@@ -57,7 +57,7 @@ pub struct SpoolFile {
 
 impl SpoolFile {
     /// Its ordering key.
-    pub fn key(&self) -> Key {
+    pub(crate) fn key(&self) -> Key {
         Key::of(self.generation, &self.name)
     }
 }
@@ -86,7 +86,7 @@ impl Spool {
     ///
     /// # Errors
     /// I/O errors with the path.
-    pub fn open(dir: &Path) -> Result<Spool> {
+    pub(crate) fn open(dir: &Path) -> Result<Spool> {
         let dir = dir.to_path_buf();
         fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create spool directory {}", dir.display()))?;
@@ -121,7 +121,7 @@ impl Spool {
     ///
     /// # Errors
     /// I/O errors with the path.
-    pub fn list(&self) -> Result<Vec<SpoolFile>> {
+    pub(crate) fn list(&self) -> Result<Vec<SpoolFile>> {
         let mut out = Vec::new();
         for g in self.generations()? {
             let gdir = self.dir.join(g.to_string());
@@ -154,7 +154,7 @@ impl Spool {
     }
 
     /// Path of a spooled file.
-    pub fn path(&self, generation: &GenerationId, name: &FileName) -> PathBuf {
+    pub(crate) fn path(&self, generation: &GenerationId, name: &FileName) -> PathBuf {
         self.dir.join(generation.to_string()).join(name.to_string())
     }
 
@@ -162,7 +162,7 @@ impl Spool {
     ///
     /// # Errors
     /// I/O errors with the path.
-    pub fn create_temp(&self, generation: &GenerationId) -> Result<(PathBuf, File)> {
+    pub(crate) fn create_temp(&self, generation: &GenerationId) -> Result<(PathBuf, File)> {
         let gdir = self.dir.join(generation.to_string());
         // The directory may be removed concurrently when its last file is shipped: retry.
         let mut attempts = 0;
@@ -192,7 +192,11 @@ impl Spool {
     ///
     /// # Errors
     /// I/O errors with the path.
-    pub fn create(&self, generation: &GenerationId, live: Option<FileName>) -> Result<SpoolWriter> {
+    pub(crate) fn create(
+        &self,
+        generation: &GenerationId,
+        live: Option<FileName>,
+    ) -> Result<SpoolWriter> {
         let (tmp, file) = self.create_temp(generation)?;
         let live = match live {
             Some(name) => {
@@ -220,12 +224,12 @@ impl Spool {
     }
 
     /// Sets what to call whenever a live file starts.
-    pub fn on_live(&self, f: impl Fn() + Send + Sync + 'static) {
+    pub(crate) fn on_live(&self, f: impl Fn() + Send + Sync + 'static) {
         *lock(&self.on_live) = Some(Hook(Box::new(f)));
     }
 
     /// The file capture is writing live, unless there is none or it has ended.
-    pub fn live(&self) -> Option<Arc<LiveFile>> {
+    pub(crate) fn live(&self) -> Option<Arc<LiveFile>> {
         lock(&self.live)
             .upgrade()
             .filter(|l| lock(&l.state).end.is_none())
@@ -236,7 +240,7 @@ impl Spool {
     ///
     /// # Errors
     /// I/O errors with the path; the temporary file is removed (and live readers fail).
-    pub fn publish(
+    pub(crate) fn publish(
         &self,
         mut w: SpoolWriter,
         generation: &GenerationId,
@@ -271,7 +275,7 @@ impl Spool {
     ///
     /// # Errors
     /// I/O errors with the path.
-    pub fn remove(&self, f: &SpoolFile) -> Result<()> {
+    pub(crate) fn remove(&self, f: &SpoolFile) -> Result<()> {
         let p = self.path(&f.generation, &f.name);
         match fs::remove_file(&p) {
             Ok(()) => {}
@@ -293,7 +297,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A spool file being written: counts what reached the file for live readers, and removes
 /// the temporary file (failing live readers) if dropped before [`Spool::publish`].
 #[derive(Debug)]
-pub struct SpoolWriter {
+pub(crate) struct SpoolWriter {
     tmp: PathBuf,
     file: File,
     live: Option<Arc<LiveFile>>,
@@ -335,7 +339,7 @@ impl Drop for SpoolWriter {
 
 /// A spool file that capture is still writing (see the module doc).
 #[derive(Debug)]
-pub struct LiveFile {
+pub(crate) struct LiveFile {
     /// Its generation.
     pub generation: GenerationId,
     /// The name it will be published under.
@@ -355,17 +359,17 @@ struct LiveState {
 
 impl LiveFile {
     /// Its ordering key.
-    pub fn key(&self) -> Key {
+    pub(crate) fn key(&self) -> Key {
         Key::of(self.generation, &self.name)
     }
 
     /// Its size once published.
-    pub fn published(&self) -> Option<u64> {
+    pub(crate) fn published(&self) -> Option<u64> {
         lock(&self.state).end.flatten()
     }
 
     /// True when capture gave the file up (an error, or nothing to write after all).
-    pub fn abandoned(&self) -> bool {
+    pub(crate) fn abandoned(&self) -> bool {
         matches!(lock(&self.state).end, Some(None))
     }
 
@@ -378,7 +382,7 @@ impl LiveFile {
     ///
     /// # Errors
     /// The file is gone already (published under its final name, or abandoned).
-    pub fn reader(self: &Arc<Self>) -> io::Result<LiveReader> {
+    pub(crate) fn reader(self: &Arc<Self>) -> io::Result<LiveReader> {
         Ok(LiveReader {
             file: File::open(&self.path)?,
             live: Arc::clone(self),
@@ -390,7 +394,7 @@ impl LiveFile {
 /// Reads a [`LiveFile`]: blocks until more bytes are written; ends when it is published; fails
 /// if capture abandons it.
 #[derive(Debug)]
-pub struct LiveReader {
+pub(crate) struct LiveReader {
     live: Arc<LiveFile>,
     file: File,
     pos: u64,

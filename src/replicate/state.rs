@@ -41,7 +41,7 @@ pub struct StateDir {
 
 /// The daemon's exclusive lock on a state directory; released when dropped.
 #[derive(Debug)]
-pub struct StateLock(#[allow(dead_code)] File);
+pub(crate) struct StateLock(#[allow(dead_code)] File);
 
 impl StateDir {
     /// The state directory at `dir` (nothing is created yet).
@@ -49,13 +49,8 @@ impl StateDir {
         StateDir { dir: dir.into() }
     }
 
-    /// Its path.
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
-
     /// Where the spool lives.
-    pub fn spool_dir(&self) -> PathBuf {
+    pub(crate) fn spool_dir(&self) -> PathBuf {
         self.dir.join("spool")
     }
 
@@ -65,7 +60,7 @@ impl StateDir {
     ///
     /// # Errors
     /// The file cannot be read or written.
-    pub fn instance_id(&self) -> Result<InstanceId> {
+    pub(crate) fn instance_id(&self) -> Result<InstanceId> {
         let p = self.dir.join("instance");
         match std::fs::read(&p) {
             Ok(bytes) => {
@@ -92,7 +87,7 @@ impl StateDir {
     ///
     /// # Errors
     /// The directory cannot be created or cleaned, or another walship holds the lock.
-    pub fn lock(&self) -> Result<StateLock> {
+    pub(crate) fn lock(&self) -> Result<StateLock> {
         let dir = self.dir.display();
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create state directory {dir}"))?;
@@ -112,7 +107,7 @@ impl StateDir {
     }
 
     /// Whether a daemon holds the lock now.
-    pub fn daemon_running(&self) -> bool {
+    pub(crate) fn daemon_running(&self) -> bool {
         std::fs::OpenOptions::new()
             .write(true)
             .open(self.dir.join("lock"))
@@ -125,7 +120,7 @@ impl StateDir {
 
     /// Replaces the status file with `status`, stamped now. Failures are only logged: the
     /// status is a report, never state.
-    pub fn write_status(&self, status: &Status) {
+    pub(crate) fn write_status(&self, status: &Status) {
         let p = self.status_path();
         let text = StatusFile {
             written_ms: crate::clock::now_ms(),
@@ -141,7 +136,7 @@ impl StateDir {
     ///
     /// # Errors
     /// It cannot be read or is malformed (the message names it).
-    pub fn read_status(&self) -> Result<Option<StatusFile>> {
+    pub(crate) fn read_status(&self) -> Result<Option<StatusFile>> {
         let p = self.status_path();
         read_typed(&p)
     }
@@ -154,7 +149,7 @@ impl StateDir {
     ///
     /// # Errors
     /// Unreadable or malformed (the message names the file).
-    pub fn load_capture(&self) -> Result<Option<SavedCapture>> {
+    pub(crate) fn load_capture(&self) -> Result<Option<SavedCapture>> {
         read_typed(&self.capture_path())
     }
 
@@ -162,7 +157,7 @@ impl StateDir {
     ///
     /// # Errors
     /// I/O errors, with the path.
-    pub fn save_capture(&self, c: &SavedCapture) -> Result<()> {
+    pub(crate) fn save_capture(&self, c: &SavedCapture) -> Result<()> {
         save_durably(&self.capture_path(), &c.to_string())
     }
 
@@ -174,7 +169,7 @@ impl StateDir {
     ///
     /// # Errors
     /// I/O errors, with the path.
-    pub fn save_page_hashes(
+    pub(crate) fn save_page_hashes(
         &self,
         at: &Captured,
         page_size: u32,
@@ -194,7 +189,7 @@ impl StateDir {
     }
 
     /// The saved page hashes if they describe exactly the state `at` with `page_size`.
-    pub fn load_page_hashes(&self, at: &Captured, page_size: u32) -> Option<PageHashes> {
+    pub(crate) fn load_page_hashes(&self, at: &Captured, page_size: u32) -> Option<PageHashes> {
         let data = std::fs::read(self.hashes_path()).ok()?;
         let nl = data.iter().position(|&b| b == b'\n')?;
         let header = std::str::from_utf8(&data[..nl]).ok()?;
@@ -211,7 +206,7 @@ impl StateDir {
     }
 
     /// Removes the saved page hashes (once used: they describe a state that is gone).
-    pub fn remove_page_hashes(&self) {
+    pub(crate) fn remove_page_hashes(&self) {
         let _ = std::fs::remove_file(self.hashes_path());
     }
 
@@ -223,7 +218,7 @@ impl StateDir {
     ///
     /// # Errors
     /// Unreadable or malformed (the message names the file).
-    pub fn load_position(&self, replica: &str) -> Result<Option<ReplicaPosition>> {
+    pub(crate) fn load_position(&self, replica: &str) -> Result<Option<ReplicaPosition>> {
         read_typed(&self.position_path(replica))
     }
 
@@ -231,7 +226,7 @@ impl StateDir {
     ///
     /// # Errors
     /// I/O errors, with the path.
-    pub fn save_position(&self, replica: &str, pos: &ReplicaPosition) -> Result<()> {
+    pub(crate) fn save_position(&self, replica: &str, pos: &ReplicaPosition) -> Result<()> {
         save_durably(&self.position_path(replica), &pos.to_string())
     }
 
@@ -351,7 +346,7 @@ impl FromStr for Kv {
 
 /// Where capture stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Captured {
+pub(crate) struct Captured {
     /// The generation.
     pub generation: GenerationId,
     /// The last captured txid.
@@ -366,7 +361,7 @@ pub struct Captured {
 
 impl Captured {
     /// The spool key of this state.
-    pub fn key(&self) -> Key {
+    pub(crate) fn key(&self) -> Key {
         Key {
             generation: self.generation,
             last: self.txid,
@@ -377,7 +372,7 @@ impl Captured {
 
 /// A captured state as saved: where capture stands and where in the WAL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CaptureState {
+pub(crate) struct CaptureState {
     /// Generation, txid, checksum.
     pub at: Captured,
     /// The database's page size.
@@ -439,7 +434,7 @@ impl CaptureState {
 /// that segment is published, so a start that finds neither the spool nor a replica holding
 /// `cur` redoes the step from `prev`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SavedCapture {
+pub(crate) struct SavedCapture {
     /// The newest captured state.
     pub cur: CaptureState,
     /// The state before the newest segment, if one was being published.
@@ -527,13 +522,6 @@ pub struct Progress {
     pub txid: u64,
     /// What fails, `; `-separated (`database: ...`, `<replica>: ...`), if anything.
     pub failing: Option<String>,
-}
-
-impl Progress {
-    /// Every replica holds everything captured, and nothing fails.
-    pub fn caught_up(&self) -> bool {
-        self.ok == self.total && self.failing.is_none()
-    }
 }
 
 impl fmt::Display for Status {

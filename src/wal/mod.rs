@@ -14,9 +14,9 @@
 #![deny(missing_docs)]
 
 /// Size of the WAL file header in bytes.
-pub const WAL_HEADER_SIZE: usize = 32;
+pub(crate) const WAL_HEADER_SIZE: usize = 32;
 /// Size of each frame header in bytes (the page follows it).
-pub const FRAME_HEADER_SIZE: usize = 24;
+pub(crate) const FRAME_HEADER_SIZE: usize = 24;
 
 /// WAL magic for little-endian checksums.
 const MAGIC_LE: u32 = 0x377f_0682;
@@ -27,7 +27,7 @@ const WAL_VERSION: u32 = 3_007_000;
 
 /// The validated 32-byte header at the start of a WAL file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WalHeader {
+pub(crate) struct WalHeader {
     /// Whether frame checksums read their words big-endian (magic 0x377f0683) rather than
     /// little-endian (0x377f0682). SQLite picks the machine's native order when it creates the WAL.
     pub big_endian_checksums: bool,
@@ -45,7 +45,7 @@ pub struct WalHeader {
 
 /// Why a WAL header was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum WalError {
+pub(crate) enum WalError {
     /// Fewer than [`WAL_HEADER_SIZE`] bytes were given.
     #[error("wal header too short: {0} bytes, need 32")]
     TooShort(usize),
@@ -65,7 +65,7 @@ pub enum WalError {
 
 /// The meaning of a valid frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameHeader {
+pub(crate) struct FrameHeader {
     /// The database page this frame holds (1-based, never 0).
     pub pgno: u32,
     /// Database size in pages after this commit, 0 for a non-commit frame.
@@ -74,7 +74,7 @@ pub struct FrameHeader {
 
 impl FrameHeader {
     /// Whether this frame ends a transaction.
-    pub fn is_commit(&self) -> bool {
+    pub(crate) fn is_commit(&self) -> bool {
         self.commit_size != 0
     }
 }
@@ -90,7 +90,7 @@ impl WalHeader {
     /// Parses and validates the 32-byte header: magic 0x377f0682 (little-endian checksums) or
     /// 0x377f0683 (big-endian), version 3007000, page size a power of two 512..=65536, header
     /// checksum over the first 24 bytes. Bytes after the first 32 are ignored.
-    pub fn parse(buf: &[u8]) -> Result<WalHeader, WalError> {
+    pub(crate) fn parse(buf: &[u8]) -> Result<WalHeader, WalError> {
         let word = |i: usize| be32(buf, i * 4).ok_or(WalError::TooShort(buf.len()));
         if buf.len() < WAL_HEADER_SIZE {
             return Err(WalError::TooShort(buf.len()));
@@ -124,7 +124,7 @@ impl WalHeader {
     }
 
     /// Size of one frame (header plus page) in bytes.
-    pub fn frame_size(&self) -> usize {
+    pub(crate) fn frame_size(&self) -> usize {
         FRAME_HEADER_SIZE + self.page_size as usize
     }
 
@@ -133,7 +133,7 @@ impl WalHeader {
     /// frame is not valid (salts differ from the header's, checksum mismatch, page number 0, wrong
     /// slice lengths) — i.e. the end of the valid WAL. On success returns the frame's meaning and
     /// the running checksum for the next frame.
-    pub fn check_frame(
+    pub(crate) fn check_frame(
         &self,
         running: [u32; 2],
         frame_header: &[u8],
@@ -161,7 +161,7 @@ impl WalHeader {
 }
 
 /// Whether `n` is a page size SQLite can use: a power of two in 512..=65536.
-pub fn valid_page_size(n: u32) -> bool {
+pub(crate) fn valid_page_size(n: u32) -> bool {
     n.is_power_of_two() && (512..=65536).contains(&n)
 }
 
@@ -169,7 +169,7 @@ pub fn valid_page_size(n: u32) -> bool {
 ///
 /// Words are read big-endian if `big_endian` is set, else little-endian. Trailing bytes beyond the
 /// last multiple of 8 are ignored (SQLite never checksums such data).
-pub fn checksum(big_endian: bool, init: [u32; 2], data: &[u8]) -> [u32; 2] {
+pub(crate) fn checksum(big_endian: bool, init: [u32; 2], data: &[u8]) -> [u32; 2] {
     let [mut s0, mut s1] = init;
     for chunk in data.chunks_exact(8) {
         let (a, b) = chunk.split_at(4);

@@ -20,7 +20,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 impl Capture {
     /// Frames in the current WAL (what a checkpoint would reclaim).
-    pub fn wal_frames(&self) -> u64 {
+    pub(crate) fn wal_frames(&self) -> u64 {
         self.pos.map_or(0, |p| p.frames)
     }
 
@@ -28,7 +28,7 @@ impl Capture {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn rotate_pin(&mut self) -> Result<()> {
+    pub(crate) fn rotate_pin(&mut self) -> Result<()> {
         self.db.rotate_pin()
     }
 
@@ -37,7 +37,7 @@ impl Capture {
     ///
     /// # Errors
     /// Capture or SQLite errors.
-    pub fn maybe_checkpoint(&mut self, threshold: u32) -> Result<bool> {
+    pub(crate) fn maybe_checkpoint(&mut self, threshold: u32) -> Result<bool> {
         if self.wal_frames() < u64::from(threshold)
             || self.checkpointed_at == self.pos
             || self.backing_off()
@@ -60,7 +60,7 @@ impl Capture {
     ///
     /// # Errors
     /// Capture or SQLite errors.
-    pub fn yield_to_checkpointer(&mut self) -> Result<bool> {
+    pub(crate) fn yield_to_checkpointer(&mut self) -> Result<bool> {
         if !self.db.checkpointer_waiting() {
             return Ok(false);
         }
@@ -88,7 +88,7 @@ impl Capture {
     ///
     /// A poisoned capture is never hot: it cannot capture, so the lock would be held for
     /// nothing.
-    pub fn is_hot(&self, threshold: u32) -> bool {
+    pub(crate) fn is_hot(&self, threshold: u32) -> bool {
         if self.poisoned || self.backing_off() {
             return false;
         }
@@ -111,7 +111,7 @@ impl Capture {
     ///
     /// # Errors
     /// Capture or SQLite errors.
-    pub fn checkpoint_now(&mut self, threshold: u32, hot: bool) -> Result<bool> {
+    pub(crate) fn checkpoint_now(&mut self, threshold: u32, hot: bool) -> Result<bool> {
         // Normally without any lock the application waits for (see `checkpoint_unlocked`).
         // Hot (the writer outruns capture): everything under the write lock, waiting for it
         // as long as a busy writer needs to leave a gap.

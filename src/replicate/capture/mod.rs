@@ -46,7 +46,7 @@ use tracing::{info, warn};
 const ZSTD_LEVEL: i32 = 1;
 
 /// The capture engine for one database.
-pub struct Capture {
+pub(crate) struct Capture {
     db: Db,
     spool: Arc<Spool>,
     state: StateDir,
@@ -93,7 +93,7 @@ struct Retry {
 
 /// What one capture step did.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Nothing new.
     Idle,
     /// This many commits were captured into the spool.
@@ -107,7 +107,7 @@ impl Capture {
     ///
     /// # Errors
     /// Database, WAL or spool errors.
-    pub fn start(
+    pub(crate) fn start(
         db: Db,
         spool: Arc<Spool>,
         state: &StateDir,
@@ -152,7 +152,7 @@ impl Capture {
     ///
     /// # Errors
     /// I/O errors.
-    pub fn save_hashes(&self) -> Result<()> {
+    pub(crate) fn save_hashes(&self) -> Result<()> {
         self.state
             .save_page_hashes(&self.at, self.page_size, &self.hashes)
     }
@@ -166,7 +166,7 @@ impl Capture {
     ///
     /// # Errors
     /// Database, WAL or spool errors.
-    pub fn new_generation(&mut self, why: &str) -> Result<()> {
+    pub(crate) fn new_generation(&mut self, why: &str) -> Result<()> {
         // Until its snapshot is spooled, nothing may be captured on top of it.
         self.poisoned = true;
         self.retry_due()?;
@@ -293,7 +293,7 @@ impl Capture {
     ///
     /// # Errors
     /// Database, WAL or spool errors.
-    pub fn snapshot(&mut self) -> Result<()> {
+    pub(crate) fn snapshot(&mut self) -> Result<()> {
         self.retry_due()?;
         let mut attempt = 0;
         loop {
@@ -386,18 +386,18 @@ impl Capture {
     }
 
     /// True if the database file was replaced or deleted under walship.
-    pub fn db_replaced(&self) -> bool {
+    pub(crate) fn db_replaced(&self) -> bool {
         self.db.replaced()
     }
 
     /// Ends capture of a database whose file was replaced or deleted: every handle on the old
     /// file is closed (see [`Db::close_replaced`]). What was captured stays in the spool.
-    pub fn close_replaced(self) -> crate::db::StaleSidecars {
+    pub(crate) fn close_replaced(self) -> crate::db::StaleSidecars {
         self.db.close_replaced()
     }
 
     /// The spool key of the newest captured state.
-    pub fn key(&self) -> Key {
+    pub(crate) fn key(&self) -> Key {
         self.at.key()
     }
 }

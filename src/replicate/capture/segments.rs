@@ -56,7 +56,7 @@ impl Capture {
     /// # Errors
     /// I/O and SQLite errors; a break in continuity is a [`WalChange::Broken`] error, on which the
     /// caller starts a new generation.
-    pub fn step(&mut self) -> Result<Step> {
+    pub(crate) fn step(&mut self) -> Result<Step> {
         self.step_limited(None).map(|(s, _)| s)
     }
 
@@ -65,7 +65,7 @@ impl Capture {
     ///
     /// # Errors
     /// As [`Capture::step`].
-    pub fn step_limited(&mut self, max_frames: Option<u64>) -> Result<(Step, bool)> {
+    pub(crate) fn step_limited(&mut self, max_frames: Option<u64>) -> Result<(Step, bool)> {
         if self.poisoned {
             return Err(WalChange::Broken("an earlier capture step failed half-way".into()).into());
         }
