@@ -7,7 +7,9 @@
 //!   cannot be sent is logged at debug level and forgotten (systemd notices a missing `READY=1` or
 //!   `WATCHDOG=1` by itself, which is exactly the signal it needs).
 //! - `WATCHDOG_USEC` is honoured only when `WATCHDOG_PID` is unset or names this process, so a
-//!   child that inherited the environment never pings on behalf of its parent.
+//!   child that inherited the environment never pings on behalf of its parent (the `sd-notify`
+//!   crate reads both). Notifications go through one socket created at start, not one per
+//!   message as `sd_notify::notify` does: the status changes with every commit.
 //! - Notifications are single datagrams of `KEY=VALUE` lines; a `STATUS=` text never carries a
 //!   newline (it would be read as a new key).
 
@@ -51,12 +53,7 @@ impl Notifier {
     /// `WATCHDOG_PID`. Missing or malformed variables disable the corresponding feature.
     pub(crate) fn from_env() -> Notifier {
         let socket = std::env::var_os("NOTIFY_SOCKET").map(PathBuf::from);
-        let watchdog = watchdog_from_env(
-            std::env::var("WATCHDOG_USEC").ok().as_deref(),
-            std::env::var("WATCHDOG_PID").ok().as_deref(),
-            std::process::id(),
-        );
-        Notifier::new(socket, watchdog)
+        Notifier::new(socket, sd_notify::watchdog_enabled())
     }
 
     /// A notifier sending to `socket` (a path, or `@name` for an abstract socket), with the
@@ -168,16 +165,6 @@ fn send_abstract(_: &UnixDatagram, _: &[u8], _: &[u8]) -> std::io::Result<usize>
         std::io::ErrorKind::Unsupported,
         "abstract sockets exist on Linux only",
     ))
-}
-
-/// The watchdog timeout that applies to process `pid`, from `WATCHDOG_USEC` and `WATCHDOG_PID`.
-fn watchdog_from_env(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
-    let usec: u64 = usec?.trim().parse().ok().filter(|&u| u > 0)?;
-    match pid.map(|p| p.trim().parse::<u32>()) {
-        None => Some(Duration::from_micros(usec)),
-        Some(Ok(p)) if p == me => Some(Duration::from_micros(usec)),
-        Some(_) => None,
-    }
 }
 
 /// Sets up logging once, from `main`; later calls do nothing.
@@ -304,18 +291,6 @@ pub(crate) fn credential_path(name: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn watchdog_pid_must_be_ours() {
-        let d = Some(Duration::from_secs(30));
-        assert_eq!(watchdog_from_env(Some("30000000"), None, 7), d);
-        assert_eq!(watchdog_from_env(Some("30000000"), Some("7"), 7), d);
-        assert_eq!(watchdog_from_env(Some("30000000"), Some("8"), 7), None);
-        assert_eq!(watchdog_from_env(Some("30000000"), Some("x"), 7), None);
-        assert_eq!(watchdog_from_env(Some("0"), None, 7), None);
-        assert_eq!(watchdog_from_env(Some("soon"), None, 7), None);
-        assert_eq!(watchdog_from_env(None, Some("7"), 7), None);
-    }
 
     #[test]
     fn interval_is_half_the_timeout() {
