@@ -346,8 +346,7 @@ impl Sshd {
 
     /// Options for `path` with the harness's client key and known_hosts.
     pub fn options(&self, path: &str, timeout: Duration) -> SftpOptions {
-        let mut o = SftpOptions::new(self.url(path), &self.client_key);
-        o.known_hosts = self.known_hosts.clone();
+        let mut o = SftpOptions::new(self.url(path), &self.client_key, &self.known_hosts);
         o.timeout = timeout;
         o
     }

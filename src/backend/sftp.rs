@@ -96,14 +96,18 @@ pub struct SftpOptions {
 }
 
 impl SftpOptions {
-    /// Options with the defaults: [`crate::config::DEFAULT_KNOWN_HOSTS`], no passphrase, no agent,
-    /// [`DEFAULT_TIMEOUT`].
-    pub fn new(url: SftpUrl, key_path: impl Into<PathBuf>) -> SftpOptions {
+    /// Options logging in with `key_path` and checking host keys against `known_hosts`, with
+    /// no passphrase, no agent and [`DEFAULT_TIMEOUT`].
+    pub fn new(
+        url: SftpUrl,
+        key_path: impl Into<PathBuf>,
+        known_hosts: impl Into<PathBuf>,
+    ) -> SftpOptions {
         SftpOptions {
             url,
             key_path: key_path.into(),
             passphrase_file: None,
-            known_hosts: PathBuf::from(crate::config::DEFAULT_KNOWN_HOSTS),
+            known_hosts: known_hosts.into(),
             use_agent: false,
             timeout: DEFAULT_TIMEOUT,
         }

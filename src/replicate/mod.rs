@@ -78,11 +78,10 @@ pub fn identity(db: &Path) -> String {
 
 /// Makes every thread of the daemon allocate from glibc's one main arena. By default glibc
 /// gives threads arenas of their own (up to 8 per core), and memory freed in one of them is
-/// seldom returned to the system: in a soak over sftp (shipper threads reconnecting, zstd
-/// workers coming and going) RSS crept from 13 to 18 MiB in minutes and stayed there; with one
-/// arena it moves between 14 and 16.5 MiB and comes back down. walship's threads allocate
-/// little and rarely at the same moment, so the shared lock costs nothing measurable. Must run
-/// before any thread is spawned.
+/// seldom returned to the system, so a daemon whose threads come and go (shippers
+/// reconnecting, zstd workers) keeps growing (docs/PERFORMANCE.md has the soak figures).
+/// walship's threads allocate little and rarely at the same moment, so the shared lock costs
+/// nothing measurable. Must run before any thread is spawned.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator tunable; no thread exists yet to race with it.
@@ -93,8 +92,8 @@ fn limit_malloc_arenas() {
 
 /// Gives the allocator's free memory back to the system (glibc's `malloc_trim`). After a
 /// burst (a backlog shipped after an outage, a compaction, a snapshot) the heap keeps freed
-/// buffers between live ones, which only this returns: without it RSS stayed ~3 MiB higher
-/// after each sftp outage. Called when a burst ends, never on a timer; it takes microseconds
+/// buffers between live ones, which only this returns (without it, memory stays higher after
+/// each outage). Called when a burst ends, never on a timer; it takes microseconds
 /// on walship's small heap.
 pub(crate) fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
