@@ -14,43 +14,41 @@ use std::time::Duration;
 use toml::Spanned;
 
 /// Directory of per-instance configs: `--config NAME` means `<dir>/NAME.toml`.
-pub const DEFAULT_CONFIG_DIR: &str = "/etc/walship";
+pub(crate) const DEFAULT_CONFIG_DIR: &str = "/etc/walship";
 /// Default known_hosts file for sftp replicas.
 pub const DEFAULT_KNOWN_HOSTS: &str = "/etc/walship/known_hosts";
 
 /// A configuration error; the CLI exits with 78 (EX_CONFIG) on it so systemd does not restart.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ConfigError(pub String);
+pub struct ConfigError(pub(crate) String);
 
 /// Validated settings for one database.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Where these settings came from (a file path, or "command line").
-    pub source: String,
     /// The database file (`db`), absolute.
-    pub db: PathBuf,
+    pub(crate) db: PathBuf,
     /// walship's state for this database (`state-dir`); default: `$STATE_DIRECTORY` when
     /// systemd sets it, else `/var/lib/walship/<db path with / as ->` for root, else
     /// `$XDG_STATE_HOME/walship/...` (`~/.local/state/walship/...`).
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// How often a fresh snapshot is taken (`snapshot-interval`, default 24h).
-    pub snapshot_interval: Duration,
+    pub(crate) snapshot_interval: Duration,
     /// How long history stays restorable (`retention`, default 72h).
-    pub retention: Duration,
+    pub(crate) retention: Duration,
     /// Most bytes of segments kept locally for replicas that are behind (`spool-limit`,
     /// default 256MiB). Past it, walship lets checkpoints proceed and the lagging replica is
     /// resynchronised with a fresh snapshot.
-    pub spool_limit: u64,
+    pub(crate) spool_limit: u64,
     /// A segment is cut once it holds this many uncompressed bytes (`segment-size`, default
     /// 16MiB); under heavy load many commits share one segment.
-    pub segment_size: u64,
+    pub(crate) segment_size: u64,
     /// Segments merged into one of the next level (`compaction-fanout`, default 16), which
     /// keeps the number of files a restore reads logarithmic in the history.
-    pub compaction_fanout: usize,
+    pub(crate) compaction_fanout: usize,
     /// WAL size in pages above which walship checkpoints once frames are shipped
     /// (`checkpoint-pages`, default 1000, SQLite's own autocheckpoint threshold).
-    pub checkpoint_pages: u32,
+    pub(crate) checkpoint_pages: u32,
     /// The replicas, in order of preference for restore.
     pub replicas: Vec<ReplicaSettings>,
 }
@@ -60,19 +58,19 @@ pub struct Settings {
 pub struct ReplicaSettings {
     /// A short name for logs and `--replica` (`name`, default: `file` / the sftp host, made
     /// unique with a number).
-    pub name: String,
+    pub(crate) name: String,
     /// Where it lives (`url`).
-    pub url: ReplicaUrl,
+    pub(crate) url: ReplicaUrl,
     /// Private key for sftp (`key-path`).
-    pub key_path: Option<PathBuf>,
+    pub(crate) key_path: Option<PathBuf>,
     /// File holding the key's passphrase, if any (`passphrase-file`).
-    pub passphrase_file: Option<PathBuf>,
+    pub(crate) passphrase_file: Option<PathBuf>,
     /// OpenSSH known_hosts file (`known-hosts`, default /etc/walship/known_hosts).
-    pub known_hosts: PathBuf,
+    pub(crate) known_hosts: PathBuf,
     /// Also try keys from ssh-agent (`use-agent`, default false).
-    pub use_agent: bool,
+    pub(crate) use_agent: bool,
     /// Connect and I/O timeout (`timeout`, default 10s).
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 impl ReplicaSettings {
@@ -93,7 +91,7 @@ impl ReplicaSettings {
     }
 
     /// Opens this replica's backend.
-    pub fn open(&self) -> Box<dyn crate::backend::Backend> {
+    pub(crate) fn open(&self) -> Box<dyn crate::backend::Backend> {
         crate::backend::open(&self.url, &self.access())
     }
 }
@@ -127,18 +125,18 @@ struct RawReplica {
 
 /// Extra settings that the ad-hoc command-line form (`DB URL...`) takes as flags.
 #[derive(Debug, Clone, Default)]
-pub struct AdHoc {
+pub(crate) struct AdHoc {
     /// `--key-path`.
-    pub key_path: Option<PathBuf>,
+    pub(crate) key_path: Option<PathBuf>,
     /// `--known-hosts`.
-    pub known_hosts: Option<PathBuf>,
+    pub(crate) known_hosts: Option<PathBuf>,
     /// `--state-dir`.
-    pub state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
 }
 
 /// Resolves `--config` values: a bare instance name (no `/`, no `.toml`) means
 /// `$WALSHIP_CONFIG_DIR/NAME.toml` (default `/etc/walship/NAME.toml`).
-pub fn resolve_config_path(arg: &str) -> PathBuf {
+pub(crate) fn resolve_config_path(arg: &str) -> PathBuf {
     if arg.contains('/') || arg.ends_with(".toml") {
         PathBuf::from(arg)
     } else {
@@ -152,7 +150,7 @@ pub fn resolve_config_path(arg: &str) -> PathBuf {
 ///
 /// # Errors
 /// [`ConfigError`] naming the file (and line:column where it applies).
-pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+pub(crate) fn load(path: &Path) -> Result<Settings, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
     parse(&text, &path.display().to_string())
@@ -188,7 +186,6 @@ pub fn parse(text: &str, origin: &str) -> Result<Settings, ConfigError> {
         .absolute_path(&raw.state_dir, "state-dir")?
         .unwrap_or_else(|| default_state_dir(&db));
     Ok(Settings {
-        source: origin.to_owned(),
         db,
         state_dir,
         snapshot_interval: tuning.snapshot_interval,
@@ -424,7 +421,7 @@ fn replica_name(
 ///
 /// # Errors
 /// [`ConfigError`] for a bad URL or database path.
-pub fn ad_hoc(db: &Path, urls: &[String], extra: &AdHoc) -> Result<Settings, ConfigError> {
+pub(crate) fn ad_hoc(db: &Path, urls: &[String], extra: &AdHoc) -> Result<Settings, ConfigError> {
     let db = std::path::absolute(db)
         .map_err(|e| ConfigError(format!("invalid database path {}: {e}", db.display())))?;
     let mut text = format!("db = {}\n", toml_str(&db.display().to_string()));
@@ -485,7 +482,7 @@ fn default_name(url: &ReplicaUrl) -> String {
 }
 
 /// The default state directory for `db` (see [`Settings::state_dir`]).
-pub fn default_state_dir(db: &Path) -> PathBuf {
+pub(crate) fn default_state_dir(db: &Path) -> PathBuf {
     if let Some(dirs) = std::env::var_os("STATE_DIRECTORY") {
         if let Some(first) = dirs
             .to_string_lossy()
@@ -518,7 +515,7 @@ pub fn default_state_dir(db: &Path) -> PathBuf {
 ///
 /// # Errors
 /// A description of what is wrong.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. \"90s\", \"24h\", \"3d\""))
 }
@@ -527,7 +524,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 ///
 /// # Errors
 /// A description of what is wrong.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 pub const DROP_IN_NAME: &str = "50-walship-generated.conf";
 
 /// Writes `<out_dir>/walship@NAME.service.d/50-walship-generated.conf` for every
-/// `<config_dir>/NAME.toml` whose NAME is a valid instance name ([`valid_instance_name`]) and
+/// `<config_dir>/NAME.toml` whose NAME is a valid instance name (`valid_instance_name`) and
 /// whose config loads. Returns warnings (one line each) for what it skipped or could not
 /// fully wire; the caller prints them and still exits 0.
 ///
@@ -99,7 +99,7 @@ pub fn generate(config_dir: &Path, out_dir: &Path) -> anyhow::Result<Vec<String>
 /// True for names that make `walship@NAME.service` a valid unit name needing no escaping, and
 /// `/etc/walship/NAME.toml` a plain file name: 1-64 ASCII letters, digits, `-`, `_`, `.`, not
 /// starting with `.` or `-`.
-pub fn valid_instance_name(name: &str) -> bool {
+pub(crate) fn valid_instance_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && !name.starts_with(['.', '-'])
         && name

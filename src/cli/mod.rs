@@ -70,7 +70,7 @@ pub struct Cli {
 
 /// Where the database and its replicas are described.
 #[derive(Debug, Args, Clone)]
-pub struct ConfigArg {
+pub(crate) struct ConfigArg {
     /// Config file, or an instance name NAME meaning /etc/walship/NAME.toml.
     #[arg(short, long, env = "WALSHIP_CONFIG", value_name = "FILE|NAME")]
     pub(crate) config: Option<String>,
@@ -78,7 +78,7 @@ pub struct ConfigArg {
 
 /// Flags that stand in for a `[[replica]]` table when a URL is given on the command line.
 #[derive(Debug, Args, Clone, Default)]
-pub struct UrlFlags {
+pub(crate) struct UrlFlags {
     /// Private key for sftp:// URLs.
     #[arg(long, value_name = "FILE")]
     pub(crate) key_path: Option<PathBuf>,

@@ -21,7 +21,7 @@
 //!   a failure while the replica changed is retried from a new listing (see [`restore_into`]);
 //!   only a failure on a replica that did not change is final.
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
-//!   of hash per page, and a database size limit of [`MAX_DB_BYTES`] against hostile metadata.
+//!   of hash per page, and a database size limit of `MAX_DB_BYTES` against hostile metadata.
 
 use crate::backend::Backend;
 use crate::durable::{fsync_dir, temp_name, RemoveOnDrop};
@@ -40,32 +40,32 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use tracing::{info, warn};
 
 /// The largest database a restore will build (protects against hostile sizes).
-pub const MAX_DB_BYTES: u64 = 256 << 30;
+pub(crate) const MAX_DB_BYTES: u64 = 256 << 30;
 
 /// What a restore produced.
 #[derive(Debug, Clone)]
 pub struct Restored {
     /// The replica's URL.
-    pub url: String,
+    pub(crate) url: String,
     /// The commit restored.
-    pub position: Position,
+    pub(crate) position: Position,
     /// Its capture time.
-    pub time_ms: u64,
+    pub(crate) time_ms: u64,
     /// Pages in the database.
-    pub db_pages: u32,
+    pub(crate) db_pages: u32,
     /// Page size.
-    pub page_size: u32,
+    pub(crate) page_size: u32,
     /// Whole-database checksum (verified).
-    pub db_checksum: u64,
+    pub(crate) db_checksum: u64,
     /// Files read.
-    pub files: usize,
+    pub(crate) files: usize,
 }
 
 /// Lists a replica strictly: unknown names are skipped with a warning.
 ///
 /// # Errors
 /// Backend errors.
-pub fn list_replica(t: &dyn Backend) -> Result<Listing> {
+pub(crate) fn list_replica(t: &dyn Backend) -> Result<Listing> {
     let mut gens = Vec::new();
     for e in t.list(GENERATIONS_DIR)? {
         let Ok(g) = e.name.parse::<GenerationId>() else {
@@ -385,7 +385,7 @@ const ATTEMPTS: u32 = 8;
 /// it ran and the inputs deleted meanwhile), and a planned file may be gone when it is read.
 /// A vanished segment is followed into the segment it was merged into; any other failure is
 /// final only if the replica did not change meanwhile (a new listing equals the one planned
-/// from): otherwise the restore starts over from the new listing, up to [`ATTEMPTS`] times.
+/// from): otherwise the restore starts over from the new listing, up to `ATTEMPTS` times.
 /// A file missing from a replica that does not change is a gap, reported at once.
 ///
 /// # Errors
@@ -749,7 +749,7 @@ impl<'a> Applier<'a> {
 ///
 /// # Errors
 /// The check fails or reports problems.
-pub fn integrity_check(path: &Path) -> Result<()> {
+pub(crate) fn integrity_check(path: &Path) -> Result<()> {
     let uri = format!("file:{}?immutable=1", path.display());
     let c = rusqlite::Connection::open_with_flags(
         &uri,
@@ -772,16 +772,16 @@ pub fn integrity_check(path: &Path) -> Result<()> {
 
 /// Options of `walship restore`.
 #[derive(Debug, Clone)]
-pub struct RestoreOptions {
+pub(crate) struct RestoreOptions {
     /// Which state to restore.
-    pub want: Want,
+    pub(crate) want: Want,
     /// Overwrite an existing output.
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 /// What is at a restore's output path (not following a symlink).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output {
+pub(crate) enum Output {
     /// Nothing: the restore creates it.
     Missing,
     /// A regular file: replaced only with `--force`.
@@ -795,7 +795,7 @@ pub enum Output {
 ///
 /// # Errors
 /// `path` cannot be examined (other than not existing).
-pub fn inspect_output(path: &Path) -> Result<Output> {
+pub(crate) fn inspect_output(path: &Path) -> Result<Output> {
     use std::os::unix::fs::FileTypeExt;
     let md = match std::fs::symlink_metadata(path) {
         Ok(md) => md,
@@ -878,7 +878,7 @@ fn check_output(out: &Path, force: bool) -> Result<()> {
 /// # Errors
 /// The output exists (without force) or is not a regular file, or every replica failed (each
 /// reason listed).
-pub fn restore(
+pub(crate) fn restore(
     targets: &[(String, Box<dyn Backend>)],
     opts: &RestoreOptions,
     out: &Path,
