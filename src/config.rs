@@ -14,43 +14,41 @@ use std::time::Duration;
 use toml::Spanned;
 
 /// Directory of per-instance configs: `--config NAME` means `<dir>/NAME.toml`.
-pub const DEFAULT_CONFIG_DIR: &str = "/etc/walship";
+pub(crate) const DEFAULT_CONFIG_DIR: &str = "/etc/walship";
 /// Default known_hosts file for sftp replicas.
 pub const DEFAULT_KNOWN_HOSTS: &str = "/etc/walship/known_hosts";
 
 /// A configuration error; the CLI exits with 78 (EX_CONFIG) on it so systemd does not restart.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ConfigError(pub String);
+pub struct ConfigError(pub(crate) String);
 
 /// Validated settings for one database.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Where these settings came from (a file path, or "command line").
-    pub source: String,
     /// The database file (`db`), absolute.
-    pub db: PathBuf,
+    pub(crate) db: PathBuf,
     /// walship's state for this database (`state-dir`); default: `$STATE_DIRECTORY` when
     /// systemd sets it, else `/var/lib/walship/<db path with / as ->` for root, else
     /// `$XDG_STATE_HOME/walship/...` (`~/.local/state/walship/...`).
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// How often a fresh snapshot is taken (`snapshot-interval`, default 24h).
-    pub snapshot_interval: Duration,
+    pub(crate) snapshot_interval: Duration,
     /// How long history stays restorable (`retention`, default 72h).
-    pub retention: Duration,
+    pub(crate) retention: Duration,
     /// Most bytes of segments kept locally for replicas that are behind (`spool-limit`,
     /// default 256MiB). Past it, walship lets checkpoints proceed and the lagging replica is
     /// resynchronised with a fresh snapshot.
-    pub spool_limit: u64,
+    pub(crate) spool_limit: u64,
     /// A segment is cut once it holds this many uncompressed bytes (`segment-size`, default
     /// 16MiB); under heavy load many commits share one segment.
-    pub segment_size: u64,
+    pub(crate) segment_size: u64,
     /// Segments merged into one of the next level (`compaction-fanout`, default 16), which
     /// keeps the number of files a restore reads logarithmic in the history.
-    pub compaction_fanout: usize,
+    pub(crate) compaction_fanout: usize,
     /// WAL size in pages above which walship checkpoints once frames are shipped
     /// (`checkpoint-pages`, default 1000, SQLite's own autocheckpoint threshold).
-    pub checkpoint_pages: u32,
+    pub(crate) checkpoint_pages: u32,
     /// The replicas, in order of preference for restore.
     pub replicas: Vec<ReplicaSettings>,
 }
@@ -60,19 +58,19 @@ pub struct Settings {
 pub struct ReplicaSettings {
     /// A short name for logs and `--replica` (`name`, default: `file` / the sftp host, made
     /// unique with a number).
-    pub name: String,
+    pub(crate) name: String,
     /// Where it lives (`url`).
-    pub url: ReplicaUrl,
+    pub(crate) url: ReplicaUrl,
     /// Private key for sftp (`key-path`).
-    pub key_path: Option<PathBuf>,
+    pub(crate) key_path: Option<PathBuf>,
     /// File holding the key's passphrase, if any (`passphrase-file`).
-    pub passphrase_file: Option<PathBuf>,
+    pub(crate) passphrase_file: Option<PathBuf>,
     /// OpenSSH known_hosts file (`known-hosts`, default /etc/walship/known_hosts).
-    pub known_hosts: PathBuf,
+    pub(crate) known_hosts: PathBuf,
     /// Also try keys from ssh-agent (`use-agent`, default false).
-    pub use_agent: bool,
+    pub(crate) use_agent: bool,
     /// Connect and I/O timeout (`timeout`, default 10s).
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 impl ReplicaSettings {
@@ -93,7 +91,7 @@ impl ReplicaSettings {
     }
 
     /// Opens this replica's backend.
-    pub fn open(&self) -> Box<dyn crate::backend::Backend> {
+    pub(crate) fn open(&self) -> Box<dyn crate::backend::Backend> {
         crate::backend::open(&self.url, &self.access())
     }
 }
@@ -127,18 +125,18 @@ struct RawReplica {
 
 /// Extra settings that the ad-hoc command-line form (`DB URL...`) takes as flags.
 #[derive(Debug, Clone, Default)]
-pub struct AdHoc {
+pub(crate) struct AdHoc {
     /// `--key-path`.
-    pub key_path: Option<PathBuf>,
+    pub(crate) key_path: Option<PathBuf>,
     /// `--known-hosts`.
-    pub known_hosts: Option<PathBuf>,
+    pub(crate) known_hosts: Option<PathBuf>,
     /// `--state-dir`.
-    pub state_dir: Option<PathBuf>,
+    pub(crate) state_dir: Option<PathBuf>,
 }
 
 /// Resolves `--config` values: a bare instance name (no `/`, no `.toml`) means
 /// `$WALSHIP_CONFIG_DIR/NAME.toml` (default `/etc/walship/NAME.toml`).
-pub fn resolve_config_path(arg: &str) -> PathBuf {
+pub(crate) fn resolve_config_path(arg: &str) -> PathBuf {
     if arg.contains('/') || arg.ends_with(".toml") {
         PathBuf::from(arg)
     } else {
@@ -152,7 +150,7 @@ pub fn resolve_config_path(arg: &str) -> PathBuf {
 ///
 /// # Errors
 /// [`ConfigError`] naming the file (and line:column where it applies).
-pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+pub(crate) fn load(path: &Path) -> Result<Settings, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
     parse(&text, &path.display().to_string())
@@ -163,177 +161,267 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
 /// # Errors
 /// [`ConfigError`] with `origin:line:column: message`.
 pub fn parse(text: &str, origin: &str) -> Result<Settings, ConfigError> {
-    let at = |span: Option<Range<usize>>, msg: &dyn fmt::Display| -> ConfigError {
-        match span {
-            Some(s) => {
-                let (line, col) = line_col(text, s.start);
-                ConfigError(format!("{origin}:{line}:{col}: {msg}"))
-            }
-            None => ConfigError(format!("{origin}: {msg}")),
-        }
-    };
+    let src = Text { text, origin };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let msg = e.message().trim().replace('\n', " ");
-        at(e.span(), &msg)
+        src.at(e.span(), &msg)
     })?;
-    let sp = |s: &Spanned<String>| Some(s.span());
-
     let db = PathBuf::from(raw.db.get_ref());
     if !db.is_absolute() {
-        return Err(at(sp(&raw.db), &"`db` must be an absolute path"));
+        return Err(src.at(sp(&raw.db), &"`db` must be an absolute path"));
     }
-    let dur = |v: &Option<Spanned<String>>,
-               key: &str,
-               default: &str|
-     -> Result<Duration, ConfigError> {
+    let tuning = tuning(&src, &raw)?;
+    if raw.replica.is_empty() {
+        return Err(src.at(
+            None,
+            &"no [[replica]] configured: add at least one, e.g. [[replica]] url = \"file:///srv/replica/NAME\"",
+        ));
+    }
+    let mut replicas = Vec::new();
+    for r in &raw.replica {
+        let replica = replica(&src, r, &replicas)?;
+        replicas.push(replica);
+    }
+    let state_dir = src
+        .absolute_path(&raw.state_dir, "state-dir")?
+        .unwrap_or_else(|| default_state_dir(&db));
+    Ok(Settings {
+        db,
+        state_dir,
+        snapshot_interval: tuning.snapshot_interval,
+        retention: tuning.retention,
+        spool_limit: tuning.spool_limit,
+        segment_size: tuning.segment_size,
+        compaction_fanout: tuning.compaction_fanout,
+        checkpoint_pages: tuning.checkpoint_pages,
+        replicas,
+    })
+}
+
+/// Config text and where it came from, for errors that point into it.
+struct Text<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+fn sp(s: &Spanned<String>) -> Option<Range<usize>> {
+    Some(s.span())
+}
+
+impl Text<'_> {
+    /// An error at `span` (`origin:line:column: msg`), or about the whole text.
+    fn at(&self, span: Option<Range<usize>>, msg: &dyn fmt::Display) -> ConfigError {
+        match span {
+            Some(s) => {
+                let (line, col) = line_col(self.text, s.start);
+                ConfigError(format!("{}:{line}:{col}: {msg}", self.origin))
+            }
+            None => ConfigError(format!("{}: {msg}", self.origin)),
+        }
+    }
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: &str,
+    ) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(parse_duration(default).unwrap_or_default()),
-            Some(s) => parse_duration(s.get_ref()).map_err(|e| at(sp(s), &format!("`{key}`: {e}"))),
+            Some(s) => {
+                parse_duration(s.get_ref()).map_err(|e| self.at(sp(s), &format!("`{key}`: {e}")))
+            }
         }
-    };
-    let size = |v: &Option<Spanned<String>>, key: &str, default: u64| -> Result<u64, ConfigError> {
+    }
+
+    fn size(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: u64,
+    ) -> Result<u64, ConfigError> {
         match v {
             None => Ok(default),
-            Some(s) => parse_size(s.get_ref()).map_err(|e| at(sp(s), &format!("`{key}`: {e}"))),
+            Some(s) => {
+                parse_size(s.get_ref()).map_err(|e| self.at(sp(s), &format!("`{key}`: {e}")))
+            }
         }
-    };
-    let int = |v: &Option<Spanned<i64>>,
-               key: &str,
-               default: i64,
-               min: i64,
-               max: i64|
-     -> Result<i64, ConfigError> {
+    }
+
+    fn int(
+        &self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        default: i64,
+        (min, max): (i64, i64),
+    ) -> Result<i64, ConfigError> {
         match v {
             None => Ok(default),
             Some(n) if (min..=max).contains(n.get_ref()) => Ok(*n.get_ref()),
-            Some(n) => Err(at(
+            Some(n) => Err(self.at(
                 Some(n.span()),
                 &format!("`{key}` must be between {min} and {max}"),
             )),
         }
-    };
-    let snapshot_interval = dur(&raw.snapshot_interval, "snapshot-interval", "24h")?;
-    let retention = dur(&raw.retention, "retention", "72h")?;
+    }
+
+    fn absolute_path(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(s) if Path::new(s.get_ref()).is_absolute() => Ok(Some(PathBuf::from(s.get_ref()))),
+            Some(s) => Err(self.at(sp(s), &format!("`{key}` must be an absolute path"))),
+        }
+    }
+}
+
+/// The global tuning keys of a config, validated.
+struct Tuning {
+    snapshot_interval: Duration,
+    retention: Duration,
+    spool_limit: u64,
+    segment_size: u64,
+    compaction_fanout: usize,
+    checkpoint_pages: u32,
+}
+
+fn tuning(src: &Text, raw: &RawConfig) -> Result<Tuning, ConfigError> {
+    let snapshot_interval = src.duration(&raw.snapshot_interval, "snapshot-interval", "24h")?;
+    let retention = src.duration(&raw.retention, "retention", "72h")?;
     if snapshot_interval < Duration::from_secs(60) {
-        return Err(at(
+        return Err(src.at(
             raw.snapshot_interval.as_ref().map(Spanned::span),
             &"`snapshot-interval` must be at least 1m",
         ));
     }
-    let spool_limit = size(&raw.spool_limit, "spool-limit", 256 << 20)?;
-    let segment_size = size(&raw.segment_size, "segment-size", 16 << 20)?;
+    let spool_limit = src.size(&raw.spool_limit, "spool-limit", 256 << 20)?;
+    let segment_size = src.size(&raw.segment_size, "segment-size", 16 << 20)?;
     if !(64 << 10..=1 << 30).contains(&segment_size) {
-        return Err(at(
+        return Err(src.at(
             raw.segment_size.as_ref().map(Spanned::span),
             &"`segment-size` must be between 64KiB and 1GiB",
         ));
     }
-    let compaction_fanout = int(&raw.compaction_fanout, "compaction-fanout", 16, 2, 1024)? as usize;
-    let checkpoint_pages = int(&raw.checkpoint_pages, "checkpoint-pages", 1000, 1, 1 << 24)? as u32;
-
-    if raw.replica.is_empty() {
-        return Err(at(None, &"no [[replica]] configured: add at least one, e.g.\n[[replica]]\nurl = \"file:///srv/replica/NAME\"".replace('\n', " ")));
-    }
-    let mut replicas = Vec::new();
-    for r in &raw.replica {
-        let url = ReplicaUrl::parse(r.url.get_ref()).map_err(|e| at(sp(&r.url), &e))?;
-        let path_of =
-            |v: &Option<Spanned<String>>, key: &str| -> Result<Option<PathBuf>, ConfigError> {
-                match v {
-                    None => Ok(None),
-                    Some(s) if Path::new(s.get_ref()).is_absolute() => {
-                        Ok(Some(PathBuf::from(s.get_ref())))
-                    }
-                    Some(s) => Err(at(sp(s), &format!("`{key}` must be an absolute path"))),
-                }
-            };
-        let key_path = path_of(&r.key_path, "key-path")?;
-        let passphrase_file = path_of(&r.passphrase_file, "passphrase-file")?;
-        let known_hosts = path_of(&r.known_hosts, "known-hosts")?
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_KNOWN_HOSTS));
-        let timeout = dur(&r.timeout, "timeout", "10s")?;
-        if timeout < Duration::from_millis(100) {
-            return Err(at(
-                r.timeout.as_ref().map(Spanned::span),
-                &"`timeout` must be at least 100ms",
-            ));
-        }
-        let is_file = matches!(url, ReplicaUrl::File(_));
-        if !is_file && key_path.is_none() && !r.use_agent.unwrap_or(false) {
-            return Err(at(
-                sp(&r.url),
-                &"an sftp replica needs `key-path` (or `use-agent = true`)",
-            ));
-        }
-        if is_file {
-            for (v, key) in [
-                (&r.key_path, "key-path"),
-                (&r.passphrase_file, "passphrase-file"),
-                (&r.known_hosts, "known-hosts"),
-            ] {
-                if let Some(s) = v {
-                    return Err(at(sp(s), &format!("`{key}` applies to sftp replicas only")));
-                }
-            }
-        }
-        let name = match &r.name {
-            Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
-            Some(n) => {
-                return Err(at(
-                    sp(n),
-                    &"`name` must be 1-32 characters of a-z, 0-9, '-', '_'",
-                ))
-            }
-            None => default_name(&url),
-        };
-        if replicas.iter().any(|x: &ReplicaSettings| x.name == name) {
-            let what = if r.name.is_some() {
-                "duplicate replica name"
-            } else {
-                "two replicas get the same default name: set `name`"
-            };
-            return Err(at(
-                r.name.as_ref().map(Spanned::span).or(sp(&r.url)),
-                &format!("{what} {name:?}"),
-            ));
-        }
-        if replicas.iter().any(|x: &ReplicaSettings| x.url == url) {
-            return Err(at(sp(&r.url), &"the same replica URL is configured twice"));
-        }
-        replicas.push(ReplicaSettings {
-            name,
-            url,
-            key_path,
-            passphrase_file,
-            known_hosts,
-            use_agent: r.use_agent.unwrap_or(false),
-            timeout,
-        });
-    }
-    let state_dir = match &raw.state_dir {
-        Some(s) if Path::new(s.get_ref()).is_absolute() => PathBuf::from(s.get_ref()),
-        Some(s) => return Err(at(sp(s), &"`state-dir` must be an absolute path")),
-        None => default_state_dir(&db),
-    };
-    Ok(Settings {
-        source: origin.to_owned(),
-        db,
-        state_dir,
+    let fanout = src.int(&raw.compaction_fanout, "compaction-fanout", 16, (2, 1024))?;
+    let checkpoint = src.int(
+        &raw.checkpoint_pages,
+        "checkpoint-pages",
+        1000,
+        (1, 1 << 24),
+    )?;
+    Ok(Tuning {
         snapshot_interval,
         retention,
         spool_limit,
         segment_size,
-        compaction_fanout,
-        checkpoint_pages,
-        replicas,
+        compaction_fanout: fanout as usize,
+        checkpoint_pages: checkpoint as u32,
     })
+}
+
+/// One `[[replica]]`, validated; `before` are the replicas above it, whose names and URLs it
+/// must not repeat.
+fn replica(
+    src: &Text,
+    r: &RawReplica,
+    before: &[ReplicaSettings],
+) -> Result<ReplicaSettings, ConfigError> {
+    let url = ReplicaUrl::parse(r.url.get_ref()).map_err(|e| src.at(sp(&r.url), &e))?;
+    let key_path = src.absolute_path(&r.key_path, "key-path")?;
+    let passphrase_file = src.absolute_path(&r.passphrase_file, "passphrase-file")?;
+    let known_hosts = src
+        .absolute_path(&r.known_hosts, "known-hosts")?
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_KNOWN_HOSTS));
+    let timeout = src.duration(&r.timeout, "timeout", "10s")?;
+    if timeout < Duration::from_millis(100) {
+        return Err(src.at(
+            r.timeout.as_ref().map(Spanned::span),
+            &"`timeout` must be at least 100ms",
+        ));
+    }
+    check_access_keys(src, r, &url, key_path.is_some())?;
+    let name = replica_name(src, r, &url, before)?;
+    if before.iter().any(|x| x.url == url) {
+        return Err(src.at(sp(&r.url), &"the same replica URL is configured twice"));
+    }
+    Ok(ReplicaSettings {
+        name,
+        url,
+        key_path,
+        passphrase_file,
+        known_hosts,
+        use_agent: r.use_agent.unwrap_or(false),
+        timeout,
+    })
+}
+
+/// An sftp replica needs a way to log in; the keys that say how apply to sftp only.
+fn check_access_keys(
+    src: &Text,
+    r: &RawReplica,
+    url: &ReplicaUrl,
+    has_key: bool,
+) -> Result<(), ConfigError> {
+    let is_file = matches!(url, ReplicaUrl::File(_));
+    if !is_file && !has_key && !r.use_agent.unwrap_or(false) {
+        return Err(src.at(
+            sp(&r.url),
+            &"an sftp replica needs `key-path` (or `use-agent = true`)",
+        ));
+    }
+    if is_file {
+        for (v, key) in [
+            (&r.key_path, "key-path"),
+            (&r.passphrase_file, "passphrase-file"),
+            (&r.known_hosts, "known-hosts"),
+        ] {
+            if let Some(s) = v {
+                return Err(src.at(sp(s), &format!("`{key}` applies to sftp replicas only")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The replica's `name`, or its default, unique among the replicas `before` it.
+fn replica_name(
+    src: &Text,
+    r: &RawReplica,
+    url: &ReplicaUrl,
+    before: &[ReplicaSettings],
+) -> Result<String, ConfigError> {
+    let name = match &r.name {
+        Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
+        Some(n) => {
+            return Err(src.at(
+                sp(n),
+                &"`name` must be 1-32 characters of a-z, 0-9, '-', '_'",
+            ))
+        }
+        None => default_name(url),
+    };
+    if before.iter().any(|x| x.name == name) {
+        let what = if r.name.is_some() {
+            "duplicate replica name"
+        } else {
+            "two replicas get the same default name: set `name`"
+        };
+        return Err(src.at(
+            r.name.as_ref().map(Spanned::span).or(sp(&r.url)),
+            &format!("{what} {name:?}"),
+        ));
+    }
+    Ok(name)
 }
 
 /// Settings for the ad-hoc form `walship replicate DB URL [URL...]`.
 ///
 /// # Errors
 /// [`ConfigError`] for a bad URL or database path.
-pub fn ad_hoc(db: &Path, urls: &[String], extra: &AdHoc) -> Result<Settings, ConfigError> {
+pub(crate) fn ad_hoc(db: &Path, urls: &[String], extra: &AdHoc) -> Result<Settings, ConfigError> {
     let db = std::path::absolute(db)
         .map_err(|e| ConfigError(format!("invalid database path {}: {e}", db.display())))?;
     let mut text = format!("db = {}\n", toml_str(&db.display().to_string()));
@@ -394,7 +482,7 @@ fn default_name(url: &ReplicaUrl) -> String {
 }
 
 /// The default state directory for `db` (see [`Settings::state_dir`]).
-pub fn default_state_dir(db: &Path) -> PathBuf {
+pub(crate) fn default_state_dir(db: &Path) -> PathBuf {
     if let Some(dirs) = std::env::var_os("STATE_DIRECTORY") {
         if let Some(first) = dirs
             .to_string_lossy()
@@ -427,7 +515,7 @@ pub fn default_state_dir(db: &Path) -> PathBuf {
 ///
 /// # Errors
 /// A description of what is wrong.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. \"90s\", \"24h\", \"3d\""))
 }
@@ -436,7 +524,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 ///
 /// # Errors
 /// A description of what is wrong.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);

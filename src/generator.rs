@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 pub const DROP_IN_NAME: &str = "50-walship-generated.conf";
 
 /// Writes `<out_dir>/walship@NAME.service.d/50-walship-generated.conf` for every
-/// `<config_dir>/NAME.toml` whose NAME is a valid instance name ([`valid_instance_name`]) and
+/// `<config_dir>/NAME.toml` whose NAME is a valid instance name (`valid_instance_name`) and
 /// whose config loads. Returns warnings (one line each) for what it skipped or could not
 /// fully wire; the caller prints them and still exits 0.
 ///
@@ -99,7 +99,7 @@ pub fn generate(config_dir: &Path, out_dir: &Path) -> anyhow::Result<Vec<String>
 /// True for names that make `walship@NAME.service` a valid unit name needing no escaping, and
 /// `/etc/walship/NAME.toml` a plain file name: 1-64 ASCII letters, digits, `-`, `_`, `.`, not
 /// starting with `.` or `-`.
-pub fn valid_instance_name(name: &str) -> bool {
+pub(crate) fn valid_instance_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && !name.starts_with(['.', '-'])
         && name
@@ -136,10 +136,22 @@ fn render(
          [Service]",
         config_path.display()
     );
+    render_owner(&mut out, unit, &s.db, db_dir, warnings);
+    render_writable(&mut out, unit, s, db_dir, warnings)?;
+    render_credentials(&mut out, unit, s, warnings)?;
+    Ok(out)
+}
 
-    // Who runs the service: the identity SQLite itself acts as for this database.
-    let owner = std::fs::metadata(&s.db)
-        .map(|m| (m, &*s.db))
+/// Who runs the service: the identity SQLite itself acts as for this database.
+fn render_owner(
+    out: &mut String,
+    unit: &str,
+    db: &Path,
+    db_dir: &Path,
+    warnings: &mut Vec<String>,
+) {
+    let owner = std::fs::metadata(db)
+        .map(|m| (m, db))
         .or_else(|_| std::fs::metadata(db_dir).map(|m| (m, db_dir)));
     match owner {
         Ok((m, what)) => {
@@ -164,9 +176,17 @@ fn render(
             );
         }
     }
+}
 
-    // What the service may write: the database's directory, an explicit state-dir, and
-    // file:// replicas. (The default state directory is the unit's StateDirectory=.)
+/// What the service may write: the database's directory, an explicit state-dir, and
+/// file:// replicas. (The default state directory is the unit's StateDirectory=.)
+fn render_writable(
+    out: &mut String,
+    unit: &str,
+    s: &Settings,
+    db_dir: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<(), String> {
     let mut writable = vec![writable_path(db_dir, false)];
     if s.state_dir != config::default_state_dir(&s.db) {
         writable.push(writable_path(&s.state_dir, true));
@@ -200,8 +220,16 @@ fn render(
     if home {
         out.push_str("ProtectHome=read-only\n");
     }
+    Ok(())
+}
 
-    // Secrets: root-only files reach the unprivileged service as credentials.
+/// Secrets: root-only files reach the unprivileged service as credentials.
+fn render_credentials(
+    out: &mut String,
+    unit: &str,
+    s: &Settings,
+    warnings: &mut Vec<String>,
+) -> Result<(), String> {
     for r in &s.replicas {
         for (prefix, file) in [
             (KEY_CREDENTIAL_PREFIX, &r.key_path),
@@ -224,7 +252,7 @@ fn render(
             );
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The path to open for writing and whether it exists: `path` itself (canonical) if it exists;

@@ -1,17 +1,47 @@
 //! The command line: one clap definition from which `--help`, the man pages and the shell
-//! completions are all generated, so they never disagree.
+//! completions are all generated, so they never disagree, and [`run`], which hands each command
+//! to its own module (`replicate`, `restore`, ...); `source` turns a config or the command-line
+//! forms that stand in for one into settings, the same way for every command.
 //!
 //! Invariants: every command either succeeds (exit 0) or returns an error that `main` prints
 //! as one line `walship: <what failed>: <why>`; configuration errors carry
 //! [`crate::config::ConfigError`] so that `main` exits 78 (EX_CONFIG) and systemd does not
 //! restart-loop on them.
 
-mod commands;
+mod generate_docs;
+mod list;
+mod replicate;
+mod restore;
+mod source;
+mod status;
+mod systemd_generator;
+mod trust;
+mod verify;
 
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-pub use commands::run;
+/// Runs the parsed command line.
+///
+/// Invariant: commands print results to stdout and nothing else; diagnostics go through
+/// `tracing` to stderr (or the journal), and failures are returned as errors for `main`.
+///
+/// # Errors
+/// Whatever the command failed on.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Replicate(a) => replicate::run(a),
+        Command::Restore(a) => restore::run(a),
+        Command::Verify(a) => verify::run(a),
+        Command::List(a) => list::run(a),
+        Command::Status(a) => status::run(a),
+        Command::Trust(a) => trust::run(a),
+        Command::SystemdGenerator(a) => systemd_generator::run(a),
+        Command::GenerateDocs(a) => generate_docs::run(a),
+    }
+}
 
 /// Continuous, verifiable replication of SQLite databases by shipping their WAL.
 ///
@@ -40,21 +70,21 @@ pub struct Cli {
 
 /// Where the database and its replicas are described.
 #[derive(Debug, Args, Clone)]
-pub struct ConfigArg {
+pub(crate) struct ConfigArg {
     /// Config file, or an instance name NAME meaning /etc/walship/NAME.toml.
     #[arg(short, long, env = "WALSHIP_CONFIG", value_name = "FILE|NAME")]
-    pub config: Option<String>,
+    pub(crate) config: Option<String>,
 }
 
 /// Flags that stand in for a `[[replica]]` table when a URL is given on the command line.
 #[derive(Debug, Args, Clone, Default)]
-pub struct UrlFlags {
+pub(crate) struct UrlFlags {
     /// Private key for sftp:// URLs.
     #[arg(long, value_name = "FILE")]
-    pub key_path: Option<PathBuf>,
+    pub(crate) key_path: Option<PathBuf>,
     /// OpenSSH known_hosts file for sftp:// URLs [default: /etc/walship/known_hosts].
     #[arg(long, value_name = "FILE")]
-    pub known_hosts: Option<PathBuf>,
+    pub(crate) known_hosts: Option<PathBuf>,
 }
 
 /// The commands.
@@ -74,21 +104,7 @@ pub enum Command {
     /// while it runs, and a second `walship replicate` of the same file (whatever its state
     /// directory, config or user) exits at once with status 75 (EX_TEMPFAIL), naming the pid
     /// of the first. Configuration errors exit 78 (EX_CONFIG), other failures 1.
-    Replicate {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// The database (without --config).
-        #[arg(value_name = "DB", conflicts_with = "config")]
-        db: Option<PathBuf>,
-        /// Replica URLs: file:///PATH or sftp://USER@HOST[:PORT]/PATH.
-        #[arg(value_name = "URL", requires = "db")]
-        urls: Vec<String>,
-        /// State directory [default: $STATE_DIRECTORY, else /var/lib/walship/<db path>].
-        #[arg(long, value_name = "DIR")]
-        state_dir: Option<PathBuf>,
-        #[command(flatten)]
-        url_flags: UrlFlags,
-    },
+    Replicate(ReplicateArgs),
     /// Rebuild a database from its replica (latest, or a point in time).
     ///
     ///   walship restore --config fruits                       # to the configured db path
@@ -100,105 +116,151 @@ pub enum Command {
     /// The result is written to a temporary file, checked (checksum at every commit, PRAGMA
     /// integrity_check), fsynced and renamed into place. With several replicas, the next one is
     /// tried when one is unreachable or damaged.
-    Restore {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// Output file [default: the configured db].
-        #[arg(short, long, value_name = "FILE")]
-        output: Option<PathBuf>,
-        /// Replica URL (without --config), or an instance NAME for /etc/walship/NAME.toml.
-        #[arg(value_name = "URL|NAME", conflicts_with = "config")]
-        url: Option<String>,
-        /// Newest commit at or before this time (RFC 3339, e.g. 2026-11-24T10:00:00Z).
-        #[arg(long, value_name = "RFC3339", conflicts_with = "position")]
-        timestamp: Option<String>,
-        /// Exactly this commit, as GENERATION/TXID (see `walship list`).
-        #[arg(long, value_name = "GEN/TXID")]
-        position: Option<String>,
-        /// Use only this replica (by name) from the config.
-        #[arg(long, value_name = "NAME")]
-        replica: Option<String>,
-        /// Overwrite the output file if it exists (only ever a regular file: a symlink,
-        /// directory, device, FIFO or socket is refused).
-        #[arg(long)]
-        force: bool,
-        /// Do nothing (exit 0) if the output file already exists (a regular file, or a symlink
-        /// to one); anything else there is an error.
-        #[arg(long)]
-        if_db_not_exists: bool,
-        /// Do nothing (exit 0) if no replica holds any data.
-        #[arg(long)]
-        if_replica_exists: bool,
-        #[command(flatten)]
-        url_flags: UrlFlags,
-    },
+    Restore(RestoreArgs),
     /// Prove that the replica restores to exactly the source database (exit 0 if so).
     ///
     /// Restores the latest state to a temporary file (all checksums verified) and compares it
     /// page by page with the database. Run it when writes are quiet and replication is caught
     /// up; otherwise the source is simply ahead.
-    Verify {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// The database (without --config); alone, an instance NAME for /etc/walship/NAME.toml.
-        #[arg(value_name = "DB|NAME", conflicts_with = "config")]
-        db: Option<PathBuf>,
-        /// The replica URL (without --config).
-        #[arg(value_name = "URL", requires = "db")]
-        url: Option<String>,
-        #[command(flatten)]
-        url_flags: UrlFlags,
-    },
+    Verify(VerifyArgs),
     /// Show a replica's generations, snapshots and segments, with times and sizes.
-    List {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// The replica URL (without --config), or an instance NAME for /etc/walship/NAME.toml.
-        #[arg(value_name = "URL|NAME", conflicts_with = "config")]
-        url: Option<String>,
-        #[command(flatten)]
-        url_flags: UrlFlags,
-    },
+    List(ListArgs),
     /// Show the replication status kept by the running daemon: position, lag, errors.
-    Status {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// The daemon's state directory (without --config).
-        #[arg(long, value_name = "DIR", conflicts_with = "config")]
-        state_dir: Option<PathBuf>,
-    },
+    Status(StatusArgs),
     /// Show an sftp target's host key and add it to known_hosts once confirmed.
     ///
     ///   walship trust sftp://replicator@alpha/db                     # shows the fingerprint
     ///
     ///   walship trust sftp://replicator@alpha/db --fingerprint SHA256:...
-    Trust {
-        /// The sftp URL.
-        #[arg(value_name = "URL")]
-        url: String,
-        /// Use the known-hosts file of this config's replicas.
-        #[command(flatten)]
-        config: ConfigArg,
-        /// known_hosts file [default: /etc/walship/known_hosts].
-        #[arg(long, value_name = "FILE", conflicts_with = "config")]
-        known_hosts: Option<PathBuf>,
-        /// Add the key only if its fingerprint is this one.
-        #[arg(long, value_name = "SHA256:...")]
-        fingerprint: Option<String>,
-        /// Add the key without checking its fingerprint (also replaces a changed key).
-        #[arg(long, conflicts_with = "fingerprint")]
-        yes: bool,
-    },
+    Trust(TrustArgs),
     /// (systemd) Write sandbox drop-ins for every /etc/walship/NAME.toml.
     #[command(hide = true)]
-    SystemdGenerator {
-        /// normal, early and late output directories.
-        dirs: Vec<PathBuf>,
-    },
+    SystemdGenerator(SystemdGeneratorArgs),
     /// (packaging) Write man pages and shell completions into DIR.
     #[command(hide = true)]
-    GenerateDocs {
-        /// Output directory.
-        dir: PathBuf,
-    },
+    GenerateDocs(GenerateDocsArgs),
+}
+
+// `walship replicate`: its help is the doc comment of `Command::Replicate`.
+#[derive(Debug, Args)]
+pub struct ReplicateArgs {
+    #[command(flatten)]
+    pub(crate) config: ConfigArg,
+    /// The database (without --config).
+    #[arg(value_name = "DB", conflicts_with = "config")]
+    pub(crate) db: Option<PathBuf>,
+    /// Replica URLs: file:///PATH or sftp://USER@HOST[:PORT]/PATH.
+    #[arg(value_name = "URL", requires = "db")]
+    pub(crate) urls: Vec<String>,
+    /// State directory [default: $STATE_DIRECTORY, else /var/lib/walship/<db path>].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) url_flags: UrlFlags,
+}
+
+// `walship restore`: its help is the doc comment of `Command::Restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub(crate) config: ConfigArg,
+    /// Output file [default: the configured db].
+    #[arg(short, long, value_name = "FILE")]
+    pub(crate) output: Option<PathBuf>,
+    /// Replica URL (without --config), or an instance NAME for /etc/walship/NAME.toml.
+    #[arg(value_name = "URL|NAME", conflicts_with = "config")]
+    pub(crate) url: Option<String>,
+    /// Newest commit at or before this time (RFC 3339, e.g. 2026-11-24T10:00:00Z).
+    #[arg(long, value_name = "RFC3339", conflicts_with = "position")]
+    pub(crate) timestamp: Option<String>,
+    /// Exactly this commit, as GENERATION/TXID (see `walship list`).
+    #[arg(long, value_name = "GEN/TXID")]
+    pub(crate) position: Option<String>,
+    /// Use only this replica (by name) from the config.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) replica: Option<String>,
+    /// Overwrite the output file if it exists (only ever a regular file: a symlink,
+    /// directory, device, FIFO or socket is refused).
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// Do nothing (exit 0) if the output file already exists (a regular file, or a symlink
+    /// to one); anything else there is an error.
+    #[arg(long)]
+    pub(crate) if_db_not_exists: bool,
+    /// Do nothing (exit 0) if no replica holds any data.
+    #[arg(long)]
+    pub(crate) if_replica_exists: bool,
+    #[command(flatten)]
+    pub(crate) url_flags: UrlFlags,
+}
+
+// `walship verify`: its help is the doc comment of `Command::Verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub(crate) config: ConfigArg,
+    /// The database (without --config); alone, an instance NAME for /etc/walship/NAME.toml.
+    #[arg(value_name = "DB|NAME", conflicts_with = "config")]
+    pub(crate) db: Option<PathBuf>,
+    /// The replica URL (without --config).
+    #[arg(value_name = "URL", requires = "db")]
+    pub(crate) url: Option<String>,
+    #[command(flatten)]
+    pub(crate) url_flags: UrlFlags,
+}
+
+// `walship list`: its help is the doc comment of `Command::List`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub(crate) config: ConfigArg,
+    /// The replica URL (without --config), or an instance NAME for /etc/walship/NAME.toml.
+    #[arg(value_name = "URL|NAME", conflicts_with = "config")]
+    pub(crate) url: Option<String>,
+    #[command(flatten)]
+    pub(crate) url_flags: UrlFlags,
+}
+
+// `walship status`: its help is the doc comment of `Command::Status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub(crate) config: ConfigArg,
+    /// The daemon's state directory (without --config).
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    pub(crate) state_dir: Option<PathBuf>,
+}
+
+// `walship trust`: its help is the doc comment of `Command::Trust`.
+#[derive(Debug, Args)]
+pub struct TrustArgs {
+    /// The sftp URL.
+    #[arg(value_name = "URL")]
+    pub(crate) url: String,
+    /// Use the known-hosts file of this config's replicas.
+    #[command(flatten)]
+    pub(crate) config: ConfigArg,
+    /// known_hosts file [default: /etc/walship/known_hosts].
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    pub(crate) known_hosts: Option<PathBuf>,
+    /// Add the key only if its fingerprint is this one.
+    #[arg(long, value_name = "SHA256:...")]
+    pub(crate) fingerprint: Option<String>,
+    /// Add the key without checking its fingerprint (also replaces a changed key).
+    #[arg(long, conflicts_with = "fingerprint")]
+    pub(crate) yes: bool,
+}
+
+// `walship systemd-generator`: its help is the doc comment of `Command::SystemdGenerator`.
+#[derive(Debug, Args)]
+pub struct SystemdGeneratorArgs {
+    /// normal, early and late output directories.
+    pub(crate) dirs: Vec<PathBuf>,
+}
+
+// `walship generate-docs`: its help is the doc comment of `Command::GenerateDocs`.
+#[derive(Debug, Args)]
+pub struct GenerateDocsArgs {
+    /// Output directory.
+    pub(crate) dir: PathBuf,
 }

@@ -21,7 +21,7 @@
 //!   a failure while the replica changed is retried from a new listing (see [`restore_into`]);
 //!   only a failure on a replica that did not change is final.
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
-//!   of hash per page, and a database size limit of [`MAX_DB_BYTES`] against hostile metadata.
+//!   of hash per page, and a database size limit of `MAX_DB_BYTES` against hostile metadata.
 
 use crate::backend::Backend;
 use crate::durable::{fsync_dir, temp_name, RemoveOnDrop};
@@ -40,32 +40,32 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use tracing::{info, warn};
 
 /// The largest database a restore will build (protects against hostile sizes).
-pub const MAX_DB_BYTES: u64 = 256 << 30;
+pub(crate) const MAX_DB_BYTES: u64 = 256 << 30;
 
 /// What a restore produced.
 #[derive(Debug, Clone)]
 pub struct Restored {
     /// The replica's URL.
-    pub url: String,
+    pub(crate) url: String,
     /// The commit restored.
-    pub position: Position,
+    pub(crate) position: Position,
     /// Its capture time.
-    pub time_ms: u64,
+    pub(crate) time_ms: u64,
     /// Pages in the database.
-    pub db_pages: u32,
+    pub(crate) db_pages: u32,
     /// Page size.
-    pub page_size: u32,
+    pub(crate) page_size: u32,
     /// Whole-database checksum (verified).
-    pub db_checksum: u64,
+    pub(crate) db_checksum: u64,
     /// Files read.
-    pub files: usize,
+    pub(crate) files: usize,
 }
 
 /// Lists a replica strictly: unknown names are skipped with a warning.
 ///
 /// # Errors
 /// Backend errors.
-pub fn list_replica(t: &dyn Backend) -> Result<Listing> {
+pub(crate) fn list_replica(t: &dyn Backend) -> Result<Listing> {
     let mut gens = Vec::new();
     for e in t.list(GENERATIONS_DIR)? {
         let Ok(g) = e.name.parse::<GenerationId>() else {
@@ -385,7 +385,7 @@ const ATTEMPTS: u32 = 8;
 /// it ran and the inputs deleted meanwhile), and a planned file may be gone when it is read.
 /// A vanished segment is followed into the segment it was merged into; any other failure is
 /// final only if the replica did not change meanwhile (a new listing equals the one planned
-/// from): otherwise the restore starts over from the new listing, up to [`ATTEMPTS`] times.
+/// from): otherwise the restore starts over from the new listing, up to `ATTEMPTS` times.
 /// A file missing from a replica that does not change is a gap, reported at once.
 ///
 /// # Errors
@@ -550,6 +550,8 @@ fn pwritev_all(out: &File, mut bufs: &mut [IoSlice], mut off: u64) -> std::io::R
     Ok(())
 }
 
+/// Applies the reader's chunks to `out` up to commit `target`, checking every commit's
+/// whole-database checksum; applied chunks go back on `free` for reuse.
 fn apply(
     rx: &Receiver<Result<Chunk>>,
     free: &SyncSender<Chunk>,
@@ -558,106 +560,15 @@ fn apply(
     url: &str,
     g: &GenerationId,
 ) -> Result<Restored> {
-    let mut hashes: Option<PageHashes> = None;
-    let mut page_size = 0u32;
-    let mut applied: Option<u64> = None;
-    let mut last_commit: Option<Commit> = None;
-    let mut current: Option<FileName> = None;
-    let mut next_in_file = 0u64;
-    let mut skipping = false;
-    let mut pages = WriteBack::new(out);
-    let label = |f: &Option<FileName>| {
-        f.map_or_else(String::new, |f| format!("{url}/{}", file_path(g, &f)))
-    };
+    let mut a = Applier::new(out, url, g);
     'chunks: for chunk in rx.iter() {
         let mut chunk = chunk?;
         for item in chunk.items.drain(..) {
             match item {
-                Item::File(f, ps) => {
-                    if page_size != 0 && ps != page_size {
-                        bail!(
-                            "{}: page size {ps} differs from the snapshot's {page_size}",
-                            label(&Some(f))
-                        );
-                    }
-                    page_size = ps;
-                    let first = f.first_txid();
-                    if let Some(a) = applied {
-                        if first > a + 1 {
-                            bail!(
-                                "{}: gap in the replica: txids {}..{} are missing",
-                                label(&Some(f)),
-                                a + 1,
-                                first - 1
-                            );
-                        }
-                    }
-                    current = Some(f);
-                    next_in_file = first;
-                    skipping = applied.is_some_and(|a| next_in_file <= a);
-                    hashes.get_or_insert_with(|| PageHashes::new(ps));
-                }
-                Item::Page(pgno, start) => {
-                    if skipping {
-                        continue;
-                    }
-                    let h = hashes
-                        .as_mut()
-                        .ok_or_else(|| anyhow!("internal: pages before a file"))?;
-                    let data = chunk
-                        .data
-                        .get(start..start + page_size as usize)
-                        .ok_or_else(|| anyhow!("internal: page beyond its chunk"))?;
-                    let off = u64::from(pgno - 1) * u64::from(page_size);
-                    if off + u64::from(page_size) > MAX_DB_BYTES {
-                        bail!(
-                            "{}: page {pgno} is beyond the {MAX_DB_BYTES}-byte limit",
-                            label(&current)
-                        );
-                    }
-                    pages
-                        .put(pgno, data)
-                        .context("cannot write the restored database")?;
-                    h.set(pgno, data);
-                }
+                Item::File(f, ps) => a.file(f, ps)?,
+                Item::Page(pgno, start) => a.page(pgno, &chunk.data, start)?,
                 Item::Commit(c) => {
-                    if c.txid != next_in_file {
-                        bail!(
-                            "{}: commit txid {} where {} was expected from the file name",
-                            label(&current),
-                            c.txid,
-                            next_in_file
-                        );
-                    }
-                    next_in_file += 1;
-                    if skipping {
-                        skipping = applied.is_some_and(|a| next_in_file <= a);
-                        continue;
-                    }
-                    skipping = false;
-                    if u64::from(c.db_pages) * u64::from(page_size) > MAX_DB_BYTES {
-                        bail!(
-                            "{}: database size of {} pages is beyond the limit",
-                            label(&current),
-                            c.db_pages
-                        );
-                    }
-                    let h = hashes
-                        .as_mut()
-                        .ok_or_else(|| anyhow!("internal: commit before a file"))?;
-                    h.set_size(c.db_pages);
-                    if h.db_checksum() != c.db_checksum {
-                        bail!(
-                        "{}: checksum mismatch at txid {}: the restored database hashes to {:016x}, the replica recorded {:016x}",
-                        label(&current),
-                        c.txid,
-                        h.db_checksum(),
-                        c.db_checksum
-                    );
-                    }
-                    applied = Some(c.txid);
-                    last_commit = Some(c);
-                    if c.txid >= target {
+                    if a.commit(c)? && c.txid >= target {
                         break 'chunks;
                     }
                 }
@@ -666,34 +577,179 @@ fn apply(
         chunk.data.clear();
         let _ = free.try_send(chunk);
     }
-    let c = last_commit.ok_or_else(|| anyhow!("{url}: nothing was restored"))?;
-    if c.txid != target {
-        bail!("{url}: the replica ends at txid {} but txid {target} was planned (missing or truncated files)", c.txid);
+    a.finish(out, target)
+}
+
+/// The applier's state: the pages and their hashes so far, the last commit applied, and
+/// where it is in the current file. Files overlap where compaction merged segments: commits
+/// already applied are skipped with their pages.
+struct Applier<'a> {
+    url: &'a str,
+    g: &'a GenerationId,
+    pages: WriteBack<'a>,
+    hashes: Option<PageHashes>,
+    page_size: u32,
+    applied: Option<u64>,
+    last_commit: Option<Commit>,
+    current: Option<FileName>,
+    next_in_file: u64,
+    skipping: bool,
+}
+
+impl<'a> Applier<'a> {
+    fn new(out: &'a File, url: &'a str, g: &'a GenerationId) -> Self {
+        Applier {
+            url,
+            g,
+            pages: WriteBack::new(out),
+            hashes: None,
+            page_size: 0,
+            applied: None,
+            last_commit: None,
+            current: None,
+            next_in_file: 0,
+            skipping: false,
+        }
     }
-    pages
-        .flush()
-        .context("cannot write the restored database")?;
-    out.set_len(u64::from(c.db_pages) * u64::from(page_size))
-        .context("cannot size the restored database")?;
-    Ok(Restored {
-        url: url.to_owned(),
-        position: Position {
-            generation: *g,
-            txid: c.txid,
-        },
-        time_ms: c.time_ms,
-        db_pages: c.db_pages,
-        page_size,
-        db_checksum: c.db_checksum,
-        files: 0,
-    })
+
+    /// The replica path of `f`, for errors ("" before the first file).
+    fn label(&self, f: Option<FileName>) -> String {
+        f.map_or_else(String::new, |f| {
+            format!("{}/{}", self.url, file_path(self.g, &f))
+        })
+    }
+
+    /// A new file begins: it must have the snapshot's page size and continue the commits.
+    fn file(&mut self, f: FileName, ps: u32) -> Result<()> {
+        if self.page_size != 0 && ps != self.page_size {
+            bail!(
+                "{}: page size {ps} differs from the snapshot's {}",
+                self.label(Some(f)),
+                self.page_size
+            );
+        }
+        self.page_size = ps;
+        let first = f.first_txid();
+        if let Some(a) = self.applied {
+            if first > a + 1 {
+                bail!(
+                    "{}: gap in the replica: txids {}..{} are missing",
+                    self.label(Some(f)),
+                    a + 1,
+                    first - 1
+                );
+            }
+        }
+        self.current = Some(f);
+        self.next_in_file = first;
+        self.skipping = self.applied.is_some_and(|a| self.next_in_file <= a);
+        self.hashes.get_or_insert_with(|| PageHashes::new(ps));
+        Ok(())
+    }
+
+    /// Page `pgno`, whose bytes start at `start` in `data`.
+    fn page(&mut self, pgno: u32, data: &[u8], start: usize) -> Result<()> {
+        if self.skipping {
+            return Ok(());
+        }
+        let page_size = self.page_size;
+        let h = self
+            .hashes
+            .as_mut()
+            .ok_or_else(|| anyhow!("internal: pages before a file"))?;
+        let data = data
+            .get(start..start + page_size as usize)
+            .ok_or_else(|| anyhow!("internal: page beyond its chunk"))?;
+        let off = u64::from(pgno - 1) * u64::from(page_size);
+        if off + u64::from(page_size) > MAX_DB_BYTES {
+            bail!(
+                "{}: page {pgno} is beyond the {MAX_DB_BYTES}-byte limit",
+                self.label(self.current)
+            );
+        }
+        self.pages
+            .put(pgno, data)
+            .context("cannot write the restored database")?;
+        h.set(pgno, data);
+        Ok(())
+    }
+
+    /// A commit: the next one the file's name promises. Returns whether it was applied (not
+    /// skipped), after checking the database checksum it records.
+    fn commit(&mut self, c: Commit) -> Result<bool> {
+        if c.txid != self.next_in_file {
+            bail!(
+                "{}: commit txid {} where {} was expected from the file name",
+                self.label(self.current),
+                c.txid,
+                self.next_in_file
+            );
+        }
+        self.next_in_file += 1;
+        if self.skipping {
+            self.skipping = self.applied.is_some_and(|a| self.next_in_file <= a);
+            return Ok(false);
+        }
+        if u64::from(c.db_pages) * u64::from(self.page_size) > MAX_DB_BYTES {
+            bail!(
+                "{}: database size of {} pages is beyond the limit",
+                self.label(self.current),
+                c.db_pages
+            );
+        }
+        let h = self
+            .hashes
+            .as_mut()
+            .ok_or_else(|| anyhow!("internal: commit before a file"))?;
+        h.set_size(c.db_pages);
+        let sum = h.db_checksum();
+        if sum != c.db_checksum {
+            bail!(
+                "{}: checksum mismatch at txid {}: the restored database hashes to {sum:016x}, the replica recorded {:016x}",
+                self.label(self.current),
+                c.txid,
+                c.db_checksum
+            );
+        }
+        self.applied = Some(c.txid);
+        self.last_commit = Some(c);
+        Ok(true)
+    }
+
+    /// Checks that the restore reached `target`, writes the held pages and sizes `out`.
+    fn finish(mut self, out: &File, target: u64) -> Result<Restored> {
+        let url = self.url;
+        let c = self
+            .last_commit
+            .ok_or_else(|| anyhow!("{url}: nothing was restored"))?;
+        if c.txid != target {
+            bail!("{url}: the replica ends at txid {} but txid {target} was planned (missing or truncated files)", c.txid);
+        }
+        self.pages
+            .flush()
+            .context("cannot write the restored database")?;
+        out.set_len(u64::from(c.db_pages) * u64::from(self.page_size))
+            .context("cannot size the restored database")?;
+        Ok(Restored {
+            url: url.to_owned(),
+            position: Position {
+                generation: *self.g,
+                txid: c.txid,
+            },
+            time_ms: c.time_ms,
+            db_pages: c.db_pages,
+            page_size: self.page_size,
+            db_checksum: c.db_checksum,
+            files: 0,
+        })
+    }
 }
 
 /// Runs `PRAGMA integrity_check` on a restored file without creating files beside it.
 ///
 /// # Errors
 /// The check fails or reports problems.
-pub fn integrity_check(path: &Path) -> Result<()> {
+pub(crate) fn integrity_check(path: &Path) -> Result<()> {
     let uri = format!("file:{}?immutable=1", path.display());
     let c = rusqlite::Connection::open_with_flags(
         &uri,
@@ -716,16 +772,16 @@ pub fn integrity_check(path: &Path) -> Result<()> {
 
 /// Options of `walship restore`.
 #[derive(Debug, Clone)]
-pub struct RestoreOptions {
+pub(crate) struct RestoreOptions {
     /// Which state to restore.
-    pub want: Want,
+    pub(crate) want: Want,
     /// Overwrite an existing output.
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 /// What is at a restore's output path (not following a symlink).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output {
+pub(crate) enum Output {
     /// Nothing: the restore creates it.
     Missing,
     /// A regular file: replaced only with `--force`.
@@ -739,7 +795,7 @@ pub enum Output {
 ///
 /// # Errors
 /// `path` cannot be examined (other than not existing).
-pub fn inspect_output(path: &Path) -> Result<Output> {
+pub(crate) fn inspect_output(path: &Path) -> Result<Output> {
     use std::os::unix::fs::FileTypeExt;
     let md = match std::fs::symlink_metadata(path) {
         Ok(md) => md,
@@ -822,7 +878,7 @@ fn check_output(out: &Path, force: bool) -> Result<()> {
 /// # Errors
 /// The output exists (without force) or is not a regular file, or every replica failed (each
 /// reason listed).
-pub fn restore(
+pub(crate) fn restore(
     targets: &[(String, Box<dyn Backend>)],
     opts: &RestoreOptions,
     out: &Path,

@@ -1,0 +1,160 @@
+//! `walship restore`: rebuild a database from its replicas, to the latest commit or a point in
+//! time, into the configured path or `-o FILE`.
+
+use super::source::{instance_name, targets, Source, Usage};
+use super::RestoreArgs;
+use crate::backend::Backend;
+use crate::config::ConfigError;
+use crate::layout::names::Position;
+use crate::layout::plan::Want;
+use crate::restore::{self, list_replica, RestoreOptions};
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const USAGE: Usage = Usage {
+    incomplete: "restore: give --config FILE, or -o OUTPUT and a replica URL (see --help)",
+    no_db: Some("restore: give -o OUTPUT with a URL"),
+    no_urls: None,
+};
+
+pub(super) fn run(a: RestoreArgs) -> Result<ExitCode> {
+    let (config, url) = instance_name(a.config, a.url);
+    let settings = Source {
+        config,
+        // The replica URL form needs an output, which stands for the database.
+        db: a.output.clone(),
+        urls: url.into_iter().collect(),
+        url_flags: a.url_flags,
+        state_dir: None,
+    }
+    .settings(&USAGE)?;
+    let out = a.output.unwrap_or(settings.db);
+    if a.if_db_not_exists && database_exists(&out)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let want = wanted(a.timestamp, a.position)?;
+    let ts = targets(&settings.replicas, a.replica.as_deref())?;
+    if a.if_replica_exists && !any_holds_data(&ts) {
+        println!("no replica holds data: nothing to restore");
+        return Ok(ExitCode::SUCCESS);
+    }
+    remove_temps_on_signal(match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    });
+    let r = restore::restore(
+        &ts,
+        &RestoreOptions {
+            want,
+            force: a.force,
+        },
+        &out,
+    )?;
+    println!(
+        "restored {} from {}: position {} ({}), {} pages of {} bytes, checksum {:016x} verified, {} file(s) read",
+        out.display(),
+        r.url,
+        r.position,
+        crate::clock::rfc3339(r.time_ms),
+        r.db_pages,
+        r.page_size,
+        r.db_checksum,
+        r.files
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// For `--if-db-not-exists`: true, said on stdout, when a database is at `out`.
+///
+/// A database there (a regular file, or a symlink to one, as SQLite would open it) means
+/// nothing to do. Anything else can neither be restored over nor pass for a database: an
+/// error, not a silent success.
+fn database_exists(out: &Path) -> Result<bool> {
+    match restore::inspect_output(out)? {
+        restore::Output::Missing => Ok(false),
+        restore::Output::RegularFile => {
+            println!("{} exists: nothing to restore", out.display());
+            Ok(true)
+        }
+        restore::Output::Other(what) => {
+            if std::fs::metadata(out).is_ok_and(|m| m.is_file()) {
+                println!("{} exists ({what}): nothing to restore", out.display());
+                return Ok(true);
+            }
+            bail!(
+                "cannot restore to {}: it is {what}, not a database (--if-db-not-exists)",
+                out.display()
+            );
+        }
+    }
+}
+
+/// The state `--timestamp` or `--position` asks for (clap allows one at most), else the latest.
+fn wanted(timestamp: Option<String>, position: Option<String>) -> Result<Want> {
+    Ok(match (timestamp, position) {
+        (Some(t), _) => {
+            let ts = humantime::parse_rfc3339_weak(&t).map_err(|e| {
+                ConfigError(format!(
+                    "invalid --timestamp {t:?}: {e} (use e.g. 2026-11-24T10:00:00Z)"
+                ))
+            })?;
+            let ms = ts
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| ConfigError(format!("invalid --timestamp {t:?}: before 1970")))?
+                .as_millis();
+            Want::TimeMs(u64::try_from(ms).unwrap_or(u64::MAX))
+        }
+        (None, Some(p)) => Want::Position(p.parse::<Position>().map_err(|e| {
+            ConfigError(format!(
+                "invalid --position {p:?}: {e} (use GENERATION/TXID from `walship list`)"
+            ))
+        })?),
+        (None, None) => Want::Latest,
+    })
+}
+
+/// For `--if-replica-exists`: whether any replica lists a file (one that cannot be listed
+/// counts as holding nothing).
+fn any_holds_data(ts: &[(String, Box<dyn Backend>)]) -> bool {
+    ts.iter().any(|(_, t)| {
+        list_replica(t.as_ref()).is_ok_and(|l| l.generations.iter().any(|g| !g.1.is_empty()))
+    })
+}
+
+/// Makes an interrupted restore or verify (SIGINT, SIGTERM, SIGHUP) remove the temporary
+/// files this process made in `dir` before it exits: the default action would end it at once
+/// and leave a partial database beside the output. Exits 128 + the signal's number.
+pub(super) fn remove_temps_on_signal(dir: PathBuf) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot handle signals ({e}): an interrupted restore may leave a temporary file in {}", dir.display());
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        let Some(sig) = signals.forever().next() else {
+            return;
+        };
+        let prefix = format!("{}{}-", crate::durable::TEMP_PREFIX, std::process::id());
+        let mut removed = 0;
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let ours = e
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(&prefix));
+                if ours && std::fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        eprintln!(
+            "walship: interrupted by signal {sig} ({removed} temporary file(s) removed from {})",
+            dir.display()
+        );
+        std::process::exit(128 + sig);
+    });
+}
