@@ -32,7 +32,7 @@ fn committed(ws: &[Writer]) -> Vec<(String, i64)> {
 /// Restores the latest state into a fresh path and returns it.
 fn restore_latest(sb: &Sandbox, name: &str) -> PathBuf {
     let out = sb.path(name);
-    restore(&out, &sb.replica_url(), &[]).ok();
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert!(
         out.exists(),
         "restore exited 0 but wrote no {}",
@@ -63,7 +63,7 @@ fn e2e_basic() {
     assert_eq!(s.ok, 1);
     assert_eq!(s.total, 1);
 
-    let list = walship(["list", &sb.replica_url()]).ok();
+    let list = walship(["list", &sb.replica_url()]).assert_ok();
     assert!(
         list.stdout.contains(&s.generation),
         "list does not show generation {}:\n{}",
@@ -75,7 +75,7 @@ fn e2e_basic() {
         "list shows no snapshot:\n{}",
         list.stdout
     );
-    walship(["verify".as_ref(), db.as_os_str(), sb.replica_url().as_ref()]).ok();
+    walship(["verify".as_ref(), db.as_os_str(), sb.replica_url().as_ref()]).assert_ok();
 
     d.stop();
     let source = logical_bytes(&db);
@@ -83,7 +83,7 @@ fn e2e_basic() {
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let _ = fs::remove_file(format!("{}{suffix}", db.display()));
     }
-    restore(&db, &sb.replica_url(), &[]).ok();
+    restore(&db, &sb.replica_url(), &[]).assert_ok();
     assert_eq!(
         logical_bytes(&db),
         source,
@@ -98,13 +98,13 @@ fn e2e_basic() {
     let o = restore(&db, &sb.replica_url(), &[]).fails();
     o.one_error_line();
     assert_eq!(fs::read(&db).expect("read"), before_bytes);
-    restore(&db, &sb.replica_url(), &["--force"]).ok();
+    restore(&db, &sb.replica_url(), &["--force"]).assert_ok();
     assert_eq!(logical_bytes(&db), source);
 
     // --if-db-not-exists: exit 0 and leave an existing database alone.
     let marker = sb.path("data/marker.db");
     fs::write(&marker, b"not touched").expect("write");
-    restore(&marker, &sb.replica_url(), &["--if-db-not-exists"]).ok();
+    restore(&marker, &sb.replica_url(), &["--if-db-not-exists"]).assert_ok();
     assert_eq!(fs::read(&marker).expect("read"), b"not touched");
 
     // --if-replica-exists: exit 0 on an empty replica directory, no output.
@@ -116,7 +116,7 @@ fn e2e_basic() {
         &format!("file://{}", empty.display()),
         &["--if-replica-exists"],
     )
-    .ok();
+    .assert_ok();
     assert!(
         !out.exists(),
         "--if-replica-exists on an empty replica wrote {}",
@@ -245,7 +245,7 @@ fn e2e_point_in_time() {
     }
     for (i, (pos, at, want)) in states.iter().enumerate() {
         let out = sb.path(&format!("pos-{i}.db"));
-        restore(&out, &sb.replica_url(), &["--position", pos]).ok();
+        restore(&out, &sb.replica_url(), &["--position", pos]).assert_ok();
         assert_integrity(&out);
         assert!(
             content(&out) == *want,
@@ -253,7 +253,7 @@ fn e2e_point_in_time() {
         );
         let out = sb.path(&format!("time-{i}.db"));
         let ts = rfc3339_ms(*at);
-        restore(&out, &sb.replica_url(), &["--timestamp", &ts]).ok();
+        restore(&out, &sb.replica_url(), &["--timestamp", &ts]).assert_ok();
         assert!(
             content(&out) == *want,
             "restore --timestamp {ts} (state {i}) does not hold the state at that time"
@@ -492,7 +492,7 @@ fn e2e_wal_reset() {
         s3.line,
         d.log_text()
     );
-    let list = walship(["list", &sb.replica_url()]).ok();
+    let list = walship(["list", &sb.replica_url()]).assert_ok();
     assert!(
         list.stdout.contains(&s3.generation) && list.stdout.contains(&s1.generation),
         "list should show both generations {} and {}:\n{}",
@@ -909,7 +909,7 @@ fn e2e_outage() {
         sb.db().as_os_str(),
         sb.replica_url().as_ref(),
     ])
-    .ok();
+    .assert_ok();
     d.stop();
     let out = restore_latest(&sb, "restored.db");
     rep.end(&d, &out, &done, &[&sb.replica(), &sb.state()]);

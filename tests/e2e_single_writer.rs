@@ -156,7 +156,7 @@ fn e2e_second_replicator_refused() {
     let done = w.committed();
     a.wait_caught_up(10 * SEC);
     let out = sb.path("restored.db");
-    restore(&out, &sb.replica_url(), &[]).ok();
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert_same_db(&db, &out);
     assert_contains_all(&rows(&out), &done, "latest restore");
     assert!(
@@ -354,7 +354,7 @@ fn e2e_replica_taken_over() {
     let done_b = wb.committed();
     b.wait_caught_up(15 * SEC);
     let out = sb.path("restored.db");
-    restore(&out, &sb.replica_url(), &[]).ok();
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert_same_db(&other_db, &out);
     assert_contains_all(&rows(&out), &done_b, "latest restore of the newest owner");
 
@@ -383,7 +383,7 @@ fn e2e_replica_taken_over() {
         "the taken-over daemon wrote its new generation {gen_a2} to the replica"
     );
     assert!(sb.replica().join("generations").join(&gen_b).exists());
-    let list = walship(["list", &sb.replica_url()]).ok().stdout;
+    let list = walship(["list", &sb.replica_url()]).assert_ok().stdout;
     assert!(
         list.contains(&format!("owner: instance {b_instance} ")),
         "list does not name B as the owner:\n{list}"
@@ -465,7 +465,7 @@ fn e2e_lock_follows_a_moved_in_database() {
         "{log}"
     );
     let out = sb.path("restored.db");
-    restore(&out, &sb.replica_url(), &[]).ok();
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert_same_db(&db, &out);
     a.stop();
 }

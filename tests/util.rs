@@ -94,7 +94,7 @@ impl Out {
     }
 
     /// Panics with the whole output unless the command exited 0.
-    pub fn ok(self) -> Out {
+    pub fn assert_ok(self) -> Out {
         assert!(
             self.status.success(),
             "`{}` failed ({}):\nstdout: {}\nstderr: {}",
