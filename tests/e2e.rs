@@ -2,6 +2,7 @@
 //! processes (python3's sqlite3), `walship replicate` as a daemon, restore and compare page by
 //! page. The invariants of DESIGN.md §2 are the assertions.
 
+use crate::faulty::{Fault, Faulty, Op};
 use crate::util::*;
 use rand::RngExt;
 use std::collections::BTreeSet;
@@ -1236,59 +1237,13 @@ fn e2e_db_changes() {
 
 /// A running walship compacts and prunes its replica while someone restores from it: a file
 /// the restore planned may be gone when read. The restore lists and plans again. Here the
-/// first read of a segment finds it moved away (as compaction's delete would), and it is back
-/// in place by the next listing; a restore from the file target must still succeed and equal
-/// the source. A file that stays gone fails with an error naming it, after a bounded number
+/// first read of a segment finds it gone (NotFound, injected by a [`Faulty`] file target, as
+/// after compaction's delete), and it is there again by the next listing; a restore must still
+/// succeed and equal the source. A file that stays gone fails with an error naming it, after a bounded number
 /// of attempts.
 #[test]
 fn restore_lists_again_when_a_planned_file_vanishes() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use walship::backend::{file::FileBackend, Backend, Entry};
-
-    #[derive(Debug)]
-    struct Vanishing {
-        inner: FileBackend,
-        root: PathBuf,
-        reads: AtomicUsize,
-        restore_after: bool,
-    }
-    impl Backend for Vanishing {
-        fn url(&self) -> String {
-            self.inner.url()
-        }
-        fn list(&self, dir: &str) -> walship::backend::Result<Vec<Entry>> {
-            self.inner.list(dir)
-        }
-        fn read(&self, path: &str) -> walship::backend::Result<Box<dyn std::io::Read + Send>> {
-            if path.contains("/seg-") && self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
-                let p = self.root.join(path);
-                let away = self.root.join("moved-away");
-                fs::rename(&p, &away).expect("move away");
-                let r = self.inner.read(path);
-                if self.restore_after {
-                    fs::rename(&away, &p).expect("move back");
-                }
-                return r;
-            }
-            self.inner.read(path)
-        }
-        fn write_atomic(
-            &self,
-            p: &str,
-            d: &mut dyn std::io::Read,
-        ) -> walship::backend::Result<u64> {
-            self.inner.write_atomic(p, d)
-        }
-        fn delete(&self, p: &str) -> walship::backend::Result<()> {
-            self.inner.delete(p)
-        }
-        fn remove_dir(&self, d: &str) -> walship::backend::Result<()> {
-            self.inner.remove_dir(d)
-        }
-        fn cleanup(&self, d: &str) -> walship::backend::Result<usize> {
-            self.inner.cleanup(d)
-        }
-    }
+    use walship::backend::{file::FileBackend, ErrorKind};
 
     let sb = Sandbox::new();
     sb.create_db();
@@ -1307,18 +1262,23 @@ fn restore_lists_again_when_a_planned_file_vanishes() {
     d.wait_caught_up(10 * SEC);
     d.stop();
     for restore_after in [true, false] {
-        let t = Vanishing {
-            inner: FileBackend::new(sb.replica()),
-            root: sb.replica(),
-            reads: AtomicUsize::new(0),
-            restore_after,
-        };
+        // The first read of a segment finds it gone; it is back by the next listing, or
+        // stays gone (moved away for good).
+        let root = sb.replica();
+        let vanish = Fault::new(Op::Read, "/seg-", ErrorKind::NotFound)
+            .times(1)
+            .on_fire(move |path| {
+                if !restore_after {
+                    fs::rename(root.join(path), root.join("moved-away")).expect("move away");
+                }
+            });
+        let t = Faulty::new(FileBackend::new(sb.replica())).with(vanish);
         let out = sb.path(&format!("vanish-{restore_after}.db"));
         let r = walship::restore::restore_into(&t, &walship::layout::plan::Want::Latest, &out);
         if restore_after {
             r.unwrap_or_else(|e| panic!("restore did not list again: {e:#}"));
             assert_same_db(&sb.db(), &out);
-            assert!(t.reads.load(Ordering::SeqCst) > 1);
+            assert!(t.calls(Op::Read, "/seg-") > 1);
         } else {
             let Err(e) = r else {
                 panic!("a file that stays gone must fail the restore")
