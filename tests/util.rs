@@ -1,6 +1,8 @@
 //! Shared helpers for the end-to-end tests: a sandbox of temp dirs, the `walship replicate`
-//! daemon as a guard, real writer processes (`tests/writer.py`, python3's own SQLite), running
-//! the CLI, and comparing databases page by page.
+//! daemon as a guard (the one harness for every test that runs a daemon: [`DaemonBuilder`] adds
+//! a notification socket, environment, a log file, a wrapper such as a mount namespace), real
+//! writer processes (`tests/writer.py`, python3's own SQLite), running the CLI, and comparing
+//! databases page by page.
 //!
 //! Invariants: every daemon gets a per-test `--state-dir`; every child process is killed on
 //! drop; failures panic with context (the daemon's log, the command's stderr).
