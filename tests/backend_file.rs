@@ -1,13 +1,13 @@
 //! The `file://` target passes the conformance suite, and cleans up stale temporary files.
 
+use crate::conformance::{conformance_suite, Fixture};
 use walship::backend::{file::FileBackend, Backend};
 use walship::durable::TEMP_PREFIX;
 
-#[test]
-fn file_target_conformance() {
+conformance_suite!(conformance_file, |_case: &str| {
     let dir = tempfile::tempdir().expect("tempdir");
-    crate::conformance::run(&FileBackend::new(dir.path().join("replica")));
-}
+    Fixture::new(FileBackend::new(dir.path().join("replica")), dir)
+});
 
 #[test]
 fn file_target_cleanup_removes_stale_temp_files() {

@@ -2,6 +2,7 @@
 //! host-key verification and `trust`, authentication and permission errors, and behaviour when
 //! the server freezes, dies mid-upload or restarts.
 
+use crate::conformance::{conformance_suite, Fixture};
 use crate::sshd::{fingerprint, keygen, Sshd, TestDir};
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -16,12 +17,12 @@ fn err_of<T>(r: walship::backend::Result<T>) -> walship::backend::BackendError {
     }
 }
 
-#[test]
-fn sftp_conformance() {
+// Each case on a server of its own, in a directory of its own.
+conformance_suite!(conformance_sftp, |case: &str| {
     let sshd = Sshd::start();
-    let dir = TestDir::new("conformance");
-    crate::conformance::run(&sshd.target(&dir.remote));
-}
+    let dir = TestDir::new(&format!("conformance-{case}"));
+    Fixture::new(sshd.target(&dir.remote), (dir, sshd))
+});
 
 #[test]
 fn sftp_host_keys_and_trust() {

@@ -1,10 +1,70 @@
-//! The conformance suite that every storage target must pass. Each target's test calls
-//! [`run`] with a fresh, empty target; the suite checks the invariants documented on
-//! `walship::backend::Backend`.
+//! The conformance suite that every storage target must pass, as named cases: each case is a
+//! function here taking a fresh, empty target, and [`conformance_suite!`] makes one `#[test]`
+//! per case for a target, so a failure names both (`backend_sftp::conformance_sftp::list_sorted`).
+//! A new target is one macro call in its test module. The cases check the invariants documented
+//! on `walship::backend::Backend`.
+//!
+//! Invariant: every case function is listed in the macro (an unlisted one is dead code, which
+//! `clippy -D warnings` refuses), and no case depends on another having run.
 
+use std::any::Any;
 use std::io::Read;
 use walship::backend::{Backend, ErrorKind};
 use walship::durable::TEMP_PREFIX;
+
+/// A fresh, empty target for one case, with whatever must outlive it (a temp dir, an sshd),
+/// dropped after the target.
+pub struct Fixture {
+    backend: Box<dyn Backend>,
+    _keep: Box<dyn Any>,
+}
+
+impl Fixture {
+    pub fn new(backend: impl Backend + 'static, keep: impl Any) -> Fixture {
+        Fixture {
+            backend: Box::new(backend),
+            _keep: Box::new(keep),
+        }
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+}
+
+/// `conformance_suite!(MODULE, MAKE)`: a module `MODULE` with one `#[test]` per conformance
+/// case, each on a target from `MAKE(case_name) -> Fixture` (the name keeps the cases' remote
+/// directories apart).
+macro_rules! conformance_suite {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::conformance::conformance_suite!(@cases $make;
+                empty_and_missing_dirs_list_empty,
+                missing_file_is_not_found_and_deletes,
+                write_round_trips_with_parents,
+                list_sorted_with_sizes_and_dirs,
+                overwrite_replaces,
+                failed_write_leaves_nothing,
+                bad_paths_refused,
+                delete_makes_not_found,
+                remove_dir_only_when_empty,
+            );
+        }
+    };
+    (@cases $make:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                let make = $make;
+                let fixture: $crate::conformance::Fixture = make(stringify!($case));
+                $crate::conformance::$case(fixture.backend());
+            }
+        )+
+    };
+}
+pub(crate) use conformance_suite;
 
 fn read_all(t: &dyn Backend, path: &str) -> Vec<u8> {
     let mut buf = Vec::new();
@@ -15,16 +75,34 @@ fn read_all(t: &dyn Backend, path: &str) -> Vec<u8> {
     buf
 }
 
-/// Runs every conformance check against `t`, which must be empty.
-pub fn run(t: &dyn Backend) {
-    // An empty or missing directory lists as empty.
+/// A body of 3 MB that is not a repeated pattern.
+fn big_body() -> Vec<u8> {
+    (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+/// Writes `a/b/small`, `a/big` and `a/empty` (the tree the later cases work on).
+fn populate(t: &dyn Backend) {
+    t.write_atomic("a/b/small", &mut &b"hello walship"[..])
+        .expect("write small");
+    t.write_atomic("a/big", &mut &big_body()[..])
+        .expect("write big");
+    t.write_atomic("a/empty", &mut &b""[..])
+        .expect("write empty");
+}
+
+/// An empty or missing directory lists as empty.
+pub fn empty_and_missing_dirs_list_empty(t: &dyn Backend) {
     assert!(
         t.list("").expect("list root").is_empty(),
         "target must start empty"
     );
     assert!(t.list("no/such/dir").expect("list missing dir").is_empty());
+}
 
-    // Missing files are NotFound; deleting them succeeds.
+/// Missing files are NotFound; deleting them succeeds.
+pub fn missing_file_is_not_found_and_deletes(t: &dyn Backend) {
     let e = t
         .read("missing")
         .err()
@@ -32,36 +110,45 @@ pub fn run(t: &dyn Backend) {
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     t.delete("missing")
         .expect("deleting a missing file succeeds");
+}
 
-    // Writes create parent directories and round-trip exactly, including large bodies.
+/// Writes create parent directories and round-trip exactly, including large and empty bodies.
+pub fn write_round_trips_with_parents(t: &dyn Backend) {
     let small = b"hello walship".to_vec();
     let n = t
         .write_atomic("a/b/small", &mut &small[..])
         .expect("write small");
     assert_eq!(n, small.len() as u64);
     assert_eq!(read_all(t, "a/b/small"), small);
-    let big: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let big = big_body();
     t.write_atomic("a/big", &mut &big[..]).expect("write big");
     assert_eq!(read_all(t, "a/big"), big);
     let empty: Vec<u8> = Vec::new();
     t.write_atomic("a/empty", &mut &empty[..])
         .expect("write empty");
     assert_eq!(read_all(t, "a/empty"), empty);
+}
 
-    // Listings are sorted, carry sizes, mark directories, and hide temporary files.
+/// Listings are sorted, carry sizes, mark directories, and hide temporary files.
+pub fn list_sorted_with_sizes_and_dirs(t: &dyn Backend) {
+    populate(t);
     let l = t.list("a").expect("list a");
     let names: Vec<_> = l.iter().map(|e| (e.name.as_str(), e.is_dir)).collect();
     assert_eq!(names, vec![("b", true), ("big", false), ("empty", false)]);
-    assert_eq!(l[1].size, big.len() as u64);
+    assert_eq!(l[1].size, big_body().len() as u64);
+}
 
-    // Overwriting replaces the content atomically.
+/// Overwriting replaces the content atomically.
+pub fn overwrite_replaces(t: &dyn Backend) {
+    populate(t);
     t.write_atomic("a/b/small", &mut &b"v2"[..])
         .expect("overwrite");
     assert_eq!(read_all(t, "a/b/small"), b"v2");
+}
 
-    // A failing reader leaves nothing behind under the final name, and no visible temp file.
+/// A failing reader leaves nothing behind under the final name, and no visible temp file.
+pub fn failed_write_leaves_nothing(t: &dyn Backend) {
+    populate(t);
     struct Failing(usize);
     impl Read for Failing {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -91,8 +178,10 @@ pub fn run(t: &dyn Backend) {
         .iter()
         .all(|e| !e.name.starts_with(TEMP_PREFIX)));
     t.cleanup("a").expect("cleanup");
+}
 
-    // Bad paths are refused before any I/O.
+/// Bad paths are refused before any I/O.
+pub fn bad_paths_refused(t: &dyn Backend) {
     for bad in ["../escape", "/abs", "a/../../x", "a//b", ".walship-tmp-x"] {
         assert!(
             t.write_atomic(bad, &mut &b"x"[..]).is_err(),
@@ -101,13 +190,23 @@ pub fn run(t: &dyn Backend) {
         assert!(t.read(bad).is_err(), "{bad} must be refused");
         assert!(t.delete(bad).is_err(), "{bad} must be refused");
     }
+}
 
-    // Delete and remove_dir.
+/// A deleted file reads as NotFound.
+pub fn delete_makes_not_found(t: &dyn Backend) {
+    populate(t);
     t.delete("a/b/small").expect("delete");
     assert_eq!(
         t.read("a/b/small").err().map(|e| e.kind),
         Some(ErrorKind::NotFound)
     );
+}
+
+/// `remove_dir` leaves a non-empty directory alone, removes an empty one, and succeeds on a
+/// missing one.
+pub fn remove_dir_only_when_empty(t: &dyn Backend) {
+    populate(t);
+    t.delete("a/b/small").expect("delete");
     t.remove_dir("a").expect("non-empty dir is left alone");
     assert!(!t.list("a").expect("list").is_empty());
     t.remove_dir("a/b").expect("remove empty dir");

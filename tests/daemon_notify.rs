@@ -13,13 +13,13 @@
 //! `WATCHDOG_PID` means the watchdog applies to whoever reads `WATCHDOG_USEC`.
 
 use crate::notify::NotifySocket;
+use crate::util::{Daemon, BIN};
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_walship");
 /// systemd's watchdog timeout for the daemon, in microseconds (the daemon pings every half).
 const WATCHDOG_USEC: &str = "2000000";
 /// Longest wait for anything that should come promptly (generous: 2 shared cores).
@@ -118,110 +118,46 @@ impl Scratch {
     }
 }
 
-/// A running `walship replicate DB file:///REPLICA`. On drop it is killed if still running,
-/// and when the test is failing its stderr is printed.
-struct Daemon {
-    child: Child,
-    stderr: PathBuf,
-    status: Option<ExitStatus>,
+/// `walship replicate ARGS --state-dir STATE` under the simulated service manager:
+/// `NOTIFY_SOCKET=notify` (or none), `WATCHDOG_USEC` set, `WATCHDOG_PID` unset, the stall hook
+/// armed, no log settings or journal stream inherited from the test, and `extra` environment
+/// variables; its output goes to `daemon.stderr` in the scratch directory. Returns as soon as
+/// it is spawned (the tests watch its notifications, not its status file).
+fn start(
+    s: &Scratch,
+    args: &[OsString],
+    notify: Option<&Path>,
+    extra: &[(&str, String)],
+) -> Daemon {
+    let mut b = Daemon::replicate(args, &s.root.join("state"))
+        .log(&s.root.join("daemon.stderr"))
+        .no_wait()
+        .env("WATCHDOG_USEC", WATCHDOG_USEC)
+        .env("WALSHIP_FAILPOINT_STALL", s.stall_file())
+        .env_remove("WATCHDOG_PID")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("WALSHIP_LOG")
+        .env_remove("RUST_LOG")
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET");
+    if let Some(p) = notify {
+        b = b.notify_socket(p);
+    }
+    for (k, v) in extra {
+        b = b.env(k, v);
+    }
+    b.start()
 }
 
-impl Daemon {
-    /// Starts the daemon with `NOTIFY_SOCKET=notify` (or none), `WATCHDOG_USEC` set,
-    /// `WATCHDOG_PID` unset, the stall hook armed, and `extra` environment variables.
-    fn spawn(s: &Scratch, notify: Option<&Path>, extra: &[(&str, String)]) -> Daemon {
-        let args = [s.db().into_os_string(), OsString::from(s.replica_url())];
-        Daemon::start(s, &args, notify, extra)
-    }
-
-    /// `walship replicate ARGS --state-dir STATE` in the test environment described at
-    /// [`Daemon::spawn`].
-    fn start(
-        s: &Scratch,
-        args: &[OsString],
-        notify: Option<&Path>,
-        extra: &[(&str, String)],
-    ) -> Daemon {
-        let stderr = s.root.join("daemon.stderr");
-        let file = fs::File::create(&stderr).expect("create the stderr file");
-        let mut cmd = Command::new(BIN);
-        cmd.arg("replicate")
-            .args(args)
-            .arg("--state-dir")
-            .arg(s.root.join("state"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .env("WATCHDOG_USEC", WATCHDOG_USEC)
-            .env("WALSHIP_FAILPOINT_STALL", s.stall_file())
-            .env_remove("WATCHDOG_PID")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("WALSHIP_LOG")
-            .env_remove("RUST_LOG")
-            .env_remove("STATE_DIRECTORY")
-            .env_remove("NOTIFY_SOCKET");
-        if let Some(p) = notify {
-            cmd.env("NOTIFY_SOCKET", p);
-        }
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn walship replicate");
-        Daemon {
-            child,
-            stderr,
-            status: None,
-        }
-    }
-
-    /// Starts `walship replicate --config CONFIG` with the same environment as [`Daemon::spawn`].
-    fn spawn_config(s: &Scratch, config: &Path, notify: Option<&Path>) -> Daemon {
-        Daemon::start(s, &[OsString::from("--config"), config.into()], notify, &[])
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    fn sigterm(&self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("send SIGTERM");
-    }
-
-    /// Waits up to `timeout` for the process to exit.
-    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                self.status = Some(st);
-                return Some(st);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+/// `walship replicate DB file:///REPLICA`, started as [`start`] says.
+fn spawn(s: &Scratch, notify: Option<&Path>, extra: &[(&str, String)]) -> Daemon {
+    let args = [s.db().into_os_string(), OsString::from(s.replica_url())];
+    start(s, &args, notify, extra)
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "---- walship replicate stderr ({}) ----\n{}---- end ----",
-                self.stderr.display(),
-                self.stderr()
-            );
-        }
-    }
+/// `walship replicate --config CONFIG`, started as [`start`] says.
+fn spawn_config(s: &Scratch, config: &Path, notify: Option<&Path>) -> Daemon {
+    start(s, &[OsString::from("--config"), config.into()], notify, &[])
 }
 
 /// A parsed `STATUS=replicated to OK/N replicas, lag X ms, position GEN/TXID[, ...]`.
@@ -278,7 +214,7 @@ fn longest_watchdog_gap(lines: &[(Instant, String)], from: Instant, to: Instant)
 /// Starts a daemon on a fresh database and waits for `READY=1`; asserts that by then the
 /// replica holds the first snapshot and that the status sent before READY said so.
 fn start_ready(s: &Scratch, sock: &NotifySocket) -> (Daemon, Status) {
-    let mut d = Daemon::spawn(s, Some(sock.path()), &[]);
+    let mut d = spawn(s, Some(sock.path()), &[]);
     let ready = sock.wait_for("READY=", WAIT);
     let snaps = s.replica_snapshots();
     assert_eq!(ready.as_deref(), Some("READY=1"), "seen: {:?}", sock.seen());
@@ -339,7 +275,7 @@ fn ready_after_first_sync_then_status_follows_position() {
     let sock = NotifySocket::bind();
     // The replica is reachable but slow: its first sync cannot finish while the gate is shut.
     let fifo = close_gate(&s);
-    let mut d = Daemon::spawn(&s, Some(sock.path()), &[]);
+    let mut d = spawn(&s, Some(sock.path()), &[]);
     let held = collect(&sock, Duration::from_millis(1500));
     assert!(d.alive(), "the daemon exited while its replica was held");
     assert!(
@@ -517,12 +453,14 @@ fn sigterm_sends_stopping_and_ships_what_is_pending() {
         "seen: {:?}",
         sock.seen()
     );
-    let st = d.wait(Duration::from_secs(20)).expect("exit after SIGTERM");
+    let st = d
+        .wait_exit(Duration::from_secs(20))
+        .expect("exit after SIGTERM");
     assert_eq!(st.code(), Some(0), "exit status after SIGTERM: {st}");
     assert!(
-        d.stderr().contains("stopped"),
+        d.log_text().contains("stopped"),
         "no stop line on stderr: {}",
-        d.stderr()
+        d.log_text()
     );
     assert_eq!(
         s.restore_count("after-stop.db"),
@@ -536,7 +474,7 @@ fn sigterm_waits_for_a_slow_replica_to_receive_everything() {
     let s = Scratch::new();
     let sock = NotifySocket::bind();
     let fifo = close_gate(&s);
-    let mut d = Daemon::spawn(&s, Some(sock.path()), &[]);
+    let mut d = spawn(&s, Some(sock.path()), &[]);
     // The loop runs (it reports 0/1) while the replica cannot take anything.
     let line = sock
         .wait_for("STATUS=replicated to ", WAIT)
@@ -556,11 +494,13 @@ fn sigterm_waits_for_a_slow_replica_to_receive_everything() {
     assert!(
         d.alive(),
         "exited with data pending for a reachable replica: {:?}",
-        d.wait(Duration::ZERO)
+        d.wait_exit(Duration::ZERO)
     );
     assert!(s.replica_snapshots().is_empty());
     open_gate(&s, &fifo);
-    let st = d.wait(Duration::from_secs(20)).expect("exit once shipped");
+    let st = d
+        .wait_exit(Duration::from_secs(20))
+        .expect("exit once shipped");
     assert_eq!(st.code(), Some(0), "exit status after SIGTERM: {st}");
     assert_eq!(
         s.restore_count("after-slow-stop.db"),
@@ -592,7 +532,7 @@ fn ready_waits_for_every_reachable_replica_even_when_another_is_caught_up_but_fa
     // Run 1: only `a`; it catches up, then a clean stop.
     write_config(&[("a", &a)]);
     let sock = NotifySocket::bind();
-    let mut d = Daemon::spawn_config(&s, &config, Some(sock.path()));
+    let mut d = spawn_config(&s, &config, Some(sock.path()));
     assert_eq!(
         sock.wait_for("READY=", WAIT).as_deref(),
         Some("READY=1"),
@@ -600,7 +540,11 @@ fn ready_waits_for_every_reachable_replica_even_when_another_is_caught_up_but_fa
         sock.seen()
     );
     d.sigterm();
-    assert_eq!(d.wait(WAIT).and_then(|st| st.code()), Some(0), "run 1 exit");
+    assert_eq!(
+        d.wait_exit(WAIT).and_then(|st| st.code()),
+        Some(0),
+        "run 1 exit"
+    );
     drop(d);
 
     // Run 2: `a` now refuses us (its marker names another database), `b` is held.
@@ -617,7 +561,7 @@ fn ready_waits_for_every_reachable_replica_even_when_another_is_caught_up_but_fa
     let fifo = close_gate(&s);
     write_config(&[("a", &a), ("b", &b)]);
     let sock = NotifySocket::bind();
-    let mut d = Daemon::spawn_config(&s, &config, Some(sock.path()));
+    let mut d = spawn_config(&s, &config, Some(sock.path()));
     let held = collect(&sock, Duration::from_millis(2000));
     assert!(d.alive(), "run 2 exited early");
     assert!(
@@ -660,15 +604,19 @@ fn a_replica_added_on_restart_is_synced_without_new_writes() {
     };
     write_config(&[("a", &a)]);
     let sock = NotifySocket::bind();
-    let mut d = Daemon::spawn_config(&s, &config, Some(sock.path()));
+    let mut d = spawn_config(&s, &config, Some(sock.path()));
     assert_eq!(sock.wait_for("READY=", WAIT).as_deref(), Some("READY=1"));
     d.sigterm();
-    assert_eq!(d.wait(WAIT).and_then(|st| st.code()), Some(0), "run 1 exit");
+    assert_eq!(
+        d.wait_exit(WAIT).and_then(|st| st.code()),
+        Some(0),
+        "run 1 exit"
+    );
     drop(d);
 
     write_config(&[("a", &a), ("b", &s.replica())]);
     let sock = NotifySocket::bind();
-    let _d = Daemon::spawn_config(&s, &config, Some(sock.path()));
+    let _d = spawn_config(&s, &config, Some(sock.path()));
     assert_eq!(
         sock.wait_for("READY=", WAIT).as_deref(),
         Some("READY=1"),
@@ -690,7 +638,7 @@ fn no_notify_socket_and_no_journald_still_replicates_and_logs_to_stderr() {
     fs::File::create(&stderr_path).expect("pre-create the stderr file");
     let meta = fs::metadata(&stderr_path).expect("stat the stderr file");
     let stream = format!("{}:{}", meta.dev(), meta.ino());
-    let mut d = Daemon::spawn(&s, None, &[("JOURNAL_STREAM", stream)]);
+    let mut d = spawn(&s, None, &[("JOURNAL_STREAM", stream)]);
     assert_eq!(
         fs::metadata(&stderr_path).expect("stat").ino(),
         meta.ino(),
@@ -705,12 +653,14 @@ fn no_notify_socket_and_no_journald_still_replicates_and_logs_to_stderr() {
     }
     s.insert(5);
     d.sigterm();
-    let st = d.wait(Duration::from_secs(20)).expect("exit after SIGTERM");
+    let st = d
+        .wait_exit(Duration::from_secs(20))
+        .expect("exit after SIGTERM");
     assert_eq!(st.code(), Some(0), "exit status after SIGTERM: {st}");
     if journald_here {
         eprintln!("journald socket present: the stderr fallback is not exercised here");
     } else {
-        let err = d.stderr();
+        let err = d.log_text();
         assert!(
             err.contains("replicating to 1 replica"),
             "JOURNAL_STREAM set without journald: logs must still reach stderr, got {err:?}"

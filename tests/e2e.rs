@@ -2,6 +2,7 @@
 //! processes (python3's sqlite3), `walship replicate` as a daemon, restore and compare page by
 //! page. The invariants of DESIGN.md §2 are the assertions.
 
+use crate::faulty::{Fault, Faulty, Op};
 use crate::util::*;
 use rand::RngExt;
 use std::collections::BTreeSet;
@@ -32,7 +33,7 @@ fn committed(ws: &[Writer]) -> Vec<(String, i64)> {
 /// Restores the latest state into a fresh path and returns it.
 fn restore_latest(sb: &Sandbox, name: &str) -> PathBuf {
     let out = sb.path(name);
-    restore(&out, &sb.replica_url(), &[]).ok();
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert!(
         out.exists(),
         "restore exited 0 but wrote no {}",
@@ -63,7 +64,7 @@ fn e2e_basic() {
     assert_eq!(s.ok, 1);
     assert_eq!(s.total, 1);
 
-    let list = walship(["list", &sb.replica_url()]).ok();
+    let list = walship(["list", &sb.replica_url()]).assert_ok();
     assert!(
         list.stdout.contains(&s.generation),
         "list does not show generation {}:\n{}",
@@ -75,7 +76,7 @@ fn e2e_basic() {
         "list shows no snapshot:\n{}",
         list.stdout
     );
-    walship(["verify".as_ref(), db.as_os_str(), sb.replica_url().as_ref()]).ok();
+    walship(["verify".as_ref(), db.as_os_str(), sb.replica_url().as_ref()]).assert_ok();
 
     d.stop();
     let source = logical_bytes(&db);
@@ -83,7 +84,7 @@ fn e2e_basic() {
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let _ = fs::remove_file(format!("{}{suffix}", db.display()));
     }
-    restore(&db, &sb.replica_url(), &[]).ok();
+    restore(&db, &sb.replica_url(), &[]).assert_ok();
     assert_eq!(
         logical_bytes(&db),
         source,
@@ -98,13 +99,13 @@ fn e2e_basic() {
     let o = restore(&db, &sb.replica_url(), &[]).fails();
     o.one_error_line();
     assert_eq!(fs::read(&db).expect("read"), before_bytes);
-    restore(&db, &sb.replica_url(), &["--force"]).ok();
+    restore(&db, &sb.replica_url(), &["--force"]).assert_ok();
     assert_eq!(logical_bytes(&db), source);
 
     // --if-db-not-exists: exit 0 and leave an existing database alone.
     let marker = sb.path("data/marker.db");
     fs::write(&marker, b"not touched").expect("write");
-    restore(&marker, &sb.replica_url(), &["--if-db-not-exists"]).ok();
+    restore(&marker, &sb.replica_url(), &["--if-db-not-exists"]).assert_ok();
     assert_eq!(fs::read(&marker).expect("read"), b"not touched");
 
     // --if-replica-exists: exit 0 on an empty replica directory, no output.
@@ -116,7 +117,7 @@ fn e2e_basic() {
         &format!("file://{}", empty.display()),
         &["--if-replica-exists"],
     )
-    .ok();
+    .assert_ok();
     assert!(
         !out.exists(),
         "--if-replica-exists on an empty replica wrote {}",
@@ -245,7 +246,7 @@ fn e2e_point_in_time() {
     }
     for (i, (pos, at, want)) in states.iter().enumerate() {
         let out = sb.path(&format!("pos-{i}.db"));
-        restore(&out, &sb.replica_url(), &["--position", pos]).ok();
+        restore(&out, &sb.replica_url(), &["--position", pos]).assert_ok();
         assert_integrity(&out);
         assert!(
             content(&out) == *want,
@@ -253,7 +254,7 @@ fn e2e_point_in_time() {
         );
         let out = sb.path(&format!("time-{i}.db"));
         let ts = rfc3339_ms(*at);
-        restore(&out, &sb.replica_url(), &["--timestamp", &ts]).ok();
+        restore(&out, &sb.replica_url(), &["--timestamp", &ts]).assert_ok();
         assert!(
             content(&out) == *want,
             "restore --timestamp {ts} (state {i}) does not hold the state at that time"
@@ -492,7 +493,7 @@ fn e2e_wal_reset() {
         s3.line,
         d.log_text()
     );
-    let list = walship(["list", &sb.replica_url()]).ok();
+    let list = walship(["list", &sb.replica_url()]).assert_ok();
     assert!(
         list.stdout.contains(&s3.generation) && list.stdout.contains(&s1.generation),
         "list should show both generations {} and {}:\n{}",
@@ -909,7 +910,7 @@ fn e2e_outage() {
         sb.db().as_os_str(),
         sb.replica_url().as_ref(),
     ])
-    .ok();
+    .assert_ok();
     d.stop();
     let out = restore_latest(&sb, "restored.db");
     rep.end(&d, &out, &done, &[&sb.replica(), &sb.state()]);
@@ -1236,59 +1237,13 @@ fn e2e_db_changes() {
 
 /// A running walship compacts and prunes its replica while someone restores from it: a file
 /// the restore planned may be gone when read. The restore lists and plans again. Here the
-/// first read of a segment finds it moved away (as compaction's delete would), and it is back
-/// in place by the next listing; a restore from the file target must still succeed and equal
-/// the source. A file that stays gone fails with an error naming it, after a bounded number
+/// first read of a segment finds it gone (NotFound, injected by a [`Faulty`] file target, as
+/// after compaction's delete), and it is there again by the next listing; a restore must still
+/// succeed and equal the source. A file that stays gone fails with an error naming it, after a bounded number
 /// of attempts.
 #[test]
 fn restore_lists_again_when_a_planned_file_vanishes() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use walship::backend::{file::FileBackend, Backend, Entry};
-
-    #[derive(Debug)]
-    struct Vanishing {
-        inner: FileBackend,
-        root: PathBuf,
-        reads: AtomicUsize,
-        restore_after: bool,
-    }
-    impl Backend for Vanishing {
-        fn url(&self) -> String {
-            self.inner.url()
-        }
-        fn list(&self, dir: &str) -> walship::backend::Result<Vec<Entry>> {
-            self.inner.list(dir)
-        }
-        fn read(&self, path: &str) -> walship::backend::Result<Box<dyn std::io::Read + Send>> {
-            if path.contains("/seg-") && self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
-                let p = self.root.join(path);
-                let away = self.root.join("moved-away");
-                fs::rename(&p, &away).expect("move away");
-                let r = self.inner.read(path);
-                if self.restore_after {
-                    fs::rename(&away, &p).expect("move back");
-                }
-                return r;
-            }
-            self.inner.read(path)
-        }
-        fn write_atomic(
-            &self,
-            p: &str,
-            d: &mut dyn std::io::Read,
-        ) -> walship::backend::Result<u64> {
-            self.inner.write_atomic(p, d)
-        }
-        fn delete(&self, p: &str) -> walship::backend::Result<()> {
-            self.inner.delete(p)
-        }
-        fn remove_dir(&self, d: &str) -> walship::backend::Result<()> {
-            self.inner.remove_dir(d)
-        }
-        fn cleanup(&self, d: &str) -> walship::backend::Result<usize> {
-            self.inner.cleanup(d)
-        }
-    }
+    use walship::backend::{file::FileBackend, ErrorKind};
 
     let sb = Sandbox::new();
     sb.create_db();
@@ -1307,18 +1262,23 @@ fn restore_lists_again_when_a_planned_file_vanishes() {
     d.wait_caught_up(10 * SEC);
     d.stop();
     for restore_after in [true, false] {
-        let t = Vanishing {
-            inner: FileBackend::new(sb.replica()),
-            root: sb.replica(),
-            reads: AtomicUsize::new(0),
-            restore_after,
-        };
+        // The first read of a segment finds it gone; it is back by the next listing, or
+        // stays gone (moved away for good).
+        let root = sb.replica();
+        let vanish = Fault::new(Op::Read, "/seg-", ErrorKind::NotFound)
+            .times(1)
+            .on_fire(move |path| {
+                if !restore_after {
+                    fs::rename(root.join(path), root.join("moved-away")).expect("move away");
+                }
+            });
+        let t = Faulty::new(FileBackend::new(sb.replica())).with(vanish);
         let out = sb.path(&format!("vanish-{restore_after}.db"));
         let r = walship::restore::restore_into(&t, &walship::layout::plan::Want::Latest, &out);
         if restore_after {
             r.unwrap_or_else(|e| panic!("restore did not list again: {e:#}"));
             assert_same_db(&sb.db(), &out);
-            assert!(t.reads.load(Ordering::SeqCst) > 1);
+            assert!(t.calls(Op::Read, "/seg-") > 1);
         } else {
             let Err(e) = r else {
                 panic!("a file that stays gone must fail the restore")

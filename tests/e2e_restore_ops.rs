@@ -486,7 +486,7 @@ fn e2e_restore_output_only_replaces_regular_files() {
     // --if-db-not-exists: a database there (a file, or a symlink to one) means nothing to do;
     // what cannot be a database is an error, not a silent success.
     for skip in [&target_file, &link] {
-        let o = restore(skip, &url, &["--if-db-not-exists"]).ok();
+        let o = restore(skip, &url, &["--if-db-not-exists"]).assert_ok();
         assert!(o.stdout.contains("nothing to restore"), "{}", o.stdout);
     }
     for (path, what) in [
@@ -555,7 +555,7 @@ fn e2e_restore_output_only_replaces_regular_files() {
     assert_eq!(names_in(&dir), before);
 
     // --force over a regular file still works, and a symlink to it is left alone.
-    restore(&target_file, &url, &["--force"]).ok();
+    restore(&target_file, &url, &["--force"]).assert_ok();
     assert_same_db(&sb.db(), &target_file);
     assert_eq!(fs::read_link(&link).expect("readlink"), target_file);
     assert!(temps_under(&dir).is_empty());

@@ -109,7 +109,7 @@ fn e2e_sftp_writers() {
     d.wait_caught_up(20 * SEC);
     d.stop();
     let out = sb.path("restored.db");
-    restore_sftp(&sshd, &out, &url, &[]).ok();
+    restore_sftp(&sshd, &out, &url, &[]).assert_ok();
     assert_same_db(&sb.db(), &out);
     let have = rows(&out);
     assert_contains_all(&have, &done, "restore from sftp");
@@ -244,7 +244,7 @@ fn e2e_sftp_faults() {
     d.wait_caught_up(20 * SEC);
     d.stop();
     let out = sb.path("restored.db");
-    restore_sftp(&sshd, &out, &url, &[]).ok();
+    restore_sftp(&sshd, &out, &url, &[]).assert_ok();
     rpt.end(&d, &out, &done, &[&dir.local, &sb.state()]);
     assert_no_temp_files(&dir);
     assert_same_db(&sb.db(), &out);
@@ -400,7 +400,7 @@ fn e2e_sftp_network_faults() {
     d.wait_caught_up(20 * SEC);
     d.stop();
     let out = sb.path("restored.db");
-    restore_sftp(&sshd, &out, &url, &[]).ok();
+    restore_sftp(&sshd, &out, &url, &[]).assert_ok();
     rpt.end(&d, &out, &done, &[&dir.local, &sb.state()]);
     assert_no_temp_files(&dir);
     assert_same_db(&sb.db(), &out);
@@ -512,7 +512,7 @@ fn e2e_sftp_two_replicas_fallback() {
         "-o".as_ref(),
         out.as_os_str(),
     ])
-    .ok();
+    .assert_ok();
     eprintln!("restore with alpha down: {}{}", o.stdout, o.stderr);
     assert!(
         o.stdout.contains("file://") || o.stderr.contains("alpha"),
@@ -544,7 +544,7 @@ fn e2e_sftp_two_replicas_fallback() {
     eprintln!("alpha caught up {:?} after sshd returned", t.elapsed());
     d.stop();
     let out2 = sb.path("restored-sftp.db");
-    restore_sftp(&sshd, &out2, &url, &[]).ok();
+    restore_sftp(&sshd, &out2, &url, &[]).assert_ok();
     assert_same_db(&sb.db(), &out2);
     assert_no_temp_files(&dir);
     eprintln!("e2e_sftp_two_replicas_fallback: {:?}", t0.elapsed());
@@ -721,7 +721,7 @@ fn e2e_sftp_disk_full() {
     d.stop();
     assert_no_temp_files(&dir);
     let out = sb.path("restored.db");
-    restore_sftp(&sshd, &out, &url, &[]).ok();
+    restore_sftp(&sshd, &out, &url, &[]).assert_ok();
     rep.end(&d, &out, &done, &[&dir.local, &sb.state()]);
     assert_same_db(&sb.db(), &out);
     assert_contains_all(

@@ -11,9 +11,8 @@
 use crate::util::*;
 use std::ffi::OsString;
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SEC: Duration = Duration::from_secs(1);
@@ -156,7 +155,7 @@ fn e2e_second_replicator_refused() {
     let done = w.committed();
     a.wait_caught_up(10 * SEC);
     let out = sb.path("restored.db");
-    restore(&out, &sb.replica_url(), &[]).ok();
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert_same_db(&db, &out);
     assert_contains_all(&rows(&out), &done, "latest restore");
     assert!(
@@ -168,106 +167,14 @@ fn e2e_second_replicator_refused() {
 }
 
 /// `walship replicate --config CONFIG` in a mount namespace of its own where `over` is
-/// bind-mounted on `at`: the same path names another database file. Killed on drop.
-struct NsDaemon {
-    child: Option<Child>,
-    state: PathBuf,
-    log: PathBuf,
-}
-
-impl NsDaemon {
-    fn start(over: &Path, at: &Path, config: &Path, state: &Path) -> NsDaemon {
-        let log = state.with_extension("log");
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("open log");
-        let _ = fs::remove_file(state.join("status"));
-        let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(r#"mount --bind "$1" "$2" && exec "$3" replicate --config "$4""#)
-            .arg("sh")
-            .args([
-                over.as_os_str(),
-                at.as_os_str(),
-                BIN.as_ref(),
-                config.as_os_str(),
-            ])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup log"))
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .expect("spawn unshare (util-linux)");
-        let mut d = NsDaemon {
-            child: Some(child),
-            state: state.to_owned(),
-            log,
-        };
-        poll("the namespaced daemon's status file", 15 * SEC, || {
-            d.assert_running();
-            d.state.join("status").exists().then_some(())
-        });
-        d
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).expect("running")
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(st) = self
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-        {
-            self.child = None;
-            panic!(
-                "the namespaced walship exited ({st}); log:\n{}",
-                self.log_text()
-            );
-        }
-    }
-
-    fn status(&self) -> Option<Status> {
-        let text = fs::read_to_string(self.state.join("status")).ok()?;
-        Status::parse(&text)
-    }
-
-    fn wait_caught_up(&mut self, timeout: Duration) -> Status {
-        poll("the namespaced daemon to catch up", timeout, || {
-            self.assert_running();
-            self.status().filter(Status::caught_up)
-        })
-    }
-
-    fn stop(&mut self) {
-        let mut c = self.child.take().expect("running");
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let st = c.wait().expect("wait");
-        assert!(st.success(), "exit {st}; log:\n{}", self.log_text());
-    }
-}
-
-impl Drop for NsDaemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("---- namespaced walship log ----\n{}", self.log_text());
-        }
-    }
+/// bind-mounted on `at`: the same path names another database file.
+fn start_in_namespace(over: &Path, at: &Path, config: &Path, state: &Path) -> Daemon {
+    Daemon::raw(
+        vec!["replicate".into(), "--config".into(), config.into()],
+        state,
+    )
+    .in_mount_namespace(over, at)
+    .start()
 }
 
 /// Defect 2b: two databases that carry one replica identity (`host:/path`: the same path in two
@@ -307,9 +214,11 @@ fn e2e_replica_taken_over() {
     let gen_a = a.status().expect("status").generation;
 
     // B: another file at the same path, another state directory, the same replica.
-    let mut b = NsDaemon::start(&other_dir, &data_dir, &cfg_b, &state_b);
+    let mut b = start_in_namespace(&other_dir, &data_dir, &cfg_b, &state_b);
     let mut wb = Writer::spawn(&other_db, "b", rate, 2);
-    let gen_b = b.wait_caught_up(15 * SEC).generation;
+    let gen_b = b
+        .wait_status("B to catch up", 15 * SEC, Status::caught_up)
+        .generation;
     assert!(
         gen_b > gen_a,
         "B's generation {gen_b} is not newer than A's {gen_a}"
@@ -352,9 +261,9 @@ fn e2e_replica_taken_over() {
 
     wb.stop();
     let done_b = wb.committed();
-    b.wait_caught_up(15 * SEC);
+    b.wait_status("B to catch up", 15 * SEC, Status::caught_up);
     let out = sb.path("restored.db");
-    restore(&out, &sb.replica_url(), &[]).ok();
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert_same_db(&other_db, &out);
     assert_contains_all(&rows(&out), &done_b, "latest restore of the newest owner");
 
@@ -374,7 +283,7 @@ fn e2e_replica_taken_over() {
             "file: replica {} was taken over by instance {b_instance} (host {}, pid {}) at {}; stopping",
             sb.replica_url(),
             nix::unistd::gethostname().expect("hostname").to_string_lossy(),
-            b.pid(),
+            b.pid().expect("B's pid"),
             taken.rsplit(" at ").next().unwrap_or("").trim_end_matches("; stopping")
         )
     );
@@ -383,7 +292,7 @@ fn e2e_replica_taken_over() {
         "the taken-over daemon wrote its new generation {gen_a2} to the replica"
     );
     assert!(sb.replica().join("generations").join(&gen_b).exists());
-    let list = walship(["list", &sb.replica_url()]).ok().stdout;
+    let list = walship(["list", &sb.replica_url()]).assert_ok().stdout;
     assert!(
         list.contains(&format!("owner: instance {b_instance} ")),
         "list does not name B as the owner:\n{list}"
@@ -393,8 +302,8 @@ fn e2e_replica_taken_over() {
 
     // A restart of B (same state directory) is never refused and keeps the replica.
     b.stop();
-    let mut b = NsDaemon::start(&other_dir, &data_dir, &cfg_b, &state_b);
-    b.wait_caught_up(15 * SEC);
+    b.restart();
+    b.wait_status("B to catch up", 15 * SEC, Status::caught_up);
     b.stop();
     a.stop();
 }
@@ -465,7 +374,7 @@ fn e2e_lock_follows_a_moved_in_database() {
         "{log}"
     );
     let out = sb.path("restored.db");
-    restore(&out, &sb.replica_url(), &[]).ok();
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert_same_db(&db, &out);
     a.stop();
 }

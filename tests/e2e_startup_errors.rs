@@ -156,7 +156,7 @@ fn e2e_exclusive_lock_holder_at_start() {
     eprintln!("caught up {:?} after the holder left", freed.elapsed());
     d.stop();
     let out = sb.path("restored.db");
-    restore(&out, &sb.replica_url(), &[]).ok();
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert_same_db(&sb.db(), &out);
     let mut want = w.committed();
     want.push(("holder".into(), 1));
@@ -422,7 +422,7 @@ fn e2e_state_dir_full_for_seconds() {
     done.extend(after.committed());
     d.stop();
     let out = sb.path("restored.db");
-    restore(&out, &sb.replica_url(), &[]).ok();
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
     rep.end(&d, &out, &done, &[&sb.replica(), &sb.state()]);
     let count = |text: &str, what: &str| text.lines().filter(|l| l.contains(what)).count();
     let new_gens = count(&while_full, "starting a new generation");

@@ -1,6 +1,8 @@
 //! Shared helpers for the end-to-end tests: a sandbox of temp dirs, the `walship replicate`
-//! daemon as a guard, real writer processes (`tests/writer.py`, python3's own SQLite), running
-//! the CLI, and comparing databases page by page.
+//! daemon as a guard (the one harness for every test that runs a daemon: [`DaemonBuilder`] adds
+//! a notification socket, environment, a log file, a wrapper such as a mount namespace), real
+//! writer processes (`tests/writer.py`, python3's own SQLite), running the CLI, and comparing
+//! databases page by page.
 //!
 //! Invariants: every daemon gets a per-test `--state-dir`; every child process is killed on
 //! drop; failures panic with context (the daemon's log, the command's stderr).
@@ -95,7 +97,7 @@ impl Out {
     }
 
     /// Panics with the whole output unless the command exited 0.
-    pub fn ok(self) -> Out {
+    pub fn assert_ok(self) -> Out {
         assert!(
             self.status.success(),
             "`{}` failed ({}):\nstdout: {}\nstderr: {}",
@@ -302,10 +304,16 @@ pub fn replica_positions(state_dir: &Path) -> Vec<(String, ReplicaPos)> {
         .collect()
 }
 
-/// The `walship replicate` daemon; killed on drop.
+/// A `walship` daemon (`walship replicate`, as a rule); killed on drop. Started by
+/// [`Daemon::start`] and [`Daemon::start_raw`], or configured first through [`Daemon::replicate`]
+/// or [`Daemon::raw`] (a [`DaemonBuilder`]: a notification socket, environment, a log file of
+/// the test's choosing, a wrapper command such as a mount namespace, not waiting for the status
+/// file).
 pub struct Daemon {
     child: Option<Child>,
-    args: Vec<OsString>,
+    launch: DaemonBuilder,
+    /// How it exited, once it did (see [`Daemon::wait_exit`]).
+    exit: Option<ExitStatus>,
     pub state: PathBuf,
     pub log: PathBuf,
 }
@@ -314,31 +322,12 @@ impl Daemon {
     /// `walship replicate ARGS... --state-dir STATE`, stderr (and stdout) appended to a log
     /// beside the state dir; waits until the `status` file exists.
     pub fn start<S: AsRef<OsStr>>(args: &[S], state: &Path) -> Daemon {
-        let mut a: Vec<OsString> = vec!["replicate".into()];
-        a.extend(args.iter().map(|s| s.as_ref().to_owned()));
-        a.push("--state-dir".into());
-        a.push(state.into());
-        Self::start_raw(a, state)
+        Daemon::replicate(args, state).start()
     }
 
     /// `walship ARGS` with `state` as the state dir the config names.
     pub fn start_raw(args: Vec<OsString>, state: &Path) -> Daemon {
-        let log = state.with_file_name(format!(
-            "walship-{}-{}.log",
-            state
-                .file_name()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        let mut d = Daemon {
-            child: None,
-            args,
-            state: state.to_owned(),
-            log,
-        };
-        d.spawn();
-        d
+        Daemon::raw(args, state).start()
     }
 
     fn spawn(&mut self) {
@@ -348,19 +337,37 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("open daemon log");
-        let child = Command::new(BIN)
-            .args(&self.args)
-            .env(
-                "RUST_LOG",
-                std::env::var("WALSHIP_TEST_LOG").unwrap_or("info".into()),
-            )
+        let l = &self.launch;
+        let mut cmd = match l.wrapper.split_first() {
+            None => Command::new(BIN),
+            Some((program, wrapper_args)) => {
+                let mut c = Command::new(program);
+                c.args(wrapper_args).arg(BIN);
+                c
+            }
+        };
+        cmd.args(&l.args).env(
+            "RUST_LOG",
+            std::env::var("WALSHIP_TEST_LOG").unwrap_or("info".into()),
+        );
+        for (k, v) in &l.env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .process_group(0)
             .spawn()
-            .expect("spawn walship replicate");
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         self.child = Some(child);
+        self.exit = None;
+        if !self.launch.wait_for_status {
+            return;
+        }
         let deadline = Instant::now() + Duration::from_secs(15);
         while !self.state.join("status").exists() {
             if let Some(st) = self
@@ -1075,4 +1082,172 @@ pub fn sqlite3(db: &Path, sql: &str) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+/// How to start a [`Daemon`]: its arguments and state dir, plus what some tests need (a
+/// notification socket, environment, a log file of their own, a wrapper command, not waiting
+/// for the status file). Options apply in the order given; the environment starts as the test's
+/// own with `RUST_LOG=info` (or `$WALSHIP_TEST_LOG`).
+#[derive(Debug, Clone)]
+pub struct DaemonBuilder {
+    args: Vec<OsString>,
+    state: PathBuf,
+    log: Option<PathBuf>,
+    /// Set (`Some`) or removed (`None`), in order.
+    env: Vec<(OsString, Option<OsString>)>,
+    /// A command the daemon runs under: `WRAPPER... BIN ARGS...`.
+    wrapper: Vec<OsString>,
+    wait_for_status: bool,
+}
+
+impl Daemon {
+    /// `walship replicate ARGS... --state-dir STATE`, to be configured, then [`DaemonBuilder::start`].
+    pub fn replicate<S: AsRef<OsStr>>(args: &[S], state: &Path) -> DaemonBuilder {
+        let mut a: Vec<OsString> = vec!["replicate".into()];
+        a.extend(args.iter().map(|s| s.as_ref().to_owned()));
+        a.push("--state-dir".into());
+        a.push(state.into());
+        Daemon::raw(a, state)
+    }
+
+    /// `walship ARGS` with `state` as the state dir the config names, to be configured.
+    pub fn raw(args: Vec<OsString>, state: &Path) -> DaemonBuilder {
+        DaemonBuilder {
+            args,
+            state: state.to_owned(),
+            log: None,
+            env: Vec::new(),
+            wrapper: Vec::new(),
+            wait_for_status: true,
+        }
+    }
+
+    /// Whether it still runs; records how it exited if it did (no panic, unlike
+    /// [`Daemon::assert_running`]).
+    pub fn alive(&mut self) -> bool {
+        let Some(c) = self.child.as_mut() else {
+            return false;
+        };
+        match c.try_wait().expect("try_wait") {
+            None => true,
+            Some(st) => {
+                self.exit = Some(st);
+                self.child = None;
+                false
+            }
+        }
+    }
+
+    /// Sends SIGTERM and returns at once (see [`Daemon::wait_exit`]; [`Daemon::stop`] does both
+    /// and asserts exit 0).
+    pub fn sigterm(&self) {
+        let c = self
+            .child
+            .as_ref()
+            .expect("sigterm: the daemon is not running");
+        kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
+    }
+
+    /// Waits up to `timeout` for it to exit; how it exited, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.alive() {
+                return self.exit;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl DaemonBuilder {
+    /// Sets an environment variable.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> DaemonBuilder {
+        self.env
+            .push((key.as_ref().to_owned(), Some(value.as_ref().to_owned())));
+        self
+    }
+
+    /// Removes an environment variable (also one set by default, such as `RUST_LOG`).
+    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> DaemonBuilder {
+        self.env.push((key.as_ref().to_owned(), None));
+        self
+    }
+
+    /// `NOTIFY_SOCKET=path`: systemd's notification socket (see `notify::NotifySocket`).
+    pub fn notify_socket(self, path: &Path) -> DaemonBuilder {
+        self.env("NOTIFY_SOCKET", path)
+    }
+
+    /// Appends stdout and stderr to `path` (created if missing) instead of a log beside the
+    /// state dir.
+    pub fn log(mut self, path: &Path) -> DaemonBuilder {
+        self.log = Some(path.to_owned());
+        self
+    }
+
+    /// Runs the daemon as `PROGRAM ARGS... BIN DAEMON-ARGS...`; the wrapper must end by
+    /// exec'ing its arguments, so that the daemon's pid is the one spawned.
+    pub fn wrapper<S: AsRef<OsStr>>(mut self, program: S, args: &[S]) -> DaemonBuilder {
+        self.wrapper = std::iter::once(&program)
+            .chain(args)
+            .map(|s| s.as_ref().to_owned())
+            .collect();
+        self
+    }
+
+    /// Runs the daemon in a mount namespace of its own in which `over` is bind-mounted on `at`
+    /// (so the same path names another file than it does for the test); needs util-linux's
+    /// `unshare`.
+    pub fn in_mount_namespace(self, over: &Path, at: &Path) -> DaemonBuilder {
+        self.wrapper(
+            OsStr::new("unshare"),
+            &[
+                OsStr::new("--mount"),
+                OsStr::new("--propagation"),
+                OsStr::new("private"),
+                OsStr::new("sh"),
+                OsStr::new("-c"),
+                OsStr::new(r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#),
+                OsStr::new("sh"),
+                over.as_os_str(),
+                at.as_os_str(),
+            ],
+        )
+    }
+
+    /// Returns from [`DaemonBuilder::start`] as soon as the process is spawned, instead of once
+    /// the `status` file exists.
+    pub fn no_wait(mut self) -> DaemonBuilder {
+        self.wait_for_status = false;
+        self
+    }
+
+    /// Spawns the daemon; unless [`DaemonBuilder::no_wait`], waits (15 s at most) until its
+    /// `status` file exists, and panics with its log if it exits first.
+    pub fn start(self) -> Daemon {
+        let state = self.state.clone();
+        let log = self.log.clone().unwrap_or_else(|| {
+            state.with_file_name(format!(
+                "walship-{}-{}.log",
+                state
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                COUNTER.fetch_add(1, Ordering::SeqCst)
+            ))
+        });
+        let mut d = Daemon {
+            child: None,
+            launch: self,
+            exit: None,
+            state,
+            log,
+        };
+        d.spawn();
+        d
+    }
 }
