@@ -57,7 +57,7 @@ pub struct BackendError {
 
 impl BackendError {
     /// Builds an error of `kind` with a full message.
-    pub(crate) fn new(kind: ErrorKind, msg: impl Into<String>) -> Self {
+    pub fn new(kind: ErrorKind, msg: impl Into<String>) -> Self {
         Self {
             kind,
             msg: msg.into(),
