@@ -1,21 +1,31 @@
 //! walship: continuous, verifiable replication of SQLite databases by shipping their WAL.
 //!
-//! Module map (the seams are narrow on purpose):
-//! - [`cli`]: the clap definition (help, man pages, completions) and what each command does.
-//! - [`config`]: the TOML file of one database, validated into `Settings` (exit 78 on errors).
-//! - [`url`]: replica URLs, `file:///PATH` and `sftp://USER@HOST[:PORT]/PATH`.
-//! - [`backend`]: the storage seam, `trait Backend` and its implementations (`file://`, `sftp://`,
-//!   with `known_hosts` checking for the latter).
-//! - [`wal`]: the SQLite WAL format, pure: header, frames, salts, the checksum chain.
-//! - [`layout`]: the on-replica format, pure: names, snapshot and segment encoding, whole-database
-//!   checksums, and planning restores, compaction and retention from a listing.
-//! - [`db`]: the capture side's connections to the user's database: the pin protocol, raw WAL
-//!   and page reads, checkpoints.
-//! - [`replicate`]: the daemon: watch, capture into the local spool, ship to every replica.
+//! Module map. Dependencies point down this list and never back: `script/check-module-cycles`
+//! (run by `script/test`) fails on any cycle between sibling modules.
+//! - [`cli`]: the clap definition (help, man pages, completions) and one file per command;
+//!   `cli::source` turns a config, or the URLs and flags that stand in for one, into settings.
+//! - [`generator`]: the systemd generator writing a sandbox drop-in per `/etc/walship/NAME.toml`.
 //! - [`restore`]: rebuild a database from a replica (pipelined, checksummed, atomic), verify.
+//! - [`replicate`]: the daemon. `run` starts it; `main_loop` wakes on file events; `capture`
+//!   turns commits into spooled segments (`resume`, `segments`, `checkpoint`); `ship` sends
+//!   the spool to each replica; `spool` holds what replicas lack; `state` is the state
+//!   directory, one typed `StateDir`; `dblock` and `owner` keep one replicator per database and
+//!   one writer per replica; `replaced` handles a database file moved or deleted under it.
+//! - [`config`]: the TOML file of one database, validated into `Settings` (exit 78 on errors).
+//! - [`backend`]: the storage seam: `trait Backend`, the one `backend::open(url, access)`, and
+//!   the `file://` and `sftp://` backends (with `known_hosts` checking for the latter). A new
+//!   backend is one new file and one match arm in `open`.
+//! - [`db`]: the capture side's connections to the user's database: the pin protocol, raw WAL
+//!   and page reads, checkpoints, and the WAL changes capture must react to (`WalChange`).
+//! - [`layout`]: the on-replica format, pure: names, snapshot and segment encoding, whole-database
+//!   checksums, owner claims, and planning restores, compaction and retention from a listing.
+//! - [`wal`]: the SQLite WAL format, pure: header, frames, salts, the checksum chain.
+//! - [`url`]: replica URLs, `file:///PATH` and `sftp://USER@HOST[:PORT]/PATH`, and the one rule
+//!   for replica paths.
 //! - [`systemd`]: sd_notify (`READY`/`STATUS`/`WATCHDOG`/`STOPPING`), journald-aware logging,
 //!   credentials from `LoadCredential=`.
-//! - [`generator`]: the systemd generator writing a sandbox drop-in per `/etc/walship/NAME.toml`.
+//! - [`durable`]: every local file write (temp, fsync, rename, directory fsync) and temp files.
+//! - [`clock`]: wall-clock milliseconds and their RFC 3339 form.
 pub mod backend;
 pub mod cli;
 pub mod clock;
