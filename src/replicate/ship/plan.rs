@@ -197,7 +197,7 @@ pub(crate) struct Planner {
     files: Vec<SpoolFile>,
     /// The round's next spooled file, decided when it began.
     next: Option<SpoolFile>,
-    /// Nothing is spooled for the replica but the live file follows its position.
+    /// The round's live file follows the position: it is streamed if no spooled file is next.
     live_follows: bool,
     /// Where the round stands.
     step: Step,
@@ -235,10 +235,9 @@ impl Planner {
     /// before asking for [`Planner::next`] actions.
     pub(crate) fn begin(&mut self, view: View) -> Option<Gap> {
         let (next, gap) = next_file(self.pos, &view.files, view.head);
-        self.live_follows = next.is_none()
-            && view
-                .live
-                .is_some_and(|(g, name)| live_follows(self.pos, g, &name));
+        self.live_follows = view
+            .live
+            .is_some_and(|(g, name)| live_follows(self.pos, g, &name));
         self.next = next;
         self.files = view.files;
         self.step = Step::StopCheck;

@@ -229,12 +229,17 @@ fn a_batch_holds_at_most_batch_files() {
 fn a_batch_holds_at_most_batch_bytes() {
     let t = Instant::now();
     let at = seg(G1, 1, 1);
-    let third = BATCH_BYTES / 3;
-    let files: Vec<SpoolFile> = (2..8).map(|i| seg_sized(G1, i, i, third)).collect();
+    let half = BATCH_BYTES / 2;
+    let files = vec![
+        seg_sized(G1, 2, 2, half),
+        seg_sized(G1, 3, 3, BATCH_BYTES - half),
+        seg_sized(G1, 4, 4, 1),
+    ];
     let mut p = Planner::new(Some(key(&at)), t);
     p.prepared = true;
     p.begin(view(files.clone()));
-    assert_eq!(p.next(RUN, None, t), Action::Upload(files[..3].to_vec()));
+    // Exactly BATCH_BYTES fit; one byte more does not.
+    assert_eq!(p.next(RUN, None, t), Action::Upload(files[..2].to_vec()));
 }
 
 #[test]
@@ -271,7 +276,8 @@ fn a_spooled_file_goes_before_the_live_one() {
     let next = seg(G1, 6, 6);
     let mut p = Planner::new(Some(key(&at)), t);
     p.prepared = true;
-    let live = seg(G1, 7, 7);
+    // A snapshot follows any older position.
+    let live = snap(G1, 9);
     p.begin(View {
         files: vec![next.clone()],
         head: Some(key(&next)),
