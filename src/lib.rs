@@ -26,6 +26,10 @@
 //!   credentials from `LoadCredential=`.
 //! - [`durable`]: every local file write (temp, fsync, rename, directory fsync) and temp files.
 //! - [`clock`]: wall-clock milliseconds and their RFC 3339 form.
+// Module docs explain invariants to contributors and link the private items that keep them:
+// read them with `cargo doc --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod backend;
 pub mod cli;
 pub mod clock;

@@ -33,8 +33,7 @@
 //!   sizes are only numbers reported back. Paths sent to the server are built only from
 //!   [`check_path`]-checked components.
 
-pub use super::known_hosts::HostKey;
-use super::known_hosts::{self, Verdict};
+use super::known_hosts::{self, HostKey, Verdict};
 use super::{check_path, split_parent, Backend, BackendError, Entry, ErrorKind, Result};
 use crate::durable::{temp_name, TEMP_PREFIX};
 use crate::url::SftpUrl;
@@ -202,11 +201,6 @@ impl SftpBackend {
             opts,
             conn: Mutex::new(None),
         }
-    }
-
-    /// The options this target was built with.
-    pub fn options(&self) -> &SftpOptions {
-        &self.opts
     }
 
     /// The full remote path of a checked relative path (`""` is the replica root).
@@ -579,85 +573,11 @@ impl SftpBackend {
     ) -> OpResult<u64> {
         let (parent, _) = split_parent(path);
         let dir = self.remote(parent);
-        if let Err((at, e)) = self.ensure_dir(c, &dir) {
-            let shown = self.shown_full(&at);
-            return Err(match e {
-                Some(e) if is_conn_err(&e) => Fail::Ssh(e),
-                Some(e) => Fail::Done(self.error("create directory", &shown, Fail::Ssh(e))),
-                None => Fail::Done(BackendError::new(
-                    ErrorKind::Other,
-                    format!("failed to create directory {shown}: a file is in the way"),
-                )),
-            });
-        }
+        self.upload_dir(c, &dir)?;
         let tmp = format!("{dir}/{}", temp_name());
         let fin = self.remote(path);
-        let mut file = match c.sftp.open_mode(
-            Path::new(&tmp),
-            OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
-            0o644,
-            OpenType::File,
-        ) {
-            Ok(f) => f,
-            Err(e) if sftp_code(&e) == Some(FX_NO_SUCH_FILE) => {
-                // Someone removed the directory behind our back: forget what we knew.
-                c.dirs().clear();
-                return Err(Fail::Ssh(e));
-            }
-            Err(e) => return Err(Fail::Ssh(e)),
-        };
-        let result = (|| -> OpResult<u64> {
-            let mut buf = vec![0u8; WRITE_CHUNK];
-            let mut total = 0u64;
-            loop {
-                let mut n = 0;
-                while n < buf.len() {
-                    consumed.store(true, Ordering::SeqCst);
-                    match data.read(&mut buf[n..]) {
-                        Ok(0) => break,
-                        Ok(k) => n += k,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            return Err(Fail::Done(BackendError::new(
-                                ErrorKind::Other,
-                                format!(
-                                    "failed to upload {path} to {}: reading the source failed: {e}",
-                                    self.opts.url
-                                ),
-                            )))
-                        }
-                    }
-                }
-                if n == 0 {
-                    break;
-                }
-                if let Err(e) = file.write_all(&buf[..n]) {
-                    if !matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::TimedOut) {
-                        if let Some(full) = self.no_space(&mut file, path) {
-                            c.give_up();
-                            return Err(Fail::Done(full));
-                        }
-                    }
-                    return Err(self.io_fail(c, path, &e));
-                }
-                total += n as u64;
-                if n < buf.len() {
-                    break;
-                }
-            }
-            for step in [ssh2::File::fsync, ssh2::File::close] {
-                if let Err(e) = step(&mut file) {
-                    if sftp_code(&e) == Some(FX_FAILURE) {
-                        if let Some(full) = self.no_space(&mut file, path) {
-                            return Err(Fail::Done(full));
-                        }
-                    }
-                    return Err(Fail::Ssh(e));
-                }
-            }
-            Ok(total)
-        })();
-        let total = match result {
+        let mut file = Self::create_temp(c, &tmp)?;
+        let total = match self.write_body(c, &mut file, path, data, consumed) {
             Ok(t) => t,
             Err(f) => {
                 drop(file);
@@ -675,6 +595,115 @@ impl SftpBackend {
         }
         Self::fsync_dir(c, &dir)?;
         Ok(total)
+    }
+
+    /// Makes sure the upload's directory `dir` (a full remote path) exists.
+    fn upload_dir(&self, c: &Conn, dir: &str) -> OpResult<()> {
+        let Err((at, e)) = self.ensure_dir(c, dir) else {
+            return Ok(());
+        };
+        let shown = self.shown_full(&at);
+        Err(match e {
+            Some(e) if is_conn_err(&e) => Fail::Ssh(e),
+            Some(e) => Fail::Done(self.error("create directory", &shown, Fail::Ssh(e))),
+            None => Fail::Done(BackendError::new(
+                ErrorKind::Other,
+                format!("failed to create directory {shown}: a file is in the way"),
+            )),
+        })
+    }
+
+    /// Creates the temporary file `tmp` (a full remote path), which must not exist yet.
+    fn create_temp(c: &Conn, tmp: &str) -> OpResult<ssh2::File> {
+        match c.sftp.open_mode(
+            Path::new(tmp),
+            OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
+            0o644,
+            OpenType::File,
+        ) {
+            Ok(f) => Ok(f),
+            Err(e) if sftp_code(&e) == Some(FX_NO_SUCH_FILE) => {
+                // Someone removed the directory behind our back: forget what we knew.
+                c.dirs().clear();
+                Err(Fail::Ssh(e))
+            }
+            Err(e) => Err(Fail::Ssh(e)),
+        }
+    }
+
+    /// Copies `data` into the open temporary `file` in [`WRITE_CHUNK`] writes, then fsyncs and
+    /// closes it; returns the bytes written. `path` (the final relative path) names the upload
+    /// in errors.
+    fn write_body(
+        &self,
+        c: &Conn,
+        file: &mut ssh2::File,
+        path: &str,
+        data: &mut dyn Read,
+        consumed: &AtomicBool,
+    ) -> OpResult<u64> {
+        let mut buf = vec![0u8; WRITE_CHUNK];
+        let mut total = 0u64;
+        loop {
+            let n = self.fill(&mut buf, path, data, consumed)?;
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = file.write_all(&buf[..n]) {
+                if !matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::TimedOut) {
+                    if let Some(full) = self.no_space(file, path) {
+                        c.give_up();
+                        return Err(Fail::Done(full));
+                    }
+                }
+                return Err(self.io_fail(c, path, &e));
+            }
+            total += n as u64;
+            if n < buf.len() {
+                break;
+            }
+        }
+        for step in [ssh2::File::fsync, ssh2::File::close] {
+            if let Err(e) = step(file) {
+                if sftp_code(&e) == Some(FX_FAILURE) {
+                    if let Some(full) = self.no_space(file, path) {
+                        return Err(Fail::Done(full));
+                    }
+                }
+                return Err(Fail::Ssh(e));
+            }
+        }
+        Ok(total)
+    }
+
+    /// Reads from `data` until `buf` is full or the source ends; returns the bytes read (0 at
+    /// the end). Sets `consumed` before the first read.
+    fn fill(
+        &self,
+        buf: &mut [u8],
+        path: &str,
+        data: &mut dyn Read,
+        consumed: &AtomicBool,
+    ) -> OpResult<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            consumed.store(true, Ordering::SeqCst);
+            match data.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Fail::Done(BackendError::new(
+                        ErrorKind::Other,
+                        format!(
+                            "failed to upload {path} to {}: reading the source failed: {e}",
+                            self.opts.url
+                        ),
+                    )))
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// OpenSSH's sftp-server reports a full disk (ENOSPC) as a bare "failure": after a failed

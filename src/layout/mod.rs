@@ -1,6 +1,6 @@
 //! The on-replica format, pure: what walship writes to a replica and how it reads it back.
 //!
-//! A replica directory holds a marker file ([`MARKER_FILE`]), the owner claims of the instances
+//! A replica directory holds a marker file ([`names::MARKER_FILE`]), the owner claims of the instances
 //! that wrote it (`owner-<ms>-<instance>.toml`, the newest one owns the replica), and one
 //! directory per generation (`generations/<id>/`), each holding snapshot files (a whole database
 //! at one commit) and segment files (a run of consecutive commits). This module names those files
@@ -12,7 +12,7 @@
 //! - Nothing here does I/O other than through the `Read`/`Write` streams handed in; no clock, no
 //!   randomness: the same input always gives the same output.
 //! - Everything read from a replica (names, headers, records) is parsed strictly: a name that
-//!   [`FileName::parse`] accepts is a plain file name (no `/`, no `..`) and prints back to itself;
+//!   [`names::FileName::parse`] accepts is a plain file name (no `/`, no `..`) and prints back to itself;
 //!   decoding never panics and never allocates more than one page plus the zstd window, whatever
 //!   the input.
 //! - Every byte of a snapshot or segment is covered by a checksum that the decoder checks.

@@ -1,5 +1,6 @@
 //! Shipping: one thread per replica uploads spooled files in order, then compacts and prunes
-//! what is on the replica.
+//! what is on the replica. What to do next is decided by the pure `plan::Planner`; this
+//! module executes its actions.
 //!
 //! Invariants:
 //! - A replica receives files in [`Key`] order; its position (the key of the last file it
@@ -9,7 +10,7 @@
 //!   generation's snapshot) is never papered over: the replica skips to a snapshot, or asks
 //!   capture for a fresh one and waits for it.
 //! - Errors never stop the thread but one: they are recorded in the replica's status, logged
-//!   when they change, and retried with exponential backoff capped at [`MAX_BACKOFF`] (plus
+//!   when they change, and retried with exponential backoff capped at `plan::MAX_BACKOFF` (plus
 //!   jitter) so catch-up starts within a few seconds of the replica's return. The exception is
 //!   [`TakenOver`]: another instance claimed the replica after this one (see `owner`), so this
 //!   shipper writes and deletes nothing more there, reports it, and ends (retired: its position
@@ -29,6 +30,8 @@
 //!   snapshot (its first file) removes the directory it left empty, and every sweep of
 //!   temporary files removes generation directories that hold no file.
 
+mod plan;
+
 use super::owner::{Ownership, TakenOver};
 use super::spool::{Key, LiveFile, Spool, SpoolFile};
 use super::state::{ReplicaPosition, StateDir};
@@ -42,25 +45,25 @@ use crate::layout::names::{
 use crate::layout::owner::InstanceId;
 use crate::layout::plan::{plan_compaction, plan_retention, redundant_segments, Deletion, Listing};
 use anyhow::{anyhow, bail, Context, Result};
+use plan::{past_deadline, Action, Gap, Planner, Shutdown, View, IDLE_WAIT};
 use std::io::{BufWriter, Read};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
-/// Longest wait between two attempts against a failing replica.
-pub const MAX_BACKOFF: Duration = Duration::from_millis(3000);
-
-/// How often an idle shipper sweeps the replica for temporary files (see `remove_temps`).
-pub const TEMP_SWEEP: Duration = Duration::from_secs(60);
-/// Least time between two heap trims after bursts.
-const TRIM_EVERY: Duration = Duration::from_secs(5);
-
-/// How long the database must go without new commits before a replica is compacted...
-pub const COMPACT_WHEN_QUIET: Duration = Duration::from_secs(1);
-
-/// ...but a database that is never quiet still gets compacted this often.
-pub const COMPACT_MAX_DEFER: Duration = Duration::from_secs(10);
+/// How a round goes on after an action (see [`Shipper::execute`]).
+enum Flow {
+    /// With the planner's next action.
+    Step,
+    /// It is over: the next round starts at once.
+    Done,
+    /// It is over, idle: the next starts when the spool changes or at this instant (`None`:
+    /// [`IDLE_WAIT`]).
+    Idle(Option<Instant>),
+    /// The thread ends.
+    End,
+}
 
 /// What the rest of walship knows about one replica.
 #[derive(Debug, Clone, Default)]
@@ -82,38 +85,38 @@ pub struct ReplicaStatus {
 
 /// State shared between capture (main loop) and the shippers.
 #[derive(Debug, Default)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// The mutable part.
-    pub inner: Mutex<Inner>,
+    pub(crate) inner: Mutex<Inner>,
     /// Signalled when the spool gets new files, or on stop.
-    pub cv: Condvar,
+    pub(crate) cv: Condvar,
 }
 
 /// See [`Shared`].
 #[derive(Debug, Default)]
-pub struct Inner {
+pub(crate) struct Inner {
     /// Set when shutting down: shippers finish what is spooled, then exit.
-    pub stopping: bool,
+    pub(crate) stopping: bool,
     /// Shippers give up at this instant even if not caught up.
-    pub deadline: Option<Instant>,
+    pub(crate) deadline: Option<Instant>,
     /// A shipper found a gap and needs a fresh snapshot.
-    pub snapshot_wanted: bool,
+    pub(crate) snapshot_wanted: bool,
     /// Per replica.
-    pub replicas: Vec<ReplicaStatus>,
+    pub(crate) replicas: Vec<ReplicaStatus>,
     /// Bumped whenever the spool changes.
-    pub version: u64,
+    pub(crate) version: u64,
     /// The newest captured position (set before shippers start, updated after each capture
     /// round, always after the files it covers were spooled).
-    pub head: Option<Key>,
+    pub(crate) head: Option<Key>,
     /// When `head` last moved: compaction waits until the database has been quiet for
-    /// [`COMPACT_WHEN_QUIET`], so that it never competes with capture for CPU and disk.
-    pub head_moved: Option<Instant>,
+    /// [`plan::COMPACT_WHEN_QUIET`], so that it never competes with capture for CPU and disk.
+    pub(crate) head_moved: Option<Instant>,
 }
 
 impl Shared {
     /// Locks the inner state (a poisoned lock is recovered: the data stays consistent
     /// because every update is a plain field assignment).
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -121,27 +124,27 @@ impl Shared {
 }
 
 /// One replica's shipping thread.
-pub struct Shipper {
+pub(crate) struct Shipper {
     /// Index in `Inner::replicas`.
-    pub idx: usize,
+    pub(crate) idx: usize,
     /// The storage target.
-    pub target: Box<dyn Backend>,
+    pub(crate) target: Box<dyn Backend>,
     /// Shared state.
-    pub shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     /// The spool.
-    pub spool: Arc<Spool>,
+    pub(crate) spool: Arc<Spool>,
     /// The state directory, which records this replica's position.
-    pub state: StateDir,
+    pub(crate) state: StateDir,
     /// Identity written in the marker ("host:/path").
-    pub identity: String,
+    pub(crate) identity: String,
     /// This instance (its state directory), for the replica's owner claim.
-    pub instance: InstanceId,
+    pub(crate) instance: InstanceId,
     /// Compaction fan-out.
-    pub fanout: usize,
+    pub(crate) fanout: usize,
     /// Retention window.
-    pub retention: Duration,
+    pub(crate) retention: Duration,
     /// Wakes the main loop after progress.
-    pub wake: Sender<super::Msg>,
+    pub(crate) wake: Sender<super::Msg>,
 }
 
 impl Shipper {
@@ -164,10 +167,10 @@ impl Shipper {
         }
     }
 
-    /// Runs until stopped.
-    pub fn run(self) {
+    /// Runs until stopped: rounds of the planner's actions (see `plan`).
+    pub(crate) fn run(self) {
         let name = self.name();
-        let mut pos = match self
+        let pos = match self
             .state
             .load_position(&name)
             .map(|p| p.map(|p| (p.key, p.time_ms)))
@@ -183,244 +186,217 @@ impl Shipper {
             g.replicas[self.idx].position = pos.map(|p| p.0);
             g.replicas[self.idx].time_ms = pos.map_or(0, |p| p.1);
         }
-        let mut prepared = false;
         let mut owner = Ownership::new(self.instance, self.identity.clone());
-        let mut failures: u32 = 0;
-        let mut remote: Option<(GenerationId, Vec<FileName>)> = None;
-        let mut last_retention = Instant::now() - Duration::from_secs(3600);
-        let mut last_sweep = Instant::now();
-        // Set while compaction waits for the database to be quiet, and since when it waits.
-        let mut compact_after: Option<Instant> = None;
-        let mut deferred_since: Option<Instant> = None;
-        // Set by a burst (a merged backlog, a compaction, a failure): the heap is trimmed once
-        // the replica is caught up again, at most every TRIM_EVERY (trimmed pages fault in
-        // again when reused).
-        let mut trim_due = false;
-        let mut last_trim = Instant::now();
+        let mut plan = Planner::new(pos.map(|p| p.0), Instant::now());
+        while self.round(&mut plan, &mut owner) {}
+    }
+
+    /// One round: looks at the spool, then executes the planner's actions until the round
+    /// ends. Returns false when the thread must end.
+    fn round(&self, plan: &mut Planner, owner: &mut Ownership) -> bool {
+        // The head is read before listing the spool, so that every file it covers is in the
+        // listing (files are spooled before the head moves); so is the live file, so that
+        // every file published before it is in the listing too.
+        let live = self.spool.live();
+        let head = self.shared.lock().head;
+        let files = match self.spool.list() {
+            Ok(f) => f,
+            Err(e) => {
+                self.set_error(Some(format!("{e:#}")));
+                Vec::new()
+            }
+        };
+        let live_name = live.as_ref().map(|l| (l.generation, l.name));
+        match plan.begin(View {
+            files,
+            head,
+            live: live_name,
+        }) {
+            Some(Gap::Resync(s)) => {
+                warn!(replica = %self.name(), "replica missed spooled files (spool limit or a new replica); resynchronising from snapshot {s}")
+            }
+            Some(Gap::WantSnapshot(why)) => self.want_snapshot(why),
+            None => {}
+        }
+        let (shutdown, version) = {
+            let g = self.shared.lock();
+            let shutdown = Shutdown {
+                stopping: g.stopping,
+                deadline: g.deadline,
+            };
+            (shutdown, g.version)
+        };
         loop {
-            // Work out the next file, or wait.
-            // The head is read before listing the spool, so that every file it covers is in
-            // the listing (files are spooled before the head moves); so is the live file, so
-            // that every file published before it is in the listing too.
-            let live = self.spool.live();
-            let head_before = self.shared.lock().head;
-            let files = match self.spool.list() {
-                Ok(f) => f,
-                Err(e) => {
-                    self.set_error(Some(format!("{e:#}")));
-                    Vec::new()
-                }
-            };
-            let next = self.next_file(pos.map(|p| p.0), &files, head_before);
-            let version = {
-                let g = self.shared.lock();
-                if g.stopping && (next.is_none() || g.deadline.is_some_and(|d| Instant::now() >= d))
-                {
-                    drop(g);
-                    if prepared && next.is_none() {
-                        let swept = owner
-                            .verify_if_stale(self.target.as_ref())
-                            .and_then(|()| self.remove_temps());
-                        if let Err(e) = swept {
-                            debug!(replica = %self.name(), "temporary files not swept at stop: {e:#}");
-                        }
-                    }
-                    return;
-                }
-                g.version
-            };
-            let result = (|| -> Result<bool> {
-                if !prepared {
-                    self.prepare(&mut owner, pos.map(|p| p.0.generation))?;
-                    prepared = true;
-                }
-                // Nothing spooled to send: the file capture is writing may be next.
-                let mut streamed = false;
-                let next = match (next, live.filter(|l| live_follows(pos.map(|p| p.0), l))) {
-                    (None, Some(l)) => {
-                        owner.before_write(self.target.as_ref(), l.generation)?;
-                        match self.upload_live(&l)? {
-                            Some(f) => {
-                                streamed = true;
-                                Some(f)
-                            }
-                            // Abandoned, or published meanwhile: look again.
-                            None => return Ok(true),
-                        }
-                    }
-                    (next, _) => next,
-                };
-                let Some(f) = next else {
-                    if trim_due && last_trim.elapsed() >= TRIM_EVERY {
-                        super::trim_heap();
-                        trim_due = false;
-                        last_trim = Instant::now();
-                    }
-                    // Idle: housekeeping on the replica's current generation.
-                    if remote.is_none() {
-                        if let Some((k, _)) = pos {
-                            remote = Some((k.generation, self.remote_files(&k.generation)?));
-                        }
-                    }
-                    if last_sweep.elapsed() > TEMP_SWEEP {
-                        last_sweep = Instant::now();
-                        owner.verify_if_stale(self.target.as_ref())?;
-                        self.remove_temps()?;
-                    }
-                    // Compaction waits for the database to be quiet, but not for ever: a
-                    // database that is never quiet is compacted at least every
-                    // COMPACT_MAX_DEFER.
-                    let now = Instant::now();
-                    let since = *deferred_since.get_or_insert(now);
-                    let quiet_at = self
-                        .shared
-                        .lock()
-                        .head_moved
-                        .map(|t| t + COMPACT_WHEN_QUIET);
-                    if let Some(q) = quiet_at.filter(|q| *q > now) {
-                        if now < since + COMPACT_MAX_DEFER {
-                            compact_after = Some(q.min(since + COMPACT_MAX_DEFER));
-                            return Ok(false);
-                        }
-                    }
-                    compact_after = None;
-                    if let Some((g, files)) = remote.as_mut() {
-                        owner.verify_if_stale(self.target.as_ref())?;
-                        if self.compact(g, files)? {
-                            trim_due = true;
-                            // More may be due (once overdue, compaction goes on until done);
-                            // new spooled files still come first.
-                            return Ok(true);
-                        }
-                        if last_retention.elapsed() > Duration::from_secs(600) {
-                            last_retention = Instant::now();
-                            owner.verify_if_stale(self.target.as_ref())?;
-                            self.retain(g)?;
-                        }
-                    }
-                    deferred_since = None;
-                    return Ok(false);
-                };
-                let (batch, sent) = if streamed {
-                    (vec![f.clone()], f.name)
-                } else {
-                    owner.before_write(self.target.as_ref(), f.generation)?;
-                    let batch = self.batch_after(&f, &files);
-                    let sent = self.upload_batch(&batch)?;
-                    (batch, sent)
-                };
-                trim_due |= batch.len() > 1;
-                let last = batch.last().unwrap_or(&f);
-                let time_ms = last.name.last_ms();
-                pos = Some((last.key(), time_ms));
-                let at = ReplicaPosition {
-                    key: last.key(),
-                    time_ms,
-                };
-                self.state.save_position(&name, &at)?;
-                {
-                    let mut g = self.shared.lock();
-                    g.replicas[self.idx].position = Some(last.key());
-                    g.replicas[self.idx].time_ms = time_ms;
-                }
-                match remote.as_mut() {
-                    Some((g, files)) if *g == last.generation => files.push(sent),
-                    _ => {
-                        if matches!(f.name, FileName::Snapshot { .. }) {
-                            last_retention = Instant::now() - Duration::from_secs(3600);
-                        }
-                        remote = Some((last.generation, self.remote_files(&last.generation)?));
-                    }
-                }
-                let _ = self.wake.send(super::Msg::Progress);
-                Ok(true)
-            })();
-            match result {
-                Ok(true) => {
-                    failures = 0;
+            let head_moved = self.shared.lock().head_moved;
+            let action = plan.next(shutdown, head_moved, Instant::now());
+            match self.execute(action, plan, owner, live.as_ref()) {
+                Ok(Flow::Step) => {}
+                Ok(Flow::Done) => {
                     self.set_error(None);
-                    continue;
+                    return true;
                 }
-                Ok(false) => {
-                    failures = 0;
+                Ok(Flow::Idle(until)) => {
                     self.set_error(None);
-                    let g = self.shared.lock();
-                    if g.version == version && !g.stopping {
-                        let timeout = compact_after.map_or(Duration::from_secs(300), |t| {
-                            t.saturating_duration_since(Instant::now())
-                        });
-                        let _ = self
-                            .shared
-                            .cv
-                            .wait_timeout(g, timeout)
-                            .map(|(g, _)| drop(g));
-                    }
+                    self.wait(version, until);
+                    return true;
                 }
-                Err(e) if e.downcast_ref::<TakenOver>().is_some() => {
-                    // Permanent: the other instance owns the replica now. Nothing more is
-                    // written or deleted there; the error stays in the status until restart.
-                    self.set_error(Some(format!("{e:#}")));
-                    self.shared.lock().replicas[self.idx].retired = true;
-                    let _ = self.wake.send(super::Msg::Progress);
-                    return;
-                }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    trim_due = true;
-                    // Whatever failed, the replica may not be what we think: look again.
-                    prepared = false;
-                    remote = None;
-                    self.set_error(Some(format!("{e:#}")));
-                    let _ = self.wake.send(super::Msg::Progress);
-                    let base = 100u64.saturating_mul(1 << failures.min(5));
-                    let jitter = rand::random::<u64>() % (base / 4 + 1);
-                    let until =
-                        Instant::now() + Duration::from_millis(base + jitter).min(MAX_BACKOFF);
-                    // Sleep the whole backoff: new spooled files must not shorten it.
-                    let mut g = self.shared.lock();
-                    loop {
-                        if g.stopping && g.deadline.is_some_and(|d| Instant::now() >= d) {
-                            return;
-                        }
-                        let now = Instant::now();
-                        if now >= until {
-                            break;
-                        }
-                        g = match self.shared.cv.wait_timeout(g, until - now) {
-                            Ok((g, _)) => g,
-                            Err(p) => p.into_inner().0,
-                        };
-                    }
-                }
+                Ok(Flow::End) => return false,
+                Err(e) => return self.fail(plan, e),
             }
         }
     }
 
-    /// The run of spooled files to send in one upload, starting at `first`: consecutive
-    /// segments of one generation are merged (at most [`BATCH_FILES`] files or
-    /// [`BATCH_BYTES`]), so a replica that fell behind catches up in a few round trips.
-    fn batch_after(&self, first: &SpoolFile, files: &[SpoolFile]) -> Vec<SpoolFile> {
-        let mut batch = vec![first.clone()];
-        let FileName::Segment { last: mut end, .. } = first.name else {
-            return batch;
-        };
-        let mut bytes = first.size;
-        for f in files.iter().filter(|f| f.key() > first.key()) {
-            match f.name {
-                FileName::Segment { first: a, last, .. }
-                    if f.generation == first.generation
-                        && a == end + 1
-                        && batch.len() < BATCH_FILES
-                        && bytes + f.size <= BATCH_BYTES =>
-                {
-                    end = last;
-                    bytes += f.size;
-                    batch.push(f.clone());
+    /// Executes one action (see [`Action`]), reporting its outcome to `plan`.
+    fn execute(
+        &self,
+        action: Action,
+        plan: &mut Planner,
+        owner: &mut Ownership,
+        live: Option<&Arc<LiveFile>>,
+    ) -> Result<Flow> {
+        let target = self.target.as_ref();
+        match action {
+            Action::Stop { sweep } => {
+                if sweep {
+                    let swept = owner
+                        .verify_if_stale(target)
+                        .and_then(|()| self.remove_temps());
+                    if let Err(e) = swept {
+                        debug!(replica = %self.name(), "temporary files not swept at stop: {e:#}");
+                    }
                 }
-                _ => break,
+                return Ok(Flow::End);
+            }
+            Action::Prepare(generation) => self.prepare(owner, generation)?,
+            Action::StreamLive => self.stream(plan, owner, live)?,
+            Action::Upload(batch) => {
+                let f = batch
+                    .first()
+                    .ok_or_else(|| anyhow!("internal: empty batch"))?;
+                owner.before_write(target, f.generation)?;
+                let sent = self.upload_batch(&batch)?;
+                self.sent(plan, &batch, sent)?;
+            }
+            Action::ListRemote(g) => plan.listed(g, self.remote_files(&g)?),
+            Action::TrimHeap => super::trim_heap(),
+            Action::SweepTemps => {
+                owner.verify_if_stale(target)?;
+                self.remove_temps()?;
+            }
+            Action::Compact => {
+                owner.verify_if_stale(target)?;
+                let did = match plan.remote_mut() {
+                    Some((g, files)) => self.compact(g, files)?,
+                    None => false,
+                };
+                plan.compacted(did);
+            }
+            Action::Retain(g) => {
+                owner.verify_if_stale(target)?;
+                self.retain(&g)?;
+            }
+            Action::Continue { wake } => {
+                if wake {
+                    let _ = self.wake.send(super::Msg::Progress);
+                }
+                return Ok(Flow::Done);
+            }
+            Action::Wait(until) => return Ok(Flow::Idle(until)),
+            Action::Retire | Action::Backoff(_) => bail!("internal: {action:?} outside a failure"),
+        }
+        Ok(Flow::Step)
+    }
+
+    /// Streams the live file, which the planner found to follow the replica's position.
+    fn stream(
+        &self,
+        plan: &mut Planner,
+        owner: &mut Ownership,
+        live: Option<&Arc<LiveFile>>,
+    ) -> Result<()> {
+        let l = live.ok_or_else(|| anyhow!("internal: no live file to stream"))?;
+        owner.before_write(self.target.as_ref(), l.generation)?;
+        match self.upload_live(l)? {
+            Some(f) => self.sent(plan, std::slice::from_ref(&f), f.name),
+            None => {
+                plan.not_streamed();
+                Ok(())
             }
         }
-        batch
+    }
+
+    /// Records that the replica holds `batch` (sent as `sent`): its position, durably, then in
+    /// the status.
+    fn sent(&self, plan: &mut Planner, batch: &[SpoolFile], sent: FileName) -> Result<()> {
+        let last = batch
+            .last()
+            .ok_or_else(|| anyhow!("internal: empty batch"))?;
+        let time_ms = last.name.last_ms();
+        plan.sent(batch, sent);
+        let at = ReplicaPosition {
+            key: last.key(),
+            time_ms,
+        };
+        self.state.save_position(&self.name(), &at)?;
+        {
+            let mut g = self.shared.lock();
+            g.replicas[self.idx].position = Some(last.key());
+            g.replicas[self.idx].time_ms = time_ms;
+        }
+        Ok(())
+    }
+
+    /// Idle: waits until the spool changes (its version is no longer `version`), a stop, or
+    /// `until` (`None`: [`IDLE_WAIT`]).
+    fn wait(&self, version: u64, until: Option<Instant>) {
+        let g = self.shared.lock();
+        if g.version == version && !g.stopping {
+            let timeout = until.map_or(IDLE_WAIT, |t| t.saturating_duration_since(Instant::now()));
+            let _ = self
+                .shared
+                .cv
+                .wait_timeout(g, timeout)
+                .map(|(g, _)| drop(g));
+        }
+    }
+
+    /// After a failed action: records the error, and either retires the shipper (another
+    /// instance took the replica over) or backs off. Returns false when the thread must end.
+    fn fail(&self, plan: &mut Planner, e: anyhow::Error) -> bool {
+        let action = plan.failed(e.downcast_ref::<TakenOver>().is_some(), rand::random());
+        self.set_error(Some(format!("{e:#}")));
+        match action {
+            Action::Backoff(d) => {
+                let _ = self.wake.send(super::Msg::Progress);
+                self.back_off(Instant::now() + d)
+            }
+            _ => {
+                // Retired, permanently: the other instance owns the replica now. Nothing more
+                // is written or deleted there; the error stays in the status until restart.
+                self.shared.lock().replicas[self.idx].retired = true;
+                let _ = self.wake.send(super::Msg::Progress);
+                false
+            }
+        }
+    }
+
+    /// Sleeps until `until` whatever the spool does: new spooled files must not shorten a
+    /// backoff. Returns false if a shutdown's deadline came first.
+    fn back_off(&self, until: Instant) -> bool {
+        let mut g = self.shared.lock();
+        loop {
+            if past_deadline(g.stopping, g.deadline, Instant::now()) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            g = match self.shared.cv.wait_timeout(g, until - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
     }
 
     /// Uploads one file, or a merged segment for a batch; returns the name sent.
@@ -478,51 +454,6 @@ impl Shipper {
             .write_atomic(&dest, &mut file)
             .map_err(|e| upload_error(e.into(), &dest))?;
         Ok(name)
-    }
-
-    /// The next file to send after `pos`, handling gaps (see module docs).
-    fn next_file(
-        &self,
-        pos: Option<Key>,
-        files: &[SpoolFile],
-        head: Option<Key>,
-    ) -> Option<SpoolFile> {
-        let later: Vec<&SpoolFile> = files
-            .iter()
-            .filter(|f| pos.is_none_or(|p| f.key() > p))
-            .collect();
-        let Some(first) = later.first().copied() else {
-            // Nothing spooled after us: fine if we hold the head, else (a replica added while
-            // walship was stopped, or one whose files were dropped) we need a snapshot.
-            let behind = match (head, pos) {
-                (Some(h), Some(p)) => p.generation != h.generation || p.last < h.last,
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
-            if behind {
-                self.want_snapshot("replica is behind and nothing newer is spooled");
-            }
-            return None;
-        };
-        let continuous = match (pos, first.name) {
-            (_, FileName::Snapshot { .. }) => true,
-            (Some(p), FileName::Segment { first: a, .. }) => {
-                p.generation == first.generation && a == p.last + 1
-            }
-            (None, FileName::Segment { .. }) => false,
-        };
-        if continuous {
-            return Some(first.clone());
-        }
-        if let Some(s) = later
-            .iter()
-            .find(|f| matches!(f.name, FileName::Snapshot { .. }))
-        {
-            warn!(replica = %self.name(), "replica missed spooled files (spool limit or a new replica); resynchronising from snapshot {}", s.name);
-            return Some((*s).clone());
-        }
-        self.want_snapshot("replica is missing files that are no longer spooled");
-        None
     }
 
     /// Asks the main loop for a fresh snapshot, and wakes it: an idle main loop sleeps until
@@ -583,7 +514,7 @@ impl Shipper {
     /// Removes temporary files of interrupted uploads from the root and every generation. Safe
     /// whenever this shipper is not uploading and owns the replica (callers check the claim
     /// first, see `owner`): it is then the replica's only writer. Run at start, after
-    /// every error, every [`TEMP_SWEEP`] while idle and at a clean stop, because a connection
+    /// every error, every [`plan::TEMP_SWEEP`] while idle and at a clean stop, because a connection
     /// that was cut can still deliver an upload's first requests to the server after the
     /// reconnection's sweep (found with a blackholed link: the old TCP connection's queued
     /// data reached the old server session once the link healed).
@@ -776,23 +707,6 @@ impl Shipper {
             }
         }
         Ok(())
-    }
-}
-
-/// Most spooled files merged into one upload.
-pub const BATCH_FILES: usize = 1024;
-/// Most compressed bytes merged into one upload.
-pub const BATCH_BYTES: u64 = 32 << 20;
-
-/// Whether the live file `l` is what a replica at `pos` takes next: a snapshot (a start or a
-/// resynchronisation), or the segment right after `pos`.
-fn live_follows(pos: Option<Key>, l: &LiveFile) -> bool {
-    match (pos, l.name) {
-        (p, FileName::Snapshot { .. }) => p.is_none_or(|p| l.key() > p),
-        (Some(p), FileName::Segment { first, .. }) => {
-            p.generation == l.generation && first == p.last + 1
-        }
-        (None, FileName::Segment { .. }) => false,
     }
 }
 

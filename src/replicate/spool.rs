@@ -358,11 +358,6 @@ struct LiveState {
 }
 
 impl LiveFile {
-    /// Its ordering key.
-    pub(crate) fn key(&self) -> Key {
-        Key::of(self.generation, &self.name)
-    }
-
     /// Its size once published.
     pub(crate) fn published(&self) -> Option<u64> {
         lock(&self.state).end.flatten()
@@ -467,7 +462,7 @@ mod tests {
         let mut w = spool.create(&g, Some(name)).unwrap();
         assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
         let live = spool.live().expect("a live file");
-        assert_eq!(live.key(), Key::of(g, &name));
+        assert_eq!(Key::of(live.generation, &live.name), Key::of(g, &name));
         let mut r = live.reader().unwrap();
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let expect = data.clone();
