@@ -457,8 +457,8 @@ impl Shipper {
     }
 
     /// Asks the main loop for a fresh snapshot, and wakes it: an idle main loop sleeps until
-    /// the snapshot interval, so without the wake a lagging replica would wait that long
-    /// (this was a CI failure: the wake after the previous upload had already been consumed).
+    /// the snapshot interval, so without the wake a lagging replica would wait that long (the
+    /// wake after the previous upload may already have been consumed).
     fn want_snapshot(&self, why: &str) {
         let mut g = self.shared.lock();
         if g.snapshot_wanted {
@@ -516,8 +516,8 @@ impl Shipper {
     /// first, see `owner`): it is then the replica's only writer. Run at start, after
     /// every error, every [`plan::TEMP_SWEEP`] while idle and at a clean stop, because a connection
     /// that was cut can still deliver an upload's first requests to the server after the
-    /// reconnection's sweep (found with a blackholed link: the old TCP connection's queued
-    /// data reached the old server session once the link healed).
+    /// reconnection's sweep (a blackholed link's queued data reaches the old server session
+    /// once the link heals).
     fn remove_temps(&self) -> Result<()> {
         // The root too: owner claims and the marker are written there.
         let n = self.target.cleanup("")?;
