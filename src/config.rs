@@ -16,7 +16,7 @@ use toml::Spanned;
 /// Directory of per-instance configs: `--config NAME` means `<dir>/NAME.toml`.
 pub(crate) const DEFAULT_CONFIG_DIR: &str = "/etc/walship";
 /// Default known_hosts file for sftp replicas.
-pub const DEFAULT_KNOWN_HOSTS: &str = "/etc/walship/known_hosts";
+pub(crate) const DEFAULT_KNOWN_HOSTS: &str = "/etc/walship/known_hosts";
 
 /// A configuration error; the CLI exits with 78 (EX_CONFIG) on it so systemd does not restart.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +77,7 @@ impl ReplicaSettings {
     /// How to log in to this replica. A key and a passphrase that systemd passes as credentials
     /// (`walship-key-<name>`, `walship-passphrase-<name>`, wired by the systemd generator) are
     /// preferred over the configured paths.
-    pub fn access(&self) -> crate::backend::Access {
+    pub(crate) fn access(&self) -> crate::backend::Access {
         let cred =
             |prefix: &str| crate::systemd::credential_path(&format!("{prefix}{}", self.name));
         crate::backend::Access {

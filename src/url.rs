@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 /// Where a replica lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplicaUrl {
+pub(crate) enum ReplicaUrl {
     /// A directory on this machine.
     File(PathBuf),
     /// A directory on an SFTP server, as the server sees it.

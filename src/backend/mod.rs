@@ -168,7 +168,7 @@ pub(crate) fn split_parent(path: &str) -> (&str, &str) {
 /// `file://` none). Credentials passed by systemd are already resolved here (see
 /// [`crate::config::ReplicaSettings::access`]).
 #[derive(Debug, Clone)]
-pub struct Access {
+pub(crate) struct Access {
     /// Private key for sftp.
     pub key_path: Option<PathBuf>,
     /// File whose first line is the key's passphrase.

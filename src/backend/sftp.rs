@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Default for [`SftpOptions::timeout`].
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Size of each write call on an upload: libssh2 pipelines SFTP writes only within one call.
 const WRITE_CHUNK: usize = 1024 * 1024;

@@ -86,7 +86,7 @@ pub(crate) fn generation_dir(g: &GenerationId) -> String {
 
 /// A file inside a generation directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum FileName {
+pub(crate) enum FileName {
     /// The whole database as of commit `txid`.
     Snapshot {
         /// The commit the snapshot holds.

@@ -30,7 +30,7 @@ const FIELD_MAX_CHARS: usize = 1024;
 
 /// A walship instance: the random id its state directory keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct InstanceId(pub u64);
+pub(crate) struct InstanceId(pub u64);
 
 impl fmt::Display for InstanceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// What a replica holds: each generation with its files and their sizes in bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Listing {
+pub(crate) struct Listing {
     /// Generations in any order; a generation listed twice counts once with all its files.
     pub generations: Vec<(GenerationId, Vec<(FileName, u64)>)>,
 }

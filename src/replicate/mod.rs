@@ -26,13 +26,13 @@
 //! the new file opened, always as a new generation: nothing of the old file is ever read as,
 //! or checkpointed into, the new one.
 
-pub mod capture;
+pub(crate) mod capture;
 pub mod dblock;
 mod main_loop;
-pub mod owner;
+pub(crate) mod owner;
 mod replaced;
-pub mod ship;
-pub mod spool;
+pub(crate) mod ship;
+pub(crate) mod spool;
 pub mod state;
 
 use crate::config::Settings;
@@ -55,7 +55,7 @@ use tracing::{info, warn};
 
 /// Messages that wake the main loop.
 #[derive(Debug)]
-pub enum Msg {
+pub(crate) enum Msg {
     /// The database or its WAL changed.
     Changed,
     /// A replica made progress or changed health.
@@ -65,7 +65,7 @@ pub enum Msg {
 }
 
 /// How long shutdown waits for replicas to receive what is spooled.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 
 /// The identity written into replica markers: `host:/path/of.db`.
 pub fn identity(db: &Path) -> String {
@@ -183,7 +183,7 @@ fn wait_for_wal_mode(
 ///
 /// # Errors
 /// Start-up failures (state directory, database, configuration of replicas).
-pub fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
+pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     limit_malloc_arenas();
     let (tx, rx) = channel::<Msg>();
     spawn_signal_thread(tx.clone())?;
@@ -249,7 +249,6 @@ fn start_shippers(
         let target = r.open();
         shared.lock().replicas.push(ReplicaStatus {
             name: r.name.clone(),
-            url: target.url(),
             ..ReplicaStatus::default()
         });
         let s = Shipper {

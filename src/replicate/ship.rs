@@ -67,11 +67,9 @@ enum Flow {
 
 /// What the rest of walship knows about one replica.
 #[derive(Debug, Clone, Default)]
-pub struct ReplicaStatus {
+pub(crate) struct ReplicaStatus {
     /// The replica's name.
     pub name: String,
-    /// Its URL.
-    pub url: String,
     /// Key of the last file it holds.
     pub position: Option<Key>,
     /// Capture time of the newest commit it holds.

@@ -64,7 +64,7 @@ impl SpoolFile {
 
 /// The spool directory.
 #[derive(Debug)]
-pub struct Spool {
+pub(crate) struct Spool {
     dir: PathBuf,
     /// The file capture is writing live, if any (see the module doc).
     live: Mutex<Weak<LiveFile>>,
