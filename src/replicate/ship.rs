@@ -316,6 +316,7 @@ impl Shipper {
                 let at = ReplicaPosition {
                     key: last.key(),
                     time_ms,
+                    received_ms: Some(crate::clock::now_ms()),
                 };
                 self.state.save_position(&name, &at)?;
                 {
