@@ -29,9 +29,13 @@ pub struct Settings {
     /// The database file (`db`), absolute.
     pub(crate) db: PathBuf,
     /// walship's state for this database (`state-dir`); default: `$STATE_DIRECTORY` when
-    /// systemd sets it, else `/var/lib/walship/<db path with / as ->` for root, else
+    /// systemd sets it, else for the config of an instance NAME (`<config dir>/NAME.toml`)
+    /// `/var/lib/walship/NAME`, the unit's `StateDirectory=`, so that a command run by hand
+    /// finds the service's state; else `/var/lib/walship/<db path with / as ->` for root, else
     /// `$XDG_STATE_HOME/walship/...` (`~/.local/state/walship/...`).
     pub(crate) state_dir: PathBuf,
+    /// Whether `state-dir` was set (in the config, or by `--state-dir`) rather than defaulted.
+    pub(crate) state_dir_explicit: bool,
     /// How often a fresh snapshot is taken (`snapshot-interval`, default 24h).
     pub(crate) snapshot_interval: Duration,
     /// How long history stays restorable (`retention`, default 72h).
@@ -140,20 +144,45 @@ pub(crate) fn resolve_config_path(arg: &str) -> PathBuf {
     if arg.contains('/') || arg.ends_with(".toml") {
         PathBuf::from(arg)
     } else {
-        let dir =
-            std::env::var_os("WALSHIP_CONFIG_DIR").unwrap_or_else(|| DEFAULT_CONFIG_DIR.into());
-        Path::new(&dir).join(format!("{arg}.toml"))
+        config_dir().join(format!("{arg}.toml"))
     }
+}
+
+/// The directory of instance configs: `$WALSHIP_CONFIG_DIR`, default `/etc/walship`.
+pub(crate) fn config_dir() -> PathBuf {
+    std::env::var_os("WALSHIP_CONFIG_DIR")
+        .unwrap_or_else(|| DEFAULT_CONFIG_DIR.into())
+        .into()
 }
 
 /// Reads and validates a config file.
 ///
 /// # Errors
 /// [`ConfigError`] naming the file (and line:column where it applies).
+///
+/// A file in the config directory, `<dir>/NAME.toml`, is the config of instance NAME (the
+/// unit `walship@NAME`): its default state directory is the unit's (see
+/// [`Settings::state_dir`]).
 pub(crate) fn load(path: &Path) -> Result<Settings, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-    parse(&text, &path.display().to_string())
+    parse_instance(
+        &text,
+        &path.display().to_string(),
+        instance_of(path).as_deref(),
+    )
+}
+
+/// The instance NAME whose config `path` is: `<config dir>/NAME.toml`, where the config
+/// directory is `$WALSHIP_CONFIG_DIR` (default `/etc/walship`).
+pub(crate) fn instance_of(path: &Path) -> Option<String> {
+    let path = std::path::absolute(path).ok()?;
+    let dir = std::path::absolute(config_dir()).ok()?;
+    if path.parent()? != dir || path.extension()? != "toml" {
+        return None;
+    }
+    let name = path.file_stem()?.to_str()?;
+    (!name.is_empty() && !name.starts_with('.')).then(|| name.to_owned())
 }
 
 /// Parses config text; `origin` names it in errors.
@@ -161,6 +190,15 @@ pub(crate) fn load(path: &Path) -> Result<Settings, ConfigError> {
 /// # Errors
 /// [`ConfigError`] with `origin:line:column: message`.
 pub fn parse(text: &str, origin: &str) -> Result<Settings, ConfigError> {
+    parse_instance(text, origin, None)
+}
+
+/// [`parse`] for the config of `instance`, if it is one.
+fn parse_instance(
+    text: &str,
+    origin: &str,
+    instance: Option<&str>,
+) -> Result<Settings, ConfigError> {
     let src = Text { text, origin };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let msg = e.message().trim().replace('\n', " ");
@@ -182,12 +220,13 @@ pub fn parse(text: &str, origin: &str) -> Result<Settings, ConfigError> {
         let replica = replica(&src, r, &replicas)?;
         replicas.push(replica);
     }
-    let state_dir = src
-        .absolute_path(&raw.state_dir, "state-dir")?
-        .unwrap_or_else(|| default_state_dir(&db));
+    let explicit = src.absolute_path(&raw.state_dir, "state-dir")?;
+    let state_dir_explicit = explicit.is_some();
+    let state_dir = explicit.unwrap_or_else(|| default_state_dir(&db, instance));
     Ok(Settings {
         db,
         state_dir,
+        state_dir_explicit,
         snapshot_interval: tuning.snapshot_interval,
         retention: tuning.retention,
         spool_limit: tuning.spool_limit,
@@ -481,8 +520,12 @@ fn default_name(url: &ReplicaUrl) -> String {
     }
 }
 
-/// The default state directory for `db` (see [`Settings::state_dir`]).
-pub(crate) fn default_state_dir(db: &Path) -> PathBuf {
+/// Where the unit `walship@NAME` keeps its state (`StateDirectory=walship/%i`).
+pub(crate) const INSTANCE_STATE_ROOT: &str = "/var/lib/walship";
+
+/// The default state directory for `db`, configured as `instance` if it is one (see
+/// [`Settings::state_dir`]).
+pub(crate) fn default_state_dir(db: &Path, instance: Option<&str>) -> PathBuf {
     if let Some(dirs) = std::env::var_os("STATE_DIRECTORY") {
         if let Some(first) = dirs
             .to_string_lossy()
@@ -492,6 +535,9 @@ pub(crate) fn default_state_dir(db: &Path) -> PathBuf {
         {
             return PathBuf::from(first);
         }
+    }
+    if let Some(name) = instance {
+        return Path::new(INSTANCE_STATE_ROOT).join(name);
     }
     let leaf: String = db
         .to_string_lossy()
@@ -635,5 +681,33 @@ mod tests {
     fn instance_names_resolve_under_etc() {
         assert_eq!(resolve_config_path("./x.toml"), PathBuf::from("./x.toml"));
         assert_eq!(resolve_config_path("/a/b"), PathBuf::from("/a/b"));
+    }
+
+    /// The unit `walship@NAME` keeps its state in /var/lib/walship/NAME (StateDirectory=);
+    /// the config of instance NAME defaults to the same place without systemd, so `status`
+    /// and a `replicate` run by hand find the service's state. (The test process has neither
+    /// $STATE_DIRECTORY nor $WALSHIP_CONFIG_DIR.)
+    #[test]
+    fn an_instance_config_defaults_to_the_units_state_directory() {
+        let etc = Path::new(DEFAULT_CONFIG_DIR);
+        assert_eq!(
+            instance_of(&etc.join("fruits.toml")).as_deref(),
+            Some("fruits")
+        );
+        assert_eq!(instance_of(Path::new("/srv/fruits.toml")), None);
+        assert_eq!(instance_of(&etc.join("sub/fruits.toml")), None);
+        assert_eq!(instance_of(&etc.join("fruits.conf")), None);
+        let text = "db = \"/d/f.db\"\n[[replica]]\nurl = \"file:///r\"\n";
+        let s = parse_instance(text, "t.toml", Some("fruits")).unwrap();
+        assert_eq!(s.state_dir, PathBuf::from("/var/lib/walship/fruits"));
+        assert!(!s.state_dir_explicit);
+        assert_ne!(parse(text, "t.toml").unwrap().state_dir, s.state_dir);
+        let text = format!("state-dir = \"/s\"\n{text}");
+        let s = parse_instance(&text, "t.toml", Some("fruits")).unwrap();
+        assert_eq!(s.state_dir, PathBuf::from("/s"));
+        assert!(s.state_dir_explicit);
+        let unit = include_str!("../systemd/walship@.service");
+        assert!(unit.contains("StateDirectory=walship/%i\n"), "{unit}");
+        assert_eq!(INSTANCE_STATE_ROOT, "/var/lib/walship");
     }
 }

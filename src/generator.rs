@@ -188,7 +188,7 @@ fn render_writable(
     warnings: &mut Vec<String>,
 ) -> Result<(), String> {
     let mut writable = vec![writable_path(db_dir, false)];
-    if s.state_dir != config::default_state_dir(&s.db) {
+    if s.state_dir_explicit {
         writable.push(writable_path(&s.state_dir, true));
     }
     for r in &s.replicas {

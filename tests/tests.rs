@@ -10,6 +10,7 @@ mod e2e_restore_ops;
 mod e2e_sftp;
 mod e2e_single_writer;
 mod e2e_startup_errors;
+mod e2e_status;
 mod faulty;
 mod generator;
 mod netns;

@@ -1251,3 +1251,14 @@ impl DaemonBuilder {
         d
     }
 }
+
+/// Runs `walship ARGS` to completion (60 s limit) with `env` set on top of the test's own.
+pub fn walship_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &OsStr)]) -> Out {
+    let args: Vec<OsString> = args.iter().map(|a| a.as_ref().to_owned()).collect();
+    let mut c = Command::new(BIN);
+    c.args(&args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run_to_end(c, format!("walship {}", shell_words(&args)))
+}

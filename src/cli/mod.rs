@@ -125,7 +125,11 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Show a replica's generations, snapshots and segments, with times and sizes.
     List(ListArgs),
-    /// Show the replication status kept by the running daemon: position, lag, errors.
+    /// Show whether replication is healthy: daemon, lag, each replica's position and errors.
+    ///
+    ///   walship status fruits                      # the service walship@fruits
+    ///
+    ///   walship status --max-lag 1m --json /var/data/db/fruits.db
     Status(StatusArgs),
     /// Show an sftp target's host key and add it to known_hosts once confirmed.
     ///
@@ -223,13 +227,59 @@ pub struct ListArgs {
 
 // `walship status`: its help is the doc comment of `Command::Status`.
 #[derive(Debug, Args)]
+#[command(after_help = STATUS_AFTER_HELP)]
 pub struct StatusArgs {
     #[command(flatten)]
     pub(crate) config: ConfigArg,
-    /// The daemon's state directory (without --config).
-    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    /// An instance NAME for /etc/walship/NAME.toml, or the database's path (with a '/').
+    #[arg(value_name = "NAME|DB", conflicts_with = "config")]
+    pub(crate) target: Option<String>,
+    /// Look in this state directory instead (over the config's).
+    #[arg(long, value_name = "DIR")]
     pub(crate) state_dir: Option<PathBuf>,
+    /// Exit 5 when the lag is above this duration (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION")]
+    pub(crate) max_lag: Option<String>,
+    /// One JSON object on stdout instead of text (fields below).
+    #[arg(long)]
+    pub(crate) json: bool,
 }
+
+/// The exit codes and JSON fields of `walship status` (in `--help` and `man walship-status`).
+const STATUS_AFTER_HELP: &str = "\
+Exit status (the first that applies):
+  3  the daemon is not running (no process holds the state directory's lock)
+  5  the lag is above --max-lag (whatever the cause; never without --max-lag)
+  4  something fails: a replica (unreachable, refusing writes, ...) or reading the database
+  6  the daemon runs but is not replicating yet (starting, waiting for the database)
+  0  healthy: the daemon runs, nothing fails, the lag is within --max-lag
+  1  status cannot be read; 64 bad arguments; 78 configuration error
+
+The lag is the age of the oldest commit some replica does not hold yet. When the daemon is not
+running, its last report is shown with its time, never as current: what each replica holds,
+whether captured commits wait in the spool (unshipped), and whether the database's WAL holds
+commits walship never captured (uncaptured).
+
+--json prints one object with these fields (times in Unix milliseconds, null when unknown):
+  health               healthy | not-running | failing | lagging | starting
+  exit_code            the exit status above
+  daemon_running       true | false
+  state_dir, db        the paths used (db null with only --state-dir)
+  last_status          the daemon's last status line (stale if not running); last_status_ms
+  starting             what a starting daemon does or waits for
+  lag_ms, max_lag_ms   the lag now (null unless running), the threshold
+  replicas_ok          replicas holding everything captured (null unless running)
+  replicas_total       replicas configured (null unless running)
+  generation, txid, captured_ms the newest captured commit
+  failing              [\"NAME: error\", \"database: error\"] (empty unless running)
+  replicas             [{name, generation, txid, commit_ms, received_ms, caught_up, error}]:
+                       what each holds, when that commit was made, when it was last received
+  unshipped            captured commits some replica lacks
+  uncaptured_commits   commits in the WAL after the captured one (checked when not running)
+
+The state directory: --state-dir, else the config's state-dir, whose default for an instance
+NAME is /var/lib/walship/NAME (the unit's StateDirectory=); a database path is looked up among
+/etc/walship/*.toml ($WALSHIP_CONFIG_DIR).";
 
 // `walship trust`: its help is the doc comment of `Command::Trust`.
 #[derive(Debug, Args)]

@@ -49,17 +49,6 @@ impl Usage {
 }
 
 impl Source {
-    /// A config or a state directory, no database or replicas (`status`).
-    pub(super) fn of_state(config: ConfigArg, state_dir: Option<PathBuf>) -> Self {
-        Source {
-            config,
-            db: None,
-            urls: Vec::new(),
-            url_flags: UrlFlags::default(),
-            state_dir,
-        }
-    }
-
     /// The config's settings (with `--state-dir` applied), else settings made from the
     /// database and replica URLs on the command line.
     ///
@@ -71,6 +60,7 @@ impl Source {
             (Some(mut s), _, true) => {
                 if let Some(d) = self.state_dir {
                     s.state_dir = d;
+                    s.state_dir_explicit = true;
                 }
                 Ok(s)
             }
@@ -86,18 +76,6 @@ impl Source {
             (None, None, false) => Err(missing(usage.no_db).into()),
             (None, Some(_), true) => Err(missing(usage.no_urls).into()),
             _ => Err(missing(None).into()),
-        }
-    }
-
-    /// The state directory: the config's (or `--state-dir` over it), else `--state-dir`.
-    ///
-    /// # Errors
-    /// The config's errors, or `usage` when neither is given.
-    pub(super) fn state_dir(self, usage: &'static str) -> Result<PathBuf> {
-        match (load(&self.config)?, self.state_dir) {
-            (_, Some(d)) => Ok(d),
-            (Some(s), None) => Ok(s.state_dir),
-            (None, None) => Err(ConfigError(usage.into()).into()),
         }
     }
 }

@@ -334,6 +334,7 @@ impl Shipper {
         let at = ReplicaPosition {
             key: last.key(),
             time_ms,
+            received_ms: Some(now_ms()),
         };
         self.state.save_position(&self.name(), &at)?;
         {

@@ -9,7 +9,8 @@
 //! - `capture.state`: where capture stands, and where it stood before the last segment
 //!   ([`SavedCapture`]).
 //! - `pagehashes`: the per-page hashes of the captured state, saved at a clean stop.
-//! - `replica-<name>.state`: what replica `<name>` durably holds ([`ReplicaPosition`]).
+//! - `replica-<name>.state`: what replica `<name>` durably holds, and since when
+//!   ([`ReplicaPosition`]).
 //! - `instance`: this installation's instance id, named in its owner claims on replicas.
 //! - `spool/`: captured files waiting for replicas (see `spool`).
 //!
@@ -470,6 +471,9 @@ pub struct ReplicaPosition {
     pub key: Key,
     /// When its last commit was captured (Unix ms).
     pub time_ms: u64,
+    /// When the replica durably received that file (Unix ms): when this record was written.
+    /// `None` in records written before walship kept it.
+    pub received_ms: Option<u64>,
 }
 
 impl fmt::Display for ReplicaPosition {
@@ -479,6 +483,9 @@ impl fmt::Display for ReplicaPosition {
             .set("last", self.key.last)
             .set("rank", self.key.rank)
             .set("time-ms", self.time_ms);
+        if let Some(ms) = self.received_ms {
+            kv.set("received-ms", ms);
+        }
         kv.fmt(f)
     }
 }
@@ -494,6 +501,11 @@ impl FromStr for ReplicaPosition {
                 rank: kv.num("rank")?,
             },
             time_ms: kv.num("time-ms")?,
+            received_ms: kv
+                .0
+                .contains_key("received-ms")
+                .then(|| kv.num("received-ms"))
+                .transpose()?,
         })
     }
 }
@@ -645,8 +657,19 @@ mod tests {
         let pos = ReplicaPosition {
             key: at.key(),
             time_ms: 5,
+            received_ms: Some(6),
         };
         assert_eq!(pos.to_string().parse::<ReplicaPosition>().unwrap(), pos);
+        // A record written before `received-ms` existed still reads.
+        let old = format!("generation {}\nlast 42\nrank 0\ntime-ms 5\n", generation());
+        let old: ReplicaPosition = old.parse().unwrap();
+        assert_eq!(
+            old,
+            ReplicaPosition {
+                received_ms: None,
+                ..pos
+            }
+        );
         let progress = Progress {
             ok: 1,
             total: 2,
