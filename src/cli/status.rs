@@ -17,7 +17,9 @@ use super::StatusArgs;
 use crate::clock::{now_ms, rfc3339};
 use crate::config::{self, ConfigError, Settings};
 use crate::db::WalPos;
-use crate::replicate::state::{ReplicaPosition, SavedCapture, StateDir, Status};
+use crate::replicate::state::{
+    Captured, Progress, ReplicaPosition, SavedCapture, StateDir, Status,
+};
 use crate::wal::{WalHeader, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -44,6 +46,28 @@ pub(crate) enum Health {
 }
 
 impl Health {
+    /// The state, first that applies: not running, lag above `max_lag_ms`, something failing,
+    /// not replicating yet (no progress reported), healthy.
+    fn of(
+        running: bool,
+        lag_ms: Option<u64>,
+        max_lag_ms: Option<u64>,
+        failing: bool,
+        progress: Option<&Progress>,
+    ) -> Health {
+        if !running {
+            Health::NotRunning
+        } else if lag_ms.zip(max_lag_ms).is_some_and(|(l, m)| l > m) {
+            Health::Lagging
+        } else if failing {
+            Health::Failing
+        } else if progress.is_none() {
+            Health::Starting
+        } else {
+            Health::Healthy
+        }
+    }
+
     /// The exit code of this state (documented in `walship status --help`).
     pub(crate) fn exit_code(self) -> u8 {
         match self {
@@ -203,42 +227,7 @@ fn gather(
         .and_then(|p| p.failing.as_deref())
         .map(|f| f.split("; ").map(str::to_owned).collect())
         .unwrap_or_default();
-    let caught_up = |p: &ReplicaPosition| {
-        head.map(|h| p.key.generation == h.generation && p.key.last >= h.txid)
-    };
-    let mut names: Vec<String> = configured.to_vec();
-    for (n, _) in &positions {
-        if !names.contains(n) {
-            names.push(n.clone());
-        }
-    }
-    let replicas: Vec<ReplicaReport> = names
-        .into_iter()
-        .map(|name| {
-            let pos = positions.iter().find(|(n, _)| *n == name).map(|(_, p)| p);
-            let prefix = format!("{name}: ");
-            let error = if running {
-                failing
-                    .iter()
-                    .find_map(|f| f.strip_prefix(&prefix))
-                    .map(str::to_owned)
-            } else {
-                None
-            };
-            ReplicaReport {
-                generation: pos.map(|p| p.key.generation.to_string()),
-                txid: pos.map(|p| p.key.last),
-                commit_ms: pos.map(|p| p.time_ms),
-                received_ms: pos.and_then(|p| p.received_ms),
-                caught_up: match pos {
-                    Some(p) => caught_up(p),
-                    None => head.map(|_| false),
-                },
-                error,
-                name,
-            }
-        })
-        .collect();
+    let replicas = replica_reports(configured, &positions, &failing, running, head);
     let unshipped = head.map(|_| replicas.iter().any(|r| r.caught_up == Some(false)));
     // While the daemon runs the status file is rewritten whenever the lag changes from 0, so
     // a positive lag has grown since by the file's age.
@@ -253,17 +242,7 @@ fn gather(
         (Some(db), Some(c)) if !running => uncaptured(db, c),
         _ => None,
     };
-    let health = if !running {
-        Health::NotRunning
-    } else if lag_ms.zip(max_lag_ms).is_some_and(|(l, m)| l > m) {
-        Health::Lagging
-    } else if !failing.is_empty() {
-        Health::Failing
-    } else if progress.is_none() {
-        Health::Starting
-    } else {
-        Health::Healthy
-    };
+    let health = Health::of(running, lag_ms, max_lag_ms, !failing.is_empty(), progress);
     Ok(Report {
         health,
         exit_code: health.exit_code(),
@@ -290,6 +269,46 @@ fn gather(
         unshipped,
         uncaptured_commits,
     })
+}
+
+/// One report per replica: the configured ones first, then any other with a recorded
+/// position. Errors are the running daemon's (`<name>: <error>` in its status).
+fn replica_reports(
+    configured: &[String],
+    positions: &[(String, ReplicaPosition)],
+    failing: &[String],
+    running: bool,
+    head: Option<Captured>,
+) -> Vec<ReplicaReport> {
+    let mut names: Vec<String> = configured.to_vec();
+    for (n, _) in positions {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let pos = positions.iter().find(|(n, _)| *n == name).map(|(_, p)| p);
+            let prefix = format!("{name}: ");
+            let error = failing
+                .iter()
+                .find_map(|f| f.strip_prefix(&prefix))
+                .filter(|_| running)
+                .map(str::to_owned);
+            ReplicaReport {
+                generation: pos.map(|p| p.key.generation.to_string()),
+                txid: pos.map(|p| p.key.last),
+                commit_ms: pos.map(|p| p.time_ms),
+                received_ms: pos.and_then(|p| p.received_ms),
+                caught_up: head.map(|h| {
+                    pos.is_some_and(|p| p.key.generation == h.generation && p.key.last >= h.txid)
+                }),
+                error,
+                name,
+            }
+        })
+        .collect()
 }
 
 /// Whether the database's WAL holds commits after what walship captured: `Some(false)` only
@@ -395,26 +414,7 @@ fn print_human(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
         writeln!(o, "failing:    {f}")?;
     }
     for x in &r.replicas {
-        write!(o, "replica {}: ", x.name)?;
-        match (&x.generation, x.txid) {
-            (Some(g), Some(t)) => write!(o, "holds {g}/{t}")?,
-            _ => write!(o, "holds nothing yet")?,
-        }
-        if let Some(c) = x.commit_ms {
-            write!(o, " (committed {})", rfc3339(c))?;
-        }
-        match x.caught_up {
-            Some(true) => write!(o, ", all that was captured")?,
-            Some(false) => write!(o, ", behind")?,
-            None => {}
-        }
-        if let Some(rcv) = x.received_ms {
-            write!(o, "; last received {}", ago(now, rcv))?;
-        }
-        if let Some(e) = &x.error {
-            write!(o, "; failing: {e}")?;
-        }
-        writeln!(o)?;
+        print_replica(o, x, now)?;
     }
     if r.unshipped == Some(true) {
         let behind: Vec<&str> = r
@@ -435,5 +435,31 @@ fn print_human(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
             "uncaptured: the database has commits after the last captured one: no replica holds them (they are shipped when walship starts)"
         )?;
     }
+    Ok(())
+}
+
+/// One line for one replica: what it holds, whether that is all, when it last received
+/// something, and its error.
+fn print_replica(o: &mut impl Write, x: &ReplicaReport, now: u64) -> std::io::Result<()> {
+    write!(o, "replica {}: ", x.name)?;
+    match (&x.generation, x.txid) {
+        (Some(g), Some(t)) => write!(o, "holds {g}/{t}")?,
+        _ => write!(o, "holds nothing yet")?,
+    }
+    if let Some(c) = x.commit_ms {
+        write!(o, " (committed {})", rfc3339(c))?;
+    }
+    match x.caught_up {
+        Some(true) => write!(o, ", all that was captured")?,
+        Some(false) => write!(o, ", behind")?,
+        None => {}
+    }
+    if let Some(rcv) = x.received_ms {
+        write!(o, "; last received {}", ago(now, rcv))?;
+    }
+    if let Some(e) = &x.error {
+        write!(o, "; failing: {e}")?;
+    }
+    writeln!(o)?;
     Ok(())
 }
