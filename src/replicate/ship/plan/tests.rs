@@ -542,9 +542,9 @@ fn retention_runs_after_compaction_at_most_every_retain_every() {
     assert!(idle_round(&mut p, later, None).contains(&Action::Retain(G1)));
 }
 
-#[test]
-fn a_new_generation_s_snapshot_makes_retention_due() {
-    let t = Instant::now();
+/// A settled, idle planner in G1 that has just sent G2's first snapshot: returns it and
+/// the snapshot.
+fn sent_a_new_generation_s_snapshot(t: Instant) -> (Planner, SpoolFile) {
     let at = seg(G1, 1, 5);
     let mut p = settled(&at, vec![at.name], t);
     idle_round(&mut p, t, None);
@@ -552,12 +552,20 @@ fn a_new_generation_s_snapshot_makes_retention_due() {
     p.begin(view(vec![s.clone()]));
     p.next(RUN, None, t);
     p.sent(std::slice::from_ref(&s), s.name);
+    (p, s)
+}
+
+#[test]
+fn a_new_generation_s_snapshot_makes_retention_due() {
+    let t = Instant::now();
+    let (mut p, s) = sent_a_new_generation_s_snapshot(t);
     p.next(RUN, None, t);
     p.listed(G2, vec![s.name]);
     p.next(RUN, None, t);
     let soon = t + Duration::from_secs(1);
     assert!(idle_round(&mut p, soon, None).contains(&Action::Retain(G2)));
     // A segment of a new generation (the listing was lost) does not.
+    let at = seg(G1, 1, 5);
     let mut p = settled(&at, vec![at.name], t);
     idle_round(&mut p, t, None);
     let next = seg(G1, 6, 6);
@@ -638,13 +646,7 @@ fn the_deadline_counts_only_when_stopping() {
 #[test]
 fn a_position_not_saved_still_moves_but_makes_nothing_else_due() {
     let t = Instant::now();
-    let at = seg(G1, 1, 5);
-    let mut p = settled(&at, vec![at.name], t);
-    idle_round(&mut p, t, None);
-    let s = snap(G2, 1);
-    p.begin(view(vec![s.clone()]));
-    p.next(RUN, None, t);
-    p.sent(std::slice::from_ref(&s), s.name);
+    let (mut p, s) = sent_a_new_generation_s_snapshot(t);
     // Saving the position failed: the file is on the replica all the same.
     p.failed(false, 0);
     assert_eq!(p.pos, Some(key(&s)));
