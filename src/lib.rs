@@ -1,7 +1,8 @@
 //! walship: continuous, verifiable replication of SQLite databases by shipping their WAL.
 //!
-//! Module map. Dependencies point down this list and never back: `script/check-module-cycles`
-//! (run by `script/test`) fails on any cycle between sibling modules.
+//! Module map, in dependency order: each module uses only modules listed after it (true when
+//! written; what `script/check-module-cycles`, run by `script/test`, enforces is weaker: no
+//! cycle between sibling modules).
 //! - [`cli`]: the clap definition (help, man pages, completions) and one file per command;
 //!   `cli::source` turns a config, or the URLs and flags that stand in for one, into settings.
 //! - [`generator`]: the systemd generator writing a sandbox drop-in per `/etc/walship/NAME.toml`.

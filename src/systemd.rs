@@ -50,7 +50,9 @@ pub struct Notifier {
 impl Notifier {
     /// A notifier configured from the environment systemd sets for `Type=notify` services:
     /// `NOTIFY_SOCKET` (a path, or `@name` for an abstract socket), `WATCHDOG_USEC` and
-    /// `WATCHDOG_PID`. Missing or malformed variables disable the corresponding feature.
+    /// `WATCHDOG_PID` (read by `sd_notify::watchdog_enabled`). No socket disables notifications;
+    /// a missing or malformed `WATCHDOG_USEC`, or a `WATCHDOG_PID` naming another process,
+    /// disables the watchdog.
     pub(crate) fn from_env() -> Notifier {
         let socket = std::env::var_os("NOTIFY_SOCKET").map(PathBuf::from);
         Notifier::new(socket, sd_notify::watchdog_enabled())
