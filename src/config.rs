@@ -75,12 +75,22 @@ pub struct ReplicaSettings {
     pub(crate) use_agent: bool,
     /// Connect and I/O timeout (`timeout`, default 10s).
     pub(crate) timeout: Duration,
+    /// S3 only: the endpoint (`endpoint`, default `https://s3.REGION.amazonaws.com`).
+    pub(crate) endpoint: Option<String>,
+    /// S3 only: the region requests are signed for (`region`, default `us-east-1`).
+    pub(crate) region: String,
+    /// S3 only: bucket in the URL path rather than the host name (`path-style`, default true
+    /// with an `endpoint`, false for AWS).
+    pub(crate) path_style: bool,
+    /// S3 only: file holding the access key (`credentials-file`; default: the environment's
+    /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`).
+    pub(crate) credentials_file: Option<PathBuf>,
 }
 
 impl ReplicaSettings {
-    /// How to log in to this replica. A key and a passphrase that systemd passes as credentials
-    /// (`walship-key-<name>`, `walship-passphrase-<name>`, wired by the systemd generator) are
-    /// preferred over the configured paths.
+    /// How to log in to this replica. A key, a passphrase and S3 credentials that systemd passes
+    /// as credentials (`walship-key-<name>`, `walship-passphrase-<name>`, `walship-s3-<name>`,
+    /// wired by the systemd generator) are preferred over the configured paths.
     pub(crate) fn access(&self) -> crate::backend::Access {
         let cred =
             |prefix: &str| crate::systemd::credential_path(&format!("{prefix}{}", self.name));
@@ -91,6 +101,11 @@ impl ReplicaSettings {
             known_hosts: self.known_hosts.clone(),
             use_agent: self.use_agent,
             timeout: self.timeout,
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            credentials_file: cred(crate::systemd::S3_CREDENTIAL_PREFIX)
+                .or_else(|| self.credentials_file.clone()),
         }
     }
 
@@ -123,8 +138,12 @@ struct RawReplica {
     key_path: Option<Spanned<String>>,
     passphrase_file: Option<Spanned<String>>,
     known_hosts: Option<Spanned<String>>,
-    use_agent: Option<bool>,
+    use_agent: Option<Spanned<bool>>,
     timeout: Option<Spanned<String>>,
+    endpoint: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    path_style: Option<Spanned<bool>>,
+    credentials_file: Option<Spanned<String>>,
 }
 
 /// Extra settings that the ad-hoc command-line form (`DB URL...`) takes as flags.
@@ -132,6 +151,12 @@ struct RawReplica {
 pub(crate) struct AdHoc {
     /// `--key-path`.
     pub(crate) key_path: Option<PathBuf>,
+    /// `--endpoint` (s3).
+    pub(crate) endpoint: Option<String>,
+    /// `--region` (s3).
+    pub(crate) region: Option<String>,
+    /// `--credentials-file` (s3).
+    pub(crate) credentials_file: Option<PathBuf>,
     /// `--known-hosts`.
     pub(crate) known_hosts: Option<PathBuf>,
     /// `--state-dir`.
@@ -381,48 +406,106 @@ fn replica(
             &"`timeout` must be at least 100ms",
         ));
     }
-    check_access_keys(src, r, &url, key_path.is_some())?;
+    check_access_keys(src, r, &url)?;
     let name = replica_name(src, r, &url, before)?;
     if before.iter().any(|x| x.url == url) {
         return Err(src.at(sp(&r.url), &"the same replica URL is configured twice"));
     }
+    let use_agent = r.use_agent.as_ref().is_some_and(|b| *b.get_ref());
+    if matches!(url, ReplicaUrl::Sftp(_)) && key_path.is_none() && !use_agent {
+        return Err(src.at(
+            sp(&r.url),
+            &"an sftp replica needs `key-path` (or `use-agent = true`)",
+        ));
+    }
+    let endpoint = s3_endpoint(src, r)?;
+    let region = match &r.region {
+        Some(reg) if valid_region(reg.get_ref()) => reg.get_ref().clone(),
+        Some(reg) => {
+            return Err(src.at(
+                sp(reg),
+                &"`region` must be 1-64 characters of a-z, 0-9, '-', '_'",
+            ))
+        }
+        None => DEFAULT_S3_REGION.to_owned(),
+    };
     Ok(ReplicaSettings {
         name,
         url,
         key_path,
         passphrase_file,
         known_hosts,
-        use_agent: r.use_agent.unwrap_or(false),
+        use_agent,
         timeout,
+        path_style: r
+            .path_style
+            .as_ref()
+            .map_or(endpoint.is_some(), |b| *b.get_ref()),
+        endpoint,
+        region,
+        credentials_file: src.absolute_path(&r.credentials_file, "credentials-file")?,
     })
 }
 
-/// An sftp replica needs a way to log in; the keys that say how apply to sftp only.
-fn check_access_keys(
-    src: &Text,
-    r: &RawReplica,
-    url: &ReplicaUrl,
-    has_key: bool,
-) -> Result<(), ConfigError> {
-    let is_file = matches!(url, ReplicaUrl::File(_));
-    if !is_file && !has_key && !r.use_agent.unwrap_or(false) {
-        return Err(src.at(
-            sp(&r.url),
-            &"an sftp replica needs `key-path` (or `use-agent = true`)",
-        ));
+/// The region of an S3 replica without `region`.
+pub(crate) const DEFAULT_S3_REGION: &str = "us-east-1";
+
+fn valid_region(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// The `endpoint` of an S3 replica: an `http://` or `https://` URL with a host and nothing
+/// after the path.
+fn s3_endpoint(src: &Text, r: &RawReplica) -> Result<Option<String>, ConfigError> {
+    let Some(e) = &r.endpoint else {
+        return Ok(None);
+    };
+    let text = e.get_ref().trim_end_matches('/');
+    let rest = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"));
+    match rest {
+        Some(host) if !host.is_empty() && !host.contains(['?', '#', '@', ' ']) => {
+            Ok(Some(text.to_owned()))
+        }
+        _ => Err(src.at(
+            sp(e),
+            &"`endpoint` must be an http:// or https:// URL (https://s3.example.com:9000)",
+        )),
     }
-    if is_file {
-        for (v, key) in [
-            (&r.key_path, "key-path"),
-            (&r.passphrase_file, "passphrase-file"),
-            (&r.known_hosts, "known-hosts"),
-        ] {
-            if let Some(s) = v {
-                return Err(src.at(sp(s), &format!("`{key}` applies to sftp replicas only")));
-            }
+}
+
+/// Each access key applies to one kind of replica only; setting it on another is an error
+/// rather than silently ignored.
+fn check_access_keys(src: &Text, r: &RawReplica, url: &ReplicaUrl) -> Result<(), ConfigError> {
+    let sftp = matches!(url, ReplicaUrl::Sftp(_));
+    let s3 = matches!(url, ReplicaUrl::S3(_));
+    let keys = [
+        ("key-path", sftp, "sftp", sp_opt(&r.key_path)),
+        ("passphrase-file", sftp, "sftp", sp_opt(&r.passphrase_file)),
+        ("known-hosts", sftp, "sftp", sp_opt(&r.known_hosts)),
+        ("use-agent", sftp, "sftp", sp_opt(&r.use_agent)),
+        ("endpoint", s3, "s3", sp_opt(&r.endpoint)),
+        ("region", s3, "s3", sp_opt(&r.region)),
+        ("path-style", s3, "s3", sp_opt(&r.path_style)),
+        ("credentials-file", s3, "s3", sp_opt(&r.credentials_file)),
+    ];
+    for (key, applies, kind, at) in keys {
+        if let (Some(at), false) = (at, applies) {
+            return Err(src.at(
+                Some(at),
+                &format!("`{key}` applies to {kind} replicas only"),
+            ));
         }
     }
     Ok(())
+}
+
+/// Where an optional key was set, if it was.
+fn sp_opt<T>(v: &Option<Spanned<T>>) -> Option<Range<usize>> {
+    v.as_ref().map(Spanned::span)
 }
 
 /// The replica's `name`, or its default, unique among the replicas `before` it.
@@ -480,6 +563,20 @@ pub(crate) fn ad_hoc(db: &Path, urls: &[String], extra: &AdHoc) -> Result<Settin
                 text += &format!("known-hosts = {}\n", toml_str(&k.display().to_string()));
             }
         }
+        if u.starts_with("s3://") {
+            for (key, v) in [("endpoint", &extra.endpoint), ("region", &extra.region)] {
+                if let Some(v) = v {
+                    text += &format!("{key} = {}\n", toml_str(v));
+                }
+            }
+            if let Some(k) = &extra.credentials_file {
+                let k = std::path::absolute(k).unwrap_or_else(|_| k.clone());
+                text += &format!(
+                    "credentials-file = {}\n",
+                    toml_str(&k.display().to_string())
+                );
+            }
+        }
     }
     parse(&text, "command line").map_err(|e| {
         // Line numbers of the synthesised text mean nothing to the user: keep the message.
@@ -503,6 +600,7 @@ fn valid_name(s: &str) -> bool {
 fn default_name(url: &ReplicaUrl) -> String {
     match url {
         ReplicaUrl::File(_) => "file".to_owned(),
+        ReplicaUrl::S3(_) => "s3".to_owned(),
         ReplicaUrl::Sftp(u) => {
             let host = &u.host;
             let n: String = host

@@ -19,7 +19,7 @@
 //!   is escaped as `%%`.
 
 use crate::config::{self, Settings};
-use crate::systemd::{KEY_CREDENTIAL_PREFIX, PASSPHRASE_CREDENTIAL_PREFIX};
+use crate::systemd::{KEY_CREDENTIAL_PREFIX, PASSPHRASE_CREDENTIAL_PREFIX, S3_CREDENTIAL_PREFIX};
 use crate::url::ReplicaUrl;
 use anyhow::Context;
 use std::fmt::Write as _;
@@ -234,6 +234,7 @@ fn render_credentials(
         for (prefix, file) in [
             (KEY_CREDENTIAL_PREFIX, &r.key_path),
             (PASSPHRASE_CREDENTIAL_PREFIX, &r.passphrase_file),
+            (S3_CREDENTIAL_PREFIX, &r.credentials_file),
         ] {
             let Some(file) = file else { continue };
             if !file.exists() {

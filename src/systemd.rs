@@ -275,6 +275,10 @@ pub(crate) const KEY_CREDENTIAL_PREFIX: &str = "walship-key-";
 /// `walship-passphrase-<replica name>`.
 pub(crate) const PASSPHRASE_CREDENTIAL_PREFIX: &str = "walship-passphrase-";
 
+/// Prefix of the credential that carries an S3 replica's credentials file:
+/// `walship-s3-<replica name>`.
+pub(crate) const S3_CREDENTIAL_PREFIX: &str = "walship-s3-";
+
 /// The file systemd passed as credential `name` (`LoadCredential=name:...` in the unit):
 /// `$CREDENTIALS_DIRECTORY/<name>` if that variable is set and the file exists. Names with a
 /// `/` or that are `.`/`..` are never looked up.

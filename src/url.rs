@@ -1,8 +1,10 @@
-//! Replica URLs: `file:///PATH` and `sftp://USER@HOST[:PORT]/PATH`, parsed strictly (the sftp
-//! form by [`SftpUrl::parse`], the one parser for it).
+//! Replica URLs: `file:///PATH`, `sftp://USER@HOST[:PORT]/PATH` and `s3://BUCKET[/PREFIX]`,
+//! parsed strictly (the sftp form by [`SftpUrl::parse`], the s3 form by [`S3Url::parse`], the
+//! one parser for each).
 //!
-//! Invariant: a parsed URL always has a non-empty path and, for sftp, a user and a host; its
-//! `Display` form round-trips through [`ReplicaUrl::parse`].
+//! Invariant: a parsed file or sftp URL always has a non-empty path and, for sftp, a user and a
+//! host; an s3 URL has a valid bucket name and a prefix of plain names (possibly empty: the
+//! whole bucket). Every `Display` form round-trips through [`ReplicaUrl::parse`].
 
 use std::fmt;
 use std::path::PathBuf;
@@ -14,6 +16,8 @@ pub(crate) enum ReplicaUrl {
     File(PathBuf),
     /// A directory on an SFTP server, as the server sees it.
     Sftp(SftpUrl),
+    /// A prefix in an S3 bucket.
+    S3(S3Url),
 }
 
 impl ReplicaUrl {
@@ -39,8 +43,12 @@ impl ReplicaUrl {
         if s.starts_with("sftp://") {
             return SftpUrl::parse(s).map(ReplicaUrl::Sftp);
         }
+        if s.starts_with("s3://") {
+            return S3Url::parse(s).map(ReplicaUrl::S3);
+        }
         Err(format!(
-            "invalid replica URL {s:?}: expected file:///PATH or sftp://USER@HOST[:PORT]/PATH"
+            "invalid replica URL {s:?}: expected file:///PATH, sftp://USER@HOST[:PORT]/PATH or \
+             s3://BUCKET/PREFIX"
         ))
     }
 }
@@ -50,6 +58,65 @@ impl fmt::Display for ReplicaUrl {
         match self {
             ReplicaUrl::File(p) => write!(f, "file://{}", p.display()),
             ReplicaUrl::Sftp(u) => u.fmt(f),
+            ReplicaUrl::S3(u) => u.fmt(f),
+        }
+    }
+}
+
+/// A parsed `s3://BUCKET[/PREFIX]` URL.
+///
+/// Invariants: `bucket` is a valid S3 bucket name (3-63 characters of `a-z`, `0-9`, `.`, `-`,
+/// starting and ending with a letter or digit); `prefix` is empty (the whole bucket) or a
+/// `/`-separated relative path of plain names, without leading or trailing `/`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct S3Url {
+    /// The bucket.
+    pub bucket: String,
+    /// The key prefix of the replica's objects, without a trailing `/`.
+    pub prefix: String,
+}
+
+impl S3Url {
+    /// Parses `s3://BUCKET[/PREFIX]` strictly.
+    ///
+    /// # Errors
+    /// A one-line message saying what is wrong and showing the expected form.
+    pub fn parse(s: &str) -> Result<S3Url, String> {
+        const FORM: &str = "expected s3://BUCKET/PREFIX";
+        let bad = |why: &str| Err(format!("invalid s3 URL {s:?}: {why} ({FORM})"));
+        let Some(rest) = s.strip_prefix("s3://") else {
+            return bad("it must start with s3://");
+        };
+        if rest.contains(['?', '#', '%', '@']) {
+            return bad("queries, fragments, credentials and percent-encoding are not supported");
+        }
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid_char =
+            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-';
+        if !(3..=63).contains(&bucket.len())
+            || !bucket.chars().all(valid_char)
+            || !bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+            || !bucket.ends_with(|c: char| c.is_ascii_alphanumeric())
+        {
+            return bad("the bucket name must be 3-63 characters of a-z, 0-9, '.' and '-'");
+        }
+        let prefix = prefix.trim_end_matches('/');
+        if !prefix.is_empty() && plain_relative_path(prefix).is_err() {
+            return bad("the prefix must be plain names separated by '/' (no '.', '..' or '//')");
+        }
+        Ok(S3Url {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for S3Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.prefix.is_empty() {
+            write!(f, "s3://{}", self.bucket)
+        } else {
+            write!(f, "s3://{}/{}", self.bucket, self.prefix)
         }
     }
 }
@@ -227,6 +294,8 @@ mod tests {
             "sftp://replicator@alpha/db",
             "sftp://replicator@alpha:2222/db/fruits",
             "sftp://r@[::1]:2222/db",
+            "s3://walship-backups",
+            "s3://walship-backups/fruits/db",
         ] {
             let u = ReplicaUrl::parse(s).expect(s);
             assert_eq!(u.to_string(), s);
@@ -247,6 +316,14 @@ mod tests {
             "sftp://r@/db",
             "sftp://r@[::1/db",
             "/srv/replica",
+            "s3://",
+            "s3://ab/x",
+            "s3://Upper/x",
+            "s3://-bucket/x",
+            "s3://bucket/a//b",
+            "s3://bucket/../x",
+            "s3://bucket/x?versionId=1",
+            "s3://key:secret@bucket/x",
         ] {
             assert!(ReplicaUrl::parse(s).is_err(), "{s} must be refused");
         }

@@ -47,6 +47,8 @@ macro_rules! conformance_suite {
                 list_sorted_with_sizes_and_dirs,
                 overwrite_replaces,
                 failed_write_leaves_nothing,
+                big_write_round_trips,
+                failed_big_write_leaves_nothing,
                 bad_paths_refused,
                 delete_makes_not_found,
                 remove_dir_only_when_empty,
@@ -146,21 +148,24 @@ pub fn overwrite_replaces(t: &dyn Backend) {
     assert_eq!(read_all(t, "a/b/small"), b"v2");
 }
 
+/// A reader that gives `.0` bytes, then fails.
+struct Failing(usize);
+
+impl Read for Failing {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.0 == 0 {
+            return Err(std::io::Error::other("source broke"));
+        }
+        let n = buf.len().min(self.0).min(65536);
+        buf[..n].fill(7);
+        self.0 -= n;
+        Ok(n)
+    }
+}
+
 /// A failing reader leaves nothing behind under the final name, and no visible temp file.
 pub fn failed_write_leaves_nothing(t: &dyn Backend) {
     populate(t);
-    struct Failing(usize);
-    impl Read for Failing {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            if self.0 == 0 {
-                return Err(std::io::Error::other("source broke"));
-            }
-            let n = buf.len().min(self.0).min(65536);
-            buf[..n].fill(7);
-            self.0 -= n;
-            Ok(n)
-        }
-    }
     let e = t
         .write_atomic("a/broken", &mut Failing(200_000))
         .expect_err("must fail");
@@ -178,6 +183,49 @@ pub fn failed_write_leaves_nothing(t: &dyn Backend) {
         .iter()
         .all(|e| !e.name.starts_with(TEMP_PREFIX)));
     t.cleanup("a").expect("cleanup");
+}
+
+/// A body of 13 MB, more than two S3 parts of 5 MiB: bigger than one upload on every
+/// target, and read back whole.
+fn huge_body() -> Vec<u8> {
+    (0..13_000_000u32)
+        .map(|i| (i.wrapping_mul(2246822519) >> 11) as u8)
+        .collect()
+}
+
+/// A body bigger than one upload (an S3 multipart upload) is written whole and read back.
+pub fn big_write_round_trips(t: &dyn Backend) {
+    let body = huge_body();
+    let n = t
+        .write_atomic("big/file", &mut &body[..])
+        .expect("write huge");
+    assert_eq!(n, body.len() as u64);
+    assert!(read_all(t, "big/file") == body, "content differs");
+    let listed = t.list("big").expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].size, body.len() as u64);
+}
+
+/// A reader failing after several parts leaves nothing readable, and `cleanup` finds nothing
+/// left over (S3: the multipart upload was aborted, not left for cleanup).
+pub fn failed_big_write_leaves_nothing(t: &dyn Backend) {
+    let e = t
+        .write_atomic("big/broken", &mut Failing(12_000_000))
+        .expect_err("must fail");
+    assert!(
+        e.to_string().contains("big/broken"),
+        "error must name the file: {e}"
+    );
+    assert_eq!(
+        t.read("big/broken").err().map(|e| e.kind),
+        Some(ErrorKind::NotFound)
+    );
+    assert!(t.list("big").expect("list").is_empty());
+    assert_eq!(
+        t.cleanup("big").expect("cleanup"),
+        0,
+        "nothing left to clean"
+    );
 }
 
 /// Bad paths are refused before any I/O.

@@ -14,6 +14,7 @@
 
 pub mod file;
 pub(crate) mod known_hosts;
+pub mod s3;
 pub mod sftp;
 
 use crate::url::ReplicaUrl;
@@ -164,8 +165,8 @@ pub(crate) fn split_parent(path: &str) -> (&str, &str) {
     }
 }
 
-/// What opening a replica needs besides its URL: how to log in to it (sftp uses all of it;
-/// `file://` none). Credentials passed by systemd are already resolved here (see
+/// What opening a replica needs besides its URL: how to log in to it (sftp and s3 use their
+/// own fields; `file://` none). Credentials passed by systemd are already resolved here (see
 /// [`crate::config::ReplicaSettings::access`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Access {
@@ -179,6 +180,14 @@ pub(crate) struct Access {
     pub use_agent: bool,
     /// Bound on connecting and on every network operation.
     pub timeout: Duration,
+    /// S3 endpoint (`None`: AWS).
+    pub endpoint: Option<String>,
+    /// S3 region.
+    pub region: String,
+    /// S3 path-style addressing.
+    pub path_style: bool,
+    /// S3 credentials file (`None`: the environment).
+    pub credentials_file: Option<PathBuf>,
 }
 
 /// Opens the replica at `url`: the one place that maps a URL scheme to its backend.
@@ -193,6 +202,13 @@ pub(crate) fn open(url: &ReplicaUrl, access: &Access) -> Box<dyn Backend> {
             use_agent: access.use_agent,
             timeout: access.timeout,
         })),
+        ReplicaUrl::S3(url) => {
+            let mut o = s3::S3Options::new(url.clone(), access.endpoint.clone(), &access.region);
+            o.path_style = access.path_style;
+            o.credentials_file = access.credentials_file.clone();
+            o.timeout = access.timeout;
+            Box::new(s3::S3Backend::new(o))
+        }
     }
 }
 

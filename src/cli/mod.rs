@@ -85,6 +85,15 @@ pub(crate) struct UrlFlags {
     /// OpenSSH known_hosts file for sftp:// URLs [default: /etc/walship/known_hosts].
     #[arg(long, value_name = "FILE")]
     pub(crate) known_hosts: Option<PathBuf>,
+    /// S3 endpoint for s3:// URLs, e.g. http://127.0.0.1:3900 (path-style) [default: AWS].
+    #[arg(long, value_name = "URL")]
+    pub(crate) endpoint: Option<String>,
+    /// S3 region for s3:// URLs [default: us-east-1].
+    #[arg(long, value_name = "REGION")]
+    pub(crate) region: Option<String>,
+    /// S3 credentials file for s3:// URLs [default: $AWS_ACCESS_KEY_ID, $AWS_SECRET_ACCESS_KEY].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) credentials_file: Option<PathBuf>,
 }
 
 /// The commands.
@@ -153,7 +162,7 @@ pub struct ReplicateArgs {
     /// The database (without --config).
     #[arg(value_name = "DB", conflicts_with = "config")]
     pub(crate) db: Option<PathBuf>,
-    /// Replica URLs: file:///PATH or sftp://USER@HOST[:PORT]/PATH.
+    /// Replica URLs: file:///PATH, sftp://USER@HOST[:PORT]/PATH or s3://BUCKET/PREFIX.
     #[arg(value_name = "URL", requires = "db")]
     pub(crate) urls: Vec<String>,
     /// State directory [default: $STATE_DIRECTORY, else /var/lib/walship/<db path>].
