@@ -600,7 +600,7 @@ fn valid_name(s: &str) -> bool {
 fn default_name(url: &ReplicaUrl) -> String {
     match url {
         ReplicaUrl::File(_) => "file".to_owned(),
-        ReplicaUrl::S3(_) => "s3".to_owned(),
+        ReplicaUrl::S3(u) => u.bucket.replace('.', "-").chars().take(32).collect(),
         ReplicaUrl::Sftp(u) => {
             let host = &u.host;
             let n: String = host
@@ -764,6 +764,64 @@ mod tests {
             err("db = \"/x.db\"\n[[replica]]\nurl = \"file:///r\"\nwat = 1\n")
                 .starts_with("t.toml:4:1: unknown field `wat`")
         );
+    }
+
+    #[test]
+    fn s3_keys_apply_to_s3_replicas_only() {
+        let s = parse(
+            "db = \"/d.db\"\n[[replica]]\nurl = \"s3://walship/fruits\"\n\
+             endpoint = \"http://127.0.0.1:3900/\"\nregion = \"garage\"\n\
+             credentials-file = \"/etc/walship/s3\"\n[[replica]]\nurl = \"s3://aws-bucket/x\"\n",
+            "t.toml",
+        )
+        .expect("valid");
+        let (garage, aws) = (&s.replicas[0], &s.replicas[1]);
+        assert_eq!(garage.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert!(garage.path_style, "an endpoint means path-style by default");
+        assert_eq!(garage.region, "garage");
+        assert_eq!(garage.name, "walship", "named after the bucket");
+        assert_eq!((aws.endpoint.as_ref(), aws.path_style), (None, false));
+        assert_eq!(aws.region, DEFAULT_S3_REGION);
+        for (keys, msg) in [
+            (
+                "key-path = \"/k\"",
+                "t.toml:5:12: `key-path` applies to sftp replicas only",
+            ),
+            (
+                "use-agent = true",
+                "t.toml:5:13: `use-agent` applies to sftp replicas only",
+            ),
+            (
+                "endpoint = \"ftp://x\"",
+                "t.toml:5:12: `endpoint` must be an http:// or https:// URL",
+            ),
+            (
+                "region = \"EU West\"",
+                "t.toml:5:10: `region` must be 1-64 characters",
+            ),
+        ] {
+            let e = err(&format!(
+                "db = \"/d.db\"\n\n[[replica]]\nurl = \"s3://b-1/x\"\n{keys}\n"
+            ));
+            assert!(e.starts_with(msg), "{keys}: {e}");
+        }
+        for (url, keys, msg) in [
+            (
+                "file:///r",
+                "endpoint = \"http://x\"",
+                "`endpoint` applies to s3 replicas only",
+            ),
+            (
+                "sftp://u@h/d",
+                "credentials-file = \"/c\"",
+                "`credentials-file` applies to s3",
+            ),
+        ] {
+            let e = err(&format!(
+                "db = \"/d.db\"\n[[replica]]\nurl = \"{url}\"\n{keys}\n"
+            ));
+            assert!(e.contains(msg), "{url} {keys}: {e}");
+        }
     }
 
     #[test]
