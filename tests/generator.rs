@@ -43,12 +43,14 @@ impl Tree {
     }
 }
 
-/// A config with an existing database, an sftp replica with key and passphrase files, and a
-/// file:// replica walship has yet to create. Returns the expected drop-in.
+/// A config with an existing database, an sftp replica with key and passphrase files, a
+/// file:// replica walship has yet to create, and an s3 replica with a credentials file.
+/// Returns the expected drop-in.
 pub fn good_config(t: &Tree) -> String {
     fs::write(t.p("data/app.db"), b"").expect("db");
     fs::write(t.p("keys/alpha.key"), b"key").expect("key");
     fs::write(t.p("keys/alpha.pass"), b"pass").expect("passphrase");
+    fs::write(t.p("keys/garage.creds"), b"creds").expect("s3 credentials");
     let r = t.root.display();
     t.config(
         "app.toml",
@@ -56,7 +58,9 @@ pub fn good_config(t: &Tree) -> String {
             "db = \"{r}/data/app.db\"\n\
              [[replica]]\nurl = \"sftp://replicator@alpha/db\"\n\
              key-path = \"{r}/keys/alpha.key\"\npassphrase-file = \"{r}/keys/alpha.pass\"\n\
-             [[replica]]\nurl = \"file://{r}/replicas/app\"\n"
+             [[replica]]\nurl = \"file://{r}/replicas/app\"\n\
+             [[replica]]\nname = \"garage\"\nurl = \"s3://walship/app\"\n\
+             endpoint = \"http://127.0.0.1:3900\"\ncredentials-file = \"{r}/keys/garage.creds\"\n"
         ),
     );
     let m = fs::metadata(t.p("data/app.db")).expect("stat db");
@@ -70,7 +74,8 @@ pub fn good_config(t: &Tree) -> String {
          ReadWritePaths={r}/data\n\
          ReadWritePaths={r}/replicas\n\
          LoadCredential=walship-key-alpha:{r}/keys/alpha.key\n\
-         LoadCredential=walship-passphrase-alpha:{r}/keys/alpha.pass\n",
+         LoadCredential=walship-passphrase-alpha:{r}/keys/alpha.pass\n\
+         LoadCredential=walship-s3-garage:{r}/keys/garage.creds\n",
         uid = m.uid(),
         gid = m.gid(),
     )

@@ -23,6 +23,10 @@ const REPLICA_KEYS: &[&str] = &[
     "known-hosts",
     "use-agent",
     "timeout",
+    "endpoint",
+    "region",
+    "path-style",
+    "credentials-file",
 ];
 
 fn read(rel: &str) -> String {
@@ -52,7 +56,7 @@ fn example_config_parses_as_shipped_and_fully_uncommented() {
         .map(|l| format!("{l}\n"))
         .collect();
     let s = walship::config::parse(&full, "example (uncommented)").expect("uncommented example");
-    assert_eq!(s.replicas.len(), 2, "{full}");
+    assert_eq!(s.replicas.len(), 3, "{full}");
     for k in TOP_KEYS.iter().chain(REPLICA_KEYS) {
         assert!(
             full.lines().any(|l| l.starts_with(&format!("{k} = "))),

@@ -348,7 +348,12 @@ impl S3Backend {
             E::Io(io) => BackendError::io(op, path, "", io).kind,
             _ => ErrorKind::Unavailable,
         };
-        self.fail(kind, op, path, &format!("cannot reach {}: {e}", self.endpoint))
+        self.fail(
+            kind,
+            op,
+            path,
+            &format!("cannot reach {}: {e}", self.endpoint),
+        )
     }
 
     /// Reads a successful response's body as text.
