@@ -54,7 +54,7 @@ const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
 const ATTEMPTS: u32 = 3;
 
 /// The first retry's delay; each next one is four times longer.
-const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How much of an error response is read for its code and message.
 const ERROR_BODY_LIMIT: u64 = 64 << 10;
@@ -303,7 +303,7 @@ impl S3Backend {
                 ),
             ),
             (404, _) => (ErrorKind::NotFound, format!("no such object ({said})")),
-            (403, "RequestTimeTooSkewed") | (403, "RequestExpired") => (
+            (400 | 403, _) if about_time(&code, &message) => (
                 ErrorKind::Other,
                 format!("this host's clock and the store's differ too much; check NTP ({said})"),
             ),
@@ -674,6 +674,16 @@ impl<R: Read> Read for ContextReader<R> {
             .read(buf)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.what)))
     }
+}
+
+/// Whether an S3 error says that the request's date was refused: AWS's `RequestTimeTooSkewed`
+/// and `RequestExpired`, Garage's `InvalidRequest: ... Date is too old`, and the like.
+fn about_time(code: &str, message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    matches!(code, "RequestTimeTooSkewed" | "RequestExpired")
+        || ["date", "expired", "skew", "not yet valid"]
+            .iter()
+            .any(|w| m.contains(w))
 }
 
 /// The `Content-MD5` header value of `body`.
