@@ -12,6 +12,7 @@ mod e2e_single_writer;
 mod e2e_startup_errors;
 mod e2e_status;
 mod faulty;
+mod garage;
 mod generator;
 mod netns;
 mod notify;
