@@ -37,6 +37,9 @@ pub(crate) const WAIT: Duration = Duration::from_secs(60);
 /// The key's and the bucket's name.
 const NAME: &str = "walship-test";
 
+/// The bound on one `garage` CLI command (and one curl request).
+pub(crate) const CLI_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How many lines of a node's log a failure message quotes.
 const LOG_TAIL_LINES: usize = 40;
 
@@ -309,7 +312,7 @@ impl Garage {
         let out = self.run_cli(i, args);
         if !out.status.success() {
             panic!(
-                "`garage {}` against node {i} failed ({}):\n{}{}\n{}",
+                "`garage {}` against node {i} failed ({}; 137: killed after {CLI_TIMEOUT:?}):\n{}{}\n{}",
                 args.join(" "),
                 out.status,
                 String::from_utf8_lossy(&out.stdout),
@@ -382,6 +385,7 @@ impl Garage {
             );
         }
         self.wait_healthy();
+        self.wait_bucket_reachable(i);
     }
 
     /// Waits until every running node reports all nodes up and every partition fully
@@ -452,7 +456,9 @@ impl Garage {
             .unwrap_or_else(|e| panic!("cannot create a scratch dir for curl: {e}"));
         let out_file = scratch.path().join("body");
         let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "20", "--aws-sigv4"])
+        cmd.args(["-sS", "--max-time"])
+            .arg(CLI_TIMEOUT.as_secs().to_string())
+            .arg("--aws-sigv4")
             .arg(format!("aws:amz:{}:s3", self.region()))
             .arg("--user")
             .arg(format!("{key_id}:{secret}"))
@@ -669,8 +675,13 @@ impl Garage {
         }
     }
 
+    /// Runs `garage -c CONF(i) ARGS`, killed after [`CLI_TIMEOUT`] (a stopped node accepts
+    /// connections and never answers) with exit status 137.
     fn run_cli(&self, i: usize, args: &[&str]) -> Output {
-        Command::new(&self.bin)
+        Command::new("timeout")
+            .args(["-s", "KILL"])
+            .arg(format!("{}s", CLI_TIMEOUT.as_secs()))
+            .arg(&self.bin)
             .arg("-c")
             .arg(&self.nodes[i].conf)
             .args(args)
@@ -678,7 +689,7 @@ impl Garage {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()))
+            .unwrap_or_else(|e| panic!("cannot run timeout {}: {e}", self.bin.display()))
     }
 
     /// Calls `f` every 100 ms until it returns true (then true) or `timeout` passes (false).
@@ -801,22 +812,42 @@ fn garage_survives_one_node_down_and_heals_after_restart() {
     g.put(0, "before.bin", &before);
 
     g.kill(1);
-    // Node 0 must notice: proves the health check below is not vacuous.
-    let ok = g.poll(WAIT, || g.health(0).storage_nodes_up == 2);
-    assert!(ok, "node 0 never saw node 1 down: {:?}", g.health(0));
-    let degraded = g.health(0);
-    assert_eq!(degraded.status, "degraded", "{degraded:?}");
-
+    // Right away: node 0 still believes node 1 up, and must settle for 2 of 3 writes.
     let during = payload("during", 10_000);
+    let t0 = Instant::now();
     g.put(0, "during.bin", &during);
+    eprintln!(
+        "garage: PUT right after a node's death took {:?}",
+        t0.elapsed()
+    );
     assert_eq!(
         g.get(2, "during.bin"),
         during,
-        "GET through node 2, node 1 down"
+        "GET through node 2, node 1 just killed"
     );
     assert_eq!(
         g.get(2, "before.bin"),
         before,
+        "GET through node 2, node 1 just killed"
+    );
+
+    // Node 0 must notice (it takes a few seconds): proves the health checks below are real.
+    let t0 = Instant::now();
+    let ok = g.poll(WAIT, || g.health(0).storage_nodes_up == 2);
+    assert!(ok, "node 0 never saw node 1 down: {:?}", g.health(0));
+    eprintln!("garage: node 0 saw node 1 down after {:?}", t0.elapsed());
+    let degraded = g.health(0);
+    assert_eq!(degraded.status, "degraded", "{degraded:?}");
+    let (healthy, status) = healthy_section(&g);
+    assert!(
+        !healthy.contains(&g.nodes[1].id_hex()[..16]),
+        "killed node 1 among the healthy nodes of `garage status`:\n{status}"
+    );
+    let known_down = payload("known-down", 10_000);
+    g.put(0, "known-down.bin", &known_down);
+    assert_eq!(
+        g.get(2, "known-down.bin"),
+        known_down,
         "GET through node 2, node 1 down"
     );
 
@@ -830,12 +861,7 @@ fn garage_survives_one_node_down_and_heals_after_restart() {
         let h = g.health(i);
         assert!(h.all_ok(3), "node {i} after the restart: {h:?}");
     }
-    let status = g.cli(&["status"]);
-    let healthy = status
-        .split("==== HEALTHY NODES ====")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no HEALTHY NODES section in `garage status`:\n{status}"));
-    let healthy = healthy.split("====").next().unwrap_or(healthy);
+    let (healthy, status) = healthy_section(&g);
     for (i, node) in g.nodes.iter().enumerate() {
         let short = &node.id_hex()[..16];
         assert!(
@@ -848,6 +874,17 @@ fn garage_survives_one_node_down_and_heals_after_restart() {
         during,
         "GET through the restarted node"
     );
+}
+
+/// The HEALTHY NODES section of `garage status` (against node 0), and the whole output.
+fn healthy_section(g: &Garage) -> (String, String) {
+    let status = g.cli(&["status"]);
+    let healthy = status
+        .split("==== HEALTHY NODES ====")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no HEALTHY NODES section in `garage status`:\n{status}"));
+    let healthy = healthy.split("====").next().unwrap_or(healthy).to_owned();
+    (healthy, status)
 }
 
 /// Garage 2.5.0 ignores `If-None-Match: *` on PUT: the second PUT overwrites (200, not 412).
