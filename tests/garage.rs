@@ -15,6 +15,13 @@
 //! dir. The harness talks to Garage only through its own CLI (`garage -c CONF ...`, which
 //! speaks RPC to the node named by CONF) and its S3 API through `curl --aws-sigv4`; missing
 //! prerequisites (the garage binary, curl) make tests fail loudly, never skip.
+//!
+//! What Garage 2.5.0 does here (measured by the self-tests): a 3-node cluster is ready in
+//! ~1.5-2.5 s; a node uses ~25-30 MB RSS; the first PUT after a node is SIGKILLed takes either
+//! ~60 ms or 7.5-8.5 s (about half the runs: node 0 notices the dead peer only when a send to
+//! it fails), later ones are quick; a restarted node is not counted up by its peers until
+//! they retry (every 30 s), so [`Garage::restart`] has them dial it, and the cluster is
+//! healthy again in ~1.3 s; `If-None-Match: *` on PUT is ignored (the second PUT overwrites).
 
 #![allow(dead_code)]
 
@@ -364,8 +371,8 @@ impl Garage {
         kill_child(&mut child);
     }
 
-    /// Starts node `i` again (same config, ports and data) and waits until every running
-    /// node sees the cluster healthy again.
+    /// Starts node `i` again (same config, ports and data) and waits until every node sees
+    /// the cluster healthy again and node `i`'s S3 API serves the bucket.
     pub(crate) fn restart(&mut self, i: usize) {
         assert!(!self.is_running(i), "garage node {i} is still running");
         self.spawn(i);
@@ -388,11 +395,16 @@ impl Garage {
         self.wait_bucket_reachable(i);
     }
 
-    /// Waits until every running node reports all nodes up and every partition fully
-    /// replicated.
+    /// Waits until every node reports all nodes up and every partition fully replicated
+    /// (every node must be running).
     pub(crate) fn wait_healthy(&self) {
         let n = self.nodes.len();
         let running: Vec<usize> = (0..n).filter(|&i| self.is_running(i)).collect();
+        assert_eq!(
+            running.len(),
+            n,
+            "wait_healthy with a killed node: restart it first"
+        );
         let mut last = String::new();
         let ok = self.poll(WAIT, || {
             for &i in &running {
@@ -812,7 +824,8 @@ fn garage_survives_one_node_down_and_heals_after_restart() {
     g.put(0, "before.bin", &before);
 
     g.kill(1);
-    // Right away: node 0 still believes node 1 up, and must settle for 2 of 3 writes.
+    // Right away: node 0 may still believe node 1 up (this PUT then takes ~8 s), and must
+    // settle for 2 of 3 writes.
     let during = payload("during", 10_000);
     let t0 = Instant::now();
     g.put(0, "during.bin", &during);
