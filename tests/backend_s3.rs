@@ -28,7 +28,8 @@ pub(crate) fn shared() -> &'static Garage {
                 std::thread::park();
             }
         });
-        rx.recv().expect("the Garage cluster failed to start (see above)")
+        rx.recv()
+            .expect("the Garage cluster failed to start (see above)")
     })
 }
 
@@ -95,13 +96,17 @@ fn s3_cleanup_aborts_incomplete_uploads() {
     let t = S3Backend::new(options(g, 0, "orphans"));
     // What a crash mid-upload leaves: multipart uploads started and never completed.
     for key in ["orphans/dir/a", "orphans/dir/b", "orphans/other/c"] {
-        let r = g.s3(0, "POST", &format!("{key}?uploads"), None, &[]);
+        let r = g.s3(0, "POST", &format!("{key}?uploads="), None, &[]);
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     }
     assert_eq!(t.cleanup("dir").expect("cleanup"), 2);
-    assert_eq!(t.cleanup("dir").expect("cleanup again"), 0, "aborted for good");
+    assert_eq!(
+        t.cleanup("dir").expect("cleanup again"),
+        0,
+        "aborted for good"
+    );
     assert_eq!(t.cleanup("other").expect("cleanup other"), 1);
-    let left = g.s3(0, "GET", "?uploads", None, &[]);
+    let left = g.s3(0, "GET", "?uploads=", None, &[]);
     let body = String::from_utf8_lossy(&left.body);
     assert!(!body.contains("<Upload>"), "uploads left: {body}");
 }
@@ -130,13 +135,21 @@ fn s3_errors_say_what_to_fix() {
     o.credentials_file = Some(bad.clone());
     let e = err_of(S3Backend::new(o).list(""));
     assert_eq!(e.kind, ErrorKind::Other);
-    assert!(e.to_string().contains("access denied") && e.to_string().contains(&bad.display().to_string()), "{e}");
+    assert!(
+        e.to_string().contains("access denied")
+            && e.to_string().contains(&bad.display().to_string()),
+        "{e}"
+    );
 
     let mut o = options(g, 0, "errors");
     o.url.bucket = "no-such-bucket".into();
     let e = err_of(S3Backend::new(o).list(""));
     assert_eq!(e.kind, ErrorKind::Other);
-    assert!(e.to_string().contains("bucket no-such-bucket does not exist"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("bucket no-such-bucket does not exist"),
+        "{e}"
+    );
 
     let mut o = options(g, 0, "errors");
     o.region = "eu-west-1".into();
@@ -147,7 +160,10 @@ fn s3_errors_say_what_to_fix() {
     let mut o = options(g, 0, "errors");
     o.credentials_file = Some(dir.path().join("absent"));
     let e = err_of(S3Backend::new(o).list(""));
-    assert!(e.to_string().contains("cannot read S3 credentials file"), "{e}");
+    assert!(
+        e.to_string().contains("cannot read S3 credentials file"),
+        "{e}"
+    );
 
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = closed.local_addr().expect("addr").port();
@@ -160,7 +176,13 @@ fn s3_errors_say_what_to_fix() {
 
     // A clock an hour behind: the store refuses the request's date.
     let out = std::process::Command::new("faketime")
-        .args(["-f", "-1h", env!("CARGO_BIN_EXE_walship"), "list", "--endpoint"])
+        .args([
+            "-f",
+            "-1h",
+            env!("CARGO_BIN_EXE_walship"),
+            "list",
+            "--endpoint",
+        ])
         .arg(g.endpoint(0))
         .args(["--region", g.region(), "--credentials-file"])
         .arg(g.credentials_file())
@@ -202,12 +224,57 @@ fn tls_front(g: &Garage) -> (String, std::path::PathBuf, (tempfile::TempDir, Kil
             .current_dir(dir.path())
             .output()
             .expect("run openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=walship test CA", "-keyout", "ca.key", "-out", "ca.pem"]);
-    openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"]);
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=walship test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
     std::fs::write(p("ext"), "subjectAltName = IP:127.0.0.1\n").expect("write ext");
-    openssl(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext", "-out", "server.pem"]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+        "-out",
+        "server.pem",
+    ]);
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
@@ -232,10 +299,17 @@ fn tls_front(g: &Garage) -> (String, std::path::PathBuf, (tempfile::TempDir, Kil
     let guard = KillOnDrop(child);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "stunnel did not listen on {port}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stunnel did not listen on {port}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    (format!("https://127.0.0.1:{port}"), p("ca.pem"), (dir, guard))
+    (
+        format!("https://127.0.0.1:{port}"),
+        p("ca.pem"),
+        (dir, guard),
+    )
 }
 
 struct KillOnDrop(std::process::Child);
@@ -253,11 +327,18 @@ fn s3_https_is_checked_against_the_system_ca_store() {
     let (endpoint, ca, _keep) = tls_front(g);
     let list = |ca_file: Option<&std::path::Path>| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_walship"));
-        c.args(["list", "--endpoint", &endpoint, "--region", g.region(), "--credentials-file"])
-            .arg(g.credentials_file())
-            .arg(format!("s3://{}/tls", g.bucket()))
-            .env_remove("SSL_CERT_FILE")
-            .env_remove("SSL_CERT_DIR");
+        c.args([
+            "list",
+            "--endpoint",
+            &endpoint,
+            "--region",
+            g.region(),
+            "--credentials-file",
+        ])
+        .arg(g.credentials_file())
+        .arg(format!("s3://{}/tls", g.bucket()))
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR");
         if let Some(f) = ca_file {
             // OpenSSL's default store, as an admin who installed the CA would have it.
             c.env("SSL_CERT_FILE", f);

@@ -46,12 +46,16 @@ fn committed(ws: &[Writer]) -> Vec<(String, i64)> {
     ws.iter().flat_map(Writer::committed).collect()
 }
 
-/// No multipart upload left incomplete under `prefix`.
+/// No multipart upload left incomplete under `prefix` (the whole bucket's list is asked for:
+/// curl's SigV4 and Garage disagree on how to sign a `/` in the query).
 fn assert_no_incomplete_uploads(g: &Garage, prefix: &str) {
-    let r = g.s3(0, "GET", &format!("?uploads&prefix={prefix}/"), None, &[]);
+    let r = g.s3(0, "GET", "?uploads=", None, &[]);
     let body = String::from_utf8_lossy(&r.body);
     assert_eq!(r.status, 200, "{body}");
-    assert!(!body.contains("<Upload>"), "incomplete uploads left: {body}");
+    assert!(
+        !body.contains(&format!("<Key>{prefix}/")),
+        "incomplete uploads left: {body}"
+    );
 }
 
 #[test]

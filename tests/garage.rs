@@ -391,7 +391,11 @@ impl Garage {
                 &format!("node {j} connects to restarted node {i}"),
             );
         }
-        self.wait_healthy();
+        if (0..self.nodes.len()).all(|j| self.is_running(j)) {
+            self.wait_healthy();
+        } else {
+            self.wait_up();
+        }
         self.wait_bucket_reachable(i);
     }
 
@@ -405,9 +409,26 @@ impl Garage {
             n,
             "wait_healthy with a killed node: restart it first"
         );
+        self.wait_health(&running, "healthy", |h| h.all_ok(n));
+    }
+
+    /// Waits until every running node sees exactly the running nodes up (some are killed, so
+    /// partitions cannot all be fully replicated).
+    fn wait_up(&self) {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.is_running(i))
+            .collect();
+        let up = running.len() as u64;
+        self.wait_health(&running, &format!("{up} nodes up"), |h| {
+            h.storage_nodes_up == up
+        });
+    }
+
+    /// Polls the health every node of `running` reports until `ok` holds for all of them.
+    fn wait_health(&self, running: &[usize], what: &str, ok: impl Fn(&Health) -> bool) {
         let mut last = String::new();
-        let ok = self.poll(WAIT, || {
-            for &i in &running {
+        let done = self.poll(WAIT, || {
+            for &i in running {
                 self.check_alive(i);
                 let out = self.run_cli(i, &["json-api", "GetClusterHealth"]);
                 let health = match out.status.success() {
@@ -415,7 +436,7 @@ impl Garage {
                     false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
                 };
                 match health {
-                    Ok(h) if h.all_ok(n) => {}
+                    Ok(h) if ok(&h) => {}
                     Ok(h) => {
                         last = format!("node {i} reports {h:?}");
                         return false;
@@ -428,10 +449,9 @@ impl Garage {
             }
             true
         });
-        if !ok {
+        if !done {
             panic!(
-                "the Garage cluster did not become healthy ({n} storage nodes up, every \
-                 partition fully replicated) within {WAIT:?}; last: {last}\n{}",
+                "the Garage cluster did not become {what} within {WAIT:?}; last: {last}\n{}",
                 self.all_log_tails()
             );
         }
@@ -588,8 +608,8 @@ impl Garage {
         let log2 = log
             .try_clone()
             .unwrap_or_else(|e| panic!("cannot duplicate {}: {e}", node.log.display()));
-        let child = Command::new(&self.bin)
-            .arg("-c")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("-c")
             .arg(&node.conf)
             .arg("server")
             .env("RUST_LOG", "info")
@@ -597,7 +617,16 @@ impl Garage {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .process_group(0)
+            .process_group(0);
+        // The node dies with the thread that started it, so that a cluster shared by a whole
+        // test binary (never dropped) does not outlive it.
+        // SAFETY: prctl(2) is async-signal-safe, as code between fork and exec must be.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} server: {e}", self.bin.display()));
         self.nodes[i].child = Some(child);
