@@ -147,8 +147,12 @@ stop_poll
 LAGSTATUS=$(cat "$T/lstate/status")
 stop_walship
 python3 "$BENCH/lagstats.py" "$T/l.out" "$T/poll-lag.out" "$T/base.out" S3 >"$T/lagstats"
+# the same with the time each first-showing listing was sent (see s3sign.py: the truth is between
+# the previous listing's start and that listing's answer)
+awk '$1=="listed" {t0[$2]=$3} $1=="seg" && ($5 in t0) {$4=t0[$5]} {print}' "$T/poll-lag.out" >"$T/poll-lag-sent.out"
+python3 "$BENCH/lagstats.py" "$T/l.out" "$T/poll-lag-sent.out" "$T/base.out" S3 >"$T/lagstats-sent"
 set -- $(grep '^# poll ' "$T/poll-lag.out")
-POLLS=$3; POLL_MEAN=$4; POLL_P50=$5; POLL_P99=$6; POLL_MAX=$7; LIST_P50=$8
+POLLS=$3; POLL_MEAN=$4; POLL_P50=$5; POLL_P99=$6; POLL_MAX=$7; LIST_P50=$8; LIST_P99=$9
 
 echo "# s3.sh  $(date -u +%FT%TZ)  $(nproc) cores  $("$GARAGE" --version | cut -d' ' -f1-2), 3 nodes on 127.0.0.1, replication_factor 3, sqlite metadata  s3cmd $(s3cmd --version | awk '{print $3}')  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-44s %-22s %-22s %-8s %s\n' metric walship s3cmd "ratio" note
@@ -162,11 +166,34 @@ printf '%-44s %-22s %-22s %-8s %s\n' "3. restore (generation $(py "print('%.1f' 
     "$RESTORE_MS ms $(mbs $GOT $RESTORE_MS) MiB/s" "$((GET_MS + IC_MS)) ms (get $GET_MS + check $IC_MS)" \
     "$(ratio $((GET_MS + IC_MS)) $RESTORE_MS)" "$SAME; s3cmd get alone $(mbs $GOT $GET_MS) MiB/s"
 echo "2. walship CPU during the bulk load: $(py "print('%.2f' % ($CPU1-$CPU0))") s = $(py "print('%.2f' % (($CPU1-$CPU0)*1024/$MIB2))") s per GiB loaded; replica (s3://$S3_BUCKET/w) $(py "print('%.1f' % ($REPLICA_BYTES/2**20))") MiB for a $(py "print('%.1f' % ($(stat -c %s "$T/w.db")/2**20))") MiB database"
-echo "4. lag, commit returned -> first listing showing it (ListObjectsV2 of the generation prefix, $POLLS listings: interval mean $POLL_MEAN ms, p50 $POLL_P50, p99 $POLL_P99, max $POLL_MAX; one listing p50 $LIST_P50 ms):"
+echo "4. lag, commit returned -> answer of the first listing showing it (ListObjectsV2 of the generation prefix, $POLLS listings: interval mean $POLL_MEAN ms, p50 $POLL_P50, p99 $POLL_P99, max $POLL_MAX; one listing p50 $LIST_P50 ms, p99 $LIST_P99 ms):"
 grep -v '^RESULT' "$T/lagstats"
+echo "   the same up to the moment that listing was sent (lag p50/p99/max ms):"
+awk '/^[0-9a-z]+\/s / {printf "   %-9s %9s %9s %9s\n", $1, $5, $6, $7}' "$T/lagstats-sent"
+# Garage stores an object under 3 KiB (its INLINE_THRESHOLD) in the metadata table, a bigger one
+# as a data block sent to the nodes by RPC: the two paths differ much in latency here
+python3 - "$T/l.out" "$T/poll-lag.out" <<'PY'
+import sys
+rng, sizes = {}, {}
+for l in open(sys.argv[1]):
+    if l[0] != '#' and l.strip():
+        ph, seq = l.split()[:2]
+        lo, hi = rng.get(ph, (10**18, 0))
+        rng[ph] = (min(lo, int(seq) + 1), max(hi, int(seq) + 1))
+for l in open(sys.argv[2]):
+    p = l.split()
+    if p and p[0] == 'size' and p[1].startswith('seg-0-'):
+        sizes[int(p[1].split('-')[2], 16)] = int(p[2])
+for ph, (lo, hi) in rng.items():
+    s = sorted(v for k, v in sizes.items() if lo <= k <= hi)
+    if s:
+        print('   %-7s level-0 segment objects: %d, size p50 %d B, max %d B, %d of them >= 3 KiB (stored as Garage data blocks)' % (
+            ('max' if ph.startswith('0:') else ph.split(':')[0]) + '/s', len(s), s[len(s) // 2], s[-1], sum(1 for v in s if v >= 3072)))
+PY
 echo "   walship CPU during the writer run: $(py "print('%.2f' % ($CPU3-$CPU2))") s; status: $LAGSTATUS"
 LAG=$(grep '^RESULT lag100' "$T/lagstats" | sed 's/^RESULT lag100 //; s/p50_ms/lag100_p50_ms/; s/p99_ms/lag100_p99_ms/')
-echo "RESULT s3 snap_ratio=$(ratio $PUT_SNAP_MS $SNAP_MS) bulk_ratio=$(ratio $PUT_SEG_MS $BULK_MS) restore_ratio=$(ratio $((GET_MS + IC_MS)) $RESTORE_MS) ${LAG:-lag100=NA} poll_p50_ms=$POLL_P50"
+LAGSENT=$(grep '^RESULT lag100' "$T/lagstats-sent" | sed 's/^RESULT lag100 //; s/p50_ms/lag100_sent_p50_ms/; s/p99_ms/lag100_sent_p99_ms/')
+echo "RESULT s3 snap_ratio=$(ratio $PUT_SNAP_MS $SNAP_MS) bulk_ratio=$(ratio $PUT_SEG_MS $BULK_MS) restore_ratio=$(ratio $((GET_MS + IC_MS)) $RESTORE_MS) ${LAG:-lag100=NA} ${LAGSENT:-} poll_p50_ms=$POLL_P50"
 for l in "$T/walship.log" "$T/walship-lag.log"; do
     echo "walship log $(basename "$l"): $(grep -c ERROR "$l" || true) ERROR lines; distinct WARN/ERROR:"
     grep -E 'WARN|ERROR' "$l" | sed -E 's/^[^ ]+ +//; s/[0-9a-f]{12,20}/X/g; s#/tmp/[^ ]*##g' | sort | uniq -c | head -8 || true

@@ -12,11 +12,14 @@ Environment: S3_ENDPOINT (http://HOST:PORT), S3_REGION, S3_KEY_ID, S3_SECRET.
 
 poll writes lines in watch.py's format, so lagstats.py reads them: "seg FIRST LAST T_NS NAME" /
 "snap TXID T_NS NAME", T_NS = CLOCK_MONOTONIC when the listing that first showed the name
-returned (objects present at the first listing are flagged "pre"), then "ready" after the first
-listing, and on SIGTERM "# poll N INTERVAL_MEAN_MS P50 P99 MAX LIST_P50_MS" (the achieved time
-between the starts of consecutive listings, which bounds the lag's resolution, and the time one
-listing takes). An object is durable once its PUT returned, and Garage's listings are quorum reads,
-so the first listing that shows a name is within one interval of the moment it became durable.
+returned (objects present at the first listing are flagged "pre"). Before a segment's line come
+"size NAME BYTES" and "listed NAME T0_NS", T0_NS = when that listing was sent. Then "ready" after
+the first listing, and on SIGTERM "# poll N INTERVAL_MEAN_MS P50 P99 MAX LIST_P50_MS LIST_P99_MS"
+(the achieved time between the starts of consecutive listings, and the time one listing takes).
+An object is durable once its PUT returned, and Garage's listings are quorum reads (a name was
+always in the first listing sent after its PUT returned), so a segment became durable between
+the previous listing's start and T_NS: T_NS is an upper bound, T0_NS a close estimate when
+listings are quick (a Garage listing sometimes takes ~40-80 ms on this loopback cluster).
 To keep each listing small, it starts after the 8th-newest level-0 segment already seen (names
 sort by first txid, and uploads are in txid order, with some slack).
 """
@@ -105,9 +108,10 @@ def poll(s3, bucket, prefix, out_path):
     def done(*_):
         gaps = [b - a for a, b in zip(starts, starts[1:])]
         ms = lambda ns: ns / 1e6
-        out.write('# poll %d %.2f %.2f %.2f %.2f %.2f\n' % (
+        out.write('# poll %d %.2f %.2f %.2f %.2f %.2f %.2f\n' % (
             len(starts), ms(sum(gaps) / len(gaps)) if gaps else float('nan'),
-            ms(pct(gaps, 50)), ms(pct(gaps, 99)), ms(max(gaps)) if gaps else float('nan'), ms(pct(durs, 50))))
+            ms(pct(gaps, 50)), ms(pct(gaps, 99)), ms(max(gaps)) if gaps else float('nan'),
+            ms(pct(durs, 50)), ms(pct(durs, 99))))
         out.flush()
         os._exit(0)
     signal.signal(signal.SIGTERM, done)
@@ -119,7 +123,7 @@ def poll(s3, bucket, prefix, out_path):
         keys, _ = s3.list(bucket, prefix, start_after=after)
         t = time.monotonic_ns()
         durs.append(t - t0)
-        for key, _size in keys:
+        for key, size in keys:
             name = key[len(prefix):]
             if name in seen:
                 continue
@@ -127,6 +131,8 @@ def poll(s3, bucket, prefix, out_path):
             m = SEG_RE.match(name)
             if m:
                 seen.add(name)
+                out.write('size %s %d\n' % (name, size))
+                out.write('listed %s %d\n' % (name, t0))
                 if m.group(1) == '0':
                     level0.append(name)
                 out.write('seg %d %d %d %s%s\n' % (int(m.group(2), 16), int(m.group(3), 16), t, name, tag))
