@@ -2,6 +2,9 @@
 # sqlite metadata, data under $T/garage), one key and one bucket. Its processes go into $PIDS, so
 # common.sh's cleanup trap kills them (by pid) and removes their directories with $T.
 # GARAGE=... overrides the binary (default: script/install-garage, which builds only if missing).
+# Garage's own defaults are kept: metadata_fsync and data_fsync are false (a write is acknowledged
+# once a quorum of 2 nodes has it, not once it is on disk), and objects under 3 KiB are stored in
+# the metadata table, bigger ones as data blocks sent between the nodes by RPC.
 
 # free_port: a free loopback TCP port
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
