@@ -65,6 +65,17 @@ WPID=$!; PIDS="$PIDS $WPID"
 wait_ready "$T/state" "$T/walship.log"
 t1=$(mono_ns)
 SNAP_MS=$(ms $t0 $t1)
+# of which uploading: walship's log, "snapshot written" (compressed into the local spool) -> "ready"
+SNAP_UP_MS=$(python3 - "$T/walship.log" <<'PY'
+import datetime, sys
+ts = {}
+for l in open(sys.argv[1]):
+    for k in ('snapshot written', 'ready:'):
+        if k in l and k not in ts:
+            ts[k] = datetime.datetime.fromisoformat(l.split()[0].replace('Z', '+00:00'))
+print(int((ts['ready:'] - ts['snapshot written']).total_seconds() * 1000) if len(ts) == 2 else -1)
+PY
+)
 GEN=$(gen_of w)
 GP="w/generations/$GEN/"
 python3 "$BENCH/s3sign.py" list "$S3_BUCKET" "$GP" >"$T/list0"
@@ -123,6 +134,10 @@ GOT=$(py "print(dir_bytes('$T/got'))")
 # 1-2 baselines: s3cmd put of the very objects walship wrote (the files s3cmd just got)
 SNAP_FILE="$T/got/$(basename "$SNAP_KEY")"
 [ "$(stat -c %s "$SNAP_FILE" 2>/dev/null)" = "$SNAP_BYTES" ] || { echo "bench: s3cmd got no $SNAP_KEY of $SNAP_BYTES bytes" >&2; ls -l "$T/got" >&2; exit 1; }
+# s3cmd's fixed cost (process start, config, one request): a put of a 1-byte object
+head -c 1 /dev/zero >"$T/one"
+t0=$(mono_ns); $S3C put -q "$T/one" "s3://$S3_BUCKET/base/one" >/dev/null; t1=$(mono_ns)
+S3CMD_FIXED_MS=$(ms $t0 $t1)
 t0=$(mono_ns); $S3C put -q "$SNAP_FILE" "s3://$S3_BUCKET/base/snap/" >/dev/null; t1=$(mono_ns)
 PUT_SNAP_MS=$(ms $t0 $t1)
 SEG_FILES=$(sed "s#^#$T/got/#" "$T/bulk-segs")
@@ -158,13 +173,14 @@ echo "# s3.sh  $(date -u +%FT%TZ)  $(nproc) cores  $("$GARAGE" --version | cut -
 printf '%-44s %-22s %-22s %-8s %s\n' metric walship s3cmd "ratio" note
 printf '%-44s %-22s %-22s %-8s %s\n' "1. snapshot $MIB MiB db ($(py "print('%.1f' % ($SNAP_BYTES/2**20))") MiB object)" \
     "$SNAP_MS ms $(mbs $SNAP_BYTES $SNAP_MS) MiB/s" "$PUT_SNAP_MS ms $(mbs $SNAP_BYTES $PUT_SNAP_MS) MiB/s" \
-    "$(ratio $PUT_SNAP_MS $SNAP_MS)" "walship start -> ready, incl. snapshot compression"
+    "$(ratio $PUT_SNAP_MS $SNAP_MS)" "walship start -> ready, incl. snapshot compression; uploading alone (log: snapshot written -> ready) $SNAP_UP_MS ms $(mbs $SNAP_BYTES $SNAP_UP_MS) MiB/s"
 printf '%-44s %-22s %-22s %-8s %s\n' "2. bulk $MIB2 MiB load ($SEG_N segs, $(py "print('%.1f' % ($SEG_BYTES/2**20))") MiB)" \
     "$BULK_MS ms $(mbs $SEG_BYTES $BULK_MS) MiB/s" "$PUT_SEG_MS ms $(mbs $SEG_BYTES $PUT_SEG_MS) MiB/s" \
     "$(ratio $PUT_SEG_MS $BULK_MS)" "load start -> last txid listable; the load alone took $LOAD_MS ms, catch-up after its end $CATCH_MS ms"
 printf '%-44s %-22s %-22s %-8s %s\n' "3. restore (generation $(py "print('%.1f' % ($GOT/2**20))") MiB)" \
     "$RESTORE_MS ms $(mbs $GOT $RESTORE_MS) MiB/s" "$((GET_MS + IC_MS)) ms (get $GET_MS + check $IC_MS)" \
     "$(ratio $((GET_MS + IC_MS)) $RESTORE_MS)" "$SAME; s3cmd get alone $(mbs $GOT $GET_MS) MiB/s"
+echo "s3cmd's fixed cost (start-up + one request: put of a 1-byte object): $S3CMD_FIXED_MS ms, included in its times above"
 echo "2. walship CPU during the bulk load: $(py "print('%.2f' % ($CPU1-$CPU0))") s = $(py "print('%.2f' % (($CPU1-$CPU0)*1024/$MIB2))") s per GiB loaded; replica (s3://$S3_BUCKET/w) $(py "print('%.1f' % ($REPLICA_BYTES/2**20))") MiB for a $(py "print('%.1f' % ($(stat -c %s "$T/w.db")/2**20))") MiB database"
 echo "4. lag, commit returned -> answer of the first listing showing it (ListObjectsV2 of the generation prefix, $POLLS listings: interval mean $POLL_MEAN ms, p50 $POLL_P50, p99 $POLL_P99, max $POLL_MAX; one listing p50 $LIST_P50 ms, p99 $LIST_P99 ms):"
 grep -v '^RESULT' "$T/lagstats"
