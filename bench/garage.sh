@@ -5,6 +5,11 @@
 # Garage's own defaults are kept: metadata_fsync and data_fsync are false (a write is acknowledged
 # once a quorum of 2 nodes has it, not once it is on disk), and objects under 3 KiB are stored in
 # the metadata table, bigger ones as data blocks sent between the nodes by RPC.
+# Garage 2.5.0 does not set TCP_NODELAY on its RPC connections between nodes: a small message
+# written right after another one waits for the peer's delayed ACK (~40 ms), which shows as
+# 4 KiB PUTs taking ~50 ms and listings sometimes ~45-85 ms here. GARAGE_NODELAY=1 starts the
+# servers with a tiny LD_PRELOAD shim (built with cc into $T) that sets TCP_NODELAY on every
+# socket they connect or accept, to see what Garage costs without that stall (default: stock).
 
 # free_port: a free loopback TCP port
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -44,7 +49,11 @@ s3_region = "$S3_REGION"
 api_bind_addr = "127.0.0.1:$s3"
 CFG
         chmod 600 "$d/garage.toml"
-        RUST_LOG=warn "$GARAGE" -c "$d/garage.toml" server >"$d/log" 2>&1 &
+        if [ "${GARAGE_NODELAY:-0}" = 1 ]; then
+            LD_PRELOAD="$(nodelay_shim)" RUST_LOG=warn "$GARAGE" -c "$d/garage.toml" server >"$d/log" 2>&1 &
+        else
+            RUST_LOG=warn "$GARAGE" -c "$d/garage.toml" server >"$d/log" 2>&1 &
+        fi
         PIDS="$PIDS $!"
         eval "GARAGE_RPC$n=$rpc GARAGE_S3_$n=$s3"
     done
@@ -72,6 +81,37 @@ CFG
     chmod 600 "$S3_CREDS"
     export S3_ENDPOINT S3_REGION S3_KEY_ID S3_SECRET   # for s3sign.py
     wait_s3
+}
+
+# nodelay_shim: builds (once per run) and prints the path of the TCP_NODELAY LD_PRELOAD shim
+nodelay_shim() {
+    local so="$T/garage/nodelay.so"
+    if [ ! -e "$so" ]; then
+        cat >"$T/garage/nodelay.c" <<'C'
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+static void nodelay(int fd) { int one = 1; setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); }
+int connect(int fd, const struct sockaddr *a, socklen_t l) {
+    static int (*real)(int, const struct sockaddr *, socklen_t);
+    if (!real) real = dlsym(RTLD_NEXT, "connect");
+    int r = real(fd, a, l);
+    nodelay(fd);   /* also while a non-blocking connect is in progress; fails harmlessly on non-TCP */
+    return r;
+}
+int accept4(int fd, struct sockaddr *a, socklen_t *l, int f) {
+    static int (*real)(int, struct sockaddr *, socklen_t *, int);
+    if (!real) real = dlsym(RTLD_NEXT, "accept4");
+    int r = real(fd, a, l, f);
+    if (r >= 0) nodelay(r);
+    return r;
+}
+C
+        cc -shared -fPIC -O2 -o "$so" "$T/garage/nodelay.c" -ldl >&2 || { echo "bench: GARAGE_NODELAY=1 needs cc" >&2; exit 1; }
+    fi
+    echo "$so"
 }
 
 # gcli [-c CONF] ARGS...: the garage CLI (talks RPC to node 1 unless -c says otherwise)

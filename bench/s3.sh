@@ -13,6 +13,7 @@
 # Ratios are s3cmd time / walship time (= walship MB/s / s3cmd MB/s): > 1 means walship is faster.
 # Every s3cmd run is a fresh process (its start included, as OpenSSH's sftp start is in sftp.sh).
 # usage: bench/s3.sh [MIB] [MIB2]   (defaults 200 and MIB)
+# env: PHASES, INTERVAL_MS (poller), GARAGE_NODELAY=1 (Garage with TCP_NODELAY forced: garage.sh)
 # needs: garage (script/install-garage builds it once), s3cmd (apt-get install -y s3cmd), openssl
 source "$(dirname "$0")/common.sh"
 source "$BENCH/garage.sh"
@@ -169,7 +170,7 @@ python3 "$BENCH/lagstats.py" "$T/l.out" "$T/poll-lag-sent.out" "$T/base.out" S3 
 set -- $(grep '^# poll ' "$T/poll-lag.out")
 POLLS=$3; POLL_MEAN=$4; POLL_P50=$5; POLL_P99=$6; POLL_MAX=$7; LIST_P50=$8; LIST_P99=$9
 
-echo "# s3.sh  $(date -u +%FT%TZ)  $(nproc) cores  $("$GARAGE" --version | cut -d' ' -f1-2), 3 nodes on 127.0.0.1, replication_factor 3, sqlite metadata  s3cmd $(s3cmd --version | awk '{print $3}')  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# s3.sh  $(date -u +%FT%TZ)  $(nproc) cores  $("$GARAGE" --version | cut -d' ' -f1-2), 3 nodes on 127.0.0.1, replication_factor 3, sqlite metadata, $([ "${GARAGE_NODELAY:-0}" = 1 ] && echo "TCP_NODELAY forced (GARAGE_NODELAY=1)" || echo "stock (no TCP_NODELAY between nodes)")  s3cmd $(s3cmd --version | awk '{print $3}')  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-44s %-22s %-22s %-8s %s\n' metric walship s3cmd "ratio" note
 printf '%-44s %-22s %-22s %-8s %s\n' "1. snapshot $MIB MiB db ($(py "print('%.1f' % ($SNAP_BYTES/2**20))") MiB object)" \
     "$SNAP_MS ms $(mbs $SNAP_BYTES $SNAP_MS) MiB/s" "$PUT_SNAP_MS ms $(mbs $SNAP_BYTES $PUT_SNAP_MS) MiB/s" \
