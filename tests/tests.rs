@@ -2,6 +2,7 @@
 
 mod backend_file;
 mod backend_s3;
+mod backend_s3_moto;
 mod backend_sftp;
 mod conformance;
 mod daemon_notify;
