@@ -133,13 +133,20 @@ fn s3_errors_say_what_to_fix() {
     .expect("write");
     let mut o = options(g, 0, "errors");
     o.credentials_file = Some(bad.clone());
-    let e = err_of(S3Backend::new(o).list(""));
+    let fixed_later = S3Backend::new(o);
+    let e = err_of(fixed_later.list(""));
     assert_eq!(e.kind, ErrorKind::Other);
     assert!(
         e.to_string().contains("access denied")
             && e.to_string().contains(&bad.display().to_string()),
         "{e}"
     );
+
+    // The admin fixes the file: the running backend reads it again after the refusal.
+    std::fs::copy(g.credentials_file(), &bad).expect("fix the credentials file");
+    fixed_later
+        .list("")
+        .expect("list with the fixed credentials");
 
     let mut o = options(g, 0, "errors");
     o.url.bucket = "no-such-bucket".into();

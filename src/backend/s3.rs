@@ -260,25 +260,41 @@ impl S3Backend {
         let bucket = self.bucket(op, path)?;
         let creds = self.credentials(op, path)?;
         let mut delay = FIRST_BACKOFF;
-        for n in 1..=ATTEMPTS {
+        let mut attempts = 1;
+        loop {
             let err = match attempt(bucket, &creds) {
                 Ok(resp) if resp.status().is_success() => return Ok(resp),
-                Ok(resp) => self.status_error(op, path, resp),
+                Ok(resp) => {
+                    if resp.status().as_u16() == 403 {
+                        // Read the credentials again next time: the admin may be fixing them.
+                        *self
+                            .credentials
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                    }
+                    self.status_error(op, path, resp)
+                }
                 Err(e) => self.transport_error(op, path, &e),
             };
-            if err.kind != ErrorKind::Unavailable || n == ATTEMPTS {
+            if err.kind != ErrorKind::Unavailable || attempts >= ATTEMPTS {
                 return Err(err);
             }
             debug!("{err}; retrying in {delay:?}");
             std::thread::sleep(delay);
             delay *= 4;
+            attempts += 1;
         }
-        unreachable!("the last attempt returns")
     }
 
     /// Classifies an error response by its status and S3 error code.
     fn status_error(&self, op: &str, path: &str, resp: Response<Body>) -> BackendError {
         let status = resp.status().as_u16();
+        // AWS names the bucket's region in a header of its redirects and refusals.
+        let header_region = resp
+            .headers()
+            .get("x-amz-bucket-region")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = resp
             .into_body()
             .into_with_config()
@@ -317,6 +333,7 @@ impl S3Backend {
             ),
             (301, _) | (400, "AuthorizationHeaderMalformed") | (400, "InvalidRegion") => {
                 let right = xml_tag(&body, "Region")
+                    .or(header_region)
                     .map(|r| format!("the bucket is in region {r}, "))
                     .unwrap_or_default();
                 (
