@@ -189,6 +189,7 @@ pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     spawn_signal_thread(tx.clone())?;
     let state = StateDir::new(&settings.state_dir);
     let _lock = state.lock()?;
+    let metrics = crate::metrics::Exporter::start(settings)?;
     if !wait_for_db(&settings.db, &rx, notifier)? {
         return Ok(());
     }
@@ -203,6 +204,8 @@ pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let spool = Arc::new(Spool::open(&state.spool_dir())?);
     // Shippers first: they connect to their replicas while the first snapshot is written.
     let (shared, shippers) = start_shippers(settings, &state, &spool, &tx)?;
+    let sampled = shared.clone();
+    metrics.attach(move || sampled.sample());
     // The first snapshot of a large database takes a while: say so meanwhile.
     let starting = Status::Starting(format!(
         "resuming or snapshotting {}",
@@ -224,6 +227,7 @@ pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let mut main = MainLoop::new(settings, notifier, state, shared, spool, rx, cap, db_lock);
     main.run();
     main.shutdown(shippers);
+    metrics.finish();
     drop(watcher);
     Ok(())
 }
