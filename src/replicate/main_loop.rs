@@ -238,8 +238,9 @@ impl<'a> MainLoop<'a> {
         self.at = c.at;
     }
 
-    /// Updates the status where it changed, and says READY once every replica is settled (or
-    /// after [`READY_AT_THE_LATEST`]).
+    /// Updates the status where it changed (and what the metrics export, see
+    /// `Shared::observe`), and says READY once every replica is settled (or after
+    /// [`READY_AT_THE_LATEST`]).
     fn report(&mut self, spooled: &[spool::SpoolFile]) {
         let problem = self
             .replaced

@@ -2,7 +2,8 @@
 //! replica, checkpoint, snapshot, and report.
 //!
 //! Threads: the main loop (this module) owns the database and the spool's producer side; one
-//! [`ship::Shipper`] thread per replica consumes the spool. The main loop wakes only for file
+//! [`ship::Shipper`] thread per replica consumes the spool; `metrics` (when configured) serves
+//! or writes figures copied from their shared state. The main loop wakes only for file
 //! events on the database or its WAL (inotify), replica progress, signals, and timers that are
 //! due (watchdog, snapshot interval; for 2 s after each change, a 20 ms look for an application's
 //! checkpoint waiting on walship): an idle database costs no work.
