@@ -53,6 +53,13 @@ pub struct Settings {
     /// WAL size in pages above which walship checkpoints once frames are shipped
     /// (`checkpoint-pages`, default 1000, SQLite's own autocheckpoint threshold).
     pub(crate) checkpoint_pages: u32,
+    /// Where the daemon serves Prometheus metrics over HTTP, `GET /metrics`
+    /// (`metrics-listen`, `HOST:PORT`; default: not served). See `metrics`.
+    pub(crate) metrics_listen: Option<std::net::SocketAddr>,
+    /// A file the daemon rewrites with its Prometheus metrics every 10 s and at shutdown, for
+    /// node_exporter's textfile collector (`metrics-textfile`, absolute, ending in `.prom`;
+    /// default: none). See `metrics`.
+    pub(crate) metrics_textfile: Option<PathBuf>,
     /// The replicas, in order of preference for restore.
     pub replicas: Vec<ReplicaSettings>,
 }
@@ -126,6 +133,8 @@ struct RawConfig {
     segment_size: Option<Spanned<String>>,
     compaction_fanout: Option<Spanned<i64>>,
     checkpoint_pages: Option<Spanned<i64>>,
+    metrics_listen: Option<Spanned<String>>,
+    metrics_textfile: Option<Spanned<String>>,
     #[serde(default)]
     replica: Vec<RawReplica>,
 }
@@ -248,6 +257,7 @@ fn parse_instance(
     let explicit = src.absolute_path(&raw.state_dir, "state-dir")?;
     let state_dir_explicit = explicit.is_some();
     let state_dir = explicit.unwrap_or_else(|| default_state_dir(&db, instance));
+    let (metrics_listen, metrics_textfile) = metrics(&src, &raw)?;
     Ok(Settings {
         db,
         state_dir,
@@ -258,8 +268,40 @@ fn parse_instance(
         segment_size: tuning.segment_size,
         compaction_fanout: tuning.compaction_fanout,
         checkpoint_pages: tuning.checkpoint_pages,
+        metrics_listen,
+        metrics_textfile,
         replicas,
     })
+}
+
+/// `metrics-listen` (an IP address and port: no host name, which would make the address
+/// depend on name resolution at start) and `metrics-textfile`.
+fn metrics(
+    src: &Text,
+    raw: &RawConfig,
+) -> Result<(Option<std::net::SocketAddr>, Option<PathBuf>), ConfigError> {
+    let listen = match &raw.metrics_listen {
+        None => None,
+        Some(s) => Some(s.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
+            src.at(
+                sp(s),
+                &format!(
+                    "`metrics-listen` must be an IP address and port, such as \"127.0.0.1:9810\" or \"[::1]:9810\", not {:?}",
+                    s.get_ref()
+                ),
+            )
+        })?),
+    };
+    let textfile = src.absolute_path(&raw.metrics_textfile, "metrics-textfile")?;
+    if let (Some(p), Some(s)) = (&textfile, &raw.metrics_textfile) {
+        if p.extension().is_none_or(|e| e != "prom") || p.file_name().is_none() {
+            return Err(src.at(
+                sp(s),
+                &"`metrics-textfile` must end in `.prom` (node_exporter's textfile collector reads only those)",
+            ));
+        }
+    }
+    Ok((listen, textfile))
 }
 
 /// Config text and where it came from, for errors that point into it.
@@ -732,7 +774,7 @@ mod tests {
     fn errors_name_line_and_column() {
         assert_eq!(
             err("db = \"/x.db\"\nbogus = 1\n[[replica]]\nurl = \"file:///r\"\n"),
-            "t.toml:2:1: unknown field `bogus`, expected one of `db`, `state-dir`, `snapshot-interval`, `retention`, `spool-limit`, `segment-size`, `compaction-fanout`, `checkpoint-pages`, `replica`"
+            "t.toml:2:1: unknown field `bogus`, expected one of `db`, `state-dir`, `snapshot-interval`, `retention`, `spool-limit`, `segment-size`, `compaction-fanout`, `checkpoint-pages`, `metrics-listen`, `metrics-textfile`, `replica`"
         );
         assert!(err("db = \"x.db\"\n[[replica]]\nurl = \"file:///r\"\n")
             .starts_with("t.toml:1:6: `db` must be an absolute path"));
@@ -764,6 +806,42 @@ mod tests {
             err("db = \"/x.db\"\n[[replica]]\nurl = \"file:///r\"\nwat = 1\n")
                 .starts_with("t.toml:4:1: unknown field `wat`")
         );
+    }
+
+    #[test]
+    fn metrics_keys() {
+        let conf =
+            |keys: &str| format!("db = \"/x.db\"\n{keys}\n[[replica]]\nurl = \"file:///r\"\n");
+        let s = parse(&conf(""), "t.toml").expect("valid");
+        assert_eq!((s.metrics_listen, s.metrics_textfile), (None, None));
+        let s = parse(
+            &conf("metrics-listen = \"[::1]:9810\"\nmetrics-textfile = \"/t/w.prom\""),
+            "t.toml",
+        )
+        .expect("valid");
+        assert_eq!(s.metrics_listen, Some("[::1]:9810".parse().expect("addr")));
+        assert_eq!(s.metrics_textfile, Some(PathBuf::from("/t/w.prom")));
+        for (keys, msg) in [
+            (
+                "metrics-listen = \"localhost:9810\"",
+                "t.toml:2:18: `metrics-listen` must be an IP address and port",
+            ),
+            (
+                "metrics-listen = \"127.0.0.1\"",
+                "t.toml:2:18: `metrics-listen`",
+            ),
+            (
+                "metrics-textfile = \"w.prom\"",
+                "t.toml:2:20: `metrics-textfile` must be an absolute path",
+            ),
+            (
+                "metrics-textfile = \"/t/w.txt\"",
+                "t.toml:2:20: `metrics-textfile` must end in `.prom`",
+            ),
+        ] {
+            let e = parse(&conf(keys), "t.toml").expect_err(keys).0;
+            assert!(e.starts_with(msg), "{keys}: {e}");
+        }
     }
 
     #[test]

@@ -178,8 +178,8 @@ fn render_owner(
     }
 }
 
-/// What the service may write: the database's directory, an explicit state-dir, and
-/// file:// replicas. (The default state directory is the unit's StateDirectory=.)
+/// What the service may write: the database's directory, an explicit state-dir, file://
+/// replicas, and the directory of the metrics textfile. (The default state directory is the unit's StateDirectory=.)
 fn render_writable(
     out: &mut String,
     unit: &str,
@@ -195,6 +195,10 @@ fn render_writable(
         if let ReplicaUrl::File(p) = &r.url {
             writable.push(writable_path(p, true));
         }
+    }
+    // The textfile is replaced through a temporary file beside it: its directory.
+    if let Some(dir) = s.metrics_textfile.as_deref().and_then(Path::parent) {
+        writable.push(writable_path(dir, false));
     }
     let mut seen = Vec::new();
     let mut home = false;

@@ -12,6 +12,8 @@
 //!   the spool to each replica; `spool` holds what replicas lack; `state` is the state
 //!   directory, one typed `StateDir`; `dblock` and `owner` keep one replicator per database and
 //!   one writer per replica; `replaced` handles a database file moved or deleted under it.
+//! - [`metrics`]: Prometheus metrics of the daemon: counters, the text format, `GET /metrics`
+//!   on `metrics-listen` and the node_exporter textfile; `replicate` feeds it.
 //! - [`config`]: the TOML file of one database, validated into `Settings` (exit 78 on errors).
 //! - [`backend`]: the storage seam: `trait Backend`, the one `backend::open(url, access)`, and
 //!   the `file://` and `sftp://` backends (with `known_hosts` checking for the latter). A new
@@ -39,6 +41,7 @@ pub mod db;
 pub mod durable;
 pub mod generator;
 pub mod layout;
+pub mod metrics;
 pub mod replicate;
 pub mod restore;
 pub mod systemd;

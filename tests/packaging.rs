@@ -14,6 +14,8 @@ const TOP_KEYS: &[&str] = &[
     "segment-size",
     "compaction-fanout",
     "checkpoint-pages",
+    "metrics-listen",
+    "metrics-textfile",
 ];
 const REPLICA_KEYS: &[&str] = &[
     "name",

@@ -17,6 +17,7 @@ mod e2e_status;
 mod faulty;
 mod garage;
 mod generator;
+mod metrics;
 mod netns;
 mod notify;
 mod packaging;

@@ -238,14 +238,16 @@ impl<'a> MainLoop<'a> {
         self.at = c.at;
     }
 
-    /// Updates the status where it changed, and says READY once every replica is settled (or
-    /// after [`READY_AT_THE_LATEST`]).
+    /// Updates the status where it changed (and what the metrics export, see
+    /// `Shared::observe`), and says READY once every replica is settled (or after
+    /// [`READY_AT_THE_LATEST`]).
     fn report(&mut self, spooled: &[spool::SpoolFile]) {
         let problem = self
             .replaced
             .as_ref()
             .map(|r| format!("the file was {}, {}", r.how, r.waiting()));
         let (st, caught_up) = status(&self.at, &self.shared, spooled, problem);
+        self.shared.observe(&self.at, spooled);
         if self.status.as_ref() != Some(&st) {
             self.notifier.status(&st.to_string());
             self.state.write_status(&st);
@@ -278,12 +280,9 @@ impl<'a> MainLoop<'a> {
         for h in shippers {
             let _ = h.join();
         }
-        let (st, _) = status(
-            &self.at,
-            &self.shared,
-            &self.spool.list().unwrap_or_default(),
-            None,
-        );
+        let spooled = self.spool.list().unwrap_or_default();
+        let (st, _) = status(&self.at, &self.shared, &spooled, None);
+        self.shared.observe(&self.at, &spooled);
         self.state.write_status(&st);
         if let Some(Err(e)) = self.cap.as_ref().map(Capture::save_hashes) {
             warn!("{e:#}: the next start may need a full snapshot");

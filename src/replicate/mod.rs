@@ -2,7 +2,8 @@
 //! replica, checkpoint, snapshot, and report.
 //!
 //! Threads: the main loop (this module) owns the database and the spool's producer side; one
-//! [`ship::Shipper`] thread per replica consumes the spool. The main loop wakes only for file
+//! [`ship::Shipper`] thread per replica consumes the spool; `metrics` (when configured) serves
+//! or writes figures copied from their shared state. The main loop wakes only for file
 //! events on the database or its WAL (inotify), replica progress, signals, and timers that are
 //! due (watchdog, snapshot interval; for 2 s after each change, a 20 ms look for an application's
 //! checkpoint waiting on walship): an idle database costs no work.
@@ -189,6 +190,7 @@ pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     spawn_signal_thread(tx.clone())?;
     let state = StateDir::new(&settings.state_dir);
     let _lock = state.lock()?;
+    let metrics = crate::metrics::Exporter::start(settings)?;
     if !wait_for_db(&settings.db, &rx, notifier)? {
         return Ok(());
     }
@@ -203,6 +205,8 @@ pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let spool = Arc::new(Spool::open(&state.spool_dir())?);
     // Shippers first: they connect to their replicas while the first snapshot is written.
     let (shared, shippers) = start_shippers(settings, &state, &spool, &tx)?;
+    let sampled = shared.clone();
+    metrics.attach(move || sampled.sample());
     // The first snapshot of a large database takes a while: say so meanwhile.
     let starting = Status::Starting(format!(
         "resuming or snapshotting {}",
@@ -224,6 +228,7 @@ pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let mut main = MainLoop::new(settings, notifier, state, shared, spool, rx, cap, db_lock);
     main.run();
     main.shutdown(shippers);
+    metrics.finish();
     drop(watcher);
     Ok(())
 }

@@ -79,6 +79,8 @@ pub(crate) struct ReplicaStatus {
     /// Set when the shipper stopped for good (another instance took the replica over): its
     /// position no longer holds spooled files back.
     pub retired: bool,
+    /// Uploads and failures counted for the metrics.
+    pub(crate) metrics: crate::metrics::ReplicaCounters,
 }
 
 /// State shared between capture (main loop) and the shippers.
@@ -109,9 +111,81 @@ pub(crate) struct Inner {
     /// When `head` last moved: compaction waits until the database has been quiet for
     /// [`plan::COMPACT_WHEN_QUIET`], so that it never competes with capture for CPU and disk.
     pub(crate) head_moved: Option<Instant>,
+    /// What the main loop's last report saw, for the metrics (see [`Shared::sample`]).
+    pub(crate) observed: Option<Observed>,
+}
+
+/// What the main loop's last report saw (see [`Shared::observe`]).
+#[derive(Debug, Default)]
+pub(crate) struct Observed {
+    /// The last commit captured.
+    captured_txid: u64,
+    /// Bytes in the spool.
+    spool_bytes: u64,
+    /// Per replica: capture time (Unix ms) of the oldest commit it lacks; `None` when it holds
+    /// everything captured.
+    behind_since_ms: Vec<Option<u64>>,
 }
 
 impl Shared {
+    /// Records for the metrics where capture stands and what is `spooled` (after the spool's
+    /// maintenance). A replica's lag is measured as `status` measures it: from the capture
+    /// time of the first spooled file it lacks (or of the last commit, once no such file is
+    /// left).
+    pub(crate) fn observe(&self, at: &super::state::Captured, spooled: &[SpoolFile]) {
+        let head = at.key();
+        let mut g = self.lock();
+        let behind_since_ms = g
+            .replicas
+            .iter()
+            .map(|r| {
+                let caught_up = r
+                    .position
+                    .is_some_and(|p| p.generation == head.generation && p.last >= head.last);
+                (!caught_up).then(|| {
+                    spooled
+                        .iter()
+                        .find(|f| r.position.is_none_or(|p| f.key() > p))
+                        .map_or(at.time_ms, |f| f.name.first_ms())
+                })
+            })
+            .collect();
+        g.observed = Some(Observed {
+            captured_txid: at.txid,
+            spool_bytes: spooled.iter().map(|f| f.size).sum(),
+            behind_since_ms,
+        });
+    }
+
+    /// The figures a metrics scrape exports.
+    pub(crate) fn sample(&self) -> crate::metrics::Sample {
+        let now = now_ms();
+        let g = self.lock();
+        let replicas = g
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| crate::metrics::ReplicaSample {
+                name: r.name.clone(),
+                txid: r.position.map(|p| p.last),
+                lag_seconds: g.observed.as_ref().map(|o| {
+                    o.behind_since_ms
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0)
+                }),
+                up: r.error.is_none(),
+                counters: r.metrics.clone(),
+            })
+            .collect();
+        crate::metrics::Sample {
+            replicas,
+            captured_txid: g.observed.as_ref().map(|o| o.captured_txid),
+            spool_bytes: g.observed.as_ref().map(|o| o.spool_bytes),
+        }
+    }
+
     /// Locks the inner state (a poisoned lock is recovered: the data stays consistent
     /// because every update is a plain field assignment).
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -341,6 +415,8 @@ impl Shipper {
             let mut g = self.shared.lock();
             g.replicas[self.idx].position = Some(last.key());
             g.replicas[self.idx].time_ms = time_ms;
+            let bytes = batch.iter().map(|f| f.size).sum();
+            g.replicas[self.idx].metrics.uploaded(bytes, now_ms());
         }
         Ok(())
     }
@@ -362,7 +438,11 @@ impl Shipper {
     /// After a failed action: records the error, and either retires the shipper (another
     /// instance took the replica over) or backs off. Returns false when the thread must end.
     fn fail(&self, plan: &mut Planner, e: anyhow::Error) -> bool {
-        let action = plan.failed(e.downcast_ref::<TakenOver>().is_some(), rand::random());
+        let taken_over = e.downcast_ref::<TakenOver>().is_some();
+        let action = plan.failed(taken_over, rand::random());
+        self.shared.lock().replicas[self.idx]
+            .metrics
+            .failed(&e, taken_over);
         self.set_error(Some(format!("{e:#}")));
         match action {
             Action::Backoff(d) => {

@@ -151,6 +151,7 @@ impl Capture {
         }
         let (log, done) = self.db.checkpoint_locked()?;
         self.checkpointed_at = self.pos;
+        crate::metrics::checkpointed();
         self.note_checkpoint(log, done);
         tracing::debug!(
             log,
@@ -188,6 +189,7 @@ impl Capture {
             if u64::from(h.frames) == pos.frames && h.backfilled == h.frames {
                 self.rotate_pin()?;
                 self.checkpointed_at = self.pos;
+                crate::metrics::checkpointed();
                 self.note_checkpoint(log, done);
                 tracing::debug!(frames = h.frames, "checkpoint");
                 return Ok(true);

@@ -186,6 +186,7 @@ impl Capture {
                     rand: rand::random(),
                 };
                 warn!(generation = %g, "starting a new generation: {why}");
+                crate::metrics::generation_started(why);
                 g
             }
         };
