@@ -20,6 +20,12 @@
 //!   like a quiet one: a planned segment merged away is followed into the merged segment, and
 //!   a failure while the replica changed is retried from a new listing (see [`restore_into`]);
 //!   only a failure on a replica that did not change is final.
+//! - "Nothing there" is told apart from "empty": a replica root that does not exist is an error
+//!   naming the URL (where the target can tell, see [`Backend::root_exists`]), and a restore
+//!   for a configured database refuses a replica whose marker names another database path
+//!   ([`check_database`]); the marker's host is not compared (a new host restores its
+//!   predecessor's replica).
+//! - Times in messages are RFC 3339 ([`crate::clock::rfc3339`]), never bare milliseconds.
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
 //!   of hash per page, and a database size limit of `MAX_DB_BYTES` against hostile metadata.
 
