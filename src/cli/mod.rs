@@ -129,8 +129,7 @@ pub enum Command {
     /// With --config, a replica whose marker (walship-replica.toml) names another database
     /// path than the configured db is refused (--allow-other-db overrides); the marker's host
     /// is not compared, so a new host restores its predecessor's replica. A replica root that
-    /// does not exist is an error, not an empty replica. Failures exit 1, bad arguments and
-    /// configuration errors 78.
+    /// does not exist is an error (exit 1), not an empty replica.
     Restore(RestoreArgs),
     /// Prove that the replica restores to exactly the source database (exit 0 if so).
     ///
@@ -142,8 +141,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Show a replica's generations, snapshots and segments, with times and sizes.
     ///
-    /// Per replica, a summary first: "restorable from T1 to T2 (N generations, M files, SIZE)",
-    /// T1 the oldest snapshot (a --timestamp before it restores nothing), T2 the last commit a
+    /// Per replica, a summary first: "restorable from T1 to T2 (N generations, M files, SIZE),
+    /// latest position GEN/TXID", T1 the oldest snapshot (a --timestamp before it restores nothing), T2 the last commit a
     /// latest restore reaches. An existing empty replica lists as "(empty)"; a file:// or
     /// sftp:// replica root that does not exist is an error (exit 1). On s3:// an empty prefix
     /// cannot be told from a missing one: it lists as "(empty)".
@@ -267,8 +266,10 @@ const LIST_AFTER_HELP: &str = "\
 --json prints one object {\"replicas\": [...]}, one entry per replica, in config order. Every time
 is given twice: as RFC 3339 UTC (e.g. \"time\") and as Unix milliseconds (\"time_ms\").
   name, url            the replica's name and URL
-  error                why it could not be listed (null if it was); the exit status is then 1
-  database             the database its marker (walship-replica.toml) names, host:/path, or null
+  error                why it could not be listed (null if it was; if not, the fields below are
+                       absent and the exit status is 1)
+  database             the database its marker (walship-replica.toml) names, host:/path, or null;
+                       database_error if the marker cannot be read
   owner                {instance, host, pid, claimed, claimed_ms, generation} of the newest
                        owner claim, or null; owner_error if it cannot be read
   restorable           null when nothing is (no snapshot), else {earliest, earliest_ms,
