@@ -306,7 +306,8 @@ fn config(sb: &Sandbox, name: &str, db: &Path, url: &str) -> String {
 
 /// A config whose db is another database than the replica's: restore refuses it (naming both)
 /// unless --allow-other-db; verify says whose replica it is instead of comparing pages. The
-/// database's own config, also through a symlinked directory, restores and verifies.
+/// database's own config, also through a symlinked directory, restores and verifies; a damaged
+/// marker is reported as such (and --allow-other-db restores all the same).
 #[test]
 fn restore_and_verify_refuse_another_databases_replica() {
     let sb = Sandbox::new();
@@ -393,6 +394,35 @@ fn restore_and_verify_refuse_another_databases_replica() {
         assert_same_db(&db, &out);
         walship(["verify", "--config", &cfg]).assert_ok();
     }
+
+    // A marker that cannot be read cannot vouch for the replica: said, and overridable.
+    fs::write(sb.replica().join("walship-replica.toml"), "garbage\n").expect("damage marker");
+    let cfg = config(&sb, "own.toml", &db, &url);
+    let out = sb.path("damaged-marker.db");
+    let o = walship([
+        "restore",
+        "--config",
+        &cfg,
+        "-o",
+        &out.display().to_string(),
+    ])
+    .fails();
+    let e = o.one_error_line();
+    assert!(
+        e.contains("cannot tell which database the replica belongs to")
+            && e.contains("walship-replica.toml: invalid marker"),
+        "{e}"
+    );
+    walship([
+        "restore",
+        "--config",
+        &cfg,
+        "-o",
+        &out.display().to_string(),
+        "--allow-other-db",
+    ])
+    .assert_ok();
+    assert_same_db(&db, &out);
 }
 
 /// RFC 3339 with an offset (+01:00, -05:30, -00:00) or extra fractional digits restores the

@@ -148,7 +148,10 @@ fn same_database(a: &Path, b: &Path) -> bool {
 /// The replica belongs to another database (the message names both), or its marker cannot be
 /// read.
 pub(crate) fn check_database(t: &dyn Backend, db: &Path) -> Result<()> {
-    let Some(ident) = replica_database(t)? else {
+    let marker = replica_database(t).context(
+        "cannot tell which database the replica belongs to (--allow-other-db skips the check)",
+    )?;
+    let Some(ident) = marker else {
         return Ok(());
     };
     // `host:/path`: host names hold no ':', paths may.
