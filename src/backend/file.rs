@@ -63,6 +63,18 @@ impl Backend for FileBackend {
         format!("file://{}", self.root.display())
     }
 
+    fn root_exists(&self) -> Result<bool> {
+        match fs::metadata(&self.root) {
+            Ok(md) if md.is_dir() => Ok(true),
+            Ok(_) => Err(BackendError::new(
+                super::ErrorKind::Other,
+                format!("{} is not a directory", self.url()),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.err("examine", "", &e)),
+        }
+    }
+
     fn list(&self, dir: &str) -> Result<Vec<Entry>> {
         check_path(dir, true)?;
         let rd = match fs::read_dir(self.abs(dir)) {

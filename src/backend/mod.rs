@@ -137,6 +137,17 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// # Errors
     /// `Unavailable` or `Other` when the target fails.
     fn cleanup(&self, dir: &str) -> Result<usize>;
+
+    /// Whether the replica's root directory exists, so that a wrong URL is told apart from an
+    /// empty replica. A target without directories answers `true`: on S3 a prefix holding no
+    /// object cannot be told from one that never held any.
+    ///
+    /// # Errors
+    /// `Unavailable` when the target can't be reached, `Other` for anything else (the root is
+    /// not a directory, permission denied).
+    fn root_exists(&self) -> Result<bool> {
+        Ok(true)
+    }
 }
 
 /// Checks that `path` is a relative path made of plain names: no empty, `.` or `..` component,

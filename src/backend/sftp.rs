@@ -1057,6 +1057,30 @@ impl Backend for SftpBackend {
         self.opts.url.to_string()
     }
 
+    fn root_exists(&self) -> Result<bool> {
+        let full = self.remote("");
+        let st = self
+            .with_conn(
+                |c| match c.sftp.stat(Path::new(&full)) {
+                    Ok(st) => Ok(Some(st)),
+                    Err(e) if matches!(sftp_code(&e), Some(FX_NO_SUCH_FILE | FX_NO_SUCH_PATH)) => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(Fail::Ssh(e)),
+                },
+                || true,
+            )
+            .map_err(|f| self.error("examine", &self.where_(""), f))?;
+        match st {
+            None => Ok(false),
+            Some(st) if st.perm.is_none() || st.is_dir() => Ok(true),
+            Some(_) => Err(BackendError::new(
+                ErrorKind::Other,
+                format!("{} is not a directory", self.where_("")),
+            )),
+        }
+    }
+
     fn list(&self, dir: &str) -> Result<Vec<Entry>> {
         check_path(dir, true)?;
         let full = self.remote(dir);

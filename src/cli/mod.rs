@@ -125,14 +125,27 @@ pub enum Command {
     /// The result is written to a temporary file, checked (checksum at every commit, PRAGMA
     /// integrity_check), fsynced and renamed into place. With several replicas, the next one is
     /// tried when one is unreachable or damaged.
+    ///
+    /// With --config, a replica whose marker (walship-replica.toml) names another database
+    /// path than the configured db is refused (--allow-other-db overrides); the marker's host
+    /// is not compared, so a new host restores its predecessor's replica. A replica root that
+    /// does not exist is an error (exit 1), not an empty replica.
     Restore(RestoreArgs),
     /// Prove that the replica restores to exactly the source database (exit 0 if so).
     ///
     /// Restores the latest state to a temporary file (all checksums verified) and compares it
     /// page by page with the database. Run it when writes are quiet and replication is caught
-    /// up; otherwise the source is simply ahead.
+    /// up; otherwise the source is simply ahead. A replica whose marker names another database
+    /// path is refused ("URL holds the replica of database X, not of Y"; --allow-other-db
+    /// compares anyway). Failures exit 1.
     Verify(VerifyArgs),
     /// Show a replica's generations, snapshots and segments, with times and sizes.
+    ///
+    /// Per replica, a summary first: "restorable from T1 to T2 (N generations, M files, SIZE),
+    /// latest position GEN/TXID", T1 the oldest snapshot (a --timestamp before it restores nothing), T2 the last commit a
+    /// latest restore reaches. An existing empty replica lists as "(empty)"; a file:// or
+    /// sftp:// replica root that does not exist is an error (exit 1). On s3:// an empty prefix
+    /// cannot be told from a missing one: it lists as "(empty)".
     List(ListArgs),
     /// Show whether replication is healthy: daemon, lag, each replica's position and errors.
     ///
@@ -183,7 +196,9 @@ pub struct RestoreArgs {
     /// Replica URL (without --config), or an instance NAME for /etc/walship/NAME.toml.
     #[arg(value_name = "URL|NAME", conflicts_with = "config")]
     pub(crate) url: Option<String>,
-    /// Newest commit at or before this time (RFC 3339, e.g. 2026-11-24T10:00:00Z).
+    /// Newest commit at or before this time: RFC 3339 with Z or an offset, e.g.
+    /// 2026-11-24T10:00:00Z, 2026-11-24T11:00:00+01:00, fractional seconds allowed. A time
+    /// without Z or an offset is refused (never guessed to be UTC or local time).
     #[arg(long, value_name = "RFC3339", conflicts_with = "position")]
     pub(crate) timestamp: Option<String>,
     /// Exactly this commit, as GENERATION/TXID (see `walship list`).
@@ -203,6 +218,10 @@ pub struct RestoreArgs {
     /// Do nothing (exit 0) if no replica holds any data.
     #[arg(long)]
     pub(crate) if_replica_exists: bool,
+    /// With --config: restore even from a replica whose marker names another database than
+    /// the configured db path (by default such a replica is refused).
+    #[arg(long)]
+    pub(crate) allow_other_db: bool,
     #[command(flatten)]
     pub(crate) url_flags: UrlFlags,
 }
@@ -218,21 +237,50 @@ pub struct VerifyArgs {
     /// The replica URL (without --config).
     #[arg(value_name = "URL", requires = "db")]
     pub(crate) url: Option<String>,
+    /// Compare even a replica whose marker names another database (by default refused
+    /// with "URL holds the replica of database X, not of Y").
+    #[arg(long)]
+    pub(crate) allow_other_db: bool,
     #[command(flatten)]
     pub(crate) url_flags: UrlFlags,
 }
 
 // `walship list`: its help is the doc comment of `Command::List`.
 #[derive(Debug, Args)]
+#[command(after_help = LIST_AFTER_HELP)]
 pub struct ListArgs {
     #[command(flatten)]
     pub(crate) config: ConfigArg,
     /// The replica URL (without --config), or an instance NAME for /etc/walship/NAME.toml.
     #[arg(value_name = "URL|NAME", conflicts_with = "config")]
     pub(crate) url: Option<String>,
+    /// One JSON object on stdout instead of text (fields below).
+    #[arg(long)]
+    pub(crate) json: bool,
     #[command(flatten)]
     pub(crate) url_flags: UrlFlags,
 }
+
+/// The JSON fields of `walship list --json` (in `--help` and `man walship-list`).
+const LIST_AFTER_HELP: &str = "\
+--json prints one object {\"replicas\": [...]}, one entry per replica, in config order. Every time
+is given twice: as RFC 3339 UTC (e.g. \"time\") and as Unix milliseconds (\"time_ms\").
+  name, url            the replica's name and URL
+  error                why it could not be listed (null if it was; if not, the fields below are
+                       absent and the exit status is 1)
+  database             the database its marker (walship-replica.toml) names, host:/path, or null;
+                       database_error if the marker cannot be read
+  owner                {instance, host, pid, claimed, claimed_ms, generation} of the newest
+                       owner claim, or null; owner_error if it cannot be read
+  restorable           null when nothing is (no snapshot), else {earliest, earliest_ms,
+                       latest, latest_ms, latest_position, generations, files, bytes}
+  generations          [{name, started, started_ms, files, bytes, snapshots, segments}], oldest
+                       first; snapshots [{name, txid, time, time_ms, size}]; segments [{name,
+                       level, first_txid, last_txid, first_time, first_ms, last_time, last_ms,
+                       size}], in txid order
+
+Exit status: 0 when every replica was listed; 1 when one could not be (unreachable, a file:// or
+sftp:// root that does not exist); 78 configuration error.";
 
 // `walship status`: its help is the doc comment of `Command::Status`.
 #[derive(Debug, Args)]

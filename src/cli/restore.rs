@@ -20,6 +20,8 @@ const USAGE: Usage = Usage {
 
 pub(super) fn run(a: RestoreArgs) -> Result<ExitCode> {
     let (config, url) = instance_name(a.config, a.url);
+    // With a config, the replicas must hold its database; a URL alone names no database.
+    let from_config = config.config.is_some();
     let settings = Source {
         config,
         // The replica URL form needs an output, which stands for the database.
@@ -29,7 +31,7 @@ pub(super) fn run(a: RestoreArgs) -> Result<ExitCode> {
         state_dir: None,
     }
     .settings(&USAGE)?;
-    let out = a.output.unwrap_or(settings.db);
+    let out = a.output.unwrap_or_else(|| settings.db.clone());
     if a.if_db_not_exists && database_exists(&out)? {
         return Ok(ExitCode::SUCCESS);
     }
@@ -48,6 +50,7 @@ pub(super) fn run(a: RestoreArgs) -> Result<ExitCode> {
         &RestoreOptions {
             want,
             force: a.force,
+            database: (from_config && !a.allow_other_db).then(|| settings.db.clone()),
         },
         &out,
     )?;
@@ -93,18 +96,10 @@ fn database_exists(out: &Path) -> Result<bool> {
 /// The state `--timestamp` or `--position` asks for (clap allows one at most), else the latest.
 fn wanted(timestamp: Option<String>, position: Option<String>) -> Result<Want> {
     Ok(match (timestamp, position) {
-        (Some(t), _) => {
-            let ts = humantime::parse_rfc3339_weak(&t).map_err(|e| {
-                ConfigError(format!(
-                    "invalid --timestamp {t:?}: {e} (use e.g. 2026-11-24T10:00:00Z)"
-                ))
-            })?;
-            let ms = ts
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_err(|_| ConfigError(format!("invalid --timestamp {t:?}: before 1970")))?
-                .as_millis();
-            Want::TimeMs(u64::try_from(ms).unwrap_or(u64::MAX))
-        }
+        (Some(t), _) => Want::TimeMs(
+            crate::clock::parse_rfc3339(&t)
+                .map_err(|e| ConfigError(format!("invalid --timestamp {t:?}: {e}")))?,
+        ),
         (None, Some(p)) => Want::Position(p.parse::<Position>().map_err(|e| {
             ConfigError(format!(
                 "invalid --position {p:?}: {e} (use GENERATION/TXID from `walship list`)"

@@ -1,5 +1,9 @@
 //! `walship verify`: restore the latest state of every replica to a temporary file and compare
 //! it page by page with the source database.
+//!
+//! Invariant: a replica whose marker names another database path is reported as such
+//! ("URL holds the replica of database X, not of Y") before anything is restored, never as a
+//! page mismatch (unless `--allow-other-db`).
 
 use super::restore::remove_temps_on_signal;
 use super::source::{instance_name, targets, Source, Usage};
@@ -40,7 +44,12 @@ pub(super) fn run(a: VerifyArgs) -> Result<ExitCode> {
     remove_temps_on_signal(std::env::temp_dir());
     let mut failures = Vec::new();
     for (name, t) in &ts {
-        match verify_one(&settings.db, t.as_ref()) {
+        let r = if a.allow_other_db {
+            Ok(())
+        } else {
+            restore::check_database(t.as_ref(), &settings.db)
+        };
+        match r.and_then(|()| verify_one(&settings.db, t.as_ref())) {
             Ok(msg) => println!("{name}: {msg}"),
             Err(e) => failures.push(format!("{name}: {e:#}")),
         }

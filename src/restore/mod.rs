@@ -20,17 +20,26 @@
 //!   like a quiet one: a planned segment merged away is followed into the merged segment, and
 //!   a failure while the replica changed is retried from a new listing (see [`restore_into`]);
 //!   only a failure on a replica that did not change is final.
+//! - "Nothing there" is told apart from "empty": a replica root that does not exist is an error
+//!   naming the URL (where the target can tell, see [`Backend::root_exists`]), and a restore
+//!   for a configured database refuses a replica whose marker names another database path
+//!   ([`check_database`]); the marker's host is not compared (a new host restores its
+//!   predecessor's replica).
+//! - Times in messages are RFC 3339 ([`crate::clock::rfc3339`]), never bare milliseconds.
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
 //!   of hash per page, and a database size limit of `MAX_DB_BYTES` against hostile metadata.
 
 use crate::backend::Backend;
+use crate::clock::rfc3339;
 use crate::durable::{fsync_dir, temp_name, RemoveOnDrop};
 use crate::layout::checksum::PageHashes;
 use crate::layout::codec::{Commit, Decoder, Kind, Record};
 use crate::layout::names::{
-    file_path, generation_dir, FileName, GenerationId, Position, GENERATIONS_DIR,
+    file_path, generation_dir, FileName, GenerationId, Marker, Position, GENERATIONS_DIR,
+    MARKER_FILE,
 };
 use crate::layout::plan::{plan_continuation, plan_restore, Listing, Plan, Stop, Want};
+use crate::layout::LayoutError;
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::IoSlice;
@@ -91,6 +100,134 @@ pub(crate) fn list_replica(t: &dyn Backend) -> Result<Listing> {
         gens.push((g, files));
     }
     Ok(Listing { generations: gens })
+}
+
+/// The database a replica belongs to, as its marker ([`MARKER_FILE`]) records it
+/// (`host:/abs/path`); `None` when the replica has no marker (nothing was ever replicated
+/// there, or an older walship's replica).
+///
+/// # Errors
+/// The marker cannot be read or is invalid.
+pub(crate) fn replica_database(t: &dyn Backend) -> Result<Option<String>> {
+    use std::io::Read;
+    let url = t.url();
+    let mut r = match t.read(MARKER_FILE) {
+        Ok(r) => r,
+        Err(e) if e.kind == crate::backend::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut text = String::new();
+    r.by_ref()
+        .take(64 << 10)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read {url}/{MARKER_FILE}"))?;
+    let m = Marker::parse(&text).map_err(|e| anyhow!("{url}/{MARKER_FILE}: {e}"))?;
+    Ok(Some(m.database))
+}
+
+/// Whether two database paths name the same file: the same text, or the same file (or, for
+/// a file that does not exist, the same name in the same directory) once symlinks resolve.
+fn same_database(a: &Path, b: &Path) -> bool {
+    if a == b {
+        return true;
+    }
+    let resolve = |p: &Path| {
+        std::fs::canonicalize(p).ok().or_else(|| {
+            let dir = std::fs::canonicalize(p.parent()?).ok()?;
+            Some(dir.join(p.file_name()?))
+        })
+    };
+    matches!((resolve(a), resolve(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Checks that `t` holds the replica of database `db`: its marker's path must name `db`. The
+/// marker's host is not compared: restoring onto a new host is what a restore is for. A
+/// replica without a marker passes (it holds nothing a restore could use, or predates markers).
+///
+/// # Errors
+/// The replica belongs to another database (the message names both), or its marker cannot be
+/// read.
+pub(crate) fn check_database(t: &dyn Backend, db: &Path) -> Result<()> {
+    let marker = replica_database(t).context(
+        "cannot tell which database the replica belongs to (--allow-other-db skips the check)",
+    )?;
+    let Some(ident) = marker else {
+        return Ok(());
+    };
+    // `host:/path`: host names hold no ':', paths may.
+    let path = ident.split_once(':').map_or(ident.as_str(), |(_, p)| p);
+    if !same_database(Path::new(path), db) {
+        bail!(
+            "{} holds the replica of database {ident}, not of {}: refusing it (--allow-other-db to use it anyway)",
+            t.url(),
+            db.display()
+        );
+    }
+    Ok(())
+}
+
+/// What a replica can restore, for `walship list`: from the oldest snapshot of any generation
+/// (a point-in-time restore at or after it finds a snapshot) to the end of what a "latest"
+/// restore reaches, with the replica's totals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Restorable {
+    /// The oldest snapshot's time (ms since the Unix epoch).
+    pub(crate) earliest_ms: u64,
+    /// The time of the commit a "latest" restore ends at.
+    pub(crate) latest_ms: u64,
+    /// That commit.
+    pub(crate) latest: Position,
+    /// Generations listed (with or without a snapshot).
+    pub(crate) generations: usize,
+    /// Files listed.
+    pub(crate) files: usize,
+    /// Their bytes.
+    pub(crate) bytes: u64,
+}
+
+/// The restorable range of `t` as `listing` shows it (planned from names alone, as a restore
+/// plans; the files are not read), or `None` when no generation holds a snapshot. The latest
+/// point follows the replica's owner as a "latest" restore does.
+pub(crate) fn restorable(t: &dyn Backend, listing: &Listing) -> Option<Restorable> {
+    let earliest_ms = listing
+        .generations
+        .iter()
+        .flat_map(|(_, files)| files)
+        .filter_map(|(f, _)| match *f {
+            FileName::Snapshot { time_ms, .. } => Some(time_ms),
+            FileName::Segment { .. } => None,
+        })
+        .min()?;
+    let plan = plan_restore(&owners_view(t, listing.clone()), &Want::Latest).ok()?;
+    let (latest_txid, latest_ms) = match plan.segments.last().unwrap_or(&plan.snapshot) {
+        FileName::Snapshot { txid, time_ms } => (*txid, *time_ms),
+        FileName::Segment { last, last_ms, .. } => (*last, *last_ms),
+    };
+    let gens: std::collections::BTreeSet<_> = listing.generations.iter().map(|g| g.0).collect();
+    Some(Restorable {
+        earliest_ms,
+        latest_ms,
+        latest: Position {
+            generation: plan.generation,
+            txid: latest_txid,
+        },
+        generations: gens.len(),
+        files: listing.generations.iter().map(|g| g.1.len()).sum(),
+        bytes: listing
+            .generations
+            .iter()
+            .flat_map(|g| &g.1)
+            .map(|f| f.1)
+            .sum(),
+    })
+}
+
+/// The error for a replica root that does not exist: a wrong URL, or nothing replicated yet.
+pub(crate) fn missing_root(t: &dyn Backend) -> anyhow::Error {
+    anyhow!(
+        "{} does not exist (a wrong URL, or nothing was ever replicated there)",
+        t.url()
+    )
 }
 
 /// One decoded record, as handed from the reader to the applier.
@@ -392,6 +529,9 @@ const ATTEMPTS: u32 = 8;
 /// Any fetch, decode, checksum or consistency error, naming the file.
 pub fn restore_into(t: &dyn Backend, want: &Want, tmp: &Path) -> Result<Restored> {
     let mut listing = list_replica(t)?;
+    if listing.generations.is_empty() && !t.root_exists()? {
+        return Err(missing_root(t));
+    }
     let mut attempt = 1;
     loop {
         let e = match restore_once(t, want, tmp, &listing) {
@@ -425,7 +565,15 @@ fn restore_once(t: &dyn Backend, want: &Want, tmp: &Path, listing: &Listing) -> 
     } else {
         listing
     };
-    let plan = plan_restore(listing, want).map_err(|e| anyhow!("{}: {e}", t.url()))?;
+    let plan = plan_restore(listing, want).map_err(|e| match e {
+        LayoutError::TooEarly { want, oldest } => anyhow!(
+            "{}: nothing to restore at or before {}: the oldest snapshot is at {}",
+            t.url(),
+            rfc3339(want),
+            rfc3339(oldest)
+        ),
+        e => anyhow!("{}: {e}", t.url()),
+    })?;
     let target_txid = stop_txid(t, &plan)?;
     if matches!(want, Want::Latest) {
         check_latest_complete(t, listing, &plan, target_txid)?;
@@ -777,6 +925,9 @@ pub(crate) struct RestoreOptions {
     pub(crate) want: Want,
     /// Overwrite an existing output.
     pub(crate) force: bool,
+    /// The database the replicas must belong to (see [`check_database`]); `None` restores
+    /// whatever they hold.
+    pub(crate) database: Option<PathBuf>,
 }
 
 /// What is at a restore's output path (not following a symlink).
@@ -917,10 +1068,15 @@ pub(crate) fn restore(
     let mut errors = Vec::new();
     for (name, t) in targets {
         let tmp = RemoveOnDrop::new(dir.join(temp_name()));
-        let r = restore_into(t.as_ref(), &opts.want, tmp.path()).and_then(|r| {
-            integrity_check(tmp.path())?;
-            Ok(r)
-        });
+        let r = opts
+            .database
+            .as_deref()
+            .map_or(Ok(()), |db| check_database(t.as_ref(), db))
+            .and_then(|()| restore_into(t.as_ref(), &opts.want, tmp.path()))
+            .and_then(|r| {
+                integrity_check(tmp.path())?;
+                Ok(r)
+            });
         match r {
             Ok(r) => {
                 check_output(out, opts.force)?;
