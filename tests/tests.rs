@@ -3,6 +3,7 @@
 mod backend_file;
 mod backend_s3;
 mod backend_sftp;
+mod cli_conventions;
 mod conformance;
 mod daemon_notify;
 mod e2e;

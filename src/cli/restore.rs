@@ -2,9 +2,8 @@
 //! time, into the configured path or `-o FILE`.
 
 use super::source::{instance_name, targets, Source, Usage};
-use super::RestoreArgs;
+use super::{RestoreArgs, UsageError};
 use crate::backend::Backend;
-use crate::config::ConfigError;
 use crate::layout::names::Position;
 use crate::layout::plan::Want;
 use crate::restore::{self, list_replica, RestoreOptions};
@@ -95,18 +94,18 @@ fn wanted(timestamp: Option<String>, position: Option<String>) -> Result<Want> {
     Ok(match (timestamp, position) {
         (Some(t), _) => {
             let ts = humantime::parse_rfc3339_weak(&t).map_err(|e| {
-                ConfigError(format!(
+                UsageError(format!(
                     "invalid --timestamp {t:?}: {e} (use e.g. 2026-11-24T10:00:00Z)"
                 ))
             })?;
             let ms = ts
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_err(|_| ConfigError(format!("invalid --timestamp {t:?}: before 1970")))?
+                .map_err(|_| UsageError(format!("invalid --timestamp {t:?}: before 1970")))?
                 .as_millis();
             Want::TimeMs(u64::try_from(ms).unwrap_or(u64::MAX))
         }
         (None, Some(p)) => Want::Position(p.parse::<Position>().map_err(|e| {
-            ConfigError(format!(
+            UsageError(format!(
                 "invalid --position {p:?}: {e} (use GENERATION/TXID from `walship list`)"
             ))
         })?),

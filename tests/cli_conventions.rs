@@ -1,0 +1,182 @@
+//! Conventions every command keeps, checked on the real binary: exit codes (64 for a command
+//! line that cannot work, 78 only for a configuration file), quiet exit 141 when stdout's
+//! reader is gone, the discoverability of the manuals (`--help`, walship(1)'s sections), the
+//! runbook's commands against the real CLI, and the generator's refusal of a database under
+//! /tmp.
+
+use crate::util::{walship, Daemon, Sandbox, BIN};
+use std::fs;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Runs `walship ARGS` with stdout a pipe whose reading end is already closed (what
+/// `walship ... | head -1` becomes once head exits) and returns (exit code, stderr).
+fn with_closed_stdout(args: &[&str]) -> (Option<i32>, String) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run walship");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_quiet_141(args: &[&str]) {
+    let (code, stderr) = with_closed_stdout(args);
+    assert_eq!(
+        code,
+        Some(141),
+        "`walship {}` with stdout closed: exit code; stderr: {stderr}",
+        args.join(" ")
+    );
+    assert!(
+        stderr.is_empty(),
+        "`walship {}` with stdout closed must print nothing on stderr, got: {stderr}",
+        args.join(" ")
+    );
+}
+
+#[test]
+fn argument_errors_exit_64_and_config_file_errors_78() {
+    let sb = Sandbox::new();
+    let cfg = sb.path("bad.toml");
+    fs::write(&cfg, "db = \"/x.db\"\nretention = 5\n").expect("config");
+    let cfg = cfg.to_str().expect("utf-8");
+    let bad_args: &[&[&str]] = &[
+        // clap's own errors.
+        &["frobnicate"],
+        &["restore", "--no-such-flag"],
+        // Missing or conflicting arguments found after clap (source.rs `Usage`).
+        &["replicate"],
+        &["replicate", "/srv/app.db"],
+        &["restore"],
+        &["verify"],
+        &["list"],
+        &["status"],
+        // Malformed URLs and values given as arguments.
+        &["replicate", "/srv/app.db", "ftp://nowhere/x"],
+        &["list", "/not/a/url"],
+        &["restore", "-o", "/tmp/x.db", "gopher://x/y"],
+        &[
+            "restore",
+            "-o",
+            "/tmp/x.db",
+            "--timestamp",
+            "yesterday",
+            "file:///r",
+        ],
+        &[
+            "restore",
+            "-o",
+            "/tmp/x.db",
+            "--position",
+            "nonsense",
+            "file:///r",
+        ],
+        &["status", "--max-lag", "soon", "--state-dir", "/nonexistent"],
+        &["trust", "ftp://alpha/db"],
+        &["list", "s3://bucket/p", "--endpoint", "not a url"],
+    ];
+    let mut wrong = Vec::new();
+    for args in bad_args {
+        let o = walship(*args);
+        o.one_error_line();
+        if o.code() != 64 {
+            wrong.push(format!("`{}` exited {}: {}", o.cmd, o.code(), o.stderr));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "argument errors not 64:\n{}",
+        wrong.join("\n")
+    );
+
+    // Errors in a configuration file stay 78, whatever the command.
+    for args in [
+        vec!["replicate", "--config", cfg],
+        vec!["list", "--config", cfg],
+        vec!["status", "--config", cfg],
+        vec!["replicate", "--config", "/nonexistent/walship.toml"],
+    ] {
+        let o = walship(&args);
+        o.one_error_line();
+        assert_eq!(o.code(), 78, "`{}`: {}", o.cmd, o.stderr);
+    }
+}
+
+#[test]
+fn no_arguments_prints_usage_and_exits_64() {
+    let o = walship(Vec::<&str>::new());
+    assert_eq!(o.code(), 64, "stderr: {}", o.stderr);
+    assert!(
+        o.stderr.contains("Usage: walship") && o.stderr.contains("restore"),
+        "the help goes to stderr: {:?}",
+        o.stderr
+    );
+    assert!(o.stdout.is_empty(), "nothing on stdout: {:?}", o.stdout);
+    // Asked-for help is a success, on stdout.
+    let o = walship(["--help"]).assert_ok();
+    assert!(o.stdout.contains("Usage: walship"));
+}
+
+#[test]
+fn closed_stdout_exits_141_quietly() {
+    // clap's help and version.
+    assert_quiet_141(&["--help"]);
+    assert_quiet_141(&["--version"]);
+    assert_quiet_141(&["list", "--help"]);
+
+    // A writer-based command (list) and a println!-based one (restore's message).
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = Daemon::start(
+        &[sb.db().into_os_string(), sb.replica_url().into()],
+        &sb.state(),
+    );
+    d.wait_caught_up(Duration::from_secs(30));
+    d.stop();
+    let url = sb.replica_url();
+    assert_quiet_141(&["list", &url]);
+    let out = sb.path("data/restored.db");
+    let out = out.to_str().expect("utf-8");
+    fs::write(out, b"").expect("existing output");
+    assert_quiet_141(&["restore", "--if-db-not-exists", "-o", out, &url]);
+
+    // status keeps its health code (3: the daemon is not running), which a monitoring
+    // pipeline (`walship status | head -1`) wants more than 141; quietly too.
+    let state = sb.state();
+    let (code, stderr) = with_closed_stdout(&[
+        "status",
+        "--json",
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        (code, stderr.as_str()),
+        (Some(3), ""),
+        "status --json, stdout closed"
+    );
+
+    // Through a real shell pipeline as well: no panic, no "Broken pipe" line.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(
+            "for i in 1 2 3 4 5 6 7 8; do \"$0\" list \"$1\"; done | head -c1 >/dev/null; \
+             \"$0\" --help | (exec 0<&-; sleep 0.1)",
+        )
+        .arg(BIN)
+        .arg(&url)
+        .output()
+        .expect("sh");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe") && !err.contains("walship:"),
+        "pipeline stderr: {err}"
+    );
+}
