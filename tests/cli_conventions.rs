@@ -180,3 +180,93 @@ fn closed_stdout_exits_141_quietly() {
         "pipeline stderr: {err}"
     );
 }
+
+/// The drop-in the generator writes for a database under `base` (/tmp or /var/tmp), with its
+/// warnings; the config and output directories are elsewhere.
+fn generate_for_db_under(base: &str, replica_under_tmp: bool) -> (String, Vec<String>, String) {
+    let tmp = tempfile::tempdir_in(base).expect("tempdir under /tmp");
+    let elsewhere = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let (etc, out) = (elsewhere.path().join("etc"), elsewhere.path().join("out"));
+    fs::create_dir_all(&etc).expect("mkdir");
+    let data = if replica_under_tmp {
+        elsewhere.path().join("data")
+    } else {
+        tmp.path().join("data")
+    };
+    fs::create_dir_all(&data).expect("mkdir");
+    let db = data.join("app.db");
+    crate::util::create_table(&db);
+    let replica = if replica_under_tmp {
+        tmp.path().join("replica")
+    } else {
+        elsewhere.path().join("replica")
+    };
+    fs::write(
+        etc.join("app.toml"),
+        format!(
+            "db = \"{}\"\n[[replica]]\nurl = \"file://{}\"\n",
+            db.display(),
+            replica.display()
+        ),
+    )
+    .expect("config");
+    let warnings = walship::generator::generate(&etc, &out).expect("generate");
+    let text = fs::read_to_string(
+        out.join("walship@app.service.d")
+            .join(walship::generator::DROP_IN_NAME),
+    )
+    .expect("a drop-in is written");
+    let culprit = if replica_under_tmp { replica } else { db };
+    (text, warnings, culprit.display().to_string())
+}
+
+#[test]
+fn generator_makes_a_unit_with_files_under_tmp_fail_clearly() {
+    for (base, replica_under_tmp) in [("/tmp", false), ("/var/tmp", false), ("/tmp", true)] {
+        let (text, warnings, culprit) = generate_for_db_under(base, replica_under_tmp);
+        let what = format!("{culprit} under {base}");
+        assert_eq!(warnings.len(), 1, "{what}: one warning: {warnings:?}");
+        let w = &warnings[0];
+        assert!(
+            w.starts_with("walship@app.service: the unit will exit 78: ")
+                && w.contains(&culprit)
+                && w.contains("PrivateTmp=yes"),
+            "{what}: warning {w:?}"
+        );
+        // No sandbox opening, no identity: the unit only fails, saying why.
+        assert!(
+            !text.contains("ReadWritePaths") && !text.contains("User="),
+            "{what}: {text}"
+        );
+        let exec: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("ExecStart="))
+            .collect();
+        assert_eq!(exec.len(), 2, "{what}: ExecStart= reset, then one: {text}");
+        assert_eq!(exec[0], "ExecStart=");
+        // Run that command line as systemd would: `/bin/sh -c "SCRIPT"`.
+        let script = exec[1]
+            .strip_prefix("ExecStart=/bin/sh -c \"")
+            .and_then(|s| s.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("{what}: unexpected {}", exec[1]))
+            .replace("$$", "$")
+            .replace("%%", "%");
+        let o = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .expect("sh");
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(78), "{what}: {said}");
+        assert!(
+            said.starts_with("walship: walship@app.service: ") && said.contains(&culprit),
+            "{what}: the journal line: {said}"
+        );
+
+        // systemd accepts the unit with that drop-in without a word.
+        let root = crate::systemd_files::analyze_root(Some(&text));
+        fs::create_dir_all(root.path().join("bin")).expect("mkdir");
+        fs::copy("/bin/sh", root.path().join("bin/sh")).expect("stand-in sh");
+        crate::systemd_files::verify(root.path());
+    }
+}
