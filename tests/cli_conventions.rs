@@ -270,3 +270,99 @@ fn generator_makes_a_unit_with_files_under_tmp_fail_clearly() {
         crate::systemd_files::verify(root.path());
     }
 }
+
+#[test]
+fn help_says_where_the_manuals_are_and_walship_1_has_its_sections() {
+    let help = walship(["--help"]).assert_ok().stdout;
+    for want in [
+        "man walship",
+        "walship-COMMAND(1)",
+        "walship.toml(5)",
+        "completions",
+        "walship generate-docs DIR",
+        "64 bad arguments",
+        "78 configuration error",
+    ] {
+        assert!(help.contains(want), "--help lacks {want:?}:\n{help}");
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    walship(["generate-docs".as_ref(), dir.path().as_os_str()]).assert_ok();
+    let page = fs::read_to_string(dir.path().join("man/walship.1")).expect("walship.1");
+    let sections: Vec<&str> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix(".SH "))
+        .map(|s| s.trim_matches('"'))
+        .collect();
+    for want in ["EXIT STATUS", "ENVIRONMENT", "FILES", "SEE ALSO"] {
+        assert!(sections.contains(&want), "no {want} in {sections:?}");
+    }
+    let section = |name: &str| -> String {
+        page.split(".SH ")
+            .find(|s| s.trim_start_matches('"').starts_with(name))
+            .unwrap_or_default()
+            .replace("\\-", "-")
+    };
+    let exit = section("EXIT STATUS");
+    for code in ["0", "1", "3, 4, 5, 6", "64", "69", "75", "78", "141"] {
+        assert!(
+            exit.contains(&format!(".B {code}\n")),
+            "exit status {code} missing:\n{exit}"
+        );
+    }
+    let env = section("ENVIRONMENT");
+    for var in [
+        "WALSHIP_CONFIG_DIR",
+        "RUST_LOG",
+        "STATE_DIRECTORY",
+        "CREDENTIALS_DIRECTORY",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "SSL_CERT_FILE",
+    ] {
+        assert!(env.contains(var), "{var} missing:\n{env}");
+    }
+    let files = section("FILES");
+    for f in [
+        "/etc/walship/NAME.toml",
+        "/etc/walship/known_hosts",
+        "/var/lib/walship/NAME",
+        "replicator.key",
+    ] {
+        assert!(files.contains(f), "{f} missing:\n{files}");
+    }
+    assert!(section("SEE ALSO").contains("walship.toml\\fR(5)"));
+    // Every variable the code reads (`env::var("NAME")`, `env::var_os("NAME")`) is documented.
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut read = Vec::new();
+    for file in crate::util::walk(&src) {
+        let text = fs::read_to_string(src.join(&file)).expect("read source");
+        for piece in text.split("env::var").skip(1) {
+            let piece = piece.strip_prefix("_os").unwrap_or(piece);
+            let Some(rest) = piece.strip_prefix("(\"") else {
+                continue;
+            };
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            read.push((name, file.display().to_string()));
+        }
+    }
+    assert!(read.len() >= 8, "the scan finds the variables: {read:?}");
+    let undocumented: Vec<_> = read
+        .iter()
+        .filter(|(name, _)| {
+            !name.starts_with("WALSHIP_FAILPOINT")
+                && name != "WALSHIP_FUZZ_CASES"
+                && !env.contains(name.as_str())
+        })
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "not in walship(1): {undocumented:?}"
+    );
+}
