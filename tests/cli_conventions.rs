@@ -366,3 +366,170 @@ fn help_says_where_the_manuals_are_and_walship_1_has_its_sections() {
         "not in walship(1): {undocumented:?}"
     );
 }
+
+/// Splits one shell command line into words (single and double quotes, no expansions) and
+/// simple commands (`&&`, `||`, `;`, `|`), dropping a trailing `# comment`.
+fn shell_commands(line: &str) -> Vec<Vec<String>> {
+    let mut commands = vec![Vec::new()];
+    let mut word: Option<String> = None;
+    let mut chars = line.chars().peekable();
+    let mut quote = None;
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => word.get_or_insert_with(String::new).push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                word.get_or_insert_with(String::new);
+            }
+            (None, '#') if word.is_none() => break,
+            (None, ' ' | '\t') => {
+                if let Some(w) = word.take() {
+                    commands.last_mut().expect("one").push(w);
+                }
+            }
+            (None, '&' | '|' | ';') => {
+                if let Some(w) = word.take() {
+                    commands.last_mut().expect("one").push(w);
+                }
+                if matches!(chars.peek(), Some('&' | '|')) {
+                    chars.next();
+                }
+                commands.push(Vec::new());
+            }
+            (None, c) => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    if let Some(w) = word {
+        commands.last_mut().expect("one").push(w);
+    }
+    commands.retain(|c| !c.is_empty());
+    commands
+}
+
+/// Every `walship ...` command in `text`: lines of fenced ```sh blocks and inline code spans.
+fn walship_commands(text: &str) -> Vec<Vec<String>> {
+    let mut lines = Vec::new();
+    let mut in_sh = false;
+    for line in text.lines() {
+        if let Some(fence) = line.trim_start().strip_prefix("```") {
+            in_sh = !in_sh && matches!(fence.trim(), "sh" | "bash" | "console");
+            continue;
+        }
+        if in_sh {
+            lines.push(line.to_owned());
+        } else {
+            lines.extend(
+                line.split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .filter(|s| s.starts_with("walship "))
+                    .map(str::to_owned),
+            );
+        }
+    }
+    lines
+        .iter()
+        .flat_map(|l| shell_commands(l))
+        .filter(|c| c[0] == "walship")
+        .collect()
+}
+
+/// What is wrong with `walship ARGS` according to the real binary's `--help` texts: an
+/// unknown subcommand, or an option its `--help` does not list.
+fn check_against_help(cmd: &[String], help_of: &mut impl FnMut(&str) -> String) -> Vec<String> {
+    let top = help_of("");
+    let subcommands: Vec<&str> = top
+        .split("Commands:\n")
+        .nth(1)
+        .unwrap_or("")
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .filter(|l| l.starts_with("  ") && !l.starts_with("    "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let line = cmd.join(" ");
+    let Some(sub) = cmd[1..].iter().find(|w| !w.starts_with('-')) else {
+        return vec![format!("`{line}`: no subcommand")];
+    };
+    if !subcommands.contains(&sub.as_str()) {
+        return vec![format!(
+            "`{line}`: no subcommand {sub:?} in {subcommands:?}"
+        )];
+    }
+    let help = format!("{}\n{top}", help_of(sub));
+    let listed = |flag: &str| {
+        help.match_indices(flag).any(|(i, _)| {
+            let before = help[..i].chars().next_back();
+            let after = help[i + flag.len()..].chars().next();
+            matches!(before, Some(' ' | '\n' | '['))
+                && matches!(after, Some(' ' | ',' | '=' | '\n' | '.' | '<'))
+        })
+    };
+    cmd[1..]
+        .iter()
+        .filter(|w| w.starts_with('-') && w.len() > 1)
+        .map(|w| w.split('=').next().unwrap_or(w))
+        .filter(|flag| !listed(flag))
+        .map(|flag| format!("`{line}`: walship {sub} --help lists no {flag}"))
+        .collect()
+}
+
+#[test]
+fn runbook_commands_exist_in_the_real_cli() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let runbook = fs::read_to_string(root.join("docs/RUNBOOK.md")).expect("docs/RUNBOOK.md");
+    let readme = fs::read_to_string(root.join("README.md")).expect("README.md");
+    assert!(
+        readme.contains("(docs/RUNBOOK.md)"),
+        "README links the runbook"
+    );
+    let mut cache = std::collections::HashMap::new();
+    let mut help_of = |sub: &str| -> String {
+        cache
+            .entry(sub.to_owned())
+            .or_insert_with(|| {
+                let args: Vec<&str> = sub.split_whitespace().chain(["--help"]).collect();
+                walship(&args).assert_ok().stdout
+            })
+            .clone()
+    };
+
+    // The checker itself catches what rots.
+    for (bad, why) in [
+        ("walship restore fruits --no-such-flag", "--no-such-flag"),
+        ("walship resotre fruits", "no subcommand \"resotre\""),
+        ("walship status -x fruits", "lists no -x"),
+    ] {
+        let cmds = walship_commands(&format!("```sh\n{bad}\n```\n"));
+        let errors = check_against_help(&cmds[0], &mut help_of);
+        assert!(errors.iter().any(|e| e.contains(why)), "{bad}: {errors:?}");
+    }
+    let cmds = walship_commands("x `walship list fruits | head -1` and\n```sh\nsystemctl stop a && walship status fruits --json   # c\n```\n");
+    assert_eq!(
+        cmds,
+        [
+            vec!["walship", "list", "fruits"],
+            vec!["walship", "status", "fruits", "--json"]
+        ]
+    );
+
+    let cmds = walship_commands(&runbook);
+    let subs: std::collections::BTreeSet<&str> = cmds.iter().map(|c| c[1].as_str()).collect();
+    for want in ["trust", "status", "list", "verify", "restore"] {
+        assert!(
+            subs.contains(want),
+            "the runbook uses walship {want}: {subs:?}"
+        );
+    }
+    assert!(
+        cmds.len() >= 20,
+        "only {} commands found: {cmds:?}",
+        cmds.len()
+    );
+    let errors: Vec<String> = cmds
+        .iter()
+        .flat_map(|c| check_against_help(c, &mut help_of))
+        .collect();
+    assert!(errors.is_empty(), "docs/RUNBOOK.md:\n{}", errors.join("\n"));
+}
