@@ -82,6 +82,8 @@ fn argument_errors_exit_64_and_config_file_errors_78() {
         &["status", "--max-lag", "soon", "--state-dir", "/nonexistent"],
         &["trust", "ftp://alpha/db"],
         &["list", "s3://bucket/p", "--endpoint", "not a url"],
+        // The generator run by hand without its output directory.
+        &["systemd-generator"],
     ];
     let mut wrong = Vec::new();
     for args in bad_args {
