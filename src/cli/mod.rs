@@ -80,10 +80,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Continuous, verifiable replication of SQLite databases by shipping their WAL.
 ///
-/// walship watches a database, ships every commit to one or more replicas (file://, sftp:// or s3://)
-/// within milliseconds, and restores it (byte for byte, to any point in time) after a
-/// disaster. Every file on a replica is checksummed, and every commit carries a checksum of the
-/// whole database, so a restore proves itself.
+/// walship watches a database, ships every commit to one or more replicas (file://, sftp://
+/// or s3://) within milliseconds, and restores it (byte for byte, to any point in time) after
+/// a disaster. Every file on a replica is checksummed, and every commit carries a checksum of
+/// the whole database, so a restore proves itself.
 #[derive(Debug, Parser)]
 #[command(
     name = "walship",
