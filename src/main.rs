@@ -1,26 +1,45 @@
 //! The `walship` binary: parse the command line, set up logging, run, and turn errors into one
-//! line on stderr and an exit code (78 for configuration errors, 64 for bad arguments, 75 when
-//! another replicator already holds the database).
+//! line on stderr and an exit code.
+//!
+//! Exit codes (the EXIT STATUS section of walship(1) lists them for users):
+//! - 64 (EX_USAGE) for a command line that cannot work: clap's own errors, a
+//!   [`walship::cli::UsageError`] found after parsing, and `walship` with no command at all
+//!   (after printing the help to stderr);
+//! - 78 (EX_CONFIG) for errors in a configuration file ([`ConfigError`]), so that systemd does
+//!   not restart-loop on them;
+//! - 75 (EX_TEMPFAIL) when another replicator already holds the database;
+//! - 141 (128 + SIGPIPE, what a shell reports for a tool killed by SIGPIPE) when the reader
+//!   of stdout went away (`walship list URL | head -1`): nothing is printed, no panic.
+//!   SIGPIPE itself stays ignored (Rust's default) so that a peer closing an sftp or S3
+//!   connection is an error the daemon handles, never a silent death.
 
 use clap::Parser;
 use std::process::ExitCode;
-use walship::cli::{run, Cli};
+use walship::cli::{run, stdout_closed, Cli, UsageError, STDOUT_CLOSED_EXIT};
 use walship::config::ConfigError;
 use walship::replicate::dblock::AlreadyReplicated;
 
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
+            match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    return match e.print() {
+                        Err(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+                            ExitCode::from(STDOUT_CLOSED_EXIT)
+                        }
+                        _ => ExitCode::SUCCESS,
+                    };
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    // `walship` alone: the help (on stderr), but it did nothing it was asked.
+                    let _ = e.print();
+                    return ExitCode::from(UsageError::EXIT_CODE);
+                }
+                _ => {}
             }
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
@@ -28,7 +47,7 @@ fn main() -> ExitCode {
                 "walship: {} (see walship --help)",
                 first.trim_start_matches("error: ")
             );
-            return ExitCode::from(64);
+            return ExitCode::from(UsageError::EXIT_CODE);
         }
     };
     match cli.command {
@@ -43,9 +62,18 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
+            let broken_pipe = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe && stdout_closed() {
+                return ExitCode::from(STDOUT_CLOSED_EXIT);
+            }
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("walship: {msg}");
-            if e.chain().any(|c| c.downcast_ref::<ConfigError>().is_some()) {
+            if e.chain().any(|c| c.downcast_ref::<UsageError>().is_some()) {
+                ExitCode::from(UsageError::EXIT_CODE)
+            } else if e.chain().any(|c| c.downcast_ref::<ConfigError>().is_some()) {
                 ExitCode::from(78)
             } else if e
                 .chain()
@@ -57,4 +85,23 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `println!` panics when stdout's reader is gone (SIGPIPE being ignored, the write fails
+/// with EPIPE): exit quietly with [`STDOUT_CLOSED_EXIT`] then, as a tool killed by SIGPIPE
+/// would; every other panic is reported as usual.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if payload.starts_with("failed printing to stdout") && stdout_closed() {
+            std::process::exit(i32::from(STDOUT_CLOSED_EXIT));
+        }
+        default(info);
+    }));
 }

@@ -768,7 +768,7 @@ fn e2e_errors() {
     o.one_error_line();
     assert_eq!(o.code(), 78, "missing config file");
 
-    // Ad-hoc form with a bad URL.
+    // Ad-hoc form with a bad URL: an argument error (64), not a config error.
     let o = walship([
         "replicate".as_ref(),
         db.as_os_str(),
@@ -777,7 +777,7 @@ fn e2e_errors() {
         sb.state().as_os_str(),
     ]);
     o.one_error_line();
-    assert_eq!(o.code(), 78, "ad-hoc bad URL");
+    assert_eq!(o.code(), 64, "ad-hoc bad URL");
     let o = walship(["list", "nonsense"]);
     o.one_error_line();
     assert_eq!(o.code(), 78, "list with a bad URL");

@@ -16,7 +16,8 @@ pub struct Tree {
 
 impl Tree {
     pub fn new() -> Tree {
-        let dir = tempfile::tempdir().expect("tempdir");
+        // Not under /tmp: the generator refuses databases there (the unit's PrivateTmp=yes).
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
         let root = dir.path().canonicalize().expect("canonical tempdir");
         for d in ["etc", "out", "data", "keys", "replicas"] {
             fs::create_dir(root.join(d)).expect("mkdir");

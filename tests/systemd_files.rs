@@ -19,7 +19,7 @@ fn repo(rel: &str) -> PathBuf {
 }
 
 /// Finds `name` on `PATH` or in the sbin directories, or fails naming the Debian package.
-fn tool(name: &str, package: &str) -> PathBuf {
+pub fn tool(name: &str, package: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
@@ -44,7 +44,7 @@ fn run(cmd: &mut Command) -> Output {
 
 /// A scratch root for `systemd-analyze --root`: the host's own system units (for the targets the
 /// unit depends on), a stand-in `/usr/bin/walship`, and our unit under `/etc/systemd/system`.
-fn analyze_root(drop_in: Option<&str>) -> tempfile::TempDir {
+pub fn analyze_root(drop_in: Option<&str>) -> tempfile::TempDir {
     let root = tempfile::tempdir().expect("tempdir");
     let r = root.path();
     let host_units = ["/usr/lib/systemd/system", "/lib/systemd/system"]
@@ -77,7 +77,7 @@ fn analyze_root(drop_in: Option<&str>) -> tempfile::TempDir {
 }
 
 /// `systemd-analyze verify`: exits 0 even on unknown keys, so any output is a failure.
-fn verify(root: &Path) {
+pub fn verify(root: &Path) {
     let sa = tool("systemd-analyze", "systemd");
     let out = run(Command::new(sa)
         .args(["verify", "--man=no"])

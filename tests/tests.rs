@@ -4,6 +4,7 @@ mod backend_file;
 mod backend_s3;
 mod backend_s3_moto;
 mod backend_sftp;
+mod cli_conventions;
 mod cli_truths;
 mod conformance;
 mod daemon_notify;

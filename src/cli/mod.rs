@@ -4,9 +4,11 @@
 //! forms that stand in for one into settings, the same way for every command.
 //!
 //! Invariants: every command either succeeds (exit 0) or returns an error that `main` prints
-//! as one line `walship: <what failed>: <why>`; configuration errors carry
+//! as one line `walship: <what failed>: <why>`; errors in a configuration file carry
 //! [`crate::config::ConfigError`] so that `main` exits 78 (EX_CONFIG) and systemd does not
-//! restart-loop on them.
+//! restart-loop on them; a command line that cannot work (missing or conflicting arguments
+//! that clap cannot see, a malformed URL or value given as an argument) carries
+//! [`UsageError`], exit 64 (EX_USAGE), like clap's own errors.
 
 mod generate_docs;
 mod list;
@@ -22,6 +24,39 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// A command line that cannot work, found after clap parsed it: missing or conflicting
+/// arguments, a malformed URL, time or duration given as an argument. `main` exits
+/// [`UsageError::EXIT_CODE`]; an error in a configuration file is a
+/// [`crate::config::ConfigError`] instead (78).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+impl UsageError {
+    /// EX_USAGE from sysexits.h.
+    pub const EXIT_CODE: u8 = 64;
+}
+
+/// The exit status when stdout's reader went away (`walship list URL | head -1`): 141, what a
+/// shell reports for a tool killed by SIGPIPE, so `set -o pipefail` scripts see walship as
+/// they see `cat` or `grep`.
+pub const STDOUT_CLOSED_EXIT: u8 = 141;
+
+/// True when stdout is a pipe or socket whose reading end is closed (poll reports POLLERR
+/// or POLLHUP), i.e. an EPIPE seen while printing came from stdout and not from a replica's
+/// connection.
+#[must_use]
+pub fn stdout_closed() -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let stdout = std::io::stdout();
+    let mut fds = [PollFd::new(stdout.as_fd(), PollFlags::POLLOUT)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok()
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
+}
 
 /// Runs the parsed command line.
 ///
@@ -45,16 +80,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 
 /// Continuous, verifiable replication of SQLite databases by shipping their WAL.
 ///
-/// walship watches a database, ships every commit to one or more replicas (file:// or sftp://)
-/// within milliseconds, and restores it — byte for byte, to any point in time — after a
-/// disaster. Every file on a replica is checksummed, and every commit carries a checksum of the
-/// whole database, so a restore proves itself.
+/// walship watches a database, ships every commit to one or more replicas (file://, sftp://
+/// or s3://) within milliseconds, and restores it (byte for byte, to any point in time) after
+/// a disaster. Every file on a replica is checksummed, and every commit carries a checksum of
+/// the whole database, so a restore proves itself.
 #[derive(Debug, Parser)]
 #[command(
     name = "walship",
     version,
     propagate_version = true,
-    max_term_width = 100
+    max_term_width = 100,
+    after_help = CLI_AFTER_HELP
 )]
 pub struct Cli {
     /// More log output (-v: debug, -vv: trace). WALSHIP_LOG / RUST_LOG override.
@@ -67,6 +103,19 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// Where the rest of the documentation is (`walship --help`, and the end of walship(1)'s
+/// description).
+const CLI_AFTER_HELP: &str = "\
+Each command has its own --help (walship help COMMAND). Manuals: man walship, walship-COMMAND(1)
+(e.g. man walship-restore), walship.toml(5) for the configuration file, and the runbook in
+/usr/share/doc/walship/. The packages install the manuals and the bash, zsh and fish
+completions; from a source build, `walship generate-docs DIR` writes them into DIR/man and
+DIR/completions.
+
+Exit status: 0 success, 1 failure, 64 bad arguments, 78 configuration error, 75 database
+already replicated by another walship, 69 replicate stopped with commits not yet on every
+replica, 141 stdout closed early; walship status also 3, 4, 5, 6 (walship status --help).";
 
 /// Where the database and its replicas are described.
 #[derive(Debug, Args, Clone)]

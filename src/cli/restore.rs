@@ -2,9 +2,8 @@
 //! time, into the configured path or `-o FILE`.
 
 use super::source::{instance_name, targets, Source, Usage};
-use super::RestoreArgs;
+use super::{RestoreArgs, UsageError};
 use crate::backend::Backend;
-use crate::config::ConfigError;
 use crate::layout::names::Position;
 use crate::layout::plan::Want;
 use crate::restore::{self, list_replica, RestoreOptions};
@@ -98,10 +97,10 @@ fn wanted(timestamp: Option<String>, position: Option<String>) -> Result<Want> {
     Ok(match (timestamp, position) {
         (Some(t), _) => Want::TimeMs(
             crate::clock::parse_rfc3339(&t)
-                .map_err(|e| ConfigError(format!("invalid --timestamp {t:?}: {e}")))?,
+                .map_err(|e| UsageError(format!("invalid --timestamp {t:?}: {e}")))?,
         ),
         (None, Some(p)) => Want::Position(p.parse::<Position>().map_err(|e| {
-            ConfigError(format!(
+            UsageError(format!(
                 "invalid --position {p:?}: {e} (use GENERATION/TXID from `walship list`)"
             ))
         })?),

@@ -4,12 +4,13 @@
 //!
 //! Invariants: a config, when given, is the whole description of the database and its
 //! replicas (clap refuses a database or URL beside it; `restore -o` then names only the
-//! output), and its errors come first; an incomplete command line is a [`ConfigError`]
-//! (exit 78) worded by the command's [`Usage`].
+//! output), and its errors come first (a [`crate::config::ConfigError`], exit 78); an incomplete command
+//! line is a [`UsageError`] (exit 64) worded by the command's [`Usage`], and so is anything
+//! wrong in the URLs and flags that stand in for a config.
 
-use super::{ConfigArg, UrlFlags};
+use super::{ConfigArg, UrlFlags, UsageError};
 use crate::backend::Backend;
-use crate::config::{self, ConfigError, ReplicaSettings, Settings};
+use crate::config::{self, ReplicaSettings, Settings};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -55,7 +56,7 @@ impl Source {
     /// # Errors
     /// The config's errors, an ad-hoc URL's, or `usage`'s for an incomplete command line.
     pub(super) fn settings(self, usage: &Usage) -> Result<Settings> {
-        let missing = |m: Option<&str>| ConfigError(m.unwrap_or(usage.incomplete).to_owned());
+        let missing = |m: Option<&str>| UsageError(m.unwrap_or(usage.incomplete).to_owned());
         match (load(&self.config)?, self.db, self.urls.is_empty()) {
             (Some(mut s), _, true) => {
                 if let Some(d) = self.state_dir {
@@ -75,7 +76,8 @@ impl Source {
                     region: self.url_flags.region,
                     credentials_file: self.url_flags.credentials_file,
                 },
-            )?),
+            )
+            .map_err(|e| UsageError(e.0))?),
             (None, None, false) => Err(missing(usage.no_db).into()),
             (None, Some(_), true) => Err(missing(usage.no_urls).into()),
             _ => Err(missing(None).into()),
@@ -108,7 +110,7 @@ pub(super) fn instance_name(config: ConfigArg, arg: Option<String>) -> (ConfigAr
 /// Opens the replicas, or only the one named `only`.
 ///
 /// # Errors
-/// No replica is named `only` (a [`ConfigError`] listing the configured names).
+/// No replica is named `only` (a [`UsageError`] listing the configured names).
 pub(super) fn targets(
     replicas: &[ReplicaSettings],
     only: Option<&str>,
@@ -119,7 +121,7 @@ pub(super) fn targets(
         .collect();
     if chosen.is_empty() {
         let names: Vec<&str> = replicas.iter().map(|r| r.name.as_str()).collect();
-        return Err(ConfigError(format!(
+        return Err(UsageError(format!(
             "no replica named {:?} (configured: {})",
             only.unwrap_or(""),
             names.join(", ")

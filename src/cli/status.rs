@@ -13,9 +13,9 @@
 //! `--max-lag` is worse than a failing replica, since it is what a monitor's bound is about.
 
 use super::source;
-use super::StatusArgs;
+use super::{StatusArgs, UsageError};
 use crate::clock::{now_ms, rfc3339};
-use crate::config::{self, ConfigError, Settings};
+use crate::config::{self, Settings};
 use crate::db::WalPos;
 use crate::replicate::state::{
     Captured, Progress, ReplicaPosition, SavedCapture, StateDir, Status,
@@ -141,7 +141,7 @@ pub(super) fn run(a: StatusArgs) -> Result<ExitCode> {
         .as_deref()
         .map(config::parse_duration)
         .transpose()
-        .map_err(ConfigError)?;
+        .map_err(UsageError)?;
     let (config, target) = source::instance_name(a.config, a.target);
     let found = match target {
         Some(db) => Some(for_db(Path::new(&db))?),
@@ -154,7 +154,7 @@ pub(super) fn run(a: StatusArgs) -> Result<ExitCode> {
         match (found, a.state_dir) {
             (Some((dir, db, names)), d) => (d.unwrap_or(dir), Some(db), names),
             (None, Some(d)) => (d, None, Vec::new()),
-            (None, None) => return Err(ConfigError(
+            (None, None) => return Err(UsageError(
                 "status: give an instance NAME, --config FILE, a database path or --state-dir DIR"
                     .into(),
             )

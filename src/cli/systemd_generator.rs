@@ -3,11 +3,11 @@
 //!
 //! Its warnings, and a failure to generate, are printed as `walship-generator: ...` lines (the
 //! name systemd runs it under), and a failure exits 1; only a missing output directory (a
-//! misuse) is an ordinary error.
+//! misuse) is an ordinary error, a [`UsageError`] (exit 64).
 
-use super::SystemdGeneratorArgs;
+use super::{SystemdGeneratorArgs, UsageError};
 use crate::config;
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -15,7 +15,7 @@ pub(super) fn run(a: SystemdGeneratorArgs) -> Result<ExitCode> {
     let normal = a
         .dirs
         .first()
-        .ok_or_else(|| anyhow!("systemd-generator: missing output directory"))?;
+        .ok_or_else(|| UsageError("systemd-generator: missing output directory".into()))?;
     match crate::generator::generate(Path::new(config::DEFAULT_CONFIG_DIR), normal) {
         Ok(ws) => {
             for w in ws {

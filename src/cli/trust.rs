@@ -3,14 +3,15 @@
 
 use super::source;
 use super::TrustArgs;
-use crate::config::{self, ConfigError};
+use super::UsageError;
+use crate::config;
 use crate::url::{ReplicaUrl, SftpUrl};
 use anyhow::Result;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 pub(super) fn run(a: TrustArgs) -> Result<ExitCode> {
-    let parsed = SftpUrl::parse(&a.url).map_err(ConfigError)?;
+    let parsed = SftpUrl::parse(&a.url).map_err(UsageError)?;
     // A config's known_hosts is that of its replica on the same server, if it has one.
     let same_server = |u: &SftpUrl| u.host == parsed.host && u.port == parsed.port;
     let kh = match (source::load(&a.config)?, a.known_hosts) {
