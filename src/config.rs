@@ -53,6 +53,9 @@ pub struct Settings {
     /// WAL size in pages above which walship checkpoints once frames are shipped
     /// (`checkpoint-pages`, default 1000, SQLite's own autocheckpoint threshold).
     pub(crate) checkpoint_pages: u32,
+    /// How long a stop (SIGTERM) waits for replicas to receive what is captured
+    /// (`shutdown-timeout`, default 20s); a second signal ends the wait at once.
+    pub(crate) shutdown_timeout: Duration,
     /// The replicas, in order of preference for restore.
     pub replicas: Vec<ReplicaSettings>,
 }
@@ -126,6 +129,7 @@ struct RawConfig {
     segment_size: Option<Spanned<String>>,
     compaction_fanout: Option<Spanned<i64>>,
     checkpoint_pages: Option<Spanned<i64>>,
+    shutdown_timeout: Option<Spanned<String>>,
     #[serde(default)]
     replica: Vec<RawReplica>,
 }
@@ -258,6 +262,7 @@ fn parse_instance(
         segment_size: tuning.segment_size,
         compaction_fanout: tuning.compaction_fanout,
         checkpoint_pages: tuning.checkpoint_pages,
+        shutdown_timeout: tuning.shutdown_timeout,
         replicas,
     })
 }
@@ -350,6 +355,7 @@ struct Tuning {
     segment_size: u64,
     compaction_fanout: usize,
     checkpoint_pages: u32,
+    shutdown_timeout: Duration,
 }
 
 fn tuning(src: &Text, raw: &RawConfig) -> Result<Tuning, ConfigError> {
@@ -376,7 +382,9 @@ fn tuning(src: &Text, raw: &RawConfig) -> Result<Tuning, ConfigError> {
         1000,
         (1, 1 << 24),
     )?;
+    let shutdown_timeout = src.duration(&raw.shutdown_timeout, "shutdown-timeout", "20s")?;
     Ok(Tuning {
+        shutdown_timeout,
         snapshot_interval,
         retention,
         spool_limit,
@@ -726,13 +734,14 @@ mod tests {
         );
         assert_eq!(s.replicas[1].name, "file");
         assert_eq!(s.snapshot_interval, Duration::from_secs(86400));
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(20));
     }
 
     #[test]
     fn errors_name_line_and_column() {
         assert_eq!(
             err("db = \"/x.db\"\nbogus = 1\n[[replica]]\nurl = \"file:///r\"\n"),
-            "t.toml:2:1: unknown field `bogus`, expected one of `db`, `state-dir`, `snapshot-interval`, `retention`, `spool-limit`, `segment-size`, `compaction-fanout`, `checkpoint-pages`, `replica`"
+            "t.toml:2:1: unknown field `bogus`, expected one of `db`, `state-dir`, `snapshot-interval`, `retention`, `spool-limit`, `segment-size`, `compaction-fanout`, `checkpoint-pages`, `shutdown-timeout`, `replica`"
         );
         assert!(err("db = \"x.db\"\n[[replica]]\nurl = \"file:///r\"\n")
             .starts_with("t.toml:1:6: `db` must be an absolute path"));

@@ -14,6 +14,7 @@ const TOP_KEYS: &[&str] = &[
     "segment-size",
     "compaction-fanout",
     "checkpoint-pages",
+    "shutdown-timeout",
 ];
 const REPLICA_KEYS: &[&str] = &[
     "name",

@@ -260,7 +260,8 @@ Exit status (the first that applies):
   3  the daemon is not running (no process holds the state directory's lock)
   5  the lag is above --max-lag (whatever the cause; never without --max-lag)
   4  something fails: a replica (unreachable, refusing writes, ...) or reading the database
-  6  the daemon runs but is not replicating yet (starting, waiting for the database)
+  7  the daemon runs and waits for the database file to be created (may last: check the path)
+  6  the daemon runs but is not replicating yet (starting)
   0  healthy: the daemon runs, nothing fails, the lag is within --max-lag
   1  status cannot be read; 64 bad arguments; 78 configuration error
 
@@ -270,19 +271,22 @@ whether captured commits wait in the spool (unshipped), and whether the database
 commits walship never captured (uncaptured).
 
 --json prints one object with these fields (times in Unix milliseconds, null when unknown):
-  health               healthy | not-running | failing | lagging | starting
+  health               healthy | not-running | failing | lagging | waiting-for-db | starting
   exit_code            the exit status above
   daemon_running       true | false
   state_dir, db        the paths used (db null with only --state-dir)
   last_status          the daemon's last status line (stale if not running); last_status_ms
   starting             what a starting daemon does or waits for
+  waiting_for_db       the database path the daemon waits for (null otherwise)
   lag_ms, max_lag_ms   the lag now (null unless running), the threshold
   replicas_ok          replicas holding everything captured (null unless running)
   replicas_total       replicas configured (null unless running)
   generation, txid, captured_ms the newest captured commit
   failing              [\"NAME: error\", \"database: error\"] (empty unless running)
-  replicas             [{name, generation, txid, commit_ms, received_ms, caught_up, error}]:
-                       what each holds, when that commit was made, when it was last received
+  replicas             [{name, generation, txid, commit_ms, received_ms, caught_up, error,
+                       permanent}]: what each holds, when that commit was made, when it was
+                       last received; permanent: its error needs an operator, not time
+                       (the error then reads \"permanent: ... (needs an operator: ...)\")
   unshipped            captured commits some replica lacks
   uncaptured_commits   commits in the WAL after the captured one (checked when not running)
 
