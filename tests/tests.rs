@@ -16,6 +16,7 @@ mod e2e_status;
 mod faulty;
 mod garage;
 mod generator;
+mod lifecycle;
 mod netns;
 mod notify;
 mod packaging;
