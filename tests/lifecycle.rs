@@ -335,9 +335,9 @@ fn stop_exit_code_says_whether_replicas_hold_everything() {
     assert_eq!(rep["permanent"], true, "{v}");
     let (_, text) = s.status(false);
     assert!(
-        text.lines().any(
-            |l| l.starts_with("failing (permanent): file: ") && l.contains("needs an operator")
-        ),
+        text.lines()
+            .any(|l| l.starts_with("failing:    file: permanent: ")
+                && l.contains("needs an operator")),
         "{text}"
     );
     // Retries go on (backoff: 0.1 s doubling to 3.2 s); the log says it once.

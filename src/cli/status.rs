@@ -440,14 +440,8 @@ fn print_human(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
         }
     }
     for f in &r.failing {
-        // `NAME: permanent: ...` reads `failing (permanent): NAME: ...`.
-        match f
-            .split_once(": ")
-            .and_then(|(n, e)| Some((n, e.strip_prefix(PERMANENT)?)))
-        {
-            Some((name, e)) => writeln!(o, "failing (permanent): {name}: {e}")?,
-            None => writeln!(o, "failing:    {f}")?,
-        }
+        // A replica's error that needs an operator reads `NAME: permanent: ...`.
+        writeln!(o, "failing:    {f}")?;
     }
     for x in &r.replicas {
         print_replica(o, x, now)?;

@@ -330,7 +330,7 @@ impl<'a> MainLoop<'a> {
                 );
                 return;
             }
-            self.notifier.watchdog();
+            // No WATCHDOG=1 here: systemd stops watching once the unit is deactivating.
             match self.rx.recv_timeout((deadline - now).min(STOP_POLL)) {
                 Ok(Msg::Stop) => {
                     warn!("second signal: stopping at once, without waiting for the replicas");
@@ -343,7 +343,7 @@ impl<'a> MainLoop<'a> {
     }
 }
 
-/// How often a stop looks whether the shippers are done (and pings the watchdog).
+/// How often a stop looks whether the shippers are done.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// What a stop asks systemd for beyond `shutdown-timeout` (`EXTEND_TIMEOUT_USEC=`): time to

@@ -125,11 +125,11 @@ pub(crate) fn needs_operator(e: &anyhow::Error) -> Option<String> {
         .find(|b| b.kind == ErrorKind::Other)?;
     if refused.msg.to_lowercase().contains("permission denied") {
         Some(format!(
-            "give the user walship runs as (uid {}) write access there; walship retries meanwhile",
+            "give the user walship runs as (uid {}) write access there, walship retries meanwhile",
             nix::unistd::getuid()
         ))
     } else {
-        Some("fix the cause above (access rights, credentials, host key, free space); walship retries meanwhile".into())
+        Some("fix the cause above (access rights, credentials, host key, free space), walship retries meanwhile".into())
     }
 }
 
@@ -423,10 +423,7 @@ impl Shipper {
             return;
         };
         // `; ` separates the status's failing entries.
-        let text = format!(
-            "{PERMANENT}{} (needs an operator: {todo})",
-            format!("{e:#}").replace("; ", ", ")
-        );
+        let text = format!("{PERMANENT}{e:#} (needs an operator: {todo})").replace("; ", ", ");
         let name = self.name();
         let mut g = self.shared.lock();
         let st = &mut g.replicas[self.idx];
