@@ -306,7 +306,7 @@ impl<'a> MainLoop<'a> {
         } else {
             error!(
                 error_kind = "stopped-behind",
-                "stopped with captured commits not on every replica: {} (they stay in the spool and are shipped at the next start)",
+                "stopped with captured commits not on every replica: {} (kept locally, shipped at the next start)",
                 behind.join("; ")
             );
             Stopped::Behind
