@@ -9,7 +9,9 @@
 //!   its commits replicate and restore.
 //! - Stop: healthy, exit 0; a replica that refuses writes, exit 69 after `shutdown-timeout`
 //!   (not before, not much after) with a last line naming the replica and what it misses; a
-//!   second SIGTERM ends the wait within a second.
+//!   second SIGTERM ends the wait within a second; an sftp replica that hangs (server frozen
+//!   with SIGSTOP, an upload blocked inside its 10 s I/O timeout) does not hold the stop past
+//!   `shutdown-timeout`.
 //! - Permanent errors (permission denied, a replica of another database): the status (file and
 //!   `walship status`) carries `permanent:` and what to do, and the log line is not repeated on
 //!   every retry.
@@ -423,4 +425,54 @@ fn replica_of_another_database_is_a_permanent_error() {
     let (code, took) = stop(&mut d, &s, None);
     eprintln!("stop with a foreign replica (shutdown-timeout 2s): exit {code} after {took:?}");
     assert_eq!(code, 69, "log:\n{log}");
+}
+
+/// An sftp replica that hangs (its server frozen with SIGSTOP: connections stay open, nothing
+/// answers, so an upload blocks until the replica's I/O timeout of 10 s): the stop does not
+/// wait for it past `shutdown-timeout`, and exits 69.
+#[test]
+fn stop_with_a_hung_sftp_replica_ends_at_shutdown_timeout() {
+    let sshd = crate::sshd::Sshd::start();
+    let dir = crate::sshd::TestDir::new("lifecycle-hung");
+    let s = Scratch::new();
+    s.create_db();
+    let config = s.root.join("app.toml");
+    fs::write(
+        &config,
+        format!(
+            "db = \"{}\"\nshutdown-timeout = \"3s\"\n[[replica]]\nname = \"alpha\"\nurl = \"sftp://replicator@{}:{}/{}\"\nkey-path = \"{}\"\nknown-hosts = \"{}\"\n",
+            s.db().display(),
+            sshd.addr,
+            sshd.port,
+            dir.remote,
+            sshd.client_key.display(),
+            sshd.known_hosts.display()
+        ),
+    )
+    .expect("write the config");
+    let args = [OsString::from("--config"), config.into_os_string()];
+    let mut d = start(&s, &args, None, None);
+    wait_caught_up(&s, &mut d, 30 * SEC);
+    sshd.stop();
+    s.insert(20);
+    // The shipper is inside an upload to the frozen server when the stop comes.
+    std::thread::sleep(SEC);
+    let (code, took) = stop(&mut d, &s, None);
+    sshd.cont();
+    eprintln!("stop with a frozen sftp server (shutdown-timeout 3s): exit {code} after {took:?}");
+    assert_eq!(code, 69, "log:\n{}", s.log_text());
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_millis(4500),
+        "stop took {took:?}, shutdown-timeout is 3s; log:\n{}",
+        s.log_text()
+    );
+    let log = s.log_text();
+    assert!(
+        log.contains("shutdown-timeout (3s) reached with 1 replica(s) still busy")
+            && log
+                .lines()
+                .last()
+                .is_some_and(|l| l.contains("alpha misses 1 commit(s)")),
+        "log:\n{log}"
+    );
 }
