@@ -874,3 +874,45 @@ fn upload_error(e: anyhow::Error, dest: &str) -> anyhow::Error {
         e.context(format!("failed to upload {dest}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_needs_an_operator() {
+        let denied: anyhow::Error = BackendError::new(
+            ErrorKind::Other,
+            "failed to create file:///r/x: Permission denied (os error 13)",
+        )
+        .into();
+        let todo = needs_operator(&denied.context("failed to upload x")).expect("permanent");
+        assert!(
+            todo.starts_with("give the user walship runs as (uid "),
+            "{todo}"
+        );
+        let down: anyhow::Error =
+            BackendError::new(ErrorKind::Unavailable, "connection refused").into();
+        assert_eq!(needs_operator(&down), None);
+        assert_eq!(needs_operator(&anyhow!("cannot open spool file")), None);
+        let foreign: anyhow::Error = ForeignReplica {
+            url: "file:///r".into(),
+            theirs: "a:/a.db".into(),
+            ours: "b:/b.db".into(),
+        }
+        .into();
+        let taken: anyhow::Error = TakenOver {
+            url: "file:///r".into(),
+            by: InstanceId(7),
+            who: "host h, pid 1".into(),
+            at: "2026-01-01T00:00:00Z".into(),
+        }
+        .into();
+        let other: anyhow::Error = BackendError::new(ErrorKind::Other, "unknown host key").into();
+        for e in [foreign, taken, other] {
+            let todo = needs_operator(&e).expect("permanent");
+            // `; ` separates the status's failing entries.
+            assert!(!todo.contains("; "), "{todo}");
+        }
+    }
+}
