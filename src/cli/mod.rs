@@ -113,6 +113,12 @@ pub enum Command {
     /// while it runs, and a second `walship replicate` of the same file (whatever its state
     /// directory, config or user) exits at once with status 75 (EX_TEMPFAIL), naming the pid
     /// of the first. Configuration errors exit 78 (EX_CONFIG), other failures 1.
+    ///
+    /// A database that does not exist yet is waited for (under systemd, READY=1 is sent at
+    /// once with STATUS=waiting for DB to be created). On SIGTERM/SIGINT, what is captured is
+    /// shipped for at most `shutdown-timeout` (default 20s; a second signal stops at once); the
+    /// exit status is then 0 if every replica holds everything captured, else 69
+    /// (EX_UNAVAILABLE), after a log line naming the replicas behind and what they miss.
     Replicate(ReplicateArgs),
     /// Rebuild a database from its replica (latest, or a point in time).
     ///
