@@ -50,6 +50,8 @@ pub(crate) struct MainLoop<'a> {
     /// the new one is not open yet.
     pub(crate) db_lock: Option<DbLock>,
     replaced: Option<Replaced>,
+    /// SIGTERM/SIGINT drained with other messages in the last round (two: stop at once).
+    signals: u32,
     /// Whether `READY=1` was sent (start-up sends it early when the database is missing).
     pub(crate) ready: bool,
     started: Instant,
@@ -86,6 +88,7 @@ impl<'a> MainLoop<'a> {
             cap: Some(cap),
             db_lock: Some(db_lock),
             replaced: None,
+            signals: 0,
             ready: false,
             started: now,
             last_snapshot: now,
@@ -108,13 +111,15 @@ impl<'a> MainLoop<'a> {
             if matches!(msg, Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected)) {
                 break;
             }
-            // Drain what else is queued: events coalesce.
-            let mut stop = false;
+            // Drain what else is queued: events coalesce (signals do not: a second one means
+            // "stop at once").
             while let Ok(m) = self.rx.try_recv() {
-                stop |= matches!(m, Msg::Stop);
+                if matches!(m, Msg::Stop) {
+                    self.signals += 1;
+                }
             }
             self.round();
-            if stop {
+            if self.signals > 0 {
                 break;
             }
         }
@@ -316,6 +321,10 @@ impl<'a> MainLoop<'a> {
     /// Waits until every shipper ended, `deadline` passed, or a second signal came; shippers
     /// still busy then (a replica that hangs) are left behind, since the process exits.
     fn wait_for_shippers(&self, mut shippers: Vec<JoinHandle<()>>, deadline: Instant) {
+        if self.signals > 1 {
+            warn!("second signal: stopping at once, without waiting for the replicas");
+            return;
+        }
         loop {
             shippers.retain(|h| !h.is_finished());
             if shippers.is_empty() {
