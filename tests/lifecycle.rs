@@ -12,9 +12,9 @@
 //!   second SIGTERM ends the wait within a second; an sftp replica that hangs (server frozen
 //!   with SIGSTOP, an upload blocked inside its 10 s I/O timeout) does not hold the stop past
 //!   `shutdown-timeout`.
-//! - Permanent errors (permission denied, a replica of another database): the status (file and
-//!   `walship status`) carries `permanent:` and what to do, and the log line is not repeated on
-//!   every retry.
+//! - Permanent errors (permission denied, a replica of another database): the status (file,
+//!   `STATUS=` and `walship status`) carries `permanent:` and what to do, and the log line is
+//!   not repeated on every retry.
 
 use crate::notify::NotifySocket;
 use crate::util::{poll, walship, Daemon, BIN};
@@ -401,30 +401,59 @@ fn replica_of_another_database_is_a_permanent_error() {
     )
     .expect("write a foreign marker");
     let args = [OsString::from("--config"), s.config("2s").into_os_string()];
-    let mut d = start(&s, &args, None, None);
-    let line = poll("the permanent error in the status", 20 * SEC, || {
-        let l = s.status_line();
-        l.contains("failing: file: permanent: ").then_some(l)
+    // systemd's side: a socket read all along (an unread one would fill up and block the
+    // daemon's sends, which systemd never lets happen).
+    let sock = NotifySocket::bind();
+    let reading = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                sock.recv_timeout(Duration::from_millis(100));
+            }
+        });
+        // Ends the reader whichever way this body ends (a panic included: the scope waits).
+        struct EndReading<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for EndReading<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _end = EndReading(&reading);
+        let mut d = start(&s, &args, Some(sock.path()), None);
+        let line = poll("the permanent error in the status", 20 * SEC, || {
+            let l = s.status_line();
+            l.contains("failing: file: permanent: ").then_some(l)
+        });
+        assert!(
+            line.contains("holds the replica of otherhost:/srv/other.db")
+                && line.contains("needs an operator: point this replica at another path"),
+            "{line}"
+        );
+        poll("STATUS= to say it too", 10 * SEC, || {
+            sock.seen()
+                .iter()
+                .any(|l| {
+                    l.starts_with("STATUS=replicated to 0/1 replicas")
+                        && l.contains("failing: file: permanent: ")
+                        && l.contains("needs an operator: point this replica at another path")
+                })
+                .then_some(())
+        });
+        let (code, v) = s.status_json();
+        assert_eq!(code, 4, "{v}");
+        assert_eq!(v["replicas"][0]["permanent"], true, "{v}");
+        std::thread::sleep(4 * SEC);
+        let log = s.log_text();
+        let said = log
+            .lines()
+            .filter(|l| l.contains("failing: permanent: "))
+            .count();
+        assert_eq!(said, 1, "logged {said} times:\n{log}");
+        assert!(log.contains("ERROR"), "{log}");
+        let (code, took) = stop(&mut d, &s, None);
+        eprintln!("stop with a foreign replica (shutdown-timeout 2s): exit {code} after {took:?}");
+        assert_eq!(code, 69, "log:\n{log}");
     });
-    assert!(
-        line.contains("holds the replica of otherhost:/srv/other.db")
-            && line.contains("needs an operator: point this replica at another path"),
-        "{line}"
-    );
-    let (code, v) = s.status_json();
-    assert_eq!(code, 4, "{v}");
-    assert_eq!(v["replicas"][0]["permanent"], true, "{v}");
-    std::thread::sleep(4 * SEC);
-    let log = s.log_text();
-    let said = log
-        .lines()
-        .filter(|l| l.contains("failing: permanent: "))
-        .count();
-    assert_eq!(said, 1, "logged {said} times:\n{log}");
-    assert!(log.contains("ERROR"), "{log}");
-    let (code, took) = stop(&mut d, &s, None);
-    eprintln!("stop with a foreign replica (shutdown-timeout 2s): exit {code} after {took:?}");
-    assert_eq!(code, 69, "log:\n{log}");
 }
 
 /// An sftp replica that hangs (its server frozen with SIGSTOP: connections stay open, nothing
