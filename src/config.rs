@@ -60,6 +60,9 @@ pub struct Settings {
     /// node_exporter's textfile collector (`metrics-textfile`, absolute, ending in `.prom`;
     /// default: none). See `metrics`.
     pub(crate) metrics_textfile: Option<PathBuf>,
+    /// How long a stop (SIGTERM) waits for replicas to receive what is captured
+    /// (`shutdown-timeout`, default 20s); a second signal ends the wait at once.
+    pub(crate) shutdown_timeout: Duration,
     /// The replicas, in order of preference for restore.
     pub replicas: Vec<ReplicaSettings>,
 }
@@ -135,6 +138,7 @@ struct RawConfig {
     checkpoint_pages: Option<Spanned<i64>>,
     metrics_listen: Option<Spanned<String>>,
     metrics_textfile: Option<Spanned<String>>,
+    shutdown_timeout: Option<Spanned<String>>,
     #[serde(default)]
     replica: Vec<RawReplica>,
 }
@@ -270,6 +274,7 @@ fn parse_instance(
         checkpoint_pages: tuning.checkpoint_pages,
         metrics_listen,
         metrics_textfile,
+        shutdown_timeout: tuning.shutdown_timeout,
         replicas,
     })
 }
@@ -392,6 +397,7 @@ struct Tuning {
     segment_size: u64,
     compaction_fanout: usize,
     checkpoint_pages: u32,
+    shutdown_timeout: Duration,
 }
 
 fn tuning(src: &Text, raw: &RawConfig) -> Result<Tuning, ConfigError> {
@@ -418,7 +424,9 @@ fn tuning(src: &Text, raw: &RawConfig) -> Result<Tuning, ConfigError> {
         1000,
         (1, 1 << 24),
     )?;
+    let shutdown_timeout = src.duration(&raw.shutdown_timeout, "shutdown-timeout", "20s")?;
     Ok(Tuning {
+        shutdown_timeout,
         snapshot_interval,
         retention,
         spool_limit,
@@ -768,13 +776,14 @@ mod tests {
         );
         assert_eq!(s.replicas[1].name, "file");
         assert_eq!(s.snapshot_interval, Duration::from_secs(86400));
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(20));
     }
 
     #[test]
     fn errors_name_line_and_column() {
         assert_eq!(
             err("db = \"/x.db\"\nbogus = 1\n[[replica]]\nurl = \"file:///r\"\n"),
-            "t.toml:2:1: unknown field `bogus`, expected one of `db`, `state-dir`, `snapshot-interval`, `retention`, `spool-limit`, `segment-size`, `compaction-fanout`, `checkpoint-pages`, `metrics-listen`, `metrics-textfile`, `replica`"
+            "t.toml:2:1: unknown field `bogus`, expected one of `db`, `state-dir`, `snapshot-interval`, `retention`, `spool-limit`, `segment-size`, `compaction-fanout`, `checkpoint-pages`, `metrics-listen`, `metrics-textfile`, `shutdown-timeout`, `replica`"
         );
         assert!(err("db = \"x.db\"\n[[replica]]\nurl = \"file:///r\"\n")
             .starts_with("t.toml:1:6: `db` must be an absolute path"));

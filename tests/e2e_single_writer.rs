@@ -277,15 +277,24 @@ fn e2e_replica_taken_over() {
     });
     let b_instance = fs::read_to_string(state_b.join("instance")).expect("B's instance id");
     let b_instance = b_instance.trim();
-    assert_eq!(
-        taken,
-        format!(
-            "file: replica {} was taken over by instance {b_instance} (host {}, pid {}) at {}; stopping",
-            sb.replica_url(),
-            nix::unistd::gethostname().expect("hostname").to_string_lossy(),
-            b.pid().expect("B's pid"),
-            taken.rsplit(" at ").next().unwrap_or("").trim_end_matches("; stopping")
-        )
+    // A permanent error: the status says what happened and what to do.
+    let who = format!(
+        "(host {}, pid {})",
+        nix::unistd::gethostname()
+            .expect("hostname")
+            .to_string_lossy(),
+        b.pid().expect("B's pid")
+    );
+    let said = format!(
+        "file: permanent: replica {} was taken over by instance {b_instance} {who} at ",
+        sb.replica_url()
+    );
+    assert!(
+        taken.starts_with(&said)
+            && taken.contains(&format!(
+                "(needs an operator: another walship {who} claimed this replica at "
+            )),
+        "{taken}"
     );
     assert!(
         !sb.replica().join("generations").join(&gen_a2).exists(),
@@ -305,7 +314,10 @@ fn e2e_replica_taken_over() {
     b.restart();
     b.wait_status("B to catch up", 15 * SEC, Status::caught_up);
     b.stop();
-    a.stop();
+    // A's new generation is on no replica: its stop says so (exit 69).
+    a.sigterm();
+    let st = a.wait_exit(30 * SEC).expect("A exits after SIGTERM");
+    assert_eq!(st.code(), Some(69), "A's log:\n{}", a.log_text());
 }
 
 /// The lock follows the file: a database that another walship replicates is moved over the one

@@ -397,8 +397,11 @@ fn e2e_state_dir_full_for_seconds() {
     std::thread::sleep(8 * SEC);
     during.stop();
     d.assert_running();
-    // Stopped while it still fails: nothing half-made stays on the replica.
-    d.stop();
+    // Stopped while it still fails: nothing half-made stays on the replica, and the exit
+    // status says that the replica lacks the new generation (69).
+    d.sigterm();
+    let st = d.wait_exit(30 * SEC).expect("exit after SIGTERM");
+    assert_eq!(st.code(), Some(69), "log:\n{}", d.log_text());
     let while_full = d.log_text();
     let gens_full = replica_generations(&sb.replica());
     disk.resize("256m");

@@ -16,6 +16,7 @@ const TOP_KEYS: &[&str] = &[
     "checkpoint-pages",
     "metrics-listen",
     "metrics-textfile",
+    "shutdown-timeout",
 ];
 const REPLICA_KEYS: &[&str] = &[
     "name",

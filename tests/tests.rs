@@ -19,6 +19,7 @@ mod e2e_status;
 mod faulty;
 mod garage;
 mod generator;
+mod lifecycle;
 mod metrics;
 mod netns;
 mod notify;

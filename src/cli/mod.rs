@@ -162,6 +162,12 @@ pub enum Command {
     /// while it runs, and a second `walship replicate` of the same file (whatever its state
     /// directory, config or user) exits at once with status 75 (EX_TEMPFAIL), naming the pid
     /// of the first. Configuration errors exit 78 (EX_CONFIG), other failures 1.
+    ///
+    /// A database that does not exist yet is waited for (under systemd, READY=1 is sent at
+    /// once with STATUS=waiting for DB to be created). On SIGTERM/SIGINT, what is captured is
+    /// shipped for at most `shutdown-timeout` (default 20s; a second signal stops at once); the
+    /// exit status is then 0 if every replica holds everything captured, else 69
+    /// (EX_UNAVAILABLE), after a log line naming the replicas behind and what they miss.
     Replicate(ReplicateArgs),
     /// Rebuild a database from its replica (latest, or a point in time).
     ///
@@ -357,7 +363,8 @@ Exit status (the first that applies):
   3  the daemon is not running (no process holds the state directory's lock)
   5  the lag is above --max-lag (whatever the cause; never without --max-lag)
   4  something fails: a replica (unreachable, refusing writes, ...) or reading the database
-  6  the daemon runs but is not replicating yet (starting, waiting for the database)
+  7  the daemon runs and waits for the database file to be created (may last: check the path)
+  6  the daemon runs but is not replicating yet (starting)
   0  healthy: the daemon runs, nothing fails, the lag is within --max-lag
   1  status cannot be read; 64 bad arguments; 78 configuration error
 
@@ -367,19 +374,22 @@ whether captured commits wait in the spool (unshipped), and whether the database
 commits walship never captured (uncaptured).
 
 --json prints one object with these fields (times in Unix milliseconds, null when unknown):
-  health               healthy | not-running | failing | lagging | starting
+  health               healthy | not-running | failing | lagging | waiting-for-db | starting
   exit_code            the exit status above
   daemon_running       true | false
   state_dir, db        the paths used (db null with only --state-dir)
   last_status          the daemon's last status line (stale if not running); last_status_ms
   starting             what a starting daemon does or waits for
+  waiting_for_db       the database path the daemon waits for (null otherwise)
   lag_ms, max_lag_ms   the lag now (null unless running), the threshold
   replicas_ok          replicas holding everything captured (null unless running)
   replicas_total       replicas configured (null unless running)
   generation, txid, captured_ms the newest captured commit
   failing              [\"NAME: error\", \"database: error\"] (empty unless running)
-  replicas             [{name, generation, txid, commit_ms, received_ms, caught_up, error}]:
-                       what each holds, when that commit was made, when it was last received
+  replicas             [{name, generation, txid, commit_ms, received_ms, caught_up, error,
+                       permanent}]: what each holds, when that commit was made, when it was
+                       last received; permanent: its error needs an operator, not time
+                       (the error then reads \"permanent: ... (needs an operator: ...)\")
   unshipped            captured commits some replica lacks
   uncaptured_commits   commits in the WAL after the captured one (checked when not running)
 

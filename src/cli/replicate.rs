@@ -23,6 +23,8 @@ pub(super) fn run(a: ReplicateArgs) -> Result<ExitCode> {
     }
     .settings(&USAGE)?;
     let notifier = Notifier::from_env();
-    replicate::run(&settings, &notifier)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(match replicate::run(&settings, &notifier)? {
+        replicate::Stopped::Shipped => ExitCode::SUCCESS,
+        replicate::Stopped::Behind => ExitCode::from(replicate::Stopped::EXIT_BEHIND),
+    })
 }

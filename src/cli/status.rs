@@ -18,7 +18,7 @@ use crate::clock::{now_ms, rfc3339};
 use crate::config::{self, Settings};
 use crate::db::WalPos;
 use crate::replicate::state::{
-    Captured, Progress, ReplicaPosition, SavedCapture, StateDir, Status,
+    Captured, ReplicaPosition, SavedCapture, StateDir, Status, PERMANENT,
 };
 use crate::wal::{WalHeader, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
 use anyhow::{Context, Result};
@@ -39,6 +39,9 @@ pub(crate) enum Health {
     Lagging,
     /// Something fails, a replica or reading the database, with the lag within bounds (exit 4).
     Failing,
+    /// The daemon runs, and waits for the database file to be created (exit 7). Apart from
+    /// "starting": it may last (a mistyped `db` path waits forever), so a monitor should see it.
+    WaitingForDb,
     /// The daemon runs but is not replicating yet (exit 6).
     Starting,
     /// Running, nothing failing, lag within bounds (exit 0).
@@ -47,13 +50,13 @@ pub(crate) enum Health {
 
 impl Health {
     /// The state, first that applies: not running, lag above `max_lag_ms`, something failing,
-    /// not replicating yet (no progress reported), healthy.
+    /// waiting for the database, not replicating yet (no progress reported), healthy.
     fn of(
         running: bool,
         lag_ms: Option<u64>,
         max_lag_ms: Option<u64>,
         failing: bool,
-        progress: Option<&Progress>,
+        status: Option<&Status>,
     ) -> Health {
         if !running {
             Health::NotRunning
@@ -61,7 +64,9 @@ impl Health {
             Health::Lagging
         } else if failing {
             Health::Failing
-        } else if progress.is_none() {
+        } else if matches!(status, Some(Status::WaitingForDb(_))) {
+            Health::WaitingForDb
+        } else if !matches!(status, Some(Status::Replicating(_))) {
             Health::Starting
         } else {
             Health::Healthy
@@ -76,6 +81,7 @@ impl Health {
             Health::Failing => 4,
             Health::Lagging => 5,
             Health::Starting => 6,
+            Health::WaitingForDb => 7,
         }
     }
 
@@ -86,6 +92,7 @@ impl Health {
             Health::Failing => "failing",
             Health::Lagging => "lagging",
             Health::Starting => "starting",
+            Health::WaitingForDb => "waiting for the database",
         }
     }
 }
@@ -103,6 +110,8 @@ struct Report {
     last_status_ms: Option<u64>,
     /// The daemon's own words while starting.
     starting: Option<String>,
+    /// The database file the daemon waits for (it does not exist yet).
+    waiting_for_db: Option<PathBuf>,
     /// Age of the oldest commit some replica lacks, now; only while the daemon runs.
     lag_ms: Option<u64>,
     max_lag_ms: Option<u64>,
@@ -133,6 +142,8 @@ struct ReplicaReport {
     /// Whether it holds the newest captured commit.
     caught_up: Option<bool>,
     error: Option<String>,
+    /// Whether `error` needs an operator rather than time (see `state::PERMANENT`).
+    permanent: bool,
 }
 
 pub(super) fn run(a: StatusArgs) -> Result<ExitCode> {
@@ -242,7 +253,13 @@ fn gather(
         (Some(db), Some(c)) if !running => uncaptured(db, c),
         _ => None,
     };
-    let health = Health::of(running, lag_ms, max_lag_ms, !failing.is_empty(), progress);
+    let health = Health::of(
+        running,
+        lag_ms,
+        max_lag_ms,
+        !failing.is_empty(),
+        file.as_ref().map(|f| &f.status),
+    );
     Ok(Report {
         health,
         exit_code: health.exit_code(),
@@ -253,6 +270,10 @@ fn gather(
         last_status_ms: file.as_ref().map(|f| f.written_ms),
         starting: match file.as_ref().map(|f| &f.status) {
             Some(Status::Starting(s)) => Some(s.clone()),
+            _ => None,
+        },
+        waiting_for_db: match file.as_ref().map(|f| &f.status) {
+            Some(Status::WaitingForDb(p)) if running => Some(p.clone()),
             _ => None,
         },
         lag_ms,
@@ -304,6 +325,7 @@ fn replica_reports(
                 caught_up: head.map(|h| {
                     pos.is_some_and(|p| p.key.generation == h.generation && p.key.last >= h.txid)
                 }),
+                permanent: error.as_deref().is_some_and(|e| e.starts_with(PERMANENT)),
                 error,
                 name,
             }
@@ -390,6 +412,13 @@ fn print_human(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
     if let Some(s) = &r.starting {
         writeln!(o, "starting:   {s}")?;
     }
+    if let Some(p) = &r.waiting_for_db {
+        writeln!(
+            o,
+            "waiting:    for {} to be created (replication starts when it appears)",
+            p.display()
+        )?;
+    }
     if let (Some(g), Some(t)) = (&r.generation, r.txid) {
         match r.captured_ms {
             Some(c) => writeln!(o, "captured:   {g}/{t}, committed {}", ago(now, c))?,
@@ -411,6 +440,7 @@ fn print_human(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
         }
     }
     for f in &r.failing {
+        // A replica's error that needs an operator reads `NAME: permanent: ...`.
         writeln!(o, "failing:    {f}")?;
     }
     for x in &r.replicas {

@@ -13,7 +13,7 @@ use super::replaced::Replaced;
 use super::ship::Shared;
 use super::spool::{self, Spool};
 use super::state::{Captured, Progress, StateDir, Status};
-use super::{Msg, SHUTDOWN_GRACE};
+use super::{Msg, Stopped};
 use crate::clock::now_ms;
 use crate::config::Settings;
 use crate::db::WalChange;
@@ -50,7 +50,10 @@ pub(crate) struct MainLoop<'a> {
     /// the new one is not open yet.
     pub(crate) db_lock: Option<DbLock>,
     replaced: Option<Replaced>,
-    ready: bool,
+    /// SIGTERM/SIGINT drained with other messages in the last round (two: stop at once).
+    signals: u32,
+    /// Whether `READY=1` was sent (start-up sends it early when the database is missing).
+    pub(crate) ready: bool,
     started: Instant,
     last_snapshot: Instant,
     last_change: Instant,
@@ -85,6 +88,7 @@ impl<'a> MainLoop<'a> {
             cap: Some(cap),
             db_lock: Some(db_lock),
             replaced: None,
+            signals: 0,
             ready: false,
             started: now,
             last_snapshot: now,
@@ -107,13 +111,15 @@ impl<'a> MainLoop<'a> {
             if matches!(msg, Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected)) {
                 break;
             }
-            // Drain what else is queued: events coalesce.
-            let mut stop = false;
+            // Drain what else is queued: events coalesce (signals do not: a second one means
+            // "stop at once").
             while let Ok(m) = self.rx.try_recv() {
-                stop |= matches!(m, Msg::Stop);
+                if matches!(m, Msg::Stop) {
+                    self.signals += 1;
+                }
             }
             self.round();
-            if stop {
+            if self.signals > 0 {
                 break;
             }
         }
@@ -262,24 +268,31 @@ impl<'a> MainLoop<'a> {
         }
     }
 
-    /// Graceful stop: captures the last commits and gives replicas [`SHUTDOWN_GRACE`] to
-    /// receive them, then saves the page hashes for the next start.
-    pub(crate) fn shutdown(mut self, shippers: Vec<JoinHandle<()>>) {
+    /// Graceful stop: captures the last commits and gives replicas `shutdown-timeout` to
+    /// receive them (a second SIGTERM/SIGINT ends the wait at once), then saves the page hashes
+    /// for the next start. Says whether every replica holds everything captured; if not, the
+    /// last log line names the replicas behind and what they miss.
+    pub(crate) fn shutdown(mut self, shippers: Vec<JoinHandle<()>>) -> Stopped {
+        let timeout = self.settings.shutdown_timeout;
         self.notifier.stopping();
-        info!("stopping: shipping what is pending");
+        // Whatever the unit's TimeoutStopSec=, the configured wait is not cut short by SIGKILL.
+        self.notifier.extend_timeout(timeout + STOP_MARGIN);
+        info!(
+            "stopping: shipping what is pending (at most {}; a second SIGTERM or SIGINT stops at once)",
+            humantime::format_duration(timeout)
+        );
         if let Some(c) = self.cap.as_mut() {
             let _ = capture_round(c, self.settings, &self.shared);
             self.at = c.at;
         }
+        let deadline = Instant::now() + timeout;
         {
             let mut g = self.shared.lock();
             g.stopping = true;
-            g.deadline = Some(Instant::now() + SHUTDOWN_GRACE);
+            g.deadline = Some(deadline);
         }
         kick(&self.shared);
-        for h in shippers {
-            let _ = h.join();
-        }
+        self.wait_for_shippers(shippers, deadline);
         let spooled = self.spool.list().unwrap_or_default();
         let (st, _) = status(&self.at, &self.shared, &spooled, None);
         self.shared.observe(&self.at, &spooled);
@@ -287,11 +300,86 @@ impl<'a> MainLoop<'a> {
         if let Some(Err(e)) = self.cap.as_ref().map(Capture::save_hashes) {
             warn!("{e:#}: the next start may need a full snapshot");
         }
-        info!("stopped: {st}");
+        let behind = behind(&self.at, &self.shared);
         // Connections first, then the lock (see `dblock`).
         drop(self.cap.take());
         drop(self.db_lock.take());
+        if behind.is_empty() {
+            info!("stopped: {st}");
+            Stopped::Shipped
+        } else {
+            error!(
+                error_kind = "stopped-behind",
+                "stopped with captured commits not on every replica: {} (kept locally, shipped at the next start)",
+                behind.join("; ")
+            );
+            Stopped::Behind
+        }
     }
+
+    /// Waits until every shipper ended, `deadline` passed, or a second signal came; shippers
+    /// still busy then (a replica that hangs) are left behind, since the process exits.
+    fn wait_for_shippers(&self, mut shippers: Vec<JoinHandle<()>>, deadline: Instant) {
+        if self.signals > 1 {
+            warn!("second signal: stopping at once, without waiting for the replicas");
+            return;
+        }
+        loop {
+            shippers.retain(|h| !h.is_finished());
+            if shippers.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                warn!(
+                    "shutdown-timeout ({}) reached with {} replica(s) still busy: not waiting longer",
+                    humantime::format_duration(self.settings.shutdown_timeout),
+                    shippers.len()
+                );
+                return;
+            }
+            // No WATCHDOG=1 here: systemd stops watching once the unit is deactivating.
+            match self.rx.recv_timeout((deadline - now).min(STOP_POLL)) {
+                Ok(Msg::Stop) => {
+                    warn!("second signal: stopping at once, without waiting for the replicas");
+                    return;
+                }
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(STOP_POLL),
+            }
+        }
+    }
+}
+
+/// How often a stop looks whether the shippers are done.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// What a stop asks systemd for beyond `shutdown-timeout` (`EXTEND_TIMEOUT_USEC=`): time to
+/// write the status and save the page hashes.
+const STOP_MARGIN: Duration = Duration::from_secs(10);
+
+/// The replicas that lack captured commits, each as `<name> misses ...`.
+fn behind(at: &Captured, shared: &Shared) -> Vec<String> {
+    let head = at.key();
+    let g = shared.lock();
+    g.replicas
+        .iter()
+        .filter_map(|r| match r.position {
+            Some(p) if p.generation == head.generation && p.last >= head.last => None,
+            Some(p) if p.generation == head.generation => Some(format!(
+                "{} misses {} commit(s) (txid {} to {} of generation {})",
+                r.name,
+                head.last - p.last,
+                p.last + 1,
+                head.last,
+                head.generation
+            )),
+            _ => Some(format!(
+                "{} misses generation {} (its snapshot and commits up to txid {})",
+                r.name, head.generation, head.last
+            )),
+        })
+        .collect()
 }
 
 pub(crate) fn kick(shared: &Shared) {

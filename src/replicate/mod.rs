@@ -13,7 +13,13 @@
 //!
 //! Start-up waits for the database to exist, and for a lock another process holds on it
 //! (`locking_mode=EXCLUSIVE`) to go, saying at once in the log and the status what it waits
-//! for; SIGTERM ends either wait within a second.
+//! for; SIGTERM ends either wait within a second. A missing database is a normal state, not a
+//! failed start: `READY=1` goes out at once, with the status [`Status::WaitingForDb`].
+//!
+//! Stop: SIGTERM/SIGINT captures the last commits and gives the replicas `shutdown-timeout` to
+//! receive them; a second signal ends that wait at once. [`Stopped`] says whether every replica
+//! holds everything captured (exit 0) or not (exit 69, `EX_UNAVAILABLE`, after a last log line
+//! naming the replicas behind and what they miss).
 //!
 //! Invariants: the application is never waited on (capture reads files, checkpoints are
 //! PASSIVE, under a short write lock only while a writer outruns capture); local disk use is bounded by `spool-limit` (past it the
@@ -65,8 +71,20 @@ pub(crate) enum Msg {
     Stop,
 }
 
-/// How long shutdown waits for replicas to receive what is spooled.
-pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+/// How the daemon ended; `walship replicate` exits 0 or [`Stopped::EXIT_BEHIND`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every replica holds everything captured (or nothing was captured).
+    Shipped,
+    /// Some replica lacks captured commits (they stay in the spool and ship at the next
+    /// start); the log's last line names the replicas and what they miss.
+    Behind,
+}
+
+impl Stopped {
+    /// The exit code of [`Stopped::Behind`]: 69, `EX_UNAVAILABLE`.
+    pub const EXIT_BEHIND: u8 = 69;
+}
 
 /// The identity written into replica markers: `host:/path/of.db`.
 pub fn identity(db: &Path) -> String {
@@ -104,26 +122,38 @@ pub(crate) fn trim_heap() {
     }
 }
 
-/// Waits for the database file to exist (an application may create it after boot).
+/// Waits for the database file to exist (an application may create it after boot). A missing
+/// database is not a failed start: when it is missing, `READY=1` goes out at once, with the
+/// status saying what walship waits for (in `STATUS=` and the status file), so that
+/// `systemctl start` returns and the unit is active. Returns `None` when stopped meanwhile,
+/// else whether `READY=1` was sent.
 fn wait_for_db(
     db: &Path,
+    state: &StateDir,
     stop: &std::sync::mpsc::Receiver<Msg>,
     notifier: &Notifier,
-) -> Result<bool> {
-    let mut logged = false;
+) -> Option<bool> {
+    if db.exists() {
+        return Some(false);
+    }
+    let waiting = Status::WaitingForDb(db.to_owned());
+    info!(db = %db.display(), "{waiting}: replication starts when it appears");
+    notifier.status(&waiting.to_string());
+    state.write_status(&waiting);
+    notifier.ready();
     while !db.exists() {
-        if !logged {
-            info!(db = %db.display(), "waiting for {} to be created", db.display());
-            notifier.status(&format!("waiting for {} to be created", db.display()));
-            logged = true;
-        }
         notifier.watchdog();
-        if let Ok(Msg::Stop) = stop.recv_timeout(Duration::from_millis(500)) {
-            return Ok(false);
+        if let Ok(Msg::Stop) = stop.recv_timeout(DB_POLL) {
+            info!(db = %db.display(), "stopped while waiting for {} to be created", db.display());
+            return None;
         }
     }
-    Ok(true)
+    info!(db = %db.display(), "{} was created: starting", db.display());
+    Some(true)
 }
+
+/// How often start-up looks whether a missing database was created.
+const DB_POLL: Duration = Duration::from_millis(250);
 
 /// How often start-up tries again while another process holds the database locked.
 const LOCKED_RETRY: Duration = Duration::from_secs(1);
@@ -179,25 +209,25 @@ fn wait_for_wal_mode(
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT. Returns after shipping what is pending (or after
-/// [`SHUTDOWN_GRACE`]).
+/// Runs the daemon until SIGTERM/SIGINT. Returns after shipping what is pending, or after
+/// `shutdown-timeout`, or at once on a second signal; says whether everything was shipped.
 ///
 /// # Errors
 /// Start-up failures (state directory, database, configuration of replicas).
-pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
+pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<Stopped> {
     limit_malloc_arenas();
     let (tx, rx) = channel::<Msg>();
     spawn_signal_thread(tx.clone())?;
     let state = StateDir::new(&settings.state_dir);
     let _lock = state.lock()?;
     let metrics = crate::metrics::Exporter::start(settings)?;
-    if !wait_for_db(&settings.db, &rx, notifier)? {
-        return Ok(());
-    }
+    let Some(ready) = wait_for_db(&settings.db, &state, &rx, notifier) else {
+        return Ok(Stopped::Shipped);
+    };
     // Before any connection opens: the lock must outlive them all (see `dblock`).
     let db_lock = DbLock::acquire(&settings.db)?;
     let Some(switched) = wait_for_wal_mode(settings, &state, &rx, notifier)? else {
-        return Ok(());
+        return Ok(Stopped::Shipped);
     };
     if switched {
         info!(db = %settings.db.display(), "switched {} to WAL mode (journal_mode=WAL)", settings.db.display());
@@ -226,11 +256,12 @@ pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<()> {
     let watcher = watch(&settings.db, tx)?;
     info!(db = %settings.db.display(), generation = %cap.at.generation, position = %format!("{}/{}", cap.at.generation, cap.at.txid), "replicating to {} replica(s)", settings.replicas.len());
     let mut main = MainLoop::new(settings, notifier, state, shared, spool, rx, cap, db_lock);
+    main.ready = ready;
     main.run();
-    main.shutdown(shippers);
+    let stopped = main.shutdown(shippers);
     metrics.finish();
     drop(watcher);
-    Ok(())
+    Ok(stopped)
 }
 
 /// Starts one [`Shipper`] thread per replica.

@@ -13,8 +13,15 @@
 //!   when they change, and retried with exponential backoff capped at `plan::MAX_BACKOFF` (plus
 //!   jitter) so catch-up starts within a few seconds of the replica's return. The exception is
 //!   [`TakenOver`]: another instance claimed the replica after this one (see `owner`), so this
-//!   shipper writes and deletes nothing more there, reports it, and ends (retired: its position
-//!   no longer holds spooled files back).
+//!   shipper writes and deletes nothing more there, reports it, and retires (its position no
+//!   longer holds spooled files back; it only repeats the error until the daemon stops).
+//! - Errors that time does not cure ([`needs_operator`]: the target refused the operation
+//!   (`ErrorKind::Other`: permission denied, credentials, host key, space), a replica of another
+//!   database ([`ForeignReplica`]), a takeover) are permanent: the status says
+//!   `<replica>: permanent: <error> (needs an operator: <what to do>)` ([`PERMANENT`]), and the
+//!   log says so at ERROR when it starts, when what to do changes, and every
+//!   [`PERMANENT_REPEAT`] while it lasts, never on every retry. They are retried all the same
+//!   (but for a takeover), so the replica resumes on its own once the operator fixed it.
 //! - One writer per replica: every upload, sweep, compaction and retention runs only while this
 //!   instance's claim was found to be the newest within `owner::CLAIM_CHECK`, and the first file
 //!   of a generation is preceded by a claim naming it.
@@ -34,8 +41,8 @@ mod plan;
 
 use super::owner::{Ownership, TakenOver};
 use super::spool::{Key, LiveFile, Spool, SpoolFile};
-use super::state::{ReplicaPosition, StateDir};
-use crate::backend::{Backend, ErrorKind};
+use super::state::{ReplicaPosition, StateDir, PERMANENT};
+use crate::backend::{Backend, BackendError, ErrorKind};
 use crate::clock::now_ms;
 use crate::durable::RemoveOnDrop;
 use crate::layout::codec::{Decoder, Encoder, Kind, Record};
@@ -81,6 +88,51 @@ pub(crate) struct ReplicaStatus {
     pub retired: bool,
     /// Uploads and failures counted for the metrics.
     pub(crate) metrics: crate::metrics::ReplicaCounters,
+    /// While the error is permanent: what to do about it, and when the log last said so.
+    pub permanent_logged: Option<(String, Instant)>,
+}
+
+/// How often the log repeats a permanent error while it lasts.
+pub(crate) const PERMANENT_REPEAT: Duration = Duration::from_secs(300);
+
+/// The replica's marker names another database: a permanent error.
+#[derive(Debug, thiserror::Error)]
+#[error("{url} holds the replica of {theirs}, not of {ours}: refusing to mix two databases")]
+pub(crate) struct ForeignReplica {
+    /// The replica.
+    pub url: String,
+    /// The database its marker names.
+    pub theirs: String,
+    /// This database's identity.
+    pub ours: String,
+}
+
+/// What an operator must do about `e`, when retrying cannot cure it; `None` for errors that
+/// time may cure (unreachable, timed out, a local problem such as the spool).
+pub(crate) fn needs_operator(e: &anyhow::Error) -> Option<String> {
+    if let Some(t) = e.downcast_ref::<TakenOver>() {
+        return Some(format!(
+            "another walship ({}) claimed this replica at {}: stop one of the two, then restart this one (it writes nothing more there until restarted)",
+            t.who, t.at
+        ));
+    }
+    if e.downcast_ref::<ForeignReplica>().is_some() {
+        return Some(format!(
+            "point this replica at another path, or delete {MARKER_FILE} there if the database moved"
+        ));
+    }
+    let refused = e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<BackendError>())
+        .find(|b| b.kind == ErrorKind::Other)?;
+    if refused.msg.to_lowercase().contains("permission denied") {
+        Some(format!(
+            "give the user walship runs as (uid {}) write access there, walship retries meanwhile",
+            nix::unistd::getuid()
+        ))
+    } else {
+        Some("fix the cause above (access rights, credentials, host key, free space), walship retries meanwhile".into())
+    }
 }
 
 /// State shared between capture (main loop) and the shippers.
@@ -224,10 +276,12 @@ impl Shipper {
         self.shared.lock().replicas[self.idx].name.clone()
     }
 
+    /// Records a transient error (`Some`) or health (`None`); logged when it changes.
     fn set_error(&self, msg: Option<String>) {
         let name = self.name();
         let mut g = self.shared.lock();
         let st = &mut g.replicas[self.idx];
+        st.permanent_logged = None;
         if st.error != msg {
             match &msg {
                 Some(m) => {
@@ -435,6 +489,31 @@ impl Shipper {
         }
     }
 
+    /// Records `e`: a transient error as [`Shipper::set_error`] does; a permanent one (see
+    /// [`needs_operator`]) with [`PERMANENT`] and what to do, logged when it starts, when what
+    /// to do changes, and every [`PERMANENT_REPEAT`], whatever its text does (a path with a
+    /// temporary name changes on every retry).
+    fn report(&self, e: &anyhow::Error) {
+        let Some(todo) = needs_operator(e) else {
+            self.set_error(Some(format!("{e:#}")));
+            return;
+        };
+        // `; ` separates the status's failing entries.
+        let text = format!("{PERMANENT}{e:#} (needs an operator: {todo})").replace("; ", ", ");
+        let name = self.name();
+        let mut g = self.shared.lock();
+        let st = &mut g.replicas[self.idx];
+        let due = st
+            .permanent_logged
+            .as_ref()
+            .is_none_or(|(t, at)| *t != todo || at.elapsed() >= PERMANENT_REPEAT);
+        if due {
+            error!(replica = %name, error_kind = "replica-permanent", "replica {name} failing: {text}");
+            st.permanent_logged = Some((todo, Instant::now()));
+        }
+        st.error = Some(text);
+    }
+
     /// After a failed action: records the error, and either retires the shipper (another
     /// instance took the replica over) or backs off. Returns false when the thread must end.
     fn fail(&self, plan: &mut Planner, e: anyhow::Error) -> bool {
@@ -443,7 +522,7 @@ impl Shipper {
         self.shared.lock().replicas[self.idx]
             .metrics
             .failed(&e, taken_over);
-        self.set_error(Some(format!("{e:#}")));
+        self.report(&e);
         match action {
             Action::Backoff(d) => {
                 let _ = self.wake.send(super::Msg::Progress);
@@ -451,11 +530,33 @@ impl Shipper {
             }
             _ => {
                 // Retired, permanently: the other instance owns the replica now. Nothing more
-                // is written or deleted there; the error stays in the status until restart.
+                // is written or deleted there; the error stays in the status, and in the log
+                // every PERMANENT_REPEAT, until the daemon stops.
                 self.shared.lock().replicas[self.idx].retired = true;
                 let _ = self.wake.send(super::Msg::Progress);
+                while self.sleep_unless_stopping(Instant::now() + PERMANENT_REPEAT) {
+                    self.report(&e);
+                }
                 false
             }
+        }
+    }
+
+    /// Sleeps until `until`; returns false at once if the daemon is stopping.
+    fn sleep_unless_stopping(&self, until: Instant) -> bool {
+        let mut g = self.shared.lock();
+        loop {
+            if g.stopping {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            g = match self.shared.cv.wait_timeout(g, until - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
         }
     }
 
@@ -563,11 +664,12 @@ impl Shipper {
                     .with_context(|| format!("cannot read {url}/{MARKER_FILE}"))?;
                 let m = Marker::parse(&text).map_err(|e| anyhow!("{url}/{MARKER_FILE}: {e}"))?;
                 if m.database != self.identity {
-                    bail!(
-                        "{url} holds the replica of {}, not of {}: refusing to mix two databases (use another path, or delete {MARKER_FILE} there if the database moved)",
-                        m.database,
-                        self.identity
-                    );
+                    return Err(ForeignReplica {
+                        url,
+                        theirs: m.database,
+                        ours: self.identity.clone(),
+                    }
+                    .into());
                 }
             }
             Err(e) if e.kind == ErrorKind::NotFound => {
@@ -850,5 +952,47 @@ fn upload_error(e: anyhow::Error, dest: &str) -> anyhow::Error {
         e
     } else {
         e.context(format!("failed to upload {dest}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_needs_an_operator() {
+        let denied: anyhow::Error = BackendError::new(
+            ErrorKind::Other,
+            "failed to create file:///r/x: Permission denied (os error 13)",
+        )
+        .into();
+        let todo = needs_operator(&denied.context("failed to upload x")).expect("permanent");
+        assert!(
+            todo.starts_with("give the user walship runs as (uid "),
+            "{todo}"
+        );
+        let down: anyhow::Error =
+            BackendError::new(ErrorKind::Unavailable, "connection refused").into();
+        assert_eq!(needs_operator(&down), None);
+        assert_eq!(needs_operator(&anyhow!("cannot open spool file")), None);
+        let foreign: anyhow::Error = ForeignReplica {
+            url: "file:///r".into(),
+            theirs: "a:/a.db".into(),
+            ours: "b:/b.db".into(),
+        }
+        .into();
+        let taken: anyhow::Error = TakenOver {
+            url: "file:///r".into(),
+            by: InstanceId(7),
+            who: "host h, pid 1".into(),
+            at: "2026-01-01T00:00:00Z".into(),
+        }
+        .into();
+        let other: anyhow::Error = BackendError::new(ErrorKind::Other, "unknown host key").into();
+        for e in [foreign, taken, other] {
+            let todo = needs_operator(&e).expect("permanent");
+            // `; ` separates the status's failing entries.
+            assert!(!todo.contains("; "), "{todo}");
+        }
     }
 }

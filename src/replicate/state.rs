@@ -513,6 +513,10 @@ impl FromStr for ReplicaPosition {
 /// The daemon's one-line status (the `status` file and sd_notify's `STATUS=`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
+    /// The database file does not exist yet: `waiting for <path> to be created`. The daemon
+    /// has told systemd it is ready (a missing database is not a failed start) and starts
+    /// replicating as soon as the file appears.
+    WaitingForDb(PathBuf),
     /// Not replicating yet: `starting: <what it does or waits for>`.
     Starting(String),
     /// Replicating: `replicated to OK/N replicas, lag X ms, position GEN/TXID[, failing: ...]`.
@@ -532,13 +536,20 @@ pub struct Progress {
     pub generation: GenerationId,
     /// The last captured txid.
     pub txid: u64,
-    /// What fails, `; `-separated (`database: ...`, `<replica>: ...`), if anything.
+    /// What fails, `; `-separated (`database: ...`, `<replica>: ...`), if anything. A
+    /// replica's error that retrying cannot cure starts with [`PERMANENT`].
     pub failing: Option<String>,
 }
+
+/// How a replica's error in [`Progress::failing`] starts when it needs an operator (permission
+/// denied, a replica of another database, taken over by another instance) rather than time:
+/// `<replica>: permanent: <error> (needs an operator: <what to do>)`.
+pub const PERMANENT: &str = "permanent: ";
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Status::WaitingForDb(p) => write!(f, "waiting for {} to be created", p.display()),
             Status::Starting(s) => write!(f, "starting: {s}"),
             Status::Replicating(p) => {
                 write!(
@@ -560,6 +571,12 @@ impl FromStr for Status {
     fn from_str(s: &str) -> Result<Status> {
         if let Some(what) = s.strip_prefix("starting: ") {
             return Ok(Status::Starting(what.to_owned()));
+        }
+        if let Some(path) = s
+            .strip_prefix("waiting for ")
+            .and_then(|r| r.strip_suffix(" to be created"))
+        {
+            return Ok(Status::WaitingForDb(PathBuf::from(path)));
         }
         let bad = || anyhow!("not a status line: {s:?}");
         let rest = s.strip_prefix("replicated to ").ok_or_else(bad)?;
@@ -679,10 +696,17 @@ mod tests {
             failing: None,
         };
         for s in [
-            Status::Starting("waiting for /x.db to be created".into()),
+            Status::Starting("waiting (3 s so far), retrying every 1 s: locked".into()),
+            Status::WaitingForDb(PathBuf::from("/var/data/db/a b.db")),
             Status::Replicating(progress.clone()),
             Status::Replicating(Progress {
                 failing: Some("b: down; database: locked".into()),
+                ..progress.clone()
+            }),
+            Status::Replicating(Progress {
+                failing: Some(format!(
+                    "b: {PERMANENT}permission denied (needs an operator: x)"
+                )),
                 ..progress
             }),
         ] {
@@ -692,6 +716,18 @@ mod tests {
             };
             assert_eq!(f.to_string().parse::<StatusFile>().unwrap(), f);
         }
+    }
+
+    #[test]
+    fn waiting_for_the_database_reads_as_it_is_shown() {
+        let s = Status::WaitingForDb(PathBuf::from("/srv/db/app.db"));
+        assert_eq!(s.to_string(), "waiting for /srv/db/app.db to be created");
+        assert_eq!(
+            "waiting for /srv/db/app.db to be created"
+                .parse::<Status>()
+                .unwrap(),
+            s
+        );
     }
 
     #[test]
