@@ -3,34 +3,42 @@
 //! and one clear error for each thing a user gets wrong (secret, bucket, region, clock,
 //! credentials file, endpoint).
 //!
-//! The conformance cases and most tests share one cluster (each under a prefix of its own):
-//! starting one takes seconds. It is started on a thread that lives as long as the test
-//! process, and its nodes die with that thread (`PR_SET_PDEATHSIG`), so none outlives the run.
+//! The conformance cases and most tests share a cluster (each under a prefix of its own) while
+//! one of them runs: [`shared`] hands out the running one, and the last test to drop it stops
+//! it, so no cluster idles under the rest of the suite (its background work was measured to
+//! stall an unrelated latency test's writer by up to a second). Its nodes are started from a
+//! thread that lives as long as the test process: they die with it (`PR_SET_PDEATHSIG`) even
+//! if a test leaks the cluster, and not with the test thread that asked for it.
 
 use crate::conformance::{conformance_suite, Fixture};
 use crate::garage::Garage;
 use std::io::Read;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 use walship::backend::s3::{S3Backend, S3Options};
 use walship::backend::{Backend, ErrorKind};
 use walship::url::S3Url;
 
-/// The cluster the tests of this module share.
-pub(crate) fn shared() -> &'static Garage {
-    static G: OnceLock<&'static Garage> = OnceLock::new();
-    G.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let g: &'static Garage = Box::leak(Box::new(Garage::start(3)));
-            let _ = tx.send(g);
-            loop {
-                std::thread::park();
-            }
-        });
+/// The cluster the tests running now share, started if none runs.
+pub(crate) fn shared() -> Arc<Garage> {
+    static CURRENT: Mutex<Weak<Garage>> = Mutex::new(Weak::new());
+    let mut current = CURRENT.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(g) = current.upgrade() {
+        return g;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(Garage::start(3));
+        loop {
+            std::thread::park();
+        }
+    });
+    let g = Arc::new(
         rx.recv()
-            .expect("the Garage cluster failed to start (see above)")
-    })
+            .expect("the Garage cluster failed to start (see above)"),
+    );
+    *current = Arc::downgrade(&g);
+    g
 }
 
 /// Options for the replica `prefix` of `g`'s bucket through node `node`.
@@ -54,14 +62,16 @@ fn err_of<T>(r: walship::backend::Result<T>) -> walship::backend::BackendError {
 
 // Parts of 5 MiB (S3's smallest) so that the big cases upload three parts.
 conformance_suite!(conformance_s3, |case: &str| {
-    let mut o = options(shared(), 0, &format!("conformance/{case}"));
+    let cluster = shared();
+    let mut o = options(&cluster, 0, &format!("conformance/{case}"));
     o.part_size = 5 << 20;
-    Fixture::new(S3Backend::new(o), ())
+    Fixture::new(S3Backend::new(o), cluster)
 });
 
 #[test]
 fn s3_listing_spans_pages_and_nodes() {
-    let g = shared();
+    let cluster = shared();
+    let g = &*cluster;
     let mut o = options(g, 0, "paging");
     o.page_size = 3;
     let t = S3Backend::new(o);
@@ -92,7 +102,8 @@ fn s3_listing_spans_pages_and_nodes() {
 
 #[test]
 fn s3_cleanup_aborts_incomplete_uploads() {
-    let g = shared();
+    let cluster = shared();
+    let g = &*cluster;
     let t = S3Backend::new(options(g, 0, "orphans"));
     // What a crash mid-upload leaves: multipart uploads started and never completed.
     for key in ["orphans/dir/a", "orphans/dir/b", "orphans/other/c"] {
@@ -113,7 +124,8 @@ fn s3_cleanup_aborts_incomplete_uploads() {
 
 #[test]
 fn s3_errors_say_what_to_fix() {
-    let g = shared();
+    let cluster = shared();
+    let g = &*cluster;
     let ok = S3Backend::new(options(g, 0, "errors"));
     ok.write_atomic("x", &mut &b"x"[..]).expect("write");
 
@@ -330,7 +342,8 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn s3_https_is_checked_against_the_system_ca_store() {
-    let g = shared();
+    let cluster = shared();
+    let g = &*cluster;
     let (endpoint, ca, _keep) = tls_front(g);
     let list = |ca_file: Option<&std::path::Path>| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_walship"));

@@ -255,6 +255,18 @@ check "second instance walship@vegetables runs beside walship@fruits" sh_in brav
   walship verify --config vegetables >/dev/null'
 ct bravo systemctl disable --now walship@vegetables.service >/dev/null 2>&1
 
+step "4b. a database that does not exist yet: READY at once, status says so"
+check "systemctl start walship@later returns at once though later.db does not exist" sh_in bravo '
+  printf "db = \"/var/data/db/later.db\"\n[[replica]]\nname = \"alpha\"\nurl = \"sftp://replicator@alpha/db/later\"\nkey-path = \"/etc/walship/replicator.key\"\n" > /etc/walship/later.toml
+  systemctl daemon-reload
+  timeout 20 systemctl start walship@later.service
+  systemctl show -P StatusText walship@later | grep -q "waiting for /var/data/db/later.db to be created"'
+check "walship status later exits 7 (waiting for the database)" sh_in bravo 'rc=0; walship status later >/dev/null || rc=$?; [ $rc = 7 ]'
+check "the database appears: walship@later replicates it" sh_in bravo '
+  runuser -u app -- sqlite3 /var/data/db/later.db "PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1);" >/dev/null
+  for i in $(seq 1 60); do walship verify --config later >/dev/null 2>&1 && exit 0; sleep 1; done; exit 1'
+ct bravo systemctl disable --now walship@later.service >/dev/null 2>&1
+
 step "5. disaster: stop, rm -rf /var/data/db/*, walship restore --config fruits"
 check "write 100 more rows, replicated" write_and_verify w5 100
 before=$(rows /var/data/db/fruits.db)
@@ -282,6 +294,23 @@ ct bravo ip link set "wseb$id" up
 echo "     link up"
 check "replica catches up, nothing lost (verify passes)" until_ok 120 verify_caught_up
 ct bravo systemctl status walship@fruits --no-pager 2>&1 | sed -n '/Status:/p' | sed 's/^/     after: /'
+
+step "6b. stop while ALPHA is cut off: bounded by shutdown-timeout, exit 69 says commits are held back"
+ct bravo ip link set "wseb$id" down
+echo "     link down"
+write_rows cut-stop 20 >/dev/null
+t0=$(date +%s)
+ct bravo systemctl stop walship@fruits.service
+took=$(( $(date +%s) - t0 ))
+echo "     systemctl stop took ${took} s (shutdown-timeout 20s, TimeoutStopSec=45s)"
+if [ "$took" -le 30 ]; then ok "stop returned within shutdown-timeout (+10 s)"; else ko "stop took ${took} s"; fi
+check "walship@fruits exited 69 (failed): commits were not on ALPHA" sh_in bravo '[ "$(systemctl show -P ExecMainStatus walship@fruits)" = 69 ] && [ "$(systemctl show -P ActiveState walship@fruits)" = failed ]'
+check "the journal names the replica left behind" sh_in bravo 'journalctl -u walship@fruits --no-pager -n 30 | grep -q "alpha misses"'
+ct bravo ip link set "wseb$id" up
+echo "     link up"
+ct bravo systemctl reset-failed walship@fruits.service
+check "started again, the held-back commits reach ALPHA (verify passes)" sh_in bravo 'timeout 120 systemctl start walship@fruits.service'
+check "replica catches up after the restart" until_ok 120 verify_caught_up
 
 step "8 (.deb). purge both packages"
 check "apt-get purge walship" sh_in bravo 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -q walship >/dev/null'

@@ -61,7 +61,8 @@ fn assert_no_incomplete_uploads(g: &Garage, prefix: &str) {
 #[test]
 fn e2e_s3_writers() {
     let t0 = Instant::now();
-    let g = shared();
+    let cluster = shared();
+    let g = &*cluster;
     let url = s3_url(g, "e2e-writers");
     let sb = Sandbox::new();
     sb.create_db();

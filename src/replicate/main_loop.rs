@@ -411,7 +411,10 @@ fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Res
 fn new_generation_if_broken(cap: &mut Capture, shared: &Shared, r: Result<()>) -> Result<()> {
     match r {
         Err(e) if WalChange::is_broken(&e) => {
-            cap.new_generation(&format!("{e:#}"))?;
+            cap.new_generation(
+                crate::metrics::GenerationReason::WalBroken,
+                &format!("{e:#}"),
+            )?;
             cap.rotate_pin()?;
             kick_head(shared, cap);
             Ok(())

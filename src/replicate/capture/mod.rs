@@ -36,6 +36,7 @@ use crate::db::{Db, WalChange, WalPos};
 use crate::layout::checksum::PageHashes;
 use crate::layout::codec::{Commit, Encoder, Kind};
 use crate::layout::names::{FileName, GenerationId};
+use crate::metrics::GenerationReason;
 use anyhow::{anyhow, bail, Result};
 use std::io::BufWriter;
 use std::sync::Arc;
@@ -102,8 +103,8 @@ pub(crate) enum Step {
 
 impl Capture {
     /// Opens capture for `db`: resumes the saved generation when continuity is proven, else
-    /// starts a new one with a snapshot. With `fresh` (the reason: the file was replaced under
-    /// a running walship, say), a new generation starts whatever the saved state says.
+    /// starts a new one with a snapshot. With `fresh` (why the database file was replaced under
+    /// the running walship), a new generation starts whatever the saved state says.
     ///
     /// # Errors
     /// Database, WAL or spool errors.
@@ -136,11 +137,16 @@ impl Capture {
             retry: None,
         };
         match (fresh, saved) {
-            (Some(why), _) => cap.new_generation(why)?,
-            (None, None) => cap.new_generation("no previous state")?,
+            (Some(why), _) => cap.new_generation(GenerationReason::DbReplaced, why)?,
+            (None, None) => {
+                cap.new_generation(GenerationReason::NoPreviousState, "no previous state")?;
+            }
             (None, Some(saved)) => {
                 if let Err(e) = cap.try_resume(saved) {
-                    cap.new_generation(&format!("cannot resume: {e:#}"))?;
+                    cap.new_generation(
+                        GenerationReason::CannotResume,
+                        &format!("cannot resume: {e:#}"),
+                    )?;
                 }
             }
         }
@@ -166,7 +172,7 @@ impl Capture {
     ///
     /// # Errors
     /// Database, WAL or spool errors.
-    pub(crate) fn new_generation(&mut self, why: &str) -> Result<()> {
+    pub(crate) fn new_generation(&mut self, reason: GenerationReason, why: &str) -> Result<()> {
         // Until its snapshot is spooled, nothing may be captured on top of it.
         self.poisoned = true;
         self.retry_due()?;
@@ -186,7 +192,7 @@ impl Capture {
                     rand: rand::random(),
                 };
                 warn!(generation = %g, "starting a new generation: {why}");
-                crate::metrics::generation_started(why);
+                crate::metrics::generation_started(reason);
                 g
             }
         };

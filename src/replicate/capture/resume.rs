@@ -8,6 +8,7 @@ use crate::db::{WalCommit, WalPos, WalState};
 use crate::layout::checksum::PageHashes;
 use crate::layout::codec::Commit;
 use crate::layout::names::FileName;
+use crate::metrics::GenerationReason;
 use crate::replicate::state::{CaptureState, SavedCapture};
 use anyhow::Result;
 use tracing::info;
@@ -37,6 +38,7 @@ impl Capture {
         let spool = self.spool.list()?;
         if spool.iter().any(|f| f.generation > cur.at.generation) {
             self.new_generation(
+                GenerationReason::InterruptedStart,
                 "the spool holds a generation newer than the saved state (interrupted start)",
             )?;
             return Ok(None);
@@ -47,7 +49,10 @@ impl Capture {
             .map(|f| f.key().last)
             .max();
         if newest.is_some_and(|n| n > cur.at.txid) {
-            self.new_generation("the spool is ahead of the saved state")?;
+            self.new_generation(
+                GenerationReason::InterruptedStart,
+                "the spool is ahead of the saved state",
+            )?;
             return Ok(None);
         }
         // The state is saved before its segment is published: if neither the spool nor any
@@ -81,7 +86,10 @@ impl Capture {
         if commits.is_empty() {
             self.rescan(end.frames, self.at.db_pages)?;
             if self.hashes.db_checksum() != saved_checksum {
-                self.new_generation("the database differs from the saved state")?;
+                self.new_generation(
+                    GenerationReason::ChangedWhileStopped,
+                    "the database differs from the saved state",
+                )?;
                 return Ok(Some(false));
             }
             self.pos = Some(end);
@@ -108,7 +116,7 @@ impl Capture {
         if now_page_size != page_size {
             // No page-for-page difference exists across page sizes: diffing 8 KiB pages
             // against 4 KiB hashes would ship a corrupt database.
-            self.new_generation(&format!(
+            self.new_generation(GenerationReason::PageSizeChanged, &format!(
                 "the page size changed from {page_size} to {now_page_size} while walship was stopped"
             ))?;
             return Ok(false);
@@ -131,6 +139,7 @@ impl Capture {
             return Ok(true);
         }
         self.new_generation(
+            GenerationReason::ChangedWhileStopped,
             "the WAL was reset while walship was stopped and the database changed",
         )?;
         Ok(false)
