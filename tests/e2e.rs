@@ -21,13 +21,7 @@ fn start(sb: &Sandbox) -> Daemon {
 }
 
 fn writers(db: &Path, n: usize, o: WriterOpts) -> Vec<Writer> {
-    (0..n)
-        .map(|i| Writer::spawn(db, &format!("w{i}"), o, 1000 + i as u64))
-        .collect()
-}
-
-fn committed(ws: &[Writer]) -> Vec<(String, i64)> {
-    ws.iter().flat_map(Writer::committed).collect()
+    spawn_writers(db, "w", n, o, 1000)
 }
 
 /// Restores the latest state into a fresh path and returns it.

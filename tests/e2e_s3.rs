@@ -37,13 +37,7 @@ fn restore_s3(g: &Garage, node: usize, out: &Path, url: &str) -> Out {
 }
 
 fn writers(db: &Path, n: usize, o: WriterOpts) -> Vec<Writer> {
-    (0..n)
-        .map(|i| Writer::spawn(db, &format!("s{i}"), o, 3000 + i as u64))
-        .collect()
-}
-
-fn committed(ws: &[Writer]) -> Vec<(String, i64)> {
-    ws.iter().flat_map(Writer::committed).collect()
+    spawn_writers(db, "s", n, o, 3000)
 }
 
 /// No multipart upload left incomplete under `prefix` (the whole bucket's list is asked for:

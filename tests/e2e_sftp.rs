@@ -60,13 +60,7 @@ fn restore_sftp(sshd: &Sshd, out: &Path, url: &str, extra: &[&str]) -> Out {
 }
 
 fn writers(db: &Path, n: usize, o: WriterOpts) -> Vec<Writer> {
-    (0..n)
-        .map(|i| Writer::spawn(db, &format!("s{i}"), o, 2000 + i as u64))
-        .collect()
-}
-
-fn committed(ws: &[Writer]) -> Vec<(String, i64)> {
-    ws.iter().flat_map(Writer::committed).collect()
+    spawn_writers(db, "s", n, o, 2000)
 }
 
 /// No temporary upload files anywhere in the replica's directory on the server.

@@ -675,6 +675,18 @@ impl Drop for Writer {
     }
 }
 
+/// `n` writers named `PREFIX0`, `PREFIX1`... seeded `seed0`, `seed0 + 1`...
+pub fn spawn_writers(db: &Path, prefix: &str, n: usize, o: WriterOpts, seed0: u64) -> Vec<Writer> {
+    (0..n)
+        .map(|i| Writer::spawn(db, &format!("{prefix}{i}"), o, seed0 + i as u64))
+        .collect()
+}
+
+/// Every row the writers committed.
+pub fn committed(ws: &[Writer]) -> Vec<(String, i64)> {
+    ws.iter().flat_map(Writer::committed).collect()
+}
+
 /// Stops all writers, asserting that none failed.
 pub fn stop_all(ws: &mut [Writer]) {
     for w in ws.iter_mut() {
