@@ -187,7 +187,7 @@ fn closed_stdout_exits_141_quietly() {
 /// warnings; the config and output directories are elsewhere.
 fn generate_for_db_under(base: &str, replica_under_tmp: bool) -> (String, Vec<String>, String) {
     let tmp = tempfile::tempdir_in(base).expect("tempdir under /tmp");
-    let elsewhere = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let elsewhere = crate::generator::tempdir_outside_tmp();
     let (etc, out) = (elsewhere.path().join("etc"), elsewhere.path().join("out"));
     fs::create_dir_all(&etc).expect("mkdir");
     let data = if replica_under_tmp {

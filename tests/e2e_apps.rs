@@ -299,6 +299,9 @@ fn e2e_app_checkpoints() {
 /// in the milliseconds.
 #[test]
 fn e2e_long_reader_does_not_stall_writers() {
+    // The page cache's write-back of earlier tests (the S3 suite writes hundreds of MB) must
+    // not throttle this writer: flush it first.
+    nix::unistd::sync();
     let (sb, db, mut d) = replicated_app_db();
     let mut reader = app_reader(&db, 6);
     // ~3 frames a commit: the WAL passes walship's checkpoint threshold (checkpoint-pages,
@@ -311,9 +314,11 @@ fn e2e_long_reader_does_not_stall_writers() {
     eprintln!("e2e_long_reader_does_not_stall_writers: {r:?}");
     assert_eq!(r.busy, 0, "{r:?}");
     // Without walship on this machine: p99 ~15 ms, max ~40 ms; walship retaking the write
-    // lock for checkpoints that could not progress: p99 ~57 ms, max up to seconds.
+    // lock for checkpoints that could not progress: p99 ~57 ms, max up to seconds. A single
+    // stall of ~1 s was seen in full-suite runs (7-180 ms alone), so the max bound is loose
+    // and the p99 is what tells the two apart.
     assert!(
-        r.max_ms < 750.0 && r.p99_ms < 40.0,
+        r.max_ms < 1500.0 && r.p99_ms < 40.0,
         "writers stalled behind walship's checkpoints while a reader held the WAL: {r:?}"
     );
     caught_up_and_restorable(&sb, &db, &mut d);

@@ -210,9 +210,10 @@ fn e2e_status_failing_replica_then_lag_above_max() {
         a.extend(extra.iter().map(OsString::from));
         a
     };
+    // The bad replica may fail before the good one received its first upload: wait for both.
     let (_, v) = poll("status to say the replica fails", 30 * SEC, || {
         let (code, v) = json(&c(&["--max-lag", "1h"]), &[]);
-        (code == 4).then_some((code, v))
+        (code == 4 && replica(&v, "good")["received_ms"].is_u64()).then_some((code, v))
     });
     assert_eq!(v["health"], "failing");
     assert_eq!(v["daemon_running"], true);

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use walship::generator::{generate, DROP_IN_NAME};
 
 /// A scratch tree: `etc/` for configs, `out/` for the generator's output, `data/` and friends
@@ -14,10 +14,24 @@ pub struct Tree {
     pub root: PathBuf,
 }
 
+/// A temp dir outside /tmp and /var/tmp, where the generator refuses databases (the unit's
+/// PrivateTmp=yes): in the build's target dir, unless the checkout itself lies under one of
+/// them (a CI clone in /tmp), then under /var/lib/walship-test-trees.
+pub fn tempdir_outside_tmp() -> tempfile::TempDir {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let base = if ["/tmp", "/var/tmp"].iter().any(|t| target.starts_with(t)) {
+        let b = Path::new("/var/lib/walship-test-trees");
+        fs::create_dir_all(b).expect("mkdir /var/lib/walship-test-trees");
+        b
+    } else {
+        target
+    };
+    tempfile::tempdir_in(base).expect("tempdir")
+}
+
 impl Tree {
     pub fn new() -> Tree {
-        // Not under /tmp: the generator refuses databases there (the unit's PrivateTmp=yes).
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+        let dir = tempdir_outside_tmp();
         let root = dir.path().canonicalize().expect("canonical tempdir");
         for d in ["etc", "out", "data", "keys", "replicas"] {
             fs::create_dir(root.join(d)).expect("mkdir");

@@ -519,7 +519,8 @@ const ATTEMPTS: u32 = 8;
 ///
 /// A replica that a running walship keeps compacting and pruning changes while it is read:
 /// a listing is not a snapshot of one moment (it may miss both a merged segment written while
-/// it ran and the inputs deleted meanwhile), and a planned file may be gone when it is read.
+/// it ran and the inputs deleted meanwhile: plans use two listings merged, [`list_settled`]),
+/// and a planned file may be gone when it is read.
 /// A vanished segment is followed into the segment it was merged into; any other failure is
 /// final only if the replica did not change meanwhile (a new listing equals the one planned
 /// from): otherwise the restore starts over from the new listing, up to `ATTEMPTS` times.
@@ -528,7 +529,7 @@ const ATTEMPTS: u32 = 8;
 /// # Errors
 /// Any fetch, decode, checksum or consistency error, naming the file.
 pub fn restore_into(t: &dyn Backend, want: &Want, tmp: &Path) -> Result<Restored> {
-    let mut listing = list_replica(t)?;
+    let mut listing = list_settled(t)?;
     if listing.generations.is_empty() && !t.root_exists()? {
         return Err(missing_root(t));
     }
@@ -543,7 +544,7 @@ pub fn restore_into(t: &dyn Backend, want: &Want, tmp: &Path) -> Result<Restored
             return Err(e);
         }
         // A listing that fails now says nothing about the first error: report that one.
-        let Ok(fresh) = list_replica(t) else {
+        let Ok(fresh) = list_settled(t) else {
             return Err(e);
         };
         if fresh == listing {
@@ -555,6 +556,34 @@ pub fn restore_into(t: &dyn Backend, want: &Want, tmp: &Path) -> Result<Restored
         listing = fresh;
         attempt += 1;
     }
+}
+
+/// Two listings of `t` taken one after the other, merged: every generation and file that
+/// either shows. One listing is not a picture of one moment: `readdir` may miss both a segment
+/// that compaction wrote while it ran and the inputs deleted meanwhile, and a plan from it
+/// would silently end earlier than the replica did (a "latest" restore older than the one
+/// before it). The second listing, taken after, shows the merged segment (or what it was
+/// merged into). A file the first showed and that is gone by the time it is read is followed
+/// or re-planned as any vanished file (see [`restore_into`]).
+///
+/// # Errors
+/// Backend errors.
+fn list_settled(t: &dyn Backend) -> Result<Listing> {
+    let first = list_replica(t)?;
+    let second = list_replica(t)?;
+    let mut merged: std::collections::BTreeMap<
+        GenerationId,
+        std::collections::BTreeMap<FileName, u64>,
+    > = std::collections::BTreeMap::new();
+    for (g, files) in first.generations.into_iter().chain(second.generations) {
+        merged.entry(g).or_default().extend(files);
+    }
+    Ok(Listing {
+        generations: merged
+            .into_iter()
+            .map(|(g, files)| (g, files.into_iter().collect()))
+            .collect(),
+    })
 }
 
 fn restore_once(t: &dyn Backend, want: &Want, tmp: &Path, listing: &Listing) -> Result<Restored> {
