@@ -25,30 +25,41 @@ const WATCHDOG_USEC: &str = "2000000";
 /// Longest wait for anything that should come promptly (generous: 2 shared cores).
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A scratch directory with a database (`create table t(x)`), a replica directory, a state
-/// directory and a file for the daemon's stderr.
-struct Scratch {
+/// A scratch directory with a database (`create table t(x)`; [`Scratch::without_db`]: not
+/// yet), a replica directory, a state directory and a file for the daemon's stderr. Shared
+/// with `lifecycle`, which adds its own methods.
+pub(crate) struct Scratch {
     _dir: tempfile::TempDir,
-    root: PathBuf,
+    pub(crate) root: PathBuf,
 }
 
 impl Scratch {
     fn new() -> Scratch {
+        let s = Scratch::without_db();
+        s.create_db();
+        s
+    }
+
+    /// The directories, without the database.
+    pub(crate) fn without_db() -> Scratch {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().canonicalize().expect("canonical tempdir");
         fs::create_dir(root.join("replica")).expect("mkdir replica");
-        let conn = rusqlite::Connection::open(root.join("app.db")).expect("create the database");
-        conn.execute_batch("create table t(x)")
-            .expect("create table");
-        drop(conn);
         Scratch { _dir: dir, root }
     }
 
-    fn db(&self) -> PathBuf {
+    /// Creates `app.db` with `create table t(x)`.
+    pub(crate) fn create_db(&self) {
+        let conn = rusqlite::Connection::open(self.db()).expect("create the database");
+        conn.execute_batch("create table t(x)")
+            .expect("create table");
+    }
+
+    pub(crate) fn db(&self) -> PathBuf {
         self.root.join("app.db")
     }
 
-    fn replica(&self) -> PathBuf {
+    pub(crate) fn replica(&self) -> PathBuf {
         self.root.join("replica")
     }
 
@@ -62,7 +73,7 @@ impl Scratch {
 
     /// Inserts `n` rows in one transaction from this (test) process: a separate connection,
     /// closed before returning.
-    fn insert(&self, n: usize) {
+    pub(crate) fn insert(&self, n: usize) {
         let mut conn = rusqlite::Connection::open(self.db()).expect("open the database");
         conn.busy_timeout(Duration::from_secs(5))
             .expect("busy timeout");
@@ -96,7 +107,7 @@ impl Scratch {
     }
 
     /// Restores the replica into a fresh file and returns the number of rows in `t`.
-    fn restore_count(&self, name: &str) -> i64 {
+    pub(crate) fn restore_count(&self, name: &str) -> i64 {
         let out = self.root.join(name);
         let o = Command::new(BIN)
             .args(["restore", "-o"])

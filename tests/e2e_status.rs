@@ -33,15 +33,6 @@ fn config(sb: &Sandbox, replicas: &[(&str, PathBuf)]) -> PathBuf {
     p
 }
 
-fn start(sb: &Sandbox, conf: &Path) -> Daemon {
-    Daemon::raw(
-        vec!["replicate".into(), "--config".into(), conf.into()],
-        &sb.state(),
-    )
-    .log(&sb.path("daemon.log"))
-    .start()
-}
-
 /// `walship status ARGS --json`: the exit code and the parsed object (asserting one object on
 /// stdout and a code that agrees with its `exit_code`).
 fn json<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &OsStr)]) -> (i32, Value) {
@@ -92,7 +83,7 @@ fn e2e_status_healthy_then_not_running() {
     let sb = Sandbox::new();
     sb.create_db();
     let conf = config(&sb, &[("a", sb.replica())]);
-    let mut d = start(&sb, &conf);
+    let mut d = Daemon::start_config(&sb, &conf);
     let t0 = now_ms();
     let mut w = Writer::spawn(
         &sb.db(),
@@ -194,7 +185,7 @@ fn e2e_status_failing_replica_then_lag_above_max() {
         &sb,
         &[("good", sb.replica()), ("bad", sb.path("blocker/replica"))],
     );
-    let mut d = start(&sb, &conf);
+    let mut d = Daemon::start_config(&sb, &conf);
     let mut w = Writer::spawn(
         &sb.db(),
         "w",
@@ -301,7 +292,7 @@ fn e2e_status_starting() {
         .expect("read the holder");
     assert_eq!(said.trim(), "holding");
     let conf = config(&sb, &[("a", sb.replica())]);
-    let mut d = start(&sb, &conf);
+    let mut d = Daemon::start_config(&sb, &conf);
     let c: &[&OsStr] = &["--config".as_ref(), conf.as_os_str()];
     let (code, v) = poll("status to say it is starting", 10 * SEC, || {
         let (code, v) = json(c, &[]);

@@ -16,8 +16,9 @@
 //!   `STATUS=` and `walship status`) carries `permanent:` and what to do, and the log line is
 //!   not repeated on every retry.
 
+use crate::daemon_notify::Scratch;
 use crate::notify::NotifySocket;
-use crate::util::{poll, walship, Daemon, BIN};
+use crate::util::{poll, walship, Daemon};
 use serde_json::Value;
 use std::ffi::OsString;
 use std::fs;
@@ -31,28 +32,9 @@ const SEC: Duration = Duration::from_secs(1);
 /// The unprivileged user the stop tests run the daemon as (`nobody`).
 const NOBODY: u32 = 65534;
 
-/// A scratch directory: `app.db` (not created), `replica/`, `state/`, `daemon.log`.
-struct Scratch {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-}
-
+/// `daemon_notify`'s scratch directory (`Scratch::without_db`: `app.db` not created,
+/// `replica/`), with `state/`, `daemon.log` and what the stop tests need.
 impl Scratch {
-    fn new() -> Scratch {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().canonicalize().expect("canonical tempdir");
-        fs::create_dir(root.join("replica")).expect("mkdir replica");
-        Scratch { _dir: dir, root }
-    }
-
-    fn db(&self) -> PathBuf {
-        self.root.join("app.db")
-    }
-
-    fn replica(&self) -> PathBuf {
-        self.root.join("replica")
-    }
-
     fn state(&self) -> PathBuf {
         self.root.join("state")
     }
@@ -63,22 +45,6 @@ impl Scratch {
 
     fn log_text(&self) -> String {
         fs::read_to_string(self.log()).unwrap_or_default()
-    }
-
-    fn create_db(&self) {
-        let c = rusqlite::Connection::open(self.db()).expect("create the database");
-        c.execute_batch("create table t(x)").expect("create table");
-    }
-
-    fn insert(&self, n: i64) {
-        let mut c = rusqlite::Connection::open(self.db()).expect("open the database");
-        c.busy_timeout(5 * SEC).expect("busy timeout");
-        let tx = c.transaction().expect("begin");
-        for i in 0..n {
-            tx.execute("insert into t(x) values (?1)", [i])
-                .expect("insert");
-        }
-        tx.commit().expect("commit");
     }
 
     /// A config with a file:// replica named `file` and `shutdown-timeout`.
@@ -125,27 +91,6 @@ impl Scratch {
         text.split_once(' ')
             .map(|(_, l)| l.trim_end().to_owned())
             .unwrap_or_default()
-    }
-
-    /// Restores the replica and counts the rows of `t`.
-    fn restore_count(&self) -> i64 {
-        let out = self.root.join("restored.db");
-        let _ = fs::remove_file(&out);
-        let o = Command::new(BIN)
-            .args(["restore", "-o"])
-            .arg(&out)
-            .arg(format!("file://{}", self.replica().display()))
-            .env_remove("NOTIFY_SOCKET")
-            .output()
-            .expect("run walship restore");
-        assert!(
-            o.status.success(),
-            "restore: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let c = rusqlite::Connection::open(&out).expect("open the restored database");
-        c.query_row("select count(*) from t", [], |r| r.get(0))
-            .expect("count")
     }
 
     /// Gives every file and directory to `uid` (the daemon's user).
@@ -236,7 +181,7 @@ fn stop(d: &mut Daemon, s: &Scratch, second_after: Option<Duration>) -> (i32, Du
 
 #[test]
 fn missing_database_is_ready_at_once_and_replicates_once_created() {
-    let s = Scratch::new();
+    let s = Scratch::without_db();
     let sock = NotifySocket::bind();
     let args = [
         s.db().into_os_string(),
@@ -287,7 +232,7 @@ fn missing_database_is_ready_at_once_and_replicates_once_created() {
     wait_caught_up(&s, &mut d, 20 * SEC);
     s.insert(5);
     poll("the 15 rows on the replica", 20 * SEC, || {
-        (s.restore_count() == 15).then_some(())
+        (s.restore_count("restored.db") == 15).then_some(())
     });
     let (code, v) = s.status_json();
     assert_eq!((code, &v["health"]), (0, &Value::from("healthy")), "{v}");
@@ -301,7 +246,7 @@ fn missing_database_is_ready_at_once_and_replicates_once_created() {
 /// second SIGTERM stops at once.
 #[test]
 fn stop_exit_code_says_whether_replicas_hold_everything() {
-    let s = Scratch::new();
+    let s = Scratch::without_db();
     s.create_db();
     let config = s.config("5s");
     s.chown_all(NOBODY);
@@ -388,7 +333,7 @@ fn stop_exit_code_says_whether_replicas_hold_everything() {
 /// A replica directory that holds another database's replica: permanent, with what to do.
 #[test]
 fn replica_of_another_database_is_a_permanent_error() {
-    let s = Scratch::new();
+    let s = Scratch::without_db();
     s.create_db();
     let marker = walship::layout::names::Marker {
         format: walship::layout::names::FORMAT_VERSION,
@@ -463,7 +408,7 @@ fn replica_of_another_database_is_a_permanent_error() {
 fn stop_with_a_hung_sftp_replica_ends_at_shutdown_timeout() {
     let sshd = crate::sshd::Sshd::start();
     let dir = crate::sshd::TestDir::new("lifecycle-hung");
-    let s = Scratch::new();
+    let s = Scratch::without_db();
     s.create_db();
     let config = s.root.join("app.toml");
     fs::write(

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const SEC: Duration = Duration::from_secs(1);
@@ -27,15 +27,6 @@ fn config(sb: &Sandbox, extra: &str) -> PathBuf {
     let p = sb.path("walship.toml");
     fs::write(&p, text).expect("write config");
     p
-}
-
-fn start(sb: &Sandbox, conf: &Path) -> Daemon {
-    Daemon::raw(
-        vec!["replicate".into(), "--config".into(), conf.into()],
-        &sb.state(),
-    )
-    .log(&sb.path("daemon.log"))
-    .start()
 }
 
 /// A loopback port nothing listens on (bound by the kernel's choice, then let go).
@@ -214,7 +205,7 @@ fn e2e_metrics_over_http() {
     sb.create_db();
     let port = free_port();
     let conf = config(&sb, &format!("metrics-listen = \"127.0.0.1:{port}\""));
-    let mut d = start(&sb, &conf);
+    let mut d = Daemon::start_config(&sb, &conf);
     let db = sb.db().display().to_string();
     let a: &[(&str, &str)] = &[("db", &db), ("replica", "a")];
 
@@ -350,7 +341,7 @@ fn e2e_metrics_textfile() {
         &sb,
         &format!("metrics-textfile = {:?}", prom.display().to_string()),
     );
-    let mut d = start(&sb, &conf);
+    let mut d = Daemon::start_config(&sb, &conf);
     let db = sb.db().display().to_string();
     let a: &[(&str, &str)] = &[("db", &db), ("replica", "a")];
     let read = || fs::read_to_string(&prom).ok().map(|t| Metrics(parse(&t)));

@@ -325,6 +325,17 @@ impl Daemon {
         Daemon::replicate(args, state).start()
     }
 
+    /// `walship replicate --config CONF` for the sandbox `sb` (its state dir is the one the
+    /// config names), logging to `daemon.log` in the sandbox.
+    pub fn start_config(sb: &Sandbox, conf: &Path) -> Daemon {
+        Daemon::raw(
+            vec!["replicate".into(), "--config".into(), conf.into()],
+            &sb.state(),
+        )
+        .log(&sb.path("daemon.log"))
+        .start()
+    }
+
     /// `walship ARGS` with `state` as the state dir the config names.
     pub fn start_raw(args: Vec<OsString>, state: &Path) -> Daemon {
         Daemon::raw(args, state).start()
