@@ -191,7 +191,7 @@ struct Registry {
 impl Registry {
     fn render(&self) -> String {
         let sample = self.source.get().map(|s| s()).unwrap_or_default();
-        let wal = wal_path(&self.db);
+        let wal = crate::db::sidecar(&self.db, "-wal");
         let wal_bytes = std::fs::metadata(&wal).map_or(0, |m| m.len());
         let generations = GENERATIONS
             .lock()
@@ -205,12 +205,6 @@ impl Registry {
             &generations,
         )
     }
-}
-
-fn wal_path(db: &Path) -> PathBuf {
-    let mut s = db.as_os_str().to_owned();
-    s.push("-wal");
-    PathBuf::from(s)
 }
 
 /// Publishes the metrics of the daemon of `settings` (HTTP and/or textfile, as configured).

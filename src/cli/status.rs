@@ -337,9 +337,7 @@ fn replica_reports(
 /// when the WAL is the one it captured and ends where it stopped; `None` when that cannot be
 /// told without reading the whole database (no WAL, or a new WAL without a commit yet).
 fn uncaptured(db: &Path, c: &SavedCapture) -> Option<bool> {
-    let mut wal = db.as_os_str().to_owned();
-    wal.push("-wal");
-    let mut f = File::open(PathBuf::from(wal)).ok()?;
+    let mut f = File::open(crate::db::sidecar(db, "-wal")).ok()?;
     let mut hdr = [0u8; WAL_HEADER_SIZE];
     f.read_exact(&mut hdr).ok()?;
     let h = WalHeader::parse(&hdr).ok()?;

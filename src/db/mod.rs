@@ -209,6 +209,13 @@ impl DbError {
     }
 }
 
+/// The path of one of SQLite's files beside the database `db`: `suffix` is `-wal` or `-shm`.
+pub(crate) fn sidecar(db: &Path, suffix: &str) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
 /// True if `e` says, anywhere in its chain, that another process holds the database locked.
 pub(crate) fn is_locked(e: &anyhow::Error) -> bool {
     e.chain()
@@ -483,15 +490,13 @@ impl Db {
                 path.display()
             );
         }
-        let mut wal_path = path.as_os_str().to_owned();
-        wal_path.push("-wal");
-        let mut shm_path = path.as_os_str().to_owned();
-        shm_path.push("-shm");
+        let wal_path = sidecar(path, "-wal");
+        let shm_path = sidecar(path, "-shm");
         let shm = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&shm_path)
-            .with_context(|| format!("cannot open {}", Path::new(&shm_path).display()))?;
+            .with_context(|| format!("cannot open {}", shm_path.display()))?;
         let mut db = Db {
             pins,
             active: None,
@@ -504,7 +509,7 @@ impl Db {
             known: None,
             wal: None,
             path: path.to_owned(),
-            wal_path: PathBuf::from(wal_path),
+            wal_path,
             identity: (md.dev(), md.ino()),
         };
         db.begin_pin(0)?;
@@ -760,15 +765,14 @@ impl Db {
     /// [`StaleSidecars::remove`].
     pub(crate) fn close_replaced(mut self) -> StaleSidecars {
         let id = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino()));
-        let mut shm_path = self.path.as_os_str().to_owned();
-        shm_path.push("-shm");
+        let shm_path = sidecar(&self.path, "-shm");
         let stale = StaleSidecars {
             wal: self
                 .wal
                 .as_ref()
                 .and_then(id)
                 .map(|i| (self.wal_path.clone(), i)),
-            shm: id(&self.shm).map(|i| (PathBuf::from(shm_path), i)),
+            shm: id(&self.shm).map(|i| (shm_path, i)),
         };
         for i in 0..2 {
             let _ = self.end_pin(i);
