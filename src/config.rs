@@ -95,6 +95,12 @@ pub struct ReplicaSettings {
     /// S3 only: file holding the access key (`credentials-file`; default: the environment's
     /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`).
     pub(crate) credentials_file: Option<PathBuf>,
+    /// age X25519 recipients (`age1...`) every snapshot and segment is encrypted to
+    /// (`encrypt-to`, any replica kind; default: none, plaintext). See `backend::encrypted`.
+    pub(crate) encrypt_to: Vec<age::x25519::Recipient>,
+    /// age identity file that decrypts the replica for restore, verify and list
+    /// (`identity-file`; `--identity` overrides it; default: none).
+    pub(crate) identity_file: Option<PathBuf>,
 }
 
 impl ReplicaSettings {
@@ -116,6 +122,8 @@ impl ReplicaSettings {
             path_style: self.path_style,
             credentials_file: cred(crate::systemd::S3_CREDENTIAL_PREFIX)
                 .or_else(|| self.credentials_file.clone()),
+            encrypt_to: self.encrypt_to.clone(),
+            identity_file: self.identity_file.clone(),
         }
     }
 
@@ -157,6 +165,19 @@ struct RawReplica {
     region: Option<Spanned<String>>,
     path_style: Option<Spanned<bool>>,
     credentials_file: Option<Spanned<String>>,
+    encrypt_to: Option<Spanned<Vec<Spanned<String>>>>,
+    identity_file: Option<Spanned<String>>,
+}
+
+impl Settings {
+    /// Makes every replica decrypt with the identity file `path` (`--identity`, which
+    /// overrides `identity-file`).
+    pub(crate) fn set_identity(&mut self, path: &Path) {
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        for r in &mut self.replicas {
+            r.identity_file = Some(path.clone());
+        }
+    }
 }
 
 /// Extra settings that the ad-hoc command-line form (`DB URL...`) takes as flags.
@@ -494,7 +515,36 @@ fn replica(
         endpoint,
         region,
         credentials_file: src.absolute_path(&r.credentials_file, "credentials-file")?,
+        encrypt_to: encrypt_to(src, r)?,
+        identity_file: src.absolute_path(&r.identity_file, "identity-file")?,
     })
+}
+
+/// `encrypt-to`: a non-empty list of age X25519 recipients; a bad one is named.
+fn encrypt_to(src: &Text, r: &RawReplica) -> Result<Vec<age::x25519::Recipient>, ConfigError> {
+    let Some(list) = &r.encrypt_to else {
+        return Ok(Vec::new());
+    };
+    if list.get_ref().is_empty() {
+        return Err(src.at(
+            Some(list.span()),
+            &"`encrypt-to` is empty: list age recipients (age1...), or remove the key",
+        ));
+    }
+    list.get_ref()
+        .iter()
+        .map(|s| {
+            crate::backend::encrypted::parse_recipient(s.get_ref()).map_err(|e| {
+                let shown: String = s.get_ref().chars().take(80).collect();
+                let shown = if shown.starts_with("AGE-SECRET-KEY-") {
+                    "AGE-SECRET-KEY-...".to_owned()
+                } else {
+                    shown
+                };
+                src.at(Some(s.span()), &format!("`encrypt-to` {shown:?}: {e}"))
+            })
+        })
+        .collect()
 }
 
 /// The region of an S3 replica without `region`.
@@ -909,6 +959,39 @@ mod tests {
             ));
             assert!(e.contains(msg), "{url} {keys}: {e}");
         }
+    }
+
+    #[test]
+    fn encryption_keys() {
+        let conf = |keys: &str| {
+            format!(
+                "db = \"/x.db\"\n[[replica]]\nurl = \"sftp://u@h/r\"\nkey-path = \"/k\"\n{keys}\n"
+            )
+        };
+        let id = age::x25519::Identity::generate();
+        let r = id.to_public().to_string();
+        let s = parse(
+            &conf(&format!(
+                "encrypt-to = [\"{r}\"]\nidentity-file = \"/etc/walship/id.txt\""
+            )),
+            "c",
+        )
+        .unwrap();
+        assert_eq!(s.replicas[0].encrypt_to.len(), 1);
+        assert_eq!(
+            s.replicas[0].identity_file.as_deref(),
+            Some(Path::new("/etc/walship/id.txt"))
+        );
+        let e = err(&conf(&format!("encrypt-to = [\"{r}\", \"age1bogus\"]")));
+        assert!(
+            e.starts_with("t.toml:5:") && e.contains("\"age1bogus\""),
+            "{e}"
+        );
+        let secret = age::secrecy::ExposeSecret::expose_secret(&id.to_string()).to_owned();
+        let e = err(&conf(&format!("encrypt-to = [\"{secret}\"]")));
+        assert!(e.contains("secret key") && !e.contains(&secret), "{e}");
+        assert!(err(&conf("encrypt-to = []")).contains("`encrypt-to` is empty"));
+        assert!(err(&conf("identity-file = \"id.txt\"")).contains("absolute"));
     }
 
     #[test]

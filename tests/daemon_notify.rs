@@ -275,6 +275,7 @@ fn open_gate(s: &Scratch, fifo: &Path) {
         format: walship::layout::names::FORMAT_VERSION,
         database: walship::replicate::identity(&s.db()),
         created_ms: 1,
+        encryption: None,
     };
     w.write_all(marker.to_toml().as_bytes())
         .expect("write the marker into the FIFO");
@@ -563,6 +564,7 @@ fn ready_waits_for_every_reachable_replica_even_when_another_is_caught_up_but_fa
         format: walship::layout::names::FORMAT_VERSION,
         database: "elsewhere:/other.db".into(),
         created_ms: 1,
+        encryption: None,
     };
     fs::write(
         a.join(walship::layout::names::MARKER_FILE),

@@ -339,6 +339,7 @@ fn replica_of_another_database_is_a_permanent_error() {
         format: walship::layout::names::FORMAT_VERSION,
         database: "otherhost:/srv/other.db".into(),
         created_ms: 1,
+        encryption: None,
     };
     fs::write(
         s.replica().join(walship::layout::names::MARKER_FILE),

@@ -11,7 +11,12 @@
 //!   tolerates entries and directories vanishing while it lists.
 //! - Paths are checked by [`check_path`] before any I/O, so a bad name can never reach outside
 //!   the replica's root.
+//!
+//! A replica with `encrypt-to` (or read with an identity) is opened as its target wrapped in
+//! [`encrypted::Encrypted`], which encrypts and decrypts the files below the root: the one place
+//! where encryption happens.
 
+pub mod encrypted;
 pub mod file;
 pub(crate) mod known_hosts;
 pub mod s3;
@@ -148,6 +153,22 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn root_exists(&self) -> Result<bool> {
         Ok(true)
     }
+
+    /// The encryption this target applies to the files below the root (`Some("age")`, see
+    /// [`encrypted`]), `None` for a plaintext target. The replica's marker must agree
+    /// ([`encrypted::check_marker`]).
+    fn encryption(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Whether files can be read back: `Err(why)` for an encrypted target opened without a
+    /// usable identity (the message names what to give).
+    ///
+    /// # Errors
+    /// Why reading cannot work.
+    fn readable(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Checks that `path` is a relative path made of plain names: no empty, `.` or `..` component,
@@ -199,10 +220,27 @@ pub(crate) struct Access {
     pub path_style: bool,
     /// S3 credentials file (`None`: the environment).
     pub credentials_file: Option<PathBuf>,
+    /// age X25519 recipients the files are encrypted to (`encrypt-to`).
+    pub encrypt_to: Vec<age::x25519::Recipient>,
+    /// age identity file the files are decrypted with (`identity-file`, `--identity`).
+    pub identity_file: Option<PathBuf>,
 }
 
-/// Opens the replica at `url`: the one place that maps a URL scheme to its backend.
+/// Opens the replica at `url`: the one place that maps a URL scheme to its backend, and
+/// wraps it in [`encrypted::Encrypted`] when `access` has recipients or an identity file.
 pub(crate) fn open(url: &ReplicaUrl, access: &Access) -> Box<dyn Backend> {
+    let inner = open_plain(url, access);
+    if access.encrypt_to.is_empty() && access.identity_file.is_none() {
+        return inner;
+    }
+    Box::new(encrypted::Encrypted::new(
+        inner,
+        access.encrypt_to.clone(),
+        access.identity_file.clone(),
+    ))
+}
+
+fn open_plain(url: &ReplicaUrl, access: &Access) -> Box<dyn Backend> {
     match url {
         ReplicaUrl::File(path) => Box::new(file::FileBackend::new(path)),
         ReplicaUrl::Sftp(url) => Box::new(sftp::SftpBackend::new(sftp::SftpOptions {

@@ -14,7 +14,9 @@ use crate::backend::Backend;
 use crate::clock::rfc3339;
 use crate::layout::names::{FileName, GenerationId};
 use crate::layout::owner::Claim;
-use crate::restore::{list_replica, missing_root, replica_database, restorable, Restorable};
+use crate::restore::{
+    check_encryption, list_replica, missing_root, read_marker, restorable, Restorable,
+};
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -34,6 +36,8 @@ pub(super) fn run(a: ListArgs) -> Result<ExitCode> {
         state_dir: None,
     }
     .settings(&USAGE)?;
+    let mut settings = settings;
+    a.identity.apply(&mut settings);
     let mut out = std::io::stdout().lock();
     let mut failures = Vec::new();
     let mut objects = Vec::new();
@@ -64,6 +68,8 @@ pub(super) fn run(a: ListArgs) -> Result<ExitCode> {
 struct Examined {
     /// The database its marker names (`host:/path`), or why the marker cannot be read.
     database: Result<Option<String>, String>,
+    /// How the files are encrypted as the marker says (`"age"`), `None` for plaintext.
+    encryption: Option<String>,
     /// The newest owner claim, or why it cannot be read.
     owner: Result<Option<Claim>, String>,
     /// Generations oldest first, each one's files in txid order.
@@ -74,6 +80,11 @@ struct Examined {
 
 /// Lists `t`: a root that does not exist is an error, not an empty replica.
 fn examine(t: &dyn Backend) -> Result<Examined> {
+    // Names and sizes need no key; encryption settings given for the wrong kind of replica,
+    // or an unusable identity, are still errors.
+    if t.encryption().is_some() {
+        check_encryption(t)?;
+    }
     let listing = list_replica(t)?;
     if listing.generations.is_empty() && !t.root_exists()? {
         return Err(missing_root(t));
@@ -84,8 +95,15 @@ fn examine(t: &dyn Backend) -> Result<Examined> {
     for (g, files) in &mut generations {
         files.sort_by_key(|(f, _)| crate::replicate::spool::Key::of(*g, f));
     }
+    let marker = read_marker(t);
     Ok(Examined {
-        database: replica_database(t).map_err(|e| format!("{e:#}")),
+        encryption: marker
+            .as_ref()
+            .ok()
+            .and_then(|m| m.as_ref()?.encryption.clone()),
+        database: marker
+            .map(|m| m.map(|m| m.database))
+            .map_err(|e| format!("{e:#}")),
         owner: crate::replicate::owner::newest_claim(t)
             .map(|c| c.map(|(_, c)| c))
             .map_err(|e| format!("{e:#}")),
@@ -101,6 +119,12 @@ impl Examined {
             Ok(Some(d)) => writeln!(out, "  database: {d}")?,
             Ok(None) => {}
             Err(e) => writeln!(out, "  database: unknown ({e})")?,
+        }
+        if let Some(e) = &self.encryption {
+            writeln!(
+                out,
+                "  encryption: {e} (snapshots and segments are encrypted)"
+            )?;
         }
         // The owner: the instance whose claim is the newest (a "latest" restore follows it).
         match &self.owner {
@@ -244,6 +268,7 @@ impl Examined {
             "url": url,
             "error": Value::Null,
             "database": self.database.as_ref().ok().cloned().flatten(),
+            "encryption": self.encryption,
             "owner": owner,
             "restorable": restorable,
             "generations": generations,

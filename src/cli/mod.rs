@@ -145,6 +145,24 @@ pub(crate) struct UrlFlags {
     pub(crate) credentials_file: Option<PathBuf>,
 }
 
+/// `--identity`: how restore, verify and list decrypt an encrypted replica.
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct IdentityArg {
+    /// age identity file (AGE-SECRET-KEY-1... lines, as age-keygen writes) that decrypts an
+    /// encrypted replica (one with encrypt-to); overrides the config's identity-file.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) identity: Option<PathBuf>,
+}
+
+impl IdentityArg {
+    /// Applies `--identity`, if given, to every replica of `s`.
+    pub(crate) fn apply(&self, s: &mut crate::config::Settings) {
+        if let Some(p) = &self.identity {
+            s.set_identity(p);
+        }
+    }
+}
+
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -278,6 +296,8 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub(crate) allow_other_db: bool,
     #[command(flatten)]
+    pub(crate) identity: IdentityArg,
+    #[command(flatten)]
     pub(crate) url_flags: UrlFlags,
 }
 
@@ -297,6 +317,8 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub(crate) allow_other_db: bool,
     #[command(flatten)]
+    pub(crate) identity: IdentityArg,
+    #[command(flatten)]
     pub(crate) url_flags: UrlFlags,
 }
 
@@ -313,6 +335,8 @@ pub struct ListArgs {
     #[arg(long)]
     pub(crate) json: bool,
     #[command(flatten)]
+    pub(crate) identity: IdentityArg,
+    #[command(flatten)]
     pub(crate) url_flags: UrlFlags,
 }
 
@@ -325,6 +349,7 @@ is given twice: as RFC 3339 UTC (e.g. \"time\") and as Unix milliseconds (\"time
                        absent and the exit status is 1)
   database             the database its marker (walship-replica.toml) names, host:/path, or null;
                        database_error if the marker cannot be read
+  encryption           \"age\" if its marker says the replica is encrypted (encrypt-to), else null
   owner                {instance, host, pid, claimed, claimed_ms, generation} of the newest
                        owner claim, or null; owner_error if it cannot be read
   restorable           null when nothing is (no snapshot), else {earliest, earliest_ms,

@@ -30,6 +30,8 @@ pub(super) fn run(a: RestoreArgs) -> Result<ExitCode> {
         state_dir: None,
     }
     .settings(&USAGE)?;
+    let mut settings = settings;
+    a.identity.apply(&mut settings);
     let out = a.output.unwrap_or_else(|| settings.db.clone());
     if a.if_db_not_exists && database_exists(&out)? {
         return Ok(ExitCode::SUCCESS);

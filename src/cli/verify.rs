@@ -34,6 +34,8 @@ pub(super) fn run(a: VerifyArgs) -> Result<ExitCode> {
         state_dir: None,
     }
     .settings(&USAGE)?;
+    let mut settings = settings;
+    a.identity.apply(&mut settings);
     if !settings.db.exists() {
         bail!(
             "cannot verify: database {} does not exist",

@@ -360,6 +360,9 @@ impl<R: Read> Decoder<R> {
         read_plain(&mut src, &mut header, "file header")?;
         let [m0, m1, m2, m3, m4, m5, m6, m7, kind, version, r0, r1, p0, p1, p2, p3] = header;
         if [m0, m1, m2, m3, m4, m5, m6, m7] != *MAGIC {
+            if header.starts_with(b"age-encr") {
+                return Err(LayoutError::Encrypted);
+            }
             return Err(LayoutError::BadMagic);
         }
         if version > CODEC_VERSION {

@@ -72,6 +72,9 @@ pub enum LayoutError {
     /// The file does not start with the walship magic.
     #[error("not a walship file (bad magic)")]
     BadMagic,
+    /// The file is age-encrypted (`age-encryption.org/v1`) but was read as plaintext.
+    #[error("the file is age-encrypted: give --identity FILE or identity-file to read it")]
+    Encrypted,
     /// The file is a snapshot where a segment was expected, or the other way round.
     #[error("expected a {expected} file, found {found}")]
     WrongKind {

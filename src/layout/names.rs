@@ -323,6 +323,10 @@ pub struct Marker {
     pub database: String,
     /// When the replica was created, ms since the Unix epoch.
     pub created_ms: u64,
+    /// How the files below the root are encrypted: `"age"` (see `backend::encrypted`), or
+    /// absent for plaintext. A walship opened the other way refuses the replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
 }
 
 impl Marker {
@@ -331,8 +335,12 @@ impl Marker {
         // Serializing a struct of plain strings and integers cannot fail; fall back to a
         // hand-written form rather than panic if it ever did.
         toml::to_string(self).unwrap_or_else(|_| {
+            let enc = self
+                .encryption
+                .as_ref()
+                .map_or_else(String::new, |e| format!("encryption = {e:?}\n"));
             format!(
-                "format = {}\ndatabase = {:?}\ncreated-ms = {}\n",
+                "format = {}\ndatabase = {:?}\ncreated-ms = {}\n{enc}",
                 self.format, self.database, self.created_ms
             )
         })
@@ -524,10 +532,22 @@ mod tests {
             format: FORMAT_VERSION,
             database: "host:/var/data/db/fruits.db".into(),
             created_ms: 1_700_000_000_000,
+            encryption: None,
         };
         let text = m.to_toml();
         assert!(text.contains("created-ms = 1700000000000"), "{text}");
+        assert!(!text.contains("encryption"), "{text}");
         assert_eq!(Marker::parse(&text).unwrap(), m);
+        let sealed = Marker {
+            encryption: Some("age".into()),
+            ..m.clone()
+        };
+        let sealed_text = sealed.to_toml();
+        assert!(
+            sealed_text.contains("encryption = \"age\""),
+            "{sealed_text}"
+        );
+        assert_eq!(Marker::parse(&sealed_text).unwrap(), sealed);
 
         let newer = text.replace("format = 1", "format = 2");
         assert_eq!(

@@ -42,6 +42,7 @@ mod plan;
 use super::owner::{Ownership, TakenOver};
 use super::spool::{Key, LiveFile, Spool, SpoolFile};
 use super::state::{ReplicaPosition, StateDir, PERMANENT};
+use crate::backend::encrypted::check_marker;
 use crate::backend::{Backend, BackendError, ErrorKind};
 use crate::clock::now_ms;
 use crate::durable::RemoveOnDrop;
@@ -311,6 +312,9 @@ impl Shipper {
             let mut g = self.shared.lock();
             g.replicas[self.idx].position = pos.map(|p| p.0);
             g.replicas[self.idx].time_ms = pos.map_or(0, |p| p.1);
+        }
+        if self.target.encryption().is_some() && self.target.readable().is_err() {
+            info!(replica = %name, "replica {name} is encrypted to public keys only: its segments are not compacted (restores read one segment per upload since the last snapshot; a shorter snapshot-interval bounds that)");
         }
         let mut owner = Ownership::new(self.instance, self.identity.clone());
         let mut plan = Planner::new(pos.map(|p| p.0), Instant::now());
@@ -663,6 +667,7 @@ impl Shipper {
                     .read_to_string(&mut text)
                     .with_context(|| format!("cannot read {url}/{MARKER_FILE}"))?;
                 let m = Marker::parse(&text).map_err(|e| anyhow!("{url}/{MARKER_FILE}: {e}"))?;
+                check_marker(self.target.as_ref(), m.encryption.as_deref())?;
                 if m.database != self.identity {
                     return Err(ForeignReplica {
                         url,
@@ -677,6 +682,7 @@ impl Shipper {
                     format: 1,
                     database: self.identity.clone(),
                     created_ms: now_ms(),
+                    encryption: self.target.encryption().map(str::to_owned),
                 };
                 self.target
                     .write_atomic(MARKER_FILE, &mut m.to_toml().as_bytes())?;
@@ -815,6 +821,10 @@ impl Shipper {
         for r in redundant_segments(files) {
             self.target.delete(&file_path(g, &r))?;
             files.retain(|f| *f != r);
+        }
+        if self.target.readable().is_err() {
+            // Encrypted to public keys only: merging would need to decrypt (see `run`).
+            return Ok(false);
         }
         let Some((level, inputs)) = plan_compaction(files, self.fanout) else {
             return Ok(false);

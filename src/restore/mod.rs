@@ -25,10 +25,14 @@
 //!   for a configured database refuses a replica whose marker names another database path
 //!   ([`check_database`]); the marker's host is not compared (a new host restores its
 //!   predecessor's replica).
+//! - An encrypted replica is read only through an identity, a plaintext one only without
+//!   encryption settings: [`check_encryption`] compares the marker with how the replica was
+//!   opened before anything else is read.
 //! - Times in messages are RFC 3339 ([`crate::clock::rfc3339`]), never bare milliseconds.
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
 //!   of hash per page, and a database size limit of `MAX_DB_BYTES` against hostile metadata.
 
+use crate::backend::encrypted::check_marker;
 use crate::backend::Backend;
 use crate::clock::rfc3339;
 use crate::durable::{fsync_dir, temp_name, RemoveOnDrop};
@@ -109,6 +113,14 @@ pub(crate) fn list_replica(t: &dyn Backend) -> Result<Listing> {
 /// # Errors
 /// The marker cannot be read or is invalid.
 pub(crate) fn replica_database(t: &dyn Backend) -> Result<Option<String>> {
+    Ok(read_marker(t)?.map(|m| m.database))
+}
+
+/// The replica's marker, `None` when it has none.
+///
+/// # Errors
+/// The marker cannot be read or is invalid.
+pub(crate) fn read_marker(t: &dyn Backend) -> Result<Option<Marker>> {
     use std::io::Read;
     let url = t.url();
     let mut r = match t.read(MARKER_FILE) {
@@ -122,7 +134,19 @@ pub(crate) fn replica_database(t: &dyn Backend) -> Result<Option<String>> {
         .read_to_string(&mut text)
         .with_context(|| format!("cannot read {url}/{MARKER_FILE}"))?;
     let m = Marker::parse(&text).map_err(|e| anyhow!("{url}/{MARKER_FILE}: {e}"))?;
-    Ok(Some(m.database))
+    Ok(Some(m))
+}
+
+/// Checks, before any file is read, that `t` is opened as its marker says it is stored
+/// (encrypted or plaintext, [`check_marker`]) and that an encrypted one has an identity.
+///
+/// # Errors
+/// The replica is encrypted and `t` is not, or the reverse, or no identity was given (each
+/// message says what to give), or the marker cannot be read.
+pub(crate) fn check_encryption(t: &dyn Backend) -> Result<()> {
+    let marker = read_marker(t)?;
+    check_marker(t, marker.as_ref().and_then(|m| m.encryption.as_deref()))?;
+    t.readable().map_err(|e| anyhow!(e))
 }
 
 /// Whether two database paths name the same file: the same text, or the same file (or, for
@@ -529,6 +553,7 @@ const ATTEMPTS: u32 = 8;
 /// # Errors
 /// Any fetch, decode, checksum or consistency error, naming the file.
 pub fn restore_into(t: &dyn Backend, want: &Want, tmp: &Path) -> Result<Restored> {
+    check_encryption(t)?;
     let mut listing = list_settled(t)?;
     if listing.generations.is_empty() && !t.root_exists()? {
         return Err(missing_root(t));
