@@ -141,6 +141,16 @@ impl Encrypted {
     }
 }
 
+/// Bounds of the size on the target of `plain` bytes encrypted to one X25519 recipient: age's
+/// header (168 bytes) and a random "grease" stanza that age adds to every header (13 to 200
+/// bytes), the nonce (16), and a 16-byte tag per 64 KiB chunk (at least one chunk). Listings of
+/// an encrypted replica show these sizes.
+pub fn stored_size_bounds(plain: u64) -> (u64, u64) {
+    let chunks = plain.div_ceil(CHUNK as u64).max(1);
+    let base = 168 + 16 + plain + 16 * chunks;
+    (base + 13, base + 200)
+}
+
 /// Files at the root (marker, owner claims) stay plaintext; everything below is encrypted.
 fn is_sealed(path: &str) -> bool {
     !split_parent(path).0.is_empty()
@@ -209,6 +219,8 @@ impl Backend for Encrypted {
         Ok(Box::new(out))
     }
 
+    /// Returns the plaintext bytes written (the file on the target is larger, see
+    /// [`stored_size_bounds`]).
     fn write_atomic(&self, path: &str, data: &mut dyn Read) -> Result<u64> {
         if !is_sealed(path) {
             return self.inner.write_atomic(path, data);
@@ -221,7 +233,8 @@ impl Backend for Encrypted {
         }
         let mut sealing = Sealing::new(data, &self.recipients)
             .map_err(|e| Self::other(format!("cannot encrypt {url}/{path}: {e}")))?;
-        self.inner.write_atomic(path, &mut sealing)
+        self.inner.write_atomic(path, &mut sealing)?;
+        Ok(sealing.consumed)
     }
 
     fn delete(&self, path: &str) -> Result<()> {
@@ -273,6 +286,8 @@ struct Sealing<'a> {
     /// Bytes of `out` already handed on.
     pos: usize,
     chunk: Vec<u8>,
+    /// Plaintext bytes read from `src`.
+    consumed: u64,
 }
 
 impl<'a> Sealing<'a> {
@@ -288,6 +303,7 @@ impl<'a> Sealing<'a> {
             out,
             pos: 0,
             chunk: vec![0; CHUNK],
+            consumed: 0,
         })
     }
 }
@@ -321,6 +337,7 @@ impl Read for Sealing<'_> {
                 }
             } else {
                 w.write_all(&self.chunk[..n])?;
+                self.consumed += n as u64;
             }
         }
     }
@@ -390,7 +407,19 @@ mod tests {
             .collect();
         let n = t.write_atomic("g/x", &mut plain.as_slice()).unwrap();
         let raw = std::fs::read(dir.path().join("r/g/x")).unwrap();
-        assert_eq!(n, raw.len() as u64);
+        assert_eq!(n, plain.len() as u64);
+        let within = |plain: u64, stored: usize| {
+            let (lo, hi) = stored_size_bounds(plain);
+            (lo..=hi).contains(&(stored as u64))
+        };
+        assert!(within(n, raw.len()), "{n} -> {}", raw.len());
+        for len in [0, 1, CHUNK, CHUNK + 1] {
+            for _ in 0..20 {
+                t.write_atomic("g/s", &mut vec![1; len].as_slice()).unwrap();
+                let raw = std::fs::read(dir.path().join("r/g/s")).unwrap();
+                assert!(within(len as u64, raw.len()), "{len} -> {}", raw.len());
+            }
+        }
         assert!(raw.starts_with(AGE_MAGIC));
         assert!(!raw.windows(14).any(|w| w == b"PLAINTEXT-ROW-"));
         let mut back = Vec::new();
