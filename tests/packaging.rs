@@ -30,6 +30,8 @@ const REPLICA_KEYS: &[&str] = &[
     "region",
     "path-style",
     "credentials-file",
+    "encrypt-to",
+    "identity-file",
 ];
 
 fn read(rel: &str) -> String {
