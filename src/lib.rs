@@ -16,7 +16,8 @@
 //!   on `metrics-listen` and the node_exporter textfile; `replicate` feeds it.
 //! - [`config`]: the TOML file of one database, validated into `Settings` (exit 78 on errors).
 //! - [`backend`]: the storage seam: `trait Backend`, the one `backend::open(url, access)`, and
-//!   the `file://` and `sftp://` backends (with `known_hosts` checking for the latter). A new
+//!   the `file://` and `sftp://` backends (with `known_hosts` checking for the latter), and
+//!   `encrypted`, the age wrapper `open` puts around any of them for `encrypt-to`. A new
 //!   backend is one new file and one match arm in `open`.
 //! - [`db`]: the capture side's connections to the user's database: the pin protocol, raw WAL
 //!   and page reads, checkpoints, and the WAL changes capture must react to (`WalChange`).
