@@ -142,10 +142,15 @@ pub(crate) fn read_marker(t: &dyn Backend) -> Result<Option<Marker>> {
 ///
 /// # Errors
 /// The replica is encrypted and `t` is not, or the reverse, or no identity was given (each
-/// message says what to give), or the marker cannot be read.
+/// message says what to give). A marker that cannot be read is only warned about.
 pub(crate) fn check_encryption(t: &dyn Backend) -> Result<()> {
-    let marker = read_marker(t)?;
-    check_marker(t, marker.as_ref().and_then(|m| m.encryption.as_deref()))?;
+    match read_marker(t) {
+        Ok(marker) => check_marker(t, marker.as_ref().and_then(|m| m.encryption.as_deref()))?,
+        // A damaged marker does not stop a restore (`--allow-other-db` reads past it): each
+        // file's header still tells an age file from a plaintext one, and a file of the wrong
+        // kind is refused by name.
+        Err(e) => warn!("{e:#}: cannot tell from the marker whether the replica is encrypted; each file's header will"),
+    }
     t.readable().map_err(|e| anyhow!(e))
 }
 
