@@ -447,3 +447,70 @@ fn names_one_of(line: &str, files: &[PathBuf]) -> bool {
             .is_some_and(|n| line.contains(&*n.to_string_lossy()))
     })
 }
+
+/// The levels of the segments on the replica at `root`.
+fn levels(root: &Path) -> Vec<u8> {
+    data_files(root)
+        .iter()
+        .filter_map(|p| {
+            let n = p.file_name()?.to_str()?;
+            n.strip_prefix("seg-")?.bytes().next().map(|b| b - b'0')
+        })
+        .collect()
+}
+
+/// A daemon holding public keys only does not compact (it cannot read its segments back); one
+/// given an identity file does, and the merged segments are encrypted and restore.
+#[test]
+fn encrypted_replicas_compact_only_with_an_identity() {
+    let sb = Sandbox::new();
+    sb.create_db();
+    let k = keys(sb.dir.path(), "ops");
+    let tuning = "compaction-fanout = 2\n";
+    let conf = |name: &str, extra: &str| {
+        let c = write_config(
+            &sb,
+            name,
+            &format!(
+                "url = \"{}\"\nencrypt-to = [\"{}\"]\n{extra}",
+                sb.replica_url(),
+                k.recipient
+            ),
+        );
+        let text = fs::read_to_string(&c).expect("read config");
+        fs::write(&c, format!("{tuning}{text}")).expect("write config");
+        c
+    };
+    let public_only = conf("public.toml", "");
+    let mut d = Daemon::start_config(&sb, &public_only);
+    let mut ws = writers(&sb, "pub");
+    wait_all(&mut ws);
+    d.wait_caught_up(60 * SEC);
+    // Past the quiet time after which compaction runs: it must not even try (and fail).
+    std::thread::sleep(3 * SEC);
+    let st = d.wait_caught_up(10 * SEC);
+    assert!(st.failing.is_none(), "{}", st.line);
+    let log = d.log_text();
+    assert!(!log.contains("failing"), "{log}");
+    d.stop();
+    let l = levels(&sb.replica());
+    assert!(l.len() >= 4, "too few segments: {l:?}");
+    assert!(l.iter().all(|&x| x == 0), "compacted without a key: {l:?}");
+
+    let with_key = conf(
+        "with-key.toml",
+        &format!("identity-file = \"{}\"", k.identity.display()),
+    );
+    let mut d = Daemon::start_config(&sb, &with_key);
+    let mut ws2 = writers(&sb, "key");
+    wait_all(&mut ws2);
+    d.wait_caught_up(60 * SEC);
+    poll("merged segments", 30 * SEC, || {
+        levels(&sb.replica()).iter().any(|&x| x > 0).then_some(())
+    });
+    d.stop();
+    assert_only_ciphertext(&sb.replica(), &sb.db());
+    let (out, r) = restore_to(&sb, "restored.db", &sb.replica_url(), &identity_flag(&k));
+    r.assert_ok();
+    assert_same_db(&sb.db(), &out);
+}
