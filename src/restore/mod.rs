@@ -29,6 +29,8 @@
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
 //!   of hash per page, and a database size limit of `MAX_DB_BYTES` against hostile metadata.
 
+pub(crate) mod follow;
+
 use crate::backend::Backend;
 use crate::clock::rfc3339;
 use crate::durable::{fsync_dir, temp_name, RemoveOnDrop};
