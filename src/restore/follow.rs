@@ -204,6 +204,7 @@ pub(crate) fn follow(
         checked: Some(Instant::now()),
         error: None,
         commits: 0,
+        status_sent: None,
     };
     f.status();
     let result = f.run(targets, opts);
@@ -383,6 +384,8 @@ struct Follower<'a> {
     /// The last poll's error, if it failed (logged once per distinct message).
     error: Option<String>,
     commits: u64,
+    /// What the last `STATUS=` said (position, error) and when.
+    status_sent: Option<((Position, Option<String>), Instant)>,
 }
 
 impl Follower<'_> {
@@ -432,8 +435,18 @@ impl Follower<'_> {
         Ok(())
     }
 
-    /// One-line status: position, lag, replica check, error.
-    fn status(&self) {
+    /// One-line status: position, lag, replica check, error; sent when the position or the
+    /// error changed, else once a second.
+    fn status(&mut self) {
+        let key = (self.s.position, self.error.clone());
+        if self
+            .status_sent
+            .as_ref()
+            .is_some_and(|(k, at)| *k == key && at.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.status_sent = Some((key, Instant::now()));
         let now = crate::clock::now_ms();
         let (lag, time) = self
             .s
