@@ -71,7 +71,7 @@ impl CounterWriter {
             while !s2.load(Ordering::SeqCst) {
                 i += 1;
                 let size = 50 + (i * 7919) % 6000;
-                let sql = if i % 150 == 0 {
+                let sql = if i.is_multiple_of(150) {
                     format!("BEGIN IMMEDIATE; DELETE FROM c WHERE n % 3 = 0; {SET_TOTAL}; COMMIT;")
                 } else {
                     format!(
@@ -81,7 +81,7 @@ impl CounterWriter {
                 c.execute_batch(&sql)
                     .unwrap_or_else(|e| panic!("counter writer: commit {i}: {e}"));
                 st2.lock().expect("states").push(state_of(&c));
-                if i % 150 == 0 {
+                if i.is_multiple_of(150) {
                     c.execute_batch("VACUUM").expect("counter writer: VACUUM");
                 }
                 let due = t0 + Duration::from_secs_f64(i as f64 / f64::from(rate));
