@@ -543,10 +543,70 @@ fn follow_refuses_an_existing_output() {
     ])
     .fails();
     assert!(
-        o.error_line().contains("already exists") && o.error_line().contains("--force"),
+        o.error_line().contains("already exists")
+            && o.error_line().contains("--force")
+            && o.error_line().contains("does not resume"),
         "{}",
         o.error_line()
     );
     assert_eq!(fs::read(&out).expect("read"), b"precious");
     d.stop();
+}
+
+/// `systemd/walship-follow@.service` with the generator's drop-in: `systemd-analyze verify`
+/// says nothing, and `systemd-analyze security` rates it 2.0 or less, as walship@.service.
+#[test]
+fn follow_unit_verifies_and_stays_confined() {
+    let t = crate::generator::Tree::new();
+    let (text, _) = crate::generator::generated_drop_in(&t);
+    let root = crate::systemd_files::analyze_root(None);
+    let etc = root.path().join("etc/systemd/system");
+    fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/systemd/walship-follow@.service"
+        ),
+        etc.join("walship-follow@.service"),
+    )
+    .expect("copy unit");
+    let d = etc.join("walship-follow@test.service.d");
+    fs::create_dir_all(&d).expect("mkdir");
+    fs::write(d.join(walship::generator::DROP_IN_NAME), &text).expect("drop-in");
+    let sa = crate::systemd_files::tool("systemd-analyze", "systemd");
+    let rootarg = format!("--root={}", root.path().display());
+    let out = std::process::Command::new(&sa)
+        .args([
+            "verify",
+            "--man=no",
+            &rootarg,
+            "walship-follow@test.service",
+        ])
+        .output()
+        .expect("systemd-analyze verify");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.trim().is_empty(), "systemd-analyze verify:\n{said}");
+    let out = std::process::Command::new(&sa)
+        .args([
+            "security",
+            "--offline=true",
+            &rootarg,
+            "walship-follow@test.service",
+        ])
+        .output()
+        .expect("systemd-analyze security");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let e: f64 = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .and_then(|l| l.rsplit_once(": "))
+        .and_then(|(_, v)| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure in:\n{text}"));
+    assert!(e <= 2.0, "exposure {e} > 2.0");
+    let unit = fs::read_to_string(etc.join("walship-follow@.service")).expect("read unit");
+    assert!(unit.contains("ExecStart=/usr/bin/walship restore --follow"));
 }
