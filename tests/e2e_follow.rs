@@ -522,7 +522,9 @@ fn follow_sftp_survives_sshd_outage() {
     assert_same_pages(&sb.db(), &standby);
 }
 
-/// An existing output is refused without --force (the message says why), and left alone.
+/// An existing output is refused without --force (the message says why), and left alone; a
+/// database that walship replicates is refused even with --force (exit 75, untouched), and a
+/// followed standby cannot be replicated by a `walship replicate` meanwhile (exit 75).
 #[test]
 fn follow_refuses_an_existing_output() {
     let sb = Sandbox::new();
@@ -550,6 +552,37 @@ fn follow_refuses_an_existing_output() {
         o.error_line()
     );
     assert_eq!(fs::read(&out).expect("read"), b"precious");
+
+    // Not even --force replaces a database that walship replicates (the primary's own).
+    let before = logical_bytes(&sb.db());
+    let o = walship([
+        OsString::from("restore"),
+        "--follow".into(),
+        "--force".into(),
+        "-o".into(),
+        sb.db().into(),
+        sb.replica_url().into(),
+    ]);
+    assert_eq!(o.code(), 75, "{}", o.error_line());
+    assert!(
+        o.error_line().contains("already replicated by walship"),
+        "{}",
+        o.error_line()
+    );
+    assert_eq!(logical_bytes(&sb.db()), before, "the source was touched");
+
+    // And a followed standby cannot be replicated meanwhile.
+    let standby = sb.path("standby2.db");
+    let mut f = start_follower(&sb, &standby, &sb.replica_url(), &[]);
+    let o = walship([
+        OsString::from("replicate"),
+        standby.clone().into(),
+        format!("file://{}", sb.path("other-replica").display()).into(),
+        "--state-dir".into(),
+        sb.path("other-state").into(),
+    ]);
+    assert_eq!(o.code(), 75, "{}", o.error_line());
+    stop_follower(&mut f);
     d.stop();
 }
 

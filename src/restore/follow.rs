@@ -53,7 +53,11 @@
 //!   position, the lag behind the source (now minus the last applied commit's capture time) and
 //!   the time since the replica was last listed successfully, `WATCHDOG=1` from the loop.
 //! - An existing output is refused without `--force` (which rebuilds the standby from the
-//!   replica); following does not resume into a file it cannot prove.
+//!   replica); following does not resume into a file it cannot prove. The standby holds the
+//!   same exclusive `flock` as `walship replicate` holds on its database
+//!   ([`crate::replicate::dblock`]): a follower never replaces (even with `--force`) a
+//!   database that a walship replicates, and a `walship replicate` of the standby, or a second
+//!   follower, is refused while it is followed (exit 75).
 
 use super::{
     check_database, check_output, list_settled, owners_view, reader, restore, stop_txid, Chunk,
@@ -65,6 +69,7 @@ use crate::layout::checksum::PageHashes;
 use crate::layout::codec::Commit;
 use crate::layout::names::{FileName, GenerationId, Position};
 use crate::layout::plan::{plan_continuation, plan_restore, Plan, Want};
+use crate::replicate::dblock::DbLock;
 use crate::systemd::Notifier;
 use anyhow::{anyhow, bail, Context, Result};
 use rusqlite::{Connection, OptionalExtension};
@@ -152,6 +157,16 @@ pub(crate) fn follow(
     check_output(out, opts.force).map_err(|e| {
         anyhow!("{e:#} (--follow builds a new standby; it does not resume into an existing file)")
     })?;
+    let locked = |e: anyhow::Error| {
+        e.context(format!(
+            "cannot follow into {}: a standby never replaces a database that a walship replicates or follows",
+            out.display()
+        ))
+    };
+    if out.is_file() {
+        // Probed, then released: the restore replaces the file (a new inode).
+        drop(DbLock::acquire(out).map_err(locked)?);
+    }
     let r = restore(
         targets,
         &RestoreOptions {
@@ -161,7 +176,8 @@ pub(crate) fn follow(
         },
         out,
     )?;
-    let mut s = Standby::open(out, r.page_size)?;
+    let lock = DbLock::acquire(out).map_err(locked)?;
+    let mut s = Standby::open(out, r.page_size, lock)?;
     if s.hashes.db_checksum() != r.db_checksum || s.hashes.len() != r.db_pages {
         bail!(
             "standby {} hashes to {:016x} ({} pages) after restoring position {}, which has {:016x} ({} pages)",
@@ -241,12 +257,16 @@ struct Standby {
     page1: Vec<u8>,
     /// The source's page 1 written in the open transaction, if any.
     page1_pending: Option<Vec<u8>>,
+    /// The standby's exclusive `flock` (see [`DbLock`]): a `walship replicate` or another
+    /// follower of the same file is refused while this one runs. Declared after `conn` so
+    /// that it is dropped after it (closing it earlier would drop SQLite's POSIX locks).
+    _lock: DbLock,
 }
 
 impl Standby {
     /// Opens the restored file `path` for following: WAL mode, `sqlite_dbpage` available, and
     /// the per-page hashes read back from it.
-    fn open(path: &Path, page_size: u32) -> Result<Standby> {
+    fn open(path: &Path, page_size: u32, lock: DbLock) -> Result<Standby> {
         let name = path.display();
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open standby database {name}"))?;
@@ -282,6 +302,7 @@ impl Standby {
             last: None,
             page1: Vec::new(),
             page1_pending: None,
+            _lock: lock,
         };
         // Just restored by pwrite: page 1 is byte for byte the source's.
         s.page1 = s
