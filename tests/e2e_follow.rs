@@ -555,6 +555,8 @@ fn follow_refuses_an_existing_output() {
 
     // Not even --force replaces a database that walship replicates (the primary's own).
     let before = logical_bytes(&sb.db());
+    let inode = || std::os::unix::fs::MetadataExt::ino(&fs::metadata(sb.db()).expect("stat db"));
+    let ino = inode();
     let o = walship([
         OsString::from("restore"),
         "--follow".into(),
@@ -569,6 +571,7 @@ fn follow_refuses_an_existing_output() {
         "{}",
         o.error_line()
     );
+    assert_eq!(inode(), ino, "the source was replaced");
     assert_eq!(logical_bytes(&sb.db()), before, "the source was touched");
 
     // And a followed standby cannot be replicated meanwhile.
