@@ -28,6 +28,10 @@
 //! - Times in messages are RFC 3339 ([`crate::clock::rfc3339`]), never bare milliseconds.
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
 //!   of hash per page, and a database size limit of `MAX_DB_BYTES` against hostile metadata.
+//!
+//! [`follow`] (`restore --follow`) reuses this reader (and its following of merged segments)
+//! to keep a restored database up to date as a warm standby; its applier writes through
+//! SQLite rather than into a temporary file (see its module doc).
 
 pub(crate) mod follow;
 
