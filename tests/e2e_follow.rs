@@ -646,3 +646,56 @@ fn follow_unit_verifies_and_stays_confined() {
     let unit = fs::read_to_string(etc.join("walship-follow@.service")).expect("read unit");
     assert!(unit.contains("ExecStart=/usr/bin/walship restore --follow"));
 }
+
+/// On a file:// replica, new files wake the follower at once (inotify): with a 60 s polling
+/// interval, the standby still trails the source by well under a second.
+#[test]
+fn follow_file_replica_wakes_on_inotify() {
+    let sb = Sandbox::new();
+    sb.create_db();
+    CounterWriter::create(&sb.db());
+    let mut d = Daemon::start(
+        &[OsString::from(sb.db()), sb.replica_url().into()],
+        &sb.state(),
+    );
+    d.wait_caught_up(15 * SEC);
+    let standby = sb.path("standby.db");
+    let mut a: Vec<OsString> = vec![
+        "restore".into(),
+        "--follow".into(),
+        "--interval".into(),
+        "60s".into(),
+        "-o".into(),
+        standby.clone().into(),
+        sb.replica_url().into(),
+    ];
+    let mut f = Daemon::raw(a, &sb.path("follower-state"))
+        .no_wait()
+        .log(&sb.path("follower.log"))
+        .start();
+    poll("the follower's initial restore", 30 * SEC, || {
+        assert!(f.alive(), "the follower exited early:\n{}", f.log_text());
+        f.log_text().contains("; following (every").then_some(())
+    });
+    let mut w = CounterWriter::start(&sb.db(), 50);
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(700));
+        // The writer goes on: wait for the standby to reach (or pass) this commit.
+        let want = w.last().1;
+        let t0 = Instant::now();
+        poll("the standby to reach the commit", 10 * SEC, || {
+            assert!(f.alive(), "the follower exited:\n{}", f.log_text());
+            look(&standby).is_ok_and(|s| s.1 >= want).then_some(())
+        });
+        worst = worst.max(t0.elapsed());
+    }
+    w.stop();
+    eprintln!("inotify: the standby reached the source's state within {worst:?} (worst of 5)");
+    assert!(
+        worst < 5 * SEC,
+        "the standby took {worst:?} to follow: no inotify wake-up?"
+    );
+    stop_follower(&mut f);
+    d.stop();
+}

@@ -44,9 +44,9 @@
 //!   stop following: they are logged once per distinct error, shown in the status, and retried
 //!   at the next poll, from the last SQLite commit. Checksum mismatches, a page size change and
 //!   SQLite write errors stop following with an error (exit 1).
-//! - Polling, every `interval`, is used for every backend: a listing of a file:// replica
-//!   costs a few `readdir`s, and one interval of delay bounds the lag as well as inotify would
-//!   within the replicator's own shipping delay.
+//! - New files are noticed by polling every `interval` (every backend), and on file://
+//!   replicas also by inotify on the replica's root, which triggers a poll at once (at most one
+//!   per `MIN_POLL_GAP`); a poll lists the replica, so an event is only ever a hint.
 //! - SIGTERM/SIGINT stop at the next commit boundary (the current batch is committed), verify
 //!   the standby as above and return `Ok`: the command exits 0.
 //! - Under systemd (`Type=notify`): `READY=1` after the initial restore, `STATUS=` with the
@@ -221,6 +221,7 @@ pub(crate) fn follow(
         error: None,
         commits: 0,
         status_sent: None,
+        pinged: None,
     };
     f.status();
     let result = f.run(targets, opts);
@@ -407,18 +408,29 @@ struct Follower<'a> {
     commits: u64,
     /// What the last `STATUS=` said (position, error) and when.
     status_sent: Option<((Position, Option<String>), Instant)>,
+    /// When `WATCHDOG=1` was last sent.
+    pinged: Option<Instant>,
 }
 
 impl Follower<'_> {
     fn run(&mut self, targets: &[(String, Box<dyn Backend>)], opts: &FollowOptions) -> Result<()> {
+        let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        let _watchers = watch_file_replicas(targets, &wake_tx);
         let mut next_poll = Instant::now();
+        let mut last_poll = Instant::now();
         while !self.stop.load(Ordering::SeqCst) {
-            self.notifier.watchdog();
-            if Instant::now() < next_poll {
-                std::thread::sleep(Duration::from_millis(20).min(opts.interval));
+            self.alive();
+            let now = Instant::now();
+            if now < next_poll {
+                let wait = (next_poll - now).min(Duration::from_millis(50));
+                if wake_rx.recv_timeout(wait).is_ok() {
+                    while wake_rx.try_recv().is_ok() {}
+                    next_poll = next_poll.min((last_poll + MIN_POLL_GAP).max(now));
+                }
                 continue;
             }
-            next_poll = Instant::now() + opts.interval;
+            last_poll = now;
+            next_poll = now + opts.interval;
             let mut errors = Vec::new();
             let mut done = false;
             for (_, t) in targets {
@@ -454,6 +466,17 @@ impl Follower<'_> {
             self.status();
         }
         Ok(())
+    }
+
+    /// `WATCHDOG=1`, at most once a second (the loop turns every 50 ms at most).
+    fn alive(&mut self) {
+        if self
+            .pinged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.notifier.watchdog();
+            self.pinged = Some(Instant::now());
+        }
     }
 
     /// One-line status: position, lag, replica check, error; sent when the position or the
@@ -569,6 +592,50 @@ impl Follower<'_> {
         });
         r
     }
+}
+
+/// The shortest time between two polls that inotify events ask for (a replicator writing
+/// continuously sends a stream of them).
+const MIN_POLL_GAP: Duration = Duration::from_millis(25);
+
+/// For file:// replicas: an inotify watch on the replica's root (recursive: new generation
+/// directories included) that wakes the follow loop when a file is created, renamed into
+/// place or removed there. Polling every `--interval` stays the fallback (and the only way
+/// for remote replicas); a watch that cannot be set up is logged and left out.
+fn watch_file_replicas(
+    targets: &[(String, Box<dyn Backend>)],
+    wake: &std::sync::mpsc::Sender<()>,
+) -> Vec<notify::RecommendedWatcher> {
+    use notify::event::ModifyKind;
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let mut watchers = Vec::new();
+    for (_, t) in targets {
+        let url = t.url();
+        let Some(root) = url.strip_prefix("file://") else {
+            continue;
+        };
+        let tx = wake.clone();
+        let w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            let Ok(ev) = ev else { return };
+            if matches!(
+                ev.kind,
+                EventKind::Create(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Modify(ModifyKind::Name(_))
+            ) {
+                let _ = tx.send(());
+            }
+        })
+        .and_then(|mut w| {
+            w.watch(Path::new(root), RecursiveMode::Recursive)
+                .map(|()| w)
+        });
+        match w {
+            Ok(w) => watchers.push(w),
+            Err(e) => warn!("cannot watch {url} with inotify ({e}): polling it only"),
+        }
+    }
+    watchers
 }
 
 /// One poll's application: commits of generation `g` from the reader's chunks.
@@ -871,7 +938,7 @@ impl<'a, 'b> Apply<'a, 'b> {
             1
         };
         self.f.s.last = Some(c);
-        self.f.notifier.watchdog();
+        self.f.alive();
         tracing::debug!("standby {name} at position {}", self.f.s.position);
         Ok(())
     }
