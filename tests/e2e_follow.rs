@@ -660,7 +660,7 @@ fn follow_file_replica_wakes_on_inotify() {
     );
     d.wait_caught_up(15 * SEC);
     let standby = sb.path("standby.db");
-    let mut a: Vec<OsString> = vec![
+    let a: Vec<OsString> = vec![
         "restore".into(),
         "--follow".into(),
         "--interval".into(),
