@@ -354,7 +354,7 @@ fn follow_file_replica_while_writing_then_promote() {
     let standby = sb.path("standby.db");
     let sock = Arc::new(NotifySocket::bind());
     let mut f = start_follower_with(&sb, &standby, &sb.replica_url(), &[], |b| {
-        b.notify_socket(sock.path())
+        b.notify_socket(sock.path()).env("WATCHDOG_USEC", "4000000")
     });
     sock.wait_for("READY=1", 10 * SEC)
         .expect("READY=1 after the initial restore");
@@ -383,9 +383,15 @@ fn follow_file_replica_while_writing_then_promote() {
     stop_follower(&mut f);
     drain_stop.store(true, Ordering::SeqCst);
     drain.join().expect("drain");
+    let seen = sock.seen();
     assert!(
-        sock.seen().iter().any(|l| l == "STOPPING=1"),
+        seen.iter().any(|l| l == "STOPPING=1"),
         "no STOPPING=1 at SIGTERM"
+    );
+    let pings = seen.iter().filter(|l| *l == "WATCHDOG=1").count();
+    assert!(
+        pings >= 5,
+        "{pings} WATCHDOG=1 in ~10 s under WATCHDOG_USEC=4s"
     );
     let done = committed(&ws);
     assert_contains_all(&rows(&standby), &done, "standby");
@@ -697,5 +703,42 @@ fn follow_file_replica_wakes_on_inotify() {
         "the standby took {worst:?} to follow: no inotify wake-up?"
     );
     stop_follower(&mut f);
+    d.stop();
+}
+
+/// SIGTERM while the primary writes flat out: the follower stops within seconds, exits 0, and
+/// leaves the standby at a commit of the source, intact.
+#[test]
+fn follow_sigterm_while_writing_stops_at_a_commit() {
+    let sb = Sandbox::new();
+    let (mut d, mut w) = replicating(&sb);
+    let mut ws = spawn_writers(
+        &sb.db(),
+        "t",
+        1,
+        WriterOpts {
+            commits: 0,
+            rate: 0.0,
+            big_every: 10,
+        },
+        900,
+    );
+    let standby = sb.path("standby.db");
+    let mut f = start_follower(&sb, &standby, &sb.replica_url(), &[]);
+    std::thread::sleep(3 * SEC);
+    let t0 = Instant::now();
+    stop_follower(&mut f);
+    let took = t0.elapsed();
+    eprintln!("SIGTERM to exit while writing: {took:?}");
+    assert!(took < 10 * SEC, "stopping took {took:?}");
+    stop_all(&mut ws);
+    w.stop();
+    let st = look(&standby).expect("look at the stopped standby");
+    assert!(
+        w.states().contains(&st),
+        "the stopped standby's state {st:?} is no commit of the source"
+    );
+    assert!(st.0 > 0, "nothing was followed");
+    assert_integrity(&standby);
     d.stop();
 }
