@@ -50,8 +50,9 @@
 //! - SIGTERM/SIGINT stop at the next commit boundary (the current batch is committed), verify
 //!   the standby as above and return `Ok`: the command exits 0.
 //! - Under systemd (`Type=notify`): `READY=1` after the initial restore, `STATUS=` with the
-//!   position, the lag behind the source (now minus the last applied commit's capture time) and
-//!   the time since the replica was last listed successfully, `WATCHDOG=1` from the loop.
+//!   position, the lag behind the source (0 when the last listing showed nothing newer, else now
+//!   minus the last applied commit's capture time) and the time since the replica was last
+//!   listed successfully, `WATCHDOG=1` from the loop (at most once a second).
 //! - An existing output is refused without `--force` (which rebuilds the standby from the
 //!   replica); following does not resume into a file it cannot prove. The standby holds the
 //!   same exclusive `flock` as `walship replicate` holds on its database
@@ -60,8 +61,8 @@
 //!   follower, is refused while it is followed (exit 75).
 
 use super::{
-    check_database, check_output, list_settled, owners_view, reader, restore, stop_txid, Chunk,
-    Item, RestoreOptions,
+    check_database, check_output, list_settled, owners_view_told, reader, restore, stop_txid,
+    Chunk, Item, RestoreOptions,
 };
 use crate::backend::Backend;
 use crate::clock::rfc3339;
@@ -222,6 +223,8 @@ pub(crate) fn follow(
         commits: 0,
         status_sent: None,
         pinged: None,
+        warned: std::collections::BTreeSet::new(),
+        caught_up: true,
     };
     f.status();
     let result = f.run(targets, opts);
@@ -410,6 +413,10 @@ struct Follower<'a> {
     status_sent: Option<((Position, Option<String>), Instant)>,
     /// When `WATCHDOG=1` was last sent.
     pinged: Option<Instant>,
+    /// The owner-view warnings of the last poll: said once while they last.
+    warned: std::collections::BTreeSet<String>,
+    /// Whether the last successful poll found the standby at the replica's end.
+    caught_up: bool,
 }
 
 impl Follower<'_> {
@@ -492,19 +499,23 @@ impl Follower<'_> {
         }
         self.status_sent = Some((key, Instant::now()));
         let now = crate::clock::now_ms();
-        let (lag, time) = self
-            .s
-            .last
-            .map_or((0, 0), |c| (now.saturating_sub(c.time_ms), c.time_ms));
+        let time = self.s.last.map_or(0, |c| c.time_ms);
+        // At the replica's end, the standby is as current as the replica shows: no lag (the
+        // source may simply be idle). Otherwise, or when the replica cannot be listed, the lag
+        // is the age of the last commit applied.
+        let lag = if self.caught_up && self.error.is_none() {
+            "lag 0.0s (at the replica's end)".to_owned()
+        } else {
+            format!("lag {:.1}s", now.saturating_sub(time) as f64 / 1000.0)
+        };
         let checked = self.checked.map_or_else(
             || "never".to_owned(),
             |t| format!("{:.1}s ago", t.elapsed().as_secs_f64()),
         );
         let mut line = format!(
-            "following: position {} ({}), lag {:.1}s, replica checked {checked}",
+            "following: position {} ({}), {lag}, replica checked {checked}",
             self.s.position,
             rfc3339(time),
-            lag as f64 / 1000.0
         );
         if let Some(e) = &self.error {
             line.push_str(&format!(", error: {e}"));
@@ -517,7 +528,14 @@ impl Follower<'_> {
         if let Some(db) = &opts.database {
             check_database(t, db)?;
         }
-        let listing = owners_view(t, list_settled(t)?);
+        let mut warned = std::collections::BTreeSet::new();
+        let listing = owners_view_told(t, list_settled(t)?, &mut |m| {
+            if !self.warned.contains(&m) {
+                warn!("{m}");
+            }
+            warned.insert(m);
+        });
+        self.warned = warned;
         self.checked = Some(Instant::now());
         let plan =
             plan_restore(&listing, &Want::Latest).map_err(|e| anyhow!("{}: {e}", t.url()))?;
@@ -525,6 +543,7 @@ impl Follower<'_> {
         let cur = self.s.position;
         let work = if plan.generation == cur.generation {
             if end <= cur.txid {
+                self.caught_up = true;
                 return Ok(());
             }
             let files: Vec<FileName> = listing
@@ -567,7 +586,10 @@ impl Follower<'_> {
                 cur.generation
             );
         };
-        self.apply(t, work)
+        self.caught_up = false;
+        self.apply(t, work)?;
+        self.caught_up = !self.stop.load(Ordering::SeqCst);
+        Ok(())
     }
 
     /// Streams `work`'s files and applies their commits in SQLite transactions.
