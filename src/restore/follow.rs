@@ -981,3 +981,24 @@ impl<'a, 'b> Apply<'a, 'b> {
         self.f.s.hashes.clone_from(&self.f.s.saved);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only SQLite's own bytes of page 1 are taken from the source's image; a difference
+    /// anywhere else stays.
+    #[test]
+    fn page1_takes_only_sqlites_own_bytes_from_the_source() {
+        let source: Vec<u8> = (0..512u32).map(|i| (i % 251) as u8).collect();
+        let mut standby = source.clone();
+        for r in PAGE1_OWN_BYTES {
+            for b in &mut standby[r] {
+                *b = b.wrapping_add(1);
+            }
+        }
+        assert_eq!(as_source_page1(&standby, &source), source);
+        standby[28] ^= 1; // the in-header database size is content
+        assert_ne!(as_source_page1(&standby, &source), source);
+    }
+}
