@@ -1,5 +1,6 @@
-//! The systemd generator: per configured database, a drop-in for `walship@NAME.service` that
-//! opens exactly that database's directory in the sandbox and runs the service as its owner.
+//! The systemd generator: per configured database, a drop-in for `walship@NAME.service` (and the
+//! same for the standby unit `walship-follow@NAME.service`) that opens exactly that database's
+//! directory in the sandbox and runs the service as its owner.
 //!
 //! Why: the unit is sandboxed (`ProtectSystem=strict`, `ProtectHome=yes`, no capabilities), but
 //! only `/etc/walship/NAME.toml` knows where the database lives. systemd runs generators at boot
@@ -34,7 +35,8 @@ use std::path::{Path, PathBuf};
 /// `systemctl edit` (`override.conf`) sort after it and win.
 pub const DROP_IN_NAME: &str = "50-walship-generated.conf";
 
-/// Writes `<out_dir>/walship@NAME.service.d/50-walship-generated.conf` for every
+/// Writes `<out_dir>/walship@NAME.service.d/50-walship-generated.conf` (and the same in
+/// `walship-follow@NAME.service.d/`) for every
 /// `<config_dir>/NAME.toml` whose NAME is a valid instance name (`valid_instance_name`) and
 /// whose config loads. Returns warnings (one line each) for what it skipped or could not
 /// fully wire; the caller prints them and still exits 0.
@@ -80,22 +82,34 @@ pub fn generate(config_dir: &Path, out_dir: &Path) -> anyhow::Result<Vec<String>
                 continue;
             }
         };
-        let text = match render(&unit, &path, &settings, &mut warnings) {
-            Ok(t) => t,
-            Err(e) => {
-                warnings.push(format!(
-                    "{unit}: no drop-in generated ({}): {e}",
-                    path.display()
-                ));
-                continue;
+        // The standby unit needs the same sandbox openings (it writes the configured db);
+        // its warnings would repeat the replicator's, so only those are reported.
+        let follow = format!("walship-follow@{name}.service");
+        for (unit, report) in [(&unit, true), (&follow, false)] {
+            let mut w = Vec::new();
+            let text = match render(unit, &path, &settings, &mut w) {
+                Ok(t) => t,
+                Err(e) => {
+                    w.push(format!(
+                        "{unit}: no drop-in generated ({}): {e}",
+                        path.display()
+                    ));
+                    if report {
+                        warnings.extend(w);
+                    }
+                    continue;
+                }
+            };
+            if report {
+                warnings.extend(w);
             }
-        };
-        let dir = out_dir.join(format!("{unit}.d"));
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        let dest = dir.join(DROP_IN_NAME);
-        crate::durable::write_file_atomic(&dest, &mut text.as_bytes(), 0o644)
-            .with_context(|| format!("cannot write {}", dest.display()))?;
+            let dir = out_dir.join(format!("{unit}.d"));
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let dest = dir.join(DROP_IN_NAME);
+            crate::durable::write_file_atomic(&dest, &mut text.as_bytes(), 0o644)
+                .with_context(|| format!("cannot write {}", dest.display()))?;
+        }
     }
     Ok(warnings)
 }

@@ -6,7 +6,8 @@
 //! - [`cli`]: the clap definition (help, man pages, completions) and one file per command;
 //!   `cli::source` turns a config, or the URLs and flags that stand in for one, into settings.
 //! - [`generator`]: the systemd generator writing a sandbox drop-in per `/etc/walship/NAME.toml`.
-//! - [`restore`]: rebuild a database from a replica (pipelined, checksummed, atomic), verify.
+//! - [`restore`]: rebuild a database from a replica (pipelined, checksummed, atomic), verify;
+//!   `restore::follow` keeps a warm standby (`restore --follow`) applying new commits through SQLite.
 //! - [`replicate`]: the daemon. `run` starts it; `main_loop` wakes on file events; `capture`
 //!   turns commits into spooled segments (`resume`, `segments`, `checkpoint`); `ship` sends
 //!   the spool to each replica; `spool` holds what replicas lack; `state` is the state

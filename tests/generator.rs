@@ -110,6 +110,12 @@ fn good_config_gets_the_exact_drop_in() {
         .map(|e| e.expect("entry").file_name())
         .collect();
     assert_eq!(names, [DROP_IN_NAME], "no temporary files left behind");
+    // The standby unit (restore --follow) gets the same openings.
+    let follow = t.p("out/walship-follow@app.service.d").join(DROP_IN_NAME);
+    assert_eq!(
+        fs::read_to_string(follow).expect("walship-follow drop-in"),
+        expected.replace("walship@app.service", "walship-follow@app.service")
+    );
 
     // Once the replica directory exists, it alone is opened, not its parent.
     fs::create_dir(t.p("replicas/app")).expect("mkdir");
@@ -159,11 +165,15 @@ fn other_files_are_ignored_and_bad_names_warned() {
     assert!(warnings
         .iter()
         .all(|w| w.contains("not a valid instance name")));
-    let out: Vec<_> = fs::read_dir(t.p("out"))
+    let mut out: Vec<_> = fs::read_dir(t.p("out"))
         .expect("ls")
         .map(|e| e.expect("entry").file_name())
         .collect();
-    assert_eq!(out, ["walship@app.service.d"]);
+    out.sort();
+    assert_eq!(
+        out,
+        ["walship-follow@app.service.d", "walship@app.service.d"]
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod daemon_notify;
 mod e2e;
 mod e2e_apps;
 mod e2e_encrypt;
+mod e2e_follow;
 mod e2e_restore_ops;
 mod e2e_s3;
 mod e2e_sftp;

@@ -167,6 +167,10 @@ passphrase and S3 credentials files likewise. The unit receives them as credenti
 The state directory of instance \fINAME\fR: the spool of captured commits, the status file,
 the lock.
 .TP
+.I /usr/lib/systemd/system/walship\-follow@.service
+The warm-standby unit: \fBwalship\-follow@\fINAME\fB.service\fR runs
+\fBwalship restore \-\-follow \-\-force \-\-config\fR \fI/etc/walship/NAME.toml\fR on a standby host.
+.TP
 .I /run/systemd/generator/walship@NAME.service.d/50\-walship\-generated.conf
 Written by walship\-generator at boot and on \fBsystemctl daemon\-reload\fR: the database's
 owner as \fBUser=\fR, its directory as \fBReadWritePaths=\fR, the credentials.

@@ -203,6 +203,17 @@ pub enum Command {
     /// path than the configured db is refused (--allow-other-db overrides); the marker's host
     /// is not compared, so a new host restores its predecessor's replica. A replica root that
     /// does not exist is an error (exit 1), not an empty replica.
+    ///
+    /// With --follow, a warm standby: after the restore, new commits are applied as they reach
+    /// the replica (listed every --interval), each batch of whole verified commits as one
+    /// SQLite transaction, so the file can be read meanwhile (read-only) and is always at a
+    /// commit of the source. A new generation is followed; replica outages are retried.
+    /// SIGTERM/SIGINT stop at a commit boundary, verify the standby (checksum, PRAGMA
+    /// integrity_check) and exit 0; then the file can be opened read-write (promoted).
+    /// Under systemd (walship-follow@NAME.service): READY=1 after the restore, STATUS= with
+    /// the position and lag.
+    ///
+    ///   walship restore --follow --config fruits
     Restore(RestoreArgs),
     /// Prove that the replica restores to exactly the source database (exit 0 if so).
     ///
@@ -299,6 +310,13 @@ pub struct RestoreArgs {
     pub(crate) identity: IdentityArg,
     #[command(flatten)]
     pub(crate) url_flags: UrlFlags,
+    /// Warm standby: after the restore, keep applying new commits from the replica until
+    /// SIGTERM/SIGINT (latest state only; an existing output needs --force, which rebuilds it).
+    #[arg(long, conflicts_with_all = ["timestamp", "position", "if_db_not_exists"])]
+    pub(crate) follow: bool,
+    /// With --follow: how often the replica is listed for new commits.
+    #[arg(long, value_name = "DURATION", default_value = "1s", requires = "follow", value_parser = crate::config::parse_duration)]
+    pub(crate) interval: std::time::Duration,
 }
 
 // `walship verify`: its help is the doc comment of `Command::Verify`.

@@ -42,6 +42,15 @@ pub(super) fn run(a: RestoreArgs) -> Result<ExitCode> {
         println!("no replica holds data: nothing to restore");
         return Ok(ExitCode::SUCCESS);
     }
+    if a.follow {
+        return follow(
+            &ts,
+            &out,
+            a.force,
+            a.interval,
+            (from_config && !a.allow_other_db).then(|| settings.db.clone()),
+        );
+    }
     remove_temps_on_signal(match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -65,6 +74,63 @@ pub(super) fn run(a: RestoreArgs) -> Result<ExitCode> {
         r.page_size,
         r.db_checksum,
         r.files
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--follow`: restore, then follow the replica until SIGTERM/SIGINT (see
+/// [`restore::follow`]). A signal during the initial restore removes its temporary file and
+/// exits as a plain restore does; afterwards it stops following at a commit boundary.
+fn follow(
+    ts: &[(String, Box<dyn Backend>)],
+    out: &Path,
+    force: bool,
+    interval: std::time::Duration,
+    database: Option<PathBuf>,
+) -> Result<ExitCode> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let following = Arc::new(AtomicBool::new(false));
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+            .map_err(|e| anyhow::anyhow!("cannot handle signals: {e}"))?;
+        let (stop, following) = (stop.clone(), following.clone());
+        std::thread::spawn(move || {
+            for sig in signals.forever() {
+                if following.load(Ordering::SeqCst) {
+                    tracing::info!("signal {sig}: stopping at the next commit boundary");
+                    stop.store(true, Ordering::SeqCst);
+                    continue;
+                }
+                let removed = remove_own_temps(&dir);
+                eprintln!(
+                    "walship: interrupted by signal {sig} ({removed} temporary file(s) removed from {})",
+                    dir.display()
+                );
+                std::process::exit(128 + sig);
+            }
+        });
+    }
+    let notifier = crate::systemd::Notifier::from_env();
+    let opts = restore::follow::FollowOptions {
+        interval,
+        force,
+        database,
+    };
+    let f = restore::follow::follow(ts, &opts, out, &stop, &notifier, &following)?;
+    println!(
+        "stopped following: {} at position {} ({}), checksum {:016x} verified, integrity ok, {} commit(s) applied while following",
+        out.display(),
+        f.position,
+        crate::clock::rfc3339(f.time_ms),
+        f.db_checksum,
+        f.commits
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -134,23 +200,29 @@ pub(super) fn remove_temps_on_signal(dir: PathBuf) {
         let Some(sig) = signals.forever().next() else {
             return;
         };
-        let prefix = format!("{}{}-", crate::durable::TEMP_PREFIX, std::process::id());
-        let mut removed = 0;
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                let ours = e
-                    .file_name()
-                    .to_str()
-                    .is_some_and(|n| n.starts_with(&prefix));
-                if ours && std::fs::remove_file(e.path()).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
+        let removed = remove_own_temps(&dir);
         eprintln!(
             "walship: interrupted by signal {sig} ({removed} temporary file(s) removed from {})",
             dir.display()
         );
         std::process::exit(128 + sig);
     });
+}
+
+/// Removes the temporary files this process made in `dir`; returns how many.
+fn remove_own_temps(dir: &Path) -> usize {
+    let prefix = format!("{}{}-", crate::durable::TEMP_PREFIX, std::process::id());
+    let mut removed = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let ours = e
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix));
+            if ours && std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }

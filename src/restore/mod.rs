@@ -31,6 +31,12 @@
 //! - Times in messages are RFC 3339 ([`crate::clock::rfc3339`]), never bare milliseconds.
 //! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
 //!   of hash per page, and a database size limit of `MAX_DB_BYTES` against hostile metadata.
+//!
+//! [`follow`] (`restore --follow`) reuses this reader (and its following of merged segments)
+//! to keep a restored database up to date as a warm standby; its applier writes through
+//! SQLite rather than into a temporary file (see its module doc).
+
+pub(crate) mod follow;
 
 use crate::backend::encrypted::check_marker;
 use crate::backend::Backend;
@@ -453,12 +459,22 @@ fn stop_txid(t: &dyn Backend, plan: &Plan) -> Result<u64> {
 /// listing is returned whole when there is no claim (a replica of an older walship), when the
 /// claim names no generation or one without a snapshot, or when it cannot be read (claims
 /// only choose among generations; every file restored is still verified).
-fn owners_view(t: &dyn Backend, mut listing: Listing) -> Listing {
+fn owners_view(t: &dyn Backend, listing: Listing) -> Listing {
+    owners_view_told(t, listing, &mut |m| warn!("{m}"))
+}
+
+/// [`owners_view`], with its warnings handed to `warn` (a follower repeats the view every poll
+/// and says each warning once).
+fn owners_view_told(
+    t: &dyn Backend,
+    mut listing: Listing,
+    warn: &mut dyn FnMut(String),
+) -> Listing {
     let (name, claim) = match crate::replicate::owner::newest_claim(t) {
         Ok(Some(c)) => c,
         Ok(None) => return listing,
         Err(e) => {
-            warn!("ignoring the replica's owner claim: {e:#}");
+            warn(format!("ignoring the replica's owner claim: {e:#}"));
             return listing;
         }
     };
@@ -472,21 +488,21 @@ fn owners_view(t: &dyn Backend, mut listing: Listing) -> Listing {
                 .any(|(f, _)| matches!(f, FileName::Snapshot { .. }))
     });
     if !has_snapshot {
-        warn!(
+        warn(format!(
             "{}/{name}: the owner's generation {owned} has no snapshot; restoring the newest generation that has one",
             t.url()
-        );
+        ));
         return listing;
     }
     listing.generations.retain(|(g, _)| {
         let keep = *g <= owned;
         if !keep {
-            warn!(
+            warn(format!(
                 "{}: ignoring generation {g}, newer than generation {owned} of the replica's owner (instance {}, host {}): written by an instance that was taken over",
                 t.url(),
                 claim.instance,
                 claim.host
-            );
+            ));
         }
         keep
     });
