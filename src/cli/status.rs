@@ -241,7 +241,7 @@ fn gather(
     let replicas = replica_reports(configured, &positions, &failing, running, head);
     let unshipped = head.map(|_| replicas.iter().any(|r| r.caught_up == Some(false)));
     // While the daemon runs the status file is rewritten whenever the lag changes from 0 (within
-    // a quarter second while it stays below that, see the main loop's `report`), so a positive
+    // 150 ms while it stays below that, see the main loop's `report`), so a positive
     // lag has grown since by the file's age.
     let lag_ms = match (running, progress, &file) {
         (true, Some(p), Some(f)) if p.lag_ms > 0 => {
