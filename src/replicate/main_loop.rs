@@ -4,14 +4,17 @@
 //! Invariants: the loop wakes only for file events on the database or its WAL, replica
 //! progress, signals, and timers that are due (watchdog, snapshot interval; for
 //! [`CHECKPOINTER_WATCH`] after each change, a look every [`CHECKPOINTER_POLL`] for an
-//! application's checkpoint waiting on walship); an idle database costs no work. Errors of a
+//! application's checkpoint waiting on walship; the end of a [`GROUP_WINDOW`]; a status put
+//! off for [`STATUS_SETTLE`]); an idle database costs no work. Errors of a
 //! round are logged when they change, not on every retry, and the round is tried again.
 //!
 //! Group commit: a change is captured at once when nothing was captured for [`GROUP_WINDOW`]
-//! (an idle database's commit never waits), else when that window since the last capture
-//! ends, so that commits arriving in a stream share one segment, one spool file, one upload
-//! and one position save instead of each paying for its own (most of walship's cost per
-//! commit is per file, not per byte). A commit waits at most [`GROUP_WINDOW`] for this.
+//! (an idle database's commit never waits), else when that window since the start of the last
+//! capture ends, so that commits arriving in a stream share one segment, one spool file, one
+//! upload and one position save instead of each paying for its own (most of walship's cost per
+//! commit is per file, not per byte). A commit waits at most [`GROUP_WINDOW`] for this. Every
+//! durability step of a capture and an upload stays as it was; only how many commits one
+//! capture holds changes.
 
 use super::capture::{Capture, Step};
 use super::dblock::DbLock;
