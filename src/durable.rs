@@ -17,9 +17,12 @@ pub const TEMP_PREFIX: &str = ".walship-tmp-";
 /// A unique temporary name (for the directory of a final file) that [`Backend::cleanup`]
 /// recognises.
 pub(crate) fn temp_name() -> String {
+    // The pid once: `std::process::id` is a system call, and several temporary files are
+    // named per commit.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     format!(
         "{TEMP_PREFIX}{}-{:016x}",
-        std::process::id(),
+        PID.get_or_init(std::process::id),
         rand::random::<u64>()
     )
 }

@@ -6,6 +6,7 @@ mod backend_s3_moto;
 mod backend_sftp;
 mod cli_conventions;
 mod cli_truths;
+mod commit_cost;
 mod conformance;
 mod daemon_notify;
 mod e2e;

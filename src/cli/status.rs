@@ -240,8 +240,9 @@ fn gather(
         .unwrap_or_default();
     let replicas = replica_reports(configured, &positions, &failing, running, head);
     let unshipped = head.map(|_| replicas.iter().any(|r| r.caught_up == Some(false)));
-    // While the daemon runs the status file is rewritten whenever the lag changes from 0, so
-    // a positive lag has grown since by the file's age.
+    // While the daemon runs the status file is rewritten whenever the lag changes from 0 (within
+    // 150 ms while it stays below that, see the main loop's `report`), so a positive
+    // lag has grown since by the file's age.
     let lag_ms = match (running, progress, &file) {
         (true, Some(p), Some(f)) if p.lag_ms > 0 => {
             Some(p.lag_ms.saturating_add(now.saturating_sub(f.written_ms)))

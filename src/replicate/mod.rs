@@ -6,7 +6,8 @@
 //! or writes figures copied from their shared state. The main loop wakes only for file
 //! events on the database or its WAL (inotify), replica progress, signals, and timers that are
 //! due (watchdog, snapshot interval; for 2 s after each change, a 20 ms look for an application's
-//! checkpoint waiting on walship): an idle database costs no work.
+//! checkpoint waiting on walship; the end of a group-commit window, a status write put off while
+//! the replicas keep up, see `main_loop`): an idle database costs no work.
 //!
 //! One replicator per database ([`dblock`]: a flock on the database file, whatever the state
 //! directory) and one writer per replica ([`owner`]: the newest claim owns it).

@@ -12,10 +12,16 @@
 //! end only once the file is published (durable under its final name in the spool, which for
 //! a segment is after capture saved its state): a replica never holds a file that the spool
 //! does not, so a crash cannot make walship write a different file under that position.
+//!
+//! The spool keeps its own listing in memory: only this process writes in it (it holds the
+//! state directory's lock), every file is published and removed through [`Spool`], so
+//! [`Spool::list`], which capture and every shipper call on every round, reads no directory.
+//! The listing is read from disk once, at [`Spool::open`].
 
 use crate::durable::{fsync_dir, remove_temp_files, temp_name};
 use crate::layout::names::{FileName, GenerationId};
 use anyhow::{Context, Result};
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -66,6 +72,11 @@ impl SpoolFile {
 #[derive(Debug)]
 pub(crate) struct Spool {
     dir: PathBuf,
+    /// Every published file and its size, in [`Key`] order (see the module doc).
+    files: Mutex<BTreeMap<(Key, FileName), u64>>,
+    /// The newest generation with a directory in the spool: its directory stays when its
+    /// files are all shipped (capture writes the next one there at once), older ones go.
+    newest: Mutex<Option<GenerationId>>,
     /// The file capture is writing live, if any (see the module doc).
     live: Mutex<Weak<LiveFile>>,
     /// Called when a live file starts (wakes idle shippers).
@@ -92,6 +103,8 @@ impl Spool {
             .with_context(|| format!("cannot create spool directory {}", dir.display()))?;
         let spool = Spool {
             dir,
+            files: Mutex::new(BTreeMap::new()),
+            newest: Mutex::new(None),
             live: Mutex::new(Weak::new()),
             on_live: Mutex::new(None),
         };
@@ -99,6 +112,15 @@ impl Spool {
             let gdir = spool.dir.join(g.to_string());
             remove_temp_files(&gdir)
                 .with_context(|| format!("cannot remove temporary files in {}", gdir.display()))?;
+        }
+        let found = spool.scan()?;
+        *lock(&spool.files) = found
+            .into_iter()
+            .map(|f| ((f.key(), f.name), f.size))
+            .collect();
+        if let Some(&g) = spool.generations()?.last() {
+            *lock(&spool.newest) = Some(g);
+            spool.remove_empty_before(&g)?;
         }
         Ok(spool)
     }
@@ -117,21 +139,28 @@ impl Spool {
         Ok(out)
     }
 
-    /// Every spooled file, in [`Key`] order.
+    /// Every spooled file, in [`Key`] order (from memory, see the module doc).
     ///
     /// # Errors
-    /// I/O errors with the path.
+    /// None: it returns a `Result` for callers written when it listed directories.
     pub(crate) fn list(&self) -> Result<Vec<SpoolFile>> {
+        Ok(lock(&self.files)
+            .iter()
+            .map(|(&(key, name), &size)| SpoolFile {
+                generation: key.generation,
+                name,
+                size,
+            })
+            .collect())
+    }
+
+    /// Every spooled file on disk, in [`Key`] order.
+    fn scan(&self) -> Result<Vec<SpoolFile>> {
         let mut out = Vec::new();
         for g in self.generations()? {
             let gdir = self.dir.join(g.to_string());
-            let entries = match fs::read_dir(&gdir) {
-                Ok(e) => e,
-                // The main loop removes a generation every replica holds: a shipper listing
-                // at that moment must not see an error (it would back off for nothing).
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e).with_context(|| format!("cannot list {}", gdir.display())),
-            };
+            let entries =
+                fs::read_dir(&gdir).with_context(|| format!("cannot list {}", gdir.display()))?;
             for ent in entries {
                 let ent = ent.with_context(|| format!("cannot list {}", gdir.display()))?;
                 let Some(name) = ent
@@ -165,17 +194,19 @@ impl Spool {
     pub(crate) fn create_temp(&self, generation: &GenerationId) -> Result<(PathBuf, File)> {
         let gdir = self.dir.join(generation.to_string());
         // The directory may be removed concurrently when its last file is shipped: retry.
+        // Created when missing only: looking first would cost a stat on every segment.
         let mut attempts = 0;
         loop {
-            if !gdir.is_dir() {
-                fs::create_dir_all(&gdir)
-                    .with_context(|| format!("cannot create {}", gdir.display()))?;
-                fsync_dir(&self.dir)?;
-            }
             let tmp = gdir.join(temp_name());
             match OpenOptions::new().write(true).create_new(true).open(&tmp) {
                 Ok(f) => return Ok((tmp, f)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => attempts += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 5 => {
+                    attempts += 1;
+                    fs::create_dir_all(&gdir)
+                        .with_context(|| format!("cannot create {}", gdir.display()))?;
+                    fsync_dir(&self.dir)
+                        .with_context(|| format!("cannot sync {}", self.dir.display()))?;
+                }
                 // Named by its directory: the temporary name differs on every attempt, and
                 // a lasting failure must read the same each time to be logged once.
                 Err(e) => {
@@ -263,6 +294,18 @@ impl Spool {
             Ok(len)
         })();
         let len = r.with_context(|| format!("cannot write spool file {}", dest.display()))?;
+        lock(&self.files).insert((Key::of(*generation, name), *name), len);
+        let newer = {
+            let mut newest = lock(&self.newest);
+            let newer = newest.is_none_or(|n| n < *generation);
+            if newer {
+                *newest = Some(*generation);
+            }
+            newer
+        };
+        if newer {
+            self.remove_empty_before(generation)?;
+        }
         // Published: nothing to remove on drop; live readers may finish.
         w.published = true;
         if let Some(l) = w.live.take() {
@@ -271,7 +314,8 @@ impl Spool {
         Ok(len)
     }
 
-    /// Deletes a spooled file (and its generation directory once empty).
+    /// Deletes a spooled file (and its generation directory once no file of it is left, unless
+    /// it is the newest generation's).
     ///
     /// # Errors
     /// I/O errors with the path.
@@ -282,9 +326,39 @@ impl Spool {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("cannot remove {}", p.display())),
         }
+        let last_of_generation = {
+            let mut files = lock(&self.files);
+            files.remove(&(f.key(), f.name));
+            !files.keys().any(|(k, _)| k.generation == f.generation)
+        };
+        let older = lock(&self.newest).is_some_and(|n| f.generation < n);
+        if !(last_of_generation && older) {
+            return Ok(());
+        }
         let gdir = self.dir.join(f.generation.to_string());
         if fs::remove_dir(&gdir).is_ok() {
-            fsync_dir(&self.dir)?;
+            fsync_dir(&self.dir).with_context(|| format!("cannot sync {}", self.dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the directories of generations older than `g` that hold no spooled file.
+    fn remove_empty_before(&self, g: &GenerationId) -> Result<()> {
+        let empty: Vec<GenerationId> = {
+            let files = lock(&self.files);
+            self.generations()?
+                .into_iter()
+                .filter(|o| o < g && !files.keys().any(|(k, _)| k.generation == *o))
+                .collect()
+        };
+        let mut removed = false;
+        for o in empty {
+            // A shipper's temporary file may still be there: the directory goes at the next
+            // start, or when a newer generation is published.
+            removed |= fs::remove_dir(self.dir.join(o.to_string())).is_ok();
+        }
+        if removed {
+            fsync_dir(&self.dir).with_context(|| format!("cannot sync {}", self.dir.display()))?;
         }
         Ok(())
     }
@@ -514,6 +588,62 @@ mod tests {
             0,
             "temporary file left"
         );
+    }
+
+    /// Publishes an empty segment ending at `last` in `g`.
+    fn segment(spool: &Spool, g: GenerationId, last: u64) -> SpoolFile {
+        let name = FileName::Segment {
+            level: 0,
+            first: last,
+            last,
+            first_ms: 5,
+            last_ms: 5,
+        };
+        let w = spool.create(&g, None).unwrap();
+        let size = spool.publish(w, &g, &name).unwrap();
+        SpoolFile {
+            generation: g,
+            name,
+            size,
+        }
+    }
+
+    #[test]
+    fn the_newest_generation_keeps_its_directory_older_ones_go() {
+        let (dir, spool, g, _) = setup();
+        let gdir = |g: GenerationId| dir.path().join("spool").join(g.to_string());
+        let a = segment(&spool, g, 1);
+        spool.remove(&a).unwrap();
+        assert!(spool.list().unwrap().is_empty());
+        assert!(
+            gdir(g).is_dir(),
+            "the current generation's directory was removed with its last file"
+        );
+        let b = segment(&spool, g, 2);
+        let newer = GenerationId { ms: 2, rand: 1 };
+        let c = segment(&spool, newer, 1);
+        assert_eq!(spool.list().unwrap(), vec![b.clone(), c.clone()]);
+        spool.remove(&b).unwrap();
+        assert!(
+            !gdir(g).exists(),
+            "an older generation's empty directory stays"
+        );
+        // An empty older directory (a generation that never published) goes when a newer one
+        // publishes, and on open.
+        let empty = GenerationId { ms: 3, rand: 0 };
+        drop(spool.create(&empty, None).unwrap());
+        assert!(gdir(empty).is_dir());
+        let newest = GenerationId { ms: 4, rand: 0 };
+        segment(&spool, newest, 1);
+        assert!(!gdir(empty).exists());
+        drop(
+            spool
+                .create(&GenerationId { ms: 3, rand: 5 }, None)
+                .unwrap(),
+        );
+        let reopened = Spool::open(&dir.path().join("spool")).unwrap();
+        assert!(!gdir(GenerationId { ms: 3, rand: 5 }).exists());
+        assert_eq!(reopened.list().unwrap().len(), 2, "{:?}", reopened.list());
     }
 
     #[test]
