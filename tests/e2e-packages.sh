@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The user's story with the packages, end to end, under a real systemd: two systemd-nspawn
+# The user's story with the packages, end to end, under a real systemd: three systemd-nspawn
 # containers booted from a debootstrapped Debian bookworm root, ALPHA (storage host,
-# walship-replicator) and BRAVO (database host, walship), each in a network namespace of its
-# own joined by a veth pair (10.77.0.1 alpha, 10.77.0.2 bravo). Then the same with the .rpm
+# walship-replicator), BRAVO (database host, walship) and CHARLIE (a warm standby following
+# ALPHA with walship-follow@), each in a network namespace of its own, BRAVO and CHARLIE each
+# joined to ALPHA by a veth pair (10.77.0.1 alpha, 10.77.0.2 bravo; 10.77.1.1 alpha, 10.77.1.3
+# charlie). Then the same with the .rpm
 # packages installed by `rpm -i --nodeps` in the same (Debian) containers: no RPM-based root can
 # be bootstrapped here, so dnf and Fedora's own macros are not exercised.
 #
@@ -64,7 +66,7 @@ checklog=$work/check.log
 declare -A npid leader
 cleanup() {
   set +e
-  for h in alpha bravo; do
+  for h in alpha bravo charlie; do
     if [ -n "${npid[$h]:-}" ] && kill -0 "${npid[$h]}" 2>/dev/null; then
       kill -TERM "${npid[$h]}"
       for _ in $(seq 1 40); do kill -0 "${npid[$h]}" 2>/dev/null || break; sleep 0.5; done
@@ -74,7 +76,7 @@ cleanup() {
     [ -n "${leader[$h]:-}" ] && kill -KILL "${leader[$h]}" 2>/dev/null
   done
   wait 2>/dev/null
-  for h in alpha bravo; do
+  for h in alpha bravo charlie; do
     mountpoint -q "$work/$h/root" && umount -l "$work/$h/root"
     ip netns del "wse2e-$h-$id" 2>/dev/null
     for c in systemd unified; do
@@ -95,22 +97,32 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-declare -A addr=([alpha]=10.77.0.1 [bravo]=10.77.0.2)
+# ALPHA 10.77.0.1 <-> BRAVO 10.77.0.2 on one veth pair, ALPHA 10.77.1.1 <-> CHARLIE 10.77.1.3
+# (the standby) on another: BRAVO and CHARLIE see only ALPHA.
 setup_net() {
-  ip netns add "wse2e-alpha-$id" && ip netns add "wse2e-bravo-$id" &&
+  local h
+  for h in alpha bravo charlie; do ip netns add "wse2e-$h-$id" || return 1; done
   ip link add "wsea$id" type veth peer name "wseb$id" &&
+  ip link add "wsec$id" type veth peer name "wsed$id" &&
   ip link set "wsea$id" netns "wse2e-alpha-$id" && ip link set "wseb$id" netns "wse2e-bravo-$id" &&
+  ip link set "wsec$id" netns "wse2e-alpha-$id" && ip link set "wsed$id" netns "wse2e-charlie-$id" &&
   ip -n "wse2e-alpha-$id" addr add 10.77.0.1/24 dev "wsea$id" &&
   ip -n "wse2e-bravo-$id" addr add 10.77.0.2/24 dev "wseb$id" &&
-  for h in alpha bravo; do ip -n "wse2e-$h-$id" link set lo up; done &&
-  ip -n "wse2e-alpha-$id" link set "wsea$id" up && ip -n "wse2e-bravo-$id" link set "wseb$id" up
+  ip -n "wse2e-alpha-$id" addr add 10.77.1.1/24 dev "wsec$id" &&
+  ip -n "wse2e-charlie-$id" addr add 10.77.1.3/24 dev "wsed$id" &&
+  for h in alpha bravo charlie; do ip -n "wse2e-$h-$id" link set lo up || return 1; done &&
+  ip -n "wse2e-alpha-$id" link set "wsea$id" up && ip -n "wse2e-bravo-$id" link set "wseb$id" up &&
+  ip -n "wse2e-alpha-$id" link set "wsec$id" up && ip -n "wse2e-charlie-$id" link set "wsed$id" up
 }
 boot() {
   local h=$1 r=$work/$1
   mkdir -p "$r/upper" "$r/work" "$r/root"
   mount -t overlay overlay -o "lowerdir=$root_base,upperdir=$r/upper,workdir=$r/work" "$r/root" || return 1
   rm -f "$r/root/etc/hostname"
-  printf '127.0.0.1 localhost\n10.77.0.1 alpha\n10.77.0.2 bravo\n' >"$r/root/etc/hosts"
+  case $h in
+    charlie) printf '127.0.0.1 localhost\n10.77.1.1 alpha\n10.77.1.3 charlie\n' ;;
+    *) printf '127.0.0.1 localhost\n10.77.0.1 alpha\n10.77.0.2 bravo\n10.77.1.3 charlie\n' ;;
+  esac >"$r/root/etc/hosts"
   mkdir -p "$r/root/root/pkgs" && cp "$pkgs"/walship* "$r/root/root/pkgs/"
   for c in systemd unified; do mkdir -p "/sys/fs/cgroup/$c/wse2e-$h-$id"; done
   (
@@ -156,29 +168,34 @@ step "boot ALPHA and BRAVO"
 check "network namespaces and veth pair" setup_net
 check "ALPHA boots (systemctl is-system-running: running)" boot alpha
 check "BRAVO boots (systemctl is-system-running: running)" boot bravo
-if [ -z "${leader[alpha]:-}" ] || [ -z "${leader[bravo]:-}" ]; then
+check "CHARLIE boots (systemctl is-system-running: running)" boot charlie
+if [ -z "${leader[alpha]:-}" ] || [ -z "${leader[bravo]:-}" ] || [ -z "${leader[charlie]:-}" ]; then
   echo "$passed passed, $failed failed"
   exit 1
 fi
 check "BRAVO reaches ALPHA over the veth pair" ct bravo timeout 5 bash -c 'echo > /dev/tcp/alpha/22'
+check "CHARLIE reaches ALPHA over its own veth pair" ct charlie timeout 5 bash -c 'echo > /dev/tcp/alpha/22'
 
 # ---------------------------------------------------------------------------------------------
 # The story's key exchange, shared by the .deb and the .rpm runs.
 authorize_and_trust() {
-  # BRAVO: a key for the service; its public half onto ALPHA; ALPHA's host key trusted after
-  # comparing the fingerprint walship sees with the one ALPHA reports for its own keys.
-  sh_in bravo '[ -e /etc/walship/replicator.key ] || ssh-keygen -q -t ed25519 -N "" -C walship@bravo -f /etc/walship/replicator.key' &&
-  ct bravo cat /etc/walship/replicator.key.pub | ct alpha tee /etc/ssh/authorized_keys_replicator >/dev/null &&
+  # HOST (default bravo): a key for the service; its public half onto ALPHA (BRAVO's replaces
+  # the list, another host's is added to it); ALPHA's host key trusted after comparing the
+  # fingerprint walship sees with the one ALPHA reports for its own keys.
+  local h=${1:-bravo} add=tee
+  [ "$h" = bravo ] || add="tee -a"
+  sh_in "$h" "[ -e /etc/walship/replicator.key ] || ssh-keygen -q -t ed25519 -N '' -C walship@$h -f /etc/walship/replicator.key" &&
+  ct "$h" cat /etc/walship/replicator.key.pub | ct alpha $add /etc/ssh/authorized_keys_replicator >/dev/null &&
   local fp &&
   # Without --fingerprint/--yes, trust only shows the key (and exits 1).
-  fp=$( (ct bravo walship trust sftp://replicator@alpha/db --known-hosts /tmp/scan 2>&1 || :) | sed -n 's/^fingerprint: //p') &&
+  fp=$( (ct "$h" walship trust sftp://replicator@alpha/db --known-hosts /tmp/scan 2>&1 || :) | sed -n 's/^fingerprint: //p') &&
   echo "walship sees $fp" &&
   [ -n "$fp" ] &&
   local fps &&
   fps=$(sh_in alpha 'for k in /etc/ssh/ssh_host_*_key.pub; do ssh-keygen -lf "$k"; done') &&
   echo "ALPHA has: $fps" &&
   grep -qF " $fp " <<<"$fps" &&
-  ct bravo walship trust sftp://replicator@alpha/db --fingerprint "$fp" >/dev/null
+  ct "$h" walship trust sftp://replicator@alpha/db --fingerprint "$fp" >/dev/null
 }
 fruits_toml='db = "/var/data/db/fruits.db"
 
@@ -193,6 +210,9 @@ write_rows() {
     "$(for i in $(seq 1 "$2"); do echo "INSERT INTO fruits(name) VALUES ('$1-$i');"; done)"
 }
 verify_caught_up() { ct bravo walship verify --config fruits >/dev/null 2>&1; }
+# The content summary of fruits.db on HOST, and whether CHARLIE's standby has BRAVO's content.
+summary() { ct "$1" sqlite3 -readonly /var/data/db/fruits.db 'SELECT count(*), sum(length(name)), max(id) FROM fruits' 2>/dev/null; }
+standby_equal() { local b c; b=$(summary bravo) && c=$(summary charlie) && [ -n "$b" ] && [ "$b" = "$c" ]; }
 write_and_verify() { write_rows "$1" "$2" >/dev/null && until_ok 60 verify_caught_up; }
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +246,24 @@ check "write 200 rows as app" write_rows w3 200
 check "walship verify --config fruits passes (replica == database)" until_ok 60 verify_caught_up
 check "segments on ALPHA, owned by replicator" sh_in alpha '[ -n "$(find /var/data/replicator/db/fruits -type f -user replicator | head -1)" ]'
 check "journal entries with structured fields (REPLICA=alpha)" sh_in bravo 'journalctl -u walship@fruits -o verbose --no-pager | grep -q "^ *REPLICA=alpha" && journalctl -u walship@fruits -o verbose --no-pager | grep -q "^ *DB=/var/data/db/fruits.db"'
+
+step "3b. CHARLIE: a warm standby follows ALPHA (walship-follow@fruits)"
+check "CHARLIE: apt-get install walship" sh_in charlie 'DEBIAN_FRONTEND=noninteractive apt-get install -y -q /root/pkgs/walship_*.deb'
+check "CHARLIE: walship-follow@.service installed" sh_in charlie '[ -f /lib/systemd/system/walship-follow@.service ]'
+check "CHARLIE: its own key on ALPHA (added), ALPHA's host key trusted" authorize_and_trust charlie
+check "CHARLIE: user app owns /var/data/db, fruits.toml as on BRAVO" sh_in charlie '
+  id app >/dev/null 2>&1 || useradd -m -u 1000 app
+  install -d -o app -g app /var/data/db'
+printf '%s' "$fruits_toml" | ct charlie tee /etc/walship/fruits.toml >/dev/null
+check "CHARLIE: systemctl enable --now walship-follow@fruits (returns on READY, after the restore)" sh_in charlie 'systemctl daemon-reload; timeout 120 systemctl enable --now walship-follow@fruits.service'
+check "CHARLIE: follower runs as app, Type=notify, STATUS shows the lag" sh_in charlie '
+  systemctl is-active -q walship-follow@fruits
+  [ "$(ps -o user= -p $(systemctl show -P MainPID walship-follow@fruits))" = app ]
+  [ "$(systemctl show -P Type walship-follow@fruits)" = notify ]
+  systemctl show -P StatusText walship-follow@fruits | grep -q "lag"'
+ct charlie systemctl status walship-follow@fruits --no-pager 2>&1 | sed -n '/Status:/p' | sed 's/^/     /'
+check "write 100 rows on BRAVO" write_rows w3b 100
+check "CHARLIE's standby has them within 30 s (equal to BRAVO's database, read by a read-only reader)" until_ok 30 standby_equal
 
 step "4. watchdog, bad config (exit 78, no restart loop), second instance"
 pid0=$(ct bravo systemctl show -P MainPID walship@fruits)
@@ -312,9 +350,21 @@ ct bravo systemctl reset-failed walship@fruits.service
 check "started again, the held-back commits reach ALPHA (verify passes)" sh_in bravo 'timeout 120 systemctl start walship@fruits.service'
 check "replica catches up after the restart" until_ok 120 verify_caught_up
 
+step "6c. CHARLIE followed BRAVO through the restore and the outages: promote it"
+check "write 50 rows on BRAVO, replicated" write_and_verify w6c 50
+check "CHARLIE's standby equals BRAVO's database" until_ok 60 standby_equal
+check "CHARLIE: the follower never restarted" sh_in charlie '[ "$(systemctl show -P NRestarts walship-follow@fruits)" = 0 ]'
+check "CHARLIE: systemctl stop walship-follow@fruits: exit 0 at a commit boundary" sh_in charlie '
+  timeout 60 systemctl stop walship-follow@fruits.service
+  [ "$(systemctl show -P ExecMainStatus walship-follow@fruits)" = 0 ] && [ "$(systemctl show -P ActiveState walship-follow@fruits)" = inactive ]'
+check "CHARLIE (promoted): integrity ok, BRAVO's content, writable by the application" sh_in charlie "
+  [ \"\$(runuser -u app -- sqlite3 /var/data/db/fruits.db 'PRAGMA integrity_check')\" = ok ]
+  [ \"\$(sqlite3 -readonly /var/data/db/fruits.db 'SELECT count(*), sum(length(name)), max(id) FROM fruits')\" = '$(summary bravo)' ]
+  runuser -u app -- sqlite3 /var/data/db/fruits.db \"INSERT INTO fruits(name) VALUES ('promoted')\""
+
 step "8 (.deb). purge both packages"
 check "apt-get purge walship" sh_in bravo 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -q walship >/dev/null'
-check "walship: instances stopped, unit, generator, binary gone" sh_in bravo '! systemctl is-active -q walship@fruits && [ ! -e /lib/systemd/system/walship@.service ] && [ ! -e /lib/systemd/system-generators/walship-generator ] && [ ! -e /usr/bin/walship ] && [ -z "$(ls /etc/systemd/system/*.wants/ | grep walship@)" ]'
+check "walship: instances stopped, unit, generator, binary gone" sh_in bravo '! systemctl is-active -q walship@fruits && [ ! -e /lib/systemd/system/walship@.service ] && [ ! -e /lib/systemd/system/walship-follow@.service ] && [ ! -e /lib/systemd/system-generators/walship-generator ] && [ ! -e /usr/bin/walship ] && [ -z "$(ls /etc/systemd/system/*.wants/ | grep walship@)" ]'
 check "walship: /var/lib/walship gone, example gone, admin's files and the database stay" sh_in bravo '[ ! -e /var/lib/walship ] && [ ! -e /etc/walship/example.toml.sample ] && [ -f /etc/walship/fruits.toml ] && [ -f /etc/walship/replicator.key ] && [ -f /var/data/db/fruits.db ]'
 check "apt-get purge walship-replicator" sh_in alpha 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -q walship-replicator >/dev/null'
 check "replicator: drop-in and authorized_keys gone, sshd no longer applies the Match block" sh_in alpha '[ ! -e /etc/ssh/sshd_config.d/walship-replicator.conf ] && [ ! -e /etc/ssh/authorized_keys_replicator ] && ! sshd -T -C user=replicator,host=b,addr=10.77.0.2 | grep -qx "forcecommand internal-sftp" && systemctl is-active -q ssh'
@@ -324,7 +374,7 @@ step "7. the same story with the .rpm packages (rpm -i --nodeps in the Debian co
 check "ALPHA: rpm -i --nodeps walship-replicator-*.rpm" sh_in alpha 'rpm -i --nodeps /root/pkgs/walship-replicator-[0-9]*.noarch.rpm'
 check "ALPHA: user, chroot, key list, Match block applied" sh_in alpha 'getent passwd replicator >/dev/null && [ "$(stat -c %U:%a /var/data/replicator/db)" = replicator:700 ] && [ "$(stat -c %U:%a /etc/ssh/authorized_keys_replicator)" = root:644 ] && sshd -T -C user=replicator,host=b,addr=10.77.0.2 | grep -qx "forcecommand internal-sftp"'
 check "BRAVO: rpm -i --nodeps walship-*.rpm" sh_in bravo 'rpm -i --nodeps /root/pkgs/walship-[0-9]*.x86_64.rpm'
-check "BRAVO: no instance started by the installation" sh_in bravo '[ -z "$(systemctl list-units --no-legend --state=active "walship@*")" ] && [ -f /usr/lib/systemd/system/walship@.service ]'
+check "BRAVO: no instance started by the installation" sh_in bravo '[ -z "$(systemctl list-units --no-legend --state=active "walship@*")" ] && [ -f /usr/lib/systemd/system/walship@.service ] && [ -f /usr/lib/systemd/system/walship-follow@.service ]'
 check "key on ALPHA again (purge removed the list), host key trusted" authorize_and_trust
 check "systemctl enable --now walship@fruits (rpm)" ct bravo timeout 120 systemctl enable --now walship@fruits.service
 check "runs as app, STATUS line" sh_in bravo '[ "$(ps -o user= -p $(systemctl show -P MainPID walship@fruits))" = app ] && [ -n "$(systemctl show -P StatusText walship@fruits)" ]'
