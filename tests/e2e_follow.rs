@@ -268,6 +268,12 @@ fn start_follower_with(
         out.into(),
     ];
     a.extend(extra.iter().cloned());
+    // The follower's own state directory, per standby (not /var/lib/walship-follow).
+    if !extra.iter().any(|x| x == "--state-dir") {
+        let name = out.file_name().unwrap_or_default().to_string_lossy();
+        a.push("--state-dir".into());
+        a.push(sb.path(&format!("follower-state-{name}")).into());
+    }
     a.push(url.into());
     let log = sb.path("follower.log");
     let mut d = f(Daemon::raw(a, &sb.path("follower-state"))
