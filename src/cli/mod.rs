@@ -460,7 +460,7 @@ NAME is /var/lib/walship/NAME (the unit's StateDirectory=); a database path is l
 With --follow: the warm standby's follower (`walship restore --follow`), from its own state
 directory: --state-dir, else /var/lib/walship-follow/NAME for an instance NAME (the unit
 walship-follow@NAME's StateDirectory=; a database path is looked up among the instance
-configs), else /var/lib/walship-follow/<db path with / as -> (as root; else under
+configs), else /var/lib/walship-follow/<db path, each / as -> (as root; else under
 $XDG_STATE_HOME or ~/.local/state), as `restore --follow` defaults it for its output.
 Exit status (the first that applies):
   3  no follower is running (no process holds the state directory's lock, no status file, or
