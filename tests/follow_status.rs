@@ -309,3 +309,82 @@ fn follow_encrypted_file_replica() {
     );
     assert_same_pages(&sb.db(), &standby);
 }
+
+/// An instance NAME (a config in `$WALSHIP_CONFIG_DIR` whose `db` is the standby): `restore
+/// --follow --config NAME` reports in /var/lib/walship-follow/NAME, never in the daemon's
+/// /var/lib/walship/NAME, and `status --follow` finds it by NAME, by `--config FILE` and by
+/// the standby's path.
+#[test]
+fn follow_status_finds_an_instance_by_name_config_or_db() {
+    let sb = Sandbox::new();
+    sb.create_db();
+    write_rows(&sb.db(), 5);
+    let mut d = Daemon::start(
+        &[OsString::from(sb.db()), sb.replica_url().into()],
+        &sb.state(),
+    );
+    let captured = d.wait_caught_up(15 * SEC);
+    let etc = sb.path("etc");
+    fs::create_dir_all(&etc).expect("mkdir etc");
+    let name = format!("fstat{}", std::process::id());
+    let standby = sb.path("standby.db");
+    let conf = etc.join(format!("{name}.toml"));
+    fs::write(
+        &conf,
+        format!(
+            "db = \"{}\"\n[[replica]]\nurl = \"{}\"\n",
+            standby.display(),
+            sb.replica_url()
+        ),
+    )
+    .expect("write config");
+    let dir = Path::new("/var/lib/walship-follow").join(&name);
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let a: Vec<OsString> = vec![
+        "restore".into(),
+        "--follow".into(),
+        "--interval".into(),
+        "100ms".into(),
+        "--allow-other-db".into(),
+        "--config".into(),
+        name.clone().into(),
+    ];
+    let mut f = Daemon::raw(a, &sb.path("follower-state"))
+        .no_wait()
+        .env("WALSHIP_CONFIG_DIR", &etc)
+        .env_remove("STATE_DIRECTORY")
+        .log(&sb.path("follower.log"))
+        .start();
+    poll("the follower's initial restore", 30 * SEC, || {
+        assert!(f.alive(), "the follower exited early:\n{}", f.log_text());
+        f.log_text().contains("; following (every").then_some(())
+    });
+    let env: &[(&str, &OsStr)] = &[("WALSHIP_CONFIG_DIR", etc.as_os_str())];
+    for by in [
+        OsString::from(&name),
+        OsString::from(standby.clone()),
+        OsString::from(format!("--config={}", conf.display())),
+    ] {
+        let a: Vec<OsString> = vec!["status".into(), "--follow".into(), "--json".into(), by];
+        let v = poll("status --follow to be healthy", 15 * SEC, || {
+            let out = walship_env(&a, env);
+            let v: Value = serde_json::from_str(&out.stdout)
+                .unwrap_or_else(|e| panic!("`{}`: {e}:\n{}\n{}", out.cmd, out.stdout, out.stderr));
+            (out.code() == 0).then_some(v)
+        });
+        assert_eq!(v["state_dir"], dir.display().to_string(), "{a:?}: {v}");
+        assert_eq!(v["db"], standby.display().to_string(), "{a:?}: {v}");
+        assert_eq!(v["txid"].as_u64(), Some(captured.txid), "{a:?}: {v}");
+    }
+    assert!(dir.join("status").is_file() && dir.join("lock").is_file());
+    assert!(
+        !Path::new("/var/lib/walship").join(&name).exists(),
+        "the follower wrote into the daemon's state directory"
+    );
+    f.sigterm();
+    let st = f.wait_exit(30 * SEC).expect("the follower did not exit");
+    assert!(st.success(), "{st}:\n{}", f.log_text());
+    let out = walship_env(&["status", "--follow", &name], env);
+    assert_eq!(out.code(), 3, "{}", out.stdout);
+    d.stop();
+}
