@@ -721,9 +721,29 @@ fn default_name(url: &ReplicaUrl) -> String {
 /// Where the unit `walship@NAME` keeps its state (`StateDirectory=walship/%i`).
 pub(crate) const INSTANCE_STATE_ROOT: &str = "/var/lib/walship";
 
+/// Where the unit `walship-follow@NAME` keeps the follower's status
+/// (`StateDirectory=walship-follow/%i`): apart from the daemon's, so that a follower and a
+/// replicator of the same NAME on one host never share a file.
+pub(crate) const FOLLOW_STATE_ROOT: &str = "/var/lib/walship-follow";
+
 /// The default state directory for `db`, configured as `instance` if it is one (see
 /// [`Settings::state_dir`]).
 pub(crate) fn default_state_dir(db: &Path, instance: Option<&str>) -> PathBuf {
+    state_dir_under(db, instance, INSTANCE_STATE_ROOT, "walship")
+}
+
+/// The default state directory of `walship restore --follow` into `db` (configured as
+/// `instance` if it is one): as [`default_state_dir`], under `walship-follow` instead of
+/// `walship` (`$STATE_DIRECTORY`, else `/var/lib/walship-follow/NAME` for an instance, else
+/// `/var/lib/walship-follow/<db path with '/' as '-'>` as root,
+/// `$XDG_STATE_HOME/walship-follow/...` or `~/.local/state/walship-follow/...` otherwise).
+pub(crate) fn default_follow_state_dir(db: &Path, instance: Option<&str>) -> PathBuf {
+    state_dir_under(db, instance, FOLLOW_STATE_ROOT, "walship-follow")
+}
+
+/// `$STATE_DIRECTORY`'s first entry, else `<system>/<instance>`, else a directory named after
+/// `db`'s path under `<system>` (root) or `<root>` in the user's state directory.
+fn state_dir_under(db: &Path, instance: Option<&str>, system: &str, root: &str) -> PathBuf {
     if let Some(dirs) = std::env::var_os("STATE_DIRECTORY") {
         if let Some(first) = dirs
             .to_string_lossy()
@@ -734,8 +754,9 @@ pub(crate) fn default_state_dir(db: &Path, instance: Option<&str>) -> PathBuf {
             return PathBuf::from(first);
         }
     }
+    let system = PathBuf::from(system);
     if let Some(name) = instance {
-        return Path::new(INSTANCE_STATE_ROOT).join(name);
+        return system.join(name);
     }
     let leaf: String = db
         .to_string_lossy()
@@ -744,13 +765,13 @@ pub(crate) fn default_state_dir(db: &Path, instance: Option<&str>) -> PathBuf {
         .map(|c| if c == '/' { '-' } else { c })
         .collect();
     let base = if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/var/lib/walship")
+        system
     } else if let Some(x) = std::env::var_os("XDG_STATE_HOME") {
-        Path::new(&x).join("walship")
+        Path::new(&x).join(root)
     } else if let Some(h) = std::env::var_os("HOME") {
-        Path::new(&h).join(".local/state/walship")
+        Path::new(&h).join(".local/state").join(root)
     } else {
-        PathBuf::from("/var/lib/walship")
+        system
     };
     base.join(leaf)
 }
@@ -1035,5 +1056,9 @@ mod tests {
         let unit = include_str!("../systemd/walship@.service");
         assert!(unit.contains("StateDirectory=walship/%i\n"), "{unit}");
         assert_eq!(INSTANCE_STATE_ROOT, "/var/lib/walship");
+        assert_eq!(
+            default_follow_state_dir(Path::new("/x.db"), Some("fruits")),
+            Path::new(FOLLOW_STATE_ROOT).join("fruits")
+        );
     }
 }

@@ -268,6 +268,12 @@ fn start_follower_with(
         out.into(),
     ];
     a.extend(extra.iter().cloned());
+    // The follower's own state directory, per standby (not /var/lib/walship-follow).
+    if !extra.iter().any(|x| x == "--state-dir") {
+        let name = out.file_name().unwrap_or_default().to_string_lossy();
+        a.push("--state-dir".into());
+        a.push(sb.path(&format!("follower-state-{name}")).into());
+    }
     a.push(url.into());
     let log = sb.path("follower.log");
     let mut d = f(Daemon::raw(a, &sb.path("follower-state"))
@@ -558,6 +564,8 @@ fn follow_refuses_an_existing_output() {
     let o = walship([
         OsString::from("restore"),
         "--follow".into(),
+        "--state-dir".into(),
+        sb.path("follower-state-refused").into(),
         "-o".into(),
         out.clone().into(),
         sb.replica_url().into(),
@@ -580,6 +588,8 @@ fn follow_refuses_an_existing_output() {
         OsString::from("restore"),
         "--follow".into(),
         "--force".into(),
+        "--state-dir".into(),
+        sb.path("follower-state-refused").into(),
         "-o".into(),
         sb.db().into(),
         sb.replica_url().into(),
@@ -684,6 +694,8 @@ fn follow_file_replica_wakes_on_inotify() {
         "--follow".into(),
         "--interval".into(),
         "60s".into(),
+        "--state-dir".into(),
+        sb.path("follower-state").into(),
         "-o".into(),
         standby.clone().into(),
         sb.replica_url().into(),

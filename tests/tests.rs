@@ -20,6 +20,7 @@ mod e2e_single_writer;
 mod e2e_startup_errors;
 mod e2e_status;
 mod faulty;
+mod follow_status;
 mod garage;
 mod generator;
 mod lifecycle;

@@ -233,7 +233,13 @@ pub enum Command {
     List(ListArgs),
     /// Show whether replication is healthy: daemon, lag, each replica's position and errors.
     ///
+    /// With --follow, the same for a warm standby (`walship restore --follow`, the service
+    /// walship-follow@NAME): its position, lag and last error, from the follower's own state
+    /// directory (never the daemon's: a host may run both for one NAME).
+    ///
     ///   walship status fruits                      # the service walship@fruits
+    ///
+    ///   walship status --follow fruits             # the service walship-follow@fruits
     ///
     ///   walship status --max-lag 1m --json /var/data/db/fruits.db
     Status(StatusArgs),
@@ -317,6 +323,13 @@ pub struct RestoreArgs {
     /// With --follow: how often the replica is listed for new commits.
     #[arg(long, value_name = "DURATION", default_value = "1s", requires = "follow", value_parser = crate::config::parse_duration)]
     pub(crate) interval: std::time::Duration,
+    /// With --follow: where the follower reports its state for `walship status --follow`
+    /// [default: $STATE_DIRECTORY, else /var/lib/walship-follow/NAME for an instance, else
+    /// /var/lib/walship-follow/<output path> (as root; else under $XDG_STATE_HOME or
+    /// ~/.local/state)]. Never the replicating daemon's state directory (the config's
+    /// state-dir is the daemon's and is not used).
+    #[arg(long, value_name = "DIR", requires = "follow")]
+    pub(crate) state_dir: Option<PathBuf>,
 }
 
 // `walship verify`: its help is the doc comment of `Command::Verify`.
@@ -398,6 +411,10 @@ pub struct StatusArgs {
     /// One JSON object on stdout instead of text (fields below).
     #[arg(long)]
     pub(crate) json: bool,
+    /// Report on the warm standby (`walship restore --follow`) of NAME, FILE or DB instead of
+    /// the replicating daemon (see "With --follow" below).
+    #[arg(long)]
+    pub(crate) follow: bool,
 }
 
 /// The exit codes and JSON fields of `walship status` (in `--help` and `man walship-status`).
@@ -438,7 +455,33 @@ commits walship never captured (uncaptured).
 
 The state directory: --state-dir, else the config's state-dir, whose default for an instance
 NAME is /var/lib/walship/NAME (the unit's StateDirectory=); a database path is looked up among
-/etc/walship/*.toml ($WALSHIP_CONFIG_DIR).";
+/etc/walship/*.toml ($WALSHIP_CONFIG_DIR).
+
+With --follow: the warm standby's follower (`walship restore --follow`), from its own state
+directory: --state-dir, else /var/lib/walship-follow/NAME for an instance NAME (the unit
+walship-follow@NAME's StateDirectory=; a database path is looked up among the instance
+configs), else /var/lib/walship-follow/<db path, each / as -> (as root; else under
+$XDG_STATE_HOME or ~/.local/state), as `restore --follow` defaults it for its output.
+Exit status (the first that applies):
+  3  no follower is running (no process holds the state directory's lock, no status file, or
+     it stopped; why, if on an error, is shown)
+  5  the lag is above --max-lag
+  4  the last poll of the replica failed (unreachable, ...): the error is shown
+  6  the initial restore is under way (restoring)
+  0  healthy: following, the last poll succeeded, the lag is within --max-lag
+The lag is 0 while the last listing showed nothing newer than the standby (an idle source is no
+lag), else the age of the last commit applied. --json fields:
+  health               healthy | not-running | failing | lagging | starting
+  exit_code            the exit status above
+  running              whether a follower holds the state directory's lock
+  state                restoring | following | stopped (as last written)
+  state_dir, db        the paths used (db null with only --state-dir)
+  pid                  the follower's process id (as last written)
+  generation, txid     the standby's position; commit_ms: that commit's capture time
+  lag_ms, max_lag_ms   the lag now (null unless running and following), the threshold
+  listed_ms            when the replica was last listed successfully
+  error                the last poll's error, or why following stopped (null if none)
+  written_ms           when the follower last wrote its status";
 
 // `walship trust`: its help is the doc comment of `Command::Trust`.
 #[derive(Debug, Args)]

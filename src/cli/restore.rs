@@ -21,6 +21,10 @@ pub(super) fn run(a: RestoreArgs) -> Result<ExitCode> {
     let (config, url) = instance_name(a.config, a.url);
     // With a config, the replicas must hold its database; a URL alone names no database.
     let from_config = config.config.is_some();
+    let instance = config
+        .config
+        .as_deref()
+        .and_then(|c| crate::config::instance_of(&crate::config::resolve_config_path(c)));
     let settings = Source {
         config,
         // The replica URL form needs an output, which stands for the database.
@@ -43,12 +47,21 @@ pub(super) fn run(a: RestoreArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if a.follow {
+        let state_dir = a.state_dir.clone().unwrap_or_else(|| {
+            crate::config::default_follow_state_dir(
+                &std::path::absolute(&out).unwrap_or_else(|_| out.clone()),
+                instance.as_deref(),
+            )
+        });
         return follow(
             &ts,
             &out,
-            a.force,
-            a.interval,
-            (from_config && !a.allow_other_db).then(|| settings.db.clone()),
+            restore::follow::FollowOptions {
+                interval: a.interval,
+                force: a.force,
+                database: (from_config && !a.allow_other_db).then(|| settings.db.clone()),
+                state_dir,
+            },
         );
     }
     remove_temps_on_signal(match out.parent() {
@@ -84,9 +97,7 @@ pub(super) fn run(a: RestoreArgs) -> Result<ExitCode> {
 fn follow(
     ts: &[(String, Box<dyn Backend>)],
     out: &Path,
-    force: bool,
-    interval: std::time::Duration,
-    database: Option<PathBuf>,
+    opts: restore::follow::FollowOptions,
 ) -> Result<ExitCode> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -118,11 +129,6 @@ fn follow(
         });
     }
     let notifier = crate::systemd::Notifier::from_env();
-    let opts = restore::follow::FollowOptions {
-        interval,
-        force,
-        database,
-    };
     let f = restore::follow::follow(ts, &opts, out, &stop, &notifier, &following)?;
     println!(
         "stopped following: {} at position {} ({}), checksum {:016x} verified, integrity ok, {} commit(s) applied while following",

@@ -6,6 +6,10 @@
 //! `/var/lib/walship/NAME` (see `config::default_state_dir`); a database path is looked up
 //! among the instance configs, so it finds the service's state too.
 //!
+//! With `--follow`, the warm standby's follower instead (module `follow`): its own state
+//! directory (`config::default_follow_state_dir`, `/var/lib/walship-follow/NAME` for an
+//! instance), never the daemon's.
+//!
 //! Invariants: the daemon's own lock says whether it runs, never the age of a file; the status
 //! file of a daemon that is not running is never shown as current (no lag is claimed for it):
 //! only when it was written, what each replica durably holds, and what is known to be on no
@@ -153,6 +157,9 @@ pub(super) fn run(a: StatusArgs) -> Result<ExitCode> {
         .map(config::parse_duration)
         .transpose()
         .map_err(UsageError)?;
+    if a.follow {
+        return follow::run(a, max_lag);
+    }
     let (config, target) = source::instance_name(a.config, a.target);
     let found = match target {
         Some(db) => Some(for_db(Path::new(&db))?),
@@ -364,6 +371,216 @@ fn uncaptured(db: &Path, c: &SavedCapture) -> Option<bool> {
         running = next;
     }
     same.map(|_| false)
+}
+
+mod follow {
+    //! `walship status --follow`: the warm standby's follower, from its state directory
+    //! (see `restore::follow_state`). Its lock says whether it runs; the exit codes are the
+    //! daemon's, for the follower's states.
+
+    use super::{ago, duration, source, Health, StatusArgs, UsageError};
+    use crate::clock::now_ms;
+    use crate::config;
+    use crate::restore::follow_state::{FollowState, FollowStateDir, FollowStatus};
+    use anyhow::{Context, Result};
+    use serde::Serialize;
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+    use std::process::ExitCode;
+    use std::time::Duration;
+
+    /// The `--json` object of `status --follow`; field names are a stable interface.
+    #[derive(Debug, Serialize)]
+    struct Report {
+        health: Health,
+        exit_code: u8,
+        running: bool,
+        state: Option<&'static str>,
+        state_dir: PathBuf,
+        db: Option<PathBuf>,
+        pid: Option<u32>,
+        generation: Option<String>,
+        txid: Option<u64>,
+        commit_ms: Option<u64>,
+        lag_ms: Option<u64>,
+        max_lag_ms: Option<u64>,
+        listed_ms: Option<u64>,
+        error: Option<String>,
+        written_ms: Option<u64>,
+    }
+
+    pub(super) fn run(a: StatusArgs, max_lag: Option<Duration>) -> Result<ExitCode> {
+        let (config, target) = source::instance_name(a.config, a.target);
+        let found: Option<(PathBuf, PathBuf)> = match (target, &config.config) {
+            (Some(db), _) => Some(for_db(Path::new(&db))?),
+            (None, Some(c)) => {
+                let path = config::resolve_config_path(c);
+                let s = config::load(&path)?;
+                let instance = config::instance_of(&path);
+                Some((
+                    config::default_follow_state_dir(&s.db, instance.as_deref()),
+                    s.db,
+                ))
+            }
+            (None, None) => None,
+        };
+        let (dir, db) = match (found, a.state_dir) {
+            (Some((dir, db)), d) => (d.unwrap_or(dir), Some(db)),
+            (None, Some(d)) => (d, None),
+            (None, None) => {
+                return Err(UsageError(
+                    "status --follow: give an instance NAME, --config FILE, the standby's path or --state-dir DIR"
+                        .into(),
+                )
+                .into())
+            }
+        };
+        let r = gather(&dir, db, max_lag)?;
+        let mut out = std::io::stdout().lock();
+        let written = if a.json {
+            serde_json::to_writer(&mut out, &r)
+                .map_err(std::io::Error::from)
+                .and_then(|()| writeln!(out))
+        } else {
+            print_human(&mut out, &r)
+        };
+        match written.and_then(|()| out.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            r => r.context("cannot write to stdout")?,
+        }
+        Ok(ExitCode::from(r.exit_code))
+    }
+
+    /// The follower's state directory for the standby at `db`: that of the instance whose
+    /// config names it as `db`, else the default for a standby followed by hand.
+    fn for_db(db: &Path) -> Result<(PathBuf, PathBuf)> {
+        let db = std::path::absolute(db)
+            .with_context(|| format!("invalid database path {}", db.display()))?;
+        let same = |p: &Path| match (std::fs::canonicalize(p), std::fs::canonicalize(&db)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => p == db,
+        };
+        let mut found: Vec<String> = std::fs::read_dir(config::config_dir())
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .filter(|p| config::load(p).is_ok_and(|s| same(&s.db)))
+            .filter_map(|p| config::instance_of(&p))
+            .collect();
+        let instance = match (found.pop(), found.is_empty()) {
+            (Some(n), true) => Some(n),
+            _ => None,
+        };
+        Ok((
+            config::default_follow_state_dir(&db, instance.as_deref()),
+            db,
+        ))
+    }
+
+    fn gather(dir: &Path, db: Option<PathBuf>, max_lag: Option<Duration>) -> Result<Report> {
+        let sd = FollowStateDir::new(dir);
+        let running = sd.running();
+        let file: Option<FollowStatus> = sd.read()?;
+        let now = now_ms();
+        let max_lag_ms = max_lag.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let f = file.as_ref();
+        let following = running && f.is_some_and(|f| f.state == FollowState::Following);
+        // A positive lag has grown since the file was written; 0 means the last listing showed
+        // nothing newer, which holds until the next one.
+        let lag_ms = f.filter(|_| following).and_then(|f| {
+            f.lag_ms.map(|l| {
+                if l > 0 {
+                    l.saturating_add(now.saturating_sub(f.written_ms))
+                } else {
+                    0
+                }
+            })
+        });
+        let error = f.and_then(|f| f.error.clone());
+        // "stopped" is written just before the lock is released: not running either way.
+        let health = if !running || f.is_none_or(|f| f.state == FollowState::Stopped) {
+            Health::NotRunning
+        } else if lag_ms.zip(max_lag_ms).is_some_and(|(l, m)| l > m) {
+            Health::Lagging
+        } else if error.is_some() {
+            Health::Failing
+        } else if !following {
+            Health::Starting
+        } else {
+            Health::Healthy
+        };
+        Ok(Report {
+            health,
+            exit_code: health.exit_code(),
+            running,
+            state: f.map(|f| match f.state {
+                FollowState::Restoring => "restoring",
+                FollowState::Following => "following",
+                FollowState::Stopped => "stopped",
+            }),
+            state_dir: dir.to_owned(),
+            db,
+            pid: f.map(|f| f.pid),
+            generation: f.and_then(|f| f.position).map(|(g, _)| g.to_string()),
+            txid: f.and_then(|f| f.position).map(|(_, t)| t),
+            commit_ms: f.and_then(|f| f.commit_ms),
+            lag_ms,
+            max_lag_ms,
+            listed_ms: f.and_then(|f| f.listed_ms),
+            error,
+            written_ms: f.map(|f| f.written_ms),
+        })
+    }
+
+    fn print_human(o: &mut impl Write, r: &Report) -> std::io::Result<()> {
+        let now = now_ms();
+        writeln!(o, "health:     {} (exit {})", r.health.word(), r.exit_code)?;
+        match (r.running, r.state, r.pid) {
+            (true, Some(s), Some(pid)) => writeln!(o, "follower:   {s} (pid {pid})")?,
+            (true, _, _) => writeln!(o, "follower:   running")?,
+            (false, Some(s), Some(pid)) => {
+                writeln!(o, "follower:   not running (last said: {s}, pid {pid})")?
+            }
+            (false, _, _) => writeln!(o, "follower:   not running")?,
+        }
+        writeln!(o, "state:      {}", r.state_dir.display())?;
+        if let Some(db) = &r.db {
+            writeln!(o, "standby:    {}", db.display())?;
+        }
+        match (r.written_ms, r.running) {
+            (None, _) => writeln!(
+                o,
+                "status:     none (no follower has run with this state directory)"
+            )?,
+            (Some(w), true) => writeln!(o, "updated:    {}", ago(now, w))?,
+            (Some(w), false) => writeln!(
+                o,
+                "last seen:  {} (the follower's last report; not current)",
+                ago(now, w)
+            )?,
+        }
+        if let (Some(g), Some(t)) = (&r.generation, r.txid) {
+            match r.commit_ms {
+                Some(c) => writeln!(o, "position:   {g}/{t}, committed {}", ago(now, c))?,
+                None => writeln!(o, "position:   {g}/{t}")?,
+            }
+        }
+        if let Some(l) = r.lag_ms {
+            match r.max_lag_ms {
+                Some(m) => writeln!(o, "lag:        {} (max {})", duration(l), duration(m))?,
+                None => writeln!(o, "lag:        {}", duration(l))?,
+            }
+        }
+        if let Some(l) = r.listed_ms {
+            writeln!(o, "listed:     replica last listed {}", ago(now, l))?;
+        }
+        if let Some(e) = &r.error {
+            writeln!(o, "failing:    {e}")?;
+        }
+        Ok(())
+    }
 }
 
 fn ago(now: u64, ms: u64) -> String {

@@ -53,6 +53,12 @@
 //!   position, the lag behind the source (0 when the last listing showed nothing newer, else now
 //!   minus the last applied commit's capture time) and the time since the replica was last
 //!   listed successfully, `WATCHDOG=1` from the loop (at most once a second).
+//! - The follower reports itself in its own state directory (`--state-dir`, by default
+//!   `config::default_follow_state_dir`, apart from the daemon's; see [`super::follow_state`]):
+//!   its lock is held while it runs, and the `status` file (state restoring, following or
+//!   stopped, position, last commit time, lag as in `STATUS=`, last successful listing, last
+//!   error) is rewritten where `STATUS=` is sent, and at start and stop. A second follower
+//!   with the same state directory is refused.
 //! - An existing output is refused without `--force` (which rebuilds the standby from the
 //!   replica); following does not resume into a file it cannot prove. The standby holds the
 //!   same exclusive `flock` as `walship replicate` holds on its database
@@ -60,6 +66,7 @@
 //!   database that a walship replicates, and a `walship replicate` of the standby, or a second
 //!   follower, is refused while it is followed (exit 75).
 
+use super::follow_state::{FollowState, FollowStateDir, FollowStatus};
 use super::{
     check_database, check_output, list_settled, owners_view_told, reader, restore, stop_txid,
     Chunk, Item, RestoreOptions,
@@ -89,6 +96,8 @@ pub(crate) struct FollowOptions {
     pub(crate) force: bool,
     /// The database the replicas must belong to (see [`check_database`]).
     pub(crate) database: Option<PathBuf>,
+    /// Where the follower reports itself (see [`super::follow_state`]).
+    pub(crate) state_dir: PathBuf,
 }
 
 /// Where following stopped.
@@ -143,10 +152,13 @@ const BATCH_BYTES: usize = 16 << 20;
 
 /// Restores `out` from the first replica that works and follows it until `stop` is set;
 /// `following` is set once the initial restore is in place (a signal then means "stop").
+/// The state directory says "restoring" meanwhile, and "stopped" (with the error, if any) at
+/// the end.
 ///
 /// # Errors
-/// The output exists (without force), the initial restore fails, the standby cannot be opened
-/// for following, or a fatal error while following (see the module doc).
+/// The state directory cannot be locked, the output exists (without force), the initial
+/// restore fails, the standby cannot be opened for following, or a fatal error while
+/// following (see the module doc).
 pub(crate) fn follow(
     targets: &[(String, Box<dyn Backend>)],
     opts: &FollowOptions,
@@ -154,6 +166,32 @@ pub(crate) fn follow(
     stop: &AtomicBool,
     notifier: &Notifier,
     following: &AtomicBool,
+) -> Result<Followed> {
+    let dir = FollowStateDir::new(&opts.state_dir);
+    let _lock = dir.lock()?;
+    let report = std::cell::RefCell::new(FollowStatus::new(FollowState::Restoring));
+    dir.write(&report.borrow());
+    let r = follow_reporting(targets, opts, out, stop, notifier, following, &dir, &report);
+    let mut last = report.borrow().clone();
+    last.state = FollowState::Stopped;
+    if let Err(e) = &r {
+        last.error = Some(format!("{e:#}"));
+    }
+    dir.write(&last);
+    r
+}
+
+/// [`follow`], reporting into `dir`; `report` holds what was written last.
+#[allow(clippy::too_many_arguments)]
+fn follow_reporting(
+    targets: &[(String, Box<dyn Backend>)],
+    opts: &FollowOptions,
+    out: &Path,
+    stop: &AtomicBool,
+    notifier: &Notifier,
+    following: &AtomicBool,
+    dir: &FollowStateDir,
+    report: &std::cell::RefCell<FollowStatus>,
 ) -> Result<Followed> {
     check_output(out, opts.force).map_err(|e| {
         anyhow!("{e:#} (--follow builds a new standby; it does not resume into an existing file)")
@@ -219,6 +257,9 @@ pub(crate) fn follow(
         stop,
         notifier,
         checked: Some(Instant::now()),
+        listed_ms: Some(crate::clock::now_ms()),
+        dir,
+        report,
         error: None,
         commits: 0,
         status_sent: None,
@@ -406,6 +447,11 @@ struct Follower<'a> {
     notifier: &'a Notifier,
     /// When the replica was last listed successfully.
     checked: Option<Instant>,
+    /// The same, as a wall-clock time (Unix ms), for the status file.
+    listed_ms: Option<u64>,
+    /// The follower's state directory, and what its status file says.
+    dir: &'a FollowStateDir,
+    report: &'a std::cell::RefCell<FollowStatus>,
     /// The last poll's error, if it failed (logged once per distinct message).
     error: Option<String>,
     commits: u64,
@@ -486,8 +532,8 @@ impl Follower<'_> {
         }
     }
 
-    /// One-line status: position, lag, replica check, error; sent when the position or the
-    /// error changed, else once a second.
+    /// One-line status (`STATUS=`) and the status file: position, lag, replica check, error;
+    /// sent and written when the position or the error changed, else once a second.
     fn status(&mut self) {
         let key = (self.s.position, self.error.clone());
         if self
@@ -503,10 +549,12 @@ impl Follower<'_> {
         // At the replica's end, the standby is as current as the replica shows: no lag (the
         // source may simply be idle). Otherwise, or when the replica cannot be listed, the lag
         // is the age of the last commit applied.
-        let lag = if self.caught_up && self.error.is_none() {
+        let at_end = self.caught_up && self.error.is_none();
+        let lag_ms = if at_end { 0 } else { now.saturating_sub(time) };
+        let lag = if at_end {
             "lag 0.0s (at the replica's end)".to_owned()
         } else {
-            format!("lag {:.1}s", now.saturating_sub(time) as f64 / 1000.0)
+            format!("lag {:.1}s", lag_ms as f64 / 1000.0)
         };
         let checked = self.checked.map_or_else(
             || "never".to_owned(),
@@ -521,6 +569,18 @@ impl Follower<'_> {
             line.push_str(&format!(", error: {e}"));
         }
         self.notifier.status(&line);
+        let st = FollowStatus {
+            written_ms: now,
+            pid: std::process::id(),
+            state: FollowState::Following,
+            position: Some((self.s.position.generation, self.s.position.txid)),
+            commit_ms: self.s.last.map(|c| c.time_ms),
+            lag_ms: Some(lag_ms),
+            listed_ms: self.listed_ms,
+            error: self.error.clone(),
+        };
+        self.dir.write(&st);
+        *self.report.borrow_mut() = st;
     }
 
     /// Lists `t`, plans what is new and applies it.
@@ -537,6 +597,7 @@ impl Follower<'_> {
         });
         self.warned = warned;
         self.checked = Some(Instant::now());
+        self.listed_ms = Some(crate::clock::now_ms());
         let plan =
             plan_restore(&listing, &Want::Latest).map_err(|e| anyhow!("{}: {e}", t.url()))?;
         let end = stop_txid(t, &plan)?;

@@ -37,6 +37,7 @@
 //! SQLite rather than into a temporary file (see its module doc).
 
 pub(crate) mod follow;
+pub(crate) mod follow_state;
 
 use crate::backend::encrypted::check_marker;
 use crate::backend::Backend;
