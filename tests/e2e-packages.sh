@@ -366,6 +366,10 @@ step "8 (.deb). purge both packages"
 check "apt-get purge walship" sh_in bravo 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -q walship >/dev/null'
 check "walship: instances stopped, unit, generator, binary gone" sh_in bravo '! systemctl is-active -q walship@fruits && [ ! -e /lib/systemd/system/walship@.service ] && [ ! -e /lib/systemd/system/walship-follow@.service ] && [ ! -e /lib/systemd/system-generators/walship-generator ] && [ ! -e /usr/bin/walship ] && [ -z "$(ls /etc/systemd/system/*.wants/ | grep walship@)" ]'
 check "walship: /var/lib/walship gone, example gone, admin's files and the database stay" sh_in bravo '[ ! -e /var/lib/walship ] && [ ! -e /etc/walship/example.toml.sample ] && [ -f /etc/walship/fruits.toml ] && [ -f /etc/walship/replicator.key ] && [ -f /var/data/db/fruits.db ]'
+check "CHARLIE: apt-get purge walship: follow unit, its enablement link and /var/lib/walship-follow gone, the standby stays" sh_in charlie '
+  DEBIAN_FRONTEND=noninteractive apt-get purge -y -q walship >/dev/null
+  [ ! -e /lib/systemd/system/walship-follow@.service ] && [ ! -e /var/lib/walship-follow ]
+  [ -z "$(ls /etc/systemd/system/*.wants/ | grep walship-follow@)" ] && [ -f /var/data/db/fruits.db ]'
 check "apt-get purge walship-replicator" sh_in alpha 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -q walship-replicator >/dev/null'
 check "replicator: drop-in and authorized_keys gone, sshd no longer applies the Match block" sh_in alpha '[ ! -e /etc/ssh/sshd_config.d/walship-replicator.conf ] && [ ! -e /etc/ssh/authorized_keys_replicator ] && ! sshd -T -C user=replicator,host=b,addr=10.77.0.2 | grep -qx "forcecommand internal-sftp" && systemctl is-active -q ssh'
 check "replicator: the replicas stay in /var/data/replicator" sh_in alpha '[ -n "$(find /var/data/replicator/db/fruits -type f | head -1)" ]'
