@@ -150,3 +150,43 @@ pub(crate) fn remove_temp_files(dir: &Path) -> io::Result<usize> {
     }
     Ok(n)
 }
+
+/// Takes the exclusive `flock` on `dir/lock` (created if missing) that marks `dir` as owned by
+/// one live process, then removes the temporary files a killed predecessor left there. The
+/// lock lasts as long as the returned file is open (the kernel drops it when the process dies,
+/// so a stale lock cannot exist).
+///
+/// # Errors
+/// The lock file cannot be opened, another process holds the lock (`held` says who should not
+/// be there, with what to do), or the sweep failed.
+pub(crate) fn lock_dir(dir: &Path, held: &str) -> anyhow::Result<File> {
+    use anyhow::Context as _;
+    let p = dir.join("lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("cannot open {}", p.display()))?;
+    if !flock(&f, nix::libc::LOCK_EX) {
+        anyhow::bail!("{held}");
+    }
+    remove_temp_files(dir)
+        .with_context(|| format!("cannot remove temporary files in {}", dir.display()))?;
+    Ok(f)
+}
+
+/// Whether a live process holds [`lock_dir`]'s lock on `dir` now.
+pub(crate) fn lock_held(dir: &Path) -> bool {
+    OpenOptions::new()
+        .write(true)
+        .open(dir.join("lock"))
+        .is_ok_and(|f| !flock(&f, nix::libc::LOCK_SH))
+}
+
+/// `flock(f, how | LOCK_NB)`; whether it was granted.
+fn flock(f: &File, how: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    unsafe { nix::libc::flock(f.as_raw_fd(), how | nix::libc::LOCK_NB) == 0 }
+}

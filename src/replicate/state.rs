@@ -21,15 +21,14 @@
 
 use super::spool::Key;
 use crate::db::WalPos;
-use crate::durable::{remove_temp_files, replace_file, write_file_atomic};
+use crate::durable::{lock_dir, lock_held, replace_file, write_file_atomic};
 use crate::layout::checksum::PageHashes;
 use crate::layout::names::GenerationId;
 use crate::layout::owner::InstanceId;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use tracing::warn;
@@ -92,27 +91,18 @@ impl StateDir {
         let dir = self.dir.display();
         std::fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create state directory {dir}"))?;
-        let p = self.dir.join("lock");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .with_context(|| format!("cannot open {}", p.display()))?;
-        if !flock(&f, nix::libc::LOCK_EX) {
-            bail!("another walship is already replicating with state directory {dir} (lock held)");
-        }
-        remove_temp_files(&self.dir)
-            .with_context(|| format!("cannot remove temporary files in state directory {dir}"))?;
+        let f = lock_dir(
+            &self.dir,
+            &format!(
+                "another walship is already replicating with state directory {dir} (lock held)"
+            ),
+        )?;
         Ok(StateLock(f))
     }
 
     /// Whether a daemon holds the lock now.
     pub(crate) fn daemon_running(&self) -> bool {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(self.dir.join("lock"))
-            .is_ok_and(|f| !flock(&f, nix::libc::LOCK_SH))
+        lock_held(&self.dir)
     }
 
     fn status_path(&self) -> PathBuf {
@@ -248,12 +238,6 @@ impl StateDir {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
-}
-
-/// `flock(f, how | LOCK_NB)`; whether it was granted.
-fn flock(f: &File, how: i32) -> bool {
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    unsafe { nix::libc::flock(f.as_raw_fd(), how | nix::libc::LOCK_NB) == 0 }
 }
 
 fn hashes_header(at: &Captured, page_size: u32) -> String {

@@ -14,13 +14,12 @@
 //! is strict (a missing key or a bad value is an error naming the file); an error text is one
 //! line (newlines become spaces).
 
-use crate::durable::{remove_temp_files, replace_file};
+use crate::durable::{lock_dir, lock_held, replace_file};
 use crate::layout::names::GenerationId;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -191,28 +190,16 @@ impl FollowStateDir {
             .mode(0o700)
             .create(&self.dir)
             .with_context(|| format!("cannot create the follower's state directory {dir}"))?;
-        let p = self.dir.join("lock");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .with_context(|| format!("cannot open {}", p.display()))?;
-        if !flock(&f, nix::libc::LOCK_EX) {
-            bail!("another follower uses the state directory {dir} (lock held): give each standby its own --state-dir");
-        }
-        remove_temp_files(&self.dir).with_context(|| {
-            format!("cannot remove temporary files in the follower's state directory {dir}")
-        })?;
+        let f = lock_dir(
+            &self.dir,
+            &format!("another follower uses the state directory {dir} (lock held): give each standby its own --state-dir"),
+        )?;
         Ok(FollowLock(f))
     }
 
     /// Whether a follower holds the lock now.
     pub(crate) fn running(&self) -> bool {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(self.dir.join("lock"))
-            .is_ok_and(|f| !flock(&f, nix::libc::LOCK_SH))
+        lock_held(&self.dir)
     }
 
     fn status_path(&self) -> PathBuf {
@@ -244,11 +231,6 @@ impl FollowStateDir {
             .map(Some)
             .with_context(|| format!("status file {} is malformed", p.display()))
     }
-}
-
-fn flock(f: &File, how: i32) -> bool {
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    unsafe { nix::libc::flock(f.as_raw_fd(), how | nix::libc::LOCK_NB) == 0 }
 }
 
 #[cfg(test)]
