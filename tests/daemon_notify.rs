@@ -106,9 +106,15 @@ impl Scratch {
         out
     }
 
-    /// Restores the replica into a fresh file and returns the number of rows in `t`.
+    /// Restores the replica into a fresh file (removing what an earlier call left under that
+    /// name, so a caller may poll) and returns the number of rows in `t`.
     pub(crate) fn restore_count(&self, name: &str) -> i64 {
         let out = self.root.join(name);
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = out.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
         let o = Command::new(BIN)
             .args(["restore", "-o"])
             .arg(&out)
