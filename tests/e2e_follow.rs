@@ -316,7 +316,7 @@ fn stop_follower(d: &mut Daemon) {
 }
 
 /// The source's pages and the standby's are equal, but for SQLite's own bytes of page 1.
-fn assert_same_pages(source: &Path, standby: &Path) {
+pub(crate) fn assert_same_pages(source: &Path, standby: &Path) {
     let mut a = logical_bytes(source);
     let mut b = logical_bytes(standby);
     assert_integrity(standby);

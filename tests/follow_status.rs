@@ -6,6 +6,7 @@
 //! agree on, apart from the daemon's. And following an encrypted file replica (`encrypt-to` on
 //! the daemon, `--identity` on the follower) to a standby equal to the source.
 
+use crate::e2e_follow::assert_same_pages;
 use crate::util::*;
 use serde_json::Value;
 use std::ffi::{OsStr, OsString};
@@ -215,30 +216,6 @@ fn keys(dir: &Path) -> (PathBuf, String) {
     )
     .expect("write identity file");
     (identity, id.to_public().to_string())
-}
-
-/// The source's pages and the standby's are equal, up to the header's page count and but for
-/// SQLite's own bytes of page 1 (see `src/restore/follow.rs`).
-fn assert_same_pages(source: &Path, standby: &Path) {
-    let mut a = logical_bytes(source);
-    let mut b = logical_bytes(standby);
-    assert_integrity(standby);
-    let ps = usize::from(u16::from_be_bytes([a[16], a[17]]));
-    for x in [&mut a, &mut b] {
-        let pages = u32::from_be_bytes([x[28], x[29], x[30], x[31]]) as usize;
-        x.truncate(pages * ps);
-    }
-    for r in [24..28, 92..100] {
-        b[r.clone()].copy_from_slice(&a[r]);
-    }
-    assert!(
-        a == b,
-        "standby {} differs from source {} ({} vs {} bytes)",
-        standby.display(),
-        source.display(),
-        a.len(),
-        b.len()
-    );
 }
 
 /// Following an encrypted file replica (the daemon with `encrypt-to`, the follower with
