@@ -36,10 +36,13 @@ def load_writer(p):
 order, w = load_writer(wfile)
 _, base = load_writer(bfile)
 segs = []
+creates = []
 for line in open(watchfile):
     f = line.split()
     if f and f[0] == 'seg' and (len(f) < 6 or f[5] != 'pre'):
         segs.append((int(f[1]), int(f[2]), int(f[3]), f[4]))
+    elif f and f[0] == 'create':
+        creates.append(int(f[1]))
 level0 = sorted([s for s in segs if s[3].startswith('seg-0-')], key=lambda s: s[2])
 other = sorted([s for s in segs if not s[3].startswith('seg-0-')], key=lambda s: s[2])
 appear = {}
@@ -61,15 +64,18 @@ for ph in order:
     lat = [b - a for s, a, b in rows]
     blat = [b - a for s, a, b in base.get(ph, [])]
     nsegs = sum(1 for s in level0 if rows[0][0] + 1 <= s[0] and s[1] <= rows[-1][0] + 1)
+    # files created on the replica while the phase ran (a tail segment's renames create none)
+    nfiles = sum(1 for t in creates if rows[0][1] <= t <= rows[-1][2])
     p50, p99 = pct(lags, 50), pct(lags, 99)
     results[ph] = (p50, p99)
     rate_name = 'max' if ph.startswith('0:') else ph.split(':')[0]
-    print('%-9s %7d %8.0f | %9.2f %9.2f %9.2f%s | %9.3f %9.3f     %9.3f %9.3f     %6.2fx  (%d segs)' % (
+    print('%-9s %7d %8.0f | %9.2f %9.2f %9.2f%s | %9.3f %9.3f     %9.3f %9.3f     %6.2fx  (%d names, %d files created, %.1f/s)' % (
         rate_name + '/s', len(rows), len(rows) / dur if dur else 0,
         ms(p50), ms(p99), ms(max(lags)) if lags else float('nan'),
         (' MISSING %d' % missing) if missing else '',
         ms(pct(blat, 50)), ms(pct(blat, 99)), ms(pct(lat, 50)), ms(pct(lat, 99)),
-        pct(lat, 50) / pct(blat, 50) if blat else float('nan'), nsegs))
+        pct(lat, 50) / pct(blat, 50) if blat else float('nan'), nsegs, nfiles,
+        nfiles / dur if dur else 0))
 print('SQLITE_BUSY errors (busy timeout 5 s): %s with walship, %s plain' % (
     busy.get(wfile, '?'), busy.get(bfile, '?')))
 # machine-readable summary for the 100/s phase

@@ -4,8 +4,11 @@
 usage: watch.py REPLICA_ROOT OUT
 Writes lines "seg FIRST LAST T_NS NAME" / "snap TXID T_NS NAME" (T_NS = CLOCK_MONOTONIC when the
 inotify event was read; files already present when the watch starts are written with their scan
-time and flagged "pre"). Runs until SIGTERM. Final names appear only by rename (temp + fsync +
-rename), so the appearance of a final name is the moment the data is durable on the replica.
+time and flagged "pre"), and "create T_NS NAME" for every file created (a temporary file that
+becomes a final name, or a claim). Runs until SIGTERM. Final names appear only by rename (temp +
+fsync + rename, or a tail segment appended to, fsynced, then renamed to its new range), so the
+appearance of a final name is the moment the data is durable on the replica; a rename creates
+no file.
 """
 import os, signal, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,4 +57,6 @@ while True:
         if d == gens and mask & Inotify.IN_ISDIR:
             add_gen(os.path.join(gens, name))
         elif d != gens:
+            if mask & Inotify.IN_CREATE:
+                out.write('create %d %s\n' % (t, name))
             record(name, t)

@@ -207,12 +207,14 @@ impl<'a> MainLoop<'a> {
     }
 
     fn capture(&mut self) {
-        let Some(c) = self.cap.as_mut() else { return };
         // A change waits for the end of the group window (see the module doc); rounds woken
-        // meanwhile (a replica's progress) leave it for then.
-        if self.capture_due.is_some_and(|due| Instant::now() < due) {
+        // meanwhile (a replica's progress) leave it for then, and the watcher reports no more
+        // (see `ChangeGate`): the capture then reads what came meanwhile.
+        if self.cap.is_some() && self.capture_due.is_some_and(|due| Instant::now() < due) {
             return;
         }
+        self.shared.changes.looking();
+        let Some(c) = self.cap.as_mut() else { return };
         self.capture_due = None;
         let db = self.settings.db.display();
         let (before, began) = (c.key(), Instant::now());

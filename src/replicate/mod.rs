@@ -254,7 +254,7 @@ pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<Stopped> {
     )?;
     cap.rotate_pin()?;
     main_loop::kick_head(&shared, &cap);
-    let watcher = watch(&settings.db, tx)?;
+    let watcher = watch(&settings.db, tx, shared.clone())?;
     info!(db = %settings.db.display(), generation = %cap.at.generation, position = %format!("{}/{}", cap.at.generation, cap.at.txid), "replicating to {} replica(s)", settings.replicas.len());
     let mut main = MainLoop::new(settings, notifier, state, shared, spool, rx, cap, db_lock);
     main.ready = ready;
@@ -299,6 +299,7 @@ fn start_shippers(
             fanout: settings.compaction_fanout,
             retention: settings.retention,
             wake: tx.clone(),
+            tail: std::cell::Cell::new(None),
         };
         let h = std::thread::Builder::new()
             .name(format!("ship-{}", r.name))
@@ -310,8 +311,8 @@ fn start_shippers(
 }
 
 /// Watches the database's directory; only events on the database or its WAL send
-/// [`Msg::Changed`].
-fn watch(db: &Path, tx: Sender<Msg>) -> Result<notify::RecommendedWatcher> {
+/// [`Msg::Changed`], at most one until capture looks (see [`ChangeGate`]).
+fn watch(db: &Path, tx: Sender<Msg>, shared: Arc<Shared>) -> Result<notify::RecommendedWatcher> {
     let dir = db
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
@@ -329,7 +330,7 @@ fn watch(db: &Path, tx: Sender<Msg>) -> Result<notify::RecommendedWatcher> {
             .iter()
             .any(|p| p.file_name().is_some_and(|n| names.iter().any(|x| x == n)))
         {
-            let _ = tx.send(Msg::Changed);
+            shared.changes.report(&tx);
         }
     })
     .context("cannot start inotify watcher")?;
@@ -337,6 +338,49 @@ fn watch(db: &Path, tx: Sender<Msg>) -> Result<notify::RecommendedWatcher> {
         .watch(&dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("cannot watch {}", dir.display()))?;
     Ok(watcher)
+}
+
+/// How long the watcher's thread waits, after reporting a change, for capture to look.
+const WATCH_HOLD: Duration = Duration::from_millis(100);
+
+/// Coalesces file events between the watcher's thread and capture. A commit is several
+/// writes to the WAL, each an inotify event; handling each (reading it, waking the main loop)
+/// was about a tenth of walship's CPU under a stream of small commits. So after reporting a
+/// change the watcher's thread stops reading events until capture begins to look (at most
+/// [`WATCH_HOLD`]): meanwhile the kernel merges the queued identical events into one.
+///
+/// Invariant: while `pending` is set, a capture that will read the WAL is due (the main loop
+/// got [`Msg::Changed`] or is about to): capture clears it *before* reading, so a write after
+/// that is reported again, and no commit waits for a timer.
+#[derive(Debug, Default)]
+pub(crate) struct ChangeGate {
+    pending: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl ChangeGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The watcher saw a change: tells the main loop unless it was told already, then waits
+    /// (at most [`WATCH_HOLD`]) until capture looks.
+    fn report(&self, tx: &Sender<Msg>) {
+        let mut pending = self.lock();
+        if !*pending {
+            *pending = true;
+            let _ = tx.send(Msg::Changed);
+        }
+        let _ = self.cv.wait_timeout_while(pending, WATCH_HOLD, |p| *p);
+    }
+
+    /// Capture is about to read the database: changes from now on are reported again.
+    pub(crate) fn looking(&self) {
+        *self.lock() = false;
+        self.cv.notify_all();
+    }
 }
 
 fn spawn_signal_thread(tx: Sender<Msg>) -> Result<()> {

@@ -143,6 +143,8 @@ pub(crate) struct Shared {
     pub(crate) inner: Mutex<Inner>,
     /// Signalled when the spool gets new files, or on stop.
     pub(crate) cv: Condvar,
+    /// File events not yet looked at by capture (see [`super::ChangeGate`]).
+    pub(crate) changes: super::ChangeGate,
 }
 
 /// See [`Shared`].
@@ -270,6 +272,35 @@ pub(crate) struct Shipper {
     pub(crate) retention: Duration,
     /// Wakes the main loop after progress.
     pub(crate) wake: Sender<super::Msg>,
+    /// The replica's growing tail segment, if the next upload may append to it (see [`Tail`]).
+    pub(crate) tail: std::cell::Cell<Option<Tail>>,
+}
+
+/// Largest tail segment appended to: a reader (a follower) reads a tail again after each
+/// append, so this bounds what it reads twice.
+const TAIL_MAX_BYTES: u64 = 1 << 20;
+
+/// Oldest tail segment appended to: under a stream of commits, about one new file per
+/// second on the replica.
+const TAIL_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// A level-0 segment this shipper wrote to its replica in this run, which later uploads grow
+/// in place on targets that can append (file://, sftp://) instead of each creating a file:
+/// the spooled files' bytes are appended as they are (a segment file may be several whole
+/// segment files one after the other, see `layout::codec`), made durable, then the file is
+/// renamed to its new range. A file never written in this run is never appended to, so a
+/// torn append a crash left is never written after; a new file is started at every
+/// snapshot, gap, failure, compaction, and when the tail reaches [`TAIL_MAX_BYTES`] or
+/// [`TAIL_MAX_AGE`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tail {
+    generation: GenerationId,
+    /// Its name on the replica now.
+    name: FileName,
+    /// Its size on the replica.
+    len: u64,
+    /// When it was created.
+    started: Instant,
 }
 
 impl Shipper {
@@ -404,7 +435,10 @@ impl Shipper {
                     .first()
                     .ok_or_else(|| anyhow!("internal: empty batch"))?;
                 owner.before_write(target, f.generation)?;
-                let sent = self.upload_batch(&batch)?;
+                let (sent, replaced) = self.upload_batch(&batch)?;
+                if let Some(old) = replaced {
+                    plan.replaced(f.generation, old);
+                }
                 self.sent(plan, &batch, sent)?;
             }
             Action::ListRemote(g) => plan.listed(g, self.remote_files(&g)?),
@@ -414,6 +448,8 @@ impl Shipper {
                 self.remove_temps()?;
             }
             Action::Compact => {
+                // Compaction may merge the tail away: the next upload starts a new file.
+                self.tail.set(None);
                 owner.verify_if_stale(target)?;
                 let did = match plan.remote_mut() {
                     Some((g, files)) => self.compact(g, files)?,
@@ -422,6 +458,7 @@ impl Shipper {
                 plan.compacted(did);
             }
             Action::Retain(g) => {
+                self.tail.set(None);
                 owner.verify_if_stale(target)?;
                 self.retain(&g)?;
             }
@@ -445,6 +482,7 @@ impl Shipper {
         live: Option<&Arc<LiveFile>>,
     ) -> Result<()> {
         let l = live.ok_or_else(|| anyhow!("internal: no live file to stream"))?;
+        self.tail.set(None);
         owner.before_write(self.target.as_ref(), l.generation)?;
         match self.upload_live(l)? {
             Some(f) => self.sent(plan, std::slice::from_ref(&f), f.name),
@@ -521,6 +559,8 @@ impl Shipper {
     /// After a failed action: records the error, and either retires the shipper (another
     /// instance took the replica over) or backs off. Returns false when the thread must end.
     fn fail(&self, plan: &mut Planner, e: anyhow::Error) -> bool {
+        // What the failed action left on the replica is unknown: start a new file.
+        self.tail.set(None);
         let taken_over = e.downcast_ref::<TakenOver>().is_some();
         let action = plan.failed(taken_over, rand::random());
         self.shared.lock().replicas[self.idx]
@@ -583,14 +623,20 @@ impl Shipper {
         }
     }
 
-    /// Uploads one file, or a merged segment for a batch; returns the name sent.
-    fn upload_batch(&self, batch: &[SpoolFile]) -> Result<FileName> {
+    /// Uploads one file, or a merged segment for a batch, or appends the batch to the tail
+    /// segment (see [`Tail`]); returns the name sent, and the name it replaced on the replica.
+    fn upload_batch(&self, batch: &[SpoolFile]) -> Result<(FileName, Option<FileName>)> {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             bail!("internal: empty batch");
         };
+        if let Some((name, old)) = self.append_to_tail(batch)? {
+            return Ok((name, Some(old)));
+        }
         if batch.len() == 1 {
-            self.upload(first)?;
-            return Ok(first.name);
+            if let Some(len) = self.upload(first)? {
+                self.new_tail(first.generation, first.name, len);
+            }
+            return Ok((first.name, None));
         }
         let (
             FileName::Segment {
@@ -634,10 +680,96 @@ impl Shipper {
         let mut file = std::fs::File::open(&tmp)
             .with_context(|| format!("cannot reopen {}", tmp.display()))?;
         let dest = file_path(&first.generation, &name);
-        self.target
+        let len = self
+            .target
             .write_atomic(&dest, &mut file)
             .map_err(|e| upload_error(e.into(), &dest))?;
-        Ok(name)
+        self.new_tail(first.generation, name, len);
+        Ok((name, None))
+    }
+
+    /// After `name` (`len` bytes) was written to the replica: the next upload may append to
+    /// it if it is a level-0 segment and the target can append.
+    fn new_tail(&self, generation: GenerationId, name: FileName, len: u64) {
+        let level0 = matches!(name, FileName::Segment { level: 0, .. });
+        self.tail.set((level0 && self.target.can_append()).then(|| Tail {
+            generation,
+            name,
+            len,
+            started: Instant::now(),
+        }));
+    }
+
+    /// Appends `batch` (level-0 segments) to the tail segment if it continues it and the
+    /// tail is young and small enough (see [`Tail`]): the spooled files' bytes, fsynced, then
+    /// the tail renamed to its new range. Returns the new name and the old one, or `None`
+    /// when the batch is to start a new file.
+    fn append_to_tail(&self, batch: &[SpoolFile]) -> Result<Option<(FileName, FileName)>> {
+        let Some(t) = self.tail.take() else {
+            return Ok(None);
+        };
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            bail!("internal: empty batch");
+        };
+        let FileName::Segment {
+            first: a,
+            last: b,
+            first_ms,
+            ..
+        } = t.name
+        else {
+            return Ok(None);
+        };
+        let bytes: u64 = batch.iter().map(|f| f.size).sum();
+        let continues = first.generation == t.generation
+            && first.name.first_txid() == b + 1
+            && batch
+                .iter()
+                .all(|f| matches!(f.name, FileName::Segment { level: 0, .. }));
+        if !continues || t.len + bytes > TAIL_MAX_BYTES || t.started.elapsed() >= TAIL_MAX_AGE {
+            return Ok(None);
+        }
+        let mut data = Vec::with_capacity(usize::try_from(bytes).unwrap_or(0));
+        for f in batch {
+            let path = self.spool.path(&f.generation, &f.name);
+            match std::fs::File::open(&path) {
+                Ok(src) => {
+                    let n = src
+                        .take(f.size)
+                        .read_to_end(&mut data)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    if n as u64 != f.size {
+                        bail!("spool file {} is shorter than spooled", path.display());
+                    }
+                }
+                // Dropped by the spool limit meanwhile: the normal path handles it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot open {}", path.display()))
+                }
+            }
+        }
+        let old = file_path(&t.generation, &t.name);
+        self.target
+            .append(&old, t.len, &data)
+            .map_err(|e| upload_error(e.into(), &old))?;
+        let name = FileName::Segment {
+            level: 0,
+            first: a,
+            last: last.name.last_txid(),
+            first_ms,
+            last_ms: last.name.last_ms(),
+        };
+        let new = file_path(&t.generation, &name);
+        self.target
+            .rename(&old, &new)
+            .map_err(|e| upload_error(e.into(), &new))?;
+        self.tail.set(Some(Tail {
+            name,
+            len: t.len + bytes,
+            ..t
+        }));
+        Ok(Some((name, t.name)))
     }
 
     /// Asks the main loop for a fresh snapshot, and wakes it: an idle main loop sleeps until
@@ -757,19 +889,21 @@ impl Shipper {
         e
     }
 
-    fn upload(&self, f: &SpoolFile) -> Result<()> {
+    /// Uploads the spooled file `f`; returns its size on the replica, or `None` if it was not
+    /// in the spool any more.
+    fn upload(&self, f: &SpoolFile) -> Result<Option<u64>> {
         let path = self.spool.path(&f.generation, &f.name);
         let mut src = match std::fs::File::open(&path) {
             Ok(s) => s,
             // Dropped by the spool limit while we looked: the next round handles the gap.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
         };
         let dest = file_path(&f.generation, &f.name);
-        self.target.write_atomic(&dest, &mut src).map_err(|e| {
+        let len = self.target.write_atomic(&dest, &mut src).map_err(|e| {
             self.upload_failed(&f.generation, &f.name, upload_error(e.into(), &dest))
         })?;
-        Ok(())
+        Ok(Some(len))
     }
 
     /// Streams the file capture is writing live to the replica, finishing once it is published

@@ -346,6 +346,16 @@ impl Planner {
         };
     }
 
+    /// After an upload appended to the replica's tail segment and renamed it: `old` is no
+    /// longer on the replica in generation `g` (the new name comes with [`Planner::sent`]).
+    pub(crate) fn replaced(&mut self, g: GenerationId, old: FileName) {
+        if let Some((rg, files)) = self.remote.as_mut() {
+            if *rg == g {
+                files.retain(|f| *f != old);
+            }
+        }
+    }
+
     /// After [`Action::ListRemote`]: what the replica holds in generation `g`.
     pub(crate) fn listed(&mut self, g: GenerationId, files: Vec<FileName>) {
         self.remote = Some((g, files));
