@@ -164,7 +164,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// # Errors
     /// Always.
     fn append(&self, path: &str, _at: u64, _data: &[u8]) -> Result<()> {
-        Err(BackendError::new(ErrorKind::Other, format!("cannot append to {path}")))
+        Err(BackendError::new(
+            ErrorKind::Other,
+            format!("cannot append to {path}"),
+        ))
     }
 
     /// Placeholder until the append API lands (wt-app).
@@ -172,7 +175,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// # Errors
     /// Always.
     fn rename(&self, from: &str, _to: &str) -> Result<()> {
-        Err(BackendError::new(ErrorKind::Other, format!("cannot rename {from}")))
+        Err(BackendError::new(
+            ErrorKind::Other,
+            format!("cannot rename {from}"),
+        ))
     }
 
     /// The encryption this target applies to the files below the root (`Some("age")`, see

@@ -26,7 +26,7 @@ pub(crate) const CODEC_VERSION: u8 = 1;
 /// The magic at the start of every snapshot and segment file.
 const MAGIC: &[u8; 8] = b"WALSHIP\0";
 /// Size of the plain header before the zstd frame.
-const HEADER_SIZE: usize = 16;
+pub(crate) const HEADER_SIZE: usize = 16;
 const TAG_PAGE: u8 = b'P';
 const TAG_COMMIT: u8 = b'C';
 const TAG_END: u8 = b'E';

@@ -316,8 +316,8 @@ impl<'a> MainLoop<'a> {
             .replaced
             .as_ref()
             .map(|r| format!("the file was {}, {}", r.how, r.waiting()));
-        let (st, caught_up) = status(&self.at, &self.shared, spooled, problem);
-        self.shared.observe(&self.at, spooled);
+        let (st, caught_up) = status(&self.at, &self.shared, &self.spool, spooled, problem);
+        self.shared.observe(&self.at, &self.spool, spooled);
         if self.status.as_ref() == Some(&st) {
             self.status_due = None;
         } else if settled(self.status.as_ref(), &st)
@@ -366,8 +366,8 @@ impl<'a> MainLoop<'a> {
         kick(&self.shared);
         self.wait_for_shippers(shippers, deadline);
         let spooled = self.spool.list().unwrap_or_default();
-        let (st, _) = status(&self.at, &self.shared, &spooled, None);
-        self.shared.observe(&self.at, &spooled);
+        let (st, _) = status(&self.at, &self.shared, &self.spool, &spooled, None);
+        self.shared.observe(&self.at, &self.spool, &spooled);
         self.state.write_status(&st);
         if let Some(Err(e)) = self.cap.as_ref().map(Capture::save_hashes) {
             warn!("{e:#}: the next start may need a full snapshot");
@@ -542,7 +542,8 @@ fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<Vec<spool::Spo
     let mut keep = Vec::new();
     let mut dropped = Vec::new();
     for f in files {
-        if min.is_some_and(|m| f.key() <= m) {
+        // The tail stays once shipped: capture appends to it next (see `spool`).
+        if min.is_some_and(|m| f.key() <= m) && !spool.is_tail(&f) {
             spool.remove(&f)?;
         } else {
             total += f.size;
@@ -595,6 +596,7 @@ fn settled(written: Option<&Status>, new: &Status) -> bool {
 fn status(
     at: &Captured,
     shared: &Shared,
+    spool: &Spool,
     files: &[spool::SpoolFile],
     db_problem: Option<String>,
 ) -> (Status, bool) {
@@ -616,10 +618,8 @@ fn status(
         if caught_up {
             ok += 1;
         } else {
-            let first_missing = files
-                .iter()
-                .find(|f| r.position.is_none_or(|p| f.key() > p))
-                .map(|f| f.name.first_ms())
+            let first_missing = spool
+                .first_missing_ms(files, r.position)
                 .unwrap_or(at.time_ms);
             max_lag = max_lag.max(now.saturating_sub(first_missing));
         }

@@ -54,7 +54,7 @@ use crate::layout::owner::InstanceId;
 use crate::layout::plan::{plan_compaction, plan_retention, redundant_segments, Deletion, Listing};
 use anyhow::{anyhow, bail, Context, Result};
 use plan::{past_deadline, Action, Gap, Planner, Shutdown, View, IDLE_WAIT};
-use std::io::{BufWriter, Read};
+use std::io::{BufWriter, Read, Seek, SeekFrom};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -187,7 +187,12 @@ impl Shared {
     /// maintenance). A replica's lag is measured as `status` measures it: from the capture
     /// time of the first spooled file it lacks (or of the last commit, once no such file is
     /// left).
-    pub(crate) fn observe(&self, at: &super::state::Captured, spooled: &[SpoolFile]) {
+    pub(crate) fn observe(
+        &self,
+        at: &super::state::Captured,
+        spool: &Spool,
+        spooled: &[SpoolFile],
+    ) {
         let head = at.key();
         let mut g = self.lock();
         let behind_since_ms = g
@@ -198,10 +203,9 @@ impl Shared {
                     .position
                     .is_some_and(|p| p.generation == head.generation && p.last >= head.last);
                 (!caught_up).then(|| {
-                    spooled
-                        .iter()
-                        .find(|f| r.position.is_none_or(|p| f.key() > p))
-                        .map_or(at.time_ms, |f| f.name.first_ms())
+                    spool
+                        .first_missing_ms(spooled, r.position)
+                        .unwrap_or(at.time_ms)
                 })
             })
             .collect();
@@ -435,7 +439,7 @@ impl Shipper {
                     .first()
                     .ok_or_else(|| anyhow!("internal: empty batch"))?;
                 owner.before_write(target, f.generation)?;
-                let (sent, replaced) = self.upload_batch(&batch)?;
+                let (sent, replaced) = self.upload_batch(&batch, plan.position())?;
                 if let Some(old) = replaced {
                     plan.replaced(f.generation, old);
                 }
@@ -625,18 +629,20 @@ impl Shipper {
 
     /// Uploads one file, or a merged segment for a batch, or appends the batch to the tail
     /// segment (see [`Tail`]); returns the name sent, and the name it replaced on the replica.
-    fn upload_batch(&self, batch: &[SpoolFile]) -> Result<(FileName, Option<FileName>)> {
+    /// A replica at `pos` may hold the start of the batch's first file (a spool tail that grew
+    /// since it was shipped): only the rest is sent when the spool knows where it starts (see
+    /// [`Spool::piece`]), else the whole file (readers skip the commits they applied).
+    fn upload_batch(
+        &self,
+        batch: &[SpoolFile],
+        pos: Option<Key>,
+    ) -> Result<(FileName, Option<FileName>)> {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             bail!("internal: empty batch");
         };
-        if let Some((name, old)) = self.append_to_tail(batch)? {
+        let piece = self.piece(first, pos);
+        if let Some((name, old)) = self.append_to_tail(batch, piece)? {
             return Ok((name, Some(old)));
-        }
-        if batch.len() == 1 {
-            if let Some(len) = self.upload(first)? {
-                self.new_tail(first.generation, first.name, len);
-            }
-            return Ok((first.name, None));
         }
         let (
             FileName::Segment {
@@ -647,8 +653,11 @@ impl Shipper {
             },
         ) = (first.name, last.name)
         else {
-            bail!("internal: a batch holds only segments");
+            // A snapshot: always alone in its batch.
+            self.upload(first, 0, first.name)?;
+            return Ok((first.name, None));
         };
+        let (offset, a, first_ms) = piece.unwrap_or((0, a, first_ms));
         let name = FileName::Segment {
             level: 0,
             first: a,
@@ -656,22 +665,36 @@ impl Shipper {
             first_ms,
             last_ms,
         };
-        let inputs: Vec<String> = batch
+        if batch.len() == 1 {
+            if let Some(len) = self.upload(first, offset, name)? {
+                self.new_tail(first.generation, name, len);
+            }
+            return Ok((name, None));
+        }
+        // (path, from, to): only what is published (capture may be appending to the last).
+        let inputs: Vec<(String, u64, u64)> = batch
             .iter()
-            .map(|f| {
-                self.spool
-                    .path(&f.generation, &f.name)
-                    .display()
-                    .to_string()
+            .enumerate()
+            .map(|(i, f)| {
+                let path = self.spool.path(&f.generation, &f.name);
+                let from = if i == 0 { offset } else { 0 };
+                (path.display().to_string(), from, f.size)
             })
             .collect();
+        let labels: Vec<String> = inputs.iter().map(|i| i.0.clone()).collect();
         let (tmp, file) = self.spool.create_temp(&first.generation)?;
         let _cleanup = RemoveOnDrop::new(&tmp);
         merge_segments(
-            &inputs,
+            &labels,
             |p| {
-                let f = std::fs::File::open(p).with_context(|| format!("cannot open {p}"))?;
-                Ok(Box::new(f) as Box<dyn Read + Send>)
+                let mut f = std::fs::File::open(p).with_context(|| format!("cannot open {p}"))?;
+                let (from, to) = inputs
+                    .iter()
+                    .find(|i| i.0 == p)
+                    .map_or((0, u64::MAX), |i| (i.1, i.2));
+                f.seek(SeekFrom::Start(from))
+                    .with_context(|| format!("cannot read {p}"))?;
+                Ok(Box::new(f.take(to.saturating_sub(from))) as Box<dyn Read + Send>)
             },
             file,
             1,
@@ -688,23 +711,41 @@ impl Shipper {
         Ok((name, None))
     }
 
+    /// Where in spooled file `f` the commits a replica at `pos` lacks start, if it holds the
+    /// file's first commits: (offset, first txid, its time), `None` to send the whole file.
+    fn piece(&self, f: &SpoolFile, pos: Option<Key>) -> Option<(u64, u64, u64)> {
+        let p = pos.filter(|p| {
+            p.generation == f.generation
+                && f.name.first_txid() <= p.last
+                && p.last < f.name.last_txid()
+        })?;
+        let (offset, ms) = self.spool.piece(f, p.last + 1)?;
+        Some((offset, p.last + 1, ms))
+    }
+
     /// After `name` (`len` bytes) was written to the replica: the next upload may append to
     /// it if it is a level-0 segment and the target can append.
     fn new_tail(&self, generation: GenerationId, name: FileName, len: u64) {
         let level0 = matches!(name, FileName::Segment { level: 0, .. });
-        self.tail.set((level0 && self.target.can_append()).then(|| Tail {
-            generation,
-            name,
-            len,
-            started: Instant::now(),
-        }));
+        self.tail
+            .set((level0 && self.target.can_append()).then(|| Tail {
+                generation,
+                name,
+                len,
+                started: Instant::now(),
+            }));
     }
 
-    /// Appends `batch` (level-0 segments) to the tail segment if it continues it and the
-    /// tail is young and small enough (see [`Tail`]): the spooled files' bytes, fsynced, then
-    /// the tail renamed to its new range. Returns the new name and the old one, or `None`
-    /// when the batch is to start a new file.
-    fn append_to_tail(&self, batch: &[SpoolFile]) -> Result<Option<(FileName, FileName)>> {
+    /// Appends `batch` (level-0 segments; its first one from `piece`, see
+    /// [`Shipper::upload_batch`]) to the tail segment if it continues it and the tail is young
+    /// and small enough (see [`Tail`]): the spooled bytes, fsynced, then the tail renamed to
+    /// its new range. Returns the new name and the old one, or `None` when the batch is to
+    /// start a new file.
+    fn append_to_tail(
+        &self,
+        batch: &[SpoolFile],
+        piece: Option<(u64, u64, u64)>,
+    ) -> Result<Option<(FileName, FileName)>> {
         let Some(t) = self.tail.take() else {
             return Ok(None);
         };
@@ -720,9 +761,10 @@ impl Shipper {
         else {
             return Ok(None);
         };
-        let bytes: u64 = batch.iter().map(|f| f.size).sum();
+        let (offset, from) = piece.map_or((0, first.name.first_txid()), |(o, t, _)| (o, t));
+        let bytes: u64 = batch.iter().map(|f| f.size).sum::<u64>() - offset;
         let continues = first.generation == t.generation
-            && first.name.first_txid() == b + 1
+            && from == b + 1
             && batch
                 .iter()
                 .all(|f| matches!(f.name, FileName::Segment { level: 0, .. }));
@@ -730,24 +772,25 @@ impl Shipper {
             return Ok(None);
         }
         let mut data = Vec::with_capacity(usize::try_from(bytes).unwrap_or(0));
-        for f in batch {
+        for (i, f) in batch.iter().enumerate() {
+            let skip = usize::try_from(if i == 0 { offset } else { 0 }).unwrap_or(usize::MAX);
             let path = self.spool.path(&f.generation, &f.name);
+            let mut buf = Vec::new();
             match std::fs::File::open(&path) {
-                Ok(src) => {
-                    let n = src
-                        .take(f.size)
-                        .read_to_end(&mut data)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                    if n as u64 != f.size {
-                        bail!("spool file {} is shorter than spooled", path.display());
-                    }
-                }
+                // Only what is published: capture may be appending to it.
+                Ok(src) => src
+                    .take(f.size)
+                    .read_to_end(&mut buf)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
                 // Dropped by the spool limit meanwhile: the normal path handles it.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot open {}", path.display()))
-                }
-            }
+                Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+            };
+            let piece = buf
+                .get(skip..)
+                .filter(|_| buf.len() as u64 == f.size)
+                .ok_or_else(|| anyhow!("spool file {} is shorter than spooled", path.display()))?;
+            data.extend_from_slice(piece);
         }
         let old = file_path(&t.generation, &t.name);
         self.target
@@ -889,9 +932,9 @@ impl Shipper {
         e
     }
 
-    /// Uploads the spooled file `f`; returns its size on the replica, or `None` if it was not
-    /// in the spool any more.
-    fn upload(&self, f: &SpoolFile) -> Result<Option<u64>> {
+    /// Uploads the spooled file `f` from byte `offset` on as `name`; returns the size written
+    /// to the replica, or `None` if the file was not in the spool any more.
+    fn upload(&self, f: &SpoolFile, offset: u64, name: FileName) -> Result<Option<u64>> {
         let path = self.spool.path(&f.generation, &f.name);
         let mut src = match std::fs::File::open(&path) {
             Ok(s) => s,
@@ -899,10 +942,13 @@ impl Shipper {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
         };
-        let dest = file_path(&f.generation, &f.name);
-        let len = self.target.write_atomic(&dest, &mut src).map_err(|e| {
-            self.upload_failed(&f.generation, &f.name, upload_error(e.into(), &dest))
-        })?;
+        src.seek(SeekFrom::Start(offset))
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let dest = file_path(&f.generation, &name);
+        let len = self
+            .target
+            .write_atomic(&dest, &mut src.take(f.size - offset))
+            .map_err(|e| self.upload_failed(&f.generation, &name, upload_error(e.into(), &dest)))?;
         Ok(Some(len))
     }
 

@@ -13,6 +13,19 @@
 //! a segment is after capture saved its state): a replica never holds a file that the spool
 //! does not, so a crash cannot make walship write a different file under that position.
 //!
+//! A stream of small commits does not create a file per capture: the newest level-0 segment
+//! file this process published is the spool's *tail*, and capture appends its next segment to
+//! it while it is small and young ([`TAIL_MAX_BYTES`], [`TAIL_MAX_AGE`]): the new segment's
+//! bytes (a whole segment file, see `layout::codec`: a segment file may be several one after
+//! the other) are written after the tail's end, fsynced, and the tail is renamed to its new
+//! range (directory fsynced), which is its publication. Until then the listing keeps the old
+//! name and size, so shippers read only what is published; an append that fails is cut off
+//! again. Where each appended part starts is kept in memory ([`Spool::piece`]), so that a
+//! replica holding the start of a tail receives only the rest. A crash between an append and
+//! its rename leaves bytes past the named range: [`Spool::open`] cuts them off. The tail stays
+//! in the spool once shipped (capture appends to it next); it goes once a newer file replaced
+//! it as the tail.
+//!
 //! The spool keeps its own listing in memory: only this process writes in it (it holds the
 //! state directory's lock), every file is published and removed through [`Spool`], so
 //! [`Spool::list`], which capture and every shipper call on every round, reads no directory.
@@ -20,13 +33,47 @@
 
 use crate::durable::{fsync_dir, remove_temp_files, temp_name};
 use crate::layout::names::{FileName, GenerationId};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tracing::warn;
+
+/// Largest spool tail capture appends to (see the module doc).
+const TAIL_MAX_BYTES: u64 = 1 << 20;
+
+/// Oldest spool tail capture appends to: about one new spool file a second under a stream.
+const TAIL_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// The spool file capture appends its next segment to (see the module doc).
+#[derive(Debug)]
+struct Tail {
+    generation: GenerationId,
+    /// Its name now (its published range).
+    name: FileName,
+    /// Its published size.
+    len: u64,
+    /// When it was created.
+    started: Instant,
+    /// Open for writing; `None` while a [`SpoolWriter`] appends with it.
+    file: Option<File>,
+}
+
+/// Where a part of a spool file starts (see [`Spool::piece`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Part {
+    /// Its first txid.
+    first: u64,
+    /// That commit's capture time.
+    first_ms: u64,
+    /// Its offset in the file.
+    start: u64,
+}
 
 /// The order of files within the spool and on a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -81,6 +128,10 @@ pub(crate) struct Spool {
     live: Mutex<Weak<LiveFile>>,
     /// Called when a live file starts (wakes idle shippers).
     on_live: Mutex<Option<Hook>>,
+    /// The file capture appends to next, if any (see the module doc).
+    tail: Mutex<Option<Tail>>,
+    /// For the files appended to in this process: where each part starts.
+    parts: Mutex<HashMap<(GenerationId, FileName), Vec<Part>>>,
 }
 
 /// A callback; `Debug` so that [`Spool`] can derive it.
@@ -107,13 +158,16 @@ impl Spool {
             newest: Mutex::new(None),
             live: Mutex::new(Weak::new()),
             on_live: Mutex::new(None),
+            tail: Mutex::new(None),
+            parts: Mutex::new(HashMap::new()),
         };
         for g in spool.generations()? {
             let gdir = spool.dir.join(g.to_string());
             remove_temp_files(&gdir)
                 .with_context(|| format!("cannot remove temporary files in {}", gdir.display()))?;
         }
-        let found = spool.scan()?;
+        let mut found = spool.scan()?;
+        spool.cut_unpublished_appends(&mut found)?;
         *lock(&spool.files) = found
             .into_iter()
             .map(|f| ((f.key(), f.name), f.size))
@@ -187,6 +241,103 @@ impl Spool {
         self.dir.join(generation.to_string()).join(name.to_string())
     }
 
+    /// Cuts off what a crash left past the named range of each generation's newest segment
+    /// (an append written but not yet published by its rename, see the module doc); `found`
+    /// gets the new sizes.
+    fn cut_unpublished_appends(&self, found: &mut [SpoolFile]) -> Result<()> {
+        let mut newest: BTreeMap<GenerationId, usize> = BTreeMap::new();
+        for (i, f) in found.iter().enumerate() {
+            if matches!(f.name, FileName::Segment { level: 0, .. }) {
+                newest.insert(f.generation, i);
+            }
+        }
+        for i in newest.into_values() {
+            let f = &mut found[i];
+            // A tail is never appended to past TAIL_MAX_BYTES: a bigger file is one piece.
+            if f.size > 2 * TAIL_MAX_BYTES {
+                continue;
+            }
+            let path = self.path(&f.generation, &f.name);
+            let data =
+                fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            match named_end(&data, f.name.last_txid()) {
+                Some(end) if end < data.len() as u64 => {
+                    warn!("cutting {} bytes that an interrupted capture left after the last commit of spool file {}", data.len() as u64 - end, path.display());
+                    let file = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|file| {
+                            file.set_len(end)?;
+                            file.sync_all()
+                        });
+                    file.with_context(|| format!("cannot cut {}", path.display()))?;
+                    f.size = end;
+                }
+                Some(_) => {}
+                None => warn!("spool file {} does not end its named range at a part boundary; shipped as it is", path.display()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts appending the next segment of `generation`, which follows txid `after`, to the
+    /// spool's tail, if that is where it goes (see the module doc); `None`: a new file.
+    pub(crate) fn append(&self, generation: &GenerationId, after: u64) -> Option<SpoolWriter> {
+        let mut tail = lock(&self.tail);
+        let t = tail.as_mut()?;
+        if t.generation != *generation
+            || t.name.last_txid() != after
+            || t.len >= TAIL_MAX_BYTES
+            || t.started.elapsed() >= TAIL_MAX_AGE
+        {
+            return None;
+        }
+        let file = t.file.take()?;
+        Some(SpoolWriter {
+            tmp: self.path(generation, &t.name),
+            file,
+            append: Some(Appending {
+                start: t.len,
+                pos: t.len,
+            }),
+            live: None,
+            published: false,
+        })
+    }
+
+    /// Whether `f` is the spool's tail, which stays once shipped (see the module doc).
+    pub(crate) fn is_tail(&self, f: &SpoolFile) -> bool {
+        lock(&self.tail)
+            .as_ref()
+            .is_some_and(|t| t.generation == f.generation && t.name == f.name)
+    }
+
+    /// Where the part of spooled file `f` that starts with txid `first` begins, and that
+    /// commit's time, if `f` was appended to in this process and a part starts there (see
+    /// the module doc): a replica holding `first - 1` takes the file from there.
+    pub(crate) fn piece(&self, f: &SpoolFile, first: u64) -> Option<(u64, u64)> {
+        lock(&self.parts)
+            .get(&(f.generation, f.name))?
+            .iter()
+            .find(|p| p.first == first)
+            .map(|p| (p.start, p.first_ms))
+    }
+
+    /// Capture time of the first commit that a replica at `pos` lacks among `files` (the
+    /// spool's listing), `None` if it lacks none of them: the first file after `pos`, from
+    /// where `pos` ends inside it if it holds `pos` (a tail, see [`Spool::piece`]).
+    pub(crate) fn first_missing_ms(&self, files: &[SpoolFile], pos: Option<Key>) -> Option<u64> {
+        let f = files.iter().find(|f| pos.is_none_or(|p| f.key() > p))?;
+        let inside = pos.filter(|p| {
+            p.generation == f.generation && p.rank == 0 && f.name.first_txid() <= p.last
+        });
+        Some(
+            inside
+                .and_then(|p| self.piece(f, p.last + 1))
+                .map_or_else(|| f.name.first_ms(), |(_, ms)| ms),
+        )
+    }
+
     /// Creates a temporary file for a new spool file of `generation`.
     ///
     /// # Errors
@@ -249,6 +400,7 @@ impl Spool {
         Ok(SpoolWriter {
             tmp,
             file,
+            append: None,
             live,
             published: false,
         })
@@ -267,16 +419,22 @@ impl Spool {
     }
 
     /// Makes a finished spool file durable under its final name `name` (which must be the one
-    /// it was created live for); a live file's readers reach their end only now.
+    /// it was created live for); a live file's readers reach their end only now. A segment
+    /// appended to the tail ([`Spool::append`]) is named `name` (its own range) by capture:
+    /// the tail is published under the range it has now. Returns the size published.
     ///
     /// # Errors
-    /// I/O errors with the path; the temporary file is removed (and live readers fail).
+    /// I/O errors with the path; the temporary file is removed (and live readers fail), an
+    /// append is cut off again.
     pub(crate) fn publish(
         &self,
         mut w: SpoolWriter,
         generation: &GenerationId,
         name: &FileName,
     ) -> Result<u64> {
+        if w.append.is_some() {
+            return self.publish_append(w, generation, name);
+        }
         let dest = self.path(generation, name);
         if let Some(l) = &w.live {
             anyhow::ensure!(
@@ -308,9 +466,112 @@ impl Spool {
         }
         // Published: nothing to remove on drop; live readers may finish.
         w.published = true;
-        if let Some(l) = w.live.take() {
-            l.end(Some(len));
+        let tail = match (w.live.take(), *name) {
+            (Some(l), _) => {
+                l.end(Some(len));
+                None
+            }
+            (
+                None,
+                FileName::Segment {
+                    level: 0,
+                    first,
+                    first_ms,
+                    ..
+                },
+            ) => {
+                let file = w.file.try_clone().ok();
+                lock(&self.parts).insert(
+                    (*generation, *name),
+                    vec![Part {
+                        first,
+                        first_ms,
+                        start: 0,
+                    }],
+                );
+                file.map(|file| Tail {
+                    generation: *generation,
+                    name: *name,
+                    len,
+                    started: Instant::now(),
+                    file: Some(file),
+                })
+            }
+            (None, _) => None,
+        };
+        *lock(&self.tail) = tail;
+        Ok(len)
+    }
+
+    /// [`Spool::publish`] of a segment appended to the tail: fsync, then the rename to the
+    /// tail's new range, then the directory's fsync.
+    fn publish_append(
+        &self,
+        mut w: SpoolWriter,
+        generation: &GenerationId,
+        part: &FileName,
+    ) -> Result<u64> {
+        let Some(a) = w.append else {
+            bail!("internal: not an append");
+        };
+        let old = {
+            let tail = lock(&self.tail);
+            match tail.as_ref() {
+                Some(t) if t.generation == *generation && t.len == a.start => t.name,
+                _ => bail!("internal: the spool tail changed during an append"),
+            }
+        };
+        let FileName::Segment {
+            level: 0,
+            first,
+            first_ms,
+            ..
+        } = old
+        else {
+            bail!("internal: the spool tail is not a level-0 segment");
+        };
+        let name = FileName::Segment {
+            level: 0,
+            first,
+            last: part.last_txid(),
+            first_ms,
+            last_ms: part.last_ms(),
+        };
+        let src = self.path(generation, &old);
+        let dest = self.path(generation, &name);
+        let r = (|| -> std::io::Result<()> {
+            w.file.sync_data()?;
+            fs::rename(&src, &dest)?;
+            fsync_dir(dest.parent().unwrap_or(&self.dir))
+        })();
+        r.with_context(|| format!("cannot write spool file {}", dest.display()))?;
+        let len = a.pos;
+        {
+            let mut files = lock(&self.files);
+            files.remove(&(Key::of(*generation, &old), old));
+            files.insert((Key::of(*generation, &name), name), len);
         }
+        {
+            let mut parts = lock(&self.parts);
+            let mut p = parts.remove(&(*generation, old)).unwrap_or_default();
+            p.push(Part {
+                first: part.first_txid(),
+                first_ms: part.first_ms(),
+                start: a.start,
+            });
+            parts.insert((*generation, name), p);
+        }
+        w.published = true;
+        let file = w.file.try_clone().ok();
+        let mut tail = lock(&self.tail);
+        let started = tail.as_ref().map_or_else(Instant::now, |t| t.started);
+        *tail = file.map(|file| Tail {
+            generation: *generation,
+            name,
+            len,
+            started,
+            file: Some(file),
+        });
         Ok(len)
     }
 
@@ -320,6 +581,16 @@ impl Spool {
     /// # Errors
     /// I/O errors with the path.
     pub(crate) fn remove(&self, f: &SpoolFile) -> Result<()> {
+        {
+            let mut tail = lock(&self.tail);
+            if tail
+                .as_ref()
+                .is_some_and(|t| t.generation == f.generation && t.name == f.name)
+            {
+                *tail = None;
+            }
+        }
+        lock(&self.parts).remove(&(f.generation, f.name));
         let p = self.path(&f.generation, &f.name);
         match fs::remove_file(&p) {
             Ok(()) => {}
@@ -364,23 +635,65 @@ impl Spool {
     }
 }
 
+/// The offset in `data` (a segment file, possibly of several parts) where the part holding
+/// commit `last` ends, or `None` if no part ends with it (or a part cannot be read).
+fn named_end(data: &[u8], last: u64) -> Option<u64> {
+    use crate::layout::codec::{Decoder, Kind, Record, HEADER_SIZE};
+    let mut at = 0usize;
+    while at < data.len() {
+        let frame = data.get(at + HEADER_SIZE..)?;
+        let size = zstd::zstd_safe::find_frame_compressed_size(frame).ok()?;
+        let end = at + HEADER_SIZE + size;
+        let mut dec = Decoder::new(data.get(at..end)?, Kind::Segment).ok()?;
+        let mut part_last = None;
+        while let Some(r) = dec.next().ok()? {
+            if let Record::Commit(c) = r {
+                part_last = Some(c.txid);
+            }
+        }
+        if part_last == Some(last) {
+            return Some(end as u64);
+        }
+        at = end;
+    }
+    None
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A spool file being written: counts what reached the file for live readers, and removes
-/// the temporary file (failing live readers) if dropped before [`Spool::publish`].
+/// the temporary file (failing live readers) if dropped before [`Spool::publish`]. Appending
+/// to the tail ([`Spool::append`]), it writes after the tail's published end, and cuts what it
+/// wrote off again if dropped before [`Spool::publish`].
 #[derive(Debug)]
 pub(crate) struct SpoolWriter {
+    /// The temporary file, or the tail appended to.
     tmp: PathBuf,
     file: File,
+    append: Option<Appending>,
     live: Option<Arc<LiveFile>>,
     published: bool,
 }
 
+/// Where an append to the tail started and stands.
+#[derive(Debug, Clone, Copy)]
+struct Appending {
+    start: u64,
+    pos: u64,
+}
+
 impl Write for SpoolWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf).map_err(|e| {
+        let r = match self.append.as_mut() {
+            Some(a) => self
+                .file
+                .write_at(buf, a.pos)
+                .inspect(|&n| a.pos += n as u64),
+            None => self.file.write(buf),
+        };
+        let n = r.map_err(|e| {
             let dir = self.tmp.parent().unwrap_or(&self.tmp);
             io::Error::new(
                 e.kind(),
@@ -403,7 +716,16 @@ impl Write for SpoolWriter {
 impl Drop for SpoolWriter {
     fn drop(&mut self) {
         if !self.published {
-            let _ = fs::remove_file(&self.tmp);
+            match self.append {
+                // The tail is left to a new file: the listing still has its published size,
+                // and a crash's leftovers are cut at the next start.
+                Some(a) => {
+                    let _ = self.file.set_len(a.start);
+                }
+                None => {
+                    let _ = fs::remove_file(&self.tmp);
+                }
+            }
         }
         if let Some(l) = self.live.take() {
             l.end(None);

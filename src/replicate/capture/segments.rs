@@ -25,7 +25,14 @@ impl Capture {
     /// segment that shippers may stream while it is written.
     pub(super) fn begin_segment(&self, live: Option<FileName>) -> Result<PendingSegment> {
         let prev = self.state();
-        let w = self.spool.create(&self.at.generation, live)?;
+        let appended = match live {
+            None => self.spool.append(&self.at.generation, self.at.txid),
+            Some(_) => None,
+        };
+        let w = match appended {
+            Some(w) => w,
+            None => self.spool.create(&self.at.generation, live)?,
+        };
         let enc = Encoder::new(
             BufWriter::with_capacity(256 << 10, w),
             Kind::Segment,

@@ -225,6 +225,11 @@ impl Planner {
         }
     }
 
+    /// Key of the last file the replica holds durably.
+    pub(crate) fn position(&self) -> Option<Key> {
+        self.pos
+    }
+
     /// The replica's listed generation and files (what [`Action::Compact`] works on).
     pub(crate) fn remote_mut(&mut self) -> Option<&mut (GenerationId, Vec<FileName>)> {
         self.remote.as_mut()
@@ -485,8 +490,9 @@ fn next_file(
     };
     let continuous = match (pos, first.name) {
         (_, FileName::Snapshot { .. }) => true,
+        // A spool tail grows (see `spool`): the replica may hold its start.
         (Some(p), FileName::Segment { first: a, .. }) => {
-            p.generation == first.generation && a == p.last + 1
+            p.generation == first.generation && a <= p.last + 1
         }
         (None, FileName::Segment { .. }) => false,
     };
