@@ -14,7 +14,8 @@ fn read_all(t: &dyn Backend, path: &str) -> Vec<u8> {
 
 /// sshd killed between two appends: the next append fails as Unavailable, quickly, and leaves
 /// the file as it was; once sshd is back the next append (at the size left) works on a new
-/// session, without the handle of the dead one, and so do renames and appends after them.
+/// session, without the handle of the dead one (also when another operation saw the session
+/// die), and so do renames and appends after them.
 #[test]
 fn sftp_append_across_a_killed_server() {
     let sshd = Sshd::start();
@@ -38,9 +39,19 @@ fn sftp_append_across_a_killed_server() {
     t.append("g/tail", 8, b"-two")
         .expect("the first append after the restart");
     assert_eq!(std::fs::read(&local).expect("read"), b"head-one-two");
+
+    // The session dies under another operation, the append handle left open in it.
+    sshd.kill();
+    let e = t.list("g").expect_err("server is down");
+    assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
+    sshd.restart();
+    t.append("g/tail", 12, b"+")
+        .expect("the first append after the restart");
+    assert_eq!(std::fs::read(&local).expect("read"), b"head-one-two+");
+
     t.rename("g/tail", "g/seg-1").expect("rename");
-    t.append("g/seg-1", 12, b"-three").expect("append");
-    assert_eq!(read_all(&t, "g/seg-1"), b"head-one-two-three");
+    t.append("g/seg-1", 13, b"-three").expect("append");
+    assert_eq!(read_all(&t, "g/seg-1"), b"head-one-two+-three");
     assert_eq!(
         t.list("g")
             .expect("list")
