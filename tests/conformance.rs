@@ -2,7 +2,8 @@
 //! function here taking a fresh, empty target, and [`conformance_suite!`] makes one `#[test]`
 //! per case for a target, so a failure names both (`backend_sftp::conformance_sftp::list_sorted`).
 //! A new target is one macro call in its test module. The cases check the invariants documented
-//! on `walship::backend::Backend`.
+//! on `walship::backend::Backend`; the append and rename cases run on targets whose
+//! `can_append()` is true, and on the others check that both are refused.
 //!
 //! Invariant: every case function is listed in the macro (an unlisted one is dead code, which
 //! `clippy -D warnings` refuses), and no case depends on another having run.
@@ -52,6 +53,12 @@ macro_rules! conformance_suite {
                 bad_paths_refused,
                 delete_makes_not_found,
                 remove_dir_only_when_empty,
+                append_grows_a_file,
+                append_at_a_shorter_offset_cuts,
+                rename_replaces_and_appends_follow,
+                append_and_rename_missing_are_not_found,
+                append_and_rename_check_paths,
+                append_refused_where_unsupported,
             );
         }
     };
@@ -275,4 +282,173 @@ pub fn remove_dir_only_when_empty(t: &dyn Backend) {
     assert!(t.list("a").expect("list").iter().all(|e| e.name != "b"));
     t.remove_dir("a/b")
         .expect("removing a missing dir succeeds");
+}
+
+fn names(t: &dyn Backend, dir: &str) -> Vec<String> {
+    t.list(dir)
+        .unwrap_or_else(|e| panic!("list {dir}: {e}"))
+        .into_iter()
+        .map(|e| e.name)
+        .collect()
+}
+
+fn append(t: &dyn Backend, path: &str, at: u64, data: &[u8]) {
+    t.append(path, at, data)
+        .unwrap_or_else(|e| panic!("append {} bytes at {at} to {path}: {e}", data.len()));
+}
+
+/// Appends go at the given offset, one after the other, and read back as the concatenation
+/// (also after switching to another file and back); the listed size follows.
+pub fn append_grows_a_file(t: &dyn Backend) {
+    if !t.can_append() {
+        return;
+    }
+    t.write_atomic("g/tail", &mut &b"head-"[..]).expect("write");
+    append(t, "g/tail", 5, b"one-");
+    append(t, "g/tail", 9, b"two");
+    assert_eq!(read_all(t, "g/tail"), b"head-one-two");
+    t.write_atomic("g/other", &mut &b"x"[..]).expect("write");
+    append(t, "g/other", 1, b"y");
+    let big = big_body();
+    append(t, "g/tail", 12, &big);
+    append(t, "g/tail", 12 + big.len() as u64, b"-end");
+    let mut want = b"head-one-two".to_vec();
+    want.extend_from_slice(&big);
+    want.extend_from_slice(b"-end");
+    assert!(read_all(t, "g/tail") == want, "content differs");
+    assert_eq!(read_all(t, "g/other"), b"xy");
+    let l = t.list("g").expect("list");
+    assert_eq!(
+        l.iter()
+            .map(|e| (e.name.as_str(), e.size))
+            .collect::<Vec<_>>(),
+        vec![("other", 2), ("tail", want.len() as u64)]
+    );
+}
+
+/// An append at an offset short of the file's end (a torn earlier append) cuts what lay
+/// beyond: on a file just opened, and on the one appended to last.
+pub fn append_at_a_shorter_offset_cuts(t: &dyn Backend) {
+    if !t.can_append() {
+        return;
+    }
+    t.write_atomic("g/a", &mut &b"0123456789"[..])
+        .expect("write");
+    append(t, "g/a", 4, b"ab");
+    assert_eq!(read_all(t, "g/a"), b"0123ab");
+    append(t, "g/a", 6, b"cdef");
+    append(t, "g/a", 8, b"X");
+    assert_eq!(read_all(t, "g/a"), b"0123abcdX");
+    append(t, "g/a", 9, b"");
+    assert_eq!(read_all(t, "g/a"), b"0123abcdX");
+    let l = t.list("g").expect("list");
+    assert_eq!(l[0].size, 9);
+    // An offset beyond the end would leave a hole: refused, nothing written.
+    let e = t.append("g/a", 20, b"hole").expect_err("beyond the end");
+    assert!(
+        e.to_string().contains("g/a"),
+        "error must name the file: {e}"
+    );
+    assert_eq!(read_all(t, "g/a"), b"0123abcdX");
+}
+
+/// A rename replaces an existing target, the old name is gone, and appends go on under the
+/// new name; a name written or renamed over gets its new file, never the old one appended to.
+pub fn rename_replaces_and_appends_follow(t: &dyn Backend) {
+    if !t.can_append() {
+        return;
+    }
+    t.write_atomic("g/a", &mut &b"aaa"[..]).expect("write");
+    t.write_atomic("g/b", &mut &b"old b"[..]).expect("write");
+    append(t, "g/a", 3, b"+1");
+    t.rename("g/a", "g/b").expect("rename over b");
+    assert_eq!(names(t, "g"), vec!["b"]);
+    assert_eq!(
+        t.read("g/a").err().map(|e| e.kind),
+        Some(ErrorKind::NotFound)
+    );
+    assert_eq!(read_all(t, "g/b"), b"aaa+1");
+    append(t, "g/b", 5, b"+2");
+    t.rename("g/b", "g/c").expect("rename to a new name");
+    append(t, "g/c", 7, b"+3");
+    assert_eq!(names(t, "g"), vec!["c"]);
+    assert_eq!(read_all(t, "g/c"), b"aaa+1+2+3");
+
+    // The file appended to last is replaced by a rename, then by a write.
+    t.write_atomic("g/x", &mut &b"new"[..]).expect("write");
+    t.rename("g/x", "g/c").expect("rename over c");
+    append(t, "g/c", 3, b"!");
+    assert_eq!(read_all(t, "g/c"), b"new!");
+    t.write_atomic("g/c", &mut &b"fresh"[..])
+        .expect("overwrite");
+    append(t, "g/c", 5, b"?");
+    assert_eq!(read_all(t, "g/c"), b"fresh?");
+    assert_eq!(names(t, "g"), vec!["c"]);
+}
+
+/// Append and rename on a missing file are NotFound and create nothing, also for a file
+/// deleted after it was appended to.
+pub fn append_and_rename_missing_are_not_found(t: &dyn Backend) {
+    if !t.can_append() {
+        return;
+    }
+    let kind = |r: walship::backend::Result<()>| r.err().map(|e| e.kind);
+    assert_eq!(kind(t.append("g/none", 0, b"x")), Some(ErrorKind::NotFound));
+    t.write_atomic("g/y", &mut &b"y"[..]).expect("write");
+    assert_eq!(kind(t.append("g/none", 0, b"x")), Some(ErrorKind::NotFound));
+    assert_eq!(kind(t.rename("g/none", "g/z")), Some(ErrorKind::NotFound));
+    assert_eq!(kind(t.rename("h/none", "h/z")), Some(ErrorKind::NotFound));
+    let e = t.rename("g/none", "g/z").expect_err("missing");
+    assert!(
+        e.to_string().contains("g/none"),
+        "error must name the file: {e}"
+    );
+    append(t, "g/y", 1, b"1");
+    t.delete("g/y").expect("delete");
+    assert_eq!(kind(t.append("g/y", 2, b"2")), Some(ErrorKind::NotFound));
+    assert!(names(t, "g").is_empty());
+}
+
+/// Bad paths are refused before any I/O, and so is a rename to another directory.
+pub fn append_and_rename_check_paths(t: &dyn Backend) {
+    t.write_atomic("a/x", &mut &b"x"[..]).expect("write");
+    for bad in [
+        "../escape",
+        "/abs",
+        "a/../../x",
+        "a//b",
+        ".walship-tmp-x",
+        "",
+    ] {
+        assert!(t.append(bad, 0, b"x").is_err(), "{bad:?} must be refused");
+        assert!(t.rename(bad, "a/y").is_err(), "{bad:?} must be refused");
+        assert!(t.rename("a/x", bad).is_err(), "{bad:?} must be refused");
+    }
+    assert!(t.rename("a/x", "b/x").is_err(), "another directory");
+    assert_eq!(names(t, "a"), vec!["x"]);
+    assert!(t.list("b").expect("list").is_empty());
+    assert_eq!(read_all(t, "a/x"), b"x");
+}
+
+/// A target that cannot append refuses append and rename with an `Other` error naming the
+/// file, and writes nothing.
+pub fn append_refused_where_unsupported(t: &dyn Backend) {
+    if t.can_append() {
+        return;
+    }
+    t.write_atomic("g/f", &mut &b"data"[..]).expect("write");
+    let e = t.append("g/f", 4, b"more").expect_err("cannot append");
+    assert_eq!(e.kind, ErrorKind::Other, "{e}");
+    assert!(
+        e.to_string().contains("g/f"),
+        "error must name the file: {e}"
+    );
+    let e = t.rename("g/f", "g/h").expect_err("cannot rename");
+    assert_eq!(e.kind, ErrorKind::Other, "{e}");
+    assert!(
+        e.to_string().contains("g/f"),
+        "error must name the file: {e}"
+    );
+    assert_eq!(names(t, "g"), vec!["f"]);
+    assert_eq!(read_all(t, "g/f"), b"data");
 }

@@ -23,6 +23,8 @@ pub enum Op {
     Delete,
     RemoveDir,
     Cleanup,
+    Append,
+    Rename,
 }
 
 /// A switch that arms the faults made with [`Fault::while_on`]; starts off.
@@ -220,6 +222,18 @@ impl Backend for Faulty {
     fn cleanup(&self, dir: &str) -> Result<usize> {
         self.check(Op::Cleanup, dir)?;
         self.inner.cleanup(dir)
+    }
+    fn can_append(&self) -> bool {
+        self.inner.can_append()
+    }
+    fn append(&self, path: &str, at: u64, data: &[u8]) -> Result<()> {
+        self.check(Op::Append, path)?;
+        self.inner.append(path, at, data)
+    }
+    /// Faults match `from`.
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        self.check(Op::Rename, from)?;
+        self.inner.rename(from, to)
     }
 }
 

@@ -1,5 +1,6 @@
 //! walship's integration tests: one test binary, a module per area.
 
+mod backend_append;
 mod backend_file;
 mod backend_s3;
 mod backend_s3_moto;

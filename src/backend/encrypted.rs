@@ -24,7 +24,7 @@
 //! - Secret key material is never printed: errors name the identity file and line, not its
 //!   content.
 
-use super::{split_parent, Backend, BackendError, Entry, ErrorKind, Result};
+use super::{check_path, split_parent, Backend, BackendError, Entry, ErrorKind, Result};
 use age::x25519;
 use std::cell::RefCell;
 use std::fmt;
@@ -235,6 +235,29 @@ impl Backend for Encrypted {
             .map_err(|e| Self::other(format!("cannot encrypt {url}/{path}: {e}")))?;
         self.inner.write_atomic(path, &mut sealing)?;
         Ok(sealing.consumed)
+    }
+
+    /// Never: an age file cannot grow by appending bytes (see [`Backend::can_append`]).
+    fn can_append(&self) -> bool {
+        false
+    }
+
+    fn append(&self, path: &str, _at: u64, _data: &[u8]) -> Result<()> {
+        check_path(path, false)?;
+        Err(Self::other(format!(
+            "failed to append to {}/{path}: the files of an encrypted replica are whole age \
+             files and cannot be appended to",
+            self.url()
+        )))
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        check_path(from, false)?;
+        check_path(to, false)?;
+        Err(Self::other(format!(
+            "failed to rename {}/{from} to {to}: an encrypted replica does not rename files",
+            self.url()
+        )))
     }
 
     fn delete(&self, path: &str) -> Result<()> {

@@ -6,24 +6,78 @@
 //! are fsynced into their parents too. A listing is taken while a running walship may compact
 //! and prune the same directory: an entry removed between `readdir` and its `stat`, or a
 //! directory removed while it is read, is simply not listed (as with OpenSSH's sftp-server).
+//!
+//! [`Backend::append`] is `pwrite` + `fdatasync` on a descriptor kept open from one append to
+//! the next (the file a daemon grows by a few hundred bytes per commit), so a cached append is
+//! two system calls. The cache follows the file through [`Backend::rename`] (a descriptor
+//! follows its inode) and is dropped when the name is written, deleted or renamed over, and
+//! after any error, so an append never lands in a file that no longer has the name asked for.
 
 use super::{check_path, split_parent, Backend, BackendError, Entry, Result};
 use crate::durable::{fsync_dir, remove_temp_files, write_file_atomic, TEMP_PREFIX};
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// The file last appended to, kept open for the next append.
+#[derive(Debug)]
+struct Tail {
+    /// Its relative path now (updated by a rename).
+    path: String,
+    file: File,
+    /// Its size as the last append left it.
+    len: u64,
+}
 
 /// A replica stored in a directory of the local filesystem.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct FileBackend {
     root: PathBuf,
+    /// See the module documentation.
+    tail: Mutex<Option<Tail>>,
 }
 
 impl FileBackend {
     /// A target rooted at `root` (created on first write if missing).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            tail: Mutex::new(None),
+        }
+    }
+
+    fn tail(&self) -> MutexGuard<'_, Option<Tail>> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets the open tail if it is `path`, which is about to get other content.
+    fn forget_tail(&self, path: &str) {
+        let mut t = self.tail();
+        if t.as_ref().is_some_and(|t| t.path == path) {
+            *t = None;
+        }
+    }
+
+    /// The open tail for `path`: the cached one, or `path` opened now (with its size).
+    fn open_tail<'a>(&self, cache: &'a mut Option<Tail>, path: &str) -> io::Result<&'a mut Tail> {
+        if cache.as_ref().is_none_or(|t| t.path != path) {
+            *cache = None;
+            let file = OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(self.abs(path))?;
+            let len = file.metadata()?.len();
+            *cache = Some(Tail {
+                path: path.to_owned(),
+                file,
+                len,
+            });
+        }
+        cache
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no open file"))
     }
 
     fn abs(&self, path: &str) -> PathBuf {
@@ -130,11 +184,69 @@ impl Backend for FileBackend {
         let (parent, _) = split_parent(path);
         self.ensure_dir(&self.abs(parent))
             .map_err(|e| self.err("create directory", parent, &e))?;
+        self.forget_tail(path);
         write_file_atomic(&dest, data, 0o644).map_err(|e| self.err("write", path, &e))
+    }
+
+    fn can_append(&self) -> bool {
+        true
+    }
+
+    fn append(&self, path: &str, at: u64, data: &[u8]) -> Result<()> {
+        check_path(path, false)?;
+        let mut cache = self.tail();
+        let r = (|| {
+            let t = self.open_tail(&mut cache, path)?;
+            if t.len < at {
+                return Err(io::Error::other(format!(
+                    "the file holds {} bytes, fewer than the {at} expected",
+                    t.len
+                )));
+            }
+            // Cut first: a crash after this leaves the first `at` bytes, never what followed.
+            if t.len > at {
+                t.file.set_len(at)?;
+            }
+            t.len = at;
+            t.file.write_all_at(data, at)?;
+            t.file.sync_data()?;
+            t.len = at + data.len() as u64;
+            Ok(())
+        })();
+        if r.is_err() {
+            *cache = None;
+        }
+        r.map_err(|e| self.err("append to", path, &e))
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        check_path(from, false)?;
+        check_path(to, false)?;
+        super::check_same_dir(&self.url(), from, to)?;
+        let mut cache = self.tail();
+        if cache.as_ref().is_some_and(|t| t.path == to) {
+            *cache = None;
+        }
+        if let Err(e) = fs::rename(self.abs(from), self.abs(to)) {
+            let url = self.url();
+            return Err(BackendError::io(
+                &format!("rename {url}/{from} to"),
+                to,
+                &url,
+                &e,
+            ));
+        }
+        if let Some(t) = cache.as_mut().filter(|t| t.path == from) {
+            t.path = to.to_owned();
+        }
+        drop(cache);
+        let (parent, _) = split_parent(to);
+        fsync_dir(&self.abs(parent)).map_err(|e| self.err("sync directory", parent, &e))
     }
 
     fn delete(&self, path: &str) -> Result<()> {
         check_path(path, false)?;
+        self.forget_tail(path);
         match fs::remove_file(self.abs(path)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

@@ -9,6 +9,10 @@
 //!   readers never see a partial file under a final name.
 //! - [`Backend::list`] returns final names only, never temporary ones, sorted by name, and
 //!   tolerates entries and directories vanishing while it lists.
+//! - On targets that can ([`Backend::can_append`]: `file://`, `sftp://`), [`Backend::append`]
+//!   writes at a given offset of an existing file and is durable, not atomic, when it returns
+//!   (a crash leaves the old content and a prefix of the new bytes), and [`Backend::rename`]
+//!   is atomic. Both are cheap enough to run per commit: the last file appended to stays open.
 //! - Paths are checked by [`check_path`] before any I/O, so a bad name can never reach outside
 //!   the replica's root.
 //!
@@ -143,6 +147,43 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// `Unavailable` or `Other` when the target fails.
     fn cleanup(&self, dir: &str) -> Result<usize>;
 
+    /// Whether [`Backend::append`] and [`Backend::rename`] work on this target: `true` for
+    /// `file://` and `sftp://`; `false` (the default) for S3 and the encrypting wrapper (whose
+    /// files are whole age streams), where both return an `Other` error.
+    fn can_append(&self) -> bool {
+        false
+    }
+
+    /// Writes `data` at byte `at` of the existing file `path` and makes the file's content and
+    /// size durable before returning. `at` is the file's size as this process last left it (a
+    /// caller appends only to files it wrote itself); if the file is longer (a torn earlier
+    /// append), what lies past `at + data.len()` is cut off. Not atomic: after a crash the file
+    /// holds its first `at` bytes and any prefix of `data`, never anything else. Meant for a
+    /// file that grows by many small appends: targets keep the last file appended to open.
+    ///
+    /// # Errors
+    /// `NotFound` if there is no such file; `Other` on a target that cannot append
+    /// ([`Backend::can_append`]) or if the file is shorter than `at`.
+    fn append(&self, path: &str, at: u64, data: &[u8]) -> Result<()> {
+        let _ = (at, data);
+        check_path(path, false)?;
+        Err(cannot_append("append to", &self.url(), path))
+    }
+
+    /// Renames the file `from` to `to` in the same directory, replacing an existing `to`,
+    /// atomically: a reader sees either name, never both nor neither. Durable when it returns
+    /// as far as the target allows (`file://` fsyncs the directory; SFTP has no directory fsync
+    /// request of its own, see [`sftp`]).
+    ///
+    /// # Errors
+    /// `NotFound` if there is no file `from`; `Other` on a target that cannot rename
+    /// ([`Backend::can_append`]) or for paths in different directories.
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        check_path(from, false)?;
+        check_path(to, false)?;
+        Err(cannot_append("rename", &self.url(), from))
+    }
+
     /// Whether the replica's root directory exists, so that a wrong URL is told apart from an
     /// empty replica. A target without directories answers `true`: on S3 a prefix holding no
     /// object cannot be told from one that never held any.
@@ -214,6 +255,29 @@ pub(crate) fn check_path(path: &str, allow_root: bool) -> Result<()> {
             format!("refusing replica path {path:?}: {why}"),
         )
     })
+}
+
+/// The error of [`Backend::append`] and [`Backend::rename`] on a target that cannot do them.
+pub(crate) fn cannot_append(op: &str, url: &str, path: &str) -> BackendError {
+    BackendError::new(
+        ErrorKind::Other,
+        format!("failed to {op} {url}/{path}: this target cannot append to or rename files"),
+    )
+}
+
+/// Checks that `from` and `to` (checked paths) name files in the same directory, as
+/// [`Backend::rename`] requires.
+///
+/// # Errors
+/// An `Other` error naming both paths.
+pub(crate) fn check_same_dir(url: &str, from: &str, to: &str) -> Result<()> {
+    if split_parent(from).0 == split_parent(to).0 {
+        return Ok(());
+    }
+    Err(BackendError::new(
+        ErrorKind::Other,
+        format!("failed to rename {url}/{from} to {to}: not in the same directory"),
+    ))
 }
 
 /// Splits `path` into its parent directory (`""` for the root) and its file name.

@@ -28,6 +28,14 @@
 //!   with `open(2)` when asked to open it as a file, and `fsync@openssh.com` on that handle is
 //!   `fsync(2)` of the directory, which makes the rename durable on Linux. A server that refuses
 //!   this only costs durability of the name, and is logged once per session at debug level.
+//! - **Appends and renames** ([`Backend::append`], [`Backend::rename`], per commit on a
+//!   growing file): the file last appended to stays open in the session, so an append is one
+//!   write and one `fsync@openssh.com` round trip. The handle follows the file through a
+//!   rename, and is dropped after any error, when its name is written or deleted, and with the
+//!   session (a reconnect reopens the file). `rename` sends `posix-rename@openssh.com`
+//!   (rename(2) on the server: atomic, replacing the target) on a second SFTP channel that
+//!   walship opens with libssh2 itself, since ssh2 does not expose that request; a server
+//!   without it gets the two-step overwrite described above.
 //! - **Hostile servers**: names from listings containing `/`, NUL or control characters, `.`,
 //!   `..`, or that are not UTF-8 are skipped and logged; symlinks and special files are skipped;
 //!   sizes are only numbers reported back. Paths sent to the server are built only from
@@ -40,7 +48,7 @@ use crate::url::SftpUrl;
 use ssh2::{ErrorCode, FileType, MethodType, OpenFlags, OpenType, Session, Sftp};
 use std::collections::HashSet;
 use std::fmt;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -127,6 +135,29 @@ struct Conn {
     dirs: Mutex<HashSet<String>>,
     /// Whether fsync of a directory handle worked (cleared the first time the server refuses).
     dir_fsync: AtomicBool,
+    /// The file last appended to, kept open for the next append (see [`Backend::append`]). It
+    /// lives and dies with the session: a reconnect never reuses a handle of the old one.
+    tail: Mutex<Option<RemoteTail>>,
+    /// The channel for `posix-rename@openssh.com`, opened by the first rename.
+    posix: Mutex<Posix>,
+}
+
+/// An open remote file being appended to.
+struct RemoteTail {
+    /// Its full remote path now (updated by a rename).
+    full: String,
+    file: ssh2::File,
+    /// Its size as the last append left it.
+    len: u64,
+}
+
+/// Whether this session can send `posix-rename@openssh.com`.
+enum Posix {
+    /// Not tried yet.
+    Untried,
+    Open(posix_rename::PosixSftp),
+    /// The server does not offer it: renames replace the target in two steps.
+    Unsupported,
 }
 
 impl Conn {
@@ -139,6 +170,18 @@ impl Conn {
 
     fn dirs(&self) -> MutexGuard<'_, HashSet<String>> {
         self.dirs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tail(&self) -> MutexGuard<'_, Option<RemoteTail>> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets the open tail if it is `full`, whose name is about to hold another file.
+    fn forget_tail(&self, full: &str) {
+        let mut t = self.tail();
+        if t.as_ref().is_some_and(|t| t.full == full) {
+            *t = None;
+        }
     }
 }
 
@@ -267,6 +310,13 @@ impl SftpBackend {
         }
     }
 
+    /// Forgets the session's open append handle if it is `full` (see [`Conn::forget_tail`]).
+    fn forget_tail(&self, full: &str) {
+        if let Some(c) = self.lock().as_ref() {
+            c.forget_tail(full);
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Option<Arc<Conn>>> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -341,6 +391,8 @@ impl SftpBackend {
             broken: AtomicBool::new(false),
             dirs: Mutex::new(HashSet::new()),
             dir_fsync: AtomicBool::new(true),
+            tail: Mutex::new(None),
+            posix: Mutex::new(Posix::Untried),
         })
     }
 
@@ -766,6 +818,140 @@ impl SftpBackend {
         }
     }
 
+    /// The body of `append` on one session: write `data` at `at` of `full` through the cached
+    /// handle (opened now if it is another file), cutting what lies past `at` first, then
+    /// fsync. Any failure drops the handle. `shown` names the file in errors.
+    fn append_on(&self, c: &Conn, full: &str, at: u64, data: &[u8], shown: &str) -> OpResult<()> {
+        let mut cache = c.tail();
+        let r = self.append_cached(c, &mut cache, full, at, data, shown);
+        if r.is_err() {
+            *cache = None;
+        }
+        r
+    }
+
+    fn append_cached(
+        &self,
+        c: &Conn,
+        cache: &mut Option<RemoteTail>,
+        full: &str,
+        at: u64,
+        data: &[u8],
+        shown: &str,
+    ) -> OpResult<()> {
+        if cache.as_ref().is_none_or(|t| t.full != full) {
+            *cache = None;
+            let mut file =
+                c.sftp
+                    .open_mode(Path::new(full), OpenFlags::WRITE, 0o644, OpenType::File)?;
+            // A server that does not say the size gets the file cut to `at` below.
+            let len = file.stat()?.size.unwrap_or(u64::MAX);
+            *cache = Some(RemoteTail {
+                full: full.to_owned(),
+                file,
+                len,
+            });
+        }
+        let Some(t) = cache.as_mut() else {
+            return Err(Fail::Done(BackendError::new(
+                ErrorKind::Other,
+                format!("failed to append to {shown}: no open file"),
+            )));
+        };
+        if t.len < at {
+            return Err(Fail::Done(BackendError::new(
+                ErrorKind::Other,
+                format!(
+                    "failed to append to {shown}: the file holds {} bytes, fewer than the {at} \
+                     expected",
+                    t.len
+                ),
+            )));
+        }
+        // Cut first: a crash after this leaves the first `at` bytes, never what followed.
+        if t.len > at {
+            t.file.setstat(ssh2::FileStat {
+                size: Some(at),
+                uid: None,
+                gid: None,
+                perm: None,
+                atime: None,
+                mtime: None,
+            })?;
+        }
+        t.file
+            .seek(io::SeekFrom::Start(at))
+            .map_err(|e| self.handle_fail(c, shown, &e))?;
+        t.file
+            .write_all(data)
+            .map_err(|e| self.handle_fail(c, shown, &e))?;
+        t.file.fsync()?;
+        t.len = at + data.len() as u64;
+        Ok(())
+    }
+
+    /// Maps an I/O error from the appended file's handle (ssh2 keeps only a kind and a
+    /// message): anything but "not found" or a timeout gives the session up.
+    fn handle_fail(&self, c: &Conn, shown: &str, e: &io::Error) -> Fail {
+        match e.kind() {
+            io::ErrorKind::NotFound => Fail::Ssh(ssh2::Error::new(
+                ErrorCode::SFTP(FX_NO_SUCH_FILE),
+                "no such file",
+            )),
+            io::ErrorKind::TimedOut => Fail::Ssh(ssh2::Error::new(
+                ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT),
+                "timed out",
+            )),
+            _ => {
+                c.give_up();
+                Fail::Done(BackendError::new(
+                    ErrorKind::Unavailable,
+                    format!("failed to append to {shown}: write failed: {e}"),
+                ))
+            }
+        }
+    }
+
+    /// The body of `rename` on one session: `posix-rename@openssh.com` (rename(2) on the
+    /// server: atomic, replaces `to`), or where the server lacks it, [`Self::rename_over`].
+    /// The cached append handle follows the file.
+    fn rename_on(&self, c: &Conn, from: &str, to: &str) -> OpResult<()> {
+        c.forget_tail(to);
+        let mut posix = c.posix.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*posix, Posix::Untried) {
+            *posix = match posix_rename::PosixSftp::open(&c.sess) {
+                Ok(p) => Posix::Open(p),
+                Err(e) if is_conn_err(&e) => return Err(Fail::Ssh(e)),
+                Err(e) => {
+                    tracing::debug!(target = %self.opts.url,
+                        "cannot open an SFTP channel for posix-rename ({e}); renames replace \
+                         an existing name in two steps");
+                    Posix::Unsupported
+                }
+            };
+        }
+        let r = match &*posix {
+            Posix::Open(p) => match p.rename(from, to) {
+                Err(e) if sftp_code(&e) == Some(FX_OP_UNSUPPORTED) => {
+                    tracing::debug!(target = %self.opts.url,
+                        "the server lacks posix-rename@openssh.com; renames replace an \
+                         existing name in two steps");
+                    *posix = Posix::Unsupported;
+                    self.rename_over(c, from, to)
+                }
+                r => r,
+            },
+            _ => self.rename_over(c, from, to),
+        };
+        drop(posix);
+        r?;
+        let mut tail = c.tail();
+        if let Some(t) = tail.as_mut().filter(|t| t.full == from) {
+            t.full = to.to_owned();
+        }
+        Ok(())
+    }
+
     /// Reads the directory `full` with strict name checks; `None` if it does not exist, or
     /// stopped existing while it was read (retention by a running walship). OpenSSH's
     /// sftp-server stats each entry itself and leaves out one that vanished before its stat,
@@ -1131,6 +1317,7 @@ impl Backend for SftpBackend {
 
     fn write_atomic(&self, path: &str, data: &mut dyn Read) -> Result<u64> {
         check_path(path, false)?;
+        self.forget_tail(&self.remote(path));
         let consumed = AtomicBool::new(false);
         self.with_conn(
             |c| self.upload(c, path, data, &consumed),
@@ -1148,9 +1335,37 @@ impl Backend for SftpBackend {
         })
     }
 
+    fn can_append(&self) -> bool {
+        true
+    }
+
+    fn append(&self, path: &str, at: u64, data: &[u8]) -> Result<()> {
+        check_path(path, false)?;
+        let full = self.remote(path);
+        let shown = self.where_(path);
+        // Writing at `at` again after a failure is harmless: a retry on a fresh session is fine.
+        self.with_conn(|c| self.append_on(c, &full, at, data, &shown), || true)
+            .map_err(|f| self.error("append to", &shown, f))
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        check_path(from, false)?;
+        check_path(to, false)?;
+        super::check_same_dir(&self.url(), from, to)?;
+        let (f, t) = (self.remote(from), self.remote(to));
+        // No retry on a fresh session: the rename may have happened before the old one died,
+        // and a retry would then report the missing `from` instead of "unavailable".
+        self.with_conn(|c| self.rename_on(c, &f, &t), || false)
+            .map_err(|e| {
+                let shown = format!("{} to {}", self.where_(from), self.where_(to));
+                self.error("rename", &shown, e)
+            })
+    }
+
     fn delete(&self, path: &str) -> Result<()> {
         check_path(path, false)?;
         let full = self.remote(path);
+        self.forget_tail(&full);
         self.with_conn(
             |c| match c.sftp.unlink(Path::new(&full)) {
                 Err(e) if matches!(sftp_code(&e), Some(FX_NO_SUCH_FILE | FX_NO_SUCH_PATH)) => {
@@ -1212,5 +1427,101 @@ impl Backend for SftpBackend {
             || true,
         )
         .map_err(|f| self.error("remove temporary files in", &self.where_(dir), f))
+    }
+}
+
+/// `posix-rename@openssh.com` (rename(2) on the server), which libssh2 implements but ssh2
+/// does not expose: a second SFTP channel on the same session, opened with libssh2 directly.
+/// Every libssh2 call here is made holding the session's lock (`Session::raw`), as ssh2 does
+/// for its own calls, so it never runs concurrently with another call on the session.
+mod posix_rename {
+    use ssh2::{Error, ErrorCode, Session};
+    use std::ffi::{c_char, c_int, c_ulong, c_void, CString};
+
+    /// libssh2's code for "the server answered with an SFTP status" (`last_error` says which).
+    const LIBSSH2_ERROR_SFTP_PROTOCOL: c_int = -31;
+
+    // Part of the libssh2 that libssh2-sys builds and links for ssh2 (libssh2.h, 1.11).
+    extern "C" {
+        fn libssh2_sftp_init(session: *mut c_void) -> *mut c_void;
+        fn libssh2_sftp_shutdown(sftp: *mut c_void) -> c_int;
+        fn libssh2_sftp_last_error(sftp: *mut c_void) -> c_ulong;
+        fn libssh2_sftp_posix_rename_ex(
+            sftp: *mut c_void,
+            source: *const c_char,
+            source_len: usize,
+            dest: *const c_char,
+            dest_len: usize,
+        ) -> c_int;
+    }
+
+    /// An SFTP channel of its own on a session, shut down when dropped.
+    pub(super) struct PosixSftp {
+        /// Keeps the session alive as long as the channel.
+        sess: Session,
+        raw: *mut c_void,
+    }
+
+    // SAFETY: `raw` is only used while holding the session's lock (see the module doc).
+    unsafe impl Send for PosixSftp {}
+    // SAFETY: as for Send.
+    unsafe impl Sync for PosixSftp {}
+
+    impl PosixSftp {
+        /// Opens the channel (a few round trips, once per session).
+        pub(super) fn open(sess: &Session) -> Result<PosixSftp, Error> {
+            let raw = {
+                let mut g = sess.raw();
+                // SAFETY: a live session pointer, used under its lock.
+                unsafe { libssh2_sftp_init(std::ptr::from_mut(&mut *g).cast()) }
+            };
+            if raw.is_null() {
+                return Err(Error::last_session_error(sess).unwrap_or_else(Error::unknown));
+            }
+            Ok(PosixSftp {
+                sess: sess.clone(),
+                raw,
+            })
+        }
+
+        /// Renames the full remote path `from` to `to`, replacing `to`.
+        pub(super) fn rename(&self, from: &str, to: &str) -> Result<(), Error> {
+            let (f, t) = (CString::new(from)?, CString::new(to)?);
+            let (rc, status) = {
+                let _g = self.sess.raw();
+                // SAFETY: our channel on a live session, under its lock; the strings outlive
+                // the call.
+                unsafe {
+                    let rc = libssh2_sftp_posix_rename_ex(
+                        self.raw,
+                        f.as_ptr(),
+                        from.len(),
+                        t.as_ptr(),
+                        to.len(),
+                    );
+                    let status = if rc == LIBSSH2_ERROR_SFTP_PROTOCOL {
+                        libssh2_sftp_last_error(self.raw)
+                    } else {
+                        0
+                    };
+                    (rc, status)
+                }
+            };
+            match rc {
+                0 => Ok(()),
+                LIBSSH2_ERROR_SFTP_PROTOCOL => Err(Error::from_errno(ErrorCode::SFTP(
+                    c_int::try_from(status).unwrap_or(c_int::MAX),
+                ))),
+                rc => Err(Error::from_session_error(&self.sess, rc)),
+            }
+        }
+    }
+
+    impl Drop for PosixSftp {
+        fn drop(&mut self) {
+            let _g = self.sess.raw();
+            // SAFETY: our channel, shut down once, under the session's lock.
+            let _ = unsafe { libssh2_sftp_shutdown(self.raw) };
+        }
     }
 }
