@@ -195,33 +195,6 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Ok(true)
     }
 
-    /// Placeholder until the append API lands (wt-app).
-    fn can_append(&self) -> bool {
-        false
-    }
-
-    /// Placeholder until the append API lands (wt-app).
-    ///
-    /// # Errors
-    /// Always.
-    fn append(&self, path: &str, _at: u64, _data: &[u8]) -> Result<()> {
-        Err(BackendError::new(
-            ErrorKind::Other,
-            format!("cannot append to {path}"),
-        ))
-    }
-
-    /// Placeholder until the append API lands (wt-app).
-    ///
-    /// # Errors
-    /// Always.
-    fn rename(&self, from: &str, _to: &str) -> Result<()> {
-        Err(BackendError::new(
-            ErrorKind::Other,
-            format!("cannot rename {from}"),
-        ))
-    }
-
     /// The encryption this target applies to the files below the root (`Some("age")`, see
     /// [`encrypted`]), `None` for a plaintext target. The replica's marker must agree
     /// ([`encrypted::check_marker`]).
