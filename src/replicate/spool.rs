@@ -979,4 +979,85 @@ mod tests {
         assert!(spool.publish(w, &g, &other).is_err());
         assert!(spool.list().unwrap().is_empty());
     }
+
+    /// A whole one-commit segment file for `txid` (one 512-byte page).
+    fn part(txid: u64) -> Vec<u8> {
+        use crate::layout::codec::{Commit, Encoder, Kind};
+        let mut e = Encoder::new(Vec::new(), Kind::Segment, 512, 1).unwrap();
+        e.page(1, &[txid as u8; 512]).unwrap();
+        e.commit(&Commit {
+            txid,
+            time_ms: 100 + txid,
+            db_pages: 1,
+            db_checksum: txid,
+        })
+        .unwrap();
+        e.finish().unwrap()
+    }
+
+    fn seg(first: u64, last: u64) -> FileName {
+        FileName::Segment {
+            level: 0,
+            first,
+            last,
+            first_ms: 100 + first,
+            last_ms: 100 + last,
+        }
+    }
+
+    #[test]
+    fn small_segments_grow_the_tail_and_a_replica_gets_only_what_it_lacks() {
+        let (dir, spool, g, _) = setup();
+        let mut w = spool.create(&g, None).unwrap();
+        w.write_all(&part(1)).unwrap();
+        let s1 = spool.publish(w, &g, &seg(1, 1)).unwrap();
+        let f1 = spool.list().unwrap()[0].clone();
+        assert!(spool.is_tail(&f1));
+        assert!(
+            spool.append(&g, 2).is_none(),
+            "appended after the wrong txid"
+        );
+        let mut w = spool.append(&g, 1).expect("the tail takes txid 2");
+        w.write_all(&part(2)).unwrap();
+        let size = spool.publish(w, &g, &seg(2, 2)).unwrap();
+        let files = spool.list().unwrap();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let f = files[0].clone();
+        assert_eq!((f.name, f.size), (seg(1, 2), size));
+        let path = spool.path(&g, &f.name);
+        assert_eq!(fs::read(&path).unwrap(), [part(1), part(2)].concat());
+        assert!(!spool.path(&g, &seg(1, 1)).exists());
+        assert_eq!(spool.piece(&f, 2), Some((s1, 102)));
+        assert_eq!(spool.piece(&f, 1), Some((0, 101)));
+        assert_eq!(spool.piece(&f, 3), None);
+        let pos = Some(Key::of(g, &seg(1, 1)));
+        assert_eq!(spool.first_missing_ms(&files, pos), Some(102));
+        assert_eq!(spool.first_missing_ms(&files, None), Some(101));
+
+        // An append dropped before it is published is cut off; the listing never saw it.
+        let mut w = spool.append(&g, 2).expect("the tail takes txid 3");
+        w.write_all(&part(3)).unwrap();
+        drop(w);
+        assert_eq!(fs::metadata(&path).unwrap().len(), size);
+        assert_eq!(spool.list().unwrap(), files);
+        assert!(
+            spool.append(&g, 2).is_none(),
+            "a failed append's tail was reused"
+        );
+
+        // A crash between an append and its rename leaves bytes past the named range: the
+        // next start cuts them off.
+        let extra = part(3);
+        let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
+        raw.write_all(&extra).unwrap();
+        drop(raw);
+        let reopened = Spool::open(&dir.path().join("spool")).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), size);
+        assert_eq!(reopened.list().unwrap(), files);
+
+        // Removing the tail (the spool limit) forgets it.
+        spool.remove(&f).unwrap();
+        assert!(!spool.is_tail(&f));
+        assert!(spool.append(&g, 2).is_none());
+    }
 }

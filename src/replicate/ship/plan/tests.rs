@@ -97,6 +97,21 @@ fn the_next_segment_continues_the_position() {
 }
 
 #[test]
+fn a_grown_tail_continues_a_replica_holding_its_start() {
+    let t = Instant::now();
+    // The replica holds 1..=5; the spool's tail grew from 3..=5 to 3..=9 since.
+    let (held, grown, next) = (seg(G1, 1, 5), seg(G1, 3, 9), seg(G1, 10, 11));
+    let mut p = Planner::new(Some(key(&held)), t);
+    p.prepared = true;
+    assert_eq!(p.begin(view(vec![grown.clone(), next.clone()])), None);
+    assert_eq!(p.next(RUN, None, t), Action::Upload(vec![grown, next]));
+    // One that starts after the position still leaves a gap.
+    let mut p = Planner::new(Some(key(&held)), t);
+    p.prepared = true;
+    assert!(p.begin(view(vec![seg(G1, 7, 9)])).is_some());
+}
+
+#[test]
 fn a_snapshot_starts_a_replica_without_position() {
     let t = Instant::now();
     let s = snap(G1, 3);
