@@ -382,11 +382,10 @@ enum State {
     Failed,
 }
 
-/// What one step of decoding produced.
+/// What one step of decoding produced (`None` for the end of the file).
 enum Step {
     Page(u32),
     Commit(Commit),
-    End,
 }
 
 /// Reads one snapshot or segment file from a stream, checking everything.
@@ -549,6 +548,7 @@ impl<R: Read> Decoder<R> {
     }
 
     /// How many parts were read and verified to their end record.
+    #[cfg(test)]
     pub(crate) fn parts_complete(&self) -> u64 {
         self.parts_complete
     }
@@ -557,25 +557,47 @@ impl<R: Read> Decoder<R> {
     /// is final: later calls return [`LayoutError::AfterError`].
     #[allow(clippy::should_implement_trait)] // records borrow the decoder: not an Iterator
     pub(crate) fn next(&mut self) -> Result<Option<Record<'_>>, LayoutError> {
+        Ok(self.advance()?.map(|s| self.record(s)))
+    }
+
+    /// [`Decoder::next`], with what [`Decoder::last_complete`] says right after it: the last
+    /// commit of the parts complete before the record's own part (records borrow the decoder).
+    pub(crate) fn next_placed(
+        &mut self,
+    ) -> Result<Option<(Record<'_>, Option<Commit>)>, LayoutError> {
+        let step = self.advance()?;
+        let done = self.last_complete;
+        Ok(step.map(|s| (self.record(s), done)))
+    }
+
+    /// One step, keeping the state: `None` at the end.
+    fn advance(&mut self) -> Result<Option<Step>, LayoutError> {
         match self.state {
             State::Done => return Ok(None),
             State::Failed => return Err(LayoutError::AfterError),
             State::Running => {}
         }
         match self.step() {
-            Ok(Step::Page(pgno)) => Ok(Some(Record::Page {
-                pgno,
-                data: &self.page,
-            })),
-            Ok(Step::Commit(c)) => Ok(Some(Record::Commit(c))),
-            Ok(Step::End) => {
+            Ok(None) => {
                 self.state = State::Done;
                 Ok(None)
             }
+            Ok(s) => Ok(s),
             Err(e) => {
                 self.state = State::Failed;
                 Err(e)
             }
+        }
+    }
+
+    /// The record a step produced.
+    fn record(&self, s: Step) -> Record<'_> {
+        match s {
+            Step::Page(pgno) => Record::Page {
+                pgno,
+                data: &self.page,
+            },
+            Step::Commit(c) => Record::Commit(c),
         }
     }
 
@@ -623,7 +645,7 @@ impl<R: Read> Decoder<R> {
         r
     }
 
-    fn step(&mut self) -> Result<Step, LayoutError> {
+    fn step(&mut self) -> Result<Option<Step>, LayoutError> {
         loop {
             let mut tag = [0u8; 1];
             self.fill(&mut tag, "no end record")?;
@@ -637,7 +659,7 @@ impl<R: Read> Decoder<R> {
                     self.hasher.update(&tag);
                     self.hasher.update(&pgno);
                     self.hasher.update(&self.page);
-                    return Ok(Step::Page(n));
+                    return Ok(Some(Step::Page(n)));
                 }
                 TAG_COMMIT => {
                     let mut rec = [0u8; 28];
@@ -654,7 +676,7 @@ impl<R: Read> Decoder<R> {
                         db_checksum: be64(s),
                     };
                     self.rules.commit(&c)?;
-                    return Ok(Step::Commit(c));
+                    return Ok(Some(Step::Commit(c)));
                 }
                 TAG_END => {
                     let mut rec = [0u8; 16];
@@ -675,7 +697,7 @@ impl<R: Read> Decoder<R> {
                     self.parts_complete = self.parts_complete.saturating_add(1);
                     self.last_complete = self.rules.last;
                     if !self.next_part()? {
-                        return Ok(Step::End);
+                        return Ok(None);
                     }
                 }
                 other => return Err(LayoutError::UnknownTag(other)),
