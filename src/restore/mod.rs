@@ -402,7 +402,14 @@ fn reader(
                     Ok(None) => {
                         // The input's end, right after a verified part.
                         release(&mut chunk, &mut held);
-                        reached = reached.max(dec.last_complete().map_or(0, |c| c.txid));
+                        let end = dec.last_complete().map_or(0, |c| c.txid);
+                        if end < f.last_txid() {
+                            bail!(
+                                "{label}: the file ends at txid {end}, its name says it holds up to txid {}",
+                                f.last_txid()
+                            );
+                        }
+                        reached = reached.max(end);
                         break;
                     }
                     Err(e) => {
