@@ -26,6 +26,7 @@ mod garage;
 mod generator;
 mod lifecycle;
 mod metrics;
+mod multipart;
 mod netns;
 mod notify;
 mod packaging;

@@ -1,24 +1,35 @@
 //! Snapshot and segment files: streaming encoder and decoder, bounded memory both ways.
 //!
-//! A file is a 16-byte plain header — magic `b"WALSHIP\0"`, kind (`b'S'` snapshot, `b'G'`
+//! A *part* is a 16-byte plain header — magic `b"WALSHIP\0"`, kind (`b'S'` snapshot, `b'G'`
 //! segment), format version ([`CODEC_VERSION`]), two zero bytes, page size (u32 big-endian) —
 //! followed by exactly one zstd frame with its content checksum on. The frame's content is a
 //! sequence of records, each a 1-byte tag then big-endian integers:
 //! - `P`: u32 pgno (1..=2^31), then exactly page-size bytes of page content;
 //! - `C`: u64 txid, u64 time_ms, u32 db_pages (>= 1), u64 db_checksum: commits the pages since the
 //!   previous `C`;
-//! - `E`: u64 count of the `P` and `C` records before it, u64 xxh3_64 of all content bytes before
-//!   this `E` tag. Nothing may follow it, neither in the frame nor after the frame.
+//! - `E`: u64 count of the part's `P` and `C` records before it, u64 xxh3_64 of all the part's
+//!   content bytes before this `E` tag. Nothing may follow it in the frame.
+//!
+//! A snapshot file is exactly one part. A segment file is one or more whole parts, one after the
+//! other (what the encoder writes is one part; appending another encoder's output to a segment
+//! file makes a longer one): after a part's frame, either the input ends or the next part's
+//! header follows, with the same kind, format version and page size. Each part's `E` record
+//! checks that part alone; the record rules below run across parts as if they were one.
 //!
 //! Invariants kept, by encoder and decoder alike (one private set of rules checks both):
-//! commit txids in a file increase by exactly 1 and their times never go back; every page belongs
-//! to a commit (no pages after the last one); a file has at least one commit; a snapshot holds one
-//! commit and pages 1..=db_pages, each once, in order. The decoder holds one page buffer plus
-//! zstd's window (at most 2^27 bytes), whatever the input says; it never panics on any input.
+//! commit txids in a file increase by exactly 1 and their times never go back, across parts
+//! too; every page belongs to a commit of its part (no pages after a part's last commit); every
+//! part has at least one commit; a snapshot holds one commit and pages 1..=db_pages, each once,
+//! in order. The decoder holds one page buffer plus one zstd window (at most 2^27 bytes; a
+//! part's frame is dropped before the next one starts), whatever the input says; it never
+//! panics on any input. It reports the last commit of the last part it verified to the end
+//! ([`Decoder::last_complete`]): a caller that needs commits only up to some txid can tell a
+//! torn or damaged part after them (a reader raced an append, a crash cut it) from damage
+//! inside them.
 
 use super::LayoutError;
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Chain, Cursor, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use xxhash_rust::xxh3::Xxh3;
 
 /// The version of the file format this build writes and the newest it reads.
@@ -109,10 +120,12 @@ pub(crate) enum Record<'a> {
 #[derive(Debug)]
 struct Rules {
     kind: Kind,
-    /// P and C records accepted so far.
+    /// P and C records accepted so far in the current part.
     records: u64,
-    /// The last commit accepted.
+    /// The last commit accepted (in any part: the rules carry over from part to part).
     last: Option<Commit>,
+    /// Whether the current part has a commit.
+    part_commit: bool,
     /// Pages accepted since the last commit.
     pending_pages: u32,
 }
@@ -123,8 +136,15 @@ impl Rules {
             kind,
             records: 0,
             last: None,
+            part_commit: false,
             pending_pages: 0,
         }
+    }
+
+    /// A new part of the file begins (after a complete one: no pages pending).
+    fn next_part(&mut self) {
+        self.records = 0;
+        self.part_commit = false;
     }
 
     fn page(&mut self, pgno: u32) -> Result<(), LayoutError> {
@@ -177,13 +197,14 @@ impl Rules {
             });
         }
         self.last = Some(*c);
+        self.part_commit = true;
         self.pending_pages = 0;
         self.records = self.records.saturating_add(1);
         Ok(())
     }
 
     fn end(&self) -> Result<(), LayoutError> {
-        if self.last.is_none() {
+        if !self.part_commit {
             return Err(LayoutError::NoCommit);
         }
         if self.pending_pages > 0 {
@@ -312,8 +333,47 @@ impl<R: Read> Read for Source<R> {
     }
 }
 
-/// The zstd frame's first bytes (read to check them), then the rest of the stream.
-type Framed<R> = BufReader<Chain<Cursor<[u8; 5]>, Source<R>>>;
+/// The input of one part's zstd frame: the frame's first bytes (read to check them), then the
+/// rest of the stream. Handed back when the frame ends, for the next part.
+struct Input<R> {
+    head: [u8; 5],
+    at: usize,
+    inner: BufReader<Source<R>>,
+}
+
+impl<R: Read> Read for Input<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = {
+            let avail = self.fill_buf()?;
+            let n = avail.len().min(buf.len());
+            if let (Some(d), Some(s)) = (buf.get_mut(..n), avail.get(..n)) {
+                d.copy_from_slice(s);
+            }
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: Read> BufRead for Input<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        match self.head.get(self.at..) {
+            Some(rest) if !rest.is_empty() => Ok(rest),
+            _ => self.inner.fill_buf(),
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        if self.at < self.head.len() {
+            self.at = (self.at + n).min(self.head.len());
+        } else {
+            self.inner.consume(n);
+        }
+    }
+}
+
+type Frame<R> = zstd::stream::read::Decoder<'static, Input<R>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -322,21 +382,33 @@ enum State {
     Failed,
 }
 
-/// What one step of decoding produced.
+/// What one step of decoding produced (`None` for the end of the file).
 enum Step {
     Page(u32),
     Commit(Commit),
-    End,
 }
 
 /// Reads one snapshot or segment file from a stream, checking everything.
+///
+/// A segment file may hold several parts (see the module doc); the decoder reads them as one
+/// run of records and tells where it stands: [`Decoder::last_complete`] is the last commit of
+/// the last part whose end record was verified, so a caller can tell a damaged or torn part
+/// after the ones it needs from damage inside them.
 pub(crate) struct Decoder<R: Read> {
-    z: zstd::stream::read::Decoder<'static, Framed<R>>,
+    /// The current part's frame; `None` only between parts (and after the end).
+    z: Option<Frame<R>>,
+    kind: Kind,
+    version: u8,
     page_size: u32,
     page: Vec<u8>,
     rules: Rules,
+    /// The hash of the current part's content so far.
     hasher: Xxh3,
     state: State,
+    /// Parts whose end record (and frame checksum) was verified.
+    parts_complete: u64,
+    /// The last commit of the last complete part.
+    last_complete: Option<Commit>,
 }
 
 /// Reads exactly `buf.len()` bytes from a stream that is not zstd; EOF is truncation.
@@ -345,6 +417,93 @@ fn read_plain<R: Read>(r: &mut R, buf: &mut [u8], what: &'static str) -> Result<
         io::ErrorKind::UnexpectedEof => LayoutError::Truncated(what),
         _ => LayoutError::Io(e),
     })
+}
+
+/// What a part's plain header says.
+struct Header {
+    kind: Kind,
+    version: u8,
+    page_size: u32,
+}
+
+/// Reads and validates a part's plain header (`what` names it in a truncation error) and the
+/// first bytes of its zstd frame.
+fn read_header<R: Read>(
+    src: &mut R,
+    expected: Kind,
+    what: &'static str,
+) -> Result<(Header, [u8; 5]), LayoutError> {
+    let mut header = [0u8; HEADER_SIZE];
+    read_plain(src, &mut header, what)?;
+    let [m0, m1, m2, m3, m4, m5, m6, m7, kind, version, r0, r1, p0, p1, p2, p3] = header;
+    if [m0, m1, m2, m3, m4, m5, m6, m7] != *MAGIC {
+        if header.starts_with(b"age-encr") {
+            return Err(LayoutError::Encrypted);
+        }
+        return Err(LayoutError::BadMagic);
+    }
+    if version > CODEC_VERSION {
+        return Err(LayoutError::VersionTooNew(version));
+    }
+    if version == 0 {
+        return Err(LayoutError::InvalidHeader("format version 0"));
+    }
+    let kind = match Kind::from_byte(kind) {
+        Some(k) if k == expected => k,
+        Some(k) => {
+            return Err(LayoutError::WrongKind {
+                expected,
+                found: k.to_string(),
+            })
+        }
+        None => {
+            return Err(LayoutError::WrongKind {
+                expected,
+                found: format!("unknown kind 0x{kind:02x}"),
+            })
+        }
+    };
+    if [r0, r1] != [0, 0] {
+        return Err(LayoutError::InvalidHeader("reserved bytes are not zero"));
+    }
+    let page_size = u32::from_be_bytes([p0, p1, p2, p3]);
+    if !valid_page_size(page_size) {
+        return Err(LayoutError::BadPageSize(page_size));
+    }
+    let mut zhead = [0u8; 5];
+    read_plain(src, &mut zhead, "no compressed data")?;
+    let [z0, z1, z2, z3, fhd] = zhead;
+    if u32::from_le_bytes([z0, z1, z2, z3]) != ZSTD_MAGIC {
+        return Err(LayoutError::InvalidHeader("not a zstd frame"));
+    }
+    if fhd & ZSTD_UNUSED_FLAGS != 0 {
+        return Err(LayoutError::InvalidHeader(
+            "the zstd frame header has unused bits set",
+        ));
+    }
+    if fhd & ZSTD_CHECKSUM_FLAG == 0 {
+        return Err(LayoutError::InvalidHeader(
+            "the zstd frame has no content checksum",
+        ));
+    }
+    Ok((
+        Header {
+            kind,
+            version,
+            page_size,
+        },
+        zhead,
+    ))
+}
+
+/// Starts decompressing one part's frame.
+fn open_frame<R: Read>(input: Input<R>) -> Result<Frame<R>, LayoutError> {
+    let mut z = zstd::stream::read::Decoder::with_buffer(input)
+        .map_err(|e| LayoutError::Corrupt(e.to_string()))?
+        .single_frame();
+    z.window_log_max(WINDOW_LOG_MAX)
+        .map_err(|e| LayoutError::Corrupt(e.to_string()))?;
+    Ok(z)
 }
 
 impl<R: Read> Decoder<R> {
@@ -356,72 +515,23 @@ impl<R: Read> Decoder<R> {
             inner: r,
             failed: false,
         };
-        let mut header = [0u8; HEADER_SIZE];
-        read_plain(&mut src, &mut header, "file header")?;
-        let [m0, m1, m2, m3, m4, m5, m6, m7, kind, version, r0, r1, p0, p1, p2, p3] = header;
-        if [m0, m1, m2, m3, m4, m5, m6, m7] != *MAGIC {
-            if header.starts_with(b"age-encr") {
-                return Err(LayoutError::Encrypted);
-            }
-            return Err(LayoutError::BadMagic);
-        }
-        if version > CODEC_VERSION {
-            return Err(LayoutError::VersionTooNew(version));
-        }
-        if version == 0 {
-            return Err(LayoutError::InvalidHeader("format version 0"));
-        }
-        match Kind::from_byte(kind) {
-            Some(k) if k == expected => {}
-            Some(k) => {
-                return Err(LayoutError::WrongKind {
-                    expected,
-                    found: k.to_string(),
-                })
-            }
-            None => {
-                return Err(LayoutError::WrongKind {
-                    expected,
-                    found: format!("unknown kind 0x{kind:02x}"),
-                })
-            }
-        }
-        if [r0, r1] != [0, 0] {
-            return Err(LayoutError::InvalidHeader("reserved bytes are not zero"));
-        }
-        let page_size = u32::from_be_bytes([p0, p1, p2, p3]);
-        if !valid_page_size(page_size) {
-            return Err(LayoutError::BadPageSize(page_size));
-        }
-        let mut zhead = [0u8; 5];
-        read_plain(&mut src, &mut zhead, "no compressed data")?;
-        let [z0, z1, z2, z3, fhd] = zhead;
-        if u32::from_le_bytes([z0, z1, z2, z3]) != ZSTD_MAGIC {
-            return Err(LayoutError::InvalidHeader("not a zstd frame"));
-        }
-        if fhd & ZSTD_UNUSED_FLAGS != 0 {
-            return Err(LayoutError::InvalidHeader(
-                "the zstd frame header has unused bits set",
-            ));
-        }
-        if fhd & ZSTD_CHECKSUM_FLAG == 0 {
-            return Err(LayoutError::InvalidHeader(
-                "the zstd frame has no content checksum",
-            ));
-        }
-        let framed = BufReader::new(Cursor::new(zhead).chain(src));
-        let mut z = zstd::stream::read::Decoder::with_buffer(framed)
-            .map_err(|e| LayoutError::Corrupt(e.to_string()))?
-            .single_frame();
-        z.window_log_max(WINDOW_LOG_MAX)
-            .map_err(|e| LayoutError::Corrupt(e.to_string()))?;
+        let (h, head) = read_header(&mut src, expected, "file header")?;
+        let input = Input {
+            head,
+            at: 0,
+            inner: BufReader::new(src),
+        };
         Ok(Decoder {
-            z,
-            page_size,
-            page: vec![0; page_size as usize],
+            z: Some(open_frame(input)?),
+            kind: h.kind,
+            version: h.version,
+            page_size: h.page_size,
+            page: vec![0; h.page_size as usize],
             rules: Rules::new(expected),
             hasher: Xxh3::new(),
             state: State::Running,
+            parts_complete: 0,
+            last_complete: None,
         })
     }
 
@@ -430,25 +540,49 @@ impl<R: Read> Decoder<R> {
         self.page_size
     }
 
+    /// The last commit of the last part whose end record was verified (`None` before the
+    /// first part is). Records read after it belong to a part that began after it: an error
+    /// now is inside such a part when this is at or beyond the commit the caller needs.
+    pub(crate) fn last_complete(&self) -> Option<Commit> {
+        self.last_complete
+    }
+
+    /// How many parts were read and verified to their end record.
+    #[cfg(test)]
+    pub(crate) fn parts_complete(&self) -> u64 {
+        self.parts_complete
+    }
+
     /// The next record; `None` only after a valid end record at the end of the input. Any error
     /// is final: later calls return [`LayoutError::AfterError`].
     #[allow(clippy::should_implement_trait)] // records borrow the decoder: not an Iterator
     pub(crate) fn next(&mut self) -> Result<Option<Record<'_>>, LayoutError> {
+        Ok(self.advance()?.map(|s| self.record(s)))
+    }
+
+    /// [`Decoder::next`], with what [`Decoder::last_complete`] says right after it: the last
+    /// commit of the parts complete before the record's own part (records borrow the decoder).
+    pub(crate) fn next_placed(
+        &mut self,
+    ) -> Result<Option<(Record<'_>, Option<Commit>)>, LayoutError> {
+        let step = self.advance()?;
+        let done = self.last_complete;
+        Ok(step.map(|s| (self.record(s), done)))
+    }
+
+    /// One step, keeping the state: `None` at the end.
+    fn advance(&mut self) -> Result<Option<Step>, LayoutError> {
         match self.state {
             State::Done => return Ok(None),
             State::Failed => return Err(LayoutError::AfterError),
             State::Running => {}
         }
         match self.step() {
-            Ok(Step::Page(pgno)) => Ok(Some(Record::Page {
-                pgno,
-                data: &self.page,
-            })),
-            Ok(Step::Commit(c)) => Ok(Some(Record::Commit(c))),
-            Ok(Step::End) => {
+            Ok(None) => {
                 self.state = State::Done;
                 Ok(None)
             }
+            Ok(s) => Ok(s),
             Err(e) => {
                 self.state = State::Failed;
                 Err(e)
@@ -456,9 +590,30 @@ impl<R: Read> Decoder<R> {
         }
     }
 
+    /// The record a step produced.
+    fn record(&self, s: Step) -> Record<'_> {
+        match s {
+            Step::Page(pgno) => Record::Page {
+                pgno,
+                data: &self.page,
+            },
+            Step::Commit(c) => Record::Commit(c),
+        }
+    }
+
+    /// The current frame (an internal error between parts, which `step` never leaves).
+    fn frame(&mut self) -> Result<&mut Frame<R>, LayoutError> {
+        self.z
+            .as_mut()
+            .ok_or(LayoutError::Truncated("no compressed data"))
+    }
+
     /// Turns an error from the zstd reader into what went wrong.
     fn zstd_error(&self, e: io::Error) -> LayoutError {
-        let source_failed = self.z.get_ref().get_ref().get_ref().1.failed;
+        let source_failed = self
+            .z
+            .as_ref()
+            .is_some_and(|z| z.get_ref().inner.get_ref().failed);
         if source_failed {
             LayoutError::Io(e)
         } else if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -472,7 +627,7 @@ impl<R: Read> Decoder<R> {
     fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), LayoutError> {
         let mut at = 0;
         while let Some(rest) = buf.get_mut(at..).filter(|r| !r.is_empty()) {
-            match self.z.read(rest) {
+            match self.frame()?.read(rest) {
                 Ok(0) => return Err(LayoutError::Truncated(what)),
                 Ok(n) => at += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -490,79 +645,119 @@ impl<R: Read> Decoder<R> {
         r
     }
 
-    fn step(&mut self) -> Result<Step, LayoutError> {
-        let mut tag = [0u8; 1];
-        self.fill(&mut tag, "no end record")?;
-        match tag[0] {
-            TAG_PAGE => {
-                let mut pgno = [0u8; 4];
-                self.fill(&mut pgno, "page record cut short")?;
-                let n = u32::from_be_bytes(pgno);
-                self.rules.page(n)?;
-                self.fill_page()?;
-                self.hasher.update(&tag);
-                self.hasher.update(&pgno);
-                self.hasher.update(&self.page);
-                Ok(Step::Page(n))
-            }
-            TAG_COMMIT => {
-                let mut rec = [0u8; 28];
-                self.fill(&mut rec, "commit record cut short")?;
-                self.hasher.update(&tag);
-                self.hasher.update(&rec);
-                let (t, rest) = rec.split_at(8);
-                let (m, rest) = rest.split_at(8);
-                let (p, s) = rest.split_at(4);
-                let c = Commit {
-                    txid: be64(t),
-                    time_ms: be64(m),
-                    db_pages: be32(p),
-                    db_checksum: be64(s),
-                };
-                self.rules.commit(&c)?;
-                Ok(Step::Commit(c))
-            }
-            TAG_END => {
-                let mut rec = [0u8; 16];
-                self.fill(&mut rec, "end record cut short")?;
-                let (count, hash) = rec.split_at(8);
-                let (count, hash) = (be64(count), be64(hash));
-                self.rules.end()?;
-                if count != self.rules.records {
-                    return Err(LayoutError::RecordCount {
-                        expected: count,
-                        found: self.rules.records,
-                    });
+    fn step(&mut self) -> Result<Option<Step>, LayoutError> {
+        loop {
+            let mut tag = [0u8; 1];
+            self.fill(&mut tag, "no end record")?;
+            match tag[0] {
+                TAG_PAGE => {
+                    let mut pgno = [0u8; 4];
+                    self.fill(&mut pgno, "page record cut short")?;
+                    let n = u32::from_be_bytes(pgno);
+                    self.rules.page(n)?;
+                    self.fill_page()?;
+                    self.hasher.update(&tag);
+                    self.hasher.update(&pgno);
+                    self.hasher.update(&self.page);
+                    return Ok(Some(Step::Page(n)));
                 }
-                if hash != self.hasher.digest() {
-                    return Err(LayoutError::ContentHash);
+                TAG_COMMIT => {
+                    let mut rec = [0u8; 28];
+                    self.fill(&mut rec, "commit record cut short")?;
+                    self.hasher.update(&tag);
+                    self.hasher.update(&rec);
+                    let (t, rest) = rec.split_at(8);
+                    let (m, rest) = rest.split_at(8);
+                    let (p, s) = rest.split_at(4);
+                    let c = Commit {
+                        txid: be64(t),
+                        time_ms: be64(m),
+                        db_pages: be32(p),
+                        db_checksum: be64(s),
+                    };
+                    self.rules.commit(&c)?;
+                    return Ok(Some(Step::Commit(c)));
                 }
-                self.expect_end()?;
-                Ok(Step::End)
+                TAG_END => {
+                    let mut rec = [0u8; 16];
+                    self.fill(&mut rec, "end record cut short")?;
+                    let (count, hash) = rec.split_at(8);
+                    let (count, hash) = (be64(count), be64(hash));
+                    self.rules.end()?;
+                    if count != self.rules.records {
+                        return Err(LayoutError::RecordCount {
+                            expected: count,
+                            found: self.rules.records,
+                        });
+                    }
+                    if hash != self.hasher.digest() {
+                        return Err(LayoutError::ContentHash);
+                    }
+                    self.expect_frame_end()?;
+                    self.parts_complete = self.parts_complete.saturating_add(1);
+                    self.last_complete = self.rules.last;
+                    if !self.next_part()? {
+                        return Ok(None);
+                    }
+                }
+                other => return Err(LayoutError::UnknownTag(other)),
             }
-            other => Err(LayoutError::UnknownTag(other)),
         }
     }
 
-    /// Checks that the zstd frame ends right here (verifying its checksum) and nothing follows.
-    fn expect_end(&mut self) -> Result<(), LayoutError> {
+    /// Checks that the zstd frame ends right here (verifying its checksum).
+    fn expect_frame_end(&mut self) -> Result<(), LayoutError> {
         let mut probe = [0u8; 1];
         loop {
-            match self.z.read(&mut probe) {
-                Ok(0) => break,
+            match self.frame()?.read(&mut probe) {
+                Ok(0) => return Ok(()),
                 Ok(_) => return Err(LayoutError::TrailingData),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(self.zstd_error(e)),
             }
         }
+    }
+
+    /// After a part's frame: `false` at the end of the input; otherwise reads the next part's
+    /// header (a segment only: a snapshot is one part) and starts its frame.
+    fn next_part(&mut self) -> Result<bool, LayoutError> {
+        let z = self
+            .z
+            .take()
+            .ok_or(LayoutError::Truncated("no compressed data"))?;
+        let mut src = z.finish().inner;
         loop {
-            match self.z.get_mut().fill_buf() {
-                Ok([]) => return Ok(()),
-                Ok(_) => return Err(LayoutError::TrailingData),
+            match src.fill_buf() {
+                Ok([]) => return Ok(false),
+                Ok(_) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(LayoutError::Io(e)),
             }
         }
+        if self.kind == Kind::Snapshot {
+            return Err(LayoutError::TrailingData);
+        }
+        let (h, head) = read_header(&mut src, self.kind, "part header cut short")?;
+        if h.version != self.version {
+            return Err(LayoutError::PartMismatch(format!(
+                "format version {} after version {}",
+                h.version, self.version
+            )));
+        }
+        if h.page_size != self.page_size {
+            return Err(LayoutError::PartMismatch(format!(
+                "page size {} after page size {}",
+                h.page_size, self.page_size
+            )));
+        }
+        self.rules.next_part();
+        self.hasher.reset();
+        self.z = Some(open_frame(Input {
+            head,
+            at: 0,
+            inner: src,
+        })?);
+        Ok(true)
     }
 }
 

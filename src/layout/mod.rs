@@ -16,6 +16,11 @@
 //!   decoding never panics and never allocates more than one page plus the zstd window, whatever
 //!   the input.
 //! - Every byte of a snapshot or segment is covered by a checksum that the decoder checks.
+//! - A segment file's name is a lower bound of its content: the file holds at least the commits
+//!   `first..=last` its name says, as whole parts (see [`codec`]), and may hold more complete
+//!   parts after them (the name lags an append until the rename that follows it). Plans
+//!   ([`plan`]) use the names only; readers use the content: damage inside the named range is an
+//!   error, a torn or damaged part after it ends the file's content.
 
 #![deny(missing_docs)]
 
@@ -156,6 +161,9 @@ pub enum LayoutError {
         /// The page number found.
         found: u32,
     },
+    /// A part of a multi-part segment file does not continue the parts before it.
+    #[error("a part of the file does not continue the one before: {0}")]
+    PartMismatch(String),
     /// A snapshot has a record after its one commit.
     #[error("snapshot has records after its commit")]
     SnapshotAfterCommit,

@@ -671,17 +671,30 @@ impl Shipper {
             }
             return Ok((name, None));
         }
-        // (path, from, to): only what is published (capture may be appending to the last).
-        let inputs: Vec<(String, u64, u64)> = batch
+        // (path, range merged, from, to): only what is published (capture may be appending
+        // to the last), the first from the piece the replica lacks.
+        let inputs: Vec<(String, FileName, u64, u64)> = batch
             .iter()
             .enumerate()
             .map(|(i, f)| {
                 let path = self.spool.path(&f.generation, &f.name);
-                let from = if i == 0 { offset } else { 0 };
-                (path.display().to_string(), from, f.size)
+                let (from, range) = match (i, f.name) {
+                    (0, FileName::Segment { last, last_ms, .. }) => (
+                        offset,
+                        FileName::Segment {
+                            level: 0,
+                            first: a,
+                            last,
+                            first_ms,
+                            last_ms,
+                        },
+                    ),
+                    _ => (0, f.name),
+                };
+                (path.display().to_string(), range, from, f.size)
             })
             .collect();
-        let labels: Vec<String> = inputs.iter().map(|i| i.0.clone()).collect();
+        let labels: Vec<(String, FileName)> = inputs.iter().map(|i| (i.0.clone(), i.1)).collect();
         let (tmp, file) = self.spool.create_temp(&first.generation)?;
         let _cleanup = RemoveOnDrop::new(&tmp);
         merge_segments(
@@ -691,7 +704,7 @@ impl Shipper {
                 let (from, to) = inputs
                     .iter()
                     .find(|i| i.0 == p)
-                    .map_or((0, u64::MAX), |i| (i.1, i.2));
+                    .map_or((0, u64::MAX), |i| (i.2, i.3));
                 f.seek(SeekFrom::Start(from))
                     .with_context(|| format!("cannot read {p}"))?;
                 Ok(Box::new(f.take(to.saturating_sub(from))) as Box<dyn Read + Send>)
@@ -1018,7 +1031,7 @@ impl Shipper {
         else {
             return Ok(false);
         };
-        let paths: Vec<String> = inputs.iter().map(|i| file_path(g, i)).collect();
+        let paths: Vec<(String, FileName)> = inputs.iter().map(|i| (file_path(g, i), *i)).collect();
         let (tmp, f) = self.spool.create_temp(g)?;
         let _cleanup = RemoveOnDrop::new(&tmp);
         merge_segments(&paths, |p| Ok(self.target.read(p)?), f, 1)
@@ -1081,10 +1094,13 @@ impl Shipper {
     }
 }
 
-/// Decodes the segments read from `inputs` in order and writes them, re-encoded as one
-/// segment, to `out` (fsynced). Every input is fully verified on the way.
+/// Decodes the segments read from `inputs` (a path and the file's name) in order and writes
+/// them, re-encoded as one segment, to `out` (fsynced). Exactly the named range of each input
+/// is merged, fully verified on the way (to the end of the part holding its last commit): a
+/// segment file may hold more than its name says (whole parts appended after it, perhaps a torn
+/// one), which is left out, so the output holds exactly the run its name will say.
 fn merge_segments(
-    inputs: &[String],
+    inputs: &[(String, FileName)],
     open: impl Fn(&str) -> Result<Box<dyn Read + Send>>,
     out: std::fs::File,
     level: i32,
@@ -1092,7 +1108,8 @@ fn merge_segments(
     let mut enc: Option<Encoder<BufWriter<std::fs::File>>> = None;
     let mut out = Some(out);
     // One input open at a time: memory stays at one decoder whatever the fan-in.
-    for label in inputs {
+    for (label, name) in inputs {
+        let (first, last) = (name.first_txid(), name.last_txid());
         let r = open(label)?;
         let mut dec = Decoder::new(
             std::io::BufReader::with_capacity(128 << 10, r),
@@ -1113,11 +1130,43 @@ fn merge_segments(
         let e = enc
             .as_mut()
             .ok_or_else(|| anyhow!("internal: merge encoder"))?;
-        while let Some(rec) = dec.next().map_err(|e| anyhow!("{label}: {e}"))? {
+        // The next commit the name promises; past `last`, records of the part holding `last`
+        // are read (to verify it) but not merged.
+        let mut expect = first;
+        loop {
+            let (rec, done) = match dec.next_placed() {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(err) => {
+                    crate::restore::ends_content(name, dec.last_complete(), label, err)?;
+                    break;
+                }
+            };
+            if done.is_some_and(|c| c.txid >= last) {
+                // A part after the named range: not merged.
+                break;
+            }
+            if expect > last {
+                continue;
+            }
             match rec {
                 Record::Page { pgno, data } => e.page(pgno, data)?,
-                Record::Commit(c) => e.commit(&c)?,
+                Record::Commit(c) => {
+                    if c.txid != expect {
+                        bail!(
+                            "{label}: commit txid {} where {expect} was expected from the file name",
+                            c.txid
+                        );
+                    }
+                    e.commit(&c)?;
+                    expect += 1;
+                }
             }
+        }
+        if expect <= last {
+            bail!(
+                "{label}: the file ends before txid {expect}, its name says it holds up to {last}"
+            );
         }
     }
     let enc = enc.ok_or_else(|| anyhow!("internal: nothing to merge"))?;

@@ -37,8 +37,10 @@
 //! - Planning is incremental: each poll lists the replica (two listings merged, as restore
 //!   does), takes the owner's view (`owners_view`), and applies the segments after the applied
 //!   txid in the same generation (merged segments that start before it are read and their
-//!   already-applied commits skipped). When the replica's latest generation is newer than the
-//!   standby's, or the segments after the applied txid are gone (retention), the latest
+//!   already-applied commits skipped), to the end of their content: a segment file may hold
+//!   whole parts beyond what its name says, which are applied (a torn or damaged part there
+//!   ends the file, see `super::ends_content`); the next poll skips them as applied. When the
+//!   replica's latest generation is newer than the standby's, or the segments after the applied txid are gone (retention), the latest
 //!   snapshot and its segments are applied as one replacement (all pages, then truncation).
 //! - Replica outages and failures of one poll (network, a file merged away while read) never
 //!   stop following: they are logged once per distinct error, shown in the status, and retried
@@ -669,7 +671,7 @@ impl Follower<'_> {
         let r = std::thread::scope(|scope| {
             scope.spawn(|| reader(t, g, files, target, tx, free_rx));
             let mut a = Apply::new(self, &url, g, replace);
-            let r = a.run(&rx, &free_tx, target);
+            let r = a.run(&rx, &free_tx);
             drop(rx);
             r
         });
@@ -781,7 +783,6 @@ impl<'a, 'b> Apply<'a, 'b> {
         &mut self,
         rx: &std::sync::mpsc::Receiver<Result<Chunk>>,
         free: &std::sync::mpsc::SyncSender<Chunk>,
-        target: u64,
     ) -> Result<()> {
         let r = (|| -> Result<()> {
             'chunks: for chunk in rx.iter() {
@@ -791,14 +792,11 @@ impl<'a, 'b> Apply<'a, 'b> {
                         Item::File(f, ps) => self.file(f, ps)?,
                         Item::Page(pgno, start) => self.page(pgno, &chunk.data, start)?,
                         Item::Commit(c) => {
-                            if self.commit(c)? {
-                                if c.txid >= target {
-                                    break 'chunks;
-                                }
-                                if self.f.stop.load(Ordering::SeqCst) {
-                                    self.end_txn()?;
-                                    break 'chunks;
-                                }
+                            // No stop at the plan's end: the files' content may go
+                            // beyond their names, in whole verified parts (see `reader`).
+                            if self.commit(c)? && self.f.stop.load(Ordering::SeqCst) {
+                                self.end_txn()?;
+                                break 'chunks;
                             }
                         }
                     }

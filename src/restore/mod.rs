@@ -13,6 +13,17 @@
 //!   directory, device, FIFO or socket), and no failure leaves the temporary file behind.
 //! - A restore stops exactly at a commit boundary; a file whose content disagrees with its
 //!   name, a checksum mismatch, or a gap is an error naming the file.
+//! - A segment file's name is a lower bound of its content (see [`crate::layout`]): the named
+//!   range must be there, complete and valid (any damage in it is an error naming the file);
+//!   whole parts after it are real commits, which a latest restore (and `verify`, and the
+//!   follower) applies and reports as its position, while a point-in-time restore stops where
+//!   asked; a torn or damaged part after the named range ends the file ([`ends_content`]).
+//!   The reader hands the applier such a part's records only once the part's end record is
+//!   verified ([`HELD_BYTES`] at most are held for it): the applier writes pages as they come
+//!   and cannot take back those of a commit that never completes (each commit's checksum is
+//!   verified, but pages of a torn commit after the last one would be left in the file).
+//!   Plans stay from names: a file that held more simply overlaps the next one, whose commits
+//!   already applied are skipped.
 //! - A "latest" restore follows the replica's owner: generations newer than the one its newest
 //!   claim names were written by an instance that was taken over, and are left out (see
 //!   `owners_view`). Point-in-time restores (`--timestamp`, `--position`) see every generation.
@@ -29,8 +40,9 @@
 //!   encryption settings: [`check_encryption`] compares the marker with how the replica was
 //!   opened before anything else is read.
 //! - Times in messages are RFC 3339 ([`crate::clock::rfc3339`]), never bare milliseconds.
-//! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, 8 bytes
-//!   of hash per page, and a database size limit of `MAX_DB_BYTES` against hostile metadata.
+//! - Memory is bounded: a few chunks in flight, `WRITE_BACK_BYTES` of held pages, up to
+//!   [`HELD_BYTES`] of one part beyond a file's name until it is verified, 8 bytes of hash per
+//!   page, and a database size limit of `MAX_DB_BYTES` against hostile metadata.
 //!
 //! [`follow`] (`restore --follow`) reuses this reader (and its following of merged segments)
 //! to keep a restored database up to date as a warm standby; its applier writes through
@@ -57,7 +69,7 @@ use std::io::IoSlice;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The largest database a restore will build (protects against hostile sizes).
 pub(crate) const MAX_DB_BYTES: u64 = 256 << 30;
@@ -370,6 +382,7 @@ fn reader(
         };
         let path = file_path(&g, &f);
         let label = format!("{}/{path}", t.url());
+        let mut reached = f.last_txid();
         let r = (|| -> Result<bool> {
             let kind = match f {
                 FileName::Snapshot { .. } => Kind::Snapshot,
@@ -378,13 +391,57 @@ fn reader(
             let mut dec = Decoder::new(std::io::BufReader::with_capacity(1 << 20, src), kind)
                 .map_err(|e| anyhow!("{label}: {e}"))?;
             chunk.items.push(Item::File(f, dec.page_size()));
-            while let Some(rec) = dec.next().map_err(|e| anyhow!("{label}: {e}"))? {
+            // Records of a part after the file's named range, held back until its end record
+            // is verified: only whole parts are applied there (a torn one is not an error, and
+            // the applier cannot take back pages it wrote).
+            let mut held = Chunk::default();
+            let mut seen = None;
+            loop {
+                let (rec, done) = match dec.next_placed() {
+                    Ok(Some(x)) => x,
+                    Ok(None) => {
+                        // The input's end, right after a verified part.
+                        release(&mut chunk, &mut held);
+                        let end = dec.last_complete().map_or(0, |c| c.txid);
+                        if end < f.last_txid() {
+                            bail!(
+                                "{label}: the file ends at txid {end}, its name says it holds up to txid {}",
+                                f.last_txid()
+                            );
+                        }
+                        reached = reached.max(end);
+                        break;
+                    }
+                    Err(e) => {
+                        let done = dec.last_complete();
+                        if done != seen {
+                            release(&mut chunk, &mut held);
+                            reached = reached.max(done.map_or(0, |c| c.txid));
+                        }
+                        ends_content(&f, done, &label, e)?;
+                        break;
+                    }
+                };
+                if done != seen {
+                    seen = done;
+                    release(&mut chunk, &mut held);
+                    reached = reached.max(done.map_or(0, |c| c.txid));
+                }
+                let beyond = matches!(f, FileName::Segment { last, .. } if done.is_some_and(|c| c.txid >= last));
+                let to = if beyond { &mut held } else { &mut chunk };
                 match rec {
                     Record::Page { pgno, data } => {
-                        chunk.items.push(Item::Page(pgno, chunk.data.len()));
-                        chunk.data.extend_from_slice(data);
+                        to.items.push(Item::Page(pgno, to.data.len()));
+                        to.data.extend_from_slice(data);
                     }
-                    Record::Commit(c) => chunk.items.push(Item::Commit(c)),
+                    Record::Commit(c) => to.items.push(Item::Commit(c)),
+                }
+                if held.data.len() > HELD_BYTES {
+                    warn!(
+                        "{label}: a part after txid {} (the end of the file's name) holds over {HELD_BYTES} bytes of pages: not applied",
+                        f.last_txid()
+                    );
+                    break;
                 }
                 if (chunk.data.len() >= CHUNK_BYTES || chunk.items.len() >= CHUNK_ITEMS)
                     && tx.send(Ok(std::mem::replace(&mut chunk, next()))).is_err()
@@ -395,7 +452,7 @@ fn reader(
             Ok(true)
         })();
         match r {
-            Ok(true) => covered = covered.max(f.last_txid()),
+            Ok(true) => covered = covered.max(reached),
             Ok(false) => return,
             Err(e) => {
                 // What was decoded before the error is applied first, so that the error is
@@ -408,6 +465,61 @@ fn reader(
     }
     if !chunk.items.is_empty() {
         let _ = tx.send(Ok(chunk));
+    }
+}
+
+/// Page bytes of one part after a file's named range that the reader holds until the part
+/// is verified; a larger part is left out (the name is a lower bound: what it promises is
+/// applied all the same).
+const HELD_BYTES: usize = 64 << 20;
+
+/// Moves the records held back in `held` (parts now verified) to the end of `chunk`.
+fn release(chunk: &mut Chunk, held: &mut Chunk) {
+    let base = chunk.data.len();
+    chunk.items.extend(held.items.drain(..).map(|i| match i {
+        Item::Page(pgno, start) => Item::Page(pgno, base + start),
+        other => other,
+    }));
+    chunk.data.append(&mut held.data);
+}
+
+/// What an error `e` while reading file `f` (named `label`) means, given `done`, the last
+/// commit of the parts of the file verified before it. In a segment whose parts up to its
+/// name's last txid were verified, a part after them that is torn (a reader raced an append,
+/// or a crash cut it) or damaged ends the file's content: not an error (logged at debug and
+/// warn level). Anything else is an error naming the file: damage inside the named range, a
+/// read error (which says nothing about the file), a snapshot with anything after it.
+///
+/// # Errors
+/// `e`, with the file's name, when it is not the end of a segment's content.
+pub(crate) fn ends_content(
+    f: &FileName,
+    done: Option<Commit>,
+    label: &str,
+    e: LayoutError,
+) -> Result<()> {
+    let FileName::Segment { last, .. } = *f else {
+        return Err(anyhow!("{label}: {e}"));
+    };
+    let Some(done) = done.filter(|c| c.txid >= last) else {
+        return Err(anyhow!("{label}: {e}"));
+    };
+    match e {
+        LayoutError::Io(_) | LayoutError::AfterError => Err(anyhow!("{label}: {e}")),
+        LayoutError::Truncated(_) => {
+            debug!(
+                "{label}: the part after txid {} is incomplete ({e}): the file ends there for now",
+                done.txid
+            );
+            Ok(())
+        }
+        _ => {
+            warn!(
+                "{label}: ignoring the part after txid {} (the file's name ends at txid {last}): {e}",
+                done.txid
+            );
+            Ok(())
+        }
     }
 }
 
@@ -438,9 +550,11 @@ fn stop_txid(t: &dyn Backend, plan: &Plan) -> Result<u64> {
                             dec.next().map_err(|e| anyhow!("{}/{path}: {e}", t.url()))?
                         {
                             if let Record::Commit(c) = rec {
-                                if c.time_ms <= ms {
+                                // The named range only: the plan reaches no further.
+                                if c.time_ms <= ms && c.txid <= last {
                                     best = best.max(c.txid);
-                                } else {
+                                }
+                                if c.time_ms > ms || c.txid >= last {
                                     break;
                                 }
                             }
@@ -651,7 +765,9 @@ fn restore_once(t: &dyn Backend, want: &Want, tmp: &Path, listing: &Listing) -> 
         e => anyhow!("{}: {e}", t.url()),
     })?;
     let target_txid = stop_txid(t, &plan)?;
-    if matches!(want, Want::Latest) {
+    // A latest restore applies what the files hold, which may go beyond their names.
+    let exact = !matches!(plan.stop, Stop::Latest);
+    if !exact {
         check_latest_complete(t, listing, &plan, target_txid)?;
     }
     let mut files = vec![plan.snapshot];
@@ -675,7 +791,7 @@ fn restore_once(t: &dyn Backend, want: &Want, tmp: &Path, listing: &Listing) -> 
     let g = plan.generation;
     let restored = std::thread::scope(|s| {
         s.spawn(|| reader(t, g, files, target_txid, tx, free_rx));
-        let r = apply(&rx, &free_tx, &out, target_txid, &t.url(), &g);
+        let r = apply(&rx, &free_tx, &out, target_txid, exact, &t.url(), &g);
         drop(rx);
         r
     })?;
@@ -774,13 +890,15 @@ fn pwritev_all(out: &File, mut bufs: &mut [IoSlice], mut off: u64) -> std::io::R
     Ok(())
 }
 
-/// Applies the reader's chunks to `out` up to commit `target`, checking every commit's
-/// whole-database checksum; applied chunks go back on `free` for reuse.
+/// Applies the reader's chunks to `out` up to commit `target` (`exact`), or to the end of the
+/// files but at least to `target` (a latest restore: a file may hold more than its name says),
+/// checking every commit's whole-database checksum; applied chunks go back on `free` for reuse.
 fn apply(
     rx: &Receiver<Result<Chunk>>,
     free: &SyncSender<Chunk>,
     out: &File,
     target: u64,
+    exact: bool,
     url: &str,
     g: &GenerationId,
 ) -> Result<Restored> {
@@ -792,7 +910,7 @@ fn apply(
                 Item::File(f, ps) => a.file(f, ps)?,
                 Item::Page(pgno, start) => a.page(pgno, &chunk.data, start)?,
                 Item::Commit(c) => {
-                    if a.commit(c)? && c.txid >= target {
+                    if a.commit(c)? && exact && c.txid >= target {
                         break 'chunks;
                     }
                 }
@@ -801,7 +919,7 @@ fn apply(
         chunk.data.clear();
         let _ = free.try_send(chunk);
     }
-    a.finish(out, target)
+    a.finish(out, target, exact)
 }
 
 /// The applier's state: the pages and their hashes so far, the last commit applied, and
@@ -940,13 +1058,14 @@ impl<'a> Applier<'a> {
         Ok(true)
     }
 
-    /// Checks that the restore reached `target`, writes the held pages and sizes `out`.
-    fn finish(mut self, out: &File, target: u64) -> Result<Restored> {
+    /// Checks that the restore reached `target` (exactly, or at least), writes the held pages
+    /// and sizes `out`.
+    fn finish(mut self, out: &File, target: u64, exact: bool) -> Result<Restored> {
         let url = self.url;
         let c = self
             .last_commit
             .ok_or_else(|| anyhow!("{url}: nothing was restored"))?;
-        if c.txid != target {
+        if c.txid < target || (exact && c.txid != target) {
             bail!("{url}: the replica ends at txid {} but txid {target} was planned (missing or truncated files)", c.txid);
         }
         self.pages

@@ -370,13 +370,225 @@ fn header_errors() {
     }
 }
 
+/// After a snapshot's frame, nothing may follow; after a segment part's frame, only a whole
+/// next part: anything else is an error, after which the first part is reported complete.
 #[test]
 fn data_after_the_frame_is_an_error() {
-    let good = encode(Kind::Segment, &segment_records());
-    for extra in [vec![0u8], b"junk".to_vec(), good[16..].to_vec()] {
+    let good = encode(Kind::Snapshot, &snapshot_records());
+    let second = encode(Kind::Snapshot, &snapshot_records());
+    for extra in [vec![0u8], b"junk".to_vec(), good[16..].to_vec(), second] {
         let bytes = [good.clone(), extra].concat();
-        let got = decode(&bytes, Kind::Segment).unwrap_err().to_string();
+        let got = decode(&bytes, Kind::Snapshot).unwrap_err().to_string();
         assert_eq!(got, "trailing data after the end record");
+    }
+    let good = encode(Kind::Segment, &segment_records());
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![0u8], "truncated: part header cut short"),
+        (b"junk".to_vec(), "truncated: part header cut short"),
+        (good[16..].to_vec(), "not a walship file (bad magic)"),
+        (vec![0u8; 64], "not a walship file (bad magic)"),
+        (header(b'G', 1, PS), "truncated: no compressed data"),
+    ];
+    for (extra, want) in cases {
+        let bytes = [good.clone(), extra].concat();
+        let (recs, last, err) = decode_parts(&bytes, Kind::Segment);
+        assert_eq!(recs, segment_records());
+        assert_eq!(err.map(|e| e.to_string()).as_deref(), Some(want));
+        assert_eq!(last.map(|c| c.txid), Some(9));
+    }
+}
+
+/// Decodes as far as it goes: the records read, the last complete commit, the error.
+fn decode_parts(bytes: &[u8], kind: Kind) -> (Vec<Rec>, Option<Commit>, Option<LayoutError>) {
+    let mut d = match Decoder::new(bytes, kind) {
+        Ok(d) => d,
+        Err(e) => return (Vec::new(), None, Some(e)),
+    };
+    let mut out = Vec::new();
+    let err = loop {
+        match d.next() {
+            Ok(Some(Record::Page { pgno, data })) => out.push(Rec::P(pgno, data.to_vec())),
+            Ok(Some(Record::Commit(c))) => out.push(Rec::C(c)),
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    (out, d.last_complete(), err)
+}
+
+/// Three parts continuing one another: commits 7..=9, 10..=11, 12.
+fn three_parts() -> Vec<Vec<Rec>> {
+    vec![
+        segment_records(),
+        vec![
+            Rec::P(2, page(2)),
+            Rec::C(commit(10, 1005, 9)),
+            Rec::P(9, page(7)),
+            Rec::P(1, page(4)),
+            Rec::C(commit(11, 1010, 9)),
+        ],
+        vec![Rec::P(12, page(12)), Rec::C(commit(12, 1020, 12))],
+    ]
+}
+
+#[test]
+fn multi_part_segments_decode_as_one_run() {
+    let parts = three_parts();
+    let bytes: Vec<u8> = parts
+        .iter()
+        .flat_map(|p| encode(Kind::Segment, p))
+        .collect();
+    let (recs, last, err) = decode_parts(&bytes, Kind::Segment);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(recs, parts.concat());
+    assert_eq!(last.map(|c| c.txid), Some(12));
+    let mut d = Decoder::new(&bytes[..], Kind::Segment).unwrap();
+    let mut completes = Vec::new();
+    while let Some(r) = d.next().unwrap() {
+        if let Record::Commit(c) = r {
+            completes.push((
+                c.txid,
+                d.parts_complete(),
+                d.last_complete().map(|c| c.txid),
+            ));
+        }
+    }
+    // A part is complete once its end record is read: after its last commit was returned.
+    assert_eq!(
+        completes,
+        [
+            (7, 0, None),
+            (8, 0, None),
+            (9, 0, None),
+            (10, 1, Some(9)),
+            (11, 1, Some(9)),
+            (12, 2, Some(11)),
+        ]
+    );
+    assert_eq!(d.parts_complete(), 3);
+    assert_eq!(d.last_complete().map(|c| c.txid), Some(12));
+}
+
+#[test]
+fn parts_must_continue_one_another() {
+    let first = encode(Kind::Segment, &segment_records());
+    let seg = |recs: &[Rec]| encode(Kind::Segment, recs);
+    let mut other_ps = Encoder::new(Vec::new(), Kind::Segment, 1024, 3).unwrap();
+    other_ps.page(1, &[1; 1024]).unwrap();
+    other_ps.commit(&commit(10, 1005, 1)).unwrap();
+    let other_ps = other_ps.finish().unwrap();
+    let mut v0 = seg(&[Rec::C(commit(10, 1005, 9))]);
+    v0[9] = 0;
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            seg(&[Rec::C(commit(11, 1005, 9))]),
+            "commit txid 11 does not follow txid 9",
+        ),
+        (
+            seg(&[Rec::C(commit(9, 1005, 9))]),
+            "commit txid 9 does not follow txid 9",
+        ),
+        (
+            seg(&[Rec::C(commit(10, 1004, 9))]),
+            "commit 10 time 1004 ms is before the previous commit's 1005 ms",
+        ),
+        (
+            other_ps,
+            "a part of the file does not continue the one before: page size 1024 after page size 512",
+        ),
+        (
+            encode(Kind::Snapshot, &snapshot_records()),
+            "expected a segment file, found snapshot",
+        ),
+        (v0, "invalid file header: format version 0"),
+        (
+            [header(b'G', 1, PS), zstd_frame(&content(&[]), true)].concat(),
+            "file has no commit",
+        ),
+        (
+            [header(b'G', 1, PS), zstd_frame(&content(&[p(1, 1)]), true)].concat(),
+            "file has no commit",
+        ),
+        (
+            [
+                header(b'G', 1, PS),
+                zstd_frame(&content(&[c(10, 1005, 1), p(1, 1)]), true),
+            ]
+            .concat(),
+            "pages after the last commit",
+        ),
+        (
+            [
+                header(b'G', 1, PS),
+                zstd_frame(&[c(10, 1005, 1), e_rec(2, 0)].concat(), true),
+            ]
+            .concat(),
+            "end record counts 2 records, file has 1",
+        ),
+    ];
+    for (second, want) in cases {
+        let bytes = [first.clone(), second].concat();
+        let (recs, last, err) = decode_parts(&bytes, Kind::Segment);
+        let err = err.map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(err, want);
+        assert!(recs.starts_with(&segment_records()));
+        assert_eq!(last.map(|c| c.txid), Some(9), "{want}");
+    }
+    // A part's end record counts its own records and hashes its own content only.
+    let second = [
+        header(b'G', 1, PS),
+        zstd_frame(&content(&[c(10, 1005, 1), c(11, 1006, 1)]), true),
+    ]
+    .concat();
+    let (recs, last, err) = decode_parts(&[first.clone(), second].concat(), Kind::Segment);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(recs.len(), segment_records().len() + 2);
+    assert_eq!(last.map(|c| c.txid), Some(11));
+}
+
+/// A file cut anywhere in its last part (a reader raced an append, a crash cut it): never a
+/// panic, never a success, and the parts before it are reported complete.
+#[test]
+fn a_torn_last_part_leaves_the_complete_parts_complete() {
+    let parts = three_parts();
+    let enc: Vec<Vec<u8>> = parts.iter().map(|p| encode(Kind::Segment, p)).collect();
+    let whole = enc.concat();
+    let start = enc[0].len() + enc[1].len();
+    let before: Vec<Rec> = parts[..2].concat();
+    for n in start + 1..whole.len() {
+        let (recs, last, err) = decode_parts(&whole[..n], Kind::Segment);
+        let err = err.unwrap_or_else(|| panic!("cut at {n} of {} accepted", whole.len()));
+        assert!(
+            matches!(err, LayoutError::Truncated(_)),
+            "cut at {n}: {err}"
+        );
+        assert_eq!(last.map(|c| c.txid), Some(11), "cut at {n}");
+        assert!(recs.starts_with(&before), "cut at {n}");
+    }
+    // Cut right at the boundary, the file is the two complete parts.
+    let (recs, last, err) = decode_parts(&whole[..start], Kind::Segment);
+    assert!(err.is_none());
+    assert_eq!(recs, before);
+    assert_eq!(last.map(|c| c.txid), Some(11));
+}
+
+/// Any byte of the last part changed: the first two parts stay complete; the third is an
+/// error or (rarely, see `every_bit_flip_is_an_error_or_harmless`) exactly the original.
+#[test]
+fn a_damaged_last_part_leaves_the_complete_parts_complete() {
+    let parts = three_parts();
+    let enc: Vec<Vec<u8>> = parts.iter().map(|p| encode(Kind::Segment, p)).collect();
+    let whole = enc.concat();
+    let start = enc[0].len() + enc[1].len();
+    for i in start..whole.len() {
+        let mut bad = whole.clone();
+        bad[i] ^= 0x21;
+        let (recs, last, err) = decode_parts(&bad, Kind::Segment);
+        match err {
+            Some(LayoutError::Io(e)) => panic!("byte {i}: read error {e}"),
+            Some(_) => assert_eq!(last.map(|c| c.txid), Some(11), "byte {i}"),
+            None => assert_eq!(recs, parts.concat(), "byte {i}"),
+        }
     }
 }
 
@@ -561,6 +773,24 @@ proptest! {
         };
         let f = file(if kind == Kind::Segment { b'G' } else { b'S' }, &body);
         let _ = drain(&f, kind);
+    }
+
+    #[test]
+    fn mutations_of_a_multi_part_file_never_panic(
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+        cut in any::<usize>(),
+    ) {
+        let mut bad: Vec<u8> = three_parts().iter().flat_map(|p| encode(Kind::Segment, p)).collect();
+        for (at, x) in flips {
+            let i = at % bad.len();
+            bad[i] ^= x;
+        }
+        bad.truncate(cut % (bad.len() + 1));
+        let _ = drain(&bad, Kind::Segment);
+        let (_, last, _) = decode_parts(&bad, Kind::Segment);
+        if let Some(c) = last {
+            prop_assert!((9..=12).contains(&c.txid));
+        }
     }
 
     #[test]
