@@ -7,21 +7,30 @@
 //! - `status`: `<unix ms> <status line>` ([`StatusFile`], [`Status`]), replaced on every change
 //!   without fsync (it loses nothing when stale, and an fsync per commit would cost two).
 //! - `capture.state`: where capture stands, and where it stood before the last segment
-//!   ([`SavedCapture`]).
+//!   ([`SavedCapture`]); a record file.
 //! - `pagehashes`: the per-page hashes of the captured state, saved at a clean stop.
 //! - `replica-<name>.state`: what replica `<name>` durably holds, and since when
-//!   ([`ReplicaPosition`]).
+//!   ([`ReplicaPosition`]); a record file.
 //! - `instance`: this installation's instance id, named in its owner claims on replicas.
 //! - `spool/`: captured files waiting for replicas (see `spool`).
 //!
-//! Invariants: every file but `status` and `instance` is replaced only through
-//! [`write_file_atomic`] (temp, fsync, rename, directory fsync), so after a crash it holds the
-//! previous or the new content; reading is strict (a missing key or a bad number is an error
-//! naming the file).
+//! Invariants: `capture.state` and `replica-<name>.state`, saved on every capture and every
+//! upload, are record files ([`RecordFile`]): created once through [`write_file_atomic`], then
+//! rewritten in place (two checksummed slots, `pwrite` + `fdatasync`: no new file per commit),
+//! kept open by the daemon between saves (recreated if removed or replaced under it). After a
+//! crash they hold the previous or the new value, and `walship status` reading them while the
+//! daemon saves sees one of the two. A plain text file of the same name (written before record
+//! files) still reads, and its next save replaces it with a record file. `pagehashes` is
+//! replaced only through [`write_file_atomic`] (temp, fsync, rename, directory fsync). Reading
+//! is strict (a missing key or a bad number is an error naming the file).
+//!
+//! [`RecordFile`]: crate::durable::RecordFile
 
 use super::spool::Key;
 use crate::db::WalPos;
-use crate::durable::{lock_dir, lock_held, replace_file, write_file_atomic};
+use crate::durable::{
+    lock_dir, lock_held, read_record, replace_file, write_file_atomic, RecordFiles,
+};
 use crate::layout::checksum::PageHashes;
 use crate::layout::names::GenerationId;
 use crate::layout::owner::InstanceId;
@@ -33,10 +42,11 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use tracing::warn;
 
-/// The state directory of one database.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The state directory of one database. Clones share the record files kept open for saving.
+#[derive(Debug, Clone)]
 pub struct StateDir {
     dir: PathBuf,
+    records: RecordFiles,
 }
 
 /// The daemon's exclusive lock on a state directory; released when dropped.
@@ -46,7 +56,10 @@ pub(crate) struct StateLock(#[allow(dead_code)] File);
 impl StateDir {
     /// The state directory at `dir` (nothing is created yet).
     pub fn new(dir: impl Into<PathBuf>) -> StateDir {
-        StateDir { dir: dir.into() }
+        StateDir {
+            dir: dir.into(),
+            records: RecordFiles::default(),
+        }
     }
 
     /// Where the spool lives.
@@ -141,7 +154,7 @@ impl StateDir {
     /// # Errors
     /// Unreadable or malformed (the message names the file).
     pub(crate) fn load_capture(&self) -> Result<Option<SavedCapture>> {
-        read_typed(&self.capture_path())
+        read_state(&self.capture_path())
     }
 
     /// Saves the capture state durably.
@@ -149,7 +162,7 @@ impl StateDir {
     /// # Errors
     /// I/O errors, with the path.
     pub(crate) fn save_capture(&self, c: &SavedCapture) -> Result<()> {
-        save_durably(&self.capture_path(), &c.to_string())
+        self.save_record(&self.capture_path(), &c.to_string())
     }
 
     fn hashes_path(&self) -> PathBuf {
@@ -210,7 +223,7 @@ impl StateDir {
     /// # Errors
     /// Unreadable or malformed (the message names the file).
     pub(crate) fn load_position(&self, replica: &str) -> Result<Option<ReplicaPosition>> {
-        read_typed(&self.position_path(replica))
+        read_state(&self.position_path(replica))
     }
 
     /// Records durably that replica `replica` holds `pos`.
@@ -218,7 +231,12 @@ impl StateDir {
     /// # Errors
     /// I/O errors, with the path.
     pub(crate) fn save_position(&self, replica: &str, pos: &ReplicaPosition) -> Result<()> {
-        save_durably(&self.position_path(replica), &pos.to_string())
+        self.save_record(&self.position_path(replica), &pos.to_string())
+    }
+
+    /// Saves `text` as the value of the record file `path`, durably.
+    fn save_record(&self, path: &Path, text: &str) -> Result<()> {
+        self.records.save(path, text.as_bytes(), 0o640)
     }
 
     /// Every replica's recorded position, by replica name; unreadable records are left out.
@@ -247,10 +265,17 @@ fn hashes_header(at: &Captured, page_size: u32) -> String {
     )
 }
 
-fn save_durably(path: &Path, text: &str) -> Result<()> {
-    write_file_atomic(path, &mut text.as_bytes(), 0o640)
-        .with_context(|| format!("cannot write state file {}", path.display()))?;
-    Ok(())
+/// Reads and parses the record file `path` (or a plain file written before record files);
+/// `None` if it does not exist.
+fn read_state<T: FromStr<Err = anyhow::Error>>(path: &Path) -> Result<Option<T>> {
+    let Some(data) = read_record(path)? else {
+        return Ok(None);
+    };
+    std::str::from_utf8(&data)
+        .map_err(|e| anyhow!("not text: {e}"))
+        .and_then(str::parse)
+        .map(Some)
+        .with_context(|| format!("state file {} is malformed", path.display()))
 }
 
 /// Reads and parses `path`; `None` if it does not exist.
@@ -750,5 +775,149 @@ mod tests {
         std::fs::write(dir.path().join("instance"), "garbage").unwrap();
         let new = StateDir::new(dir.path()).instance_id().unwrap();
         assert_eq!(StateDir::new(dir.path()).instance_id().unwrap(), new);
+    }
+
+    fn capture() -> SavedCapture {
+        let cur = CaptureState {
+            at: Captured {
+                generation: generation(),
+                txid: 42,
+                time_ms: 1_700_000_000_123,
+                db_checksum: 0xdead_beef_0000_0001,
+                db_pages: 7,
+            },
+            page_size: 4096,
+            pos: None,
+        };
+        SavedCapture {
+            cur,
+            prev: Some(cur),
+        }
+    }
+
+    fn position(last: u64) -> ReplicaPosition {
+        ReplicaPosition {
+            key: Key {
+                generation: generation(),
+                last,
+                rank: 0,
+            },
+            time_ms: last * 10,
+            received_ms: Some(last * 10 + 1),
+        }
+    }
+
+    fn ino(p: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().ino()
+    }
+
+    #[test]
+    fn capture_and_positions_are_saved_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        s.save_capture(&capture()).unwrap();
+        s.save_position("a", &position(1)).unwrap();
+        let (cap, pos) = (
+            dir.path().join("capture.state"),
+            dir.path().join("replica-a.state"),
+        );
+        let inodes = (ino(&cap), ino(&pos));
+        for n in 2..50 {
+            let mut c = capture();
+            c.cur.at.txid = n;
+            s.save_capture(&c).unwrap();
+            // A clone (a shipper thread's) shares the open files.
+            s.clone().save_position("a", &position(n)).unwrap();
+            assert_eq!(s.load_capture().unwrap(), Some(c));
+            assert_eq!(s.load_position("a").unwrap(), Some(position(n)));
+        }
+        assert_eq!((ino(&cap), ino(&pos)), inodes);
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["capture.state", "replica-a.state"]);
+        assert_eq!(
+            StateDir::new(dir.path()).positions(),
+            [("a".into(), position(49))]
+        );
+    }
+
+    #[test]
+    fn state_files_written_before_record_files_read_and_are_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cap, pos) = (
+            dir.path().join("capture.state"),
+            dir.path().join("replica-a.state"),
+        );
+        // Exactly what the previous walship wrote (temp + rename of the text).
+        std::fs::write(&cap, capture().to_string()).unwrap();
+        std::fs::write(
+            &pos,
+            format!("generation {}\nlast 42\nrank 0\ntime-ms 5\n", generation()),
+        )
+        .unwrap();
+        let s = StateDir::new(dir.path());
+        assert_eq!(s.load_capture().unwrap(), Some(capture()));
+        let old = ReplicaPosition {
+            time_ms: 5,
+            received_ms: None,
+            ..position(42)
+        };
+        assert_eq!(s.load_position("a").unwrap(), Some(old));
+        assert_eq!(s.positions(), [("a".into(), old)]);
+        let mut c = capture();
+        c.cur.at.txid = 43;
+        s.save_capture(&c).unwrap();
+        s.save_position("a", &position(43)).unwrap();
+        for p in [&cap, &pos] {
+            let data = std::fs::read(p).unwrap();
+            assert!(
+                data.starts_with(b"WSRECv1\0"),
+                "{} not upgraded",
+                p.display()
+            );
+            assert_eq!(data.len(), 2 * crate::durable::RECORD_SLOT);
+        }
+        let fresh = StateDir::new(dir.path());
+        assert_eq!(fresh.load_capture().unwrap(), Some(c));
+        assert_eq!(fresh.positions(), [("a".into(), position(43))]);
+    }
+
+    /// `walship status` reads the positions while the daemon's shippers save them.
+    #[test]
+    fn positions_read_while_saved_are_always_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        s.save_position("a", &position(1)).unwrap();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (d, done) = (dir.path().to_owned(), done.clone());
+            std::thread::spawn(move || {
+                let (mut reads, mut last) = (0, 0);
+                loop {
+                    let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+                    let got = StateDir::new(&d).positions();
+                    let [(name, p)] = got.as_slice() else {
+                        panic!("read {reads}: {got:?}");
+                    };
+                    assert_eq!(name, "a");
+                    assert_eq!(*p, position(p.key.last), "read {reads}");
+                    assert!(p.key.last >= last, "read {reads}: {p:?} after {last}");
+                    last = p.key.last;
+                    reads += 1;
+                    if finished && reads >= 3000 {
+                        return last;
+                    }
+                }
+            })
+        };
+        for n in 2..=2000 {
+            s.save_position("a", &position(n)).unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(reader.join().unwrap(), 2000);
     }
 }
