@@ -1,7 +1,10 @@
 //! Planning from a listing alone: what to fetch for a restore, what to merge, what to delete.
 //!
 //! Nothing here reads a file's content: every decision follows from the names (and sizes) in a
-//! [`Listing`], so it can be made before any download and tested exhaustively.
+//! [`Listing`], so it can be made before any download and tested exhaustively. A segment's name
+//! is a lower bound of its content (see [`super`]): a file holding more than its name says only
+//! gives a reader more commits, which overlap the next file of the chain like a compacted
+//! segment does (the applier skips those it applied); a plan never counts on them.
 //!
 //! Invariants kept:
 //! - A restore plan's segments form a chain: the first contains `snapshot.txid + 1`, each next one

@@ -436,9 +436,10 @@ fn reader(
                     }
                     Record::Commit(c) => to.items.push(Item::Commit(c)),
                 }
-                if held.data.len() > HELD_BYTES {
+                // Records count too (a part of commits without pages holds no page bytes).
+                if held.data.len() + held.items.len() * 64 > HELD_BYTES {
                     warn!(
-                        "{label}: a part after txid {} (the end of the file's name) holds over {HELD_BYTES} bytes of pages: not applied",
+                        "{label}: a part after txid {} (the end of the file's name) holds over {HELD_BYTES} bytes: not applied",
                         f.last_txid()
                     );
                     break;
@@ -468,9 +469,9 @@ fn reader(
     }
 }
 
-/// Page bytes of one part after a file's named range that the reader holds until the part
-/// is verified; a larger part is left out (the name is a lower bound: what it promises is
-/// applied all the same).
+/// Bytes of one part after a file's named range (pages, and 64 per record) that the reader
+/// holds until the part is verified; a larger part is left out (the name is a lower bound:
+/// what it promises is applied all the same).
 const HELD_BYTES: usize = 64 << 20;
 
 /// Moves the records held back in `held` (parts now verified) to the end of `chunk`.

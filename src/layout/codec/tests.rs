@@ -467,6 +467,35 @@ fn multi_part_segments_decode_as_one_run() {
     );
     assert_eq!(d.parts_complete(), 3);
     assert_eq!(d.last_complete().map(|c| c.txid), Some(12));
+    // `next_placed` says the same for each record, pages included.
+    let mut d = Decoder::new(&bytes[..], Kind::Segment).unwrap();
+    let mut placed = Vec::new();
+    while let Some((r, done)) = d.next_placed().unwrap() {
+        let what = match r {
+            Record::Page { pgno, .. } => u64::from(pgno) << 32,
+            Record::Commit(c) => c.txid,
+        };
+        placed.push((what, done.map(|c| c.txid)));
+    }
+    let p = |pgno: u64| pgno << 32;
+    assert_eq!(
+        placed,
+        [
+            (p(3), None),
+            (p(1), None),
+            (7, None),
+            (8, None),
+            (p(9), None),
+            (9, None),
+            (p(2), Some(9)),
+            (10, Some(9)),
+            (p(9), Some(9)),
+            (p(1), Some(9)),
+            (11, Some(9)),
+            (p(12), Some(11)),
+            (12, Some(11)),
+        ]
+    );
 }
 
 #[test]
