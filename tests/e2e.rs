@@ -1242,12 +1242,14 @@ fn restore_lists_again_when_a_planned_file_vanishes() {
     let sb = Sandbox::new();
     sb.create_db();
     let mut d = start(&sb);
+    // Spread over about 3 s: a stream of commits grows one segment file on the replica for a
+    // second at most (see `ship::Tail`), and the chain must hold several.
     let mut w = Writer::spawn(
         &sb.db(),
         "v",
         WriterOpts {
             commits: 40,
-            rate: 0.0,
+            rate: 15.0,
             big_every: 10,
         },
         5,
@@ -1255,6 +1257,18 @@ fn restore_lists_again_when_a_planned_file_vanishes() {
     w.wait();
     d.wait_caught_up(10 * SEC);
     d.stop();
+    let segments = fs::read_dir(sb.replica().join("generations"))
+        .expect("generations")
+        .flat_map(|g| fs::read_dir(g.expect("generation").path()).expect("list"))
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("seg-"))
+        })
+        .count();
+    assert!(
+        segments >= 2,
+        "{segments} segment file(s): the test needs a chain"
+    );
     for restore_after in [true, false] {
         // The first read of a segment finds it gone; it is back by the next listing, or
         // stays gone (moved away for good).

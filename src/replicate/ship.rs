@@ -673,7 +673,7 @@ impl Shipper {
         }
         // (path, range merged, from, to): only what is published (capture may be appending
         // to the last), the first from the piece the replica lacks.
-        let inputs: Vec<(String, FileName, u64, u64)> = batch
+        let inputs: Vec<(String, FileName, u64, &SpoolFile)> = batch
             .iter()
             .enumerate()
             .map(|(i, f)| {
@@ -691,7 +691,7 @@ impl Shipper {
                     ),
                     _ => (0, f.name),
                 };
-                (path.display().to_string(), range, from, f.size)
+                (path.display().to_string(), range, from, f)
             })
             .collect();
         let labels: Vec<(String, FileName)> = inputs.iter().map(|i| (i.0.clone(), i.1)).collect();
@@ -700,14 +700,17 @@ impl Shipper {
         merge_segments(
             &labels,
             |p| {
-                let mut f = std::fs::File::open(p).with_context(|| format!("cannot open {p}"))?;
-                let (from, to) = inputs
+                let (_, _, from, sf) = inputs
                     .iter()
                     .find(|i| i.0 == p)
-                    .map_or((0, u64::MAX), |i| (i.2, i.3));
-                f.seek(SeekFrom::Start(from))
+                    .ok_or_else(|| anyhow!("internal: merge input {p}"))?;
+                let mut f = self
+                    .spool
+                    .open_file(sf)
+                    .with_context(|| format!("cannot open {p}"))?;
+                f.seek(SeekFrom::Start(*from))
                     .with_context(|| format!("cannot read {p}"))?;
-                Ok(Box::new(f.take(to.saturating_sub(from))) as Box<dyn Read + Send>)
+                Ok(Box::new(f.take(sf.size.saturating_sub(*from))) as Box<dyn Read + Send>)
             },
             file,
             1,
@@ -789,7 +792,7 @@ impl Shipper {
             let skip = usize::try_from(if i == 0 { offset } else { 0 }).unwrap_or(usize::MAX);
             let path = self.spool.path(&f.generation, &f.name);
             let mut buf = Vec::new();
-            match std::fs::File::open(&path) {
+            match self.spool.open_file(f) {
                 // Only what is published: capture may be appending to it.
                 Ok(src) => src
                     .take(f.size)
@@ -949,7 +952,7 @@ impl Shipper {
     /// to the replica, or `None` if the file was not in the spool any more.
     fn upload(&self, f: &SpoolFile, offset: u64, name: FileName) -> Result<Option<u64>> {
         let path = self.spool.path(&f.generation, &f.name);
-        let mut src = match std::fs::File::open(&path) {
+        let mut src = match self.spool.open_file(f) {
             Ok(s) => s,
             // Dropped by the spool limit while we looked: the next round handles the gap.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -236,6 +236,35 @@ impl Spool {
         Ok(out)
     }
 
+    /// Opens the spooled file `f` for reading its `f.size` published bytes, wherever it is
+    /// now: a tail that grew since `f` was listed was renamed to its new range, and its first
+    /// `f.size` bytes are unchanged (see the module doc).
+    ///
+    /// # Errors
+    /// `NotFound` when it was removed (shipped, or dropped by the spool limit).
+    pub(crate) fn open_file(&self, f: &SpoolFile) -> io::Result<File> {
+        let mut name = f.name;
+        // A rename may land between the lookup and the open: look again.
+        for _ in 0..5 {
+            match File::open(self.path(&f.generation, &name)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                other => return other,
+            }
+            let grown = lock(&self.files).keys().find_map(|&(k, n)| {
+                let same = k.generation == f.generation
+                    && matches!(n, FileName::Segment { level: 0, .. })
+                    && n.first_txid() == f.name.first_txid()
+                    && n.last_txid() >= f.name.last_txid();
+                same.then_some(n)
+            });
+            match grown {
+                Some(n) if n != name => name = n,
+                _ => break,
+            }
+        }
+        File::open(self.path(&f.generation, &name))
+    }
+
     /// Path of a spooled file.
     pub(crate) fn path(&self, generation: &GenerationId, name: &FileName) -> PathBuf {
         self.dir.join(generation.to_string()).join(name.to_string())
