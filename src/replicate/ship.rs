@@ -4,8 +4,13 @@
 //!
 //! Invariants:
 //! - A replica receives files in [`Key`] order; its position (the key of the last file it
-//!   holds durably) is saved only after `write_atomic` returned, so a crash re-sends at most
-//!   one file, under the same name (idempotent).
+//!   holds durably) is saved only after the upload returned, so a crash re-sends at most one
+//!   file. On targets that can append, small uploads grow the replica's newest segment file
+//!   in place instead of each creating one ([`Tail`]); a crash or failure between an append
+//!   and the position's save re-sends that batch as a new file, which overlaps what the grown
+//!   file holds past its name (readers skip commits they applied, see `layout::codec`).
+//! - A spooled file whose start the replica holds (the spool's tail grew since it was
+//!   shipped, see `spool`) is sent from where the replica's position ends inside it.
 //! - A gap (spooled files dropped by the spool limit, or a replica that never had the
 //!   generation's snapshot) is never papered over: the replica skips to a snapshot, or asks
 //!   capture for a fresh one and waits for it.
@@ -439,11 +444,16 @@ impl Shipper {
                     .first()
                     .ok_or_else(|| anyhow!("internal: empty batch"))?;
                 owner.before_write(target, f.generation)?;
-                let (sent, replaced) = self.upload_batch(&batch, plan.position())?;
-                if let Some(old) = replaced {
-                    plan.replaced(f.generation, old);
+                match self.upload_batch(&batch, plan.position())? {
+                    Some((sent, replaced)) => {
+                        if let Some(old) = replaced {
+                            plan.replaced(f.generation, old);
+                        }
+                        self.sent(plan, &batch, sent)?;
+                    }
+                    // Dropped by the spool limit meanwhile: the next round sees the gap.
+                    None => plan.not_streamed(),
                 }
-                self.sent(plan, &batch, sent)?;
             }
             Action::ListRemote(g) => plan.listed(g, self.remote_files(&g)?),
             Action::TrimHeap => super::trim_heap(),
@@ -628,7 +638,8 @@ impl Shipper {
     }
 
     /// Uploads one file, or a merged segment for a batch, or appends the batch to the tail
-    /// segment (see [`Tail`]); returns the name sent, and the name it replaced on the replica.
+    /// segment (see [`Tail`]); returns the name sent and the name it replaced on the replica,
+    /// or `None` if the first file left the spool meanwhile (the spool limit dropped it).
     /// A replica at `pos` may hold the start of the batch's first file (a spool tail that grew
     /// since it was shipped): only the rest is sent when the spool knows where it starts (see
     /// [`Spool::piece`]), else the whole file (readers skip the commits they applied).
@@ -636,13 +647,13 @@ impl Shipper {
         &self,
         batch: &[SpoolFile],
         pos: Option<Key>,
-    ) -> Result<(FileName, Option<FileName>)> {
+    ) -> Result<Option<(FileName, Option<FileName>)>> {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             bail!("internal: empty batch");
         };
         let piece = self.piece(first, pos);
         if let Some((name, old)) = self.append_to_tail(batch, piece)? {
-            return Ok((name, Some(old)));
+            return Ok(Some((name, Some(old))));
         }
         let (
             FileName::Segment {
@@ -654,8 +665,9 @@ impl Shipper {
         ) = (first.name, last.name)
         else {
             // A snapshot: always alone in its batch.
-            self.upload(first, 0, first.name)?;
-            return Ok((first.name, None));
+            return Ok(self
+                .upload(first, 0, first.name)?
+                .map(|_| (first.name, None)));
         };
         let (offset, a, first_ms) = piece.unwrap_or((0, a, first_ms));
         let name = FileName::Segment {
@@ -666,10 +678,11 @@ impl Shipper {
             last_ms,
         };
         if batch.len() == 1 {
-            if let Some(len) = self.upload(first, offset, name)? {
-                self.new_tail(first.generation, name, len);
-            }
-            return Ok((name, None));
+            let Some(len) = self.upload(first, offset, name)? else {
+                return Ok(None);
+            };
+            self.new_tail(first.generation, name, len);
+            return Ok(Some((name, None)));
         }
         // (path, range merged, from, to): only what is published (capture may be appending
         // to the last), the first from the piece the replica lacks.
@@ -724,7 +737,7 @@ impl Shipper {
             .write_atomic(&dest, &mut file)
             .map_err(|e| upload_error(e.into(), &dest))?;
         self.new_tail(first.generation, name, len);
-        Ok((name, None))
+        Ok(Some((name, None)))
     }
 
     /// Where in spooled file `f` the commits a replica at `pos` lacks start, if it holds the

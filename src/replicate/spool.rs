@@ -250,6 +250,8 @@ impl Spool {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 other => return other,
             }
+            // An append being published holds the tail until the listing has its new name.
+            let _published = lock(&self.tail);
             let grown = lock(&self.files).keys().find_map(|&(k, n)| {
                 let same = k.generation == f.generation
                     && matches!(n, FileName::Segment { level: 0, .. })
@@ -543,12 +545,12 @@ impl Spool {
         let Some(a) = w.append else {
             bail!("internal: not an append");
         };
-        let old = {
-            let tail = lock(&self.tail);
-            match tail.as_ref() {
-                Some(t) if t.generation == *generation && t.len == a.start => t.name,
-                _ => bail!("internal: the spool tail changed during an append"),
-            }
+        // Held until the listing has the new name: a shipper that finds the old name gone
+        // waits for it (see `open_file`).
+        let mut tail = lock(&self.tail);
+        let (old, started) = match tail.as_ref() {
+            Some(t) if t.generation == *generation && t.len == a.start => (t.name, t.started),
+            _ => bail!("internal: the spool tail changed during an append"),
         };
         let FileName::Segment {
             level: 0,
@@ -568,12 +570,14 @@ impl Spool {
         };
         let src = self.path(generation, &old);
         let dest = self.path(generation, &name);
-        let r = (|| -> std::io::Result<()> {
-            w.file.sync_data()?;
-            fs::rename(&src, &dest)?;
-            fsync_dir(dest.parent().unwrap_or(&self.dir))
-        })();
-        r.with_context(|| format!("cannot write spool file {}", dest.display()))?;
+        let failed = |e: io::Error| {
+            anyhow::Error::new(e).context(format!("cannot write spool file {}", dest.display()))
+        };
+        w.file.sync_data().map_err(failed)?;
+        fs::rename(&src, &dest).map_err(failed)?;
+        // Renamed: the listing follows even if the directory's fsync fails (capture then
+        // starts a new generation, see `Capture::write_segments`).
+        let synced = fsync_dir(dest.parent().unwrap_or(&self.dir));
         let len = a.pos;
         {
             let mut files = lock(&self.files);
@@ -591,16 +595,17 @@ impl Spool {
             parts.insert((*generation, name), p);
         }
         w.published = true;
-        let file = w.file.try_clone().ok();
-        let mut tail = lock(&self.tail);
-        let started = tail.as_ref().map_or_else(Instant::now, |t| t.started);
-        *tail = file.map(|file| Tail {
-            generation: *generation,
-            name,
-            len,
-            started,
-            file: Some(file),
-        });
+        *tail = match synced {
+            Ok(()) => w.file.try_clone().ok().map(|file| Tail {
+                generation: *generation,
+                name,
+                len,
+                started,
+                file: Some(file),
+            }),
+            Err(_) => None,
+        };
+        synced.map_err(failed)?;
         Ok(len)
     }
 

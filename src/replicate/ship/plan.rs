@@ -320,8 +320,9 @@ impl Planner {
         (Step::Idle, None)
     }
 
-    /// After [`Action::StreamLive`] sent nothing: capture abandoned the live file, or published
-    /// it before it could be opened (the next round looks again).
+    /// After [`Action::StreamLive`] or [`Action::Upload`] sent nothing: capture abandoned the
+    /// live file, or published it before it could be opened, or the spool limit dropped the
+    /// file (the next round looks again; the position stays).
     pub(crate) fn not_streamed(&mut self) {
         self.step = Step::End(Ending::Continue { wake: false });
     }
