@@ -363,13 +363,19 @@ impl RecordFile {
     }
 
     /// Saves `payload` as the file's new value: written over the slot that does not hold the
-    /// newest record, then `fdatasync`. If `path` no longer names the open file (removed or
-    /// replaced under us), a new file is created there instead.
+    /// newest record, then `fdatasync` if `sync` (unsynced, a power cut may leave the record
+    /// before, never a torn one: the slots' checksums tell). If `path` no longer names the
+    /// open file (removed or replaced under us), a new file is created there instead.
     ///
     /// # Errors
     /// `payload` does not fit, or I/O errors (the message names the file). The newest record
     /// before the call is intact after a failed save, and the next save writes the same slot.
-    pub(crate) fn save(&mut self, payload: &[u8], mode: u32) -> anyhow::Result<()> {
+    pub(crate) fn save_with(
+        &mut self,
+        payload: &[u8],
+        mode: u32,
+        sync: bool,
+    ) -> anyhow::Result<()> {
         check_fits(&self.path, payload)?;
         let seq = self.seq.wrapping_add(1);
         match fs::metadata(&self.path) {
@@ -393,7 +399,7 @@ impl RecordFile {
         }
         self.file
             .write_all_at(&encode_slot(seq, payload), slot_offset(seq))
-            .and_then(|()| self.file.sync_data())
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) })
             .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.seq = seq;
         Ok(())
@@ -430,14 +436,29 @@ impl RecordFiles {
     /// # Errors
     /// `payload` does not fit, or I/O errors (the message names the file).
     pub(crate) fn save(&self, path: &Path, payload: &[u8], mode: u32) -> anyhow::Result<()> {
+        self.save_with(path, payload, mode, true)
+    }
+
+    /// [`RecordFiles::save`], with the `fdatasync` only if `sync` (see
+    /// [`RecordFile::save_with`]; a file created or upgraded is always synced).
+    ///
+    /// # Errors
+    /// As [`RecordFiles::save`].
+    pub(crate) fn save_with(
+        &self,
+        path: &Path,
+        payload: &[u8],
+        mode: u32,
+        sync: bool,
+    ) -> anyhow::Result<()> {
         let entry = lock(&self.0).entry(path.to_owned()).or_default().clone();
         let mut open = lock(&entry);
         if let Some(r) = open.as_mut() {
-            return r.save(payload, mode);
+            return r.save_with(payload, mode, sync);
         }
         let r = match RecordFile::open(path)? {
             Some(mut r) => {
-                r.save(payload, mode)?;
+                r.save_with(payload, mode, sync)?;
                 r
             }
             None => RecordFile::create(path, payload, mode, 0)?,

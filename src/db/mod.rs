@@ -523,9 +523,12 @@ impl Db {
 
     fn begin_pin(&mut self, i: usize) -> Result<()> {
         let c = &self.pins[i];
-        c.execute_batch("BEGIN")
+        // Cached statements: a pin moves after every capture.
+        c.prepare_cached("BEGIN")
+            .and_then(|mut s| s.execute([]))
             .map_err(|e| explain(&self.path, "read", e))?;
-        c.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
+        c.prepare_cached("SELECT count(*) FROM sqlite_master")
+            .and_then(|mut s| s.query_row([], |_| Ok(())))
             .map_err(|e| explain(&self.path, "read", e))?;
         self.active = Some(i);
         Ok(())
@@ -535,7 +538,7 @@ impl Db {
         if self.pins[i].is_autocommit() {
             return Ok(());
         }
-        self.pins[i].execute_batch("COMMIT")?;
+        self.pins[i].prepare_cached("COMMIT")?.execute([])?;
         Ok(())
     }
 

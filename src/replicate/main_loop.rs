@@ -10,11 +10,13 @@
 //!
 //! Group commit: a change is captured at once when nothing was captured for [`GROUP_WINDOW`]
 //! (an idle database's commit never waits), else when that window since the start of the last
-//! capture ends, so that commits arriving in a stream share one segment, one spool file, one
-//! upload and one position save instead of each paying for its own (most of walship's cost per
-//! commit is per file, not per byte). A commit waits at most [`GROUP_WINDOW`] for this. Every
-//! durability step of a capture and an upload stays as it was; only how many commits one
-//! capture holds changes.
+//! capture ends, so that commits arriving in a stream share one capture, one append to the
+//! spool, one upload and one position save instead of each paying for its own (walship's cost
+//! per commit is per capture, mostly its fsyncs, not per byte). The window adapts: once two
+//! captures in a row came within twice [`GROUP_WINDOW_STREAM`] of each other (a stream), it is
+//! [`GROUP_WINDOW_STREAM`], until the stream stops. A commit waits at most
+//! [`GROUP_WINDOW_STREAM`] for this. Every durability step of a capture and an upload stays
+//! as it was; only how many commits one capture holds changes.
 
 use super::capture::{Capture, Step};
 use super::dblock::DbLock;
@@ -40,9 +42,12 @@ const CHECKPOINTER_WATCH: Duration = Duration::from_secs(2);
 const CHECKPOINTER_POLL: Duration = Duration::from_millis(20);
 
 /// Captures that found something are at least this far apart while commits keep coming (see
-/// the module doc), counted from their start: at 100 commits/s, ~3 commits per file instead of
-/// 1, for ~12 ms more lag on average.
+/// the module doc), counted from their start...
 pub(crate) const GROUP_WINDOW: Duration = Duration::from_millis(25);
+
+/// ...and this far apart in a stream: at 100 commits/s, 5 commits per capture instead of 1,
+/// for ~25 ms more lag on average.
+pub(crate) const GROUP_WINDOW_STREAM: Duration = Duration::from_millis(50);
 
 /// How long the status file may lag behind while the replicas keep up (see
 /// [`MainLoop::report`]): without this, every capture rewrote it twice (captured, then shipped),
@@ -76,8 +81,9 @@ pub(crate) struct MainLoop<'a> {
     started: Instant,
     last_snapshot: Instant,
     last_change: Instant,
-    /// When a capture round last captured commits (see [`GROUP_WINDOW`]).
+    /// When a capture round last captured commits (see [`GROUP_WINDOW`]), and the one before.
     last_captured: Option<Instant>,
+    prev_captured: Option<Instant>,
     /// A change on the database not captured yet: capture is due at this instant.
     capture_due: Option<Instant>,
     status: Option<Status>,
@@ -119,6 +125,7 @@ impl<'a> MainLoop<'a> {
             last_snapshot: now,
             last_change: now,
             last_captured: None,
+            prev_captured: None,
             capture_due: None,
             status: None,
             status_due: None,
@@ -148,9 +155,10 @@ impl<'a> MainLoop<'a> {
             }
             if changed {
                 self.last_change = Instant::now();
+                let window = self.window();
                 self.capture_due.get_or_insert_with(|| {
                     self.last_captured
-                        .map_or(self.last_change, |t| t + GROUP_WINDOW)
+                        .map_or(self.last_change, |t| t + window)
                         .max(self.last_change)
                 });
             }
@@ -158,6 +166,18 @@ impl<'a> MainLoop<'a> {
             if self.signals > 0 {
                 break;
             }
+        }
+    }
+
+    /// The group-commit window (see the module doc): [`GROUP_WINDOW_STREAM`] while the last
+    /// two captures came within twice that of each other (a capture that ends a window starts
+    /// a little after it), else [`GROUP_WINDOW`].
+    fn window(&self) -> Duration {
+        match (self.prev_captured, self.last_captured) {
+            (Some(a), Some(b)) if b.saturating_duration_since(a) <= 2 * GROUP_WINDOW_STREAM => {
+                GROUP_WINDOW_STREAM
+            }
+            _ => GROUP_WINDOW,
         }
     }
 
@@ -222,7 +242,7 @@ impl<'a> MainLoop<'a> {
         if c.key() != before {
             // From its start: a capture that takes a while (fsyncs on a busy disk) must not
             // stretch the window.
-            self.last_captured = Some(began);
+            self.prev_captured = self.last_captured.replace(began);
         }
         match r {
             Ok(()) => {

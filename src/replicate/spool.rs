@@ -18,7 +18,7 @@
 //! it while it is small and young ([`TAIL_MAX_BYTES`], [`TAIL_MAX_AGE`]): the new segment's
 //! bytes (a whole segment file, see `layout::codec`: a segment file may be several one after
 //! the other) are written after the tail's end, fsynced, and the tail is renamed to its new
-//! range (directory fsynced), which is its publication. Until then the listing keeps the old
+//! range, which is its publication (the directory is not fsynced: see [`Spool::publish`]). Until then the listing keeps the old
 //! name and size, so shippers read only what is published; an append that fails is cut off
 //! again. Where each appended part starts is kept in memory ([`Spool::piece`]), so that a
 //! replica holding the start of a tail receives only the rest. A crash between an append and
@@ -574,10 +574,11 @@ impl Spool {
             anyhow::Error::new(e).context(format!("cannot write spool file {}", dest.display()))
         };
         w.file.sync_data().map_err(failed)?;
+        // The directory is not fsynced: a rename lost to a power cut leaves the appended part
+        // past the old name, which the next start cuts off (`cut_unpublished_appends`), and
+        // capture redoes the step from the state before it (or a replica that received it
+        // proves it published). The next new spool file's directory fsync makes it durable.
         fs::rename(&src, &dest).map_err(failed)?;
-        // Renamed: the listing follows even if the directory's fsync fails (capture then
-        // starts a new generation, see `Capture::write_segments`).
-        let synced = fsync_dir(dest.parent().unwrap_or(&self.dir));
         let len = a.pos;
         {
             let mut files = lock(&self.files);
@@ -595,17 +596,13 @@ impl Spool {
             parts.insert((*generation, name), p);
         }
         w.published = true;
-        *tail = match synced {
-            Ok(()) => w.file.try_clone().ok().map(|file| Tail {
-                generation: *generation,
-                name,
-                len,
-                started,
-                file: Some(file),
-            }),
-            Err(_) => None,
-        };
-        synced.map_err(failed)?;
+        *tail = w.file.try_clone().ok().map(|file| Tail {
+            generation: *generation,
+            name,
+            len,
+            started,
+            file: Some(file),
+        });
         Ok(len)
     }
 
