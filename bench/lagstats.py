@@ -76,6 +76,12 @@ for ph in order:
         ms(pct(blat, 50)), ms(pct(blat, 99)), ms(pct(lat, 50)), ms(pct(lat, 99)),
         pct(lat, 50) / pct(blat, 50) if blat else float('nan'), nsegs, nfiles,
         nfiles / dur if dur else 0))
+for ph in order:
+    if ph.startswith('0:') and base.get(ph):
+        rows, brows = w[ph], base[ph]
+        rate = len(rows) / ((rows[-1][2] - rows[0][1]) / 1e9)
+        brate = len(brows) / ((brows[-1][2] - brows[0][1]) / 1e9)
+        print('max-rate writer: %.0f commits/s with walship, %.0f plain: %.2fx' % (rate, brate, rate / brate))
 print('SQLITE_BUSY errors (busy timeout 5 s): %s with walship, %s plain' % (
     busy.get(wfile, '?'), busy.get(bfile, '?')))
 # machine-readable summary for the 100/s phase

@@ -802,24 +802,23 @@ impl Shipper {
         }
         let mut data = Vec::with_capacity(usize::try_from(bytes).unwrap_or(0));
         for (i, f) in batch.iter().enumerate() {
-            let skip = usize::try_from(if i == 0 { offset } else { 0 }).unwrap_or(usize::MAX);
+            let skip = if i == 0 { offset } else { 0 };
             let path = self.spool.path(&f.generation, &f.name);
-            let mut buf = Vec::new();
-            match self.spool.open_file(f) {
-                // Only what is published: capture may be appending to it.
-                Ok(src) => src
-                    .take(f.size)
-                    .read_to_end(&mut buf)
-                    .with_context(|| format!("cannot read {}", path.display()))?,
+            let mut src = match self.spool.open_file(f) {
+                Ok(src) => src,
                 // Dropped by the spool limit meanwhile: the normal path handles it.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
             };
-            let piece = buf
-                .get(skip..)
-                .filter(|_| buf.len() as u64 == f.size)
-                .ok_or_else(|| anyhow!("spool file {} is shorter than spooled", path.display()))?;
-            data.extend_from_slice(piece);
+            // Only what is published: capture may be appending to it.
+            let want = f.size.saturating_sub(skip);
+            let n = src
+                .seek(SeekFrom::Start(skip))
+                .and_then(|_| src.take(want).read_to_end(&mut data))
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if n as u64 != want {
+                bail!("spool file {} is shorter than spooled", path.display());
+            }
         }
         let old = file_path(&t.generation, &t.name);
         self.target
