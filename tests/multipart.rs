@@ -70,6 +70,13 @@ fn range_path(from: &Seg, to: &Seg) -> PathBuf {
     ))
 }
 
+/// A copy of the replica as walship left it, to compare restores against; its URL.
+fn pristine_copy(sb: &Sandbox) -> String {
+    let pristine = sb.path("pristine");
+    copy_replica(&sb.replica(), &pristine);
+    format!("file://{}", pristine.display())
+}
+
 /// Replicates 6 rounds of writes (each its own segments) to a file replica, stops the daemon
 /// and returns the replica's newest four level-0 segments, consecutive.
 fn replicated(sb: &Sandbox) -> Vec<Seg> {
@@ -138,9 +145,7 @@ fn multipart_concatenated_segments_restore() {
     let sb = Sandbox::new();
     let s = replicated(&sb);
     let raw: Vec<Vec<u8>> = s.iter().map(Seg::bytes).collect();
-    let pristine = sb.path("pristine");
-    copy_replica(&sb.replica(), &pristine);
-    let pristine_url = format!("file://{}", pristine.display());
+    let pristine_url = pristine_copy(&sb);
     let g = s[0].generation();
 
     let merged = range_path(&s[0], &s[2]);
@@ -193,9 +198,7 @@ fn multipart_content_beyond_the_name() {
     let sb = Sandbox::new();
     let s = replicated(&sb);
     let raw: Vec<Vec<u8>> = s.iter().map(Seg::bytes).collect();
-    let pristine = sb.path("pristine");
-    copy_replica(&sb.replica(), &pristine);
-    let pristine_url = format!("file://{}", pristine.display());
+    let pristine_url = pristine_copy(&sb);
     let g = s[0].generation();
 
     // All four segments in one file named for the first two only.

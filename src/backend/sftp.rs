@@ -708,7 +708,7 @@ impl SftpBackend {
                         return Err(Fail::Done(full));
                     }
                 }
-                return Err(self.io_fail(c, path, &e));
+                return Err(self.io_fail(c, || format!("upload {path} to {}", self.opts.url), &e));
             }
             total += n as u64;
             if n < buf.len() {
@@ -776,8 +776,9 @@ impl SftpBackend {
     }
 
     /// Maps an I/O error from an ssh2 file handle (which keeps only a kind and a message) to a
-    /// failure; anything but "not found" gives the session up, since its state is unknown.
-    fn io_fail(&self, c: &Conn, path: &str, e: &io::Error) -> Fail {
+    /// failure; anything but "not found" or a timeout gives the session up, since its state is
+    /// unknown. `what` says what failed (`upload x to sftp://...`).
+    fn io_fail(&self, c: &Conn, what: impl FnOnce() -> String, e: &io::Error) -> Fail {
         match e.kind() {
             io::ErrorKind::NotFound => Fail::Ssh(ssh2::Error::new(
                 ErrorCode::SFTP(FX_NO_SUCH_FILE),
@@ -791,10 +792,7 @@ impl SftpBackend {
                 c.give_up();
                 Fail::Done(BackendError::new(
                     ErrorKind::Unavailable,
-                    format!(
-                        "failed to upload {path} to {}: write failed: {e}",
-                        self.opts.url
-                    ),
+                    format!("failed to {}: write failed: {e}", what()),
                 ))
             }
         }
@@ -881,35 +879,13 @@ impl SftpBackend {
         }
         t.file
             .seek(io::SeekFrom::Start(at))
-            .map_err(|e| self.handle_fail(c, shown, &e))?;
+            .map_err(|e| self.io_fail(c, || format!("append to {shown}"), &e))?;
         t.file
             .write_all(data)
-            .map_err(|e| self.handle_fail(c, shown, &e))?;
+            .map_err(|e| self.io_fail(c, || format!("append to {shown}"), &e))?;
         t.file.fsync()?;
         t.len = at + data.len() as u64;
         Ok(())
-    }
-
-    /// Maps an I/O error from the appended file's handle (ssh2 keeps only a kind and a
-    /// message): anything but "not found" or a timeout gives the session up.
-    fn handle_fail(&self, c: &Conn, shown: &str, e: &io::Error) -> Fail {
-        match e.kind() {
-            io::ErrorKind::NotFound => Fail::Ssh(ssh2::Error::new(
-                ErrorCode::SFTP(FX_NO_SUCH_FILE),
-                "no such file",
-            )),
-            io::ErrorKind::TimedOut => Fail::Ssh(ssh2::Error::new(
-                ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT),
-                "timed out",
-            )),
-            _ => {
-                c.give_up();
-                Fail::Done(BackendError::new(
-                    ErrorKind::Unavailable,
-                    format!("failed to append to {shown}: write failed: {e}"),
-                ))
-            }
-        }
     }
 
     /// The body of `rename` on one session: `posix-rename@openssh.com` (rename(2) on the

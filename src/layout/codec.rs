@@ -779,5 +779,26 @@ fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// Whether a decoding error `e` in the segment file named `f` only ends its content, given
+/// `done`, the last commit of the parts verified before it (see the module doc): `None` when it
+/// is an error (damage inside the named range, a read error, anything in a snapshot);
+/// `Some(true)` for a part after the named range that the input ends inside (torn: a reader
+/// raced an append, or a crash cut it), `Some(false)` for one that is damaged.
+pub(crate) fn ends_past_name(
+    f: &super::names::FileName,
+    done: Option<Commit>,
+    e: &LayoutError,
+) -> Option<bool> {
+    let super::names::FileName::Segment { last, .. } = *f else {
+        return None;
+    };
+    done.filter(|c| c.txid >= last)?;
+    match e {
+        LayoutError::Io(_) | LayoutError::AfterError => None,
+        LayoutError::Truncated(_) => Some(true),
+        _ => Some(false),
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -51,7 +51,7 @@ use crate::backend::encrypted::check_marker;
 use crate::backend::{Backend, BackendError, ErrorKind};
 use crate::clock::now_ms;
 use crate::durable::RemoveOnDrop;
-use crate::layout::codec::{Decoder, Encoder, Kind, Record};
+use crate::layout::codec::{ends_past_name, Decoder, Encoder, Kind, Record};
 use crate::layout::names::{
     file_path, generation_dir, FileName, GenerationId, Marker, GENERATIONS_DIR, MARKER_FILE,
 };
@@ -1152,9 +1152,15 @@ fn merge_segments(
             let (rec, done) = match dec.next_placed() {
                 Ok(Some(x)) => x,
                 Ok(None) => break,
+                // A torn or damaged part after the named range is not merged (see `codec`).
                 Err(err) => {
-                    crate::restore::ends_content(name, dec.last_complete(), label, err)?;
-                    break;
+                    match ends_past_name(name, dec.last_complete(), &err) {
+                        Some(torn) => {
+                            debug!("{label}: not merging what follows txid {last} (torn: {torn}): {err}");
+                            break;
+                        }
+                        None => bail!("{label}: {err}"),
+                    }
                 }
             };
             if done.is_some_and(|c| c.txid >= last) {

@@ -56,7 +56,7 @@ use crate::backend::Backend;
 use crate::clock::rfc3339;
 use crate::durable::{fsync_dir, temp_name, RemoveOnDrop};
 use crate::layout::checksum::PageHashes;
-use crate::layout::codec::{Commit, Decoder, Kind, Record};
+use crate::layout::codec::{ends_past_name, Commit, Decoder, Kind, Record};
 use crate::layout::names::{
     file_path, generation_dir, FileName, GenerationId, Marker, Position, GENERATIONS_DIR,
     MARKER_FILE,
@@ -499,29 +499,22 @@ pub(crate) fn ends_content(
     label: &str,
     e: LayoutError,
 ) -> Result<()> {
-    let FileName::Segment { last, .. } = *f else {
+    let (Some(torn), Some(done)) = (ends_past_name(f, done, &e), done) else {
         return Err(anyhow!("{label}: {e}"));
     };
-    let Some(done) = done.filter(|c| c.txid >= last) else {
-        return Err(anyhow!("{label}: {e}"));
-    };
-    match e {
-        LayoutError::Io(_) | LayoutError::AfterError => Err(anyhow!("{label}: {e}")),
-        LayoutError::Truncated(_) => {
-            debug!(
-                "{label}: the part after txid {} is incomplete ({e}): the file ends there for now",
-                done.txid
-            );
-            Ok(())
-        }
-        _ => {
-            warn!(
-                "{label}: ignoring the part after txid {} (the file's name ends at txid {last}): {e}",
-                done.txid
-            );
-            Ok(())
-        }
+    if torn {
+        debug!(
+            "{label}: the part after txid {} is incomplete ({e}): the file ends there for now",
+            done.txid
+        );
+    } else {
+        warn!(
+            "{label}: ignoring the part after txid {} (the file's name ends at txid {}): {e}",
+            done.txid,
+            f.last_txid()
+        );
     }
+    Ok(())
 }
 
 /// The txid a plan stops at, resolving a time to the newest commit at or before it.
