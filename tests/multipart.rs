@@ -70,6 +70,15 @@ fn range_path(from: &Seg, to: &Seg) -> PathBuf {
     ))
 }
 
+/// `walship verify` of the sandbox's database against its replica.
+fn verify(sb: &Sandbox) -> Out {
+    walship([
+        OsString::from("verify"),
+        sb.db().into(),
+        sb.replica_url().into(),
+    ])
+}
+
 /// A copy of the replica as walship left it, to compare restores against; its URL.
 fn pristine_copy(sb: &Sandbox) -> String {
     let pristine = sb.path("pristine");
@@ -155,12 +164,7 @@ fn multipart_concatenated_segments_restore() {
     let out = sb.path("latest.db");
     restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert_same_db(&sb.db(), &out);
-    let v = walship([
-        OsString::from("verify"),
-        sb.db().into(),
-        sb.replica_url().into(),
-    ])
-    .assert_ok();
+    let v = verify(&sb).assert_ok();
     assert!(v.stdout.contains(&s[3].last.to_string()), "{}", v.stdout);
 
     // Inside the merged file: in its second part, and at the end of its first part.
@@ -181,12 +185,7 @@ fn multipart_concatenated_segments_restore() {
     let out = sb.path("torn.db");
     restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert_same_db(&sb.db(), &out);
-    walship([
-        OsString::from("verify"),
-        sb.db().into(),
-        sb.replica_url().into(),
-    ])
-    .assert_ok();
+    verify(&sb).assert_ok();
 }
 
 /// A file whose name lags its content (the shipper appended, then crashed before renaming):
@@ -214,12 +213,7 @@ fn multipart_content_beyond_the_name() {
         o.stdout
     );
     assert_same_db(&sb.db(), &out);
-    walship([
-        OsString::from("verify"),
-        sb.db().into(),
-        sb.replica_url().into(),
-    ])
-    .assert_ok();
+    verify(&sb).assert_ok();
     // A point-in-time restore inside the named range stops there.
     let a = sb.path("pitr.db");
     let b = sb.path("pristine-pitr.db");
@@ -289,12 +283,7 @@ fn multipart_damage_inside_the_name_is_an_error() {
     let o = restore(&out, &sb.replica_url(), &[]).fails();
     assert!(o.stderr.contains(&name), "{}", o.stderr);
     assert!(!out.exists());
-    walship([
-        OsString::from("verify"),
-        sb.db().into(),
-        sb.replica_url().into(),
-    ])
-    .fails();
+    verify(&sb).fails();
 
     // Two whole parts where the name says three: the third is missing, not "beyond".
     fs::write(&merged, raw[..2].concat()).expect("write");
@@ -447,12 +436,7 @@ fn multipart_compaction_merges_exactly_the_named_ranges() {
     let out = sb.path("compacted.db");
     restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert_same_db(&sb.db(), &out);
-    walship([
-        OsString::from("verify"),
-        sb.db().into(),
-        sb.replica_url().into(),
-    ])
-    .assert_ok();
+    verify(&sb).assert_ok();
     // A point-in-time restore at the merged file's last txid.
     let g = s[0].generation();
     let a = sb.path("at-merged-end.db");
