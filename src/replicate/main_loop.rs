@@ -5,7 +5,7 @@
 //! progress, signals, and timers that are due (watchdog, snapshot interval; for
 //! [`CHECKPOINTER_WATCH`] after each change, a look every [`CHECKPOINTER_POLL`] for an
 //! application's checkpoint waiting on walship; the end of a [`GROUP_WINDOW`]; a status put
-//! off for [`STATUS_SETTLE`]); an idle database costs no work. Errors of a
+//! off for [`STATUS_EVERY`]); an idle database costs no work. Errors of a
 //! round are logged when they change, not on every retry, and the round is tried again.
 //!
 //! Group commit: a change is captured at once when nothing was captured for [`GROUP_WINDOW`]
@@ -45,14 +45,20 @@ const CHECKPOINTER_POLL: Duration = Duration::from_millis(20);
 /// the module doc), counted from their start...
 pub(crate) const GROUP_WINDOW: Duration = Duration::from_millis(25);
 
-/// ...and this far apart in a stream: at 100 commits/s, 5 commits per capture instead of 1,
-/// for ~25 ms more lag on average.
-pub(crate) const GROUP_WINDOW_STREAM: Duration = Duration::from_millis(50);
+/// ...and this far apart in a stream: at 100 commits/s, 7-8 commits per capture instead of
+/// 1, for ~37 ms more lag on average (lag p50 ~40 ms, p99 ~80 ms at that rate, within the
+/// 50 / 250 ms that #12 allows; each capture's fsyncs are most of walship's CPU).
+pub(crate) const GROUP_WINDOW_STREAM: Duration = Duration::from_millis(75);
 
-/// How long the status file may lag behind while the replicas keep up (see
-/// [`MainLoop::report`]): without this, every capture rewrote it twice (captured, then shipped),
-/// a file created each time.
+/// A lag below this, after a status that showed none, is not worth a new status at once (see
+/// [`MainLoop::report`])...
 const STATUS_SETTLE: Duration = Duration::from_millis(150);
+
+/// ...nor is a new position while the replicas keep up: such a status is written this much
+/// later, with what holds then. Without this, every capture rewrote the status twice
+/// (captured, then shipped), a file created each time; at 150 ms, while commits streamed,
+/// the status file was still ~7% of walship's CPU.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// READY is sent at the latest this long after start-up, caught up or not.
 const READY_AT_THE_LATEST: Duration = Duration::from_secs(30);
@@ -81,6 +87,8 @@ pub(crate) struct MainLoop<'a> {
     started: Instant,
     last_snapshot: Instant,
     last_change: Instant,
+    /// When the last round began (see [`MainLoop::only_looking`]).
+    last_round: Instant,
     /// When a capture round last captured commits (see [`GROUP_WINDOW`]), and the one before.
     last_captured: Option<Instant>,
     prev_captured: Option<Instant>,
@@ -124,6 +132,7 @@ impl<'a> MainLoop<'a> {
             started: now,
             last_snapshot: now,
             last_change: now,
+            last_round: now,
             last_captured: None,
             prev_captured: None,
             capture_due: None,
@@ -140,6 +149,9 @@ impl<'a> MainLoop<'a> {
         loop {
             stall_failpoint();
             let msg = self.rx.recv_timeout(self.timeout());
+            if matches!(msg, Err(RecvTimeoutError::Timeout)) && self.only_looking() {
+                continue;
+            }
             let mut changed = matches!(msg, Ok(Msg::Changed));
             if matches!(msg, Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected)) {
                 break;
@@ -181,6 +193,30 @@ impl<'a> MainLoop<'a> {
         }
     }
 
+    /// Whether a wake-up that no message caused is only the look for a waiting checkpointer
+    /// (see [`CHECKPOINTER_POLL`]) and found none: nothing else is due (a capture, a status, a
+    /// snapshot, the watchdog, a retry), so no round runs. While commits stream, this look
+    /// comes every [`CHECKPOINTER_POLL`]; a whole round there (the database's stat, the
+    /// spool's upkeep, the status computed) was a good share of walship's CPU per commit.
+    fn only_looking(&self) -> bool {
+        let now = Instant::now();
+        let Some(c) = self.cap.as_ref() else {
+            return false;
+        };
+        let not_due = |due: Option<Instant>| due.is_none_or(|d| now < d);
+        self.ready
+            && self.failing_since.is_none()
+            && self.replaced.is_none()
+            && not_due(self.capture_due)
+            && not_due(self.status_due)
+            && self.last_snapshot.elapsed() < self.settings.snapshot_interval
+            && self
+                .notifier
+                .watchdog_interval()
+                .is_none_or(|i| self.last_round.elapsed() < i)
+            && !c.checkpointer_waiting()
+    }
+
     /// How long to wait for the next event.
     fn timeout(&self) -> Duration {
         let timeout = self
@@ -211,6 +247,7 @@ impl<'a> MainLoop<'a> {
     }
 
     fn round(&mut self) {
+        self.last_round = Instant::now();
         self.capture();
         self.notice_replaced();
         self.reopen_replaced();
@@ -327,10 +364,10 @@ impl<'a> MainLoop<'a> {
     ///
     /// While replicas keep up, a status that differs from the one written only by its
     /// position, or by a lag below [`STATUS_SETTLE`] after a written lag of 0, is written only
-    /// [`STATUS_SETTLE`] later (with what holds then): a replica [`STATUS_SETTLE`] behind
+    /// [`STATUS_EVERY`] later (with what holds then): a replica [`STATUS_SETTLE`] behind
     /// or failing, a caught-up replica after a written lag, a new generation, are written at
-    /// once, so the status never shows a lag that is gone or hides one above
-    /// [`STATUS_SETTLE`] for longer than that.
+    /// once, so the status never shows a lag that is gone, never hides one above
+    /// [`STATUS_SETTLE`], and shows a position at most [`STATUS_EVERY`] old.
     fn report(&mut self, spooled: &[spool::SpoolFile]) {
         let problem = self
             .replaced
@@ -344,7 +381,7 @@ impl<'a> MainLoop<'a> {
             && self.status_due.is_none_or(|due| Instant::now() < due)
         {
             self.status_due
-                .get_or_insert_with(|| Instant::now() + STATUS_SETTLE);
+                .get_or_insert_with(|| Instant::now() + STATUS_EVERY);
         } else {
             self.notifier.status(&st.to_string());
             self.state.write_status(&st);
@@ -594,7 +631,7 @@ fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<Vec<spool::Spo
     Ok(keep)
 }
 
-/// Whether `new` may wait [`STATUS_SETTLE`] to replace the status `written` (see
+/// Whether `new` may wait [`STATUS_EVERY`] to replace the status `written` (see
 /// [`MainLoop::report`]): both replicate the same generation, nothing fails, the written one
 /// shows no lag, and the new one a lag below [`STATUS_SETTLE`].
 fn settled(written: Option<&Status>, new: &Status) -> bool {

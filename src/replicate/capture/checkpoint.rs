@@ -53,6 +53,12 @@ impl Capture {
             .is_some_and(|(until, _)| std::time::Instant::now() < until)
     }
 
+    /// Whether an application's checkpoint waits for walship's read lock (see
+    /// [`Capture::yield_to_checkpointer`]).
+    pub(crate) fn checkpointer_waiting(&self) -> bool {
+        self.db.checkpointer_waiting()
+    }
+
     /// Lets an application's FULL/RESTART/TRUNCATE checkpoint through if one waits: captures
     /// everything (the checkpointer holds the write lock: nothing more can be appended), then
     /// lets go of the read lock until it is done (see [`Db::yield_to_checkpointer`]). Returns
@@ -61,7 +67,7 @@ impl Capture {
     /// # Errors
     /// Capture or SQLite errors.
     pub(crate) fn yield_to_checkpointer(&mut self) -> Result<bool> {
-        if !self.db.checkpointer_waiting() {
+        if !self.checkpointer_waiting() {
             return Ok(false);
         }
         self.step()?;
