@@ -443,3 +443,69 @@ fn multipart_compaction_merges_exactly_the_named_ranges() {
     restore_at(&a, &sb.replica_url(), &g, merged.last).assert_ok();
     assert_integrity(&a);
 }
+
+/// A grown tail whose last rename was lost (a power cut on the replica's host: a tail's rename
+/// is not durable), while walship's saved position names the content's end: the next start
+/// renames the file to what it holds before sending on, so the chain of names has no gap and
+/// a latest restore equals the source. Without the repair, the segment sent next would start
+/// past the lagging name and restores would refuse the replica ("segments ... are missing").
+#[test]
+fn multipart_lost_tail_rename_is_repaired_at_start() {
+    let sb = Sandbox::new();
+    let s = replicated(&sb);
+    let raw: Vec<Vec<u8>> = s.iter().map(Seg::bytes).collect();
+    let positions = replica_positions(&sb.state());
+    assert!(
+        positions.iter().any(|(_, p)| p.last == s[3].last),
+        "the saved position is not the replica's end {}: {positions:?}",
+        s[3].last
+    );
+    // s[2] grown by s[3], still named for s[2]'s first commit only.
+    let lagging = s[2].path.with_file_name(format!(
+        "seg-0-{:016x}-{:016x}-{}-{}.wseg",
+        s[2].first, s[2].first, s[2].first_ms, s[2].first_ms
+    ));
+    rewrite(
+        &lagging,
+        &[raw[2].clone(), raw[3].clone()].concat(),
+        &[&s[2], &s[3]],
+    );
+
+    let mut d = Daemon::start(
+        &[sb.db().into_os_string(), sb.replica_url().into()],
+        &sb.state(),
+    );
+    let mut w = Writer::spawn(
+        &sb.db(),
+        "after",
+        WriterOpts {
+            commits: 20,
+            rate: 0.0,
+            big_every: 0,
+        },
+        7,
+    );
+    w.wait();
+    d.wait_caught_up(15 * SEC);
+    d.stop();
+    let log = d.log_text();
+    assert!(
+        log.contains("it holds commits up to txid"),
+        "no repair logged: {log}"
+    );
+    let repaired: Vec<Seg> = segments(&sb.replica())
+        .iter()
+        .map(|p| Seg::parse(p))
+        .filter(|x| x.level == 0 && x.first == s[2].first)
+        .collect();
+    assert!(
+        repaired.iter().any(|x| x.last == s[3].last) && !lagging.exists(),
+        "not renamed to its content {}..{}: {repaired:?}",
+        s[2].first,
+        s[3].last
+    );
+    let out = sb.path("latest.db");
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
+    assert_same_db(&sb.db(), &out);
+    verify(&sb).assert_ok();
+}

@@ -12,6 +12,9 @@
 //! two system calls. The cache follows the file through [`Backend::rename`] (a descriptor
 //! follows its inode) and is dropped when the name is written, deleted or renamed over, and
 //! after any error, so an append never lands in a file that no longer has the name asked for.
+//! A rename does not fsync the directory: by [`Backend::rename`]'s contract a power cut may
+//! undo it (the next file written there, or a deletion, makes it durable with its own
+//! directory fsync).
 
 use super::{check_path, split_parent, Backend, BackendError, Entry, Result};
 use crate::durable::{fsync_dir, remove_temp_files, write_file_atomic, TEMP_PREFIX};
@@ -239,9 +242,7 @@ impl Backend for FileBackend {
         if let Some(t) = cache.as_mut().filter(|t| t.path == from) {
             t.path = to.to_owned();
         }
-        drop(cache);
-        let (parent, _) = split_parent(to);
-        fsync_dir(&self.abs(parent)).map_err(|e| self.err("sync directory", parent, &e))
+        Ok(())
     }
 
     fn delete(&self, path: &str) -> Result<()> {

@@ -171,9 +171,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
 
     /// Renames the file `from` to `to` in the same directory, replacing an existing `to`,
-    /// atomically: a reader sees either name, never both nor neither. Durable when it returns
-    /// as far as the target allows (`file://` fsyncs the directory; SFTP has no directory fsync
-    /// request of its own, see [`sftp`]).
+    /// atomically: a reader sees either name, never both nor neither. **Not durable**: a power
+    /// cut on the target may undo it (`file://` does not fsync the directory, which would cost
+    /// a device flush per call; SFTP has no directory fsync request, see [`sftp`]). It is
+    /// meant for renames the caller can redo: the shipper's growing tail segment, whose name a
+    /// new start repairs from its content (see `replicate::ship`).
     ///
     /// # Errors
     /// `NotFound` if there is no file `from`; `Other` on a target that cannot rename

@@ -300,6 +300,7 @@ fn start_shippers(
             retention: settings.retention,
             wake: tx.clone(),
             tail: std::cell::Cell::new(None),
+            tail_repaired: std::cell::Cell::new(false),
         };
         let h = std::thread::Builder::new()
             .name(format!("ship-{}", r.name))

@@ -283,6 +283,8 @@ pub(crate) struct Shipper {
     pub(crate) wake: Sender<super::Msg>,
     /// The replica's growing tail segment, if the next upload may append to it (see [`Tail`]).
     pub(crate) tail: std::cell::Cell<Option<Tail>>,
+    /// Whether [`Shipper::repair_tail`] ran in this process.
+    pub(crate) tail_repaired: std::cell::Cell<bool>,
 }
 
 /// Largest tail segment appended to: a reader (a follower) reads a tail again after each
@@ -297,7 +299,10 @@ const TAIL_MAX_AGE: Duration = Duration::from_secs(1);
 /// in place on targets that can append (file://, sftp://) instead of each creating a file:
 /// the spooled files' bytes are appended as they are (a segment file may be several whole
 /// segment files one after the other, see `layout::codec`), made durable, then the file is
-/// renamed to its new range. A file never written in this run is never appended to, so a
+/// renamed to its new range. That rename is not durable ([`Backend::rename`]): a power cut
+/// there may leave the old name on the grown content while this replica's saved position
+/// names the new end, which [`Shipper::repair_tail`] puts right at the next start before
+/// anything is sent. A file never written in this run is never appended to, so a
 /// torn append a crash left is never written after; a new file is started at every
 /// snapshot, gap, failure, compaction, and when the tail reaches [`TAIL_MAX_BYTES`] or
 /// [`TAIL_MAX_AGE`].
@@ -898,7 +903,76 @@ impl Shipper {
         } else {
             owner.claim(self.target.as_ref(), generation)?;
         }
+        if !self.tail_repaired.get() {
+            self.repair_tail()?;
+            self.tail_repaired.set(true);
+        }
         self.remove_temps()
+    }
+
+    /// Once per process, before anything is sent: if this replica's saved position is past
+    /// every name of its generation on the replica, the newest level-0 segment there may hold
+    /// more than its name says (a tail's rename lost to a power cut, see [`Tail`]); it is read
+    /// and renamed to the range of its last whole part. Sending on from the position without
+    /// this would leave a gap between names that restores refuse. Only targets that can
+    /// append grow tails.
+    fn repair_tail(&self) -> Result<()> {
+        if !self.target.can_append() {
+            return Ok(());
+        }
+        let Some(pos) = self.shared.lock().replicas[self.idx].position else {
+            return Ok(());
+        };
+        let files = self.remote_files(&pos.generation)?;
+        let named_end = files.iter().map(FileName::last_txid).max();
+        if named_end.is_none_or(|end| end >= pos.last) {
+            return Ok(());
+        }
+        let Some(old) = files
+            .iter()
+            .filter(|f| matches!(f, FileName::Segment { level: 0, .. }))
+            .max_by_key(|f| f.last_txid())
+            .copied()
+        else {
+            return Ok(());
+        };
+        let FileName::Segment {
+            first,
+            last,
+            first_ms,
+            ..
+        } = old
+        else {
+            return Ok(());
+        };
+        let path = file_path(&pos.generation, &old);
+        let url = self.target.url();
+        let mut dec = Decoder::new(
+            self.target
+                .read(&path)
+                .map_err(|e| upload_error(e.into(), &path))?,
+            Kind::Segment,
+        )
+        .with_context(|| format!("cannot read {url}/{path}"))?;
+        // Whole parts only: a torn or damaged last part ends what the file holds.
+        while let Ok(Some(_)) = dec.next() {}
+        let Some(end) = dec.last_complete().filter(|c| c.txid > last) else {
+            warn!(replica = %self.name(), "the saved position (txid {}) is past what {url}/{path} holds: sending on from the position", pos.last);
+            return Ok(());
+        };
+        let name = FileName::Segment {
+            level: 0,
+            first,
+            last: end.txid,
+            first_ms,
+            last_ms: end.time_ms,
+        };
+        let new = file_path(&pos.generation, &name);
+        self.target
+            .rename(&path, &new)
+            .map_err(|e| upload_error(e.into(), &new))?;
+        info!(replica = %self.name(), "renamed {url}/{path} to {new}: it holds commits up to txid {} (a rename was lost, by a power cut on the replica's host?)", end.txid);
+        Ok(())
     }
 
     /// Removes temporary files of interrupted uploads from the root and every generation. Safe
