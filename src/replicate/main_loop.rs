@@ -231,9 +231,11 @@ impl<'a> MainLoop<'a> {
             );
         let timeout = if self.failing_since.is_some() || !self.ready || self.cap.is_none() {
             timeout.min(Duration::from_millis(200))
-        } else if self.last_change.elapsed() < CHECKPOINTER_WATCH {
+        } else if self.last_change.elapsed() < CHECKPOINTER_WATCH && self.capture_due.is_none() {
             // An application's checkpoint waiting for walship's read lock changes no file, so
-            // no event says so: look for one for a while after each change.
+            // no event says so: look for one for a while after each change. While a capture is
+            // due, its round looks (and only a capture can let a checkpointer through then,
+            // see `capture`): a stream of commits wakes no more than its captures do.
             timeout.min(CHECKPOINTER_POLL)
         } else {
             timeout
