@@ -54,8 +54,8 @@ pub(crate) const GROUP_WINDOW_STREAM: Duration = Duration::from_millis(75);
 /// [`MainLoop::report`])...
 const STATUS_SETTLE: Duration = Duration::from_millis(150);
 
-/// ...nor is a new position while the replicas keep up: such a status is written this much
-/// later, with what holds then. Without this, every capture rewrote the status twice
+/// ...nor is a new position while the replicas keep up: while commits stream, such a status
+/// is written this much later, with what holds then (see [`MainLoop::status_due_at`]). Without this, every capture rewrote the status twice
 /// (captured, then shipped), a file created each time; at 150 ms, while commits streamed,
 /// the status file was still ~7% of walship's CPU.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -208,7 +208,7 @@ impl<'a> MainLoop<'a> {
             && self.failing_since.is_none()
             && self.replaced.is_none()
             && not_due(self.capture_due)
-            && not_due(self.status_due)
+            && not_due(self.status_due_at())
             && self.last_snapshot.elapsed() < self.settings.snapshot_interval
             && self
                 .notifier
@@ -219,10 +219,13 @@ impl<'a> MainLoop<'a> {
 
     /// How long to wait for the next event.
     fn timeout(&self) -> Duration {
+        // From the last round: a wake-up that ran none (see `only_looking`) sent no ping.
         let timeout = self
             .notifier
             .watchdog_interval()
-            .unwrap_or(Duration::from_secs(3600))
+            .map_or(Duration::from_secs(3600), |i| {
+                i.saturating_sub(self.last_round.elapsed())
+            })
             .min(
                 self.settings
                     .snapshot_interval
@@ -240,7 +243,7 @@ impl<'a> MainLoop<'a> {
         } else {
             timeout
         };
-        [self.capture_due, self.status_due]
+        [self.capture_due, self.status_due_at()]
             .into_iter()
             .flatten()
             .fold(timeout, |t, due| {
@@ -366,7 +369,8 @@ impl<'a> MainLoop<'a> {
     ///
     /// While replicas keep up, a status that differs from the one written only by its
     /// position, or by a lag below [`STATUS_SETTLE`] after a written lag of 0, is written only
-    /// [`STATUS_EVERY`] later (with what holds then): a replica [`STATUS_SETTLE`] behind
+    /// [`STATUS_EVERY`] later, or [`STATUS_SETTLE`] after the last change if that comes first
+    /// ([`MainLoop::status_due_at`]), with what holds then: a replica [`STATUS_SETTLE`] behind
     /// or failing, a caught-up replica after a written lag, a new generation, are written at
     /// once, so the status never shows a lag that is gone, never hides one above
     /// [`STATUS_SETTLE`], and shows a position at most [`STATUS_EVERY`] old.
@@ -380,7 +384,7 @@ impl<'a> MainLoop<'a> {
         if self.status.as_ref() == Some(&st) {
             self.status_due = None;
         } else if settled(self.status.as_ref(), &st)
-            && self.status_due.is_none_or(|due| Instant::now() < due)
+            && self.status_due_at().is_none_or(|due| Instant::now() < due)
         {
             self.status_due
                 .get_or_insert_with(|| Instant::now() + STATUS_EVERY);
@@ -397,6 +401,14 @@ impl<'a> MainLoop<'a> {
                 info!("ready: {st}");
             }
         }
+    }
+
+    /// When a status put off (see [`MainLoop::report`]) is written: [`STATUS_EVERY`] after
+    /// it was put off, or once no change came for [`STATUS_SETTLE`], whichever is first (a
+    /// stream's end shows at once; only a stream is written once a second).
+    fn status_due_at(&self) -> Option<Instant> {
+        self.status_due
+            .map(|due| due.min(self.last_change + STATUS_SETTLE))
     }
 
     /// Graceful stop: captures the last commits and gives replicas `shutdown-timeout` to
