@@ -52,7 +52,7 @@ const ERROR_KINDS: [&str; 4] = ["unavailable", "not_found", "other", "taken_over
 pub(crate) struct ReplicaCounters {
     /// Bytes of spooled files the replica durably received.
     pub(crate) uploaded_bytes: u64,
-    /// Uploads the replica durably received (a batch of segments merged into one is one).
+    /// Uploads the replica durably received (a batch of segments sent as one file is one).
     pub(crate) uploaded_files: u64,
     /// Failed attempts by class ([`ERROR_KINDS`]).
     pub(crate) errors: [u64; 4],

@@ -509,3 +509,49 @@ fn multipart_lost_tail_rename_is_repaired_at_start() {
     assert_same_db(&sb.db(), &out);
     verify(&sb).assert_ok();
 }
+
+/// A replica that was unreachable while several spool files piled up gets the backlog as one
+/// file per batch, the spooled files' bytes one after the other (several parts, not decoded
+/// and compressed again), and restores equal to the source.
+#[test]
+fn multipart_backlog_batch_is_sent_as_its_parts() {
+    let sb = Sandbox::new();
+    sb.create_db();
+    // A file where the replica's directory should be: every upload fails until it goes.
+    fs::write(sb.replica(), b"not a directory").expect("block the replica");
+    let mut d = Daemon::start(
+        &[sb.db().into_os_string(), sb.replica_url().into()],
+        &sb.state(),
+    );
+    let mut w = Writer::spawn(
+        &sb.db(),
+        "backlog",
+        WriterOpts {
+            commits: 250,
+            rate: 100.0,
+            big_every: 25,
+        },
+        3,
+    );
+    w.wait();
+    let spooled = poll("several spooled segment files", 20 * SEC, || {
+        let n = segments(&sb.state().join("spool")).len();
+        (n >= 2).then_some(n)
+    });
+    fs::remove_file(sb.replica()).expect("unblock the replica");
+    d.wait_caught_up(30 * SEC);
+    d.stop();
+    let parts = |p: &PathBuf| {
+        let b = fs::read(p).expect("read segment");
+        b.windows(8).filter(|w| w == b"WALSHIP\0").count()
+    };
+    let most = segments(&sb.replica()).iter().map(parts).max().unwrap_or(0);
+    assert!(
+        most >= 2,
+        "{spooled} spooled files reached the replica without any file of several parts"
+    );
+    let out = sb.path("latest.db");
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
+    assert_same_db(&sb.db(), &out);
+    verify(&sb).assert_ok();
+}

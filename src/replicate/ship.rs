@@ -642,8 +642,9 @@ impl Shipper {
         }
     }
 
-    /// Uploads one file, or a merged segment for a batch, or appends the batch to the tail
-    /// segment (see [`Tail`]); returns the name sent and the name it replaced on the replica,
+    /// Uploads one file, or a batch as one multi-part segment file (its files one after the
+    /// other), or appends the batch to the tail segment (see [`Tail`]); returns the name sent
+    /// and the name it replaced on the replica,
     /// or `None` if the first file left the spool meanwhile (the spool limit dropped it).
     /// A replica at `pos` may hold the start of the batch's first file (a spool tail that grew
     /// since it was shipped): only the rest is sent when the spool knows where it starts (see
@@ -689,58 +690,34 @@ impl Shipper {
             self.new_tail(first.generation, name, len);
             return Ok(Some((name, None)));
         }
-        // (path, range merged, from, to): only what is published (capture may be appending
-        // to the last), the first from the piece the replica lacks.
-        let inputs: Vec<(String, FileName, u64, &SpoolFile)> = batch
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let path = self.spool.path(&f.generation, &f.name);
-                let (from, range) = match (i, f.name) {
-                    (0, FileName::Segment { last, last_ms, .. }) => (
-                        offset,
-                        FileName::Segment {
-                            level: 0,
-                            first: a,
-                            last,
-                            first_ms,
-                            last_ms,
-                        },
-                    ),
-                    _ => (0, f.name),
-                };
-                (path.display().to_string(), range, from, f)
-            })
-            .collect();
-        let labels: Vec<(String, FileName)> = inputs.iter().map(|i| (i.0.clone(), i.1)).collect();
-        let (tmp, file) = self.spool.create_temp(&first.generation)?;
-        let _cleanup = RemoveOnDrop::new(&tmp);
-        merge_segments(
-            &labels,
-            |p| {
-                let (_, _, from, sf) = inputs
-                    .iter()
-                    .find(|i| i.0 == p)
-                    .ok_or_else(|| anyhow!("internal: merge input {p}"))?;
-                let mut f = self
-                    .spool
-                    .open_file(sf)
-                    .with_context(|| format!("cannot open {p}"))?;
-                f.seek(SeekFrom::Start(*from))
-                    .with_context(|| format!("cannot read {p}"))?;
-                Ok(Box::new(f.take(sf.size.saturating_sub(*from))) as Box<dyn Read + Send>)
-            },
-            file,
-            1,
-        )
-        .with_context(|| merge_failed(&tmp))?;
-        let mut file = std::fs::File::open(&tmp)
-            .with_context(|| format!("cannot reopen {}", tmp.display()))?;
+        // The batch's files one after the other, each a run of whole parts (the first from
+        // the piece the replica lacks, each only as far as it is published: capture may be
+        // appending to the last): one multi-part segment file (see `layout::codec`), sent
+        // as it is in the spool, without decoding and compressing it again.
+        let mut parts: Vec<std::io::Take<std::fs::File>> = Vec::with_capacity(batch.len());
+        for (i, f) in batch.iter().enumerate() {
+            let from = if i == 0 { offset } else { 0 };
+            let path = self.spool.path(&f.generation, &f.name);
+            let mut src = match self.spool.open_file(f) {
+                Ok(src) => src,
+                // Dropped by the spool limit meanwhile: the next round sees the gap.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && i == 0 => return Ok(None),
+                Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+            };
+            src.seek(SeekFrom::Start(from))
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            parts.push(src.take(f.size.saturating_sub(from)));
+        }
+        let mut concatenated = Concatenated::new(parts.into_iter());
         let dest = file_path(&first.generation, &name);
         let len = self
             .target
-            .write_atomic(&dest, &mut file)
+            .write_atomic(&dest, &mut concatenated)
             .map_err(|e| upload_error(e.into(), &dest))?;
+        let want: u64 = batch.iter().map(|f| f.size).sum::<u64>() - offset;
+        if len != want {
+            bail!("{dest}: sent {len} bytes of the spooled {want}: a spool file shrank while it was read");
+        }
         self.new_tail(first.generation, name, len);
         Ok(Some((name, None)))
     }
@@ -1268,6 +1245,28 @@ fn merge_segments(
     let file = enc.finish()?.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     Ok(())
+}
+
+/// Readers read one after the other (a batch's spooled files sent as one file).
+struct Concatenated<I: Iterator<Item = std::io::Take<std::fs::File>>>(std::iter::Peekable<I>);
+
+impl<I: Iterator<Item = std::io::Take<std::fs::File>>> Concatenated<I> {
+    fn new(i: I) -> Self {
+        Concatenated(i.peekable())
+    }
+}
+
+impl<I: Iterator<Item = std::io::Take<std::fs::File>>> Read for Concatenated<I> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while let Some(r) = self.0.peek_mut() {
+            let n = r.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            self.0.next();
+        }
+        Ok(0)
+    }
 }
 
 /// What a failed merge into the spool file `tmp` says (its directory: the temporary name

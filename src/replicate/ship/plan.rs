@@ -49,10 +49,10 @@ pub(crate) const RETAIN_EVERY: Duration = Duration::from_secs(600);
 /// Longest idle wait when nothing is scheduled: the spool wakes the shipper on news anyway.
 pub(crate) const IDLE_WAIT: Duration = Duration::from_secs(300);
 
-/// Most spooled files merged into one upload.
+/// Most spooled files sent as one upload.
 pub(crate) const BATCH_FILES: usize = 1024;
 
-/// Most compressed bytes merged into one upload.
+/// Most compressed bytes sent as one upload.
 pub(crate) const BATCH_BYTES: u64 = 32 << 20;
 
 /// What the shipper saw of the spool at the start of a round.
@@ -99,8 +99,9 @@ pub(crate) enum Action {
     /// Stream the live file to the replica (after checking the claim for its generation), then
     /// report [`Planner::sent`] or [`Planner::not_streamed`].
     StreamLive,
-    /// Upload these spooled files, merged into one segment if more than one (after checking
-    /// the claim for their generation), save the position, then report [`Planner::sent`].
+    /// Upload these spooled files, as one multi-part segment file if more than one (after
+    /// checking the claim for their generation), save the position, then report
+    /// [`Planner::sent`].
     Upload(Vec<SpoolFile>),
     /// List what the replica holds in this generation, then report [`Planner::listed`].
     ListRemote(GenerationId),
@@ -327,7 +328,7 @@ impl Planner {
         self.step = Step::End(Ending::Continue { wake: false });
     }
 
-    /// After the files of `batch` were sent (as `sent`, merged if more than one), before the
+    /// After the files of `batch` were sent (as `sent`, one file if more than one), before the
     /// position is saved: the new position, and the listing to keep up to date (listed afresh
     /// when the generation changed). If saving fails, [`Planner::failed`] forgets the listing.
     pub(crate) fn sent(&mut self, batch: &[SpoolFile], sent: FileName) {
@@ -525,7 +526,7 @@ fn live_follows(pos: Option<Key>, g: GenerationId, name: &FileName) -> bool {
 }
 
 /// The run of spooled files to send in one upload, starting at `first`: consecutive segments
-/// of one generation are merged (at most [`BATCH_FILES`] files or [`BATCH_BYTES`]), so a
+/// of one generation are sent as one file (at most [`BATCH_FILES`] files or [`BATCH_BYTES`]), so a
 /// replica that fell behind catches up in a few round trips.
 fn batch_after(first: &SpoolFile, files: &[SpoolFile]) -> Vec<SpoolFile> {
     let mut batch = vec![first.clone()];
