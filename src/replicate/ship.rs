@@ -8,7 +8,11 @@
 //!   file. On targets that can append, small uploads grow the replica's newest segment file
 //!   in place instead of each creating one ([`Tail`]); a crash or failure between an append
 //!   and the position's save re-sends that batch as a new file, which overlaps what the grown
-//!   file holds past its name (readers skip commits they applied, see `layout::codec`).
+//!   file holds past its name (readers skip commits they applied, see `layout::codec`). The
+//!   tail's rename is not durable: before anything is sent, a start renames a tail that holds
+//!   more than its name says when the saved position says so ([`Shipper::repair_tail`]).
+//! - A batch of spooled files is sent as one file, their bytes one after the other (a
+//!   multi-part segment file, see `layout::codec`), never decoded and compressed again.
 //! - A spooled file whose start the replica holds (the spool's tail grew since it was
 //!   shipped, see `spool`) is sent from where the replica's position ends inside it.
 //! - A gap (spooled files dropped by the spool limit, or a replica that never had the

@@ -4,8 +4,9 @@
 //! Files (all under the state directory):
 //! - `lock`: flocked exclusively by the running daemon; `walship status` asks it whether a
 //!   daemon runs.
-//! - `status`: `<unix ms> <status line>` ([`StatusFile`], [`Status`]), replaced on every change
-//!   without fsync (it loses nothing when stale, and an fsync per commit would cost two).
+//! - `status`: `<unix ms> <status line>` ([`StatusFile`], [`Status`]), replaced without fsync
+//!   (it loses nothing when stale) when it changes; while commits stream, a new position alone
+//!   is written at most once a second (see `main_loop`'s `STATUS_EVERY`).
 //! - `capture.state`: where capture stands, and where it stood before the last segment
 //!   ([`SavedCapture`]); a record file.
 //! - `pagehashes`: the per-page hashes of the captured state, saved at a clean stop.
