@@ -55,9 +55,10 @@ pub(crate) const GROUP_WINDOW_STREAM: Duration = Duration::from_millis(75);
 const STATUS_SETTLE: Duration = Duration::from_millis(150);
 
 /// ...nor is a new position while the replicas keep up: while commits stream, such a status
-/// is written this much later, with what holds then (see [`MainLoop::status_due_at`]). Without this, every capture rewrote the status twice
-/// (captured, then shipped), a file created each time; at 150 ms, while commits streamed,
-/// the status file was still ~7% of walship's CPU.
+/// is written this much later, with what holds then (see [`MainLoop::status_due_at`]).
+/// Without this, every capture rewrote the status twice (captured, then shipped), a file
+/// created each time; at 150 ms, while commits streamed, the status file was still ~7% of
+/// walship's CPU.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// READY is sent at the latest this long after start-up, caught up or not.

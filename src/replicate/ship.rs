@@ -698,21 +698,33 @@ impl Shipper {
         // the piece the replica lacks, each only as far as it is published: capture may be
         // appending to the last): one multi-part segment file (see `layout::codec`), sent
         // as it is in the spool, without decoding and compressing it again.
-        let mut parts: Vec<std::io::Take<std::fs::File>> = Vec::with_capacity(batch.len());
-        for (i, f) in batch.iter().enumerate() {
-            let from = if i == 0 { offset } else { 0 };
+        // One file open at a time, as it is reached (a batch may hold many).
+        let open = |f: &SpoolFile, from: u64| -> Result<std::io::Take<std::fs::File>> {
             let path = self.spool.path(&f.generation, &f.name);
-            let mut src = match self.spool.open_file(f) {
-                Ok(src) => src,
-                // Dropped by the spool limit meanwhile: the next round sees the gap.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && i == 0 => return Ok(None),
-                Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
-            };
+            let mut src = self
+                .spool
+                .open_file(f)
+                .with_context(|| format!("cannot open {}", path.display()))?;
             src.seek(SeekFrom::Start(from))
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            parts.push(src.take(f.size.saturating_sub(from)));
-        }
-        let mut concatenated = Concatenated::new(parts.into_iter());
+            Ok(src.take(f.size.saturating_sub(from)))
+        };
+        let head = match open(first, offset) {
+            Ok(r) => r,
+            // Dropped by the spool limit meanwhile: the next round sees the gap.
+            Err(e)
+                if e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let mut rest = batch[1..].iter();
+        let mut concatenated = Concatenated {
+            current: head,
+            next: move || rest.next().map(|f| open(f, 0)),
+        };
         let dest = file_path(&first.generation, &name);
         let len = self
             .target
@@ -1251,25 +1263,26 @@ fn merge_segments(
     Ok(())
 }
 
-/// Readers read one after the other (a batch's spooled files sent as one file).
-struct Concatenated<I: Iterator<Item = std::io::Take<std::fs::File>>>(std::iter::Peekable<I>);
-
-impl<I: Iterator<Item = std::io::Take<std::fs::File>>> Concatenated<I> {
-    fn new(i: I) -> Self {
-        Concatenated(i.peekable())
-    }
+/// Files read one after the other, each opened only once the one before it is read to its
+/// end (`next` gives the following one, `None` after the last).
+struct Concatenated<R: Read, N: FnMut() -> Option<Result<R>>> {
+    current: R,
+    next: N,
 }
 
-impl<I: Iterator<Item = std::io::Take<std::fs::File>>> Read for Concatenated<I> {
+impl<R: Read, N: FnMut() -> Option<Result<R>>> Read for Concatenated<R, N> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while let Some(r) = self.0.peek_mut() {
-            let n = r.read(buf)?;
+        loop {
+            let n = self.current.read(buf)?;
             if n > 0 || buf.is_empty() {
                 return Ok(n);
             }
-            self.0.next();
+            match (self.next)() {
+                None => return Ok(0),
+                Some(Ok(r)) => self.current = r,
+                Some(Err(e)) => return Err(std::io::Error::other(format!("{e:#}"))),
+            }
         }
-        Ok(0)
     }
 }
 
