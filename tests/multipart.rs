@@ -79,6 +79,23 @@ fn verify(sb: &Sandbox) -> Out {
     ])
 }
 
+/// `walship replicate` of the sandbox's database to its file replica.
+fn replicate(sb: &Sandbox) -> Daemon {
+    Daemon::start(
+        &[sb.db().into_os_string(), sb.replica_url().into()],
+        &sb.state(),
+    )
+}
+
+/// A latest restore of the sandbox's replica into `name` equals the source, and `walship
+/// verify` passes.
+fn restores_to_source(sb: &Sandbox, name: &str) {
+    let out = sb.path(name);
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
+    assert_same_db(&sb.db(), &out);
+    verify(sb).assert_ok();
+}
+
 /// A copy of the replica as walship left it, to compare restores against; its URL.
 fn pristine_copy(sb: &Sandbox) -> String {
     let pristine = sb.path("pristine");
@@ -90,10 +107,7 @@ fn pristine_copy(sb: &Sandbox) -> String {
 /// and returns the replica's newest four level-0 segments, consecutive.
 fn replicated(sb: &Sandbox) -> Vec<Seg> {
     sb.create_db();
-    let mut d = Daemon::start(
-        &[sb.db().into_os_string(), sb.replica_url().into()],
-        &sb.state(),
-    );
+    let mut d = replicate(sb);
     for round in 0..6u64 {
         let mut w = Writer::spawn(
             &sb.db(),
@@ -182,10 +196,7 @@ fn multipart_concatenated_segments_restore() {
     let next = &raw[3];
     let torn = [bytes.clone(), next[..next.len() / 2].to_vec()].concat();
     fs::write(&merged, &torn).expect("append torn part");
-    let out = sb.path("torn.db");
-    restore(&out, &sb.replica_url(), &[]).assert_ok();
-    assert_same_db(&sb.db(), &out);
-    verify(&sb).assert_ok();
+    restores_to_source(&sb, "torn.db");
 }
 
 /// A file whose name lags its content (the shipper appended, then crashed before renaming):
@@ -433,10 +444,7 @@ fn multipart_compaction_merges_exactly_the_named_ranges() {
     });
     d.stop();
     assert!(!d.log_text().contains("cannot merge"), "{}", d.log_text());
-    let out = sb.path("compacted.db");
-    restore(&out, &sb.replica_url(), &[]).assert_ok();
-    assert_same_db(&sb.db(), &out);
-    verify(&sb).assert_ok();
+    restores_to_source(&sb, "compacted.db");
     // A point-in-time restore at the merged file's last txid.
     let g = s[0].generation();
     let a = sb.path("at-merged-end.db");
@@ -471,10 +479,7 @@ fn multipart_lost_tail_rename_is_repaired_at_start() {
         &[&s[2], &s[3]],
     );
 
-    let mut d = Daemon::start(
-        &[sb.db().into_os_string(), sb.replica_url().into()],
-        &sb.state(),
-    );
+    let mut d = replicate(&sb);
     let mut w = Writer::spawn(
         &sb.db(),
         "after",
@@ -504,10 +509,7 @@ fn multipart_lost_tail_rename_is_repaired_at_start() {
         s[2].first,
         s[3].last
     );
-    let out = sb.path("latest.db");
-    restore(&out, &sb.replica_url(), &[]).assert_ok();
-    assert_same_db(&sb.db(), &out);
-    verify(&sb).assert_ok();
+    restores_to_source(&sb, "latest.db");
 }
 
 /// A replica that was unreachable while several spool files piled up gets the backlog as one
@@ -519,10 +521,7 @@ fn multipart_backlog_batch_is_sent_as_its_parts() {
     sb.create_db();
     // A file where the replica's directory should be: every upload fails until it goes.
     fs::write(sb.replica(), b"not a directory").expect("block the replica");
-    let mut d = Daemon::start(
-        &[sb.db().into_os_string(), sb.replica_url().into()],
-        &sb.state(),
-    );
+    let mut d = replicate(&sb);
     let mut w = Writer::spawn(
         &sb.db(),
         "backlog",
@@ -550,8 +549,5 @@ fn multipart_backlog_batch_is_sent_as_its_parts() {
         most >= 2,
         "{spooled} spooled files reached the replica without any file of several parts"
     );
-    let out = sb.path("latest.db");
-    restore(&out, &sb.replica_url(), &[]).assert_ok();
-    assert_same_db(&sb.db(), &out);
-    verify(&sb).assert_ok();
+    restores_to_source(&sb, "latest.db");
 }

@@ -3,10 +3,11 @@
 //!
 //! Invariants: the loop wakes only for file events on the database or its WAL, replica
 //! progress, signals, and timers that are due (watchdog, snapshot interval; for
-//! [`CHECKPOINTER_WATCH`] after each change, a look every [`CHECKPOINTER_POLL`] for an
-//! application's checkpoint waiting on walship; the end of a [`GROUP_WINDOW`]; a status put
-//! off for [`STATUS_EVERY`]); an idle database costs no work. Errors of a
-//! round are logged when they change, not on every retry, and the round is tried again.
+//! [`CHECKPOINTER_WATCH`] after each change, while no capture is due, a look every
+//! [`CHECKPOINTER_POLL`] for an application's checkpoint waiting on walship, which runs a
+//! round only if it finds one; the end of a [`GROUP_WINDOW`]; a status put off for
+//! [`STATUS_EVERY`]); an idle database costs no work. Errors of a round are logged when they
+//! change, not on every retry, and the round is tried again.
 //!
 //! Group commit: a change is captured at once when nothing was captured for [`GROUP_WINDOW`]
 //! (an idle database's commit never waits), else when that window since the start of the last

@@ -699,26 +699,20 @@ impl Shipper {
         // appending to the last): one multi-part segment file (see `layout::codec`), sent
         // as it is in the spool, without decoding and compressing it again.
         // One file open at a time, as it is reached (a batch may hold many).
-        let open = |f: &SpoolFile, from: u64| -> Result<std::io::Take<std::fs::File>> {
+        let open = |f: &SpoolFile, from: u64| -> std::io::Result<std::io::Take<std::fs::File>> {
             let path = self.spool.path(&f.generation, &f.name);
-            let mut src = self
-                .spool
-                .open_file(f)
-                .with_context(|| format!("cannot open {}", path.display()))?;
-            src.seek(SeekFrom::Start(from))
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let named = |e: std::io::Error| {
+                std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
+            };
+            let mut src = self.spool.open_file(f).map_err(named)?;
+            src.seek(SeekFrom::Start(from)).map_err(named)?;
             Ok(src.take(f.size.saturating_sub(from)))
         };
         let head = match open(first, offset) {
             Ok(r) => r,
             // Dropped by the spool limit meanwhile: the next round sees the gap.
-            Err(e)
-                if e.downcast_ref::<std::io::Error>()
-                    .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
-            {
-                return Ok(None)
-            }
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
         };
         let mut rest = batch[1..].iter();
         let mut concatenated = Concatenated {
@@ -940,13 +934,12 @@ impl Shipper {
         };
         let path = file_path(&pos.generation, &old);
         let url = self.target.url();
-        let mut dec = Decoder::new(
-            self.target
-                .read(&path)
-                .map_err(|e| upload_error(e.into(), &path))?,
-            Kind::Segment,
-        )
-        .with_context(|| format!("cannot read {url}/{path}"))?;
+        let mut dec = self
+            .target
+            .read(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|r| Ok(Decoder::new(r, Kind::Segment)?))
+            .with_context(|| format!("cannot read {url}/{path}"))?;
         // Whole parts only: a torn or damaged last part ends what the file holds.
         while let Ok(Some(_)) = dec.next() {}
         let Some(end) = dec.last_complete().filter(|c| c.txid > last) else {
@@ -1265,12 +1258,12 @@ fn merge_segments(
 
 /// Files read one after the other, each opened only once the one before it is read to its
 /// end (`next` gives the following one, `None` after the last).
-struct Concatenated<R: Read, N: FnMut() -> Option<Result<R>>> {
+struct Concatenated<R: Read, N: FnMut() -> Option<std::io::Result<R>>> {
     current: R,
     next: N,
 }
 
-impl<R: Read, N: FnMut() -> Option<Result<R>>> Read for Concatenated<R, N> {
+impl<R: Read, N: FnMut() -> Option<std::io::Result<R>>> Read for Concatenated<R, N> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
             let n = self.current.read(buf)?;
@@ -1279,8 +1272,7 @@ impl<R: Read, N: FnMut() -> Option<Result<R>>> Read for Concatenated<R, N> {
             }
             match (self.next)() {
                 None => return Ok(0),
-                Some(Ok(r)) => self.current = r,
-                Some(Err(e)) => return Err(std::io::Error::other(format!("{e:#}"))),
+                Some(r) => self.current = r?,
             }
         }
     }

@@ -18,8 +18,9 @@
 //! it while it is small and young ([`TAIL_MAX_BYTES`], [`TAIL_MAX_AGE`]): the new segment's
 //! bytes (a whole segment file, see `layout::codec`: a segment file may be several one after
 //! the other) are written after the tail's end, fsynced, and the tail is renamed to its new
-//! range, which is its publication (the directory is not fsynced: see [`Spool::publish`]). Until then the listing keeps the old
-//! name and size, so shippers read only what is published; an append that fails is cut off
+//! range, which is its publication (the directory is not fsynced, see
+//! `Spool::publish_append`). Until then the listing keeps the old name and size, so
+//! shippers read only what is published; an append that fails is cut off
 //! again. Where each appended part starts is kept in memory ([`Spool::piece`]), so that a
 //! replica holding the start of a tail receives only the rest. A crash between an append and
 //! its rename leaves bytes past the named range: [`Spool::open`] cuts them off. The tail stays
