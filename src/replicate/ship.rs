@@ -326,7 +326,8 @@ impl Shipper {
         self.shared.lock().replicas[self.idx].name.clone()
     }
 
-    /// Records a transient error (`Some`) or health (`None`); logged when it changes.
+    /// Records a transient error (`Some`) or health (`None`); logged when it changes, and
+    /// the main loop woken then, so that the status shows it (see [`Shipper::wake_on_change`]).
     fn set_error(&self, msg: Option<String>) {
         let name = self.name();
         let mut g = self.shared.lock();
@@ -340,7 +341,17 @@ impl Shipper {
                 None => info!(replica = %name, "replica {name} is healthy again"),
             }
             st.error = msg;
+            drop(g);
+            self.wake_on_change();
         }
+    }
+
+    /// Wakes the main loop after this replica's error changed. Its status is written only in
+    /// a round, and an idle main loop runs none until a message comes: a replica healthy again
+    /// after the wake for its last upload (sent before the round ends) would stay "failing"
+    /// in the status until the next commit.
+    fn wake_on_change(&self) {
+        let _ = self.wake.send(super::Msg::Progress);
     }
 
     /// Runs until stopped: rounds of the planner's actions (see `plan`).
@@ -576,7 +587,11 @@ impl Shipper {
             error!(replica = %name, error_kind = "replica-permanent", "replica {name} failing: {text}");
             st.permanent_logged = Some((todo, Instant::now()));
         }
-        st.error = Some(text);
+        if st.error.as_ref() != Some(&text) {
+            st.error = Some(text);
+            drop(g);
+            self.wake_on_change();
+        }
     }
 
     /// After a failed action: records the error, and either retires the shipper (another
