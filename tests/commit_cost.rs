@@ -136,3 +136,85 @@ fn a_stream_of_commits_creates_few_files() {
     restore(&out, &sb.replica_url(), &[]).assert_ok();
     assert_contains_all(&rows(&out), &w.committed(), "restored");
 }
+
+/// Writes `mib` MiB into `db` in 1 MiB transactions of 64 KiB random blobs, as fast as SQLite
+/// goes (a bulk load), with a 5 s busy timeout.
+fn bulk_load(db: &Path, mib: u32) {
+    let script = "import os, sqlite3, sys\n\
+        c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+        c.execute('pragma busy_timeout=5000')\n\
+        for i in range(int(sys.argv[2])):\n\
+        \x20   c.execute('begin')\n\
+        \x20   c.executemany('insert into t(payload) values (?)', [(os.urandom(65536),) for _ in range(16)])\n\
+        \x20   c.execute('commit')\n";
+    let o = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(db)
+        .arg(mib.to_string())
+        .output()
+        .expect("run python3");
+    assert!(
+        o.status.success(),
+        "bulk load failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The `log=` (frames in the WAL) of each checkpoint walship ran under SQLite's write lock,
+/// from its debug log.
+fn locked_checkpoints(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains(" checkpoint ") && l.contains("locked_ms="))
+        .filter_map(|l| l.split(" log=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// A bulk load is chased without holding the application back, and held back (SQLite's
+/// write lock) only once its WAL holds 8 × `checkpoint-pages` frames (8000 by default), to
+/// restart it. Taking the lock as soon as the writer was ahead (2 × `checkpoint-pages` frames
+/// not captured) made the writer wait while walship captured and copied its whole backlog: a
+/// 200 MiB load took about twice as long as without walship (see docs/PERFORMANCE.md).
+#[test]
+fn a_bulk_load_is_held_back_only_once_its_wal_is_full() {
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = Daemon::replicate(
+        &[sb.db().into_os_string(), sb.replica_url().into()],
+        &sb.state(),
+    )
+    .env("WALSHIP_LOG", "walship=debug")
+    .start();
+    let start = d.wait_caught_up(15 * SEC).txid;
+    let loaded = |d: &mut Daemon, txns: u64| {
+        d.wait_status("the load replicated", 60 * SEC, |s| {
+            s.caught_up() && s.txid >= start + txns
+        });
+    };
+    // 24 MiB: ~6200 frames, well past 2 × 1000 but short of 8 × 1000.
+    bulk_load(&sb.db(), 24);
+    loaded(&mut d, 24);
+    let log = d.log_text();
+    assert_eq!(
+        locked_checkpoints(&log),
+        Vec::<u64>::new(),
+        "a WAL short of 8 x checkpoint-pages held the writer back:\n{log}"
+    );
+    // 48 MiB more: the WAL passes 8000 frames.
+    bulk_load(&sb.db(), 48);
+    loaded(&mut d, 72);
+    let log = d.log_text();
+    let locked = locked_checkpoints(&log);
+    assert!(
+        !locked.is_empty(),
+        "a 48 MiB load was never held back to restart its WAL:\n{log}"
+    );
+    assert!(
+        locked.iter().all(|&frames| frames >= 8000),
+        "held back with fewer than 8 x checkpoint-pages frames in the WAL: {locked:?}"
+    );
+    eprintln!("WAL frames at each checkpoint under the write lock: {locked:?}");
+    d.stop();
+    let out = sb.path("restored.db");
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
+    assert_same_db(&sb.db(), &out);
+}

@@ -51,6 +51,10 @@ pub(crate) const GROUP_WINDOW: Duration = Duration::from_millis(25);
 /// 50 / 250 ms that #12 allows; each capture's fsyncs are most of walship's CPU).
 pub(crate) const GROUP_WINDOW_STREAM: Duration = Duration::from_millis(75);
 
+/// How long after a writer outran capture (see `Capture::is_hot`) captures come without a
+/// group window: a bulk load writes ~2 MiB a window's millisecond on these machines.
+const HOT_FOR: Duration = Duration::from_secs(1);
+
 /// A lag below this, after a status that showed none, is not worth a new status at once (see
 /// [`MainLoop::report`])...
 const STATUS_SETTLE: Duration = Duration::from_millis(150);
@@ -94,6 +98,9 @@ pub(crate) struct MainLoop<'a> {
     /// When a capture round last captured commits (see [`GROUP_WINDOW`]), and the one before.
     last_captured: Option<Instant>,
     prev_captured: Option<Instant>,
+    /// Until when captures follow each other without a group window: a writer outran capture
+    /// lately (see [`HOT_FOR`]).
+    hot_until: Option<Instant>,
     /// A change on the database not captured yet: capture is due at this instant.
     capture_due: Option<Instant>,
     status: Option<Status>,
@@ -137,6 +144,7 @@ impl<'a> MainLoop<'a> {
             last_round: now,
             last_captured: None,
             prev_captured: None,
+            hot_until: None,
             capture_due: None,
             status: None,
             status_due: None,
@@ -187,6 +195,9 @@ impl<'a> MainLoop<'a> {
     /// two captures came within twice that of each other (a capture that ends a window starts
     /// a little after it), else [`GROUP_WINDOW`].
     fn window(&self) -> Duration {
+        if self.hot_until.is_some_and(|t| Instant::now() < t) {
+            return Duration::ZERO;
+        }
         match (self.prev_captured, self.last_captured) {
             (Some(a), Some(b)) if b.saturating_duration_since(a) <= 2 * GROUP_WINDOW_STREAM => {
                 GROUP_WINDOW_STREAM
@@ -282,11 +293,21 @@ impl<'a> MainLoop<'a> {
         self.capture_due = None;
         let db = self.settings.db.display();
         let (before, began) = (c.key(), Instant::now());
+        let hot = c.is_hot(self.settings.checkpoint_pages);
         let r = capture_round(c, self.settings, &self.shared);
         if c.key() != before {
             // From its start: a capture that takes a while (fsyncs on a busy disk) must not
             // stretch the window.
             self.prev_captured = self.last_captured.replace(began);
+        }
+        if hot {
+            // A writer that outruns capture gets no group window for a while (see
+            // [`HOT_FOR`]), even once its WAL restarted.
+            self.hot_until = Some(Instant::now() + HOT_FOR);
+        }
+        if r.is_ok() && c.is_hot(self.settings.checkpoint_pages) {
+            // ...and is chased without a pause (see `capture_round`).
+            self.capture_due = Some(Instant::now());
         }
         match r {
             Ok(()) => {
@@ -569,13 +590,16 @@ fn new_generation_if_broken(cap: &mut Capture, shared: &Shared, r: Result<()>) -
 }
 
 fn capture_round_inner(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
-    // A writer that outruns capture is held back: this round captures under the write lock
-    // and resets the WAL, which is what bounds the WAL under a bulk load.
-    if cap.is_hot(settings.checkpoint_pages)
-        && cap.checkpoint_now(settings.checkpoint_pages, true)?
-    {
-        cap.rotate_pin()?;
-        kick_head(shared, cap);
+    // A writer that outruns capture is chased at once (and held back once the WAL is full,
+    // see `capture::checkpoint`): no commits are left for a group window to gather.
+    if cap.is_hot(settings.checkpoint_pages) {
+        let before = cap.key();
+        if cap.checkpoint_now(settings.checkpoint_pages)? || cap.key() != before {
+            kick_head(shared, cap);
+        }
+        if cap.yield_to_checkpointer()? {
+            kick_head(shared, cap);
+        }
         return Ok(());
     }
     let r = cap.step()?;

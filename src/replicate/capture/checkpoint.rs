@@ -1,7 +1,15 @@
 //! Checkpoint policy: walship checkpoints only what it captured, normally without any lock the
-//! application waits for (PASSIVE, pinned), under the write lock only while a writer outruns
-//! capture, and it backs off while a reader keeps checkpoints from progressing and yields
-//! while an application's own checkpoint waits.
+//! application waits for (PASSIVE, pinned), under the write lock only to bound the WAL of a
+//! writer that outruns it, and it backs off while a reader keeps checkpoints from progressing
+//! and yields while an application's own checkpoint waits.
+//!
+//! A writer that outruns walship (a bulk load) is chased without any lock: capture and a
+//! PASSIVE copy up to walship's pin, again and again, while the writer goes on in parallel.
+//! Only once the WAL holds [`LOCK_AT`] times `checkpoint-pages` frames does walship take the
+//! write lock, to capture and copy what the last round of the chase left (a few MiB) so that
+//! the next commit restarts the WAL. Taking the lock as soon as the writer was ahead made the
+//! writer wait for the capture and the copy of its whole backlog, one after the other: a
+//! 200 MiB load took twice as long as without walship.
 
 use super::Capture;
 use anyhow::Result;
@@ -13,6 +21,22 @@ const LOCK_BUDGET: Duration = Duration::from_millis(500);
 
 /// How long a checkpoint chases a writer without any lock (see `checkpoint_unlocked`).
 const UNLOCKED_CHECKPOINT_BUDGET: Duration = Duration::from_millis(250);
+
+/// The WAL size, in `checkpoint-pages`, from which a writer that outruns walship is held back
+/// (see the module doc): 32 MiB of 4 KiB pages by default, so that the WAL stays well under
+/// 64 MiB while the lock is waited for and what the chase left is captured.
+const LOCK_AT: u32 = 8;
+
+/// How a checkpoint without any lock ended (see `checkpoint_unlocked`).
+#[derive(Debug, PartialEq, Eq)]
+enum Unlocked {
+    /// The whole WAL was captured and copied: the next commit restarts it.
+    Copied,
+    /// The WAL reached the size at which the writer is held back.
+    Full,
+    /// Anything else: a reader's frames, a busy checkpointer, the time budget.
+    Stopped,
+}
 
 /// First and longest pause of checkpoints while a reader keeps them from copying the WAL.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -44,7 +68,7 @@ impl Capture {
         {
             return Ok(false);
         }
-        self.checkpoint_now(threshold, false)
+        self.checkpoint_now(threshold)
     }
 
     /// True while checkpoints wait for a reader that kept the last one from copying the WAL.
@@ -87,10 +111,7 @@ impl Capture {
 
     /// True when the WAL holds at least twice `threshold` frames (as SQLite's wal-index says),
     /// some of them not yet captured nor checkpointed: the writer outruns capture, and this
-    /// round should capture under the write lock. Deciding on the WAL's size before capturing,
-    /// rather than on what the last round captured, is what bounds the WAL: an unlocked round
-    /// never starts on more than `2 × threshold` frames, so the writer can add only what it
-    /// writes while that much is captured.
+    /// round should chase it (see the module doc) rather than wait for more commits.
     ///
     /// A poisoned capture is never hot: it cannot capture, so the lock would be held for
     /// nothing.
@@ -111,24 +132,29 @@ impl Capture {
         })
     }
 
+    /// True when the WAL holds at least [`LOCK_AT`] times `threshold` frames, some of them
+    /// not yet copied: the writer is held back until the WAL restarts.
+    fn is_full(&self, threshold: u32) -> bool {
+        self.db.wal_index().is_some_and(|h| {
+            h.frames >= threshold.saturating_mul(LOCK_AT) && h.backfilled < h.frames
+        })
+    }
+
     /// Checkpoints whatever the WAL's size (see [`Capture::maybe_checkpoint`]): without any
-    /// lock the application waits for, unless `hot` or the writer outruns that, when the
-    /// tail is captured and copied under SQLite's write lock.
+    /// lock the application waits for, chasing a writer that goes on appending; once the WAL
+    /// is full (see the module doc), what is left is captured and copied under SQLite's write
+    /// lock.
     ///
     /// # Errors
     /// Capture or SQLite errors.
-    pub(crate) fn checkpoint_now(&mut self, threshold: u32, hot: bool) -> Result<bool> {
-        // Normally without any lock the application waits for (see `checkpoint_unlocked`).
-        // Hot (the writer outruns capture): everything under the write lock, waiting for it
-        // as long as a busy writer needs to leave a gap.
-        if !hot {
-            if self.checkpoint_unlocked()? {
-                return Ok(true);
-            }
-            if !self.is_hot(threshold) {
-                return Ok(false);
-            }
+    pub(crate) fn checkpoint_now(&mut self, threshold: u32) -> Result<bool> {
+        match self.checkpoint_unlocked(threshold)? {
+            Unlocked::Copied => return Ok(true),
+            Unlocked::Full => {}
+            Unlocked::Stopped if self.is_full(threshold) && !self.backing_off() => {}
+            Unlocked::Stopped => return Ok(false),
         }
+        // Waiting for the lock as long as a busy writer needs to leave a gap.
         if !self.db.lock_writes(Duration::from_millis(2000))? {
             return Ok(false);
         }
@@ -155,6 +181,7 @@ impl Capture {
                 }
             }
         }
+        let captured_ms = t0.elapsed().as_millis() as u64;
         let (log, done) = self.db.checkpoint_locked()?;
         self.checkpointed_at = self.pos;
         crate::metrics::checkpointed();
@@ -162,6 +189,7 @@ impl Capture {
         tracing::debug!(
             log,
             done,
+            captured_ms,
             locked_ms = t0.elapsed().as_millis() as u64,
             "checkpoint"
         );
@@ -174,23 +202,30 @@ impl Capture {
     /// and copied), move the pin once more: it now begins on a fully copied WAL (SQLite's
     /// read slot 0), so the application's next commit restarts the WAL, and that one restart
     /// comes after every frame of the old WAL was captured (the pin protocol, see `db`). A
-    /// writer that appended meanwhile is caught up with again (each copy is only what it
-    /// added) for at most [`UNLOCKED_CHECKPOINT_BUDGET`]; true once the WAL was copied whole.
-    pub(super) fn checkpoint_unlocked(&mut self) -> Result<bool> {
+    /// writer that appended meanwhile is chased (each copy is only what it added) for at most
+    /// [`UNLOCKED_CHECKPOINT_BUDGET`], and until the WAL is full (see [`Capture::is_full`]).
+    fn checkpoint_unlocked(&mut self, threshold: u32) -> Result<Unlocked> {
         let t0 = std::time::Instant::now();
         while t0.elapsed() < UNLOCKED_CHECKPOINT_BUDGET {
-            self.step()?;
+            // In steps of `threshold` frames, so that a full WAL is seen soon.
+            let (_, more) = self.step_limited(Some(u64::from(threshold.max(1))))?;
             self.rotate_pin()?;
+            if self.is_full(threshold) {
+                return Ok(Unlocked::Full);
+            }
+            if more {
+                continue;
+            }
             let t = std::time::Instant::now();
             let Some((log, done)) = self.db.checkpoint_passive()? else {
-                return Ok(false);
+                return Ok(Unlocked::Stopped);
             };
             let (Some(pos), Some(h)) = (self.pos, self.db.wal_index()) else {
-                return Ok(false);
+                return Ok(Unlocked::Stopped);
             };
             tracing::trace!(ms = t.elapsed().as_millis() as u64, log, done, "passive");
             if (h.salt1, h.salt2) != (pos.salt1, pos.salt2) {
-                return Ok(false);
+                return Ok(Unlocked::Stopped);
             }
             if u64::from(h.frames) == pos.frames && h.backfilled == h.frames {
                 self.rotate_pin()?;
@@ -198,15 +233,15 @@ impl Capture {
                 crate::metrics::checkpointed();
                 self.note_checkpoint(log, done);
                 tracing::debug!(frames = h.frames, "checkpoint");
-                return Ok(true);
+                return Ok(Unlocked::Copied);
             }
             if u64::from(h.backfilled) < pos.frames {
                 // Frames walship holds no pin before were not copied: a reader's.
                 self.note_checkpoint(i64::from(h.frames), i64::from(h.backfilled));
-                return Ok(false);
+                return Ok(Unlocked::Stopped);
             }
         }
-        Ok(false)
+        Ok(Unlocked::Stopped)
     }
 
     /// Backs checkpoints off while a reader keeps them from copying the whole WAL (`done`
