@@ -16,8 +16,10 @@
 //! per commit is per capture, mostly its fsyncs, not per byte). The window adapts: once two
 //! captures in a row came within twice [`GROUP_WINDOW_STREAM`] of each other (a stream), it is
 //! [`GROUP_WINDOW_STREAM`], until the stream stops. A commit waits at most
-//! [`GROUP_WINDOW_STREAM`] for this. Every durability step of a capture and an upload stays
-//! as it was; only how many commits one capture holds changes.
+//! [`GROUP_WINDOW_STREAM`] for this. A writer that outruns capture (a bulk load) gets no
+//! window for [`HOT_FOR`]: its commits are big, and a window lets its WAL grow tens of MiB.
+//! Every durability step of a capture and an upload stays as it was; only how many commits one
+//! capture holds changes.
 
 use super::capture::{Capture, Step};
 use super::dblock::DbLock;
