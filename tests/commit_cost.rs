@@ -213,6 +213,11 @@ fn a_bulk_load_is_held_back_only_once_its_wal_is_full() {
         "held back with fewer than 8 x checkpoint-pages frames in the WAL: {locked:?}"
     );
     eprintln!("WAL frames at each checkpoint under the write lock: {locked:?}");
+    // After the chase, a lone commit is seen and replicated as ever.
+    sqlite3(&sb.db(), "insert into t(payload) values ('after')");
+    d.wait_status("a commit after the load replicated", 5 * SEC, |s| {
+        s.caught_up() && s.txid >= start + 73
+    });
     d.stop();
     let out = sb.path("restored.db");
     restore(&out, &sb.replica_url(), &[]).assert_ok();

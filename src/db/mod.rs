@@ -194,7 +194,8 @@ impl Chunk {
                 return Ok(None);
             }
         }
-        let at = usize::try_from(n - self.first).unwrap_or(usize::MAX) * frame_size;
+        // `n - first` < `frames` <= CHUNK_MAX_FRAMES.
+        let at = (n - self.first) as usize * frame_size;
         Ok(self.buf.get(at..at + frame_size))
     }
 }

@@ -296,7 +296,7 @@ impl<'a> MainLoop<'a> {
         let db = self.settings.db.display();
         let (before, began) = (c.key(), Instant::now());
         let hot = c.is_hot(self.settings.checkpoint_pages);
-        let r = capture_round(c, self.settings, &self.shared);
+        let r = capture_round(c, self.settings, &self.shared, hot);
         if c.key() != before {
             // From its start: a capture that takes a while (fsyncs on a busy disk) must not
             // stretch the window.
@@ -450,7 +450,8 @@ impl<'a> MainLoop<'a> {
             humantime::format_duration(timeout)
         );
         if let Some(c) = self.cap.as_mut() {
-            let _ = capture_round(c, self.settings, &self.shared);
+            let hot = c.is_hot(self.settings.checkpoint_pages);
+            let _ = capture_round(c, self.settings, &self.shared, hot);
             self.at = c.at;
         }
         let deadline = Instant::now() + timeout;
@@ -567,9 +568,10 @@ pub(crate) fn kick_head(shared: &Shared, cap: &Capture) {
     kick(shared);
 }
 
-/// Capture, pin rotation, checkpoint; a broken WAL starts a new generation.
-fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
-    let r = capture_round_inner(cap, settings, shared);
+/// Capture, pin rotation, checkpoint; a broken WAL starts a new generation. `hot`: the
+/// writer outruns capture (`Capture::is_hot`, seen as the round began).
+fn capture_round(cap: &mut Capture, settings: &Settings, shared: &Shared, hot: bool) -> Result<()> {
+    let r = capture_round_inner(cap, settings, shared, hot);
     new_generation_if_broken(cap, shared, r)
 }
 
@@ -591,10 +593,15 @@ fn new_generation_if_broken(cap: &mut Capture, shared: &Shared, r: Result<()>) -
     }
 }
 
-fn capture_round_inner(cap: &mut Capture, settings: &Settings, shared: &Shared) -> Result<()> {
+fn capture_round_inner(
+    cap: &mut Capture,
+    settings: &Settings,
+    shared: &Shared,
+    hot: bool,
+) -> Result<()> {
     // A writer that outruns capture is chased at once (and held back once the WAL is full,
     // see `capture::checkpoint`): no commits are left for a group window to gather.
-    if cap.is_hot(settings.checkpoint_pages) {
+    if hot {
         let before = cap.key();
         if cap.checkpoint_now(settings.checkpoint_pages)? || cap.key() != before {
             kick_head(shared, cap);

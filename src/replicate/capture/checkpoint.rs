@@ -28,7 +28,6 @@ const UNLOCKED_CHECKPOINT_BUDGET: Duration = Duration::from_millis(250);
 const LOCK_AT: u32 = 8;
 
 /// How a checkpoint without any lock ended (see `checkpoint_unlocked`).
-#[derive(Debug, PartialEq, Eq)]
 enum Unlocked {
     /// The whole WAL was captured and copied: the next commit restarts it.
     Copied,
