@@ -327,7 +327,7 @@ impl Shipper {
     }
 
     /// Records a transient error (`Some`) or health (`None`); logged when it changes, and
-    /// the main loop woken then, so that the status shows it (see [`Shipper::wake_on_change`]).
+    /// the main loop woken then, so that the status shows it (see [`Shipper::wake_main_loop`]).
     fn set_error(&self, msg: Option<String>) {
         let name = self.name();
         let mut g = self.shared.lock();
@@ -342,15 +342,15 @@ impl Shipper {
             }
             st.error = msg;
             drop(g);
-            self.wake_on_change();
+            self.wake_main_loop();
         }
     }
 
-    /// Wakes the main loop after this replica's error changed. Its status is written only in
-    /// a round, and an idle main loop runs none until a message comes: a replica healthy again
-    /// after the wake for its last upload (sent before the round ends) would stay "failing"
-    /// in the status until the next commit.
-    fn wake_on_change(&self) {
+    /// Wakes the main loop: what this replica's status shows changed, or it needs the loop.
+    /// The status is written only in a round, and an idle main loop runs none until a message
+    /// comes (a replica healthy again after the wake for its last upload, sent before the
+    /// round ends, stayed "failing" in the status until the next commit).
+    fn wake_main_loop(&self) {
         let _ = self.wake.send(super::Msg::Progress);
     }
 
@@ -498,7 +498,7 @@ impl Shipper {
             }
             Action::Continue { wake } => {
                 if wake {
-                    let _ = self.wake.send(super::Msg::Progress);
+                    self.wake_main_loop();
                 }
                 return Ok(Flow::Done);
             }
@@ -590,7 +590,7 @@ impl Shipper {
         if st.error.as_ref() != Some(&text) {
             st.error = Some(text);
             drop(g);
-            self.wake_on_change();
+            self.wake_main_loop();
         }
     }
 
@@ -607,7 +607,7 @@ impl Shipper {
         self.report(&e);
         match action {
             Action::Backoff(d) => {
-                let _ = self.wake.send(super::Msg::Progress);
+                self.wake_main_loop();
                 self.back_off(Instant::now() + d)
             }
             _ => {
@@ -615,7 +615,7 @@ impl Shipper {
                 // is written or deleted there; the error stays in the status, and in the log
                 // every PERMANENT_REPEAT, until the daemon stops.
                 self.shared.lock().replicas[self.idx].retired = true;
-                let _ = self.wake.send(super::Msg::Progress);
+                self.wake_main_loop();
                 while self.sleep_unless_stopping(Instant::now() + PERMANENT_REPEAT) {
                     self.report(&e);
                 }
@@ -861,7 +861,7 @@ impl Shipper {
         warn!(replica = %g.replicas[self.idx].name, "{why}; asking for a fresh snapshot");
         g.snapshot_wanted = true;
         drop(g);
-        let _ = self.wake.send(super::Msg::Progress);
+        self.wake_main_loop();
     }
 
     /// Checks or writes the marker, claims the replica (first time in this process: a new
