@@ -255,15 +255,6 @@ impl<W: Write> Encoder<W> {
         })
     }
 
-    /// Compresses with `n` worker threads (for large files: snapshots); the output is the same
-    /// format, one zstd frame.
-    pub(crate) fn workers(&mut self, n: u32) -> io::Result<()> {
-        self.z.multithread(n)?;
-        // Small jobs keep the workers' buffers (and so walship's peak RSS) small.
-        self.z
-            .set_parameter(zstd::stream::raw::CParameter::JobSize(512 << 10))
-    }
-
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.z.write_all(bytes)?;
         self.hasher.update(bytes);

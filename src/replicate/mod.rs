@@ -99,7 +99,7 @@ pub fn identity(db: &Path) -> String {
 /// Makes every thread of the daemon allocate from glibc's one main arena. By default glibc
 /// gives threads arenas of their own (up to 8 per core), and memory freed in one of them is
 /// seldom returned to the system, so a daemon whose threads come and go (shippers
-/// reconnecting, zstd workers) keeps growing (docs/PERFORMANCE.md has the soak figures).
+/// reconnecting) keeps growing (docs/PERFORMANCE.md has the soak figures).
 /// walship's threads allocate little and rarely at the same moment, so the shared lock costs
 /// nothing measurable. Must run before any thread is spawned.
 fn limit_malloc_arenas() {

@@ -735,35 +735,6 @@ fn large_pages_round_trip() {
     assert_eq!(pages, 2);
 }
 
-/// A snapshot compressed by several zstd workers is one frame the decoder reads like any other,
-/// large enough (8 MiB of pages) that the workers really split it.
-#[test]
-fn multithreaded_snapshot_round_trips() {
-    let ps = 4096u32;
-    let n = 2048u32;
-    let page = |i: u32| -> Vec<u8> {
-        (0..ps)
-            .map(|j| (i.wrapping_mul(31).wrapping_add(j / 7) % 253) as u8)
-            .collect()
-    };
-    let mut e = Encoder::new(Vec::new(), Kind::Snapshot, ps, 1).unwrap();
-    e.workers(2).unwrap();
-    for i in 1..=n {
-        e.page(i, &page(i)).unwrap();
-    }
-    e.commit(&commit(1, 1, n)).unwrap();
-    let bytes = e.finish().unwrap();
-    let mut d = Decoder::new(&bytes[..], Kind::Snapshot).unwrap();
-    let mut seen = 0;
-    while let Some(r) = d.next().unwrap() {
-        if let Record::Page { pgno, data } = r {
-            assert_eq!(data, &page(pgno)[..], "page {pgno}");
-            seen += 1;
-        }
-    }
-    assert_eq!(seen, n);
-}
-
 /// Decodes until the end or an error; must terminate.
 fn drain(bytes: &[u8], kind: Kind) -> Result<usize, LayoutError> {
     let mut d = Decoder::new(bytes, kind)?;

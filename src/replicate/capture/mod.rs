@@ -249,12 +249,8 @@ impl Capture {
             self.page_size,
             ZSTD_LEVEL,
         )?;
-        // Snapshots are large and rare: compress on every core (the database file is read on
-        // this thread meanwhile).
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        if cores > 1 {
-            enc.workers(cores as u32)?;
-        }
+        // Compressed on this thread: zstd workers made a 1 GiB snapshot no faster (reading and
+        // hashing the pages is the bound) and added 3 MiB to the peak RSS (docs/PERFORMANCE.md).
         let mut hashes = PageHashes::new(self.page_size);
         self.db
             .for_each_page(self.page_size, frames, db_pages, |pgno, data| {
@@ -308,7 +304,7 @@ impl Capture {
             match self.write_snapshot() {
                 Err(e) if WalChange::is_moved(&e) && attempt < 5 => attempt += 1,
                 other => {
-                    // The snapshot's buffers (zstd workers' among them) are free now.
+                    // The snapshot's buffers are free now.
                     super::trim_heap();
                     return self.attempted(other, None);
                 }
