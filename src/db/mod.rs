@@ -747,6 +747,28 @@ impl Db {
         }
     }
 
+    /// Takes SQLite's checkpointer lock byte without waiting; false if another process holds
+    /// it (an application's checkpoint is running). While walship holds it, an application's
+    /// checkpoint returns `SQLITE_BUSY` at once: SQLite never waits for that lock, not even
+    /// with a busy handler. walship's own checkpoints still run (POSIX locks do not conflict
+    /// within a process), and SQLite releases the byte when one of them ends: take it again
+    /// after each.
+    ///
+    /// # Errors
+    /// fcntl errors other than "held by another process".
+    pub(crate) fn hold_checkpoints(&self) -> Result<bool> {
+        fcntl_lock(&self.shm, nix::libc::F_WRLCK as i16, SHM_CKPT_LOCK)
+            .context("cannot take the WAL checkpointer lock")
+    }
+
+    /// Releases the checkpointer lock byte if walship holds it (see
+    /// [`Db::hold_checkpoints`]).
+    pub(crate) fn release_checkpoints(&self) {
+        if let Err(e) = fcntl_lock(&self.shm, nix::libc::F_UNLCK as i16, SHM_CKPT_LOCK) {
+            tracing::error!("cannot release the WAL checkpointer lock: {e}");
+        }
+    }
+
     /// True if another process holds both SQLite's WAL write lock and its checkpointer lock:
     /// an application's FULL, RESTART or TRUNCATE checkpoint, which may be waiting for
     /// walship's read lock (it would wait out its whole busy timeout, holding every writer

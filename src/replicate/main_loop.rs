@@ -16,8 +16,11 @@
 //! per commit is per capture, mostly its fsyncs, not per byte). The window adapts: once two
 //! captures in a row came within twice [`GROUP_WINDOW_STREAM`] of each other (a stream), it is
 //! [`GROUP_WINDOW_STREAM`], until the stream stops. A commit waits at most
-//! [`GROUP_WINDOW_STREAM`] for this. A writer that outruns capture (a bulk load) gets no
-//! window for [`HOT_FOR`]: its commits are big, and a window lets its WAL grow tens of MiB.
+//! [`GROUP_WINDOW_STREAM`] for this. A writer that outruns capture (a bulk load, a writer
+//! committing as fast as it can) gets the short [`HOT_WINDOW`] for [`HOT_FOR`]: its commits
+//! are big or many, and the stream window let its WAL grow tens of MiB; no window at all meant
+//! a capture, its fsyncs and a pin move (each a copy with two fsyncs in the application's
+//! autocheckpoint) for every ~40 frames.
 //! Every durability step of a capture and an upload stays as it was; only how many commits one
 //! capture holds changes.
 
@@ -53,9 +56,14 @@ pub(crate) const GROUP_WINDOW: Duration = Duration::from_millis(25);
 /// 50 / 250 ms that #12 allows; each capture's fsyncs are most of walship's CPU).
 pub(crate) const GROUP_WINDOW_STREAM: Duration = Duration::from_millis(75);
 
-/// How long after a writer outran capture (see `Capture::is_hot`) captures come without a
-/// group window: a bulk load writes ~2 MiB a window's millisecond on these machines.
+/// How long after a writer outran capture (see `Capture::is_hot`) captures come after
+/// [`HOT_WINDOW`] instead of the usual window...
 const HOT_FOR: Duration = Duration::from_secs(1);
+
+/// ...which is short: a bulk load writes ~2 MiB in 10 ms on these machines. A max-rate
+/// single-row writer ran at 0.84-0.95x its speed alone with 10 ms (and the chase's pace, see
+/// `capture::checkpoint`), 0.65-0.80x with none.
+const HOT_WINDOW: Duration = Duration::from_millis(10);
 
 /// A lag below this, after a status that showed none, is not worth a new status at once (see
 /// [`MainLoop::report`])...
@@ -100,8 +108,8 @@ pub(crate) struct MainLoop<'a> {
     /// When a capture round last captured commits (see [`GROUP_WINDOW`]), and the one before.
     last_captured: Option<Instant>,
     prev_captured: Option<Instant>,
-    /// Until when captures follow each other without a group window: a writer outran capture
-    /// lately (see [`HOT_FOR`]).
+    /// Until when captures follow each other after [`HOT_WINDOW`] only: a writer outran
+    /// capture lately (see [`HOT_FOR`]).
     hot_until: Option<Instant>,
     /// A change on the database not captured yet: capture is due at this instant.
     capture_due: Option<Instant>,
@@ -198,7 +206,7 @@ impl<'a> MainLoop<'a> {
     /// a little after it), else [`GROUP_WINDOW`].
     fn window(&self) -> Duration {
         if self.hot_until.is_some_and(|t| Instant::now() < t) {
-            return Duration::ZERO;
+            return HOT_WINDOW;
         }
         match (self.prev_captured, self.last_captured) {
             (Some(a), Some(b)) if b.saturating_duration_since(a) <= 2 * GROUP_WINDOW_STREAM => {
@@ -303,12 +311,12 @@ impl<'a> MainLoop<'a> {
             self.prev_captured = self.last_captured.replace(began);
         }
         if hot {
-            // A writer that outruns capture gets no group window for a while (see
+            // A writer that outruns capture gets the short window for a while (see
             // [`HOT_FOR`]), even once its WAL restarted.
             self.hot_until = Some(Instant::now() + HOT_FOR);
         }
         if r.is_ok() && c.is_hot(self.settings.checkpoint_pages) {
-            // ...and is chased without a pause (see `capture_round`).
+            // ...and is chased at once (the chase paces its own steps, see `capture_round`).
             self.capture_due = Some(Instant::now());
         }
         match r {

@@ -22,6 +22,10 @@ const LOCK_BUDGET: Duration = Duration::from_millis(500);
 /// How long a checkpoint chases a writer without any lock (see `checkpoint_unlocked`).
 const UNLOCKED_CHECKPOINT_BUDGET: Duration = Duration::from_millis(250);
 
+/// Longest wait between two steps of a chase for half `checkpoint-pages` new frames (see
+/// `checkpoint_unlocked`).
+const CHASE_PACE: Duration = Duration::from_millis(10);
+
 /// The WAL size, in `checkpoint-pages`, from which a writer that outruns walship is held back
 /// (see the module doc): 32 MiB of 4 KiB pages by default, so that the WAL stays well under
 /// 64 MiB while the lock is waited for and what the chase left is captured.
@@ -201,24 +205,51 @@ impl Capture {
     /// and copied), move the pin once more: it now begins on a fully copied WAL (SQLite's
     /// read slot 0), so the application's next commit restarts the WAL, and that one restart
     /// comes after every frame of the old WAL was captured (the pin protocol, see `db`). A
-    /// writer that appended meanwhile is chased (each copy is only what it added) for at most
-    /// [`UNLOCKED_CHECKPOINT_BUDGET`], and until the WAL is full (see [`Capture::is_full`]).
+    /// writer that appended meanwhile is chased for at most [`UNLOCKED_CHECKPOINT_BUDGET`],
+    /// and until the WAL is full (see [`Capture::is_full`]).
+    ///
+    /// The chase goes in steps of at least half `threshold` new frames or [`CHASE_PACE`],
+    /// each captured, pinned and copied, and walship keeps SQLite's checkpointer lock between
+    /// its copies (see [`Db::hold_checkpoints`](crate::db::Db::hold_checkpoints)). Both
+    /// matter to the writer: its autocheckpoint runs after every commit while the WAL holds
+    /// more than its limit, and copied, with two fsyncs in the writer's own thread, whatever
+    /// each move of walship's pin let through; steps as fast as capture could go (~40 frames)
+    /// meant hundreds of such copies a second, and a max-rate writer at 0.66x its speed
+    /// without walship.
     fn checkpoint_unlocked(&mut self, threshold: u32) -> Result<Unlocked> {
+        let r = self.chase(threshold);
+        self.db.release_checkpoints();
+        r
+    }
+
+    /// The loop of [`Capture::checkpoint_unlocked`]; may return holding the checkpointer lock.
+    fn chase(&mut self, threshold: u32) -> Result<Unlocked> {
         let t0 = std::time::Instant::now();
+        let step = u64::from(threshold.max(1));
+        let mut first = true;
         while t0.elapsed() < UNLOCKED_CHECKPOINT_BUDGET {
+            if !first {
+                self.wait_for_frames(step.div_ceil(2), CHASE_PACE);
+            }
+            first = false;
+            // Taken again each step: SQLite lets go of it when walship's own copy ends.
+            let held = self.db.hold_checkpoints()?;
             // In steps of `threshold` frames, so that a full WAL is seen soon.
-            let (_, more) = self.step_limited(Some(u64::from(threshold.max(1))))?;
+            let (_, more) = self.step_limited(Some(step))?;
             self.rotate_pin()?;
             if self.is_full(threshold) {
                 return Ok(Unlocked::Full);
             }
-            if more {
+            if more && !held {
                 continue;
             }
             let t = std::time::Instant::now();
             let Some((log, done)) = self.db.checkpoint_passive()? else {
                 return Ok(Unlocked::Stopped);
             };
+            if more {
+                continue;
+            }
             let (Some(pos), Some(h)) = (self.pos, self.db.wal_index()) else {
                 return Ok(Unlocked::Stopped);
             };
@@ -241,6 +272,21 @@ impl Capture {
             }
         }
         Ok(Unlocked::Stopped)
+    }
+
+    /// Waits until the WAL holds `frames` frames past the capture position, or it moved to
+    /// a new WAL, or `at_most` passed.
+    fn wait_for_frames(&self, frames: u64, at_most: Duration) {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < at_most {
+            match (self.pos, self.db.wal_index()) {
+                (Some(p), Some(h))
+                    if (h.salt1, h.salt2) == (p.salt1, p.salt2)
+                        && u64::from(h.frames) < p.frames.saturating_add(frames) => {}
+                _ => return,
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
     }
 
     /// Backs checkpoints off while a reader keeps them from copying the whole WAL (`done`
