@@ -905,6 +905,18 @@ impl Db {
     /// # Errors
     /// I/O errors.
     pub(crate) fn scan(&mut self, pos: &WalPos) -> Result<WalState> {
+        self.scan_limited(pos, None)
+    }
+
+    /// [`Db::scan`], which in the same WAL as `pos` may stop once it listed at least two
+    /// commits and more than `limit` frames: a capture that takes `limit` frames at a time
+    /// then reads the WAL once in all, not once per step to its end (with a writer that
+    /// outruns it, a step scanned tens of MiB to capture 4, and the steps fell further
+    /// behind). A new WAL is always scanned whole: its commits prove continuity.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub(crate) fn scan_limited(&mut self, pos: &WalPos, limit: Option<u64>) -> Result<WalState> {
         let Some(h) = self.wal_header()? else {
             return Ok(WalState::Empty);
         };
@@ -916,7 +928,7 @@ impl Db {
         }
         let lost_pin = std::mem::take(&mut self.lost_pin);
         if (h.salt1, h.salt2) == (pos.salt1, pos.salt2) {
-            let (commits, end) = self.scan_from(&h, pos)?;
+            let (commits, end) = self.scan_from(&h, pos, limit)?;
             return Ok(WalState::Same { commits, end });
         }
         // A new WAL. Continuity holds if SQLite's commit count moved by exactly the commits
@@ -926,7 +938,7 @@ impl Db {
         let known = self.known.take().filter(|k| k.at(pos));
         let mut attempt = 0;
         let (commits, end) = loop {
-            let (commits, end) = self.scan_from(&h, &WalPos::start(&h))?;
+            let (commits, end) = self.scan_from(&h, &WalPos::start(&h), None)?;
             let Some(k) = known else {
                 break (commits, end);
             };
@@ -973,7 +985,12 @@ impl Db {
 
     /// Walks valid frames from `pos`, returning complete commits and the position after the
     /// last one. Frames after the last commit frame (a transaction in progress) are left.
-    fn scan_from(&mut self, h: &WalHeader, pos: &WalPos) -> Result<(Vec<WalCommit>, WalPos)> {
+    fn scan_from(
+        &mut self,
+        h: &WalHeader,
+        pos: &WalPos,
+        limit: Option<u64>,
+    ) -> Result<(Vec<WalCommit>, WalPos)> {
         self.last_header = Some(*h);
         // Read before the frames: the commit count it shows belongs to a commit the scan
         // then finds (frames are only appended while the WAL is pinned).
@@ -1014,6 +1031,9 @@ impl Db {
                     running,
                     page_size: h.page_size,
                 };
+                if commits.len() >= 2 && limit.is_some_and(|l| n - pos.frames > l) {
+                    break;
+                }
             }
         }
         if let Some(ix) = hint.filter(|ix| (ix.salt1, ix.salt2) == (h.salt1, h.salt2)) {
@@ -1425,6 +1445,93 @@ mod tests {
         let h3 = db.wal_index().context("no wal-index hint")?;
         assert!(h3.frames < h.frames, "{h3:?} after {h:?}");
         assert_ne!((h3.salt1, h3.salt2), (h.salt1, h.salt2));
+        Ok(())
+    }
+
+    /// While walship holds the checkpointer lock, another process's checkpoint returns busy
+    /// at once; walship's own checkpoint still runs, and SQLite lets go of the lock when it
+    /// ends, as [`Db::release_checkpoints`] does.
+    #[test]
+    fn held_checkpoints_are_busy_for_other_processes_only() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("t.db");
+        let app = rusqlite::Connection::open(&p)?;
+        app.pragma_update(None, "journal_mode", "wal")?;
+        app.pragma_update(None, "wal_autocheckpoint", 0)?;
+        app.execute_batch("create table t(x); insert into t values (1);")?;
+        let db = Db::open(&p)?;
+        // `PRAGMA wal_checkpoint(PASSIVE)` in another process: 1 if it found the lock taken.
+        let other_busy = || -> Result<bool> {
+            let o = std::process::Command::new("python3")
+                .arg("-c")
+                .arg("import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nprint(c.execute('pragma wal_checkpoint(PASSIVE)').fetchone()[0])")
+                .arg(&p)
+                .output()?;
+            anyhow::ensure!(
+                o.status.success(),
+                "python3: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            Ok(String::from_utf8_lossy(&o.stdout).trim() == "1")
+        };
+        assert!(!other_busy()?, "busy before walship held anything");
+        assert!(db.hold_checkpoints()?);
+        assert!(
+            other_busy()?,
+            "another process checkpointed while walship held the lock"
+        );
+        app.execute("insert into t values (2)", [])?;
+        assert!(
+            db.checkpoint_passive()?.is_some(),
+            "walship's own checkpoint was busy"
+        );
+        assert!(!other_busy()?, "the lock outlived walship's own checkpoint");
+        assert!(db.hold_checkpoints()?);
+        assert!(other_busy()?);
+        db.release_checkpoints();
+        assert!(!other_busy()?, "the lock outlived its release");
+        Ok(())
+    }
+
+    /// A limited scan lists the commits of an unlimited one up to the first past the limit
+    /// (at least two), so that a capture of a few frames at a time reads each frame once.
+    #[test]
+    fn a_limited_scan_stops_past_its_limit() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("t.db");
+        let app = rusqlite::Connection::open(&p)?;
+        app.pragma_update(None, "journal_mode", "wal")?;
+        app.pragma_update(None, "wal_autocheckpoint", 0)?;
+        app.execute_batch("create table t(x); insert into t values (1);")?;
+        let mut db = Db::open(&p)?;
+        db.rotate_pin()?;
+        let (Some(start), _, _) = db.current_end()? else {
+            bail!("no WAL after the first commit");
+        };
+        for i in 0..50 {
+            app.execute("insert into t values (?1)", [i])?;
+        }
+        let WalState::Same { commits: all, .. } = db.scan(&start)? else {
+            bail!("the WAL moved");
+        };
+        assert_eq!(all.len(), 50);
+        for limit in [0u64, 1, 10, 30] {
+            let WalState::Same { commits, end } = db.scan_limited(&start, Some(limit))? else {
+                bail!("the WAL moved");
+            };
+            let k = commits.len();
+            assert!(k >= 2 && k < all.len(), "limit {limit}: {k} commits");
+            assert_eq!(commits[..], all[..k], "limit {limit}");
+            assert_eq!(end.frames, commits[k - 1].frames_end);
+            assert!(commits[k - 1].frames_end - start.frames > limit);
+            if k > 2 {
+                assert!(commits[k - 2].frames_end - start.frames <= limit);
+            }
+        }
+        let WalState::Same { commits, .. } = db.scan_limited(&start, Some(1000))? else {
+            bail!("the WAL moved");
+        };
+        assert_eq!(commits, all, "a limit past the end lists everything");
         Ok(())
     }
 

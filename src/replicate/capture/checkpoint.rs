@@ -11,7 +11,7 @@
 //! writer wait for the capture and the copy of its whole backlog, one after the other: a
 //! 200 MiB load took twice as long as without walship.
 
-use super::Capture;
+use super::{Capture, Step};
 use anyhow::Result;
 use std::time::Duration;
 
@@ -21,6 +21,10 @@ const LOCK_BUDGET: Duration = Duration::from_millis(500);
 
 /// How long a checkpoint chases a writer without any lock (see `checkpoint_unlocked`).
 const UNLOCKED_CHECKPOINT_BUDGET: Duration = Duration::from_millis(250);
+
+/// Average frames per commit up to which a chase keeps SQLite's checkpointer lock (see
+/// `checkpoint_unlocked`).
+const HOLD_BELOW: u64 = 8;
 
 /// Longest wait between two steps of a chase for half `checkpoint-pages` new frames (see
 /// `checkpoint_unlocked`).
@@ -208,14 +212,17 @@ impl Capture {
     /// writer that appended meanwhile is chased for at most [`UNLOCKED_CHECKPOINT_BUDGET`],
     /// and until the WAL is full (see [`Capture::is_full`]).
     ///
-    /// The chase goes in steps of at least half `threshold` new frames or [`CHASE_PACE`],
-    /// each captured, pinned and copied, and walship keeps SQLite's checkpointer lock between
-    /// its copies (see [`Db::hold_checkpoints`](crate::db::Db::hold_checkpoints)). Both
-    /// matter to the writer: its autocheckpoint runs after every commit while the WAL holds
-    /// more than its limit, and copied, with two fsyncs in the writer's own thread, whatever
-    /// each move of walship's pin let through; steps as fast as capture could go (~40 frames)
-    /// meant hundreds of such copies a second, and a max-rate writer at 0.66x its speed
-    /// without walship.
+    /// The chase goes in steps of at least half `threshold` new frames or [`CHASE_PACE`].
+    /// While the writer's commits are small (at most [`HOLD_BELOW`] frames each on average),
+    /// each step is captured, pinned and copied by walship, which keeps SQLite's checkpointer
+    /// lock between its copies (see [`Db::hold_checkpoints`](crate::db::Db::hold_checkpoints)).
+    /// Both matter to such a writer: its autocheckpoint runs after every commit while the WAL
+    /// holds more than its limit, and copied, with two fsyncs in the writer's own thread,
+    /// whatever each move of walship's pin let through; steps as fast as capture could go
+    /// (~40 frames) meant hundreds of such copies a second, and a max-rate single-row writer
+    /// at 0.66x its speed without walship. A writer of big commits (a bulk load) keeps
+    /// copying what walship captured, in parallel with the next step: walship copying it all
+    /// alone let its WAL grow past 64 MiB.
     fn checkpoint_unlocked(&mut self, threshold: u32) -> Result<Unlocked> {
         let r = self.chase(threshold);
         self.db.release_checkpoints();
@@ -233,9 +240,16 @@ impl Capture {
             }
             first = false;
             // Taken again each step: SQLite lets go of it when walship's own copy ends.
-            let held = self.db.hold_checkpoints()?;
+            let held = self.small_commits && self.db.hold_checkpoints()?;
             // In steps of `threshold` frames, so that a full WAL is seen soon.
-            let (_, more) = self.step_limited(Some(step))?;
+            let before = self.pos;
+            let (captured, more) = self.step_limited(Some(step))?;
+            if let (Step::Captured(commits), Some(a), Some(b)) = (captured, before, self.pos) {
+                if (a.salt1, a.salt2) == (b.salt1, b.salt2) {
+                    self.small_commits =
+                        b.frames.saturating_sub(a.frames) <= commits.saturating_mul(HOLD_BELOW);
+                }
+            }
             self.rotate_pin()?;
             if self.is_full(threshold) {
                 return Ok(Unlocked::Full);

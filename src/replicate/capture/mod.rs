@@ -68,6 +68,9 @@ pub(crate) struct Capture {
     /// next back-off. Retaking the write lock for a checkpoint that cannot progress would
     /// only hold the application's writers back.
     checkpoint_backoff: Option<(std::time::Instant, Duration)>,
+    /// Whether the commits of the last step of a chase were small (see
+    /// `checkpoint::HOLD_BELOW`): the next chase keeps checkpoints to itself from its first step.
+    small_commits: bool,
     /// The last snapshot failed (a full disk, say): when to try again, and in which generation.
     retry: Option<Retry>,
 }
@@ -134,6 +137,7 @@ impl Capture {
             checkpointed_at: None,
             poisoned: false,
             checkpoint_backoff: None,
+            small_commits: false,
             retry: None,
         };
         match (fresh, saved) {

@@ -77,7 +77,7 @@ impl Capture {
             return Err(WalChange::Broken("an earlier capture step failed half-way".into()).into());
         }
         let state = match self.pos {
-            Some(p) => self.db.scan(&p)?,
+            Some(p) => self.db.scan_limited(&p, max_frames)?,
             None => match self.db.wal_header()? {
                 None => WalState::Empty,
                 Some(h) => {
