@@ -21,7 +21,9 @@
 //!   `fcntl(F_SETLK)` polled every 50 µs: SQLite's own busy handler sleeps for milliseconds
 //!   and loses every race against a writer that commits back to back, and walship must win
 //!   one to bound the WAL. No connection of walship's ever takes that lock through SQLite, so
-//!   the two never mix.
+//!   the two never mix. While it chases such a writer, walship may also hold the checkpointer
+//!   byte (offset 121, [`Db::hold_checkpoints`]): its own checkpoints still run (POSIX locks do
+//!   not conflict within a process), and release it when they end.
 //! - An application's own FULL/RESTART/TRUNCATE checkpoint waits for every reader, walship's
 //!   pin included. Seen from its locks (write and checkpointer bytes held by another process),
 //!   walship captures to the end and lets go of its pin until that checkpoint is done

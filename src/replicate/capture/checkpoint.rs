@@ -10,6 +10,13 @@
 //! the next commit restarts the WAL. Taking the lock as soon as the writer was ahead made the
 //! writer wait for the capture and the copy of its whole backlog, one after the other: a
 //! 200 MiB load took twice as long as without walship.
+//!
+//! While it chases a writer of small commits, walship also keeps SQLite's checkpointer lock
+//! (never the write lock) between its own copies, so that the application's autocheckpoint
+//! returns at once instead of copying, in the writer's thread, the few frames each step of the
+//! chase let through. Invariant: walship never holds that lock outside a chase; it holds no
+//! lock at all that could make an application's commit fail, and the write lock only within
+//! [`LOCK_BUDGET`] plus one step.
 
 use super::{Capture, Step};
 use anyhow::Result;
