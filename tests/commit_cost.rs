@@ -147,17 +147,43 @@ fn bulk_load(db: &Path, mib: u32) {
         \x20   c.execute('begin')\n\
         \x20   c.executemany('insert into t(payload) values (?)', [(os.urandom(65536),) for _ in range(16)])\n\
         \x20   c.execute('commit')\n";
+    python(script, db, &mib.to_string());
+}
+
+/// Runs a Python `script` with `db` and `arg` as its arguments; returns what it printed.
+fn python(script: &str, db: &Path, arg: &str) -> String {
     let o = std::process::Command::new("python3")
         .args(["-c", script])
         .arg(db)
-        .arg(mib.to_string())
+        .arg(arg)
         .output()
         .expect("run python3");
     assert!(
         o.status.success(),
-        "bulk load failed: {}",
+        "python3 failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A new database in `sb` and walship replicating it to the sandbox's replica, logging at
+/// debug level.
+fn debug_daemon(sb: &Sandbox) -> Daemon {
+    sb.create_db();
+    Daemon::replicate(
+        &[sb.db().into_os_string(), sb.replica_url().into()],
+        &sb.state(),
+    )
+    .env("WALSHIP_LOG", "walship=debug")
+    .start()
+}
+
+/// Stops `d` and checks that the replica restores to a copy of the database.
+fn stop_and_restore(sb: &Sandbox, mut d: Daemon) {
+    d.stop();
+    let out = sb.path("restored.db");
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
+    assert_same_db(&sb.db(), &out);
 }
 
 /// The `log=` (frames in the WAL) of each checkpoint walship ran under SQLite's write lock,
@@ -177,13 +203,7 @@ fn locked_checkpoints(log: &str) -> Vec<u64> {
 #[test]
 fn a_bulk_load_is_held_back_only_once_its_wal_is_full() {
     let sb = Sandbox::new();
-    sb.create_db();
-    let mut d = Daemon::replicate(
-        &[sb.db().into_os_string(), sb.replica_url().into()],
-        &sb.state(),
-    )
-    .env("WALSHIP_LOG", "walship=debug")
-    .start();
+    let mut d = debug_daemon(&sb);
     let start = d.wait_caught_up(15 * SEC).txid;
     let loaded = |d: &mut Daemon, txns: u64| {
         d.wait_status("the load replicated", 60 * SEC, |s| {
@@ -218,10 +238,7 @@ fn a_bulk_load_is_held_back_only_once_its_wal_is_full() {
     d.wait_status("a commit after the load replicated", 5 * SEC, |s| {
         s.caught_up() && s.txid >= start + 73
     });
-    d.stop();
-    let out = sb.path("restored.db");
-    restore(&out, &sb.replica_url(), &[]).assert_ok();
-    assert_same_db(&sb.db(), &out);
+    stop_and_restore(&sb, d);
 }
 
 /// Commits one row at a time as fast as SQLite goes for `secs` seconds (5 s busy timeout,
@@ -239,18 +256,7 @@ fn max_rate_writer(db: &Path, secs: u32) -> (u64, f64) {
         \x20   c.execute('insert into t(payload) values (?)', (row,))\n\
         \x20   worst = max(worst, time.monotonic() - t); n += 1\n\
         print(n, worst * 1000)\n";
-    let o = std::process::Command::new("python3")
-        .args(["-c", script])
-        .arg(db)
-        .arg(secs.to_string())
-        .output()
-        .expect("run python3");
-    assert!(
-        o.status.success(),
-        "writer failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = python(script, db, &secs.to_string());
     let mut v = out.split_whitespace();
     let (Some(n), Some(ms)) = (v.next(), v.next()) else {
         panic!("writer output: {out}");
@@ -281,13 +287,7 @@ fn locked_ms(log: &str) -> Vec<u64> {
 #[test]
 fn a_max_rate_writer_is_never_held_back_for_long() {
     let sb = Sandbox::new();
-    sb.create_db();
-    let mut d = Daemon::replicate(
-        &[sb.db().into_os_string(), sb.replica_url().into()],
-        &sb.state(),
-    )
-    .env("WALSHIP_LOG", "walship=debug")
-    .start();
+    let mut d = debug_daemon(&sb);
     let start = d.wait_caught_up(15 * SEC).txid;
     let (commits, worst_ms) = max_rate_writer(&sb.db(), 5);
     d.wait_status("the writer's commits replicated", 120 * SEC, |s| {
@@ -304,8 +304,5 @@ fn a_max_rate_writer_is_never_held_back_for_long() {
         locked.iter().all(|&ms| ms < 1500) && worst_ms < 2000.0,
         "the writer was held back for seconds: a commit took {worst_ms:.0} ms, locks held {locked:?} ms"
     );
-    d.stop();
-    let out = sb.path("restored.db");
-    restore(&out, &sb.replica_url(), &[]).assert_ok();
-    assert_same_db(&sb.db(), &out);
+    stop_and_restore(&sb, d);
 }

@@ -1450,17 +1450,24 @@ mod tests {
         Ok(())
     }
 
+    /// An application's database `t.db` in `dir`, in WAL mode without autocheckpoints, with
+    /// one commit in its WAL.
+    fn wal_app(dir: &Path) -> Result<(PathBuf, rusqlite::Connection)> {
+        let p = dir.join("t.db");
+        let app = rusqlite::Connection::open(&p)?;
+        app.pragma_update(None, "journal_mode", "wal")?;
+        app.pragma_update(None, "wal_autocheckpoint", 0)?;
+        app.execute_batch("create table t(x); insert into t values (1);")?;
+        Ok((p, app))
+    }
+
     /// While walship holds the checkpointer lock, another process's checkpoint returns busy
     /// at once; walship's own checkpoint still runs, and SQLite lets go of the lock when it
     /// ends, as [`Db::release_checkpoints`] does.
     #[test]
     fn held_checkpoints_are_busy_for_other_processes_only() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let p = dir.path().join("t.db");
-        let app = rusqlite::Connection::open(&p)?;
-        app.pragma_update(None, "journal_mode", "wal")?;
-        app.pragma_update(None, "wal_autocheckpoint", 0)?;
-        app.execute_batch("create table t(x); insert into t values (1);")?;
+        let (p, app) = wal_app(dir.path())?;
         let db = Db::open(&p)?;
         // `PRAGMA wal_checkpoint(PASSIVE)` in another process: 1 if it found the lock taken.
         let other_busy = || -> Result<bool> {
@@ -1500,11 +1507,7 @@ mod tests {
     #[test]
     fn a_limited_scan_stops_past_its_limit() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let p = dir.path().join("t.db");
-        let app = rusqlite::Connection::open(&p)?;
-        app.pragma_update(None, "journal_mode", "wal")?;
-        app.pragma_update(None, "wal_autocheckpoint", 0)?;
-        app.execute_batch("create table t(x); insert into t values (1);")?;
+        let (p, app) = wal_app(dir.path())?;
         let mut db = Db::open(&p)?;
         db.rotate_pin()?;
         let (Some(start), _, _) = db.current_end()? else {
