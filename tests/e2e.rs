@@ -502,6 +502,51 @@ fn e2e_wal_reset() {
     eprintln!("e2e_wal_reset: {:?}", t0.elapsed());
 }
 
+/// A start after a clean stop that finds no page changed publishes nothing: no live segment is
+/// begun, so no shipper starts streaming one that is then abandoned. (It once was: the diff
+/// was written to a live file while the pages were compared, and a shipper that streamed it
+/// had its upload torn down.) The database is big enough that the comparison takes a while in
+/// a debug build, during which the shippers' first rounds run.
+#[test]
+fn e2e_clean_restart_streams_nothing() {
+    let sb = Sandbox::new();
+    sb.create_db();
+    {
+        let c = rusqlite::Connection::open(sb.db()).expect("open");
+        c.execute_batch(
+            "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 6000)
+             INSERT INTO t(writer, seq, payload) SELECT 'fill', i, randomblob(4000) FROM n; COMMIT;",
+        )
+        .expect("fill");
+    }
+    let mut d = start(&sb);
+    let s1 = d.wait_caught_up(60 * SEC);
+    d.stop();
+    let before = d.log_text().len();
+    d.restart();
+    let s2 = d.wait_caught_up(60 * SEC);
+    d.stop();
+    let log = d.log_text();
+    let after = &log[before..];
+    assert!(
+        after.contains("resumed the generation: 0 page(s) changed")
+            && s2.generation == s1.generation,
+        "the restart did not resume generation {} unchanged: {}\nlog:\n{after}",
+        s1.generation,
+        s2.line
+    );
+    assert!(
+        !after.contains("while it is written"),
+        "a clean restart with nothing changed streamed a live file:\n{after}"
+    );
+    assert_eq!(
+        s2.position, s1.position,
+        "a restart with nothing changed moved the position"
+    );
+    let out = restore_latest(&sb, "restored.db");
+    assert_same_db(&sb.db(), &out);
+}
+
 fn copy_tree(from: &Path, to: &Path) {
     for rel in walk(from) {
         let dst = to.join(&rel);

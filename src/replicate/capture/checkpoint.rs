@@ -14,9 +14,10 @@
 //! While it chases a writer of small commits, walship also keeps SQLite's checkpointer lock
 //! (never the write lock) between its own copies, so that the application's autocheckpoint
 //! returns at once instead of copying, in the writer's thread, the few frames each step of the
-//! chase let through. Invariant: walship never holds that lock outside a chase; it holds no
-//! lock at all that could make an application's commit fail, and the write lock only within
-//! [`LOCK_BUDGET`] plus one step.
+//! chase let through. Invariant: walship holds that lock only within one of its own
+//! checkpoints (any checkpoint starts as a chase, see [`Capture::checkpoint_now`]) and lets go
+//! of it before returning; it holds no lock at all that could make an application's commit
+//! fail, and the write lock only within [`LOCK_BUDGET`] plus one step (531-707 ms measured).
 
 use super::{Capture, Step};
 use anyhow::Result;

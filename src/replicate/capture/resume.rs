@@ -160,6 +160,14 @@ impl Capture {
     pub(super) fn write_diff_inner(&mut self, saved: &PageHashes, db_pages: u32) -> Result<u64> {
         let ps = self.page_size;
         let frames = self.pos.map_or(0, |p| p.frames);
+        // First without a segment: most starts after a clean stop find nothing changed, and a
+        // live segment begun for nothing had shippers start streaming it, then abort when it
+        // was abandoned. The pages are read a second time only when some changed.
+        self.rescan(frames, db_pages)?;
+        if self.hashes.as_slice() == saved.as_slice() {
+            self.save_state()?;
+            return Ok(0);
+        }
         // One commit, named before it is written so that shippers can stream it live (its time
         // is that of the read it comes from).
         let txid = self.at.txid + 1;
@@ -180,10 +188,6 @@ impl Capture {
         })?;
         hashes.set_size(db_pages);
         self.hashes = hashes;
-        if changed == 0 && db_pages == saved.len() {
-            self.save_state()?;
-            return Ok(0);
-        }
         self.at.txid = txid;
         self.at.time_ms = time_ms;
         self.at.db_pages = db_pages;
