@@ -274,7 +274,7 @@ impl Sshd {
 
     /// The listener and every process it forked (connection children call setsid, so a
     /// process-group signal would miss them).
-    fn tree(&self) -> Vec<Pid> {
+    pub fn tree(&self) -> Vec<Pid> {
         let Some(root) = self.child.lock().expect("lock").as_ref().map(Child::id) else {
             return Vec::new();
         };

@@ -25,6 +25,7 @@ pub mod file;
 pub(crate) mod known_hosts;
 pub mod s3;
 pub mod sftp;
+mod sftp_raw;
 
 use crate::url::ReplicaUrl;
 use std::fmt;
