@@ -173,15 +173,12 @@ impl RawChannel {
     fn open(
         &mut self,
         sess: &Session,
-        url: &str,
+        url: &SftpUrl,
     ) -> std::result::Result<Option<&mut RawSftp>, ssh2::Error> {
         if !self.tried {
             match RawSftp::open(sess) {
                 Ok(r) => self.sftp = Some(r),
-                // The server refused the channel or the subsystem, or spoke nonsense on it.
-                Err(e) if !matches!(e.code(), ErrorCode::Session(-21 | -22 | -14)) => {
-                    return Err(e)
-                }
+                Err(e) if !sftp_raw::refused(&e) => return Err(e),
                 Err(e) => tracing::debug!(target = %url,
                     "cannot open a second SFTP channel ({e}): renames replace an existing name \
                      in two steps, and uploads are never appended to"),
@@ -886,9 +883,8 @@ impl SftpBackend {
         if raw.tail.as_ref().is_some_and(|t| t.full != full) {
             raw.close_tail();
         }
-        let url = self.opts.url.to_string();
         if !raw
-            .open(&c.sess, &url)?
+            .open(&c.sess, &self.opts.url)?
             .is_some_and(|r| r.has(sftp_raw::FSYNC))
         {
             self.appends.store(false, Ordering::Relaxed);
@@ -977,11 +973,10 @@ impl SftpBackend {
         if raw.tail.as_ref().is_some_and(|t| t.full == to) {
             raw.close_tail();
         }
-        let url = self.opts.url.to_string();
-        let r = match raw.open(&c.sess, &url)? {
+        let r = match raw.open(&c.sess, &self.opts.url)? {
             Some(p) if p.has(sftp_raw::POSIX_RENAME) => p.posix_rename(from, to),
             _ => {
-                tracing::debug!(target = %url,
+                tracing::debug!(target = %self.opts.url,
                     "the server lacks posix-rename@openssh.com on a second channel; renames \
                      replace an existing name in two steps");
                 self.rename_over(c, from, to)

@@ -57,6 +57,9 @@ const LIBSSH2_ERROR_TIMEOUT: i32 = -9;
 const LIBSSH2_ERROR_SOCKET_DISCONNECT: i32 = -13;
 /// libssh2's code for "the server broke the protocol" (`LIBSSH2_ERROR_PROTO`).
 const LIBSSH2_ERROR_PROTO: i32 = -14;
+/// libssh2's codes for a refused channel and a refused subsystem request.
+const LIBSSH2_ERROR_CHANNEL_FAILURE: i32 = -21;
+const LIBSSH2_ERROR_CHANNEL_REQUEST_DENIED: i32 = -22;
 
 /// An open remote file handle (the server's opaque bytes).
 pub(super) struct Handle(Vec<u8>);
@@ -67,6 +70,19 @@ pub(super) struct RawSftp {
     chan: Channel,
     next_id: u32,
     extensions: HashSet<String>,
+}
+
+/// True if [`RawSftp::open`] failed because the server refused the channel or the SFTP
+/// subsystem on it, or spoke no SFTP there (the session itself is fine).
+pub(super) fn refused(e: &Error) -> bool {
+    matches!(
+        e.code(),
+        ErrorCode::Session(
+            LIBSSH2_ERROR_CHANNEL_FAILURE
+                | LIBSSH2_ERROR_CHANNEL_REQUEST_DENIED
+                | LIBSSH2_ERROR_PROTO
+        )
+    )
 }
 
 fn proto(msg: &'static str) -> Error {
