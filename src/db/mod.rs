@@ -8,6 +8,10 @@
 //!   overwritten, and at most one restart can happen while only a slot-0 pin is held, and only
 //!   after every frame of the old WAL was already captured. So a WAL whose salt-1 is exactly one
 //!   more than the one walship knows is a continuation; anything else breaks continuity.
+//!   This holds only if a pin moves once capture holds every frame up to the old pin's read
+//!   mark: a pin that begins on a fully copied WAL with frames walship has not captured lets a
+//!   restart lose them, unseen (the capture side never moves the pin after a step limited to
+//!   some frames, see `Capture::rotate_pin`).
 //!   That one restart does overwrite frames walship already captured: reads of the whole state
 //!   ([`Db::for_each_page`], for snapshots) check every frame's salts and the header afterwards
 //!   and report [`WalChange::Moved`], and capture re-verifies each frame's checksum as it reads it.

@@ -63,11 +63,24 @@ impl Capture {
         self.pos.map_or(0, |p| p.frames)
     }
 
-    /// Moves the pin forward after a step (see `db` module docs).
+    /// Moves the pin forward after a step (see `db` module docs), unless the last step left
+    /// complete commits uncaptured (a step limited to some frames, in a chase or under the
+    /// write lock): then the pin stays where it is until a step captures to the end.
+    ///
+    /// Invariant: the pin moves only when capture holds every frame up to the old pin's read
+    /// mark. A new pin that begins on a fully copied WAL is a "slot 0" reader, which lets the
+    /// application's next commit restart the WAL; the pin protocol accepts that restart as a
+    /// continuation. An application's autocheckpoint may copy frames up to the old pin's mark
+    /// (beyond what a limited step captured), so a pin moved after a limited step could be
+    /// such a reader with frames uncaptured: the restart then lost them, silently (a bulk
+    /// load replicated with a commit's pages missing; the restore's integrity check failed).
     ///
     /// # Errors
     /// SQLite errors.
     pub(crate) fn rotate_pin(&mut self) -> Result<()> {
+        if self.behind {
+            return Ok(());
+        }
         self.db.rotate_pin()
     }
 
@@ -329,5 +342,53 @@ impl Capture {
         } else {
             None
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::Db;
+    use crate::replicate::spool::Spool;
+    use crate::replicate::state::StateDir;
+    use std::sync::Arc;
+
+    /// The pin does not move past frames a limited step left uncaptured. Otherwise: the
+    /// application's checkpoint copies up to the new pin, the next limited step's pin begins
+    /// on a fully copied WAL, the application's next commit restarts the WAL, and the commits
+    /// walship had not captured were gone, with the restart taken for a continuation.
+    #[test]
+    fn a_limited_step_keeps_the_pin_before_uncaptured_commits() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("t.db");
+        let app = rusqlite::Connection::open(&p)?;
+        app.pragma_update(None, "journal_mode", "wal")?;
+        app.pragma_update(None, "wal_autocheckpoint", 0)?;
+        app.execute_batch("create table t(x); insert into t values (1);")?;
+        let state = StateDir::new(dir.path().join("state"));
+        std::fs::create_dir_all(state.spool_dir())?;
+        let spool = Arc::new(Spool::open(&state.spool_dir())?);
+        let mut cap = Capture::start(Db::open(&p)?, spool, &state, 1 << 20, None)?;
+        cap.rotate_pin()?;
+        let before = cap.at.txid;
+        for _ in 0..4 {
+            app.execute("insert into t values (randomblob(3000))", [])?;
+        }
+        let checkpoint = || app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        for _ in 0..2 {
+            let (_, more) = cap.step_limited(Some(1))?;
+            assert!(more, "a step of one frame left no commit");
+            cap.rotate_pin()?;
+            checkpoint()?;
+        }
+        app.execute("insert into t values (2)", [])?;
+        cap.step()?;
+        assert_eq!(
+            cap.at.txid,
+            before + 5,
+            "five commits, {} captured",
+            cap.at.txid - before
+        );
+        Ok(())
     }
 }

@@ -71,6 +71,10 @@ pub(crate) struct Capture {
     /// Whether the commits of the last step of a chase were small (see
     /// `checkpoint::HOLD_BELOW`): the next chase keeps checkpoints to itself from its first step.
     small_commits: bool,
+    /// The last step left complete commits it did not capture (a step limited to some
+    /// frames): until a step captures to the end of the WAL, the pin must not move (see
+    /// `Capture::rotate_pin`).
+    behind: bool,
     /// The last snapshot failed (a full disk, say): when to try again, and in which generation.
     retry: Option<Retry>,
 }
@@ -138,6 +142,7 @@ impl Capture {
             poisoned: false,
             checkpoint_backoff: None,
             small_commits: false,
+            behind: false,
             retry: None,
         };
         match (fresh, saved) {
@@ -217,6 +222,7 @@ impl Capture {
             }
             self.page_size = page_size;
             self.pos = end;
+            self.behind = false;
             self.at = Captured {
                 generation,
                 txid: 1,

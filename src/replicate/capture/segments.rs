@@ -73,6 +73,14 @@ impl Capture {
     /// # Errors
     /// As [`Capture::step`].
     pub(crate) fn step_limited(&mut self, max_frames: Option<u64>) -> Result<(Step, bool)> {
+        let r = self.step_limited_inner(max_frames);
+        if let Ok((_, more)) = r {
+            self.behind = more;
+        }
+        r
+    }
+
+    fn step_limited_inner(&mut self, max_frames: Option<u64>) -> Result<(Step, bool)> {
         if self.poisoned {
             return Err(WalChange::Broken("an earlier capture step failed half-way".into()).into());
         }
