@@ -1416,7 +1416,7 @@ fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The wal-index hint agrees with the WAL itself: frame count and salts while a writer
@@ -1456,7 +1456,7 @@ mod tests {
 
     /// An application's database `t.db` in `dir`, in WAL mode without autocheckpoints, with
     /// one commit in its WAL.
-    fn wal_app(dir: &Path) -> Result<(PathBuf, rusqlite::Connection)> {
+    pub(crate) fn wal_app(dir: &Path) -> Result<(PathBuf, rusqlite::Connection)> {
         let p = dir.join("t.db");
         let app = rusqlite::Connection::open(&p)?;
         app.pragma_update(None, "journal_mode", "wal")?;

@@ -360,11 +360,7 @@ mod tests {
     #[test]
     fn a_limited_step_keeps_the_pin_before_uncaptured_commits() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let p = dir.path().join("t.db");
-        let app = rusqlite::Connection::open(&p)?;
-        app.pragma_update(None, "journal_mode", "wal")?;
-        app.pragma_update(None, "wal_autocheckpoint", 0)?;
-        app.execute_batch("create table t(x); insert into t values (1);")?;
+        let (p, app) = crate::db::tests::wal_app(dir.path())?;
         let state = StateDir::new(dir.path().join("state"));
         std::fs::create_dir_all(state.spool_dir())?;
         let spool = Arc::new(Spool::open(&state.spool_dir())?);
