@@ -8,10 +8,10 @@
 //!   overwritten, and at most one restart can happen while only a slot-0 pin is held, and only
 //!   after every frame of the old WAL was already captured. So a WAL whose salt-1 is exactly one
 //!   more than the one walship knows is a continuation; anything else breaks continuity.
-//!   This holds only if a pin moves once capture holds every frame up to the old pin's read
-//!   mark: a pin that begins on a fully copied WAL with frames walship has not captured lets a
-//!   restart lose them, unseen (the capture side never moves the pin after a step limited to
-//!   some frames, see `Capture::rotate_pin`).
+//!   This holds only if no pin begins on a fully copied WAL with frames walship has not
+//!   captured: a restart would lose them, unseen. A pin moves freely once capture holds every
+//!   frame up to the old pin's read mark; short of that, only to a pin that provably cannot
+//!   be such a reader ([`Db::rotate_pin_behind`]).
 //!   That one restart does overwrite frames walship already captured: reads of the whole state
 //!   ([`Db::for_each_page`], for snapshots) check every frame's salts and the header afterwards
 //!   and report [`WalChange::Moved`], and capture re-verifies each frame's checksum as it reads it.
@@ -612,6 +612,43 @@ impl Db {
         self.begin_pin(new)?;
         self.end_pin(old)?;
         Ok(())
+    }
+
+    /// Moves the pin forward while capture is short of the WAL's end (`pos`, after a step
+    /// limited to some frames), but only to a pin that cannot let the WAL restart over frames
+    /// walship has not captured; otherwise the old pin stays. Returns whether the pin moved.
+    ///
+    /// The new pin begins while the old one is held, then the wal-index is read: the new pin
+    /// is kept only if the WAL (still the one `pos` is in) is not fully copied. Why that is
+    /// enough, from SQLite's WAL locking: a writer restarts the WAL only if its own read
+    /// transaction began on a fully copied WAL (`nBackfill == mxFrame`) and no reader holds
+    /// a read slot above 0.
+    /// - A new pin in a slot above 0 blocks any restart while it is held.
+    /// - A new pin in slot 0 freezes `nBackfill` (copying needs slot 0 exclusively) from the
+    ///   moment it began, before the wal-index is read; `mxFrame` only grows while the old pin
+    ///   blocks restarts. Seen not fully copied then, the WAL can never become fully copied
+    ///   while this pin is held, so no writer can restart it.
+    /// - Seen fully copied (or unreadable, or restarted), the new pin might be a slot-0 reader
+    ///   with uncaptured frames: it is dropped, the old one kept.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub(crate) fn rotate_pin_behind(&mut self, pos: &WalPos) -> Result<bool> {
+        let Some(old) = self.active else {
+            return Ok(false);
+        };
+        let new = 1 - old;
+        self.begin_pin(new)?;
+        let safe = self.wal_index().is_some_and(|h| {
+            (h.salt1, h.salt2) == (pos.salt1, pos.salt2) && h.backfilled < h.frames
+        });
+        if safe {
+            self.end_pin(old)?;
+        } else {
+            self.active = Some(old);
+            self.end_pin(new)?;
+        }
+        Ok(safe)
     }
 
     /// What SQLite's wal-index says of the current WAL, read without any lock: a hint for

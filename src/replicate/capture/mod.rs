@@ -72,8 +72,8 @@ pub(crate) struct Capture {
     /// `checkpoint::HOLD_BELOW`): the next chase keeps checkpoints to itself from its first step.
     small_commits: bool,
     /// The last step left complete commits it did not capture (a step limited to some
-    /// frames): until a step captures to the end of the WAL, the pin must not move (see
-    /// `Capture::rotate_pin`).
+    /// frames): until a step captures to the end of the WAL, the pin moves only where it
+    /// cannot let the WAL restart (see `Capture::rotate_pin`).
     behind: bool,
     /// The last snapshot failed (a full disk, say): when to try again, and in which generation.
     retry: Option<Retry>,
