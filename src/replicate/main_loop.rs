@@ -11,8 +11,7 @@
 //!
 //! Group commit: a change is captured at once when nothing was captured for [`GROUP_WINDOW`]
 //! (an idle database's commit never waits), else when that window since the start of the last
-//! capture ends (or of the last round a file event woke that found nothing new: see
-//! [`MainLoop::run`]), so that commits arriving in a stream share one capture, one append to the
+//! capture ends, so that commits arriving in a stream share one capture, one append to the
 //! spool, one upload and one position save instead of each paying for its own (walship's cost
 //! per commit is per capture, mostly its fsyncs, not per byte). The window adapts: once two
 //! captures in a row came within twice [`GROUP_WINDOW_STREAM`] of each other (a stream), it is
@@ -109,11 +108,6 @@ pub(crate) struct MainLoop<'a> {
     /// When a capture round last captured commits (see [`GROUP_WINDOW`]), and the one before.
     last_captured: Option<Instant>,
     prev_captured: Option<Instant>,
-    /// When a round woken by a file event last looked and found nothing, if one did since
-    /// the last capture (see [`MainLoop::run`]).
-    last_empty_look: Option<Instant>,
-    /// Whether the running round was woken by a file event.
-    woken_by_change: bool,
     /// Until when captures follow each other after [`HOT_WINDOW`] only: a writer outran
     /// capture lately (see [`HOT_FOR`]).
     hot_until: Option<Instant>,
@@ -159,8 +153,6 @@ impl<'a> MainLoop<'a> {
             last_change: now,
             last_round: now,
             last_captured: None,
-            last_empty_look: None,
-            woken_by_change: false,
             prev_captured: None,
             hot_until: None,
             capture_due: None,
@@ -196,20 +188,12 @@ impl<'a> MainLoop<'a> {
             if changed {
                 self.last_change = Instant::now();
                 let window = self.window();
-                // A look that found nothing counts as a capture here: the events that woke it
-                // were stale (queued behind the writes it had captured already; a bulk load
-                // interleaves its WAL's events with the checkpoints' on the database, which the
-                // kernel cannot merge), and each ran a whole round at once, back to back: ~10,000
-                // rounds for a 200 MiB load, for nothing.
                 self.capture_due.get_or_insert_with(|| {
-                    [self.last_captured, self.last_empty_look]
-                        .into_iter()
-                        .flatten()
-                        .map(|t| t + window)
-                        .fold(self.last_change, Instant::max)
+                    self.last_captured
+                        .map_or(self.last_change, |t| t + window)
+                        .max(self.last_change)
                 });
             }
-            self.woken_by_change = changed;
             self.round();
             if self.signals > 0 {
                 break;
@@ -325,9 +309,6 @@ impl<'a> MainLoop<'a> {
             // From its start: a capture that takes a while (fsyncs on a busy disk) must not
             // stretch the window.
             self.prev_captured = self.last_captured.replace(began);
-            self.last_empty_look = None;
-        } else if r.is_ok() && self.woken_by_change {
-            self.last_empty_look = Some(began);
         }
         if hot {
             // A writer that outruns capture gets the short window for a while (see
