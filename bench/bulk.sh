@@ -1,10 +1,12 @@
 #!/bin/bash
-# Bulk load (default 200 MiB in 1 MiB transactions) while walship replicates to a file:// replica:
-# catch-up time after the load's end, WAL peak (vs plain sqlite3 alone), walship CPU per GiB,
-# state-dir peak, replica bytes; then restore vs `cp` + `PRAGMA integrity_check`, in one run.
-# usage: bench/bulk.sh [MIB]
+# Bulk load (default 200 MiB in 1 MiB transactions) while walship replicates to a file:// or
+# sftp:// replica: catch-up time after the load's end, WAL peak (vs plain sqlite3 alone), walship
+# CPU per GiB, state-dir peak, replica bytes; then restore vs `cp` + `PRAGMA integrity_check`, in
+# one run.
+# usage: bench/bulk.sh [MIB] [file|sftp]   (sftp needs root and openssh-server: throwaway loopback sshd)
 source "$(dirname "$0")/common.sh"
 MIB="${1:-200}"
+MODE="${2:-file}"
 py() { python3 -c "import sys; sys.path.insert(0,'$BENCH'); from benchlib import *; $1"; }
 kv() { awk -v k="$1" '$1==k {print $2}' "$2"; }
 
@@ -25,8 +27,15 @@ rm -f "$T/base.db"*
 
 # walship
 make_db "$T/w.db"
-start_walship "$T/w.db" "file://$T/replica" "$T/state" "$T/walship.log"
-start_watch "$T/replica" "$T/watch.out"
+if [ "$MODE" = sftp ]; then
+    start_sshd
+    URL="$SFTP_URL"; ROOT="$SFTP_DIR"
+    EXTRA="--key-path $SFTP_KEY --known-hosts $SFTP_KNOWN"
+else
+    URL="file://$T/replica"; ROOT="$T/replica"; EXTRA=""
+fi
+start_walship "$T/w.db" "$URL" "$T/state" "$T/walship.log" $EXTRA
+start_watch "$ROOT" "$T/watch.out"
 start_sampler "$T/w.peak" "$T/w.db-wal" "$T/state" "$WPID"
 CPU0=$(py "print(proc_cpu_seconds($WPID))")
 python3 "$BENCH/loader.py" "$T/w.db" "$MIB" >"$T/w.load"
@@ -53,7 +62,7 @@ stop_walship
 LOAD_MS=$(( ($(kv end "$T/w.load") - $(kv start "$T/w.load")) / 1000000 ))
 if [ "$REPL_NS" = -1 ]; then CATCH="never (120 s)"; CATCH_MS=999999; else
     CATCH_MS=$(( (REPL_NS - $(kv end "$T/w.load")) / 1000000 )); CATCH="$CATCH_MS ms"; fi
-REPLICA_BYTES=$(py "print(dir_bytes('$T/replica'))")
+REPLICA_BYTES=$(py "print(dir_bytes('$ROOT'))")
 # the source at rest: fold the WAL in so it can be compared byte for byte with the restore
 python3 -c "import sqlite3; c=sqlite3.connect('$T/w.db'); c.execute('pragma wal_checkpoint(TRUNCATE)'); c.close()"
 DB_BYTES=$(stat -c %s "$T/w.db")
@@ -63,7 +72,7 @@ sync
 R=""; C=""
 for i in 1 2 3; do
     rm -f "$T/restored.db" "$T/copy.db"
-    t0=$(mono_ns); "$WALSHIP" restore -q -o "$T/restored.db" "file://$T/replica" >/dev/null; t1=$(mono_ns)
+    t0=$(mono_ns); "$WALSHIP" restore -q -o "$T/restored.db" "$URL" $EXTRA >/dev/null; t1=$(mono_ns)
     t2=$(mono_ns); cp "$T/w.db" "$T/copy.db"; IC=$(sqlite3 "$T/copy.db" 'pragma integrity_check'); t3=$(mono_ns)
     R="$R $(( (t1 - t0) / 1000000 ))"; C="$C $(( (t3 - t2) / 1000000 ))"
 done
@@ -73,7 +82,7 @@ if cmp -s "$T/restored.db" "$T/w.db"; then SAME="byte-identical"; else SAME="DIF
 
 GIB=$(py "print($MIB/1024)")
 cat <<OUT
-# bulk.sh  $(date -u +%FT%TZ)  $(nproc) cores  ${MIB} MiB in $(kv commits "$T/w.load") transactions  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)
+# bulk.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  ${MIB} MiB in $(kv commits "$T/w.load") transactions  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)
 # status at catch-up: $STATUS
 metric                              walship        baseline       ratio    target
 load time (ms)                      $(printf '%-14s %-14s %.2fx' "$LOAD_MS" "$BASE_LOAD" "$(py "print($LOAD_MS/$BASE_LOAD)")")    (baseline: plain sqlite3)
