@@ -1439,7 +1439,7 @@ fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<bool> {
 }
 
 /// Reads into `buf` from `off` until it is full or the file ends; returns the bytes read.
-fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+pub(crate) fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match f.read_at(&mut buf[done..], off + done as u64) {

@@ -280,6 +280,11 @@ impl<'a> MainLoop<'a> {
         self.notice_replaced();
         self.reopen_replaced();
         self.snapshot_if_due();
+        // What capture holds now: the watcher reports no write that adds nothing past it.
+        let mark = self.cap.as_ref().and_then(Capture::wal_mark);
+        self.shared
+            .changes
+            .captured(mark.filter(|_| self.failing_since.is_none()));
         let spooled = match gc_spool(&self.spool, &self.shared, self.settings.spool_limit) {
             Ok(files) => files,
             Err(e) => {

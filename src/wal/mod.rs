@@ -187,5 +187,40 @@ pub(crate) fn checksum(big_endian: bool, init: [u32; 2], data: &[u8]) -> [u32; 2
     [s0, s1]
 }
 
+/// Where a reader stands in a WAL, in a form a file event can be checked against without
+/// parsing the WAL: its salts and the offset of the first frame the reader does not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WalMark {
+    /// Salts of the WAL the reader holds frames of.
+    pub salt1: u32,
+    /// Second salt.
+    pub salt2: u32,
+    /// Offset of the first frame the reader does not hold.
+    pub next: u64,
+}
+
+impl WalMark {
+    /// The mark of a reader holding the first `frames` frames of a WAL with these salts and
+    /// page size; `None` if the offset does not fit in 64 bits.
+    pub(crate) fn after(salt1: u32, salt2: u32, page_size: u32, frames: u64) -> Option<WalMark> {
+        let frame = (FRAME_HEADER_SIZE as u64).checked_add(u64::from(page_size))?;
+        let next = frames
+            .checked_mul(frame)?
+            .checked_add(WAL_HEADER_SIZE as u64)?;
+        Some(WalMark { salt1, salt2, next })
+    }
+
+    /// True if the WAL holds nothing past the mark, judged from its first bytes (`header`) and
+    /// those at the mark's offset (`frame`, shorter where the file ends): the header still has
+    /// the mark's salts, and no frame header with those salts begins at the offset. A frame
+    /// written past the mark, or a restarted WAL (new salts in the header), says false; so
+    /// does anything unreadable (a header cut short).
+    pub(crate) fn holds_all(&self, header: &[u8], frame: &[u8]) -> bool {
+        let salts = |b: &[u8], at: usize| Some((be32(b, at)?, be32(b, at + 4)?));
+        let mine = Some((self.salt1, self.salt2));
+        salts(header, 16) == mine && salts(frame, 8) != mine
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -228,3 +228,46 @@ proptest! {
         }
     }
 }
+
+/// A mark after every frame of a real WAL holds all of it; a mark one frame short, a WAL
+/// restarted with other salts, or a header cut short do not.
+#[test]
+fn a_mark_holds_a_wal_only_up_to_its_end() {
+    let (wal, _, _) = real_wal();
+    let (h, frames) = walk(wal).expect("valid wal");
+    let n = frames.len() as u64;
+    let mark = |frames| WalMark::after(h.salt1, h.salt2, h.page_size, frames).expect("fits");
+    let end = mark(n);
+    assert_eq!(
+        end.next as usize,
+        wal.len(),
+        "the real WAL ends after its last frame"
+    );
+    assert!(end.holds_all(wal, at_of(wal, end)));
+    let short = mark(n - 1);
+    assert!(
+        !short.holds_all(wal, at_of(wal, short)),
+        "a frame past the mark"
+    );
+    // Leftovers of an older WAL (other salts) past the mark are not frames of this one.
+    let mut old = wal[..usize::try_from(short.next).expect("fits")].to_vec();
+    let mut stale = wal[usize::try_from(short.next).expect("fits")..].to_vec();
+    stale[8] ^= 0xff;
+    old.extend_from_slice(&stale);
+    assert!(short.holds_all(&old, at_of(&old, short)));
+    // A restarted WAL: the header has new salts.
+    let mut restarted = wal.clone();
+    restarted[16] ^= 0xff;
+    assert!(!end.holds_all(&restarted, at_of(&restarted, end)));
+    assert!(!end.holds_all(&wal[..20], &[]), "a header cut short");
+    assert!(
+        end.holds_all(wal, &at_of(wal, end)[..0]),
+        "the file ends at the mark"
+    );
+}
+
+/// The bytes of `wal` from the mark's offset on.
+fn at_of(wal: &[u8], m: WalMark) -> &[u8] {
+    wal.get(usize::try_from(m.next).expect("fits")..)
+        .unwrap_or(&[])
+}

@@ -409,6 +409,16 @@ impl Capture {
         self.db.close_replaced()
     }
 
+    /// Where capture stands in the WAL (see [`ChangeGate`](crate::replicate::ChangeGate));
+    /// `None` before the first step or after a failed one.
+    pub(crate) fn wal_mark(&self) -> Option<crate::wal::WalMark> {
+        if self.poisoned {
+            return None;
+        }
+        let p = self.pos?;
+        crate::wal::WalMark::after(p.salt1, p.salt2, p.page_size, p.frames)
+    }
+
     /// The spool key of the newest captured state.
     pub(crate) fn key(&self) -> Key {
         self.at.key()
