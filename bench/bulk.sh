@@ -27,13 +27,7 @@ rm -f "$T/base.db"*
 
 # walship
 make_db "$T/w.db"
-if [ "$MODE" = sftp ]; then
-    start_sshd
-    URL="$SFTP_URL"; ROOT="$SFTP_DIR"
-    EXTRA="--key-path $SFTP_KEY --known-hosts $SFTP_KNOWN"
-else
-    URL="file://$T/replica"; ROOT="$T/replica"; EXTRA=""
-fi
+replica_target "$MODE"
 start_walship "$T/w.db" "$URL" "$T/state" "$T/walship.log" $EXTRA
 start_watch "$ROOT" "$T/watch.out"
 start_sampler "$T/w.peak" "$T/w.db-wal" "$T/state" "$WPID"

@@ -105,6 +105,18 @@ CFG
     sftp_dir_new
 }
 
+# replica_target file|sftp: sets URL, ROOT (the replica's directory on this machine) and EXTRA
+# (walship's options for it): a file:// replica under $T, or sftp:// on a throwaway loopback sshd
+replica_target() {
+    if [ "$1" = sftp ]; then
+        start_sshd
+        URL="$SFTP_URL"; ROOT="$SFTP_DIR"
+        EXTRA="--key-path $SFTP_KEY --known-hosts $SFTP_KNOWN"
+    else
+        URL="file://$T/replica"; ROOT="$T/replica"; EXTRA=""
+    fi
+}
+
 # sftp_dir_new: a fresh replica directory inside the chroot's writable db/ (removed on exit)
 sftp_dir_new() {
     local name="bench-$$-$(date +%s%N)"

@@ -13,13 +13,7 @@ make_db "$T/base.db"
 python3 "$BENCH/writer.py" "$T/base.db" "$T/base.out" "$PHASES" --sync "$SYNC"
 
 make_db "$T/w.db"
-if [ "$MODE" = sftp ]; then
-    start_sshd
-    URL="$SFTP_URL"; ROOT="$SFTP_DIR"
-    EXTRA="--key-path $SFTP_KEY --known-hosts $SFTP_KNOWN"
-else
-    URL="file://$T/replica"; ROOT="$T/replica"; EXTRA=""
-fi
+replica_target "$MODE"
 start_walship "$T/w.db" "$URL" "$T/state" "$T/walship.log" $EXTRA
 start_watch "$ROOT" "$T/watch.out"
 CPU0=$(python3 -c "import sys; sys.path.insert(0,'$BENCH'); from benchlib import *; print(proc_cpu_seconds($WPID))")

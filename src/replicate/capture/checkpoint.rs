@@ -362,6 +362,18 @@ mod tests {
     use crate::replicate::state::StateDir;
     use std::sync::Arc;
 
+    /// An application's database in `dir` (WAL mode, no autocheckpoint) and a capture of it,
+    /// pinned.
+    fn captured_app(dir: &std::path::Path) -> Result<(rusqlite::Connection, Capture)> {
+        let (p, app) = crate::db::tests::wal_app(dir)?;
+        let state = StateDir::new(dir.join("state"));
+        std::fs::create_dir_all(state.spool_dir())?;
+        let spool = Arc::new(Spool::open(&state.spool_dir())?);
+        let mut cap = Capture::start(Db::open(&p)?, spool, &state, 1 << 30, None)?;
+        cap.rotate_pin()?;
+        Ok((app, cap))
+    }
+
     /// After a step that left commits uncaptured, the pin moves while the WAL is not fully
     /// copied (the application's checkpoint then copies past what walship captured), and stays
     /// once it is. A pin moved there would begin on a fully copied WAL (slot 0): the
@@ -370,12 +382,7 @@ mod tests {
     #[test]
     fn a_limited_step_moves_the_pin_only_where_the_wal_cannot_restart() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let (p, app) = crate::db::tests::wal_app(dir.path())?;
-        let state = StateDir::new(dir.path().join("state"));
-        std::fs::create_dir_all(state.spool_dir())?;
-        let spool = Arc::new(Spool::open(&state.spool_dir())?);
-        let mut cap = Capture::start(Db::open(&p)?, spool, &state, 1 << 20, None)?;
-        cap.rotate_pin()?;
+        let (app, mut cap) = captured_app(dir.path())?;
         let before = cap.at.txid;
         for _ in 0..4 {
             app.execute("insert into t values (randomblob(3000))", [])?;
@@ -414,13 +421,8 @@ mod tests {
     #[test]
     fn limited_steps_against_a_checkpointing_writer_capture_every_commit() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let (p, app) = crate::db::tests::wal_app(dir.path())?;
+        let (app, mut cap) = captured_app(dir.path())?;
         app.pragma_update(None, "wal_autocheckpoint", 1)?;
-        let state = StateDir::new(dir.path().join("state"));
-        std::fs::create_dir_all(state.spool_dir())?;
-        let spool = Arc::new(Spool::open(&state.spool_dir())?);
-        let mut cap = Capture::start(Db::open(&p)?, spool, &state, 1 << 30, None)?;
-        cap.rotate_pin()?;
         let before = cap.at.txid;
         const COMMITS: u64 = 3000;
         let writer = std::thread::spawn(move || -> rusqlite::Result<()> {
