@@ -468,9 +468,9 @@ impl RecordFiles {
     }
 }
 
-/// Locks `m`, also after a thread panicked holding it (the values stay consistent: a record
-/// file's state changes only after its write succeeded).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `m`, also after a thread panicked holding it (for values that stay consistent: a
+/// record file's state changes only after its write succeeded).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

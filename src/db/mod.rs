@@ -616,7 +616,7 @@ impl Db {
 
     /// Moves the pin forward while capture is short of the WAL's end (`pos`, after a step
     /// limited to some frames), but only to a pin that cannot let the WAL restart over frames
-    /// walship has not captured; otherwise the old pin stays. Returns whether the pin moved.
+    /// walship has not captured; otherwise the old pin stays.
     ///
     /// The new pin begins while the old one is held, then the wal-index is read: the new pin
     /// is kept only if the WAL (still the one `pos` is in) is not fully copied. Why that is
@@ -633,9 +633,9 @@ impl Db {
     ///
     /// # Errors
     /// SQLite errors.
-    pub(crate) fn rotate_pin_behind(&mut self, pos: &WalPos) -> Result<bool> {
+    pub(crate) fn rotate_pin_behind(&mut self, pos: &WalPos) -> Result<()> {
         let Some(old) = self.active else {
-            return Ok(false);
+            return Ok(());
         };
         let new = 1 - old;
         self.begin_pin(new)?;
@@ -648,7 +648,7 @@ impl Db {
             self.active = Some(old);
             self.end_pin(new)?;
         }
-        Ok(safe)
+        Ok(())
     }
 
     /// What SQLite's wal-index says of the current WAL, read without any lock: a hint for

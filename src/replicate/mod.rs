@@ -45,6 +45,7 @@ pub mod state;
 
 use crate::config::Settings;
 use crate::db::Db;
+use crate::durable::lock;
 use crate::systemd::Notifier;
 use anyhow::{Context, Result};
 use capture::Capture;
@@ -385,27 +386,14 @@ pub(crate) struct ChangeGate {
 }
 
 impl ChangeGate {
-    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
-        self.pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// What capture holds of the WAL now (`None`: unknown, every write is reported).
     pub(crate) fn captured(&self, mark: Option<crate::wal::WalMark>) {
-        *self
-            .mark
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = mark;
+        *lock(&self.mark) = mark;
     }
 
     /// True if the WAL at `wal` has nothing past the mark; false when that cannot be told.
     fn holds_all(&self, wal: &Path) -> bool {
-        let Some(mark) = *self
-            .mark
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-        else {
+        let Some(mark) = *lock(&self.mark) else {
             return false;
         };
         let read = || -> std::io::Result<bool> {
@@ -421,12 +409,14 @@ impl ChangeGate {
 
     /// The watcher saw a change: tells the main loop unless it was told already, then waits
     /// (at most [`WATCH_HOLD`]) until capture looks. `written`: the event was a write, and
-    /// this is the WAL; it is dropped if the WAL holds nothing past the mark.
+    /// this is the WAL; it is dropped if the WAL holds nothing past the mark. The WAL is read
+    /// only while no report is pending (a pending one's capture reads that write anyway), and
+    /// without the lock `looking` takes.
     fn report(&self, tx: &Sender<Msg>, written: Option<&Path>) {
-        if written.is_some_and(|wal| self.holds_all(wal)) {
+        if !*lock(&self.pending) && written.is_some_and(|wal| self.holds_all(wal)) {
             return;
         }
-        let mut pending = self.lock();
+        let mut pending = lock(&self.pending);
         if !*pending {
             *pending = true;
             let _ = tx.send(Msg::Changed);
@@ -436,7 +426,7 @@ impl ChangeGate {
 
     /// Capture is about to read the database: changes from now on are reported again.
     pub(crate) fn looking(&self) {
-        *self.lock() = false;
+        *lock(&self.pending) = false;
         self.cv.notify_all();
     }
 }

@@ -32,7 +32,7 @@
 //! [`Spool::list`], which capture and every shipper call on every round, reads no directory.
 //! The listing is read from disk once, at [`Spool::open`].
 
-use crate::durable::{fsync_dir, remove_temp_files, temp_name};
+use crate::durable::{fsync_dir, lock, remove_temp_files, temp_name};
 use crate::layout::names::{FileName, GenerationId};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -41,7 +41,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tracing::warn;
 
@@ -689,10 +689,6 @@ fn named_end(data: &[u8], last: u64) -> Option<u64> {
         at = end;
     }
     None
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A spool file being written: counts what reached the file for live readers, and removes
