@@ -238,6 +238,10 @@ printf '%s' "$fruits_toml" | ct bravo tee /etc/walship/fruits.toml >/dev/null
 check "systemctl enable --now walship@fruits (returns on READY)" ct bravo timeout 120 systemctl enable --now walship@fruits.service
 check "walship@fruits is active, Type=notify" sh_in bravo 'systemctl is-active -q walship@fruits && [ "$(systemctl show -P Type walship@fruits)" = notify ]'
 check "runs as app (generator drop-in), sandboxed" sh_in bravo '[ "$(ps -o user= -p $(systemctl show -P MainPID walship@fruits))" = app ] && systemctl cat walship@fruits | grep -q "^ReadWritePaths=/var/data/db"'
+check "the shipper runs at nice 10, the main thread at 0 (the unit lets it lower its priority)" sh_in bravo '
+  ps -L -o nice=,comm= -p "$(systemctl show -P MainPID walship@fruits)" >/tmp/threads
+  cat /tmp/threads
+  grep -q "^ *10 ship-alpha$" /tmp/threads && head -1 /tmp/threads | grep -q "^ *0 walship$"'
 check "systemctl status shows the STATUS line" sh_in bravo 'systemctl status walship@fruits --no-pager | grep -q "Status: \"" && [ -n "$(systemctl show -P StatusText walship@fruits)" ]'
 ct bravo systemctl status walship@fruits --no-pager 2>&1 | sed -n '/Status:/p' | sed 's/^/     /'
 

@@ -1445,3 +1445,57 @@ fn e2e_streamed_snapshot_and_big_commit() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
+
+/// The name and nice value of each of `pid`'s threads (`/proc/PID/task/*/stat`: the nice
+/// value is the 19th field, the 17th after the name in parentheses).
+fn thread_nices(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's threads") {
+        let t = t.expect("a thread entry").path();
+        let (Ok(comm), Ok(stat)) = (
+            fs::read_to_string(t.join("comm")),
+            fs::read_to_string(t.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        let after = &stat[stat.rfind(')').expect("stat has the name in parentheses") + 2..];
+        let nice = after.split(' ').nth(16).expect("stat has a nice field");
+        out.push((
+            comm.trim().to_owned(),
+            nice.parse().expect("nice is a number"),
+        ));
+    }
+    out
+}
+
+/// The shipper runs at nice 10 more than the daemon's other threads (and at most 19), so
+/// that the application and capture come first when the CPU is short (`SHIP_NICE` in
+/// `src/replicate/mod.rs`), and it still ships.
+#[test]
+fn the_shipper_runs_at_a_lower_cpu_priority() {
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start(&sb);
+    let before = d.wait_caught_up(10 * SEC);
+    let threads = thread_nices(d.pid().expect("the daemon runs"));
+    let main = threads
+        .iter()
+        .find(|(n, _)| n == "walship")
+        .expect("the main thread")
+        .1;
+    let ships: Vec<i64> = threads
+        .iter()
+        .filter(|(n, _)| n.starts_with("ship-"))
+        .map(|t| t.1)
+        .collect();
+    assert!(!ships.is_empty(), "no shipper thread: {threads:?}");
+    assert!(
+        ships.iter().all(|&n| n == (main + 10).min(19)),
+        "shippers not at nice {main} + 10: {threads:?}"
+    );
+    Writer::filler(&sb.db(), 20, 7).wait();
+    d.wait_status("the commits replicated", 10 * SEC, |s| {
+        s.caught_up() && s.txid >= before.txid + 20
+    });
+    d.stop();
+}
