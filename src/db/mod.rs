@@ -160,39 +160,6 @@ pub(crate) struct FrameCursor {
 /// How long a checkpoint under the write lock waits for an application's checkpoint to end.
 const CHECKPOINT_BUSY_WAIT: Duration = Duration::from_millis(250);
 
-/// A PASSIVE checkpoint running on its own thread while walship holds the write lock (see
-/// [`Db::begin_locked_copy`]).
-pub(crate) struct LockedCopy(std::thread::JoinHandle<Result<(i64, i64)>>);
-
-/// The copy of a checkpoint under the write lock, with the pins dropped. The WAL cannot grow,
-/// and readers of older snapshots finish within their statement: retry briefly until every
-/// frame is copied, so that the new pin is a slot-0 reader and the next writer can restart
-/// the WAL. An application's own checkpoint (its autocheckpoint after a commit) makes SQLite
-/// report -1: it is copying the same frames, unpinned now; wait for it.
-fn copy_locked(ckpt: &std::sync::Mutex<Connection>) -> Result<(i64, i64)> {
-    let ckpt = ckpt
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let started = std::time::Instant::now();
-    loop {
-        let r = ckpt
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-            })
-            .context("checkpoint failed");
-        let waited = started.elapsed();
-        match r {
-            Ok((log, done))
-                if (log < 0 && waited < CHECKPOINT_BUSY_WAIT)
-                    || (done < log && waited < Duration::from_millis(20)) =>
-            {
-                std::thread::sleep(Duration::from_micros(500));
-            }
-            other => return other,
-        }
-    }
-}
-
 /// The fewest and the most frames [`Chunk`] reads at once.
 const CHUNK_MIN_FRAMES: usize = 4;
 const CHUNK_MAX_FRAMES: usize = 64;
@@ -245,9 +212,7 @@ pub(crate) struct Db {
     pins: [Connection; 2],
     /// Which of `pins` currently holds a read transaction (`None` while unpinned).
     active: Option<usize>,
-    /// In a mutex: a checkpoint under the write lock copies on a thread of its own (see
-    /// [`Db::begin_locked_copy`]).
-    ckpt: std::sync::Arc<std::sync::Mutex<Connection>>,
+    ckpt: Connection,
     file: File,
     /// The `-shm` file, for the write lock (see the module comment).
     shm: File,
@@ -591,7 +556,7 @@ impl Db {
         let mut db = Db {
             pins,
             active: None,
-            ckpt: std::sync::Arc::new(std::sync::Mutex::new(ckpt)),
+            ckpt,
             file,
             shm,
             write_locked: false,
@@ -749,64 +714,44 @@ impl Db {
     /// # Errors
     /// SQLite errors; the write lock is released in every case.
     pub(crate) fn checkpoint_locked(&mut self) -> Result<(i64, i64)> {
-        match self.begin_locked_copy() {
-            Ok(copy) => self.finish_locked_copy(copy, true),
-            Err(e) => {
-                self.unlock_writes();
-                Err(e)
+        let result = (|| {
+            for i in 0..2 {
+                self.end_pin(i)?;
             }
-        }
-    }
-
-    /// With the write lock held: drops the pins and starts copying the WAL into the database
-    /// on a thread of its own, so that the caller can capture what is left meanwhile. Under
-    /// the write lock the WAL neither grows nor restarts (walship holds the lock a restart
-    /// needs), so the copy overwrites nothing capture still has to read; the two only have to
-    /// be done before the pin begins again, which [`Db::finish_locked_copy`] does.
-    ///
-    /// # Errors
-    /// SQLite errors and a thread that cannot start; the caller still holds the write lock.
-    pub(crate) fn begin_locked_copy(&mut self) -> Result<LockedCopy> {
-        for i in 0..2 {
-            self.end_pin(i)?;
-        }
-        self.active = None;
-        let ckpt = std::sync::Arc::clone(&self.ckpt);
-        std::thread::Builder::new()
-            .name("checkpoint".into())
-            .spawn(move || copy_locked(&ckpt))
-            .map(LockedCopy)
-            .context("cannot start a checkpoint thread")
-    }
-
-    /// Waits for the copy [`Db::begin_locked_copy`] started, pins again and releases the write
-    /// lock. Returns (frames in WAL, frames checkpointed) as SQLite reports them.
-    ///
-    /// `captured` says whether capture now holds every frame of the WAL. The new pin begins on
-    /// a WAL the copy may have fully copied (SQLite's read slot 0), which lets the next commit
-    /// restart it: if capture failed short of the end, frames it does not hold would go with
-    /// that restart, so continuity is then taken as unproven and the next restart seen is a
-    /// break (a new generation), never a silent loss.
-    ///
-    /// # Errors
-    /// SQLite errors; the write lock is released in every case.
-    pub(crate) fn finish_locked_copy(
-        &mut self,
-        copy: LockedCopy,
-        captured: bool,
-    ) -> Result<(i64, i64)> {
-        let copied = copy
-            .0
-            .join()
-            .unwrap_or_else(|_| Err(anyhow!("the checkpoint thread panicked")));
-        let pinned = self.begin_pin(0);
-        if pinned.is_err() || !captured {
-            // Unpinned once the write lock goes: a restart seen later proves nothing.
-            self.lost_pin = true;
-        }
+            self.active = None;
+            // With the write lock held the WAL cannot grow, and readers of older snapshots
+            // finish within their statement: retry briefly until every frame is copied, so
+            // that the new pin is a slot-0 reader and the next writer can restart the WAL.
+            // An application's own checkpoint (its autocheckpoint after a commit) makes
+            // SQLite report -1: it is copying the same frames, unpinned now; wait for it.
+            let started = std::time::Instant::now();
+            let r = loop {
+                let r = self
+                    .ckpt
+                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    })
+                    .context("checkpoint failed");
+                let waited = started.elapsed();
+                match r {
+                    Ok((log, done))
+                        if (log < 0 && waited < CHECKPOINT_BUSY_WAIT)
+                            || (done < log && waited < Duration::from_millis(20)) =>
+                    {
+                        std::thread::sleep(Duration::from_micros(500));
+                    }
+                    other => break other,
+                }
+            };
+            if let Err(e) = self.begin_pin(0) {
+                // Unpinned once the write lock goes: a restart seen later proves nothing.
+                self.lost_pin = true;
+                return Err(e);
+            }
+            r
+        })();
         self.unlock_writes();
-        pinned?;
-        copied
+        result
     }
 
     /// A PASSIVE checkpoint that waits on nothing: copies what the pins allow. Returns
@@ -815,17 +760,15 @@ impl Db {
     /// # Errors
     /// SQLite errors other than busy.
     pub(crate) fn checkpoint_passive(&self) -> Result<Option<(i64, i64)>> {
-        let ckpt = self
+        match self
             .ckpt
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match ckpt.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        }) {
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            }) {
             Ok((0, log, done)) => Ok(Some((log, done))),
             Ok(_) => Ok(None),
             Err(rusqlite::Error::SqliteFailure(e, _))
@@ -1545,45 +1488,6 @@ pub(crate) mod tests {
         let h3 = db.wal_index().context("no wal-index hint")?;
         assert!(h3.frames < h.frames, "{h3:?} after {h:?}");
         assert_ne!((h3.salt1, h3.salt2), (h.salt1, h.salt2));
-        Ok(())
-    }
-
-    /// Under the write lock the copy runs beside capture: the WAL neither grows nor restarts
-    /// meanwhile, so capture reads every frame it scanned; then every frame is copied and the
-    /// next commit restarts the WAL. With capture at the end that restart is a continuation;
-    /// finished with capture short of the end (it failed), it is a break, never a silent loss.
-    #[test]
-    fn a_copy_beside_capture_copies_all_and_proves_no_restart_past_a_failed_capture() -> Result<()>
-    {
-        for captured in [true, false] {
-            let dir = tempfile::tempdir()?;
-            let (p, app) = wal_app(dir.path())?;
-            let mut db = Db::open(&p)?;
-            db.rotate_pin()?;
-            let (Some(start), _, _) = db.current_end()? else {
-                bail!("no WAL after the first commit");
-            };
-            for _ in 0..200 {
-                app.execute("insert into t values (randomblob(3000))", [])?;
-            }
-            assert!(db.lock_writes(Duration::from_secs(1))?);
-            let copy = db.begin_locked_copy()?;
-            let limit = if captured { None } else { Some(100) };
-            let WalState::Same { commits, end } = db.scan_limited(&start, limit)? else {
-                bail!("the WAL moved under the write lock");
-            };
-            assert_eq!(commits.len() == 200, captured, "{} commits", commits.len());
-            let (log, done) = db.finish_locked_copy(copy, captured)?;
-            assert_eq!(log, done, "not every frame was copied");
-            app.execute("insert into t values (1)", [])?;
-            match (captured, db.scan(&end)?) {
-                (true, WalState::Restarted { commits, .. }) => assert_eq!(commits.len(), 1),
-                (false, WalState::Broken(_)) => {}
-                (_, other) => {
-                    bail!("captured to the end: {captured}; after the restart: {other:?}")
-                }
-            }
-        }
         Ok(())
     }
 

@@ -43,13 +43,6 @@ const CHASE_PACE: Duration = Duration::from_millis(10);
 /// 64 MiB while the lock is waited for and what the chase left is captured.
 const LOCK_AT: u32 = 8;
 
-/// What is left to capture under the write lock, in `checkpoint-pages`, up to which the copy
-/// into the database runs beside capture instead of after it (see [`Capture::checkpoint_now`]):
-/// small enough that capture still ends well within [`LOCK_BUDGET`], which it must once the
-/// copy has started. The copy took 25-44 ms of each 35-111 ms hold of the lock under a
-/// 200 MiB bulk load, capture the rest.
-const COPY_BESIDE_AT: u64 = 4;
-
 /// How a checkpoint without any lock ended (see `checkpoint_unlocked`).
 enum Unlocked {
     /// The whole WAL was captured and copied: the next commit restarts it.
@@ -177,18 +170,6 @@ impl Capture {
         })
     }
 
-    /// Frames of the WAL not captured, as SQLite's wal-index says (a hint: it decides when
-    /// work starts, never what is captured); all of them if the index is unreadable or
-    /// describes another WAL.
-    fn uncaptured(&self) -> u64 {
-        match (self.pos, self.db.wal_index()) {
-            (Some(p), Some(h)) if (p.salt1, p.salt2) == (h.salt1, h.salt2) => {
-                u64::from(h.frames).saturating_sub(p.frames)
-            }
-            _ => u64::MAX,
-        }
-    }
-
     /// True when the WAL holds at least [`LOCK_AT`] times `threshold` frames, some of them
     /// not yet copied: the writer is held back until the WAL restarts.
     fn is_full(&self, threshold: u32) -> bool {
@@ -218,23 +199,12 @@ impl Capture {
         // Capture under the lock in chunks of `threshold` frames, and give the lock back after
         // LOCK_BUDGET even if frames remain (a large backlog, a slow machine): the application
         // must never wait anywhere near its busy timeout. What was captured stays captured;
-        // the next round goes on from there. Once what is left is at most COPY_BESIDE_AT
-        // times `threshold` frames, the copy into the database starts beside capture (see
-        // `Db::begin_locked_copy`); from then on capture finishes whatever the budget, because
-        // the copy may already have copied all.
+        // the next round goes on from there.
         let t0 = std::time::Instant::now();
-        let step = u64::from(threshold.max(1));
-        let mut copy = None;
-        let captured = loop {
-            if copy.is_none() && self.uncaptured() <= step.saturating_mul(COPY_BESIDE_AT) {
-                match self.db.begin_locked_copy() {
-                    Ok(c) => copy = Some(c),
-                    Err(e) => break Err(e),
-                }
-            }
-            match self.step_limited(Some(step)) {
-                Ok((_, false)) => break Ok(()),
-                Ok((_, true)) if copy.is_some() || t0.elapsed() < LOCK_BUDGET => {}
+        loop {
+            match self.step_limited(Some(u64::from(threshold.max(1)))) {
+                Ok((_, false)) => break,
+                Ok((_, true)) if t0.elapsed() < LOCK_BUDGET => {}
                 Ok((_, true)) => {
                     self.db.unlock_writes();
                     tracing::debug!(
@@ -243,30 +213,20 @@ impl Capture {
                     );
                     return Ok(false);
                 }
-                Err(e) => break Err(e),
+                Err(e) => {
+                    self.db.unlock_writes();
+                    return Err(e);
+                }
             }
-        };
+        }
         let captured_ms = t0.elapsed().as_millis() as u64;
-        let beside = copy.is_some();
-        let (log, done) = match (copy, captured) {
-            (Some(copy), captured) => {
-                let copied = self.db.finish_locked_copy(copy, captured.is_ok());
-                captured?;
-                copied?
-            }
-            (None, Ok(())) => self.db.checkpoint_locked()?,
-            (None, Err(e)) => {
-                self.db.unlock_writes();
-                return Err(e);
-            }
-        };
+        let (log, done) = self.db.checkpoint_locked()?;
         self.checkpointed_at = self.pos;
         crate::metrics::checkpointed();
         self.note_checkpoint(log, done);
         tracing::debug!(
             log,
             done,
-            beside,
             captured_ms,
             locked_ms = t0.elapsed().as_millis() as u64,
             "checkpoint"
