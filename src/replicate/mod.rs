@@ -118,17 +118,17 @@ fn limit_malloc_arenas() {
 /// back under SQLite's write lock until capture has caught up (see `capture::checkpoint`).
 /// Shipping only empties the spool, which may lag behind within its limit. When the CPU is
 /// short, the scheduler should therefore serve the application and capture before the
-/// shippers: a 200 MiB bulk load beside an sftp shipper (its SSH encryption, and a loopback
-/// sshd on the same two cores) took 1.48-1.85x as long as without walship, 1.12-1.55x with
-/// the shippers at nice 10 (and the WAL peaked at 36-46 MiB instead of 44-66); the load was
-/// on the replica 0.4-0.6 s after it ended instead of 0.1-0.2 s. An idle CPU serves a niced
-/// thread at once: at 100 commits/s the lag did not change, not even beside two busy loops
-/// at nice 0 (p50 42-43 ms, p99 79-81 ms, against 40-41 and 79-81).
+/// shippers. A 200 MiB bulk load beside an sftp shipper (its SSH encryption, and a loopback
+/// sshd on the same two cores) took a median 1.39x as long as without walship with the
+/// shippers at nice 10, against 1.58x without (15 runs each, docs/PERFORMANCE.md); the
+/// load was on the replica 0.3-0.6 s after it ended instead of 0.1-0.3 s. An idle CPU serves
+/// a niced thread at once: at 100 commits/s the lag did not change, not even beside two busy
+/// loops at nice 0 (p50 42-43 ms, p99 79-81 ms, against 40-41 and 79-81).
 const SHIP_NICE: i32 = 10;
 
 /// Lowers the calling thread's CPU priority by `by` nice levels (at most to 19). Best effort:
-/// a sandbox that forbids `setpriority` (a seccomp filter) leaves it as it was, said once at
-/// debug level. Raising it back would need a privilege walship does not ask for.
+/// a sandbox that forbids `setpriority` (a seccomp filter) leaves it as it was, said at debug
+/// level. Raising it back would need a privilege walship does not ask for.
 fn lower_priority(by: i32) {
     use nix::errno::Errno;
     use nix::libc::{getpriority, setpriority, PRIO_PROCESS};

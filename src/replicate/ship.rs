@@ -45,6 +45,10 @@
 //! - No empty generation directory stays on a replica: a failed upload of a generation's
 //!   snapshot (its first file) removes the directory it left empty, and every sweep of
 //!   temporary files removes generation directories that hold no file.
+//! - Shippers yield the CPU: each thread runs at a nice value 10 above the daemon's
+//!   (`SHIP_NICE` in the parent module). Capture is what keeps the application's WAL bounded
+//!   and the application's writes unblocked; shipping drains the spool and may lag behind
+//!   it for a moment when the CPU is short (a bulk load), never when it is idle.
 
 mod plan;
 
