@@ -419,6 +419,13 @@ const WATCH_HOLD: Duration = Duration::from_millis(100);
 /// capture holds (it is set from capture's position after a round, cleared when there is
 /// none); a write is read after it happened (inotify queues the event once the write is
 /// done), so a write past the mark is always seen and reported.
+///
+/// Hazard: the main loop must not call into the watcher (`watch`, `unwatch`). notify runs
+/// those calls on the watcher's thread, and the caller waits for them. That thread may be
+/// waiting here, up to [`WATCH_HOLD`] for each queued event, for a capture that only the
+/// waiting main loop could start. An experiment that did this stalled capture for 17 s under
+/// a max-rate writer (docs/PERFORMANCE.md, fifteenth session). The watcher is only dropped,
+/// after the main loop has ended; dropping it does not wait.
 #[derive(Debug, Default)]
 pub(crate) struct ChangeGate {
     pending: std::sync::Mutex<bool>,
