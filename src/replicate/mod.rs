@@ -121,7 +121,7 @@ fn limit_malloc_arenas() {
 /// shippers. A 200 MiB bulk load beside an sftp shipper (its SSH encryption, and a loopback
 /// sshd on the same two cores) took a median 1.39x as long as without walship with the
 /// shippers at nice 10, against 1.58x without (15 runs each, docs/PERFORMANCE.md); the
-/// load was on the replica 0.3-0.6 s after it ended instead of 0.1-0.3 s. An idle CPU serves
+/// load was on the replica 0.3-0.6 s after it ended instead of 0.06-0.3 s. An idle CPU serves
 /// a niced thread at once: at 100 commits/s the lag did not change, not even beside two busy
 /// loops at nice 0 (p50 42-43 ms, p99 79-81 ms, against 40-41 and 79-81).
 const SHIP_NICE: i32 = 10;
