@@ -14,7 +14,8 @@
 //!   be such a reader ([`Db::rotate_pin_behind`]).
 //!   That one restart does overwrite frames walship already captured: reads of the whole state
 //!   ([`Db::for_each_page`], for snapshots) check every frame's salts and the header afterwards
-//!   and report [`WalChange::Moved`], and capture re-verifies each frame's checksum as it reads it.
+//!   and report [`WalChange::Moved`]; capture encodes the very bytes a scan verified ([`Kept`]),
+//!   and verifies again any frame it has to read a second time.
 //! - walship checkpoints only after capturing, and normally without any lock the application
 //!   waits for: a PASSIVE checkpoint copies up to walship's pin, and when the whole WAL was
 //!   captured and copied the pin moves onto the fully copied WAL (slot 0), so the next writer
@@ -155,6 +156,8 @@ pub(crate) struct FrameCursor {
     running: [u32; 2],
     next: u64,
     chunk: Chunk,
+    /// The scan whose kept frames this cursor reads first (see [`Kept`]).
+    kept: Option<u64>,
 }
 
 /// How long a checkpoint under the write lock waits for an application's checkpoint to end.
@@ -206,6 +209,124 @@ impl Chunk {
     }
 }
 
+/// Most bytes of pages a scan keeps (see [`Kept`]): a chase's step of `checkpoint-pages`
+/// frames (4 MiB by default), with room for the commit that ends it.
+const KEEP_MAX: usize = 8 << 20;
+
+/// What [`Kept`] may go on holding between scans; more is given back after
+/// [`KEEP_SMALL_SCANS`] scans in a row that kept less (a bulk load's steps must not stay in
+/// memory at 100 commits/s, nor be given back and faulted in again at every step of a chase).
+const KEEP_RETAIN: usize = 1 << 20;
+const KEEP_SMALL_SCANS: u32 = 64;
+
+/// The frames the last scan verified, kept so that capture encodes them without reading and
+/// verifying them again (see [`Db::read_next`]): reading the WAL twice was about a fifth of
+/// capture's CPU under a bulk load or a max-rate writer (`perf`, sixteenth session in
+/// docs/PERFORMANCE.md). Invariant: it holds consecutive frames from `first`, each verified
+/// by the scan (salts, and the checksum chain from `start_running`), exactly as that scan read
+/// them; `scan` (a counter) changes with every scan, so a cursor never mixes two scans.
+#[derive(Debug, Default)]
+struct Kept {
+    scan: u64,
+    salts: (u32, u32),
+    first: u64,
+    start_running: [u32; 2],
+    page_size: usize,
+    /// Each frame's header, and the running checksum after it.
+    frames: Vec<(FrameHeader, [u32; 2])>,
+    /// Their pages, one after the other.
+    pages: Vec<u8>,
+    /// A frame was not kept (past [`KEEP_MAX`]): none after it is.
+    full: bool,
+    /// Scans in a row that kept at most [`KEEP_RETAIN`] bytes.
+    small: u32,
+}
+
+impl Kept {
+    /// Starts over for a scan of the WAL with header `h` from `pos`.
+    fn reset(&mut self, h: &WalHeader, pos: &WalPos) {
+        self.small = if self.pages.len() <= KEEP_RETAIN {
+            self.small.saturating_add(1)
+        } else {
+            0
+        };
+        if self.small >= KEEP_SMALL_SCANS && self.pages.capacity() > KEEP_RETAIN {
+            self.pages.shrink_to(KEEP_RETAIN);
+        }
+        self.scan = self.scan.wrapping_add(1);
+        self.salts = (h.salt1, h.salt2);
+        self.first = pos.frames;
+        self.start_running = pos.running;
+        self.page_size = h.page_size as usize;
+        self.frames.clear();
+        self.pages.clear();
+        self.full = false;
+    }
+
+    /// Whether a scan from `pos` in the WAL with header `h` can go on keeping frames after
+    /// these: `pos` is one of them or just after them. Frames past `pos` are let go (the
+    /// scan reads them again).
+    fn resume(&mut self, h: &WalHeader, pos: &WalPos) -> bool {
+        let Some(n) = pos
+            .frames
+            .checked_sub(self.first)
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n <= self.frames.len())
+        else {
+            return false;
+        };
+        let running = match n.checked_sub(1) {
+            None => self.start_running,
+            Some(i) => match self.frames.get(i) {
+                Some(f) => f.1,
+                None => return false,
+            },
+        };
+        if self.salts != (h.salt1, h.salt2)
+            || self.page_size != h.page_size as usize
+            || running != pos.running
+        {
+            return false;
+        }
+        self.frames.truncate(n);
+        self.pages.truncate(n * self.page_size);
+        self.full = false;
+        self.scan = self.scan.wrapping_add(1);
+        true
+    }
+
+    /// Keeps the next verified frame, if there is room.
+    fn push(&mut self, fh: FrameHeader, running: [u32; 2], page: &[u8]) {
+        if self.full || self.pages.len() + page.len() > KEEP_MAX {
+            self.full = true;
+            return;
+        }
+        self.frames.push((fh, running));
+        self.pages.extend_from_slice(page);
+    }
+
+    /// Whether a cursor from `start` in the WAL with header `h` begins on these frames.
+    fn begins(&self, h: &WalHeader, start: &WalPos) -> bool {
+        self.salts == (h.salt1, h.salt2)
+            && self.page_size == h.page_size as usize
+            && (self.first, self.start_running) == (start.frames, start.running)
+    }
+
+    /// Whether frame `n` is kept.
+    fn holds(&self, n: u64) -> bool {
+        n >= self.first && n - self.first < self.frames.len() as u64
+    }
+
+    /// Frame `n`'s header, the running checksum after it, and its page; `None` if it is not
+    /// kept.
+    fn frame(&self, n: u64) -> Option<(FrameHeader, [u32; 2], &[u8])> {
+        let i = usize::try_from(n.checked_sub(self.first)?).ok()?;
+        let (fh, running) = *self.frames.get(i)?;
+        let at = i.checked_mul(self.page_size)?;
+        Some((fh, running, self.pages.get(at..at + self.page_size)?))
+    }
+}
+
 /// walship's handle on one database.
 pub(crate) struct Db {
     // Field order matters: connections drop before `file` (see the module comment).
@@ -221,6 +342,11 @@ pub(crate) struct Db {
     wal: Option<File>,
     /// The WAL header seen by the last scan.
     last_header: Option<WalHeader>,
+    /// The frames the last scan verified (see [`Kept`]).
+    kept: Kept,
+    /// SQLite's wal-index as the last scan read it, before its frames (see
+    /// [`Db::commits_accounted`]).
+    scan_hint: Option<WalIndexHint>,
     /// Set when walship was left without a pin: continuity across a WAL restart can then no
     /// longer be proven, so the next restart seen is treated as a break.
     lost_pin: bool,
@@ -561,6 +687,8 @@ impl Db {
             shm,
             write_locked: false,
             last_header: None,
+            kept: Kept::default(),
+            scan_hint: None,
             lost_pin: false,
             known: None,
             wal: None,
@@ -859,15 +987,20 @@ impl Db {
 
     /// Whether exactly the commits of the new WAL (`h`, `commits`) were made since SQLite's
     /// commit count was `changes` (then no commit of the old WAL went unseen); `None` while
-    /// SQLite's index does not yet show what the scan found. A wal-index rebuilt by SQLite's
-    /// recovery counts from 0 again, and proves nothing.
+    /// SQLite's index does not yet show a commit the scan found. A wal-index rebuilt by
+    /// SQLite's recovery counts from 0 again, and proves nothing.
+    ///
+    /// The index is the one the last scan read before its frames: SQLite shows a commit in it
+    /// only once its frames are written, so the scan found every commit that index counts.
+    /// Read after the scan, it was often ahead of it behind a writer committing without a
+    /// pause, and the proof was tried again and again (each time scanning the whole new WAL).
     fn commits_accounted(
         &self,
         changes: u32,
         h: &WalHeader,
         commits: &[WalCommit],
     ) -> Option<bool> {
-        let ix = self.wal_index()?;
+        let ix = self.scan_hint?;
         let frames = u64::from(ix.frames);
         if (ix.salt1, ix.salt2) != (h.salt1, h.salt2)
             || (frames != 0 && !commits.iter().any(|c| c.frames_end == frames))
@@ -971,7 +1104,7 @@ impl Db {
         }
         let lost_pin = std::mem::take(&mut self.lost_pin);
         if (h.salt1, h.salt2) == (pos.salt1, pos.salt2) {
-            let (commits, end) = self.scan_from(&h, pos, limit)?;
+            let (commits, end) = self.scan_from(&h, pos, limit, false)?;
             return Ok(WalState::Same { commits, end });
         }
         // A new WAL. Continuity holds if SQLite's commit count moved by exactly the commits
@@ -980,8 +1113,8 @@ impl Db {
         // failing that proof, under the pin protocol (salt-1 one more, pinned throughout).
         let known = self.known.take().filter(|k| k.at(pos));
         let mut attempt = 0;
+        let (mut commits, mut end) = self.scan_from(&h, &WalPos::start(&h), None, false)?;
         let (commits, end) = loop {
-            let (commits, end) = self.scan_from(&h, &WalPos::start(&h), None)?;
             let Some(k) = known else {
                 break (commits, end);
             };
@@ -997,6 +1130,16 @@ impl Db {
                 None if attempt < 50 => {
                     attempt += 1;
                     std::thread::sleep(Duration::from_micros(200));
+                    if self.wal_header()? == Some(h) {
+                        // The frames scanned stay as they were (the WAL is pinned): read only
+                        // what came after them. Scanning the whole new WAL again at every
+                        // attempt read it ~10 times over behind a max-rate writer.
+                        let (more, e) = self.scan_from(&h, &end, None, true)?;
+                        commits.extend(more);
+                        end = e;
+                    } else {
+                        (commits, end) = self.scan_from(&h, &WalPos::start(&h), None, false)?;
+                    }
                 }
                 None if commits.is_empty() => {
                     self.known = known;
@@ -1028,19 +1171,28 @@ impl Db {
 
     /// Walks valid frames from `pos`, returning complete commits and the position after the
     /// last one. Frames after the last commit frame (a transaction in progress) are left.
+    /// `more`: this scan goes on from where the last one listed its last commit, and the
+    /// frames that one kept stay kept (see [`Kept::resume`]).
     fn scan_from(
         &mut self,
         h: &WalHeader,
         pos: &WalPos,
         limit: Option<u64>,
+        more: bool,
     ) -> Result<(Vec<WalCommit>, WalPos)> {
         self.last_header = Some(*h);
         // Read before the frames: the commit count it shows belongs to a commit the scan
         // then finds (frames are only appended while the WAL is pinned).
         let hint = self.wal_index();
+        self.scan_hint = hint;
         let frame_size = h.frame_size();
         let path = self.wal_path.clone();
+        let mut kept = std::mem::take(&mut self.kept);
+        if !(more && kept.resume(h, pos)) {
+            kept.reset(h, pos);
+        }
         let Some(f) = self.wal_file()? else {
+            self.kept = kept;
             return Ok((Vec::new(), *pos));
         };
         let mut chunk = Chunk::default();
@@ -1060,6 +1212,7 @@ impl Db {
                 break;
             };
             running = next;
+            kept.push(frame, running, page);
             n += 1;
             if frame.is_commit() {
                 commits.push(WalCommit {
@@ -1079,6 +1232,7 @@ impl Db {
                 }
             }
         }
+        self.kept = kept;
         if let Some(ix) = hint.filter(|ix| (ix.salt1, ix.salt2) == (h.salt1, h.salt2)) {
             let at = u64::from(ix.frames);
             if at == pos.frames || commits.iter().any(|c| c.frames_end == at) {
@@ -1093,17 +1247,31 @@ impl Db {
         Ok((commits, end))
     }
 
-    /// Reads the next frame of a cursor into `page`, verifying its salts and checksum again:
-    /// a frame that changed since [`Db::scan`] validated it (which the pin protocol should
-    /// make impossible) is an error, never silently captured.
+    /// Reads the next frame of a cursor, its header and its page: from the frames the last scan kept (the
+    /// very bytes it verified, see [`Kept`]) when the cursor began on them, else from the file,
+    /// verifying its salts and checksum again: a frame that changed since [`Db::scan`]
+    /// validated it (which the pin protocol should make impossible) is an error, never
+    /// silently captured.
     ///
     /// # Errors
     /// I/O errors, a short file, or a frame that no longer verifies.
-    pub(crate) fn read_next(
-        &mut self,
-        cur: &mut FrameCursor,
-        page: &mut [u8],
-    ) -> Result<FrameHeader> {
+    pub(crate) fn read_next<'a>(
+        &'a mut self,
+        cur: &'a mut FrameCursor,
+    ) -> Result<(FrameHeader, &'a [u8])> {
+        if cur.kept == Some(self.kept.scan) {
+            if self.kept.holds(cur.next) {
+                let (fh, running, page) = self
+                    .kept
+                    .frame(cur.next)
+                    .ok_or_else(|| anyhow!("internal: a kept frame is missing"))?;
+                cur.running = running;
+                cur.next += 1;
+                return Ok((fh, page));
+            }
+            // Past the kept frames: from the file, verified again.
+            cur.kept = None;
+        }
         let path = self.wal_path.clone();
         let f = self
             .wal_file()?
@@ -1113,15 +1281,7 @@ impl Db {
             .frame(f, cur.header.frame_size(), cur.next)
             .with_context(|| format!("cannot read {}", path.display()))?
             .ok_or_else(|| anyhow!("{} is shorter than expected", path.display()))?;
-        let (fh, data) = frame.split_at(FRAME_HEADER_SIZE);
-        if page.len() != data.len() {
-            bail!(
-                "internal: a {}-byte buffer for {}-byte pages",
-                page.len(),
-                data.len()
-            );
-        }
-        page.copy_from_slice(data);
+        let (fh, page) = frame.split_at(FRAME_HEADER_SIZE);
         let Some((h, running)) = cur.header.check_frame(cur.running, fh, page) else {
             return Err(WalChange::Broken(format!(
                 "WAL frame {} of {} changed while walship read it",
@@ -1132,7 +1292,7 @@ impl Db {
         };
         cur.running = running;
         cur.next += 1;
-        Ok(h)
+        Ok((h, page))
     }
 
     /// The WAL header seen by the last [`Db::scan`].
@@ -1154,6 +1314,7 @@ impl Db {
             running: start.running,
             next: start.frames,
             chunk: Chunk::default(),
+            kept: self.kept.begins(&header, start).then_some(self.kept.scan),
         })
     }
 
@@ -1578,6 +1739,99 @@ pub(crate) mod tests {
             bail!("the WAL moved");
         };
         assert_eq!(commits, all, "a limit past the end lists everything");
+        Ok(())
+    }
+
+    /// A cursor serves the frames its scan kept as that scan verified them, without reading
+    /// the file again; past them (a commit bigger than [`KEEP_MAX`]) it reads the file and
+    /// verifies each frame again. Shown by changing two frames in the file after the scan:
+    /// the kept one is served as it was, the other is refused.
+    #[test]
+    fn a_cursor_serves_kept_frames_and_verifies_the_rest_again() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (p, app) = wal_app(dir.path())?;
+        let mut db = Db::open(&p)?;
+        db.rotate_pin()?;
+        let (Some(start), _, _) = db.current_end()? else {
+            bail!("no WAL after the first commit");
+        };
+        app.execute(
+            "insert into t values (randomblob(?1))",
+            [KEEP_MAX as i64 + (1 << 20)],
+        )?;
+        let WalState::Same { commits, end } = db.scan(&start)? else {
+            bail!("the WAL moved");
+        };
+        assert_eq!(commits.len(), 1);
+        let frames = end.frames - start.frames;
+        let kept = db.kept.frames.len() as u64;
+        assert!(kept > 0 && kept < frames, "{kept} of {frames} frames kept");
+        let h = db.last_header().context("no header")?;
+        let first_page = {
+            let mut cur = db.cursor(&start)?;
+            db.read_next(&mut cur)?.1.to_vec()
+        };
+        // Change the page of the first frame (kept) and of the last (not kept) in the file.
+        let wal = std::fs::OpenOptions::new()
+            .write(true)
+            .open(sidecar(&p, "-wal"))?;
+        let page_at =
+            |n: u64| WAL_HEADER_SIZE as u64 + n * h.frame_size() as u64 + FRAME_HEADER_SIZE as u64;
+        wal.write_all_at(&[0x5a; 64], page_at(start.frames))?;
+        wal.write_all_at(&[0x5a; 64], page_at(end.frames - 1))?;
+        let mut cur = db.cursor(&start)?;
+        assert_eq!(
+            db.read_next(&mut cur)?.1,
+            &first_page[..],
+            "a kept frame changed"
+        );
+        let mut read = 1;
+        let err = loop {
+            match db.read_next(&mut cur) {
+                Ok(_) => read += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(
+            read,
+            frames - 1,
+            "the changed frame past the kept ones was served"
+        );
+        assert!(
+            format!("{err:#}").contains("changed while walship read it"),
+            "{err:#}"
+        );
+        Ok(())
+    }
+
+    /// The proof of continuity across a WAL reset counts the commits SQLite's index showed
+    /// before the scan read the frames: a commit made after the scan does not spoil it (the
+    /// index read after the scan was ahead of it, and the proof was retried, scanning again).
+    #[test]
+    fn commits_are_accounted_with_the_index_read_before_the_scan() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (p, app) = wal_app(dir.path())?;
+        let mut db = Db::open(&p)?;
+        db.rotate_pin()?;
+        let (Some(start), _, _) = db.current_end()? else {
+            bail!("no WAL after the first commit");
+        };
+        let before = db.wal_index().context("no wal-index")?.changes;
+        for i in 0..3 {
+            app.execute("insert into t values (?1)", [i])?;
+        }
+        let h = db.wal_header()?.context("no WAL header")?;
+        let WalState::Same { commits, .. } = db.scan(&start)? else {
+            bail!("the WAL moved");
+        };
+        assert_eq!(commits.len(), 3);
+        app.execute("insert into t values (4)", [])?;
+        assert_eq!(db.commits_accounted(before, &h, &commits), Some(true));
+        assert_eq!(
+            db.commits_accounted(before.wrapping_sub(1), &h, &commits),
+            Some(false),
+            "a commit not seen"
+        );
         Ok(())
     }
 

@@ -174,7 +174,6 @@ impl Capture {
         per_commit: bool,
     ) -> Result<()> {
         let ps = self.page_size;
-        let mut page = vec![0u8; ps as usize];
         let mut cursor = self.db.cursor(from)?;
         let mut frame = from.frames;
         let mut i = 0;
@@ -192,10 +191,10 @@ impl Capture {
             while i < commits.len() {
                 let c = commits[i];
                 while frame < c.frames_end {
-                    let fh = self.db.read_next(&mut cursor, &mut page)?;
-                    enc.page(fh.pgno, &page)?;
+                    let (fh, page) = self.db.read_next(&mut cursor)?;
+                    enc.page(fh.pgno, page)?;
                     if per_commit {
-                        self.hashes.set(fh.pgno, &page);
+                        self.hashes.set(fh.pgno, page);
                     }
                     frame += 1;
                 }
