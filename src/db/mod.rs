@@ -209,15 +209,12 @@ impl Chunk {
     }
 }
 
-/// Most bytes of pages a scan keeps (see [`Kept`]): a chase's step of `checkpoint-pages`
-/// frames (4 MiB by default), with room for the commit that ends it.
-const KEEP_MAX: usize = 8 << 20;
-
-/// What [`Kept`] may go on holding between scans; more is given back after
-/// [`KEEP_SMALL_SCANS`] scans in a row that kept less (a bulk load's steps must not stay in
-/// memory at 100 commits/s, nor be given back and faulted in again at every step of a chase).
-const KEEP_RETAIN: usize = 1 << 20;
-const KEEP_SMALL_SCANS: u32 = 64;
+/// Most bytes of pages a scan keeps (see [`Kept`]), allocated once. A chase's step is
+/// `checkpoint-pages` frames (4 MiB by default), and the frames past this are read again, and
+/// verified again. Keeping 8 MiB (whole steps) saved ~8% more of walship's CPU behind a
+/// max-rate writer than 1 MiB, but raised its peak RSS from 13 to 22 MiB (2 MiB: 16 MiB;
+/// 1 MiB: 14.5-15.1 MiB, `bench/rss.sh`; #12 allows 16).
+const KEEP_MAX: usize = 1 << 20;
 
 /// The frames the last scan verified, kept so that capture encodes them without reading and
 /// verifying them again (see [`Db::read_next`]): reading the WAL twice was about a fifth of
@@ -238,21 +235,11 @@ struct Kept {
     pages: Vec<u8>,
     /// A frame was not kept (past [`KEEP_MAX`]): none after it is.
     full: bool,
-    /// Scans in a row that kept at most [`KEEP_RETAIN`] bytes.
-    small: u32,
 }
 
 impl Kept {
     /// Starts over for a scan of the WAL with header `h` from `pos`.
     fn reset(&mut self, h: &WalHeader, pos: &WalPos) {
-        self.small = if self.pages.len() <= KEEP_RETAIN {
-            self.small.saturating_add(1)
-        } else {
-            0
-        };
-        if self.small >= KEEP_SMALL_SCANS && self.pages.capacity() > KEEP_RETAIN {
-            self.pages.shrink_to(KEEP_RETAIN);
-        }
         self.scan = self.scan.wrapping_add(1);
         self.salts = (h.salt1, h.salt2);
         self.first = pos.frames;
@@ -300,6 +287,10 @@ impl Kept {
         if self.full || self.pages.len() + page.len() > KEEP_MAX {
             self.full = true;
             return;
+        }
+        if self.pages.capacity() == 0 {
+            // Once, and never more: the buffer is reused by every scan.
+            self.pages.reserve_exact(KEEP_MAX);
         }
         self.frames.push((fh, running));
         self.pages.extend_from_slice(page);
