@@ -1654,6 +1654,17 @@ pub(crate) mod tests {
         Ok((p, app))
     }
 
+    /// [`wal_app`] with walship's [`Db`] on it, pinned, and the position after its commits.
+    fn pinned_app(dir: &Path) -> Result<(PathBuf, rusqlite::Connection, Db, WalPos)> {
+        let (p, app) = wal_app(dir)?;
+        let mut db = Db::open(&p)?;
+        db.rotate_pin()?;
+        let (Some(start), _, _) = db.current_end()? else {
+            bail!("no WAL after the first commit");
+        };
+        Ok((p, app, db, start))
+    }
+
     /// While walship holds the checkpointer lock, another process's checkpoint returns busy
     /// at once; walship's own checkpoint still runs, and SQLite lets go of the lock when it
     /// ends, as [`Db::release_checkpoints`] does.
@@ -1700,12 +1711,7 @@ pub(crate) mod tests {
     #[test]
     fn a_limited_scan_stops_past_its_limit() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let (p, app) = wal_app(dir.path())?;
-        let mut db = Db::open(&p)?;
-        db.rotate_pin()?;
-        let (Some(start), _, _) = db.current_end()? else {
-            bail!("no WAL after the first commit");
-        };
+        let (_, app, mut db, start) = pinned_app(dir.path())?;
         for i in 0..50 {
             app.execute("insert into t values (?1)", [i])?;
         }
@@ -1740,12 +1746,7 @@ pub(crate) mod tests {
     #[test]
     fn a_cursor_serves_kept_frames_and_verifies_the_rest_again() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let (p, app) = wal_app(dir.path())?;
-        let mut db = Db::open(&p)?;
-        db.rotate_pin()?;
-        let (Some(start), _, _) = db.current_end()? else {
-            bail!("no WAL after the first commit");
-        };
+        let (p, app, mut db, start) = pinned_app(dir.path())?;
         app.execute(
             "insert into t values (randomblob(?1))",
             [KEEP_MAX as i64 + (1 << 20)],
@@ -1801,12 +1802,7 @@ pub(crate) mod tests {
     #[test]
     fn commits_are_accounted_with_the_index_read_before_the_scan() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let (p, app) = wal_app(dir.path())?;
-        let mut db = Db::open(&p)?;
-        db.rotate_pin()?;
-        let (Some(start), _, _) = db.current_end()? else {
-            bail!("no WAL after the first commit");
-        };
+        let (_, app, mut db, start) = pinned_app(dir.path())?;
         let before = db.wal_index().context("no wal-index")?.changes;
         for i in 0..3 {
             app.execute("insert into t values (?1)", [i])?;
