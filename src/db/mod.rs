@@ -231,10 +231,9 @@ struct Kept {
     page_size: usize,
     /// Each frame's header, and the running checksum after it.
     frames: Vec<(FrameHeader, [u32; 2])>,
-    /// Their pages, one after the other.
+    /// Their pages, one after the other. Every page has the same size, so once one does not
+    /// fit in [`KEEP_MAX`], none after it does: the frames kept are always consecutive.
     pages: Vec<u8>,
-    /// A frame was not kept (past [`KEEP_MAX`]): none after it is.
-    full: bool,
 }
 
 impl Kept {
@@ -247,7 +246,6 @@ impl Kept {
         self.page_size = h.page_size as usize;
         self.frames.clear();
         self.pages.clear();
-        self.full = false;
     }
 
     /// Whether a scan from `pos` in the WAL with header `h` can go on keeping frames after
@@ -277,15 +275,13 @@ impl Kept {
         }
         self.frames.truncate(n);
         self.pages.truncate(n * self.page_size);
-        self.full = false;
         self.scan = self.scan.wrapping_add(1);
         true
     }
 
     /// Keeps the next verified frame, if there is room.
     fn push(&mut self, fh: FrameHeader, running: [u32; 2], page: &[u8]) {
-        if self.full || self.pages.len() + page.len() > KEEP_MAX {
-            self.full = true;
+        if self.pages.len() + page.len() > KEEP_MAX {
             return;
         }
         if self.pages.capacity() == 0 {
@@ -305,7 +301,7 @@ impl Kept {
 
     /// Whether frame `n` is kept.
     fn holds(&self, n: u64) -> bool {
-        n >= self.first && n - self.first < self.frames.len() as u64
+        self.frame(n).is_some()
     }
 
     /// Frame `n`'s header, the running checksum after it, and its page; `None` if it is not
@@ -1238,11 +1234,11 @@ impl Db {
         Ok((commits, end))
     }
 
-    /// Reads the next frame of a cursor, its header and its page: from the frames the last scan kept (the
-    /// very bytes it verified, see [`Kept`]) when the cursor began on them, else from the file,
-    /// verifying its salts and checksum again: a frame that changed since [`Db::scan`]
-    /// validated it (which the pin protocol should make impossible) is an error, never
-    /// silently captured.
+    /// Reads the next frame of a cursor: its header and its page. They come from the frames
+    /// the last scan kept (the very bytes it verified, see [`Kept`]) when the cursor began on
+    /// them, else from the file, verifying its salts and checksum again: a frame that changed
+    /// since [`Db::scan`] validated it (which the pin protocol should make impossible) is an
+    /// error, never silently captured.
     ///
     /// # Errors
     /// I/O errors, a short file, or a frame that no longer verifies.
