@@ -315,6 +315,8 @@ impl Capture {
                 self.note_checkpoint(i64::from(h.frames), i64::from(h.backfilled));
                 return Ok(Unlocked::Stopped);
             }
+            // Everything walship captured was copied: no reader held any of it.
+            self.stopped_short = false;
         }
         Ok(Unlocked::Stopped)
     }
@@ -337,25 +339,26 @@ impl Capture {
     /// Backs checkpoints off while a reader keeps them from copying the whole WAL (`done`
     /// of `log` frames copied), and ends the back-off once one did.
     ///
-    /// Only a reader that stays counts: the back-off starts when a checkpoint stops where the
-    /// last one that could not copy everything stopped. A checkpoint can also stop short of
-    /// the WAL's end for a moment (measured behind a max-rate single-row writer: 2-3 times in
-    /// 3 s, a few hundred frames short of what walship had captured, the next checkpoint
-    /// copying past it). Each of those used to stop checkpoints for 100 ms, the write lock
-    /// included, and the WAL grew 40 MiB past the size at which the writer is held back.
+    /// The back-off starts with the second checkpoint in a row that stops short: a checkpoint
+    /// can stop short of the WAL's end for a moment with no reader that stays (measured behind
+    /// a max-rate single-row writer: 2-3 times in 3 s, a few hundred frames short of what
+    /// walship had captured, the next checkpoint copying everything). Each of those used to
+    /// stop checkpoints for 100 ms, the write lock included, and the WAL grew 40 MiB past the
+    /// size at which the writer is held back. A reader that stays, or readers that come one
+    /// after the other so that no checkpoint copies everything, stop the next one short too.
     pub(super) fn note_checkpoint(&mut self, log: i64, done: i64) {
         if done >= log {
             self.checkpoint_backoff = None;
-            self.stopped_at = None;
+            self.stopped_short = false;
             return;
         }
-        if self.checkpoint_backoff.is_none() && self.stopped_at != Some(done) {
+        if !self.stopped_short {
             tracing::debug!(
                 log,
                 done,
                 "a checkpoint stopped short of the WAL's end: the next one tries again"
             );
-            self.stopped_at = Some(done);
+            self.stopped_short = true;
             return;
         }
         // A reader keeps frames from being copied: wait for it, longer each time.
@@ -392,11 +395,11 @@ mod tests {
         Ok((app, cap))
     }
 
-    /// A checkpoint that stops short of the WAL's end once is tried again at once;
-    /// checkpoints back off only when one stops at the same frame again (a reader that
-    /// stays), and one that copies everything ends the back-off.
+    /// A checkpoint that stops short of the WAL's end is tried again at once; the next one
+    /// stopping short too starts the back-off (longer each time), and one that copies
+    /// everything ends it.
     #[test]
-    fn checkpoints_back_off_only_for_a_reader_that_stays() -> Result<()> {
+    fn checkpoints_back_off_from_the_second_that_stops_short() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let (_app, mut cap) = captured_app(dir.path())?;
         cap.note_checkpoint(3497, 2325);
@@ -404,27 +407,31 @@ mod tests {
             !cap.backing_off(),
             "one checkpoint stopped short: backing off"
         );
-        cap.note_checkpoint(3600, 3500);
-        assert!(
-            !cap.backing_off(),
-            "checkpoints went on copying: backing off"
-        );
+        cap.note_checkpoint(3600, 3600);
         cap.note_checkpoint(3700, 3500);
         assert!(
-            cap.backing_off(),
-            "two stopped at the same frame: no back-off"
+            !cap.backing_off(),
+            "one stopped short after a full copy: backing off"
         );
-        cap.note_checkpoint(3900, 3500);
-        assert!(cap.backing_off(), "a reader that stays: the back-off ended");
-        cap.note_checkpoint(3800, 3800);
+        cap.note_checkpoint(3800, 3500);
+        let first = cap.checkpoint_backoff.map(|(_, b)| b);
+        assert_eq!(first, Some(MIN_BACKOFF), "two stopped short in a row");
+        cap.note_checkpoint(3900, 3600);
+        let second = cap.checkpoint_backoff.map(|(_, b)| b);
+        assert_eq!(
+            second,
+            Some(MIN_BACKOFF * 2),
+            "a third: the back-off did not grow"
+        );
+        cap.note_checkpoint(4000, 4000);
         assert!(
             !cap.backing_off(),
             "a checkpoint copied everything: backing off"
         );
-        cap.note_checkpoint(4000, 3900);
+        cap.note_checkpoint(4100, 4000);
         assert!(
             !cap.backing_off(),
-            "a new short stop after a full copy: backing off"
+            "a short stop after a full copy: backing off"
         );
         Ok(())
     }

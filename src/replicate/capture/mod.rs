@@ -68,9 +68,9 @@ pub(crate) struct Capture {
     /// next back-off. Retaking the write lock for a checkpoint that cannot progress would
     /// only hold the application's writers back.
     checkpoint_backoff: Option<(std::time::Instant, Duration)>,
-    /// Where the last checkpoint that could not copy the whole WAL stopped (frames copied):
-    /// checkpoints back off only once one stops there again (see `Capture::note_checkpoint`).
-    stopped_at: Option<i64>,
+    /// The last checkpoint could not copy the whole WAL: checkpoints back off if the next one
+    /// cannot either (see `Capture::note_checkpoint`).
+    stopped_short: bool,
     /// Whether the commits of the last step of a chase were small (see
     /// `checkpoint::HOLD_BELOW`): the next chase keeps checkpoints to itself from its first step.
     small_commits: bool,
@@ -144,7 +144,7 @@ impl Capture {
             checkpointed_at: None,
             poisoned: false,
             checkpoint_backoff: None,
-            stopped_at: None,
+            stopped_short: false,
             small_commits: false,
             behind: false,
             retry: None,
