@@ -343,9 +343,10 @@ impl Capture {
     /// can stop short of the WAL's end for a moment with no reader that stays (measured behind
     /// a max-rate single-row writer: 2-3 times in 3 s, a few hundred frames short of what
     /// walship had captured, the next checkpoint copying everything). Each of those used to
-    /// stop checkpoints for 100 ms, the write lock included, and the WAL grew 40 MiB past the
-    /// size at which the writer is held back. A reader that stays, or readers that come one
-    /// after the other so that no checkpoint copies everything, stop the next one short too.
+    /// stop checkpoints for 100 ms, the write lock included, and the WAL grew up to 40 MiB
+    /// past the size at which the writer is held back. A reader that stays, or readers that
+    /// come one after the other so that no checkpoint copies everything, stop the next one
+    /// short too.
     pub(super) fn note_checkpoint(&mut self, log: i64, done: i64) {
         if done >= log {
             self.checkpoint_backoff = None;
