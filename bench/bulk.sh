@@ -10,13 +10,6 @@ MODE="${2:-file}"
 py() { python3 -c "import sys; sys.path.insert(0,'$BENCH'); from benchlib import *; $1"; }
 kv() { awk -v k="$1" '$1==k {print $2}' "$2"; }
 
-# start_sampler OUT WAL STATE PID; stop_sampler
-start_sampler() {
-    python3 "$BENCH/sampler.py" "$@" & SPID=$!; PIDS="$PIDS $SPID"
-    until [ -e "$1.ready" ]; do sleep 0.005; done
-}
-stop_sampler() { kill -TERM "$SPID"; wait "$SPID" || true; }
-
 # Baseline: plain sqlite3 alone.
 make_db "$T/base.db"
 start_sampler "$T/base.peak" "$T/base.db-wal" -

@@ -46,6 +46,14 @@ stop_walship() {
     wait "$WPID" 2>/dev/null || true
 }
 
+# start_sampler OUT WAL [STATE|-] [PID]: sampler.py (peaks of the -wal file, the state
+# directory, the RSS, every 10 ms) until stop_sampler writes them to OUT; waits until it runs
+start_sampler() {
+    python3 "$BENCH/sampler.py" "$@" & SPID=$!; PIDS="$PIDS $SPID"
+    until [ -e "$1.ready" ]; do sleep 0.005; done
+}
+stop_sampler() { kill -TERM "$SPID"; wait "$SPID" || true; }
+
 # start_watch ROOT OUT: inotify watcher on a replica's directory; sets WATCHPID, waits until armed
 start_watch() {
     python3 "$BENCH/watch.py" "$1" "$2" &

@@ -8,28 +8,22 @@ MODE="${1:-file}"
 PHASES="${PHASES:-10:3,100:4,1000:3,0:2}"
 SYNC="${SYNC:-NORMAL}"
 
-# sample_wal OUT WAL: the -wal file's size every 10 ms until stop_sample (its peak in OUT)
-sample_wal() {
-    python3 "$BENCH/sampler.py" "$1" "$2" & SPID=$!; PIDS="$PIDS $SPID"
-    until [ -e "$1.ready" ]; do sleep 0.005; done
-}
-stop_sample() { kill -TERM "$SPID"; wait "$SPID" || true; }
 wal_mib() { awk '$1=="wal" {printf "%.1f", $2 / 1048576}' "$1"; }
 
 # Baseline: plain sqlite3, no walship.
 make_db "$T/base.db"
-sample_wal "$T/base.peak" "$T/base.db-wal"
+start_sampler "$T/base.peak" "$T/base.db-wal"
 python3 "$BENCH/writer.py" "$T/base.db" "$T/base.out" "$PHASES" --sync "$SYNC"
-stop_sample
+stop_sampler
 
 make_db "$T/w.db"
 replica_target "$MODE"
 start_walship "$T/w.db" "$URL" "$T/state" "$T/walship.log" $EXTRA
 start_watch "$ROOT" "$T/watch.out"
 CPU0=$(python3 -c "import sys; sys.path.insert(0,'$BENCH'); from benchlib import *; print(proc_cpu_seconds($WPID))")
-sample_wal "$T/w.peak" "$T/w.db-wal"
+start_sampler "$T/w.peak" "$T/w.db-wal"
 python3 "$BENCH/writer.py" "$T/w.db" "$T/w.out" "$PHASES" --sync "$SYNC"
-stop_sample
+stop_sampler
 sleep 0.5
 CPU1=$(python3 -c "import sys; sys.path.insert(0,'$BENCH'); from benchlib import *; print(proc_cpu_seconds($WPID))")
 echo "# lag.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  synchronous=$SYNC  walship $($WALSHIP --version)"

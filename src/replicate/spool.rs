@@ -163,7 +163,7 @@ pub(crate) struct Spool {
     /// For the files appended to in this process: where each part starts.
     parts: Mutex<HashMap<(GenerationId, FileName), Vec<Part>>>,
     /// Sends removed files (renamed, see the module doc) to the thread that unlinks them.
-    reaper: Mutex<std::sync::mpsc::Sender<PathBuf>>,
+    reaper: std::sync::mpsc::Sender<PathBuf>,
 }
 
 /// A callback; `Debug` so that [`Spool`] can derive it.
@@ -187,7 +187,7 @@ impl Spool {
         remove_temp_files(&dir)
             .with_context(|| format!("cannot remove temporary files in {}", dir.display()))?;
         let spool = Spool {
-            reaper: Mutex::new(start_reaper()?),
+            reaper: start_reaper()?,
             dir,
             files: Mutex::new(BTreeMap::new()),
             newest: Mutex::new(None),
@@ -662,7 +662,7 @@ impl Spool {
         // Unlinked here if it cannot be handed to the thread (a generation directory on
         // another file system, the thread gone).
         let here = match fs::rename(&p, &gone) {
-            Ok(()) => match lock(&self.reaper).send(gone) {
+            Ok(()) => match self.reaper.send(gone) {
                 Ok(()) => None,
                 Err(std::sync::mpsc::SendError(gone)) => Some(gone),
             },
