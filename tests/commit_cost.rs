@@ -241,6 +241,90 @@ fn a_bulk_load_is_held_back_only_once_its_wal_is_full() {
     stop_and_restore(&sb, d);
 }
 
+/// A bulk load that goes on for `secs` seconds in 1 MiB transactions of random blobs (one every
+/// 20 ms at most), each also deleting what lies 10 MiB behind (the database stays small while
+/// its WAL churns); prints the transactions committed.
+const ROLLING_LOAD: &str = "import os, sqlite3, sys, time\n\
+    c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+    c.execute('pragma busy_timeout=5000')\n\
+    end = time.monotonic() + float(sys.argv[2]); n = 0\n\
+    while time.monotonic() < end:\n\
+    \x20   c.execute('begin')\n\
+    \x20   c.executemany('insert into t(payload) values (?)', [(os.urandom(65536),) for _ in range(16)])\n\
+    \x20   c.execute('delete from t where rowid <= (select max(rowid) from t) - 160')\n\
+    \x20   c.execute('commit'); n += 1\n\
+    \x20   time.sleep(0.02)\n\
+    print(n)\n";
+
+/// kill -9 while walship chases a bulk load, which is when segments are published by a thread
+/// of their own behind capture (`capture::publish`): after every restart walship goes on, and
+/// after the last the restore equals the source, with no temporary file left anywhere.
+#[test]
+fn kill9_while_a_bulk_load_is_chased() {
+    use rand::RngExt;
+    let sb = Sandbox::new();
+    sb.create_db();
+    // A small checkpoint threshold: every transaction (256 frames) makes the writer outrun
+    // capture, which chases it in steps of 100 frames, each a segment published behind it.
+    let conf = sb.path("walship.toml");
+    let text = format!(
+        "db = {:?}\nstate-dir = {:?}\ncheckpoint-pages = 100\n[[replica]]\nname = \"a\"\nurl = {:?}\n",
+        sb.db().display().to_string(),
+        sb.state().display().to_string(),
+        sb.replica_url(),
+    );
+    std::fs::write(&conf, text).expect("write config");
+    let mut d = Daemon::raw(
+        vec!["replicate".into(), "--config".into(), conf.into()],
+        &sb.state(),
+    )
+    .env("WALSHIP_LOG", "walship=debug")
+    .start();
+    d.wait_caught_up(15 * SEC);
+    let db = sb.db();
+    let loader = std::thread::spawn(move || python(ROLLING_LOAD, &db, "10"));
+    let mut rng = rand::rng();
+    let mut kills = 0;
+    let ready = |d: &Daemon| d.log_text().matches(" ready: ").count();
+    while !loader.is_finished() {
+        // Killed once started, while it chases the load (not in its start-up snapshot).
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1200)));
+        d.assert_running();
+        d.kill9();
+        kills += 1;
+        let before = ready(&d);
+        d.restart();
+        poll("walship ready after kill -9", 60 * SEC, || {
+            (ready(&d) > before).then_some(())
+        });
+    }
+    let commits: u64 = loader
+        .join()
+        .expect("the loader thread")
+        .trim()
+        .parse()
+        .expect("the loader's count");
+    d.wait_caught_up(60 * SEC);
+    let log = d.log_text();
+    let chased = log
+        .lines()
+        .filter(|l| l.contains(" checkpoint ") && l.contains("frames="))
+        .count()
+        + locked_checkpoints(&log).len();
+    eprintln!("{commits} transactions, {kills} kills, {chased} checkpoints of a chase");
+    assert!(kills >= 5, "only {kills} kills during the load");
+    assert!(commits >= 50, "only {commits} transactions loaded");
+    assert!(chased > 0, "walship never chased the load:\n{log}");
+    d.stop();
+    let mut rep = Report::new("kill -9 while a bulk load is chased");
+    let mut temps = rep.temp_files_in(&sb.replica());
+    temps.extend(rep.temp_files_in(&sb.state()));
+    assert!(temps.is_empty(), "temporary files left: {temps:?}");
+    let out = sb.path("restored.db");
+    restore(&out, &sb.replica_url(), &[]).assert_ok();
+    assert_same_db(&sb.db(), &out);
+}
+
 /// Commits one row at a time as fast as SQLite goes for `secs` seconds (5 s busy timeout,
 /// autocheckpoint as by default). Returns the commits and the longest one in ms.
 fn max_rate_writer(db: &Path, secs: u32) -> (u64, f64) {

@@ -88,7 +88,11 @@ impl Capture {
     /// SQLite errors.
     pub(crate) fn rotate_pin(&mut self) -> Result<()> {
         match (self.behind, self.pos) {
-            (false, _) => self.db.rotate_pin(),
+            (false, _) => {
+                // This pin may let the WAL restart: only over published frames.
+                self.settle()?;
+                self.db.rotate_pin()
+            }
             (true, Some(pos)) if !self.small_commits => self.db.rotate_pin_behind(&pos),
             (true, _) => Ok(()),
         }
@@ -186,6 +190,18 @@ impl Capture {
     /// # Errors
     /// Capture or SQLite errors.
     pub(crate) fn checkpoint_now(&mut self, threshold: u32) -> Result<bool> {
+        // Segments are published behind capture while it chases (see `publish`), and all of
+        // them before this returns.
+        self.pipelined = true;
+        let r = self.checkpoint_pipelined(threshold);
+        self.pipelined = false;
+        let settled = self.settle();
+        let r = r?;
+        settled?;
+        Ok(r)
+    }
+
+    fn checkpoint_pipelined(&mut self, threshold: u32) -> Result<bool> {
         match self.checkpoint_unlocked(threshold)? {
             Unlocked::Copied => return Ok(true),
             Unlocked::Full => {}
@@ -218,6 +234,11 @@ impl Capture {
                     return Err(e);
                 }
             }
+        }
+        // The checkpoint lets the next commit restart the WAL: only over published frames.
+        if let Err(e) = self.settle() {
+            self.db.unlock_writes();
+            return Err(e);
         }
         let captured_ms = t0.elapsed().as_millis() as u64;
         let (log, done) = self.db.checkpoint_locked()?;

@@ -26,6 +26,7 @@
 //!   they are published in the spool (for a segment, after the state above is saved).
 
 mod checkpoint;
+mod publish;
 mod resume;
 mod segments;
 
@@ -80,6 +81,11 @@ pub(crate) struct Capture {
     behind: bool,
     /// The last snapshot failed (a full disk, say): when to try again, and in which generation.
     retry: Option<Retry>,
+    /// Publishes segments on a thread of its own while a checkpoint chases a writer.
+    publisher: publish::Publisher,
+    /// Whether segments go to the publisher (within [`Capture::checkpoint_now`] only) rather
+    /// than being published before the step returns.
+    pipelined: bool,
 }
 
 /// First wait before a failed snapshot is tried again; it doubles with every failure...
@@ -126,6 +132,7 @@ impl Capture {
         fresh: Option<&str>,
     ) -> Result<Capture> {
         let saved = state.load_capture()?;
+        let publisher = publish::Publisher::start(spool.clone(), state.clone())?;
         let mut cap = Capture {
             db,
             spool,
@@ -148,6 +155,8 @@ impl Capture {
             small_commits: false,
             behind: false,
             retry: None,
+            publisher,
+            pipelined: false,
         };
         match (fresh, saved) {
             (Some(why), _) => cap.new_generation(GenerationReason::DbReplaced, why)?,
@@ -384,6 +393,12 @@ impl Capture {
             self.poisoned = true;
         }
         r
+    }
+
+    /// Waits until every segment handed to the publisher is published; a failure poisons the
+    /// capture (see `publish`).
+    fn settle(&mut self) -> Result<()> {
+        self.poison_on_err(|c| c.publisher.settle())
     }
 
     /// The captured state, as saved.

@@ -24,6 +24,10 @@ impl Capture {
     /// Starts a segment in the spool, remembering the state before it; `live` names a big
     /// segment that shippers may stream while it is written.
     pub(super) fn begin_segment(&self, live: Option<FileName>) -> Result<PendingSegment> {
+        if live.is_some() {
+            // Live files are streamed one at a time, in order: the previous ones first.
+            self.publisher.settle()?;
+        }
         let prev = self.state();
         let appended = match live {
             None => self.spool.append(&self.at.generation, self.at.txid),
@@ -44,16 +48,22 @@ impl Capture {
 
     /// Finishes a segment: saves the state naming the positions before (`prev-*`) and after
     /// it, then publishes it (see [`Capture::write_segments`] for why in that order).
+    /// Within a checkpoint's chase, the publisher does both while capture goes on (see
+    /// `publish`).
     pub(super) fn publish_segment(&self, seg: PendingSegment, name: &FileName) -> Result<()> {
         let w = seg
             .enc
             .finish()?
             .into_inner()
             .map_err(|e| anyhow!("cannot write segment: {}", e.error()))?;
-        self.state.save_capture(&SavedCapture {
+        let saved = SavedCapture {
             cur: self.state(),
             prev: Some(seg.prev),
-        })?;
+        };
+        if self.pipelined {
+            return self.publisher.publish(w, saved, self.at.generation, *name);
+        }
+        self.state.save_capture(&saved)?;
         self.spool.publish(w, &self.at.generation, name)?;
         Ok(())
     }
