@@ -48,8 +48,10 @@ impl Capture {
 
     /// Finishes a segment: saves the state naming the positions before (`prev-*`) and after
     /// it, then publishes it (see [`Capture::write_segments`] for why in that order).
-    /// Within a checkpoint's chase, the publisher does both while capture goes on (see
-    /// `publish`).
+    /// Within a checkpoint's chase of a writer of big commits, the publisher does both while
+    /// capture goes on (see `publish`). Small commits are published at once: their steps are
+    /// short and a pin move follows each, so handing them over only added two thread switches
+    /// per step (a max-rate single-row writer ran at 0.81x instead of 0.84x).
     pub(super) fn publish_segment(&self, seg: PendingSegment, name: &FileName) -> Result<()> {
         let w = seg
             .enc
@@ -60,7 +62,7 @@ impl Capture {
             cur: self.state(),
             prev: Some(seg.prev),
         };
-        if self.pipelined {
+        if self.pipelined && !self.small_commits {
             return self.publisher.publish(w, saved, self.at.generation, *name);
         }
         self.state.save_capture(&saved)?;
