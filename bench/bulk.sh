@@ -4,31 +4,34 @@
 # CPU per GiB, state-dir peak, replica bytes; then restore vs `cp` + `PRAGMA integrity_check`, in
 # one run.
 # usage: bench/bulk.sh [MIB] [file|sftp]   (sftp needs root and openssh-server: throwaway loopback sshd)
+# env: JOURNALED=1 keeps the databases, the state directory and a file replica on a loop-mounted
+# ext4 with a journal (see use_fs in common.sh); an sftp replica stays in the chroot.
 source "$(dirname "$0")/common.sh"
 MIB="${1:-200}"
 MODE="${2:-file}"
+use_fs
 py() { python3 -c "import sys; sys.path.insert(0,'$BENCH'); from benchlib import *; $1"; }
 kv() { awk -v k="$1" '$1==k {print $2}' "$2"; }
 
 # Baseline: plain sqlite3 alone.
-make_db "$T/base.db"
-start_sampler "$T/base.peak" "$T/base.db-wal" -
-python3 "$BENCH/loader.py" "$T/base.db" "$MIB" >"$T/base.load"
+make_db "$FS/base.db"
+start_sampler "$FS/base.peak" "$FS/base.db-wal" -
+python3 "$BENCH/loader.py" "$FS/base.db" "$MIB" >"$FS/base.load"
 stop_sampler
-BASE_LOAD=$(( ($(kv end "$T/base.load") - $(kv start "$T/base.load")) / 1000000 ))
-rm -f "$T/base.db"*
+BASE_LOAD=$(( ($(kv end "$FS/base.load") - $(kv start "$FS/base.load")) / 1000000 ))
+rm -f "$FS/base.db"*
 
 # walship
-make_db "$T/w.db"
+make_db "$FS/w.db"
 replica_target "$MODE"
-start_walship "$T/w.db" "$URL" "$T/state" "$T/walship.log" $EXTRA
-start_watch "$ROOT" "$T/watch.out"
-start_sampler "$T/w.peak" "$T/w.db-wal" "$T/state" "$WPID"
+start_walship "$FS/w.db" "$URL" "$FS/state" "$FS/walship.log" $EXTRA
+start_watch "$ROOT" "$FS/watch.out"
+start_sampler "$FS/w.peak" "$FS/w.db-wal" "$FS/state" "$WPID"
 CPU0=$(py "print(proc_cpu_seconds($WPID))")
-python3 "$BENCH/loader.py" "$T/w.db" "$MIB" >"$T/w.load"
-LAST=$(( $(kv commits "$T/w.load") + 1 ))
+python3 "$BENCH/loader.py" "$FS/w.db" "$MIB" >"$FS/w.load"
+LAST=$(( $(kv commits "$FS/w.load") + 1 ))
 # wait (up to 120 s) until a segment holding txid LAST is on the replica
-REPL_NS=$(python3 - "$T/watch.out" "$LAST" <<'PY'
+REPL_NS=$(python3 - "$FS/watch.out" "$LAST" <<'PY'
 import sys, time
 f, want = sys.argv[1], int(sys.argv[2])
 dl = time.monotonic() + 120
@@ -44,46 +47,46 @@ PY
 CPU1=$(py "print(proc_cpu_seconds($WPID))")
 sleep 0.3
 stop_sampler
-STATUS=$(cat "$T/state/status")
+STATUS=$(cat "$FS/state/status")
 stop_walship
-LOAD_MS=$(( ($(kv end "$T/w.load") - $(kv start "$T/w.load")) / 1000000 ))
+LOAD_MS=$(( ($(kv end "$FS/w.load") - $(kv start "$FS/w.load")) / 1000000 ))
 if [ "$REPL_NS" = -1 ]; then CATCH="never (120 s)"; CATCH_MS=999999; else
-    CATCH_MS=$(( (REPL_NS - $(kv end "$T/w.load")) / 1000000 )); CATCH="$CATCH_MS ms"; fi
+    CATCH_MS=$(( (REPL_NS - $(kv end "$FS/w.load")) / 1000000 )); CATCH="$CATCH_MS ms"; fi
 REPLICA_BYTES=$(py "print(dir_bytes('$ROOT'))")
 # the source at rest: fold the WAL in so it can be compared byte for byte with the restore
-python3 -c "import sqlite3; c=sqlite3.connect('$T/w.db'); c.execute('pragma wal_checkpoint(TRUNCATE)'); c.close()"
-DB_BYTES=$(stat -c %s "$T/w.db")
+python3 -c "import sqlite3; c=sqlite3.connect('$FS/w.db'); c.execute('pragma wal_checkpoint(TRUNCATE)'); c.close()"
+DB_BYTES=$(stat -c %s "$FS/w.db")
 
 # Restore vs cp + integrity_check: warm page cache for both, alternated 3 times, medians.
 sync
 R=""; C=""
 for i in 1 2 3; do
-    rm -f "$T/restored.db" "$T/copy.db"
-    t0=$(mono_ns); "$WALSHIP" restore -q -o "$T/restored.db" "$URL" $EXTRA >/dev/null; t1=$(mono_ns)
-    t2=$(mono_ns); cp "$T/w.db" "$T/copy.db"; IC=$(sqlite3 "$T/copy.db" 'pragma integrity_check'); t3=$(mono_ns)
+    rm -f "$FS/restored.db" "$FS/copy.db"
+    t0=$(mono_ns); "$WALSHIP" restore -q -o "$FS/restored.db" "$URL" $EXTRA >/dev/null; t1=$(mono_ns)
+    t2=$(mono_ns); cp "$FS/w.db" "$FS/copy.db"; IC=$(sqlite3 "$FS/copy.db" 'pragma integrity_check'); t3=$(mono_ns)
     R="$R $(( (t1 - t0) / 1000000 ))"; C="$C $(( (t3 - t2) / 1000000 ))"
 done
 med() { echo $* | tr ' ' '\n' | sort -n | sed -n 2p; }
 RESTORE_MS=$(med $R); CP_MS=$(med $C)
-if cmp -s "$T/restored.db" "$T/w.db"; then SAME="byte-identical"; else SAME="DIFFERENT"; fi
+if cmp -s "$FS/restored.db" "$FS/w.db"; then SAME="byte-identical"; else SAME="DIFFERENT"; fi
 
 GIB=$(py "print($MIB/1024)")
 cat <<OUT
-# bulk.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  ${MIB} MiB in $(kv commits "$T/w.load") transactions  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)
+# bulk.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  ${MIB} MiB in $(kv commits "$FS/w.load") transactions  files on $FS_NAME  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)
 # status at catch-up: $STATUS
 metric                              walship        baseline       ratio    target
 load time (ms)                      $(printf '%-14s %-14s %.2fx' "$LOAD_MS" "$BASE_LOAD" "$(py "print($LOAD_MS/$BASE_LOAD)")")    (baseline: plain sqlite3)
-SQLITE_BUSY (busy timeout 5 s)      $(printf '%-14s %-14s' "$(kv busy "$T/w.load")" "$(kv busy "$T/base.load")")
+SQLITE_BUSY (busy timeout 5 s)      $(printf '%-14s %-14s' "$(kv busy "$FS/w.load")" "$(kv busy "$FS/base.load")")
 load end -> last txid on replica    $(printf '%-14s %-14s %-8s' "$CATCH" - -) <= 3000 ms
-WAL peak (MiB)                      $(printf '%-14.1f %-14.1f %.1fx' "$(py "print($(kv wal "$T/w.peak")/2**20)")" "$(py "print($(kv wal "$T/base.peak")/2**20)")" "$(py "print($(kv wal "$T/w.peak")/max(1,$(kv wal "$T/base.peak")))")")     <= 64 MiB
+WAL peak (MiB)                      $(printf '%-14.1f %-14.1f %.1fx' "$(py "print($(kv wal "$FS/w.peak")/2**20)")" "$(py "print($(kv wal "$FS/base.peak")/2**20)")" "$(py "print($(kv wal "$FS/w.peak")/max(1,$(kv wal "$FS/base.peak")))")")     <= 64 MiB
 walship CPU s per GiB loaded        $(py "print('%.2f' % (($CPU1-$CPU0)/$GIB))")  ($(py "print('%.2f' % ($CPU1-$CPU0))") s for $MIB MiB)
-state-dir peak (MiB)                $(py "print('%.1f' % ($(kv state "$T/w.peak")/2**20))")
-walship VmRSS peak (MiB)            $(py "print('%.1f' % ($(kv rss_kib "$T/w.peak")/1024))")
+state-dir peak (MiB)                $(py "print('%.1f' % ($(kv state "$FS/w.peak")/2**20))")
+walship VmRSS peak (MiB)            $(py "print('%.1f' % ($(kv rss_kib "$FS/w.peak")/1024))")
 replica bytes (MiB)                 $(py "print('%.1f' % ($REPLICA_BYTES/2**20))")  (database $(py "print('%.1f' % ($DB_BYTES/2**20))") MiB)
 restore vs cp+integrity_check (ms)  $(printf '%-14s %-14s %.2fx' "$RESTORE_MS" "$CP_MS" "$(py "print($RESTORE_MS/$CP_MS)")")     <= 3x   (restore $SAME; integrity $IC; runs: restore$R / cp+check$C)
-WAL size every 100 ms (MiB), walship run: $(awk '$1=="timeline"{print $2}' "$T/w.peak")
-WAL size every 100 ms (MiB), baseline:    $(awk '$1=="timeline"{print $2}' "$T/base.peak")
-RESULT bulk catch_ms=$CATCH_MS wal_peak_mib=$(py "print('%.1f' % ($(kv wal "$T/w.peak")/2**20))") restore_ratio=$(py "print('%.2f' % ($RESTORE_MS/$CP_MS))")
+WAL size every 100 ms (MiB), walship run: $(awk '$1=="timeline"{print $2}' "$FS/w.peak")
+WAL size every 100 ms (MiB), baseline:    $(awk '$1=="timeline"{print $2}' "$FS/base.peak")
+RESULT bulk catch_ms=$CATCH_MS wal_peak_mib=$(py "print('%.1f' % ($(kv wal "$FS/w.peak")/2**20))") restore_ratio=$(py "print('%.2f' % ($RESTORE_MS/$CP_MS))")
 OUT
-echo "walship log: $(grep -c ERROR "$T/walship.log" || true) ERROR lines; distinct WARN/ERROR:"
-grep -E 'WARN|ERROR' "$T/walship.log" | sed -E 's/^[^ ]+ +//; s/[0-9a-f]{12,16}/X/g; s#/tmp/[^ ]*##g' | sort | uniq -c | head -8 || true
+echo "walship log: $(grep -c ERROR "$FS/walship.log" || true) ERROR lines; distinct WARN/ERROR:"
+grep -E 'WARN|ERROR' "$FS/walship.log" | sed -E 's/^[^ ]+ +//; s/[0-9a-f]{12,16}/X/g; s#/tmp/[^ ]*##g' | sort | uniq -c | head -8 || true

@@ -11,10 +11,22 @@ CLEAN_DIRS=""
 cleanup() {
     for p in $PIDS; do kill -TERM "$p" 2>/dev/null || true; done
     for p in $PIDS; do wait "$p" 2>/dev/null || true; done
+    if mountpoint -q "$T/fs" 2>/dev/null; then umount "$T/fs" || true; fi
     if [ -n "${KEEP:-}" ]; then echo "bench: kept $T $CLEAN_DIRS" >&2; else rm -rf "$T" $CLEAN_DIRS; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# use_fs: sets FS, where a run keeps its files: $T, or with JOURNALED=1 a loop-mounted ext4 with a
+# journal, as on an ordinary installation (this machine's root is ext4 without one); FS_NAME says which.
+use_fs() {
+    if [ -n "${JOURNALED:-}" ]; then
+        truncate -s 2G "$T/fs.img"; mkfs.ext4 -q -F "$T/fs.img"; mkdir -p "$T/fs"
+        mount -o loop "$T/fs.img" "$T/fs"; FS="$T/fs"; FS_NAME="ext4 with a journal (loop)"
+    else
+        FS="$T"; FS_NAME="the root fs (ext4, no journal)"
+    fi
+}
 
 # now_ms: CLOCK_MONOTONIC in ns (same clock as the python helpers)
 mono_ns() { python3 -c 'import time; print(time.monotonic_ns())'; }
@@ -121,7 +133,7 @@ replica_target() {
         URL="$SFTP_URL"; ROOT="$SFTP_DIR"
         EXTRA="--key-path $SFTP_KEY --known-hosts $SFTP_KNOWN"
     else
-        URL="file://$T/replica"; ROOT="$T/replica"; EXTRA=""
+        URL="file://${FS:-$T}/replica"; ROOT="${FS:-$T}/replica"; EXTRA=""
     fi
 }
 

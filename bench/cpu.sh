@@ -10,18 +10,13 @@
 # usage: bench/cpu.sh [RATE] [SECS]   env: JOURNALED=1
 source "$(dirname "$0")/common.sh"
 RATE="${1:-200}"; SECS="${2:-30}"
-BASE="$T"
-if [ -n "${JOURNALED:-}" ]; then
-    truncate -s 2G "$T/fs.img"; mkfs.ext4 -q -F "$T/fs.img"; mkdir -p "$T/fs"
-    mount -o loop "$T/fs.img" "$T/fs"; BASE="$T/fs"
-    trap 'umount "$T/fs" 2>/dev/null; cleanup' EXIT
-fi
+use_fs; BASE="$FS"
 # the sftp server's processes: every descendant of this run's sshd listener
 server_pids() { local p q; for p in $(pgrep -f "sshd -D -e -f $T/sshd/sshd_config"); do
     for q in $(pgrep -P "$p"); do echo "$q"; pgrep -P "$q"; done; done; }
 ticks() { local t=0 p; for p in "$@"; do t=$(( t + $(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null || echo 0) )); done; echo $t; }
 start_sshd
-echo "# cpu.sh  $(date -u +%FT%TZ)  $(nproc) cores  $RATE commits/s for $SECS s  files on $([ -n "${JOURNALED:-}" ] && echo "ext4 with a journal (loop)" || echo "the root fs (ext4, no journal)")  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# cpu.sh  $(date -u +%FT%TZ)  $(nproc) cores  $RATE commits/s for $SECS s  files on $FS_NAME  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
 for kind in file sftp; do
     D="$BASE/$kind"; mkdir -p "$D"
     make_db "$D/db"
