@@ -18,6 +18,14 @@
 //! checkpoints (any checkpoint starts as a chase, see [`Capture::checkpoint_now`]) and lets go
 //! of it before returning; it holds no lock at all that could make an application's commit
 //! fail, and the write lock only within [`LOCK_BUDGET`] plus one step (531-707 ms measured).
+//!
+//! While it chases a writer of big commits, capture does not wait for the disk: each segment's
+//! state record, fsync and rename are done by the publisher thread (`publish`), in order, while
+//! capture encodes the next step (a 200 MiB load: 1.3x its time alone instead of 1.5x). The
+//! pin then moves only where the WAL cannot restart; before a pin that could let it restart,
+//! before the checkpoint under the write lock, and before a checkpoint returns, capture waits
+//! until every segment is published, so the WAL never restarts over frames the spool does not
+//! hold, as when segments were published before the step returned.
 
 use super::{Capture, Step};
 use anyhow::Result;

@@ -8,7 +8,8 @@
 //! - Before a segment is published, the state file records the positions before (`prev-*`) and
 //!   after it; on restart the spool and the replicas' positions tell which one holds, so a
 //!   crash between the two redoes the step. A spool that is ahead of both, or a newer
-//!   generation in the spool, starts a new generation rather than guessing.
+//!   generation in the spool, starts a new generation rather than guessing. Within a chase of
+//!   big commits a thread of its own does both, in the same order (see `publish`).
 //! - A new generation begins with a snapshot, and nothing is captured on top of it until that
 //!   snapshot is spooled. A restart resumes the generation only when continuity is proven: the
 //!   same WAL still holds the frames after the saved position; or page hashes saved at a clean
