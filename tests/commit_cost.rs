@@ -264,8 +264,9 @@ fn kill9_while_a_bulk_load_is_chased() {
     use rand::RngExt;
     let sb = Sandbox::new();
     sb.create_db();
-    // A small checkpoint threshold: every transaction (256 frames) makes the writer outrun
-    // capture, which chases it in steps of 100 frames, each a segment published behind it.
+    // A small checkpoint threshold: every transaction (over 256 frames) makes the writer outrun
+    // capture, which chases it a transaction per step, each a segment the publisher thread
+    // publishes behind capture.
     let conf = sb.path("walship.toml");
     let text = format!(
         "db = {:?}\nstate-dir = {:?}\ncheckpoint-pages = 100\n[[replica]]\nname = \"a\"\nurl = {:?}\n",

@@ -17,7 +17,8 @@
 //!   pin that may let the WAL restart, a checkpoint under the write lock, or returning from a
 //!   checkpoint, it settles (see `capture::checkpoint`). Pins that cannot let the WAL restart
 //!   (`Db::rotate_pin_behind`) need no settling.
-//! - At most [`DEPTH`] segments wait: capture does not run further ahead of the disk.
+//! - At most [`DEPTH`] segments wait, besides the one being published: capture does not run
+//!   further ahead of the disk.
 
 use crate::durable::lock;
 use crate::layout::names::{FileName, GenerationId};
@@ -27,7 +28,7 @@ use anyhow::{anyhow, Result};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 
-/// Segments handed over and not yet published, at most: one being made durable, one waiting.
+/// Segments that may wait for the publisher, besides the one it is publishing.
 const DEPTH: usize = 2;
 
 /// One segment to publish.

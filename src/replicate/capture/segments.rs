@@ -65,6 +65,9 @@ impl Capture {
         if self.pipelined && !self.small_commits {
             return self.publisher.publish(w, saved, self.at.generation, *name);
         }
+        // In capture's order: after any segment handed over before this one (a chase whose
+        // commits turned small meanwhile).
+        self.publisher.settle()?;
         self.state.save_capture(&saved)?;
         self.spool.publish(w, &self.at.generation, name)?;
         Ok(())
