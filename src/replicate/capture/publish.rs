@@ -44,7 +44,7 @@ struct Progress {
     /// Jobs handed over and not yet done (published or dropped).
     pending: usize,
     /// The first failure since the last settle.
-    failed: Option<String>,
+    failed: Option<anyhow::Error>,
 }
 
 /// The publishing thread of one capture; it ends when the publisher is dropped, after the
@@ -82,7 +82,7 @@ impl Publisher {
                     };
                     let mut g = lock(&p.0);
                     if let Err(e) = r {
-                        g.failed.get_or_insert(format!("{e:#}"));
+                        g.failed.get_or_insert(e);
                     }
                     g.pending -= 1;
                     p.1.notify_all();
@@ -139,10 +139,7 @@ impl Publisher {
                 .wait(g)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        match g.failed.take() {
-            Some(e) => Err(anyhow!("{e}")),
-            None => Ok(()),
-        }
+        g.failed.take().map_or(Ok(()), Err)
     }
 }
 
