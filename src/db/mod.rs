@@ -26,7 +26,8 @@
 //!   `fcntl(F_SETLK)` polled every 50 µs: SQLite's own busy handler sleeps for milliseconds
 //!   and loses every race against a writer that commits back to back, and walship must win
 //!   one to bound the WAL. No connection of walship's ever takes that lock through SQLite, so
-//!   the two never mix. While it chases such a writer, walship may also hold the checkpointer
+//!   the two never mix. The governor (`governor`), a thread of its own, takes the same byte
+//!   once the WAL reaches a hard limit while capture is busy elsewhere; capture adopts it. While it chases such a writer, walship may also hold the checkpointer
 //!   byte (offset 121, [`Db::hold_checkpoints`]): its own checkpoints still run (POSIX locks do
 //!   not conflict within a process), and release it when they end.
 //! - An application's own FULL/RESTART/TRUNCATE checkpoint waits for every reader, walship's
@@ -51,6 +52,8 @@
 //! it can be found out, why: a file that is not a database, a read-only mount, a file, `-wal`,
 //! `-shm` or directory the user may not write, or the process holding the lock.
 
+mod governor;
+
 use crate::wal::{FrameHeader, WalHeader, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
 use anyhow::{anyhow, bail, Context, Result};
 use rusqlite::{Connection, OpenFlags};
@@ -58,6 +61,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where capture stands in the WAL: just after the last captured commit frame.
@@ -322,10 +326,12 @@ pub(crate) struct Db {
     active: Option<usize>,
     ckpt: Connection,
     file: File,
-    /// The `-shm` file, for the write lock (see the module comment).
-    shm: File,
-    /// Whether walship holds the WAL write lock.
-    write_locked: bool,
+    /// The `-shm` file, for the wal-index and the locks (see the module comment); shared with
+    /// the governor's thread.
+    shm: Arc<File>,
+    /// SQLite's WAL write lock, as capture and the governor share it.
+    write_lock: Arc<governor::WriteLock>,
+    governor: governor::Governor,
     wal: Option<File>,
     /// The WAL header seen by the last scan.
     last_header: Option<WalHeader>,
@@ -661,18 +667,22 @@ impl Db {
         }
         let wal_path = sidecar(path, "-wal");
         let shm_path = sidecar(path, "-shm");
-        let shm = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&shm_path)
-            .with_context(|| format!("cannot open {}", shm_path.display()))?;
+        let shm = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&shm_path)
+                .with_context(|| format!("cannot open {}", shm_path.display()))?,
+        );
+        let write_lock = Arc::new(governor::WriteLock::new(shm.clone()));
         let mut db = Db {
             pins,
             active: None,
             ckpt,
             file,
             shm,
-            write_locked: false,
+            governor: governor::Governor::new(write_lock.clone()),
+            write_lock,
             last_header: None,
             kept: Kept::default(),
             scan_hint: None,
@@ -770,28 +780,7 @@ impl Db {
     /// deciding how to capture, never used for what is captured. `None` when the two header
     /// copies disagree (a writer is updating them) or the index cannot be read.
     pub(crate) fn wal_index(&self) -> Option<WalIndexHint> {
-        // Two copies of the 48-byte header, then the checkpoint info (nBackfill first); all in
-        // native byte order.
-        let mut b = [0u8; 100];
-        if !read_exact_at(&self.shm, &mut b, 0).ok()? || b[..48] != b[48..96] {
-            return None;
-        }
-        let u = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        // The salts are the WAL header's bytes, copied as they are (big-endian).
-        let be = |o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        Some(WalIndexHint {
-            frames: u(16),
-            salt1: be(32),
-            salt2: be(36),
-            backfilled: u(96),
-            changes: u(8),
-        })
-    }
-
-    /// Sets (or clears, with `F_UNLCK`) the write lock byte without waiting; false if another
-    /// process holds it.
-    fn shm_lock(&self, kind: i16) -> std::io::Result<bool> {
-        fcntl_lock(&self.shm, kind, SHM_WRITE_LOCK)
+        read_wal_index(&self.shm)
     }
 
     /// Takes SQLite's WAL write lock, polling (without sleeping for the first 20 ms, then every
@@ -800,14 +789,21 @@ impl Db {
     /// # Errors
     /// fcntl errors other than "held by another process".
     pub(crate) fn lock_writes(&mut self, wait: Duration) -> Result<bool> {
+        self.write_lock.set_wanted(true);
+        let r = self.lock_writes_polled(wait);
+        self.write_lock.set_wanted(false);
+        r
+    }
+
+    fn lock_writes_polled(&mut self, wait: Duration) -> Result<bool> {
         let started = std::time::Instant::now();
         let deadline = started + wait;
         loop {
             if self
-                .shm_lock(nix::libc::F_WRLCK as i16)
+                .write_lock
+                .take_for_capture()
                 .context("cannot take the WAL write lock")?
             {
-                self.write_locked = true;
                 return Ok(true);
             }
             let now = std::time::Instant::now();
@@ -897,12 +893,23 @@ impl Db {
 
     /// Releases the write lock if held.
     pub(crate) fn unlock_writes(&mut self) {
-        if self.write_locked {
-            if let Err(e) = self.shm_lock(nix::libc::F_UNLCK as i16) {
-                tracing::error!("cannot release the WAL write lock: {e}");
-            }
-            self.write_locked = false;
-        }
+        self.write_lock.release_capture();
+    }
+
+    /// Arms the governor (see `governor`) for `period`: while capture is busy elsewhere, it
+    /// holds writers back once the WAL holds `frames` frames, not all copied.
+    pub(crate) fn arm_governor(&mut self, frames: u32, period: Duration) {
+        self.governor.arm(frames, period);
+    }
+
+    /// Disarms the governor (checkpoints back off for a reader, a snapshot is taken).
+    pub(crate) fn disarm_governor(&self) {
+        self.governor.disarm();
+    }
+
+    /// Whether the governor holds writers back, waiting for capture to take over.
+    pub(crate) fn governor_holds(&self) -> bool {
+        self.write_lock.governor_holds()
     }
 
     /// Takes SQLite's checkpointer lock byte without waiting; false if another process holds
@@ -1514,6 +1521,27 @@ impl StaleSidecars {
         // Closing `f` releases the lock.
         Ok(None)
     }
+}
+
+/// What SQLite's wal-index in `shm` says of the current WAL, read without any lock (see
+/// [`Db::wal_index`]).
+fn read_wal_index(shm: &File) -> Option<WalIndexHint> {
+    // Two copies of the 48-byte header, then the checkpoint info (nBackfill first); all in
+    // native byte order.
+    let mut b = [0u8; 100];
+    if !read_exact_at(shm, &mut b, 0).ok()? || b[..48] != b[48..96] {
+        return None;
+    }
+    let u = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    // The salts are the WAL header's bytes, copied as they are (big-endian).
+    let be = |o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    Some(WalIndexHint {
+        frames: u(16),
+        salt1: be(32),
+        salt2: be(36),
+        backfilled: u(96),
+        changes: u(8),
+    })
 }
 
 /// True if another process holds a lock on byte `offset` of `f` (`F_GETLK`).

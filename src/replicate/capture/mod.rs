@@ -225,6 +225,8 @@ impl Capture {
 
     /// Captures to the end of the WAL and writes the snapshot that begins `generation`.
     fn begin_generation(&mut self, generation: GenerationId) -> Result<()> {
+        // As for any snapshot (see `Capture::snapshot`).
+        self.db.disarm_governor();
         let mut attempt = 0;
         loop {
             let (end, db_pages, page_size) = self.db.current_end()?;
@@ -322,6 +324,9 @@ impl Capture {
     /// Database, WAL or spool errors.
     pub(crate) fn snapshot(&mut self) -> Result<()> {
         self.retry_due()?;
+        // A snapshot keeps the pin where it is: holding writers back meanwhile would not let
+        // the WAL restart, only make them wait.
+        self.db.disarm_governor();
         let mut attempt = 0;
         loop {
             self.step()?;
