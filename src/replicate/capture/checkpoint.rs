@@ -19,10 +19,10 @@
 //! Capture looks at the WAL's size only between its steps, and a step can take tens of
 //! milliseconds (its own checkpoint's fsync of the database, a publish behind a journal
 //! commit) while a bulk writer appends ~1 MiB a millisecond: the WAL of a 200 MiB load on a
-//! journaled ext4 reached 62-70 MiB in 3 of 24 runs. So a chase arms the governor
+//! journaled ext4 reached 62-70 MiB in 4 of 30 runs. So a chase arms the governor
 //! (`db::governor`), a thread that takes the write lock itself once the WAL holds
 //! [`GOVERNOR_AT`] times `checkpoint-pages` frames; capture takes the lock over at its next
-//! look and goes on as if it had taken it (at most 56 MiB in 64 such runs).
+//! look and goes on as if it had taken it (at most 56 MiB in 88 such runs).
 //!
 //! While it chases a writer of small commits, walship also keeps SQLite's checkpointer lock
 //! (never the write lock) between its own copies, so that the application's autocheckpoint
