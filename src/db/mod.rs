@@ -27,9 +27,10 @@
 //!   and loses every race against a writer that commits back to back, and walship must win
 //!   one to bound the WAL. No connection of walship's ever takes that lock through SQLite, so
 //!   the two never mix. The governor (`governor`), a thread of its own, takes the same byte
-//!   once the WAL reaches a hard limit while capture is busy elsewhere; capture adopts it. While it chases such a writer, walship may also hold the checkpointer
-//!   byte (offset 121, [`Db::hold_checkpoints`]): its own checkpoints still run (POSIX locks do
-//!   not conflict within a process), and release it when they end.
+//!   once the WAL reaches a hard limit while capture is busy elsewhere; capture adopts it.
+//!   While it chases such a writer, walship may also hold the checkpointer byte (offset 121,
+//!   [`Db::hold_checkpoints`]): its own checkpoints still run (POSIX locks do not conflict
+//!   within a process), and release it when they end.
 //! - An application's own FULL/RESTART/TRUNCATE checkpoint waits for every reader, walship's
 //!   pin included. Seen from its locks (write and checkpointer bytes held by another process),
 //!   walship captures to the end and lets go of its pin until that checkpoint is done

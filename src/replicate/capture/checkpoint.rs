@@ -207,7 +207,8 @@ impl Capture {
     }
 
     /// True when the WAL holds at least [`LOCK_AT`] times `threshold` frames, some of them
-    /// not yet copied: the writer is held back until the WAL restarts.
+    /// not yet copied, or the governor already holds the writer back (see [`GOVERNOR_AT`]):
+    /// the writer is held back until the WAL restarts.
     fn is_full(&self, threshold: u32) -> bool {
         self.db.governor_holds()
             || self.db.wal_index().is_some_and(|h| {
