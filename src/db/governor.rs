@@ -22,6 +22,7 @@
 //!   holds or is trying to take, and releases only its own.
 //! - The governor holds the lock at most [`HOLD_BUDGET`]: if capture has not taken it over by
 //!   then (a snapshot, a stalled disk), it lets go and stays quiet until capture arms it again.
+//!   Nor does it take the lock again in a WAL in which capture let go of it (see [`over`]).
 //!   An application's commit must never fail on walship's account, so the bound yields to
 //!   that.
 
@@ -58,6 +59,8 @@ pub(super) struct WriteLock {
     holder: Mutex<Holder>,
     /// Capture is trying to take the lock.
     wanted: std::sync::atomic::AtomicBool,
+    /// The salts of the WAL in which capture last let go of the lock (see [`over`]).
+    released_in: Mutex<Option<(u32, u32)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -70,6 +73,7 @@ impl WriteLock {
             shm,
             holder: Mutex::new(Holder::Nobody),
             wanted: std::sync::atomic::AtomicBool::new(false),
+            released_in: Mutex::new(None),
         }
     }
 
@@ -106,6 +110,7 @@ impl WriteLock {
         if *h == Holder::Capture {
             unlock(&self.shm);
             *h = Holder::Nobody;
+            *lock(&self.released_in) = read_wal_index(&self.shm).map(|i| (i.salt1, i.salt2));
         }
     }
 
@@ -293,9 +298,18 @@ fn wait_armed(s: &Shared) -> Option<u32> {
 
 /// Whether the WAL holds at least `frames` frames, not all copied, and nobody in walship
 /// holds the write lock or is trying to take it.
+///
+/// Not in the WAL in which capture last let go of the lock: after its checkpoint that WAL is
+/// copied and the writer's next commit restarts it; if capture let go without that (its
+/// budget spent on a backlog it cannot catch up with), taking the lock again at once would
+/// starve the writer, whose busy handler sleeps up to 100 ms between tries while the governor
+/// looks every few milliseconds.
 fn over(s: &Shared, frames: u32) -> bool {
-    read_wal_index(&s.lock.shm).is_some_and(|h| h.frames >= frames && h.backfilled < h.frames)
-        && !s.lock.wanted.load(std::sync::atomic::Ordering::Relaxed)
+    read_wal_index(&s.lock.shm).is_some_and(|h| {
+        h.frames >= frames
+            && h.backfilled < h.frames
+            && *lock(&s.lock.released_in) != Some((h.salt1, h.salt2))
+    }) && !s.lock.wanted.load(std::sync::atomic::Ordering::Relaxed)
         && *lock(&s.lock.holder) == Holder::Nobody
 }
 
@@ -389,7 +403,8 @@ mod tests {
     }
 
     /// Capture adopts the lock the governor holds, and releases it as its own once the WAL is
-    /// copied; disarming releases the governor's.
+    /// copied; disarming releases the governor's; a lock capture let go of without a
+    /// checkpoint is not taken again in the same WAL.
     #[test]
     fn capture_takes_over_the_governors_lock() -> Result<()> {
         let dir = tempfile::tempdir()?;
@@ -432,6 +447,22 @@ mod tests {
             other_can_write(&p)?,
             "the lock outlived the governor's disarming"
         );
+        // Capture letting go without a checkpoint (its budget spent on a backlog): the WAL
+        // is as full as before, and the writer must get its turn.
+        // (The other process's close copied the WAL: fill it again.)
+        for _ in 0..20 {
+            app.execute("insert into t values (randomblob(5000))", [])?;
+        }
+        db.arm_governor(10, Duration::from_secs(10));
+        assert!(wait_for(|| db.governor_holds(), Duration::from_secs(2)));
+        assert!(db.lock_writes(Duration::ZERO)?);
+        db.unlock_writes();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !db.governor_holds(),
+            "the governor took the lock again in the WAL capture let go of it in"
+        );
+        assert!(other_can_write(&p)?, "the writer did not get its turn");
         Ok(())
     }
 }
