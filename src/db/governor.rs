@@ -41,7 +41,7 @@ const POLL: Duration = Duration::from_millis(2);
 const SPIN: Duration = Duration::from_millis(20);
 
 /// Longest the governor holds the write lock without capture taking it over.
-pub(super) const HOLD_BUDGET: Duration = Duration::from_millis(500);
+const HOLD_BUDGET: Duration = Duration::from_millis(500);
 
 /// Who in walship holds SQLite's WAL write lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,11 +56,16 @@ enum Holder {
 /// SQLite's WAL write lock, as walship's threads share it (see the module doc).
 pub(super) struct WriteLock {
     shm: Arc<File>,
-    holder: Mutex<Holder>,
+    state: Mutex<State>,
     /// Capture is trying to take the lock.
     wanted: std::sync::atomic::AtomicBool,
+}
+
+/// Who holds the lock, and where capture last let go of it.
+struct State {
+    holder: Holder,
     /// The salts of the WAL in which capture last let go of the lock (see [`over`]).
-    released_in: Mutex<Option<(u32, u32)>>,
+    released_in: Option<(u32, u32)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -71,28 +76,30 @@ impl WriteLock {
     pub(super) fn new(shm: Arc<File>) -> WriteLock {
         WriteLock {
             shm,
-            holder: Mutex::new(Holder::Nobody),
+            state: Mutex::new(State {
+                holder: Holder::Nobody,
+                released_in: None,
+            }),
             wanted: std::sync::atomic::AtomicBool::new(false),
-            released_in: Mutex::new(None),
         }
     }
 
     /// Takes the lock for capture without waiting, or adopts the governor's; false if an
     /// application writer holds it.
     pub(super) fn take_for_capture(&self) -> std::io::Result<bool> {
-        let mut h = lock(&self.holder);
+        let mut st = lock(&self.state);
         // Taken again even when walship holds it (a no-op then): capture relies on the lock,
         // so it trusts the kernel, not the bookkeeping.
         if !fcntl_lock(&self.shm, nix::libc::F_WRLCK as i16, SHM_WRITE_LOCK)? {
             return Ok(false);
         }
-        if let Holder::Governor(since) = *h {
+        if let Holder::Governor(since) = st.holder {
             tracing::debug!(
                 held_ms = since.elapsed().as_millis() as u64,
                 "capture took over the write lock the governor held"
             );
         }
-        *h = Holder::Capture;
+        st.holder = Holder::Capture;
         Ok(true)
     }
 
@@ -106,38 +113,38 @@ impl WriteLock {
 
     /// Releases the lock if capture holds it.
     pub(super) fn release_capture(&self) {
-        let mut h = lock(&self.holder);
-        if *h == Holder::Capture {
+        let mut st = lock(&self.state);
+        if st.holder == Holder::Capture {
             unlock(&self.shm);
-            *h = Holder::Nobody;
-            *lock(&self.released_in) = read_wal_index(&self.shm).map(|i| (i.salt1, i.salt2));
+            st.holder = Holder::Nobody;
+            st.released_in = read_wal_index(&self.shm).map(|i| (i.salt1, i.salt2));
         }
     }
 
     /// Whether the governor holds the lock.
     pub(super) fn governor_holds(&self) -> bool {
-        matches!(*lock(&self.holder), Holder::Governor(_))
+        matches!(lock(&self.state).holder, Holder::Governor(_))
     }
 
     /// Takes the lock for the governor without waiting, if nobody in walship holds it.
     fn take_for_governor(&self) -> std::io::Result<bool> {
-        let mut h = lock(&self.holder);
-        if *h != Holder::Nobody
+        let mut st = lock(&self.state);
+        if st.holder != Holder::Nobody
             || !fcntl_lock(&self.shm, nix::libc::F_WRLCK as i16, SHM_WRITE_LOCK)?
         {
             return Ok(false);
         }
-        *h = Holder::Governor(Instant::now());
+        st.holder = Holder::Governor(Instant::now());
         Ok(true)
     }
 
     /// Releases the governor's lock if it was held at least `after`; true if it did.
     fn release_governor(&self, after: Duration) -> bool {
-        let mut h = lock(&self.holder);
-        match *h {
+        let mut st = lock(&self.state);
+        match st.holder {
             Holder::Governor(since) if since.elapsed() >= after => {
                 unlock(&self.shm);
-                *h = Holder::Nobody;
+                st.holder = Holder::Nobody;
                 true
             }
             _ => false,
@@ -305,12 +312,17 @@ fn wait_armed(s: &Shared) -> Option<u32> {
 /// starve the writer, whose busy handler sleeps up to 100 ms between tries while the governor
 /// looks every few milliseconds.
 fn over(s: &Shared, frames: u32) -> bool {
-    read_wal_index(&s.lock.shm).is_some_and(|h| {
-        h.frames >= frames
-            && h.backfilled < h.frames
-            && *lock(&s.lock.released_in) != Some((h.salt1, h.salt2))
-    }) && !s.lock.wanted.load(std::sync::atomic::Ordering::Relaxed)
-        && *lock(&s.lock.holder) == Holder::Nobody
+    if s.lock.wanted.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    let Some(h) = read_wal_index(&s.lock.shm) else {
+        return false;
+    };
+    let st = lock(&s.lock.state);
+    st.holder == Holder::Nobody
+        && st.released_in != Some((h.salt1, h.salt2))
+        && h.frames >= frames
+        && h.backfilled < h.frames
 }
 
 #[cfg(test)]

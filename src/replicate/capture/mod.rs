@@ -225,8 +225,6 @@ impl Capture {
 
     /// Captures to the end of the WAL and writes the snapshot that begins `generation`.
     fn begin_generation(&mut self, generation: GenerationId) -> Result<()> {
-        // As for any snapshot (see `Capture::snapshot`).
-        self.db.disarm_governor();
         let mut attempt = 0;
         loop {
             let (end, db_pages, page_size) = self.db.current_end()?;
@@ -261,6 +259,9 @@ impl Capture {
     /// Writes a snapshot of the state at the current position into the spool, recomputing
     /// every page hash; a mismatch with the incremental checksum is an error.
     fn write_snapshot(&mut self) -> Result<()> {
+        // A snapshot keeps the pin where it is: holding writers back meanwhile would not let
+        // the WAL restart, only make them wait.
+        self.db.disarm_governor();
         let frames = self.pos.map_or(0, |p| p.frames);
         let db_pages = self.at.db_pages;
         let name = FileName::Snapshot {
@@ -324,9 +325,6 @@ impl Capture {
     /// Database, WAL or spool errors.
     pub(crate) fn snapshot(&mut self) -> Result<()> {
         self.retry_due()?;
-        // A snapshot keeps the pin where it is: holding writers back meanwhile would not let
-        // the WAL restart, only make them wait.
-        self.db.disarm_governor();
         let mut attempt = 0;
         loop {
             self.step()?;
