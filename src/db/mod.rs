@@ -30,7 +30,7 @@
 //!   once the WAL reaches a hard limit while capture is busy elsewhere; capture adopts it.
 //!   While it chases such a writer, walship may also hold the checkpointer byte (offset 121,
 //!   [`Db::hold_checkpoints`]): its own checkpoints still run (POSIX locks do not conflict
-//!   within a process), and release it when they end.
+//!   within a process), and release it when they end; walship takes it again after each.
 //! - An application's own FULL/RESTART/TRUNCATE checkpoint waits for every reader, walship's
 //!   pin included. Seen from its locks (write and checkpointer bytes held by another process),
 //!   walship captures to the end and lets go of its pin until that checkpoint is done

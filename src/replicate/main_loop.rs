@@ -20,7 +20,9 @@
 //! committing as fast as it can) gets the short [`HOT_WINDOW`] for [`HOT_FOR`]: its commits
 //! are big or many, and the stream window let its WAL grow tens of MiB; no window at all meant
 //! a capture, its fsyncs and a pin move (each a copy with two fsyncs in the application's
-//! autocheckpoint) for every ~40 frames.
+//! autocheckpoint) for every ~40 frames. Meanwhile, if that writer's commits are small,
+//! walship keeps SQLite's checkpointer lock between its rounds (see `capture::checkpoint`);
+//! every wake-up looks whether it still should.
 //! Every durability step of a capture and an upload stays as it was; only how many commits one
 //! capture holds changes.
 
@@ -169,6 +171,7 @@ impl<'a> MainLoop<'a> {
         loop {
             stall_failpoint();
             let msg = self.rx.recv_timeout(self.timeout());
+            self.keep_checkpoints();
             if matches!(msg, Err(RecvTimeoutError::Timeout)) && self.only_looking() {
                 continue;
             }
@@ -197,6 +200,19 @@ impl<'a> MainLoop<'a> {
             self.round();
             if self.signals > 0 {
                 break;
+            }
+        }
+    }
+
+    /// While a writer of small commits outruns capture (for [`HOT_FOR`] after it last did),
+    /// walship keeps SQLite's checkpointer lock between its rounds (see
+    /// `Capture::keep_checkpoints`); looked at on every wake-up, so that it ends within one
+    /// [`CHECKPOINTER_POLL`] once that time is up.
+    fn keep_checkpoints(&mut self) {
+        let hot = self.hot_until.is_some_and(|t| Instant::now() < t);
+        if let Some(c) = self.cap.as_mut() {
+            if let Err(e) = c.keep_checkpoints(hot) {
+                warn!("{e:#}");
             }
         }
     }
@@ -324,6 +340,7 @@ impl<'a> MainLoop<'a> {
             // ...and is chased at once (the chase paces its own steps, see `capture_round`).
             self.capture_due = Some(Instant::now());
         }
+        self.keep_checkpoints();
         match r {
             Ok(()) => {
                 if self.failing_since.take().is_some() {

@@ -27,10 +27,17 @@
 //! While it chases a writer of small commits, walship also keeps SQLite's checkpointer lock
 //! (never the write lock) between its own copies, so that the application's autocheckpoint
 //! returns at once instead of copying, in the writer's thread, the few frames each step of the
-//! chase let through. Invariant: walship holds that lock only within one of its own
-//! checkpoints (any checkpoint starts as a chase, see [`Capture::checkpoint_now`]) and lets go
-//! of it before returning; it holds no lock at all that could make an application's commit
-//! fail, and the write lock only within [`LOCK_BUDGET`] plus one step (531-707 ms measured).
+//! chase let through. It keeps it between its rounds too, as long as the main loop chases
+//! such a writer ([`Capture::keep_checkpoints`]): in the gaps (between two chases, and from
+//! each restart of the WAL to the next chase) a max-rate single-row writer still ran 300-430
+//! checkpoints of its own in 4 s, each with an fsync in its thread; with the lock kept,
+//! 50-100. Invariant: walship holds that lock only within one of its own checkpoints (any
+//! checkpoint starts as a chase, see [`Capture::checkpoint_now`]) or while the main loop
+//! chases a writer of small commits, and lets go of it within one look of the main loop once
+//! that chase is over. Meanwhile an application's own checkpoint, of any mode, returns
+//! `SQLITE_BUSY` at once (as it did within a chase before). walship holds no lock at all that
+//! could make an application's commit fail, and the write lock only within [`LOCK_BUDGET`]
+//! plus one step (531-707 ms measured).
 //!
 //! While it chases a writer of big commits, capture does not wait for the disk: each segment's
 //! state record, fsync and rename are done by the publisher thread (`publish`), in order, while
@@ -276,6 +283,10 @@ impl Capture {
         }
         let captured_ms = t0.elapsed().as_millis() as u64;
         let (log, done) = self.db.checkpoint_locked()?;
+        if self.keeps_checkpoints() {
+            // SQLite let go of it as the checkpoint ended.
+            self.db.hold_checkpoints()?;
+        }
         self.checkpointed_at = self.pos;
         crate::metrics::checkpointed();
         self.note_checkpoint(log, done);
@@ -311,8 +322,34 @@ impl Capture {
     /// alone let its WAL grow past 64 MiB.
     fn checkpoint_unlocked(&mut self, threshold: u32) -> Result<Unlocked> {
         let r = self.chase(threshold);
-        self.db.release_checkpoints();
+        if !self.keeps_checkpoints() {
+            self.db.release_checkpoints();
+        }
         r
+    }
+
+    /// Keeps SQLite's checkpointer lock between rounds while `hot` (the main loop chases a
+    /// writer that outran capture, see its `HOT_FOR`) and that writer's commits are small,
+    /// and lets go of it otherwise (see the module doc). Called at every wake-up of the main
+    /// loop: walship's own checkpoints let go of the lock as they end, and a hold that is no
+    /// longer wanted ends within one look.
+    ///
+    /// # Errors
+    /// fcntl errors other than "held by another process".
+    pub(crate) fn keep_checkpoints(&mut self, hot: bool) -> Result<()> {
+        let want = hot && self.small_commits && !self.poisoned && !self.backing_off();
+        let held = want && self.db.hold_checkpoints()?;
+        if self.keeping_checkpoints && !held {
+            self.db.release_checkpoints();
+        }
+        self.keeping_checkpoints = held;
+        Ok(())
+    }
+
+    /// Whether walship keeps the checkpointer lock past its own checkpoints (see
+    /// [`Capture::keep_checkpoints`]); a chase that found big commits ends it.
+    fn keeps_checkpoints(&self) -> bool {
+        self.keeping_checkpoints && self.small_commits
     }
 
     /// The loop of [`Capture::checkpoint_unlocked`]; may return holding the checkpointer lock.
@@ -468,6 +505,70 @@ mod tests {
         let mut cap = Capture::start(Db::open(&p)?, spool, &state, 1 << 30, None)?;
         cap.rotate_pin()?;
         Ok((app, cap))
+    }
+
+    /// While the main loop chases a writer of small commits, walship keeps SQLite's
+    /// checkpointer lock between its rounds, through its own checkpoints (a chase's and one
+    /// under the write lock: SQLite lets go of the lock as each ends). It is not kept while not
+    /// hot, for a writer of big commits, or for a capture that cannot capture.
+    #[test]
+    fn the_checkpointer_lock_is_kept_only_while_small_commits_are_chased() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (app, mut cap) = captured_app(dir.path())?;
+        let db = cap.db.path().to_owned();
+        // `PRAGMA wal_checkpoint(PASSIVE)` in another process: true if it found the lock taken.
+        let other_busy = || -> Result<bool> {
+            let o = std::process::Command::new("python3")
+                .arg("-c")
+                .arg("import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nprint(c.execute('pragma wal_checkpoint(PASSIVE)').fetchone()[0])")
+                .arg(&db)
+                .output()?;
+            anyhow::ensure!(
+                o.status.success(),
+                "python3: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            Ok(String::from_utf8_lossy(&o.stdout).trim() == "1")
+        };
+        let commits = |n: usize| -> Result<()> {
+            for _ in 0..n {
+                app.execute("insert into t values (1)", [])?;
+            }
+            Ok(())
+        };
+        cap.small_commits = false;
+        cap.keep_checkpoints(true)?;
+        assert!(!other_busy()?, "kept for a writer of big commits");
+        cap.small_commits = true;
+        cap.keep_checkpoints(false)?;
+        assert!(!other_busy()?, "kept while no writer was chased");
+        cap.keep_checkpoints(true)?;
+        assert!(
+            other_busy()?,
+            "not kept while a writer of small commits was chased"
+        );
+        // A chase that copies everything without the write lock...
+        commits(3)?;
+        assert!(cap.checkpoint_now(1_000)?);
+        assert!(other_busy()?, "let go after a chase");
+        // ...and one that reaches the size at which the writer is held back (`LOCK_AT` times
+        // one frame) and copies the rest under the write lock.
+        commits(20)?;
+        assert!(cap.checkpoint_now(1)?);
+        assert!(cap.small_commits, "one-frame commits taken for big ones");
+        assert!(
+            other_busy()?,
+            "let go after a checkpoint under the write lock"
+        );
+        cap.poisoned = true;
+        cap.keep_checkpoints(true)?;
+        assert!(!other_busy()?, "kept by a capture that cannot capture");
+        cap.poisoned = false;
+        cap.keep_checkpoints(true)?;
+        assert!(other_busy()?);
+        cap.keep_checkpoints(false)?;
+        assert!(!other_busy()?, "kept once the chase was over");
+        Ok(())
     }
 
     /// A checkpoint that stops short of the WAL's end is tried again at once; the next one

@@ -76,6 +76,9 @@ pub(crate) struct Capture {
     /// Whether the commits of the last step of a chase were small (see
     /// `checkpoint::HOLD_BELOW`): the next chase keeps checkpoints to itself from its first step.
     small_commits: bool,
+    /// Whether walship keeps SQLite's checkpointer lock between rounds (see
+    /// [`Capture::keep_checkpoints`]).
+    keeping_checkpoints: bool,
     /// The last step left complete commits it did not capture (a step limited to some
     /// frames): until a step captures to the end of the WAL, the pin moves only where it
     /// cannot let the WAL restart (see `Capture::rotate_pin`).
@@ -154,6 +157,7 @@ impl Capture {
             checkpoint_backoff: None,
             stopped_short: false,
             small_commits: false,
+            keeping_checkpoints: false,
             behind: false,
             retry: None,
             publisher,
