@@ -958,6 +958,16 @@ impl Db {
         }
     }
 
+    /// Syncs the database file (`fdatasync` on walship's read-only handle): what checkpoints
+    /// copied into it is on disk before SQLite's own sync under the write lock, which then
+    /// has little left to write. Durability never relies on it.
+    ///
+    /// # Errors
+    /// The system call's.
+    pub(crate) fn sync_database(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Releases the checkpointer lock byte if walship holds it (see
     /// [`Db::hold_checkpoints`]).
     pub(crate) fn release_checkpoints(&self) {
