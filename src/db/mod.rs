@@ -958,14 +958,18 @@ impl Db {
         }
     }
 
-    /// Syncs the database file (`fdatasync` on walship's read-only handle): what checkpoints
-    /// copied into it is on disk before SQLite's own sync under the write lock, which then
-    /// has little left to write. Durability never relies on it.
+    /// Syncs the WAL and the database file (`fdatasync` on walship's read-only handles): what
+    /// the application appended and what checkpoints copied are on disk before SQLite's own
+    /// syncs under the write lock, which then have little left to write. Durability never
+    /// relies on it.
     ///
     /// # Errors
-    /// The system call's.
-    pub(crate) fn sync_database(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+    /// The system calls'.
+    pub(crate) fn sync_files(&mut self) -> Result<()> {
+        if let Some(wal) = self.wal_file()? {
+            wal.sync_data().context("cannot sync the WAL")?;
+        }
+        self.file.sync_data().context("cannot sync the database")
     }
 
     /// Releases the checkpointer lock byte if walship holds it (see

@@ -42,9 +42,10 @@
 //! (531-707 ms measured).
 //!
 //! Before it takes the write lock behind a writer of small commits, walship copies what it
-//! captured, syncs the database and captures once more ([`Capture::before_the_write_lock`]),
-//! so that the hold is left a few hundred frames: SQLite's busy handler makes such a writer
-//! wait 3 ms for a hold under 3 ms, 8 ms for one just over.
+//! captured, captures once more and syncs the WAL and the database
+//! ([`Capture::before_the_write_lock`]), so that the hold is left a few hundred frames to
+//! capture, copy and sync: SQLite's busy handler makes such a writer wait 3 ms for a hold
+//! under 3 ms, 8 ms for one just over (most holds took 3 ms before, 2 ms now).
 //!
 //! While it chases a writer of big commits, capture does not wait for the disk: each segment's
 //! state record, fsync and rename are done by the publisher thread (`publish`), in order, while
@@ -440,20 +441,22 @@ impl Capture {
         Ok(Unlocked::Stopped)
     }
 
-    /// Behind a writer of small commits, whose WAL is full: copies what capture holds, syncs
-    /// the database and captures what came meanwhile, all before the write lock is taken, so
-    /// that the checkpoint under the lock is left a few hundred frames to capture, copy and
-    /// sync. The writer's busy handler sleeps 1 ms, then 2, then 5: a hold of just over 3 ms
-    /// (most of them, measured) cost the writer 8 ms, one under 3 ms costs it 3.
+    /// Behind a writer of small commits, whose WAL is full: copies what capture holds,
+    /// captures what came meanwhile and syncs the WAL and the database, all before the write
+    /// lock is taken, so that the checkpoint under the lock is left a few hundred frames to
+    /// capture, copy and sync. The writer's busy handler sleeps 1 ms, then 2, then 5: a hold
+    /// of just over 3 ms (most of them before this) cost the writer 8 ms, one under 3 ms
+    /// costs it 3.
     fn before_the_write_lock(&mut self, step: u64) -> Result<()> {
         self.db.checkpoint_passive()?;
         // SQLite let go of it as walship's copy ended.
         self.db.hold_checkpoints()?;
-        if let Err(e) = self.db.sync_database() {
-            tracing::debug!("cannot sync the database before the write lock: {e}");
-        }
         self.step_limited(Some(step))?;
-        self.rotate_pin()
+        self.rotate_pin()?;
+        if let Err(e) = self.db.sync_files() {
+            tracing::debug!("before the write lock: {e:#}");
+        }
+        Ok(())
     }
 
     /// Waits until the WAL holds `frames` frames past the capture position, or it moved to
