@@ -3,6 +3,7 @@
 set -u
 cd "$(dirname "$0")"
 ./lag.sh file; echo
+./maxrate.sh file 3; echo
 if [ "$(id -u)" = 0 ] && [ -x /usr/sbin/sshd ]; then ./lag.sh sftp; echo; fi
 ./bulk.sh; echo
 ./rss.sh; echo
