@@ -327,25 +327,10 @@ fn over(s: &Shared, frames: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use crate::db::tests::wal_app;
+    use crate::db::tests::{python, wal_app};
     use crate::db::Db;
     use anyhow::Result;
     use std::time::{Duration, Instant};
-
-    /// Runs `python3 -c script db` and returns its standard output.
-    fn python(script: &str, db: &std::path::Path) -> Result<String> {
-        let o = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .arg(db)
-            .output()?;
-        anyhow::ensure!(
-            o.status.success(),
-            "python3: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
-    }
 
     /// Whether another process can begin a write transaction at once.
     fn other_can_write(db: &std::path::Path) -> Result<bool> {

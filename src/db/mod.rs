@@ -1735,6 +1735,31 @@ pub(crate) mod tests {
         Ok((p, app, db, start))
     }
 
+    /// Runs `python3 -c script db` and returns its standard output, trimmed.
+    pub(crate) fn python(script: &str, db: &Path) -> Result<String> {
+        let o = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(db)
+            .output()?;
+        anyhow::ensure!(
+            o.status.success(),
+            "python3: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    }
+
+    /// Whether `PRAGMA wal_checkpoint(PASSIVE)` in another process finds SQLite's
+    /// checkpointer lock taken.
+    pub(crate) fn other_checkpoint_busy(db: &Path) -> Result<bool> {
+        let out = python(
+            "import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nprint(c.execute('pragma wal_checkpoint(PASSIVE)').fetchone()[0])",
+            db,
+        )?;
+        Ok(out == "1")
+    }
+
     /// While walship holds the checkpointer lock, another process's checkpoint returns busy
     /// at once; walship's own checkpoint still runs, and SQLite lets go of the lock when it
     /// ends, as [`Db::release_checkpoints`] does.
@@ -1743,20 +1768,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir()?;
         let (p, app) = wal_app(dir.path())?;
         let db = Db::open(&p)?;
-        // `PRAGMA wal_checkpoint(PASSIVE)` in another process: 1 if it found the lock taken.
-        let other_busy = || -> Result<bool> {
-            let o = std::process::Command::new("python3")
-                .arg("-c")
-                .arg("import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nprint(c.execute('pragma wal_checkpoint(PASSIVE)').fetchone()[0])")
-                .arg(&p)
-                .output()?;
-            anyhow::ensure!(
-                o.status.success(),
-                "python3: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            Ok(String::from_utf8_lossy(&o.stdout).trim() == "1")
-        };
+        let other_busy = || other_checkpoint_busy(&p);
         assert!(!other_busy()?, "busy before walship held anything");
         assert!(db.hold_checkpoints()?);
         assert!(

@@ -212,7 +212,8 @@ impl<'a> MainLoop<'a> {
         let hot = self.hot_until.is_some_and(|t| Instant::now() < t);
         if let Some(c) = self.cap.as_mut() {
             if let Err(e) = c.keep_checkpoints(hot) {
-                warn!("{e:#}");
+                // Only the application's own checkpoints are then left to run as they may.
+                tracing::debug!("{e:#}");
             }
         }
     }

@@ -545,20 +545,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let (app, mut cap) = captured_app(dir.path())?;
         let db = cap.db.path().to_owned();
-        // `PRAGMA wal_checkpoint(PASSIVE)` in another process: true if it found the lock taken.
-        let other_busy = || -> Result<bool> {
-            let o = std::process::Command::new("python3")
-                .arg("-c")
-                .arg("import sqlite3, sys\nc = sqlite3.connect(sys.argv[1])\nprint(c.execute('pragma wal_checkpoint(PASSIVE)').fetchone()[0])")
-                .arg(&db)
-                .output()?;
-            anyhow::ensure!(
-                o.status.success(),
-                "python3: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            Ok(String::from_utf8_lossy(&o.stdout).trim() == "1")
-        };
+        let other_busy = || crate::db::tests::other_checkpoint_busy(&db);
         let commits = |n: usize| -> Result<()> {
             for _ in 0..n {
                 app.execute("insert into t values (1)", [])?;
