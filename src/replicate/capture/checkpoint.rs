@@ -31,7 +31,7 @@
 //! such a writer ([`Capture::keep_checkpoints`]): in the gaps (between two chases, and from
 //! each restart of the WAL to the next chase) a max-rate single-row writer still ran 300-430
 //! checkpoints of its own in 4 s, each with an fsync in its thread; with the lock kept,
-//! 50-100.
+//! 50-125.
 //!
 //! Invariant: walship holds that lock only within one of its own checkpoints (any checkpoint
 //! starts as a chase, see [`Capture::checkpoint_now`]) or while the main loop chases a writer
