@@ -266,6 +266,7 @@ impl Capture {
         // must never wait anywhere near its busy timeout. What was captured stays captured;
         // the next round goes on from there.
         let t0 = std::time::Instant::now();
+        let from = self.wal_frames();
         loop {
             match self.step_limited(Some(u64::from(threshold.max(1)))) {
                 Ok((_, false)) => break,
@@ -284,6 +285,7 @@ impl Capture {
                 }
             }
         }
+        let stepped_ms = t0.elapsed().as_millis() as u64;
         // The checkpoint lets the next commit restart the WAL: only over published frames.
         if let Err(e) = self.settle() {
             self.db.unlock_writes();
@@ -301,6 +303,8 @@ impl Capture {
         tracing::debug!(
             log,
             done,
+            tail = self.wal_frames().saturating_sub(from),
+            stepped_ms,
             captured_ms,
             locked_ms = t0.elapsed().as_millis() as u64,
             "checkpoint"
