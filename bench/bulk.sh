@@ -6,10 +6,24 @@
 # usage: bench/bulk.sh [MIB] [file|sftp]   (sftp needs root and openssh-server: throwaway loopback sshd)
 # env: JOURNALED=1 keeps the databases, the state directory and a file replica on a loop-mounted
 # ext4 with a journal (see use_fs in common.sh); an sftp replica stays in the chroot.
+# NOISE=1 runs another writer on that file system through both loads (256 MiB files written and
+# fsynced, one after the other): a disk busy with other writes.
 source "$(dirname "$0")/common.sh"
 MIB="${1:-200}"
 MODE="${2:-file}"
 use_fs
+NOISE_PID=""
+if [ -n "${NOISE:-}" ]; then
+    ( while :; do dd if=/dev/zero of="$FS/noise" bs=1M count=256 conv=fsync status=none; done ) &
+    NOISE_PID=$!; PIDS="$PIDS $NOISE_PID"
+fi
+stop_noise() {
+    [ -n "$NOISE_PID" ] || return 0
+    pkill -P "$NOISE_PID" dd 2>/dev/null || true; kill "$NOISE_PID" 2>/dev/null || true
+    wait "$NOISE_PID" 2>/dev/null || true; pkill -P "$NOISE_PID" dd 2>/dev/null || true
+    rm -f "$FS/noise"; NOISE_PID=""
+}
+trap 'stop_noise; cleanup' EXIT
 py() { python3 -c "import sys; sys.path.insert(0,'$BENCH'); from benchlib import *; $1"; }
 kv() { awk -v k="$1" '$1==k {print $2}' "$2"; }
 
@@ -49,6 +63,7 @@ sleep 0.3
 stop_sampler
 STATUS=$(cat "$FS/state/status")
 stop_walship
+stop_noise
 LOAD_MS=$(( ($(kv end "$FS/w.load") - $(kv start "$FS/w.load")) / 1000000 ))
 if [ "$REPL_NS" = -1 ]; then CATCH="never (120 s)"; CATCH_MS=999999; else
     CATCH_MS=$(( (REPL_NS - $(kv end "$FS/w.load")) / 1000000 )); CATCH="$CATCH_MS ms"; fi
@@ -72,7 +87,7 @@ if cmp -s "$FS/restored.db" "$FS/w.db"; then SAME="byte-identical"; else SAME="D
 
 GIB=$(py "print($MIB/1024)")
 cat <<OUT
-# bulk.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  ${MIB} MiB in $(kv commits "$FS/w.load") transactions  files on $FS_NAME  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)
+# bulk.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  ${MIB} MiB in $(kv commits "$FS/w.load") transactions  files on $FS_NAME${NOISE:+ (with another writer)}  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)
 # status at catch-up: $STATUS
 metric                              walship        baseline       ratio    target
 load time (ms)                      $(printf '%-14s %-14s %.2fx' "$LOAD_MS" "$BASE_LOAD" "$(py "print($LOAD_MS/$BASE_LOAD)")")    (baseline: plain sqlite3)

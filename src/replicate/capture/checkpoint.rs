@@ -261,14 +261,15 @@ impl Capture {
         if !self.db.lock_writes(Duration::from_millis(2000))? {
             return Ok(false);
         }
-        // Capture under the lock in chunks of `threshold` frames, and give the lock back after
-        // LOCK_BUDGET even if frames remain (a large backlog, a slow machine): the application
-        // must never wait anywhere near its busy timeout. What was captured stays captured;
-        // the next round goes on from there.
+        // Capture under the lock in chunks of a full segment (see `lock_chunk`), and give the
+        // lock back after LOCK_BUDGET even if frames remain (a large backlog, a slow machine):
+        // the application must never wait anywhere near its busy timeout. What was captured
+        // stays captured; the next round goes on from there.
         let t0 = std::time::Instant::now();
         let from = self.wal_frames();
+        let chunk = self.lock_chunk(threshold);
         loop {
-            match self.step_limited(Some(u64::from(threshold.max(1)))) {
+            match self.step_limited(Some(chunk)) {
                 Ok((_, false)) => break,
                 Ok((_, true)) if t0.elapsed() < LOCK_BUDGET => {}
                 Ok((_, true)) => {
@@ -310,6 +311,17 @@ impl Capture {
             "checkpoint"
         );
         Ok(true)
+    }
+
+    /// Frames captured per step under the write lock: as many as fill a segment
+    /// (`segment-size`), at least `threshold`. Each segment costs the publisher three syncs
+    /// (the state file, the segment, its directory), all before the checkpoint under the lock
+    /// may copy; behind a disk busy with other writes each took tens of milliseconds, and
+    /// steps of `threshold` frames (a segment each) made the hold wait for a dozen segments'
+    /// syncs instead of three or four (see docs/PERFORMANCE.md, twenty-first session).
+    fn lock_chunk(&self, threshold: u32) -> u64 {
+        let page = u64::from(self.page_size).max(512);
+        u64::from(threshold.max(1)).max(self.segment_size / page)
     }
 
     /// A checkpoint that holds nothing an application writer waits for: capture everything
@@ -524,6 +536,7 @@ impl Capture {
 mod tests {
     use super::*;
     use crate::db::Db;
+    use crate::layout::names::FileName;
     use crate::replicate::spool::Spool;
     use crate::replicate::state::StateDir;
     use std::sync::Arc;
@@ -531,13 +544,51 @@ mod tests {
     /// An application's database in `dir` (WAL mode, no autocheckpoint) and a capture of it,
     /// pinned.
     fn captured_app(dir: &std::path::Path) -> Result<(rusqlite::Connection, Capture)> {
+        captured_app_segments(dir, 1 << 30)
+    }
+
+    /// [`captured_app`] with segments of `segment_size` bytes.
+    fn captured_app_segments(
+        dir: &std::path::Path,
+        segment_size: u64,
+    ) -> Result<(rusqlite::Connection, Capture)> {
         let (p, app) = crate::db::tests::wal_app(dir)?;
         let state = StateDir::new(dir.join("state"));
         std::fs::create_dir_all(state.spool_dir())?;
         let spool = Arc::new(Spool::open(&state.spool_dir())?);
-        let mut cap = Capture::start(Db::open(&p)?, spool, &state, 1 << 30, None)?;
+        let mut cap = Capture::start(Db::open(&p)?, spool, &state, segment_size, None)?;
         cap.rotate_pin()?;
         Ok((app, cap))
+    }
+
+    /// Under the write lock, what the chase left is captured in steps of a full segment, not
+    /// of `threshold` frames: each segment costs the publisher three syncs before the
+    /// checkpoint under the lock may copy.
+    #[test]
+    fn under_the_write_lock_the_backlog_is_captured_in_full_segments() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (app, mut cap) = captured_app_segments(dir.path(), 16 << 20)?;
+        // Twelve commits of ~65 frames: a chase in steps of 64 frames takes one at a time,
+        // the WAL is full (`LOCK_AT` x 64 = 512 frames) after the first.
+        for _ in 0..12 {
+            app.execute("insert into t values (randomblob(262144))", [])?;
+        }
+        assert!(cap.checkpoint_now(64)?, "no checkpoint");
+        let h = anyhow::Context::context(cap.db.wal_index(), "no wal-index")?;
+        assert!(cap.holds(&h), "the backlog was not captured");
+        let segments = cap
+            .spool
+            .list()?
+            .iter()
+            .filter(|f| matches!(f.name, FileName::Segment { .. }))
+            .count();
+        // One for the chase's step, one for the rest (spool files of more than 1 MiB take no
+        // appends); a step per 64 frames made twelve.
+        assert!(
+            segments <= 3,
+            "the backlog under the lock went into {segments} spool files"
+        );
+        Ok(())
     }
 
     /// While the main loop chases a writer of small commits, walship keeps SQLite's
