@@ -16,6 +16,13 @@
 //! chase: each step of a chase of big commits starts that write-back without waiting
 //! (`Db::start_writeback`), and the sync under the lock took ~12 ms instead of ~26.
 //!
+//! Under the write lock, what the chase left is captured in steps of a full segment
+//! (`segment-size`), not of `checkpoint-pages` frames: each segment costs the publisher three
+//! syncs before the checkpoint may copy, and behind a disk busy with other writes those syncs,
+//! not capture, made the hold run out of its budget; the writer then went on unbounded (a
+//! 200 MiB load beside a process writing and syncing 256 MiB files: WAL at 147-156 MiB, then
+//! 62-74 MiB; on a journaled ext4 alone the load took 1.3-1.5x instead of 1.4-2.3x).
+//!
 //! Capture looks at the WAL's size only between its steps, and a step can take tens of
 //! milliseconds (its own checkpoint's fsync of the database, a publish behind a journal
 //! commit) while a bulk writer appends ~1 MiB a millisecond: the WAL of a 200 MiB load on a
