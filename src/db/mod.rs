@@ -790,6 +790,13 @@ impl Db {
     /// # Errors
     /// fcntl errors other than "held by another process".
     pub(crate) fn lock_writes(&mut self, wait: Duration) -> Result<bool> {
+        self.write_lock.set_wanted(true);
+        let r = self.lock_writes_polled(wait);
+        self.write_lock.set_wanted(false);
+        r
+    }
+
+    fn lock_writes_polled(&mut self, wait: Duration) -> Result<bool> {
         let started = std::time::Instant::now();
         let deadline = started + wait;
         loop {
