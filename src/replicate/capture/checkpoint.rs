@@ -20,8 +20,9 @@
 //! (`segment-size`), not of `checkpoint-pages` frames: each segment costs the publisher three
 //! syncs before the checkpoint may copy, and behind a disk busy with other writes those syncs,
 //! not capture, made the hold run out of its budget; the writer then went on unbounded (a
-//! 200 MiB load beside a process writing and syncing 256 MiB files: WAL at 147-156 MiB, then
-//! 62-74 MiB; on a journaled ext4 alone the load took 1.3-1.5x instead of 1.4-2.3x).
+//! 200 MiB load beside a process writing and syncing 256 MiB files: the WAL passed 64 MiB
+//! in 10 of 13 loads, up to 204 MiB, then in 6 of 15, up to 88 MiB; on a journaled ext4
+//! alone the load took 1.3-1.5x instead of 1.4-2.3x).
 //!
 //! Capture looks at the WAL's size only between its steps, and a step can take tens of
 //! milliseconds (its own checkpoint's fsync of the database, a publish behind a journal
