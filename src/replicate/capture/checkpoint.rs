@@ -21,7 +21,7 @@
 //! syncs before the checkpoint may copy, and behind a disk busy with other writes those syncs,
 //! not capture, made the hold run out of its budget; the writer then went on unbounded (a
 //! 200 MiB load beside a process writing and syncing 256 MiB files: the WAL passed 64 MiB
-//! in 10 of 13 loads, up to 204 MiB, then in 6 of 15, up to 88 MiB; on a journaled ext4
+//! in 10 of 14 loads, up to 204 MiB, then in 7 of 18, up to 88 MiB; on a journaled ext4
 //! alone the load took 1.3-1.5x instead of 1.4-2.3x).
 //!
 //! Capture looks at the WAL's size only between its steps, and a step can take tens of
