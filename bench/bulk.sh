@@ -14,13 +14,13 @@ MODE="${2:-file}"
 use_fs
 NOISE_PID=""
 if [ -n "${NOISE:-}" ]; then
-    ( while :; do dd if=/dev/zero of="$FS/noise" bs=1M count=256 conv=fsync status=none; done ) &
-    NOISE_PID=$!; PIDS="$PIDS $NOISE_PID"
+    # A process group of its own: the loop and its dd stop together.
+    setsid bash -c 'while :; do dd if=/dev/zero of="$1/noise" bs=1M count=256 conv=fsync status=none; done' _ "$FS" &
+    NOISE_PID=$!
 fi
 stop_noise() {
     [ -n "$NOISE_PID" ] || return 0
-    pkill -P "$NOISE_PID" dd 2>/dev/null || true; kill "$NOISE_PID" 2>/dev/null || true
-    wait "$NOISE_PID" 2>/dev/null || true; pkill -P "$NOISE_PID" dd 2>/dev/null || true
+    kill -- "-$NOISE_PID" 2>/dev/null || true; wait "$NOISE_PID" 2>/dev/null || true
     rm -f "$FS/noise"; NOISE_PID=""
 }
 trap 'stop_noise; cleanup' EXIT
