@@ -42,26 +42,26 @@ mod replaced;
 pub(crate) mod ship;
 pub(crate) mod spool;
 pub mod state;
+mod watch;
 
 use crate::config::Settings;
 use crate::db::Db;
-use crate::durable::lock;
 use crate::systemd::Notifier;
 use anyhow::{Context, Result};
 use capture::Capture;
 use dblock::DbLock;
 use main_loop::MainLoop;
-use notify::event::ModifyKind;
-use notify::{EventKind, RecursiveMode, Watcher};
 use ship::{ReplicaStatus, Shared, Shipper};
 use spool::Spool;
 use state::{StateDir, Status};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
+use watch::watch;
+pub(crate) use watch::ChangeGate;
 
 /// Messages that wake the main loop.
 #[derive(Debug)]
@@ -354,131 +354,6 @@ fn start_shippers(
     Ok((shared, threads))
 }
 
-/// Watches the database's directory; only events on the database or its WAL send
-/// [`Msg::Changed`], at most one until capture looks (see [`ChangeGate`]).
-fn watch(db: &Path, tx: Sender<Msg>, shared: Arc<Shared>) -> Result<notify::RecommendedWatcher> {
-    let dir = db
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let base = db.file_name().map(|s| s.to_owned()).unwrap_or_default();
-    let mut wal = base.clone();
-    wal.push("-wal");
-    let wal_path = dir.join(&wal);
-    let names = [base, wal];
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        let Ok(ev) = ev else { return };
-        if ev.need_rescan() {
-            // The kernel's queue overflowed: events were lost.
-            shared.changes.report(&tx, None);
-            return;
-        }
-        if matches!(ev.kind, EventKind::Access(_) | EventKind::Other) {
-            return;
-        }
-        if ev
-            .paths
-            .iter()
-            .any(|p| p.file_name().is_some_and(|n| names.iter().any(|x| x == n)))
-        {
-            // Writes to the files (not a rename, a creation, a deletion) matter only if the
-            // WAL gained something capture does not hold.
-            let written = matches!(
-                ev.kind,
-                EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any)
-            );
-            shared
-                .changes
-                .report(&tx, written.then_some(wal_path.as_path()));
-        }
-    })
-    .context("cannot start inotify watcher")?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .with_context(|| format!("cannot watch {}", dir.display()))?;
-    Ok(watcher)
-}
-
-/// How long the watcher's thread waits, after reporting a change, for capture to look.
-const WATCH_HOLD: Duration = Duration::from_millis(100);
-
-/// Coalesces file events between the watcher's thread and capture. A commit is several
-/// writes to the WAL, each an inotify event; handling each (reading it, waking the main loop)
-/// was about a tenth of walship's CPU under a stream of small commits. So after reporting a
-/// change the watcher's thread stops reading events until capture begins to look (at most
-/// [`WATCH_HOLD`]): meanwhile the kernel merges the queued identical events into one.
-///
-/// A write to the database or its WAL whose event finds nothing in the WAL past what capture
-/// holds (see [`WalMark::holds_all`](crate::wal::WalMark::holds_all)) is not reported. Such
-/// stale events pile up behind a bulk load: the kernel merges only identical events in a
-/// row, and the load's WAL writes alternate with the checkpoints' database writes. Each ran a
-/// whole round of the main loop, back to back: ~10,000 rounds for a 200 MiB load.
-///
-/// Invariants: while `pending` is set, a capture that will read the WAL is due (the main loop
-/// got [`Msg::Changed`] or is about to): capture clears it *before* reading, so a write after
-/// that is reported again, and no commit waits for a timer. The mark never claims more than
-/// capture holds (it is set from capture's position after a round, cleared when there is
-/// none); a write is read after it happened (inotify queues the event once the write is
-/// done), so a write past the mark is always seen and reported.
-///
-/// Hazard: the main loop must not call into the watcher (`watch`, `unwatch`). notify runs
-/// those calls on the watcher's thread, and the caller waits for them. That thread may be
-/// waiting here, up to [`WATCH_HOLD`] for each queued event, for a capture that only the
-/// waiting main loop could start. An experiment that did this stalled capture for 17 s under
-/// a max-rate writer (docs/PERFORMANCE.md, fifteenth session). The watcher is only dropped,
-/// after the main loop has ended; dropping it does not wait.
-#[derive(Debug, Default)]
-pub(crate) struct ChangeGate {
-    pending: std::sync::Mutex<bool>,
-    cv: std::sync::Condvar,
-    mark: std::sync::Mutex<Option<crate::wal::WalMark>>,
-}
-
-impl ChangeGate {
-    /// What capture holds of the WAL now (`None`: unknown, every write is reported).
-    pub(crate) fn captured(&self, mark: Option<crate::wal::WalMark>) {
-        *lock(&self.mark) = mark;
-    }
-
-    /// True if the WAL at `wal` has nothing past the mark; false when that cannot be told.
-    fn holds_all(&self, wal: &Path) -> bool {
-        let Some(mark) = *lock(&self.mark) else {
-            return false;
-        };
-        let read = || -> std::io::Result<bool> {
-            let f = std::fs::File::open(wal)?;
-            let mut header = [0u8; crate::wal::WAL_HEADER_SIZE];
-            let mut frame = [0u8; crate::wal::FRAME_HEADER_SIZE];
-            let h = crate::db::read_full_at(&f, &mut header, 0)?;
-            let n = crate::db::read_full_at(&f, &mut frame, mark.next)?;
-            Ok(mark.holds_all(&header[..h], &frame[..n]))
-        };
-        read().unwrap_or(false)
-    }
-
-    /// The watcher saw a change: tells the main loop unless it was told already, then waits
-    /// (at most [`WATCH_HOLD`]) until capture looks. `written`: the event was a write, and
-    /// this is the WAL; it is dropped if the WAL holds nothing past the mark. The WAL is read
-    /// only while no report is pending (a pending one's capture reads that write anyway), and
-    /// without the lock `looking` takes.
-    fn report(&self, tx: &Sender<Msg>, written: Option<&Path>) {
-        if !*lock(&self.pending) && written.is_some_and(|wal| self.holds_all(wal)) {
-            return;
-        }
-        let mut pending = lock(&self.pending);
-        if !*pending {
-            *pending = true;
-            let _ = tx.send(Msg::Changed);
-        }
-        let _ = self.cv.wait_timeout_while(pending, WATCH_HOLD, |p| *p);
-    }
-
-    /// Capture is about to read the database: changes from now on are reported again.
-    pub(crate) fn looking(&self) {
-        *lock(&self.pending) = false;
-        self.cv.notify_all();
-    }
-}
-
 fn spawn_signal_thread(tx: Sender<Msg>) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
@@ -494,49 +369,4 @@ fn spawn_signal_thread(tx: Sender<Msg>) -> Result<()> {
         })
         .context("cannot start signal thread")?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wal::{WalHeader, WalMark, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
-
-    /// The mark after every frame of the WAL at `wal`.
-    fn end_of(wal: &Path) -> Result<WalMark> {
-        let bytes = std::fs::read(wal)?;
-        let h = WalHeader::parse(&bytes)?;
-        let frames = (bytes.len() - WAL_HEADER_SIZE) / (FRAME_HEADER_SIZE + h.page_size as usize);
-        WalMark::after(h.salt1, h.salt2, h.page_size, frames as u64).context("a mark past 64 bits")
-    }
-
-    /// A write whose WAL holds nothing past capture's mark is not reported; a commit past the
-    /// mark, a restarted WAL, an unknown mark and an event that is not a write are.
-    #[test]
-    fn writes_are_reported_only_past_what_capture_holds() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let (db, app) = crate::db::tests::wal_app(dir.path())?;
-        let wal = crate::db::sidecar(&db, "-wal");
-        let gate = ChangeGate::default();
-        let (tx, rx) = channel();
-        let reported = |written: Option<&Path>| -> bool {
-            gate.looking();
-            gate.report(&tx, written);
-            rx.try_recv().is_ok()
-        };
-        assert!(reported(Some(&wal)), "no mark: every write is reported");
-        gate.captured(Some(end_of(&wal)?));
-        assert!(!reported(Some(&wal)), "a stale write was reported");
-        assert!(reported(None), "an event that is not a write");
-        app.execute("insert into t values (2)", [])?;
-        assert!(reported(Some(&wal)), "a commit past the mark");
-        gate.captured(Some(end_of(&wal)?));
-        assert!(!reported(Some(&wal)));
-        app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-        assert!(reported(Some(&wal)), "a truncated WAL");
-        app.execute("insert into t values (3)", [])?;
-        assert!(reported(Some(&wal)), "a restarted WAL");
-        gate.captured(None);
-        assert!(reported(Some(&wal)), "a mark cleared");
-        Ok(())
-    }
 }

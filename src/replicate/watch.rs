@@ -1,0 +1,453 @@
+//! Watching the database's directory (inotify) for what capture must look at: a write to the
+//! database or its WAL, and either name created, deleted, renamed or changed (a file moved
+//! over the database, see `replaced`).
+//!
+//! Two inotify instances watch the same directory, because a mask belongs to a watch:
+//! - *names* (create, delete, move, attributes): always armed, every event on the database's
+//!   or the WAL's name is reported;
+//! - *writes* (`IN_MODIFY | IN_ONESHOT`): the kernel drops this watch at the first write
+//!   after it was armed, so the application's next writes cost it nothing, until capture looks
+//!   again ([`ChangeGate::looking`]) and arms it again.
+//!
+//! Why one-shot: SQLite writes each WAL frame with two `write` calls, and a watch that asks
+//! for every write makes the kernel queue (or merge into the last queued one) an event for
+//! each: 100,000 events for a 200 MiB bulk load, allocated and freed in the application's
+//! own `write`. Such a watch (the `notify` crate's mask is fixed, and asks for every write,
+//! open and close) cost that load 5-10% of its time, with nothing reading the events; a watch
+//! for names only cost it nothing measurable (docs/PERFORMANCE.md, twenty-second session).
+//! Before, walship's watcher stopped *reading* events until capture looked (the kernel then
+//! merged them), but the application still paid for each.
+//!
+//! Invariants:
+//! - While the writes watch is disarmed, a capture that will read the WAL is due: the watcher
+//!   reported a change (`Msg::Changed`) and capture arms the watch again *before* it reads
+//!   ([`ChangeGate::looking`]), or the watcher arms it again itself before its last look at
+//!   the WAL. A write after the watch was armed is an event; a write before is read by the
+//!   look that follows. So no commit waits for a timer.
+//! - A write that adds nothing past what capture holds (see
+//!   [`WalMark::holds_all`](crate::wal::WalMark::holds_all)) is not reported. Such stale
+//!   writes come behind a bulk load: its checkpoints write the database after capture looked.
+//!   Each ran a whole round of the main loop, back to back: ~10,000 rounds for a 200 MiB load.
+//! - The mark never claims more than capture holds (it is set from capture's position after
+//!   a round, cleared when there is none).
+
+use super::Msg;
+use crate::durable::lock;
+use anyhow::{Context, Result};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tracing::warn;
+
+/// The names watch: what can replace or remove the database or its WAL.
+const NAMES: AddWatchFlags = AddWatchFlags::IN_CREATE
+    .union(AddWatchFlags::IN_DELETE)
+    .union(AddWatchFlags::IN_MOVED_FROM)
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_ATTRIB)
+    .union(AddWatchFlags::IN_ONLYDIR);
+
+/// The writes watch: the first write to any file of the directory, then nothing.
+const WRITES: AddWatchFlags = AddWatchFlags::IN_MODIFY
+    .union(AddWatchFlags::IN_ONESHOT)
+    .union(AddWatchFlags::IN_ONLYDIR);
+
+/// How often the watcher's thread looks whether it should stop.
+const STOP_POLL: Duration = Duration::from_millis(500);
+
+/// The watcher's thread; it stops within [`STOP_POLL`] once this is dropped (without
+/// waiting for it).
+pub(crate) struct Watcher {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts watching the directory of `db` for `shared.changes`, which sends [`Msg::Changed`] on
+/// `tx`.
+///
+/// # Errors
+/// inotify cannot be set up (no more instances or watches: `fs.inotify.max_user_*`), or the
+/// directory cannot be watched.
+pub(crate) fn watch(db: &Path, tx: Sender<Msg>, shared: Arc<super::Shared>) -> Result<Watcher> {
+    let dir = db
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let base = db.file_name().map(|s| s.to_owned()).unwrap_or_default();
+    let mut wal = base.clone();
+    wal.push("-wal");
+    let wal_path = dir.join(&wal);
+    let init = || Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC);
+    let names = init().context("cannot start inotify")?;
+    let writes = Arc::new(init().context("cannot start inotify")?);
+    names
+        .add_watch(&dir, NAMES)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    let changes = &shared.changes;
+    // Armed before the first round of the main loop reads the WAL.
+    if changes
+        .writes
+        .set(Arm {
+            inotify: writes.clone(),
+            dir: dir.clone(),
+        })
+        .is_err()
+    {
+        anyhow::bail!("{} is watched already", dir.display());
+    }
+    changes
+        .arm()
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let ours = [base, wal];
+    std::thread::Builder::new()
+        .name("watch".into())
+        .spawn(move || {
+            let w = WatchThread {
+                names,
+                writes,
+                ours,
+                wal_path,
+                tx,
+            };
+            w.run(&shared.changes, &stopped);
+        })
+        .context("cannot start the watcher's thread")?;
+    Ok(Watcher { stop })
+}
+
+struct WatchThread {
+    names: Inotify,
+    writes: Arc<Inotify>,
+    ours: [OsString; 2],
+    wal_path: PathBuf,
+    tx: Sender<Msg>,
+}
+
+impl WatchThread {
+    fn run(&self, gate: &ChangeGate, stop: &AtomicBool) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut failed = false;
+        while !stop.load(Ordering::Relaxed) {
+            let mut fds = [
+                PollFd::new(self.names.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.writes.as_fd(), PollFlags::POLLIN),
+            ];
+            let timeout = PollTimeout::try_from(STOP_POLL).unwrap_or(PollTimeout::MAX);
+            let r = poll(&mut fds, timeout).and_then(|n| {
+                if n == 0 {
+                    return Ok(());
+                }
+                self.read(&self.names, |e| self.on_name(gate, e))?;
+                self.read(&self.writes, |e| self.on_write(gate, e))
+            });
+            match r {
+                Ok(()) => failed = false,
+                Err(e) => {
+                    // Events may be lost: capture looks, and the next failure in a row is
+                    // not logged again.
+                    if !failed {
+                        warn!("cannot read file events of the database's directory: {e}");
+                    }
+                    failed = true;
+                    gate.changed(&self.tx);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Handles every event queued on `fd` (none is not an error).
+    fn read(&self, fd: &Inotify, mut each: impl FnMut(&InotifyEvent)) -> nix::Result<()> {
+        loop {
+            match fd.read_events() {
+                Ok(events) if events.is_empty() => return Ok(()),
+                Ok(events) => events.iter().for_each(&mut each),
+                Err(nix::errno::Errno::EAGAIN) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn ours(&self, e: &InotifyEvent) -> bool {
+        e.name.as_ref().is_some_and(|n| self.ours.contains(n))
+    }
+
+    fn on_name(&self, gate: &ChangeGate, e: &InotifyEvent) {
+        // An overflow lost events: look.
+        if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) || self.ours(e) {
+            gate.changed(&self.tx);
+        }
+    }
+
+    fn on_write(&self, gate: &ChangeGate, e: &InotifyEvent) {
+        if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+            gate.changed(&self.tx);
+        } else if e.mask.contains(AddWatchFlags::IN_MODIFY) {
+            // The one-shot watch fired (its IN_IGNORED follows, and is ignored).
+            gate.written(&self.tx, self.ours(e).then_some(self.wal_path.as_path()));
+        }
+    }
+}
+
+/// The writes instance and the directory it watches: what [`ChangeGate::arm`] needs.
+#[derive(Debug)]
+struct Arm {
+    inotify: Arc<Inotify>,
+    dir: PathBuf,
+}
+
+/// Where the watcher and capture stand (see [`ChangeGate`]).
+#[derive(Debug, Default)]
+struct Gate {
+    /// A change was reported and capture has not looked since.
+    pending: bool,
+    /// The writes watch is armed (as far as the events read so far tell).
+    armed: bool,
+    /// Writes watch fired, for tests.
+    fired: u64,
+}
+
+/// Coalesces file events between the watcher's thread and capture: at most one
+/// [`Msg::Changed`] until capture looks, and no event at all for the application's writes
+/// meanwhile (see the module doc).
+#[derive(Debug, Default)]
+pub(crate) struct ChangeGate {
+    gate: Mutex<Gate>,
+    mark: Mutex<Option<crate::wal::WalMark>>,
+    /// Set once the watcher starts (none in tests of the gate alone).
+    writes: OnceLock<Arm>,
+}
+
+impl ChangeGate {
+    /// What capture holds of the WAL now (`None`: unknown, every write is reported).
+    pub(crate) fn captured(&self, mark: Option<crate::wal::WalMark>) {
+        *lock(&self.mark) = mark;
+    }
+
+    /// Capture is about to read the database: changes from now on are reported again, and
+    /// the writes watch is armed again (before the read: a write after it is an event).
+    pub(crate) fn looking(&self) {
+        lock(&self.gate).pending = false;
+        if let Err(e) = self.arm() {
+            // Only a removed directory makes this fail; its events were read (the names
+            // watch) or capture's own look finds the database gone.
+            tracing::debug!("cannot watch the database's directory for writes: {e}");
+        }
+    }
+
+    /// Arms the writes watch unless it is armed.
+    fn arm(&self) -> nix::Result<()> {
+        let mut g = lock(&self.gate);
+        if g.armed {
+            return Ok(());
+        }
+        if let Some(a) = self.writes.get() {
+            a.inotify.add_watch(&a.dir, WRITES)?;
+        }
+        g.armed = true;
+        Ok(())
+    }
+
+    /// An event that is not a write (a name, a lost event): reported unless a report is
+    /// pending.
+    fn changed(&self, tx: &Sender<Msg>) {
+        let mut g = lock(&self.gate);
+        if !g.pending {
+            g.pending = true;
+            let _ = tx.send(Msg::Changed);
+        }
+    }
+
+    /// The writes watch fired. `wal`: the write was to the database or its WAL (at this
+    /// path); it is reported only if the WAL holds something past the mark. A write to
+    /// another file of the directory is not reported.
+    fn written(&self, tx: &Sender<Msg>, wal: Option<&Path>) {
+        {
+            let mut g = lock(&self.gate);
+            g.armed = false;
+            g.fired += 1;
+            if g.pending {
+                // Capture arms the watch again when it looks.
+                return;
+            }
+        }
+        let new = |wal: Option<&Path>| wal.is_some_and(|w| !self.holds_all(w));
+        if !new(wal) {
+            // Armed again before the last look: a write after it is an event, one before
+            // it is seen by the look.
+            if self.arm().is_err() {
+                return self.changed(tx);
+            }
+            if !new(wal) {
+                return;
+            }
+        }
+        self.changed(tx);
+    }
+
+    /// True if the WAL at `wal` has nothing past the mark; false when that cannot be told.
+    fn holds_all(&self, wal: &Path) -> bool {
+        let Some(mark) = *lock(&self.mark) else {
+            return false;
+        };
+        let read = || -> std::io::Result<bool> {
+            let f = std::fs::File::open(wal)?;
+            let mut header = [0u8; crate::wal::WAL_HEADER_SIZE];
+            let mut frame = [0u8; crate::wal::FRAME_HEADER_SIZE];
+            let h = crate::db::read_full_at(&f, &mut header, 0)?;
+            let n = crate::db::read_full_at(&f, &mut frame, mark.next)?;
+            Ok(mark.holds_all(&header[..h], &frame[..n]))
+        };
+        read().unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::{WalHeader, WalMark, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
+    use std::sync::mpsc::{channel, Receiver};
+
+    /// The mark after every frame of the WAL at `wal`.
+    fn end_of(wal: &Path) -> Result<WalMark> {
+        let bytes = std::fs::read(wal)?;
+        let h = WalHeader::parse(&bytes)?;
+        let frames = (bytes.len() - WAL_HEADER_SIZE) / (FRAME_HEADER_SIZE + h.page_size as usize);
+        WalMark::after(h.salt1, h.salt2, h.page_size, frames as u64).context("a mark past 64 bits")
+    }
+
+    /// A write whose WAL holds nothing past capture's mark is not reported; a commit past the
+    /// mark, a restarted WAL, an unknown mark and an event that is not a write are.
+    #[test]
+    fn writes_are_reported_only_past_what_capture_holds() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (db, app) = crate::db::tests::wal_app(dir.path())?;
+        let wal = crate::db::sidecar(&db, "-wal");
+        let gate = ChangeGate::default();
+        let (tx, rx) = channel();
+        let reported = |written: Option<&Path>| -> bool {
+            gate.looking();
+            match written {
+                Some(w) => gate.written(&tx, Some(w)),
+                None => gate.changed(&tx),
+            }
+            rx.try_recv().is_ok()
+        };
+        assert!(reported(Some(&wal)), "no mark: every write is reported");
+        gate.captured(Some(end_of(&wal)?));
+        assert!(!reported(Some(&wal)), "a stale write was reported");
+        assert!(reported(None), "an event that is not a write");
+        app.execute("insert into t values (2)", [])?;
+        assert!(reported(Some(&wal)), "a commit past the mark");
+        gate.captured(Some(end_of(&wal)?));
+        assert!(!reported(Some(&wal)));
+        app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        assert!(reported(Some(&wal)), "a truncated WAL");
+        app.execute("insert into t values (3)", [])?;
+        assert!(reported(Some(&wal)), "a restarted WAL");
+        gate.captured(None);
+        assert!(reported(Some(&wal)), "a mark cleared");
+        gate.looking();
+        gate.written(&tx, None);
+        assert!(
+            rx.try_recv().is_err(),
+            "a write to another file was reported"
+        );
+        Ok(())
+    }
+
+    /// Waits up to 2 s for a report.
+    fn reported(rx: &Receiver<Msg>) -> bool {
+        matches!(rx.recv_timeout(Duration::from_secs(2)), Ok(Msg::Changed))
+    }
+
+    fn fired(shared: &super::super::Shared) -> u64 {
+        lock(&shared.changes.gate).fired
+    }
+
+    /// With the real watcher: a commit is reported once; the application's writes until
+    /// capture looks raise no event at all (the one-shot watch is not armed again); after
+    /// capture looks, the next commit is reported; a stale write arms the watch again by
+    /// itself, so the commit after it is reported without capture looking; a write to another
+    /// file is not reported, a file renamed over the database is.
+    #[test]
+    fn the_watcher_sees_each_change_and_no_write_until_capture_looks() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (db, app) = crate::db::tests::wal_app(dir.path())?;
+        let wal = crate::db::sidecar(&db, "-wal");
+        let shared = Arc::new(super::super::Shared::default());
+        let (tx, rx) = channel();
+        let _w = watch(&db, tx, shared.clone())?;
+        let gate = &shared.changes;
+
+        app.execute("insert into t values (10)", [])?;
+        assert!(reported(&rx), "a commit was not reported");
+        let before = fired(&shared);
+        for i in 0..200 {
+            app.execute("insert into t values (?1)", [100 + i])?;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            rx.try_recv().is_err(),
+            "reported twice before capture looked"
+        );
+        assert_eq!(
+            fired(&shared),
+            before,
+            "writes raised events before capture looked"
+        );
+
+        gate.looking();
+        app.execute("insert into t values (11)", [])?;
+        assert!(
+            reported(&rx),
+            "a commit after capture looked was not reported"
+        );
+
+        // Capture holds everything: a write to the database file (a checkpoint) is stale.
+        gate.looking();
+        gate.captured(Some(end_of(&wal)?));
+        let before = fired(&shared);
+        app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            fired(&shared) > before,
+            "the checkpoint's write raised no event"
+        );
+        assert!(rx.try_recv().is_err(), "a stale write was reported");
+        app.execute("insert into t values (12)", [])?;
+        assert!(
+            reported(&rx),
+            "a commit after a stale write was not reported"
+        );
+
+        // A write to another file is not reported, a file renamed over the database is.
+        gate.looking();
+        let other = dir.path().join("other.db");
+        std::fs::write(&other, b"x")?;
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            rx.try_recv().is_err(),
+            "a write to another file was reported"
+        );
+        std::fs::rename(&other, &db)?;
+        assert!(
+            reported(&rx),
+            "a file renamed over the database was not reported"
+        );
+        Ok(())
+    }
+}
