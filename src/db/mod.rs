@@ -55,6 +55,7 @@
 
 mod governor;
 
+use crate::durable::lock;
 use crate::wal::{FrameHeader, WalHeader, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
 use anyhow::{anyhow, bail, Context, Result};
 use rusqlite::{Connection, OpenFlags};
@@ -62,7 +63,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Where capture stands in the WAL: just after the last captured commit frame.
@@ -325,7 +326,9 @@ pub(crate) struct Db {
     pins: [Connection; 2],
     /// Which of `pins` currently holds a read transaction (`None` while unpinned).
     active: Option<usize>,
-    ckpt: Connection,
+    /// walship's checkpoints; shared with the thread that copies while capture works under
+    /// the write lock (see [`Db::copy_behind`]).
+    ckpt: Arc<Mutex<Connection>>,
     file: File,
     /// The `-shm` file, for the wal-index and the locks (see the module comment); shared with
     /// the governor's thread.
@@ -679,7 +682,7 @@ impl Db {
         let mut db = Db {
             pins,
             active: None,
-            ckpt,
+            ckpt: Arc::new(Mutex::new(ckpt)),
             file,
             shm,
             governor: governor::Governor::new(write_lock.clone()),
@@ -831,30 +834,7 @@ impl Db {
                 self.end_pin(i)?;
             }
             self.active = None;
-            // With the write lock held the WAL cannot grow, and readers of older snapshots
-            // finish within their statement: retry briefly until every frame is copied, so
-            // that the new pin is a slot-0 reader and the next writer can restart the WAL.
-            // An application's own checkpoint (its autocheckpoint after a commit) makes
-            // SQLite report -1: it is copying the same frames, unpinned now; wait for it.
-            let started = std::time::Instant::now();
-            let r = loop {
-                let r = self
-                    .ckpt
-                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                    })
-                    .context("checkpoint failed");
-                let waited = started.elapsed();
-                match r {
-                    Ok((log, done))
-                        if (log < 0 && waited < CHECKPOINT_BUSY_WAIT)
-                            || (done < log && waited < Duration::from_millis(20)) =>
-                    {
-                        std::thread::sleep(Duration::from_micros(500));
-                    }
-                    other => break other,
-                }
-            };
+            let r = checkpoint_all(&lock(&self.ckpt));
             if let Err(e) = self.begin_pin(0) {
                 // Unpinned once the write lock goes: a restart seen later proves nothing.
                 self.lost_pin = true;
@@ -866,21 +846,64 @@ impl Db {
         result
     }
 
+    /// With the write lock held and capture short of the WAL's end (`pos`, in the WAL being
+    /// written): moves the pin to the WAL's end if that pin cannot let the WAL restart (see
+    /// [`Db::rotate_pin_behind`]), and starts copying the whole WAL into the database on a
+    /// thread of its own, so that SQLite's copy and its sync of the database overlap with the
+    /// capture of what is left (the application's writer waits for both meanwhile, and
+    /// leaves a core idle). `None` if the pin did not move (nothing would be copied past the
+    /// old one) or no thread could start; [`Db::checkpoint_locked`] then copies it all.
+    ///
+    /// Safe because no frame can be overwritten meanwhile: the write lock keeps writers out,
+    /// and the new pin, above slot 0 on a WAL not fully copied, keeps any writer from
+    /// restarting the WAL until capture moves it again, even if the lock is given back before
+    /// capture is done (see [`Db::rotate_pin_behind`]). Copying frames into the database
+    /// before they are captured changes nothing that capture reads.
+    ///
+    /// # Errors
+    /// SQLite errors while moving the pin.
+    pub(crate) fn copy_behind(&mut self, pos: &WalPos) -> Result<Option<Copier>> {
+        let old = self.active;
+        self.rotate_pin_behind(pos)?;
+        if self.active == old {
+            return Ok(None);
+        }
+        let ckpt = self.ckpt.clone();
+        let copier = std::thread::Builder::new()
+            .name("wal-copy".into())
+            .spawn(move || checkpoint_all(&lock(&ckpt)).map(|_| ()));
+        match copier {
+            Ok(h) => Ok(Some(Copier(h))),
+            Err(e) => {
+                tracing::debug!("cannot start the thread that copies the WAL: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Waits for the copy [`Db::copy_behind`] started. Its outcome is only logged: the
+    /// checkpoint under the write lock that follows copies whatever it did not.
+    pub(crate) fn copied(&self, copier: Copier) {
+        match copier.0.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("copying the WAL under the write lock: {e:#}"),
+            Err(_) => tracing::debug!("the thread copying the WAL under the write lock panicked"),
+        }
+    }
+
     /// A PASSIVE checkpoint that waits on nothing: copies what the pins allow. Returns
     /// (frames in WAL, frames checkpointed), `None` if another checkpoint was running.
     ///
     /// # Errors
     /// SQLite errors other than busy.
     pub(crate) fn checkpoint_passive(&self) -> Result<Option<(i64, i64)>> {
-        match self
-            .ckpt
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            }) {
+        match lock(&self.ckpt).query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        }) {
             Ok((0, log, done)) => Ok(Some((log, done))),
             Ok(_) => Ok(None),
             Err(rusqlite::Error::SqliteFailure(e, _))
@@ -1660,6 +1683,36 @@ fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<bool> {
     Ok(read_full_at(f, buf, off)? == buf.len())
 }
 
+/// A checkpoint running on a thread of its own (see [`Db::copy_behind`]).
+pub(crate) struct Copier(std::thread::JoinHandle<Result<()>>);
+
+/// A PASSIVE checkpoint under walship's write lock, tried again until every frame is copied:
+/// with the write lock held the WAL cannot grow, and readers of older snapshots finish within
+/// their statement, so that the pin that follows is a slot-0 reader and the next writer can
+/// restart the WAL. An application's own checkpoint (its autocheckpoint after a commit) makes
+/// SQLite report -1: it is copying the same frames; it is waited for. Returns (frames in WAL,
+/// frames checkpointed) as SQLite reports them.
+fn checkpoint_all(ckpt: &Connection) -> Result<(i64, i64)> {
+    let started = std::time::Instant::now();
+    loop {
+        let r = ckpt
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })
+            .context("checkpoint failed");
+        let waited = started.elapsed();
+        match r {
+            Ok((log, done))
+                if (log < 0 && waited < CHECKPOINT_BUSY_WAIT)
+                    || (done < log && waited < Duration::from_millis(20)) =>
+            {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            other => break other,
+        }
+    }
+}
+
 /// Reads into `buf` from `off` until it is full or the file ends; returns the bytes read.
 pub(crate) fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     let mut done = 0;
@@ -1710,6 +1763,60 @@ pub(crate) mod tests {
         let h3 = db.wal_index().context("no wal-index hint")?;
         assert!(h3.frames < h.frames, "{h3:?} after {h:?}");
         assert_ne!((h3.salt1, h3.salt2), (h.salt1, h.salt2));
+        Ok(())
+    }
+
+    /// Under the write lock, `copy_behind` copies the whole WAL past the old pin while capture
+    /// is still short of its end, and the pin it leaves keeps the next writer from restarting
+    /// the WAL over the frames capture has not read, even once the lock is given back (as when
+    /// a hold runs out of its budget). A position in another WAL moves nothing.
+    #[test]
+    fn copying_under_the_write_lock_never_lets_the_wal_restart_over_uncaptured_frames() -> Result<()>
+    {
+        let dir = tempfile::tempdir()?;
+        let (_p, app, mut db, start) = pinned_app(dir.path())?;
+        for _ in 0..20 {
+            app.execute("insert into t values (randomblob(3000))", [])?;
+        }
+        let h = db.wal_index().context("no wal-index hint")?;
+        assert!(u64::from(h.frames) > start.frames);
+        // The old pin was taken at `start`: a checkpoint copies nothing past it.
+        assert_eq!(
+            db.checkpoint_passive()?,
+            Some((i64::from(h.frames), start.frames as i64))
+        );
+
+        let other = WalPos {
+            salt1: start.salt1.wrapping_add(1),
+            ..start
+        };
+        assert!(db.lock_writes(Duration::from_secs(1))?);
+        assert!(
+            db.copy_behind(&other)?.is_none(),
+            "a pin moved for another WAL"
+        );
+        let copier = db.copy_behind(&start)?.context("no copy started")?;
+        db.copied(copier);
+        let copied = db.wal_index().context("no wal-index hint")?;
+        assert_eq!((copied.frames, copied.backfilled), (h.frames, h.frames));
+        // The lock is given back before capture read past `start`.
+        db.unlock_writes();
+        app.execute("insert into t values (2)", [])?;
+        let after = db.wal_index().context("no wal-index hint")?;
+        assert_eq!(
+            (after.salt1, after.salt2),
+            (h.salt1, h.salt2),
+            "the WAL restarted"
+        );
+        assert_eq!(after.frames, h.frames + 1);
+        // Nothing was lost: the frames after `start` are all still there to capture.
+        match db.scan(&start)? {
+            WalState::Same { commits, end } => {
+                assert_eq!(commits.len(), 21);
+                assert_eq!(end.frames, u64::from(after.frames));
+            }
+            other => bail!("{other:?}"),
+        }
         Ok(())
     }
 

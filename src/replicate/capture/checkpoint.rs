@@ -275,12 +275,26 @@ impl Capture {
         // stays captured; the next round goes on from there.
         let t0 = std::time::Instant::now();
         let from = self.wal_frames();
+        // Behind a writer of big commits, SQLite copies the WAL into the database while
+        // capture takes what is left (see `Db::copy_behind`): the hold is the longer of the
+        // two, not their sum.
+        let mut copier = match self.pos {
+            Some(pos) if !self.small_commits => match self.db.copy_behind(&pos) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.db.unlock_writes();
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
         let chunk = self.lock_chunk(threshold);
         loop {
             match self.step_limited(Some(chunk)) {
                 Ok((_, false)) => break,
                 Ok((_, true)) if t0.elapsed() < LOCK_BUDGET => {}
                 Ok((_, true)) => {
+                    self.copied(&mut copier);
                     self.db.unlock_writes();
                     tracing::debug!(
                         locked_ms = t0.elapsed().as_millis() as u64,
@@ -289,6 +303,7 @@ impl Capture {
                     return Ok(false);
                 }
                 Err(e) => {
+                    self.copied(&mut copier);
                     self.db.unlock_writes();
                     return Err(e);
                 }
@@ -296,7 +311,9 @@ impl Capture {
         }
         let stepped_ms = t0.elapsed().as_millis() as u64;
         // The checkpoint lets the next commit restart the WAL: only over published frames.
-        if let Err(e) = self.settle() {
+        let settled = self.settle();
+        self.copied(&mut copier);
+        if let Err(e) = settled {
             self.db.unlock_writes();
             return Err(e);
         }
@@ -319,6 +336,13 @@ impl Capture {
             "checkpoint"
         );
         Ok(true)
+    }
+
+    /// Waits for the copy started under the write lock, if any (see `Db::copy_behind`).
+    fn copied(&mut self, copier: &mut Option<crate::db::Copier>) {
+        if let Some(c) = copier.take() {
+            self.db.copied(c);
+        }
     }
 
     /// Frames captured per step under the write lock: as many as fill a segment
