@@ -20,10 +20,12 @@
 //!
 //! Invariants:
 //! - While the writes watch is disarmed, a capture that will read the WAL is due: the watcher
-//!   reported a change (`Msg::Changed`) and capture arms the watch again *before* it reads
-//!   ([`ChangeGate::looking`]), or the watcher arms it again itself before its last look at
-//!   the WAL. A write after the watch was armed is an event; a write before is read by the
-//!   look that follows. So no commit waits for a timer.
+//!   reported a change (`Msg::Changed`), or the main loop set one due at the end of its
+//!   group window while commits stream ([`ChangeGate::look_later`]); capture arms the watch
+//!   again *before* it reads ([`ChangeGate::looking`]). Otherwise the watcher arms it again
+//!   itself before its last look at the WAL. A write after the watch was armed is an event; a
+//!   write before is read by the look that follows. So no commit waits for more than the
+//!   group window.
 //! - A write that adds nothing past what capture holds (see
 //!   [`WalMark::holds_all`](crate::wal::WalMark::holds_all)) is not reported. Such stale
 //!   writes come behind a bulk load: its checkpoints write the database after capture looked.
@@ -248,6 +250,12 @@ impl ChangeGate {
         }
     }
 
+    /// A capture is due anyway (commits stream, see `main_loop`): until it looks, the watcher
+    /// reports no change, and the writes watch is not armed again once it fires.
+    pub(crate) fn look_later(&self) {
+        lock(&self.gate).pending = true;
+    }
+
     /// Arms the writes watch unless it is armed.
     fn arm(&self) -> nix::Result<()> {
         let mut g = lock(&self.gate);
@@ -381,8 +389,9 @@ mod tests {
     /// With the real watcher: a commit is reported once; the application's writes until
     /// capture looks raise no event at all (the one-shot watch is not armed again); after
     /// capture looks, the next commit is reported; a stale write arms the watch again by
-    /// itself, so the commit after it is reported without capture looking; a write to another
-    /// file is not reported, a file renamed over the database is.
+    /// itself, so the commit after it is reported without capture looking; while a capture is
+    /// due anyway (`look_later`) nothing is reported; a write to another file is not
+    /// reported, a file renamed over the database is.
     #[test]
     fn the_watcher_sees_each_change_and_no_write_until_capture_looks() -> Result<()> {
         let dir = tempfile::tempdir()?;
@@ -432,6 +441,24 @@ mod tests {
         assert!(
             reported(&rx),
             "a commit after a stale write was not reported"
+        );
+
+        // A capture due anyway (commits stream): nothing is reported until it looks.
+        gate.looking();
+        gate.look_later();
+        for i in 0..50 {
+            app.execute("insert into t values (?1)", [1000 + i])?;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            rx.try_recv().is_err(),
+            "reported while a capture was due anyway"
+        );
+        gate.looking();
+        app.execute("insert into t values (13)", [])?;
+        assert!(
+            reported(&rx),
+            "a commit after the due capture looked was not reported"
         );
 
         // A write to another file is not reported, a file renamed over the database is.
