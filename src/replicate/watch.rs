@@ -5,11 +5,11 @@
 //! Two inotify instances watch the same directory, because a mask belongs to a watch:
 //! - *names* (create, delete, move, attributes): always armed, every event on the database's
 //!   or the WAL's name is reported;
-//! - *writes* (`IN_MODIFY | IN_ONESHOT`): the kernel drops this watch at the first write
-//!   after it was armed, so the application's next writes cost it nothing, until capture looks
-//!   again ([`ChangeGate::looking`]) and arms it again.
+//! - *writes* (`IN_MODIFY`): the watcher disarms it (a mask no write raises) as soon as it
+//!   reads an event of it, so the application's next writes cost it nothing, until capture
+//!   looks again ([`ChangeGate::looking`]) and arms it again.
 //!
-//! Why one-shot: SQLite writes each WAL frame with two `write` calls, and a watch that asks
+//! Why: SQLite writes each WAL frame with two `write` calls, and a watch that asks
 //! for every write makes the kernel queue (or merge into the last queued one) an event for
 //! each: 100,000 events for a 200 MiB bulk load, allocated and freed in the application's
 //! own `write`. Such a watch (the `notify` crate's mask is fixed, and asks for every write,
@@ -53,10 +53,12 @@ const NAMES: AddWatchFlags = AddWatchFlags::IN_CREATE
     .union(AddWatchFlags::IN_ATTRIB)
     .union(AddWatchFlags::IN_ONLYDIR);
 
-/// The writes watch: the first write to any file of the directory, then nothing.
-const WRITES: AddWatchFlags = AddWatchFlags::IN_MODIFY
-    .union(AddWatchFlags::IN_ONESHOT)
-    .union(AddWatchFlags::IN_ONLYDIR);
+/// The writes watch, armed: any write to a file of the directory.
+const WRITES: AddWatchFlags = AddWatchFlags::IN_MODIFY.union(AddWatchFlags::IN_ONLYDIR);
+
+/// The writes watch, disarmed: the directory itself deleted (a mask cannot be empty), which
+/// no write raises.
+const DISARMED: AddWatchFlags = AddWatchFlags::IN_DELETE_SELF.union(AddWatchFlags::IN_ONLYDIR);
 
 /// How often the watcher's thread looks whether it should stop.
 const STOP_POLL: Duration = Duration::from_millis(500);
@@ -197,9 +199,8 @@ impl WatchThread {
     fn on_write(&self, gate: &ChangeGate, e: &InotifyEvent) {
         if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
             gate.changed(&self.tx);
-        } else if e.mask.contains(AddWatchFlags::IN_MODIFY) {
-            // The one-shot watch fired (its IN_IGNORED follows, and is ignored).
-            gate.written(&self.tx, self.ours(e).then_some(self.wal_path.as_path()));
+        } else if e.mask.contains(AddWatchFlags::IN_MODIFY) && self.ours(e) {
+            gate.written(&self.tx, &self.wal_path);
         }
     }
 }
@@ -216,9 +217,9 @@ struct Arm {
 struct Gate {
     /// A change was reported and capture has not looked since.
     pending: bool,
-    /// The writes watch is armed (as far as the events read so far tell).
+    /// The writes watch is armed (its mask asks for writes).
     armed: bool,
-    /// Writes watch fired, for tests.
+    /// Events of the writes watch, for tests.
     fired: u64,
 }
 
@@ -251,21 +252,28 @@ impl ChangeGate {
     }
 
     /// A capture is due anyway (commits stream, see `main_loop`): until it looks, the watcher
-    /// reports no change, and the writes watch is not armed again once it fires.
+    /// reports no change, and the writes watch is not armed again once it fired.
     pub(crate) fn look_later(&self) {
         lock(&self.gate).pending = true;
     }
 
     /// Arms the writes watch unless it is armed.
     fn arm(&self) -> nix::Result<()> {
+        self.set_armed(true)
+    }
+
+    /// Arms or disarms the writes watch. The watch's mask changes under the lock that guards
+    /// `armed`, so the two always agree.
+    fn set_armed(&self, armed: bool) -> nix::Result<()> {
         let mut g = lock(&self.gate);
-        if g.armed {
+        if g.armed == armed {
             return Ok(());
         }
         if let Some(a) = self.writes.get() {
-            a.inotify.add_watch(&a.dir, WRITES)?;
+            a.inotify
+                .add_watch(&a.dir, if armed { WRITES } else { DISARMED })?;
         }
-        g.armed = true;
+        g.armed = armed;
         Ok(())
     }
 
@@ -279,27 +287,32 @@ impl ChangeGate {
         }
     }
 
-    /// The writes watch fired. `wal`: the write was to the database or its WAL (at this
-    /// path); it is reported only if the WAL holds something past the mark. A write to
-    /// another file of the directory is not reported.
-    fn written(&self, tx: &Sender<Msg>, wal: Option<&Path>) {
+    /// The writes watch saw a write to the database or its WAL (at `wal`): it is reported
+    /// only if the WAL holds something past the mark. (A write to another file of the
+    /// directory changes nothing: the watch stays armed, and the kernel merges such events
+    /// while they wait to be read.)
+    fn written(&self, tx: &Sender<Msg>, wal: &Path) {
+        // Disarmed at once: the writes queued meanwhile are a few, not one per write until
+        // capture looks. (Not `IN_ONESHOT`: the kernel drops such a watch after it queued the
+        // event, and a watch added again in between was dropped with it, for good.)
+        if self.set_armed(false).is_err() {
+            return self.changed(tx);
+        }
         {
             let mut g = lock(&self.gate);
-            g.armed = false;
             g.fired += 1;
             if g.pending {
                 // Capture arms the watch again when it looks.
                 return;
             }
         }
-        let new = |wal: Option<&Path>| wal.is_some_and(|w| !self.holds_all(w));
-        if !new(wal) {
+        if self.holds_all(wal) {
             // Armed again before the last look: a write after it is an event, one before
             // it is seen by the look.
             if self.arm().is_err() {
                 return self.changed(tx);
             }
-            if !new(wal) {
+            if self.holds_all(wal) {
                 return;
             }
         }
@@ -349,7 +362,7 @@ mod tests {
         let reported = |written: Option<&Path>| -> bool {
             gate.looking();
             match written {
-                Some(w) => gate.written(&tx, Some(w)),
+                Some(w) => gate.written(&tx, w),
                 None => gate.changed(&tx),
             }
             rx.try_recv().is_ok()
@@ -368,12 +381,6 @@ mod tests {
         assert!(reported(Some(&wal)), "a restarted WAL");
         gate.captured(None);
         assert!(reported(Some(&wal)), "a mark cleared");
-        gate.looking();
-        gate.written(&tx, None);
-        assert!(
-            rx.try_recv().is_err(),
-            "a write to another file was reported"
-        );
         Ok(())
     }
 
@@ -387,7 +394,7 @@ mod tests {
     }
 
     /// With the real watcher: a commit is reported once; the application's writes until
-    /// capture looks raise no event at all (the one-shot watch is not armed again); after
+    /// capture looks raise no event at all (the writes watch is disarmed); after
     /// capture looks, the next commit is reported; a stale write arms the watch again by
     /// itself, so the commit after it is reported without capture looking; while a capture is
     /// due anyway (`look_later`) nothing is reported; a write to another file is not
@@ -404,6 +411,8 @@ mod tests {
 
         app.execute("insert into t values (10)", [])?;
         assert!(reported(&rx), "a commit was not reported");
+        // The commit's writes queued before the watch was disarmed are read meanwhile.
+        std::thread::sleep(Duration::from_millis(50));
         let before = fired(&shared);
         for i in 0..200 {
             app.execute("insert into t values (?1)", [100 + i])?;
@@ -413,10 +422,10 @@ mod tests {
             rx.try_recv().is_err(),
             "reported twice before capture looked"
         );
-        assert_eq!(
-            fired(&shared),
-            before,
-            "writes raised events before capture looked"
+        let raised = fired(&shared) - before;
+        assert!(
+            raised == 0,
+            "200 commits raised {raised} events before capture looked"
         );
 
         gate.looking();
@@ -475,6 +484,45 @@ mod tests {
             reported(&rx),
             "a file renamed over the database was not reported"
         );
+        Ok(())
+    }
+
+    /// Beside another process's writes to a file of the same directory (events that are not
+    /// the database's, each disarming and arming the writes watch again), every commit after
+    /// capture looked is still reported: the watch is never left disarmed with nothing due.
+    /// (A one-shot watch failed this: the kernel dropped it after its event, and dropped with
+    /// it the same watch armed again meanwhile; walship then never heard of the WAL again.)
+    #[test]
+    fn commits_are_reported_beside_another_file_written_without_pause() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (db, app) = crate::db::tests::wal_app(dir.path())?;
+        let shared = Arc::new(super::super::Shared::default());
+        let (tx, rx) = channel();
+        let _w = watch(&db, tx, shared.clone())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let noise = {
+            let (stop, path) = (stop.clone(), dir.path().join("noise"));
+            std::thread::spawn(move || -> std::io::Result<()> {
+                use std::io::Write;
+                let mut f = std::fs::File::create(path)?;
+                while !stop.load(Ordering::Relaxed) {
+                    f.write_all(&[0u8; 512])?;
+                }
+                Ok(())
+            })
+        };
+        let mut missed = 0;
+        for i in 0..300 {
+            shared.changes.looking();
+            app.execute("insert into t values (?1)", [i])?;
+            if !reported(&rx) {
+                missed += 1;
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = noise.join();
+        assert_eq!(missed, 0, "a commit was never reported");
         Ok(())
     }
 }
