@@ -331,7 +331,8 @@ impl<'a> MainLoop<'a> {
         let (before, began) = (c.key(), Instant::now());
         let hot = c.is_hot(self.settings.checkpoint_pages);
         let r = capture_round(c, self.settings, &self.shared, hot);
-        if c.key() != before {
+        let found = c.key() != before;
+        if found {
             // From its start: a capture that takes a while (fsyncs on a busy disk) must not
             // stretch the window.
             self.prev_captured = self.last_captured.replace(began);
@@ -345,7 +346,7 @@ impl<'a> MainLoop<'a> {
             // ...and is chased at once (the chase paces its own steps, see `capture_round`).
             self.capture_due = Some(Instant::now());
         }
-        if c.key() != before {
+        if found {
             self.last_change = Instant::now();
             if self.capture_due.is_none() && self.window() != GROUP_WINDOW {
                 // While commits stream, the next capture is due at the end of the window

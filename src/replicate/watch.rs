@@ -6,8 +6,9 @@
 //! - *names* (create, delete, move, attributes): always armed, every event on the database's
 //!   or the WAL's name is reported;
 //! - *writes* (`IN_MODIFY`): the watcher disarms it (a mask no write raises) as soon as it
-//!   reads an event of it, so the application's next writes cost it nothing, until capture
-//!   looks again ([`ChangeGate::looking`]) and arms it again.
+//!   reads a write to the database or its WAL, so the application's next writes cost it
+//!   nothing, until capture looks again ([`ChangeGate::looking`]) and arms it again. Writes
+//!   to other files of the directory leave it armed.
 //!
 //! Why: SQLite writes each WAL frame with two `write` calls, and a watch that asks
 //! for every write makes the kernel queue (or merge into the last queued one) an event for
@@ -172,16 +173,17 @@ impl WatchThread {
         }
     }
 
-    /// Handles every event queued on `fd` (none is not an error).
-    fn read(&self, fd: &Inotify, mut each: impl FnMut(&InotifyEvent)) -> nix::Result<()> {
-        loop {
-            match fd.read_events() {
-                Ok(events) if events.is_empty() => return Ok(()),
-                Ok(events) => events.iter().for_each(&mut each),
-                Err(nix::errno::Errno::EAGAIN) => return Ok(()),
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e),
+    /// Handles the events queued on `fd` (none is not an error). One read per poll: another
+    /// process writing a file of the directory without pause must not keep the thread on the
+    /// writes instance while a file moved over the database waits on the names one.
+    fn read(&self, fd: &Inotify, each: impl FnMut(&InotifyEvent)) -> nix::Result<()> {
+        match fd.read_events() {
+            Ok(events) => {
+                events.iter().for_each(each);
+                Ok(())
             }
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
