@@ -2,7 +2,9 @@
 """loader.py DB MIB [TXN_KIB] : bulk load MIB MiB in TXN_KIB (default 1024) transactions of 64 KiB
 blobs, half of them random and half low-entropy (so zstd gets about 2:1, not a trivial 100:1).
 Prints "start NS" and "end NS" (CLOCK_MONOTONIC) around the load, "commits N", and "busy N": the
-transactions that failed with SQLITE_BUSY despite the 5 s busy timeout (rolled back, not retried)."""
+transactions that failed with SQLITE_BUSY despite the 5 s busy timeout (rolled back, not retried).
+With STAMPS=FILE, also writes the CLOCK_MONOTONIC ns at the start and after each transaction to FILE,
+one per line (`stalls.sh`)."""
 import os, sqlite3, sys, time
 db, mib = sys.argv[1], int(sys.argv[2])
 txn_kib = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
@@ -20,6 +22,7 @@ for i in range(n):   # pre-generate: the load itself measures sqlite, not the ge
     else:
         blobs.append(os.urandom(32768) + text)
 t0 = time.monotonic_ns()
+stamps = [t0] if os.environ.get('STAMPS') else None
 commits = 0
 busy = 0
 for i in range(0, n, per_txn):
@@ -34,7 +37,12 @@ for i in range(0, n, per_txn):
             c.execute('rollback')
         continue
     commits += 1
+    if stamps is not None:
+        stamps.append(time.monotonic_ns())
 t1 = time.monotonic_ns()
+if stamps is not None:
+    with open(os.environ['STAMPS'], 'w') as f:
+        f.write('\n'.join(map(str, stamps)) + '\n')
 if os.environ.get('KEEP_WAL'):   # leave the WAL in place: skip the checkpoint on close
     print('start %d\nend %d\ncommits %d\nbusy %d' % (t0, t1, commits, busy), flush=True)
     os._exit(0)

@@ -1,0 +1,36 @@
+#!/bin/bash
+# threads.sh [file|sftp] [ROUNDS] : the CPU each of walship's threads (and, over sftp, the
+# loopback sshd's processes) spends on a 200 MiB bulk load (`loader.py`, 1 MiB transactions),
+# from /proc/*/schedstat (ns), ROUNDS (default 3) loads; `WALSHIP=` picks the build. The
+# baseline is the load's own time, printed beside.
+source "$(dirname "$0")/common.sh"
+MODE=${1:-file}; ROUNDS=${2:-3}
+use_fs
+cpu_ms() { # PID... -> ms summed over their threads
+    local t=0 p f
+    for p in "$@"; do for f in /proc/$p/task/*/schedstat; do
+        [ -r "$f" ] && t=$((t + $(cut -d' ' -f1 "$f" 2>/dev/null || echo 0))); done; done
+    echo $((t / 1000000))
+}
+sshd_pids() { pgrep -x sshd || true; }
+echo "# threads.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  $(basename "$WALSHIP")"
+for r in $(seq 1 "$ROUNDS"); do
+    rm -rf "$FS/w.db"* "$FS/state" "$FS/replica"; make_db "$FS/w.db"
+    replica_target "$MODE"
+    [ "$MODE" = sftp ] && { sftp_dir_new; URL="$SFTP_URL"; }
+    start_walship "$FS/w.db" "$URL" "$FS/state" "$FS/walship.log" $EXTRA
+    sleep 0.5
+    declare -A before; for f in /proc/$WPID/task/*; do before[$(cat "$f/comm")]=$(cut -d' ' -f1 "$f/schedstat"); done
+    s0=$(cpu_ms $(sshd_pids))
+    python3 "$BENCH/loader.py" "$FS/w.db" 200 >"$FS/load"
+    sleep 1.5   # the replica catches up
+    s1=$(cpu_ms $(sshd_pids))
+    line="load $(( ($(awk '$1=="end"{print $2}' "$FS/load") - $(awk '$1=="start"{print $2}' "$FS/load")) / 1000000 )) ms; CPU ms:"
+    for f in /proc/$WPID/task/*; do
+        c=$(cat "$f/comm"); ns=$(( $(cut -d' ' -f1 "$f/schedstat") - ${before[$c]:-0} ))
+        [ $ns -ge 1000000 ] && line="$line $c=$((ns / 1000000))"
+    done
+    [ "$MODE" = sftp ] && line="$line sshd=$((s1 - s0))"
+    echo "$line"
+    stop_walship; unset before
+done
