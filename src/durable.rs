@@ -96,7 +96,12 @@ pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// # Errors
 /// Any I/O failure; the temporary file is removed on failure.
 pub(crate) fn write_file_atomic(dest: &Path, data: &mut dyn Read, mode: u32) -> io::Result<u64> {
-    write_via_temp(dest, data, mode, true).map(|(n, _)| n)
+    // In chunks of COPY_CHUNK: behind a `dyn Read`, `io::copy` alone reads 8 KiB at a time,
+    // two system calls per 8 KiB of every segment uploaded to a file replica.
+    write_via_temp(dest, mode, true, |f| {
+        io::copy(&mut io::BufReader::with_capacity(COPY_CHUNK, data), f)
+    })
+    .map(|(n, _)| n)
 }
 
 /// Replaces `dest` with `data` through a temporary file and a rename, without fsync: readers
@@ -107,19 +112,25 @@ pub(crate) fn write_file_atomic(dest: &Path, data: &mut dyn Read, mode: u32) -> 
 /// # Errors
 /// Any I/O failure; the temporary file is removed on failure.
 pub(crate) fn replace_file(dest: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    write_via_temp(dest, &mut &data[..], mode, false).map(|_| ())
+    write_via_temp(dest, mode, false, |f| write_all(f, data)).map(|_| ())
 }
 
-/// Bytes [`write_via_temp`] reads and writes at a time.
+/// Writes all of `data` to `f`; returns its length.
+fn write_all(f: &mut File, data: &[u8]) -> io::Result<u64> {
+    f.write_all(data)?;
+    Ok(data.len() as u64)
+}
+
+/// Bytes [`write_file_atomic`] reads and writes at a time.
 const COPY_CHUNK: usize = 256 << 10;
 
-/// [`write_file_atomic`] (`durable`) or [`replace_file`]; returns the bytes written and the
-/// file, still open for writing.
+/// [`write_file_atomic`] (`durable`) or [`replace_file`], the temporary file filled by `write`;
+/// returns the bytes written and the file, still open for writing.
 fn write_via_temp(
     dest: &Path,
-    data: &mut dyn Read,
     mode: u32,
     durable: bool,
+    write: impl FnOnce(&mut File) -> io::Result<u64>,
 ) -> io::Result<(u64, File)> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(temp_name());
@@ -129,9 +140,7 @@ fn write_via_temp(
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
-        // In chunks of COPY_CHUNK: behind a `dyn Read`, `io::copy` alone reads 8 KiB at a
-        // time, two system calls per 8 KiB of every segment uploaded to a file replica.
-        let n = io::copy(&mut io::BufReader::with_capacity(COPY_CHUNK, data), &mut f)?;
+        let n = write(&mut f)?;
         f.flush()?;
         if durable {
             f.sync_all()?;
@@ -326,7 +335,7 @@ impl RecordFile {
         let mut data = vec![0u8; 2 * RECORD_SLOT];
         let at = slot_offset(seq) as usize;
         data[at..at + RECORD_SLOT].copy_from_slice(&encode_slot(seq, payload));
-        let (_, file) = write_via_temp(path, &mut data.as_slice(), mode, true)
+        let (_, file) = write_via_temp(path, mode, true, |f| write_all(f, &data))
             .with_context(|| format!("cannot write {}", path.display()))?;
         let meta = file
             .metadata()
