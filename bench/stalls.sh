@@ -9,6 +9,7 @@
 # each hold its debug line gives the frames captured under the lock (tail), the ms until they
 # were captured (stepped_ms) and published (captured_ms), and the hold (locked_ms).
 # Then per build: mean load, mean stalls, and the holds' medians. JOURNALED=1 as for bulk.sh.
+# Builds are told apart by their file names, which must differ.
 source "$(dirname "$0")/common.sh"
 ROUNDS=$1; shift
 [ $# -ge 1 ] || { echo "usage: $0 ROUNDS BIN..." >&2; exit 2; }

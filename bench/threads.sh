@@ -2,7 +2,8 @@
 # threads.sh [file|sftp] [ROUNDS] : the CPU each of walship's threads (and, over sftp, the
 # loopback sshd's processes) spends on a 200 MiB bulk load (`loader.py`, 1 MiB transactions),
 # from /proc/*/schedstat (ns), ROUNDS (default 3) loads; `WALSHIP=` picks the build. The
-# baseline is the load's own time, printed beside.
+# baseline is the load's own time, printed beside. Threads that ended before the count (the
+# copy under the write lock, one per hold) are not in it.
 source "$(dirname "$0")/common.sh"
 MODE=${1:-file}; ROUNDS=${2:-3}
 use_fs
