@@ -26,6 +26,8 @@ pub(crate) mod known_hosts;
 pub mod s3;
 pub mod sftp;
 mod sftp_raw;
+#[cfg(test)]
+mod ssh_cipher;
 
 use crate::url::ReplicaUrl;
 use std::fmt;
