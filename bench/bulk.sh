@@ -8,6 +8,8 @@
 # ext4 with a journal (see use_fs in common.sh); an sftp replica stays in the chroot.
 # NOISE=1 runs another writer on that file system through both loads (256 MiB files written and
 # fsynced, one after the other): a disk busy with other writes.
+# TWO_HOST=1 (sftp): the replica directory on a tmpfs of its own and sshd under SCHED_IDLE, as if
+# ALPHA were another machine (see sftp_dir_new in common.sh).
 source "$(dirname "$0")/common.sh"
 MIB="${1:-200}"
 MODE="${2:-file}"
@@ -87,7 +89,7 @@ if cmp -s "$FS/restored.db" "$FS/w.db"; then SAME="byte-identical"; else SAME="D
 
 GIB=$(py "print($MIB/1024)")
 cat <<OUT
-# bulk.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  ${MIB} MiB in $(kv commits "$FS/w.load") transactions  files on $FS_NAME${NOISE:+ (with another writer)}  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)
+# bulk.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  ${MIB} MiB in $(kv commits "$FS/w.load") transactions  files on $FS_NAME${NOISE:+ (with another writer)}${TWO_HOST:+ (TWO_HOST: replica on a tmpfs, sshd idle)}  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)
 # status at catch-up: $STATUS
 metric                              walship        baseline       ratio    target
 load time (ms)                      $(printf '%-14s %-14s %.2fx' "$LOAD_MS" "$BASE_LOAD" "$(py "print($LOAD_MS/$BASE_LOAD)")")    (baseline: plain sqlite3)

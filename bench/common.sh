@@ -8,9 +8,11 @@ WALSHIP="${WALSHIP:-$REPO/target/release/walship}"
 T="$(mktemp -d /tmp/walship-bench.XXXXXX)"
 PIDS=""
 CLEAN_DIRS=""
+MOUNTS=""
 cleanup() {
     for p in $PIDS; do kill -TERM "$p" 2>/dev/null || true; done
     for p in $PIDS; do wait "$p" 2>/dev/null || true; done
+    for m in $MOUNTS; do umount "$m" 2>/dev/null || true; done
     if mountpoint -q "$T/fs" 2>/dev/null; then umount "$T/fs" || true; fi
     if [ -n "${KEEP:-}" ]; then echo "bench: kept $T $CLEAN_DIRS" >&2; else rm -rf "$T" $CLEAN_DIRS; fi
 }
@@ -115,7 +117,8 @@ Include $REPO/packaging/sshd_config.d/walship-replicator.conf
 CFG
     set -- $(cat "$d/host_ed25519.pub")
     echo "[127.0.0.1]:$SSHD_PORT $1 $2" >"$d/known_hosts"
-    /usr/sbin/sshd -D -e -f "$d/sshd_config" 2>"$d/sshd.log" &
+    # TWO_HOST=1: sshd and its sessions run under SCHED_IDLE (see sftp_dir_new).
+    ${TWO_HOST:+chrt --idle 0} /usr/sbin/sshd -D -e -f "$d/sshd_config" 2>"$d/sshd.log" &
     PIDS="$PIDS $!"
     SFTP_KEY="$d/client_ed25519"; SFTP_KNOWN="$d/known_hosts"
     local i=0
@@ -143,6 +146,15 @@ sftp_dir_new() {
     SFTP_URL="sftp://replicator@127.0.0.1:$SSHD_PORT/db/$name"
     SFTP_DIR="/var/data/replicator/db/$name"
     CLEAN_DIRS="$CLEAN_DIRS $SFTP_DIR"
+    # TWO_HOST=1 stands in for ALPHA being another machine: the replica directory is a tmpfs of
+    # its own (the server's writes and fsyncs do not reach this disk), and sshd runs only on CPU
+    # time nothing else here wants (start_sshd). What is left is walship's own work, and the
+    # loopback TCP between the two.
+    if [ -n "${TWO_HOST:-}" ]; then
+        mkdir -p "$SFTP_DIR"
+        mount -t tmpfs -o "size=8g,mode=0700,uid=$(id -u replicator),gid=$(id -g replicator)" tmpfs "$SFTP_DIR"
+        MOUNTS="$MOUNTS $SFTP_DIR"
+    fi
 }
 
 # ossh_sftp BATCHFILE: OpenSSH's sftp client against the bench sshd
