@@ -38,6 +38,12 @@ fn bytes(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// `N` deterministic bytes, different for each `seed`.
+fn array<const N: usize>(seed: u64) -> [u8; N] {
+    let v = bytes(N, seed);
+    std::array::from_fn(|i| v[i])
+}
+
 /// libssh2's ChaCha20 over `data`, keyed with `key`, nonce `iv`, from block `counter`.
 fn libssh2_chacha(key: &[u8; 32], iv: &[u8; 8], counter: u64, data: &[u8]) -> Vec<u8> {
     let mut ctx = ChachaCtx { input: [0; 16] };
@@ -61,8 +67,8 @@ fn chacha20_matches_the_reference_below_and_above_the_openssl_threshold() {
     {
         for counter in [0u64, 1, 1000] {
             let seed = (i as u64) << 8 | counter;
-            let key: [u8; 32] = bytes(32, seed).try_into().unwrap_or([0; 32]);
-            let iv: [u8; 8] = bytes(8, seed + 1).try_into().unwrap_or([0; 8]);
+            let key: [u8; 32] = array(seed);
+            let iv: [u8; 8] = array(seed + 1);
             let data = bytes(n, seed + 2);
             let mut want = data.clone();
             let mut c = chacha20::ChaCha20Legacy::new(&key.into(), &iv.into());
@@ -82,8 +88,8 @@ fn chacha20_carries_its_block_counter_past_32_bits() {
     // 4 KiB from 8 blocks before 2^32: the counter's low word wraps within the call (a call
     // the patch keeps from OpenSSL, whose documented counter is 32 bits). One call must equal
     // 64-byte calls, which the portable code serves, each from its own block.
-    let key: [u8; 32] = bytes(32, 7).try_into().unwrap_or([0; 32]);
-    let iv: [u8; 8] = bytes(8, 8).try_into().unwrap_or([0; 8]);
+    let key: [u8; 32] = array(7);
+    let iv: [u8; 8] = array(8);
     let data = bytes(4096, 9);
     let start = (1u64 << 32) - 8;
     let whole = libssh2_chacha(&key, &iv, start, &data);
@@ -104,7 +110,7 @@ fn poly1305_matches_the_reference_below_and_above_the_openssl_threshold() {
         .into_iter()
         .enumerate()
     {
-        let key: [u8; 32] = bytes(32, 100 + i as u64).try_into().unwrap_or([0; 32]);
+        let key: [u8; 32] = array(100 + i as u64);
         let data = bytes(n, 200 + i as u64);
         let want = poly1305::Poly1305::new(&key.into()).compute_unpadded(&data);
         let mut got = [0u8; 16];
