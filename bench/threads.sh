@@ -15,10 +15,10 @@ cpu_ms() { # PID... -> ms summed over their threads
 }
 sshd_pids() { pgrep -x sshd || true; }
 echo "# threads.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  $(basename "$WALSHIP")"
+replica_target "$MODE"   # over sftp: one sshd for every round, a fresh replica directory each
 for r in $(seq 1 "$ROUNDS"); do
     rm -rf "$FS/w.db"* "$FS/state" "$FS/replica"; make_db "$FS/w.db"
-    replica_target "$MODE"
-    [ "$MODE" = sftp ] && { sftp_dir_new; URL="$SFTP_URL"; }
+    [ "$MODE" = sftp ] && [ "$r" -gt 1 ] && { sftp_dir_new; URL="$SFTP_URL"; }
     start_walship "$FS/w.db" "$URL" "$FS/state" "$FS/walship.log" $EXTRA
     sleep 0.5
     declare -A before; for f in /proc/$WPID/task/*; do before[$(cat "$f/comm")]=$(cut -d' ' -f1 "$f/schedstat"); done
