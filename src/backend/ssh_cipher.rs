@@ -119,3 +119,39 @@ fn poly1305_matches_the_reference_below_and_above_the_openssl_threshold() {
         assert_eq!(got[..], want[..], "{n} bytes");
     }
 }
+
+#[test]
+fn threads_encrypting_at_once_each_get_their_own_keystream_and_tags() {
+    // Each thread keeps its own OpenSSL contexts, re-keyed on every call: threads interleaving
+    // calls with different keys must each get the reference's output, call after call.
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for round in 0..200u64 {
+                    let seed = t << 16 | round;
+                    let key: [u8; 32] = array(seed);
+                    let iv: [u8; 8] = array(seed + 1);
+                    let data = bytes(600 + (round as usize % 7) * 100, seed + 2);
+                    let mut want = data.clone();
+                    chacha20::ChaCha20Legacy::new(&key.into(), &iv.into())
+                        .apply_keystream(&mut want);
+                    assert_eq!(
+                        libssh2_chacha(&key, &iv, 0, &data),
+                        want,
+                        "thread {t} round {round}"
+                    );
+                    let tag = poly1305::Poly1305::new(&key.into()).compute_unpadded(&data);
+                    let mut got = [0u8; 16];
+                    // SAFETY: a 16-byte tag out, `data.len()` bytes in, a 32-byte key.
+                    unsafe {
+                        poly1305_auth(got.as_mut_ptr(), data.as_ptr(), data.len(), key.as_ptr())
+                    };
+                    assert_eq!(got[..], tag[..], "thread {t} round {round}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        assert!(t.join().is_ok());
+    }
+}

@@ -32,24 +32,73 @@
 /* walship: messages of at least POLY1305_EVP_MIN bytes (packets with a
  * payload) are authenticated by OpenSSL's Poly1305, vectorised, several times
  * as fast as the portable code below; short ones stay here, where a call costs
- * less than OpenSSL's lookup of the algorithm. Any failure falls back to the
- * portable code, which then writes the whole tag. */
+ * less than OpenSSL's. The MAC is fetched once per process, and each thread
+ * keeps one context (freed when the thread ends) that every call re-keys. Any
+ * failure falls back to the portable code, which then writes the whole tag. */
+#include <pthread.h>
 #include <openssl/evp.h>
 
 #define POLY1305_EVP_MIN 512
+
+static pthread_once_t poly1305_evp_once = PTHREAD_ONCE_INIT;
+static EVP_MAC *poly1305_evp_mac; /* kept for the process's life */
+static pthread_key_t poly1305_evp_key;
+static int poly1305_evp_key_ok;
+
+static void poly1305_evp_ctx_free(void *ctx)
+{
+    EVP_MAC_CTX_free((EVP_MAC_CTX *)ctx);
+}
+
+static void poly1305_evp_setup(void)
+{
+    poly1305_evp_mac = EVP_MAC_fetch(NULL, "POLY1305", NULL);
+    poly1305_evp_key_ok =
+        pthread_key_create(&poly1305_evp_key, poly1305_evp_ctx_free) == 0;
+}
+
+/* This thread's Poly1305 context; NULL if OpenSSL cannot. */
+static EVP_MAC_CTX *poly1305_evp_ctx(void)
+{
+    EVP_MAC_CTX *ctx;
+
+    if(pthread_once(&poly1305_evp_once, poly1305_evp_setup) != 0 ||
+       !poly1305_evp_mac || !poly1305_evp_key_ok)
+        return NULL;
+    ctx = pthread_getspecific(poly1305_evp_key);
+    if(ctx)
+        return ctx;
+    ctx = EVP_MAC_CTX_new(poly1305_evp_mac);
+    if(!ctx)
+        return NULL;
+    if(pthread_setspecific(poly1305_evp_key, ctx) != 0) {
+        EVP_MAC_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
 
 static int poly1305_auth_evp(unsigned char out[POLY1305_TAGLEN],
                              const unsigned char *m, size_t inlen,
                              const unsigned char key[POLY1305_KEYLEN])
 {
+    EVP_MAC_CTX *ctx;
     size_t outl = 0;
 
     if(inlen < POLY1305_EVP_MIN)
         return -1;
-    if(!EVP_Q_mac(NULL, "POLY1305", NULL, NULL, NULL, key, POLY1305_KEYLEN,
-                  m, inlen, out, POLY1305_TAGLEN, &outl) ||
-       outl != POLY1305_TAGLEN)
+    ctx = poly1305_evp_ctx();
+    if(!ctx)
         return -1;
+    if(!EVP_MAC_init(ctx, key, POLY1305_KEYLEN, NULL) ||
+       !EVP_MAC_update(ctx, m, inlen) ||
+       !EVP_MAC_final(ctx, out, &outl, POLY1305_TAGLEN) ||
+       outl != POLY1305_TAGLEN) {
+        /* A context in an unknown state is not used again. */
+        pthread_setspecific(poly1305_evp_key, NULL);
+        EVP_MAC_CTX_free(ctx);
+        return -1;
+    }
     return 0;
 }
 #endif
