@@ -8,7 +8,8 @@
 //!
 //! A [`RecordFile`] (a small value saved often, through [`RecordFiles`]) is the exception to
 //! rewriting by rename: created once through [`write_file_atomic`], it is then rewritten in
-//! place with `pwrite` and `fdatasync` (no new file, no directory fsync per save). It is two
+//! place with `pwrite` and `fdatasync` (no new file, no directory fsync per save; or less, see
+//! [`Durability`]). It is two
 //! slots of [`RECORD_SLOT`] bytes, so its size never changes after creation; a slot is the
 //! magic `WSRECv1\0`, a u64 sequence, a u32 payload length (little endian), the payload and
 //! the xxh3_64 of all that, zeros to its end. The record with sequence `n` goes in slot
@@ -312,6 +313,23 @@ pub(crate) fn read_record(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
     )
 }
 
+/// How far a [`RecordFile`] save goes before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// `fdatasync`: durable on return.
+    Synced,
+    /// Written to the device and waited for, not flushed from its write cache
+    /// (`sync_file_range` with `WAIT_BEFORE | WRITE | WAIT_AFTER`): durable once anything on the
+    /// same file system is fsynced after the return, since a file system's `fsync` ends with a
+    /// cache flush of the whole device (ext4, XFS and btrfs do, unless mounted without
+    /// barriers). For a save that an fsync of another file always follows before anything
+    /// relies on it: it spares the file's own inode write and cache flush. The record file's
+    /// size never changes after creation, so no metadata is needed to read the slot back.
+    Written,
+    /// Left in the page cache: a power cut may set the file back to the record before.
+    Cached,
+}
+
 /// A record file open for saving: a small value rewritten in place (see the module doc).
 #[derive(Debug)]
 pub(crate) struct RecordFile {
@@ -377,9 +395,10 @@ impl RecordFile {
     }
 
     /// Saves `payload` as the file's new value: written over the slot that does not hold the
-    /// newest record, then `fdatasync` if `sync` (unsynced, a power cut may leave the record
-    /// before, never a torn one: the slots' checksums tell). If `path` no longer names the
-    /// open file (removed or replaced under us), a new file is created there instead.
+    /// newest record, then made as durable as `durability` says (short of synced, a power cut
+    /// may leave the record before, never a torn one: the slots' checksums tell). If `path` no
+    /// longer names the open file (removed or replaced under us), a new file is created there
+    /// instead (synced).
     ///
     /// # Errors
     /// `payload` does not fit, or I/O errors (the message names the file). The newest record
@@ -388,7 +407,7 @@ impl RecordFile {
         &mut self,
         payload: &[u8],
         mode: u32,
-        sync: bool,
+        durability: Durability,
     ) -> anyhow::Result<()> {
         check_fits(&self.path, payload)?;
         let seq = self.seq.wrapping_add(1);
@@ -413,10 +432,31 @@ impl RecordFile {
         }
         self.file
             .write_all_at(&encode_slot(seq, payload), slot_offset(seq))
-            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) })
+            .and_then(|()| match durability {
+                Durability::Synced => self.file.sync_data(),
+                Durability::Written => write_through(&self.file),
+                Durability::Cached => Ok(()),
+            })
             .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.seq = seq;
         Ok(())
+    }
+}
+
+/// Writes `file`'s dirty pages to the device and waits for them, without a cache flush (see
+/// [`Durability::Written`]).
+fn write_through(file: &File) -> io::Result<()> {
+    use nix::libc::{
+        SYNC_FILE_RANGE_WAIT_AFTER as AFTER, SYNC_FILE_RANGE_WAIT_BEFORE as BEFORE,
+        SYNC_FILE_RANGE_WRITE as WRITE,
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on a descriptor `file` keeps open.
+    let rc = unsafe { nix::libc::sync_file_range(file.as_raw_fd(), 0, 0, BEFORE | WRITE | AFTER) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -450,11 +490,11 @@ impl RecordFiles {
     /// # Errors
     /// `payload` does not fit, or I/O errors (the message names the file).
     pub(crate) fn save(&self, path: &Path, payload: &[u8], mode: u32) -> anyhow::Result<()> {
-        self.save_with(path, payload, mode, true)
+        self.save_with(path, payload, mode, Durability::Synced)
     }
 
-    /// [`RecordFiles::save`], with the `fdatasync` only if `sync` (see
-    /// [`RecordFile::save_with`]; a file created or upgraded is always synced).
+    /// [`RecordFiles::save`], as durable as `durability` says (see [`RecordFile::save_with`];
+    /// a file created or upgraded is always synced).
     ///
     /// # Errors
     /// As [`RecordFiles::save`].
@@ -463,16 +503,16 @@ impl RecordFiles {
         path: &Path,
         payload: &[u8],
         mode: u32,
-        sync: bool,
+        durability: Durability,
     ) -> anyhow::Result<()> {
         let entry = lock(&self.0).entry(path.to_owned()).or_default().clone();
         let mut open = lock(&entry);
         if let Some(r) = open.as_mut() {
-            return r.save_with(payload, mode, sync);
+            return r.save_with(payload, mode, durability);
         }
         let r = match RecordFile::open(path)? {
             Some(mut r) => {
-                r.save_with(payload, mode, sync)?;
+                r.save_with(payload, mode, durability)?;
                 r
             }
             None => RecordFile::create(path, payload, mode, 0)?,

@@ -391,3 +391,111 @@ fn a_max_rate_writer_is_never_held_back_for_long() {
     );
     stop_and_restore(&sb, d);
 }
+
+/// The newest level-0 segment in the spool of the state directory `state`, as
+/// (directory, name).
+fn spool_tail(state: &Path) -> Option<(std::path::PathBuf, String)> {
+    let mut best: Option<(std::path::PathBuf, String)> = None;
+    for g in std::fs::read_dir(state.join("spool")).ok()?.flatten() {
+        for f in std::fs::read_dir(g.path()).ok()?.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            // seg-0-<first>-<last>-...: hex of fixed width, so names sort by range.
+            if name.starts_with("seg-0-") && best.as_ref().is_none_or(|(_, b)| name > *b) {
+                best = Some((g.path(), name));
+            }
+        }
+    }
+    best
+}
+
+/// `seg-0-<first>-`: what a tail's name keeps while appends rename it.
+fn tail_stem(name: &str) -> String {
+    name.splitn(4, '-').take(3).collect::<Vec<_>>().join("-") + "-"
+}
+
+/// Capture writes its state without a flush of its own before appending to the spool's tail,
+/// whose fsync flushes both (`StateDir::save_capture_to_publish`, one device flush per capture
+/// less). A power cut during that fsync may keep the appended bytes and lose the state; the
+/// tail's rename (its publication) comes after the fsync, so it is lost too, and no replica
+/// received the commits. Here that disk is made by hand: the state, the replica and its
+/// position are put back as they were before a second batch of commits, and the tail (grown by
+/// that batch) gets its old name back. The next start must cut the bytes off, capture those
+/// commits again, and the replica must restore to the database.
+#[test]
+fn a_power_cut_that_kept_an_append_but_lost_the_state_before_it() {
+    let sb = Sandbox::new();
+    let mut d = debug_daemon(&sb);
+    d.wait_caught_up(15 * SEC);
+    let (state, replica) = (sb.state(), sb.replica());
+    let saved = sb.path("before");
+    // The capture state and the replica's position.
+    let records: Vec<String> = std::fs::read_dir(&state)
+        .expect("read the state directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| is_state_record(std::ffi::OsStr::new(n)))
+        .collect();
+    assert_eq!(records.len(), 2, "state records: {records:?}");
+    let mut appended = None;
+    for attempt in 0..5 {
+        sqlite3(
+            &sb.db(),
+            &format!("INSERT INTO t(writer, seq) VALUES ('first', {attempt});"),
+        );
+        d.wait_caught_up(15 * SEC);
+        // Idle now: what the disk would hold if the power went before the next capture.
+        let (dir, tail) = spool_tail(&state).expect("a spool tail after a commit");
+        let _ = std::fs::remove_dir_all(&saved);
+        std::fs::create_dir_all(&saved).expect("mkdir");
+        let cp = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&replica)
+            .args(records.iter().map(|f| state.join(f)))
+            .arg(&saved)
+            .status()
+            .expect("cp");
+        assert!(cp.success(), "cp -a failed");
+        // The next commits are appended to that tail while it is young (1 s).
+        for i in 0..3 {
+            sqlite3(
+                &sb.db(),
+                &format!("INSERT INTO t(writer, seq) VALUES ('second', {i});"),
+            );
+        }
+        d.wait_caught_up(15 * SEC);
+        let (dir2, grown) = spool_tail(&state).expect("a spool tail");
+        if dir2 == dir && grown != tail && tail_stem(&grown) == tail_stem(&tail) {
+            appended = Some((dir, tail, grown));
+            break;
+        }
+    }
+    let Some((dir, tail, grown)) = appended else {
+        panic!(
+            "the second batch never went to the spool's tail; log:\n{}",
+            d.log_text()
+        );
+    };
+    d.kill9();
+    // The power cut: the append's bytes stayed, its state and its rename did not, and the
+    // replica never got it.
+    std::fs::rename(dir.join(&grown), dir.join(&tail)).expect("rename the tail back");
+    for f in &records {
+        std::fs::copy(saved.join(f), state.join(f)).expect("put the state back");
+    }
+    std::fs::remove_dir_all(&replica).expect("rm replica");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(saved.join("replica"))
+        .arg(&replica)
+        .status()
+        .expect("cp");
+    assert!(cp.success(), "cp -a failed");
+    d.restart();
+    d.wait_caught_up(30 * SEC);
+    let log = d.log_text();
+    assert!(
+        log.contains("cutting") && log.contains("an interrupted capture left"),
+        "the unpublished append was not cut off; log:\n{log}"
+    );
+    stop_and_restore(&sb, d);
+}

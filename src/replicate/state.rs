@@ -8,7 +8,9 @@
 //!   (it loses nothing when stale) when it changes; while commits stream, a new position alone
 //!   is written at most once a second (see `main_loop`'s `STATUS_EVERY`).
 //! - `capture.state`: where capture stands, and where it stood before the last segment
-//!   ([`SavedCapture`]); a record file.
+//!   ([`SavedCapture`]); a record file. Saved ahead of a segment's publication, it is written
+//!   to the device without a flush of its own, and the publication's fsync flushes it
+//!   ([`StateDir::save_capture_to_publish`]).
 //! - `pagehashes`: the per-page hashes of the captured state, saved at a clean stop.
 //! - `replica-<name>.state`: what replica `<name>` durably holds, and since when
 //!   ([`ReplicaPosition`]); a record file, saved without `fdatasync` (a power cut may set it
@@ -31,7 +33,7 @@
 use super::spool::Key;
 use crate::db::WalPos;
 use crate::durable::{
-    lock_dir, lock_held, read_record, replace_file, write_file_atomic, RecordFiles,
+    lock_dir, lock_held, read_record, replace_file, write_file_atomic, Durability, RecordFiles,
 };
 use crate::layout::checksum::PageHashes;
 use crate::layout::names::GenerationId;
@@ -42,6 +44,7 @@ use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 use tracing::warn;
 
 /// The state directory of one database. Clones share the record files kept open for saving.
@@ -49,6 +52,9 @@ use tracing::warn;
 pub struct StateDir {
     dir: PathBuf,
     records: RecordFiles,
+    /// Whether the spool is on this directory's file system (see
+    /// [`StateDir::save_capture_to_publish`]), looked up at the first save.
+    spool_shares_fs: Arc<OnceLock<bool>>,
 }
 
 /// The daemon's exclusive lock on a state directory; released when dropped.
@@ -61,6 +67,7 @@ impl StateDir {
         StateDir {
             dir: dir.into(),
             records: RecordFiles::default(),
+            spool_shares_fs: Arc::default(),
         }
     }
 
@@ -167,6 +174,44 @@ impl StateDir {
         self.save_record(&self.capture_path(), &c.to_string())
     }
 
+    /// Saves the capture state ahead of publishing its segment in the spool: durable once the
+    /// publication's fsync returns, which is before the segment can reach a replica. The state
+    /// is written to the device without a cache flush of its own ([`Durability::Written`]),
+    /// and the spool file's fsync flushes it; the order the protocol needs (state durable
+    /// before the segment is published) holds. If the power goes before that fsync returns,
+    /// the state may be the one before while the spool holds the segment's bytes past its
+    /// published name, which the next start cuts off: the step is redone, as when the segment
+    /// was not written at all. With the spool on another file system than the state (its
+    /// directory mounted elsewhere), this saves durably ([`StateDir::save_capture`]).
+    ///
+    /// # Errors
+    /// I/O errors, with the path.
+    pub(crate) fn save_capture_to_publish(&self, c: &SavedCapture) -> Result<()> {
+        let durability = if *self.spool_shares_fs.get_or_init(|| self.spool_on_same_fs()) {
+            Durability::Written
+        } else {
+            Durability::Synced
+        };
+        self.records.save_with(
+            &self.capture_path(),
+            c.to_string().as_bytes(),
+            0o640,
+            durability,
+        )
+    }
+
+    /// Whether the spool directory is on the state directory's file system (unknown: no).
+    fn spool_on_same_fs(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (
+            std::fs::metadata(&self.dir),
+            std::fs::metadata(self.spool_dir()),
+        ) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev(),
+            _ => false,
+        }
+    }
+
     fn hashes_path(&self) -> PathBuf {
         self.dir.join("pagehashes")
     }
@@ -241,7 +286,7 @@ impl StateDir {
             &self.position_path(replica),
             pos.to_string().as_bytes(),
             0o640,
-            false,
+            Durability::Cached,
         )
     }
 
@@ -824,6 +869,16 @@ mod tests {
     }
 
     #[test]
+    fn the_state_is_flushed_by_the_spool_only_on_the_same_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        // No spool directory (yet): the state is synced on its own.
+        assert!(!s.spool_on_same_fs());
+        std::fs::create_dir(s.spool_dir()).unwrap();
+        assert!(s.spool_on_same_fs());
+    }
+
+    #[test]
     fn capture_and_positions_are_saved_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateDir::new(dir.path());
@@ -837,7 +892,12 @@ mod tests {
         for n in 2..50 {
             let mut c = capture();
             c.cur.at.txid = n;
-            s.save_capture(&c).unwrap();
+            if n % 2 == 0 {
+                s.save_capture(&c).unwrap();
+            } else {
+                // Written through, not flushed: the same record, read back the same way.
+                s.save_capture_to_publish(&c).unwrap();
+            }
             // A clone (a shipper thread's) shares the open files.
             s.clone().save_position("a", &position(n)).unwrap();
             assert_eq!(s.load_capture().unwrap(), Some(c));

@@ -7,7 +7,9 @@
 //!   recomputes it from scratch and must agree (a disagreement starts a new generation).
 //! - Before a segment is published, the state file records the positions before (`prev-*`) and
 //!   after it; on restart the spool and the replicas' positions tell which one holds, so a
-//!   crash between the two redoes the step. A spool that is ahead of both, or a newer
+//!   crash between the two redoes the step. The state is durable once the segment's fsync in
+//!   the spool returns, which flushes the device's cache for both (see
+//!   `StateDir::save_capture_to_publish`). A spool that is ahead of both, or a newer
 //!   generation in the spool, starts a new generation rather than guessing. Within a chase of
 //!   big commits a thread of its own does both, in the same order (see `publish`).
 //! - A new generation begins with a snapshot, and nothing is captured on top of it until that

@@ -76,7 +76,7 @@ impl Publisher {
                         Ok(())
                     } else {
                         state
-                            .save_capture(&job.saved)
+                            .save_capture_to_publish(&job.saved)
                             .and_then(|()| spool.publish(job.w, &job.generation, &job.name))
                             .map(|_| ())
                     };

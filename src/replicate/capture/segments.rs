@@ -68,7 +68,7 @@ impl Capture {
         // In capture's order: after any segment handed over before this one (a chase whose
         // commits turned small meanwhile).
         self.publisher.settle()?;
-        self.state.save_capture(&saved)?;
+        self.state.save_capture_to_publish(&saved)?;
         self.spool.publish(w, &self.at.generation, name)?;
         Ok(())
     }
