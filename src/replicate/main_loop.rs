@@ -2,7 +2,8 @@
 //! a replaced database file, snapshots when due, trims the spool, and reports.
 //!
 //! Invariants: the loop wakes only for file events on the database or its WAL, replica
-//! progress, signals, and timers that are due (watchdog, snapshot interval; for
+//! progress (an upload's only when no capture is due within 100 ms, whose round shows it:
+//! `Shared::round_due_soon`), signals, and timers that are due (watchdog, snapshot interval; for
 //! [`CHECKPOINTER_WATCH`] after each change, while no capture is due, a look every
 //! [`CHECKPOINTER_POLL`] for an application's checkpoint waiting on walship, which runs a
 //! round only if it finds one; the end of a [`GROUP_WINDOW`]; a status put off for
@@ -57,11 +58,11 @@ const CHECKPOINTER_POLL: Duration = Duration::from_millis(20);
 /// the module doc), counted from their start...
 pub(crate) const GROUP_WINDOW: Duration = Duration::from_millis(25);
 
-/// ...and this far apart in a stream: at 100 commits/s, 8-9 commits per capture instead of
-/// 1, for ~42 ms more lag on average (lag p50 ~44 ms, p99 ~86 ms at that rate, within the
+/// ...and this far apart in a stream: at 100 commits/s, ~9 commits per capture instead of
+/// 1, for ~45 ms more lag on average (lag p50 ~46 ms, p99 ~91 ms at that rate, within the
 /// 50 / 250 ms that #12 allows; each capture's fsyncs and each upload's round trips are most
-/// of walship's CPU). 75 ms had p50 ~39 ms and ~12% more captures.
-pub(crate) const GROUP_WINDOW_STREAM: Duration = Duration::from_millis(85);
+/// of walship's CPU). 75 ms had p50 ~39 ms and 20% more captures.
+pub(crate) const GROUP_WINDOW_STREAM: Duration = Duration::from_millis(90);
 
 /// How long after a writer outran capture (see `Capture::is_hot`) captures come after
 /// [`HOT_WINDOW`] instead of the usual window...
@@ -175,7 +176,11 @@ impl<'a> MainLoop<'a> {
     pub(crate) fn run(&mut self) {
         loop {
             stall_failpoint();
+            // Shippers need not wake a loop that will run a round for a due capture anyway
+            // (see `Shared::round_due_soon`).
+            self.shared.lock().round_due = self.capture_due;
             let msg = self.rx.recv_timeout(self.timeout());
+            self.shared.lock().round_due = None;
             self.keep_checkpoints();
             if matches!(msg, Err(RecvTimeoutError::Timeout)) && self.only_looking() {
                 continue;

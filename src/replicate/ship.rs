@@ -181,7 +181,14 @@ pub(crate) struct Inner {
     pub(crate) head_moved: Option<Instant>,
     /// What the main loop's last report saw, for the metrics (see [`Shared::sample`]).
     pub(crate) observed: Option<Observed>,
+    /// While the main loop sleeps until a capture that is due: when (see
+    /// [`Shared::round_due_soon`]); `None` while it runs a round, or sleeps for anything else.
+    pub(crate) round_due: Option<Instant>,
 }
+
+/// A replica's progress wakes the main loop unless a round of its runs within this anyway:
+/// the status may then show that progress this late.
+const PROGRESS_LATE: Duration = Duration::from_millis(100);
 
 /// What the main loop's last report saw (see [`Shared::observe`]).
 #[derive(Debug, Default)]
@@ -196,6 +203,18 @@ pub(crate) struct Observed {
 }
 
 impl Shared {
+    /// Whether the main loop sleeps until a round due within [`PROGRESS_LATE`], which will
+    /// see what a shipper recorded before asking (under the same lock): the shipper need not
+    /// wake it for a finished upload. While commits stream, captures are due every group
+    /// window, and a wake per upload ran a round that captured nothing (the window was not
+    /// over) to write nothing (the status waits, see `main_loop::STATUS_EVERY`): 4-8% of
+    /// walship's CPU at 100 commits/s over SFTP.
+    fn round_due_soon(&self) -> bool {
+        self.lock()
+            .round_due
+            .is_some_and(|t| t <= Instant::now() + PROGRESS_LATE)
+    }
+
     /// Records for the metrics where capture stands and what is `spooled` (after the spool's
     /// maintenance). A replica's lag is measured as `status` measures it: from the capture
     /// time of the first spooled file it lacks (or of the last commit, once no such file is
@@ -501,7 +520,7 @@ impl Shipper {
                 self.retain(&g)?;
             }
             Action::Continue { wake } => {
-                if wake {
+                if wake && !self.shared.round_due_soon() {
                     self.wake_main_loop();
                 }
                 return Ok(Flow::Done);
