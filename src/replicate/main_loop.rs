@@ -58,11 +58,12 @@ const CHECKPOINTER_POLL: Duration = Duration::from_millis(20);
 /// the module doc), counted from their start...
 pub(crate) const GROUP_WINDOW: Duration = Duration::from_millis(25);
 
-/// ...and this far apart in a stream: at 100 commits/s, ~9 commits per capture instead of
-/// 1, for ~45 ms more lag on average (lag p50 ~46 ms, p99 ~91 ms at that rate, within the
+/// ...and this far apart in a stream: at 100 commits/s, 8-9 commits per capture instead of
+/// 1, for ~42 ms more lag on average (lag p50 ~44 ms, p99 ~86 ms at that rate, within the
 /// 50 / 250 ms that #12 allows; each capture's fsyncs and each upload's round trips are most
-/// of walship's CPU). 75 ms had p50 ~39 ms and 20% more captures.
-pub(crate) const GROUP_WINDOW_STREAM: Duration = Duration::from_millis(90);
+/// of walship's CPU). 75 ms had p50 ~39 ms and 13% more captures; 90 ms had p50 47-49 ms,
+/// too close to 50 on a busy machine.
+pub(crate) const GROUP_WINDOW_STREAM: Duration = Duration::from_millis(85);
 
 /// How long after a writer outran capture (see `Capture::is_hot`) captures come after
 /// [`HOT_WINDOW`] instead of the usual window...
