@@ -408,6 +408,17 @@ fn spool_tail(state: &Path) -> Option<(std::path::PathBuf, String)> {
     best
 }
 
+/// `cp -a SRC... DEST`.
+fn copy_all(srcs: &[std::path::PathBuf], dest: &Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .args(srcs)
+        .arg(dest)
+        .status()
+        .expect("run cp");
+    assert!(st.success(), "cp -a {srcs:?} {} failed", dest.display());
+}
+
 /// `seg-0-<first>-`: what a tail's name keeps while appends rename it.
 fn tail_stem(name: &str) -> String {
     name.splitn(4, '-').take(3).collect::<Vec<_>>().join("-") + "-"
@@ -447,14 +458,9 @@ fn a_power_cut_that_kept_an_append_but_lost_the_state_before_it() {
         let (dir, tail) = spool_tail(&state).expect("a spool tail after a commit");
         let _ = std::fs::remove_dir_all(&saved);
         std::fs::create_dir_all(&saved).expect("mkdir");
-        let cp = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&replica)
-            .args(records.iter().map(|f| state.join(f)))
-            .arg(&saved)
-            .status()
-            .expect("cp");
-        assert!(cp.success(), "cp -a failed");
+        let mut what = vec![replica.clone()];
+        what.extend(records.iter().map(|f| state.join(f)));
+        copy_all(&what, &saved);
         // The next commits are appended to that tail while it is young (1 s).
         for i in 0..3 {
             sqlite3(
@@ -483,13 +489,7 @@ fn a_power_cut_that_kept_an_append_but_lost_the_state_before_it() {
         std::fs::copy(saved.join(f), state.join(f)).expect("put the state back");
     }
     std::fs::remove_dir_all(&replica).expect("rm replica");
-    let cp = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(saved.join("replica"))
-        .arg(&replica)
-        .status()
-        .expect("cp");
-    assert!(cp.success(), "cp -a failed");
+    copy_all(&[saved.join("replica")], &replica);
     d.restart();
     d.wait_caught_up(30 * SEC);
     let log = d.log_text();
