@@ -485,20 +485,13 @@ type OpenRecord = Arc<Mutex<Option<RecordFile>>>;
 
 impl RecordFiles {
     /// Saves `payload` as the value of the record file `path` (created with `mode` if missing;
-    /// a plain file is replaced by a record file, through a rename).
+    /// a plain file is replaced by a record file, through a rename), as durable as
+    /// `durability` says (see [`RecordFile::save_with`]; a file created or upgraded is always
+    /// synced).
     ///
     /// # Errors
     /// `payload` does not fit, or I/O errors (the message names the file).
-    pub(crate) fn save(&self, path: &Path, payload: &[u8], mode: u32) -> anyhow::Result<()> {
-        self.save_with(path, payload, mode, Durability::Synced)
-    }
-
-    /// [`RecordFiles::save`], as durable as `durability` says (see [`RecordFile::save_with`];
-    /// a file created or upgraded is always synced).
-    ///
-    /// # Errors
-    /// As [`RecordFiles::save`].
-    pub(crate) fn save_with(
+    pub(crate) fn save(
         &self,
         path: &Path,
         payload: &[u8],
@@ -600,12 +593,16 @@ mod tests {
         let p = dir.path().join("x.state");
         let files = RecordFiles::default();
         assert!(read_record(&p).unwrap().is_none());
-        files.save(&p, b"first\n", 0o640).unwrap();
+        files
+            .save(&p, b"first\n", 0o640, Durability::Synced)
+            .unwrap();
         let inode = ino(&p);
         assert_eq!(read(&p), b"first\n");
         for i in 0..20 {
             let v = format!("value {i}\n{}", "y".repeat(i * 100));
-            files.save(&p, v.as_bytes(), 0o640).unwrap();
+            files
+                .save(&p, v.as_bytes(), 0o640, Durability::Synced)
+                .unwrap();
             assert_eq!(read(&p), v.as_bytes());
         }
         // The same file all along, of a fixed size, and nothing beside it.
@@ -614,12 +611,14 @@ mod tests {
         assert_eq!(names(dir.path()), ["x.state"]);
         // Another process (a restarted daemon) carries on from the newest record.
         let other = RecordFiles::default();
-        other.save(&p, b"after restart\n", 0o640).unwrap();
+        other
+            .save(&p, b"after restart\n", 0o640, Durability::Synced)
+            .unwrap();
         assert_eq!(ino(&p), inode);
         assert_eq!(read(&p), b"after restart\n");
         // The largest payload fits.
         let max = vec![b'm'; RECORD_MAX_PAYLOAD];
-        other.save(&p, &max, 0o640).unwrap();
+        other.save(&p, &max, 0o640, Durability::Synced).unwrap();
         assert_eq!(read(&p), max);
     }
 
@@ -630,26 +629,26 @@ mod tests {
         let files = RecordFiles::default();
         let f = || OpenOptions::new().write(true).open(&p).unwrap();
         // A flipped payload byte.
-        files.save(&p, b"a\n", 0o640).unwrap();
-        files.save(&p, b"b\n", 0o640).unwrap();
+        files.save(&p, b"a\n", 0o640, Durability::Synced).unwrap();
+        files.save(&p, b"b\n", 0o640, Durability::Synced).unwrap();
         f().write_all_at(b"B", newest_slot(&p) + RECORD_HEADER as u64)
             .unwrap();
         assert_eq!(read(&p), b"a\n");
         // Torn: only the start of the slot reached the disk (zeros after it).
-        files.save(&p, b"c\n", 0o640).unwrap();
-        files.save(&p, b"d\n", 0o640).unwrap();
+        files.save(&p, b"c\n", 0o640, Durability::Synced).unwrap();
+        files.save(&p, b"d\n", 0o640, Durability::Synced).unwrap();
         assert_eq!(read(&p), b"d\n");
         f().write_all_at(&[0u8; RECORD_SLOT - 12], newest_slot(&p) + 12)
             .unwrap();
         assert_eq!(read(&p), b"c\n");
         // Torn the other way: the magic lost, the rest there.
-        files.save(&p, b"e\n", 0o640).unwrap();
-        files.save(&p, b"f\n", 0o640).unwrap();
+        files.save(&p, b"e\n", 0o640, Durability::Synced).unwrap();
+        files.save(&p, b"f\n", 0o640, Durability::Synced).unwrap();
         f().write_all_at(&[0u8; 8], newest_slot(&p)).unwrap();
         assert_eq!(read(&p), b"e\n");
         // A restarted process goes on from the valid record, writing over the bad slot only.
         let files = RecordFiles::default();
-        files.save(&p, b"g\n", 0o640).unwrap();
+        files.save(&p, b"g\n", 0o640, Durability::Synced).unwrap();
         assert_eq!(read(&p), b"g\n");
         f().write_all_at(&[0xff; 4], newest_slot(&p) + 8).unwrap();
         assert_eq!(read(&p), b"e\n");
@@ -660,8 +659,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.state");
         let files = RecordFiles::default();
-        files.save(&p, b"one\n", 0o640).unwrap();
-        files.save(&p, b"two\n", 0o640).unwrap();
+        files.save(&p, b"one\n", 0o640, Durability::Synced).unwrap();
+        files.save(&p, b"two\n", 0o640, Durability::Synced).unwrap();
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(b"X", RECORD_HEADER as u64).unwrap();
         f.write_all_at(b"X", (RECORD_SLOT + RECORD_HEADER) as u64)
@@ -670,7 +669,9 @@ mod tests {
         assert!(e.contains(&p.display().to_string()), "{e}");
         assert!(e.contains("corrupt"), "{e}");
         // A save replaces it (by a rename) with a valid record file.
-        RecordFiles::default().save(&p, b"three\n", 0o640).unwrap();
+        RecordFiles::default()
+            .save(&p, b"three\n", 0o640, Durability::Synced)
+            .unwrap();
         assert_eq!(read(&p), b"three\n");
     }
 
@@ -681,12 +682,16 @@ mod tests {
         fs::write(&p, "generation abc\nlast 42\n").unwrap();
         assert_eq!(read(&p), b"generation abc\nlast 42\n");
         let files = RecordFiles::default();
-        files.save(&p, b"last 43\n", 0o640).unwrap();
+        files
+            .save(&p, b"last 43\n", 0o640, Durability::Synced)
+            .unwrap();
         assert_eq!(fs::metadata(&p).unwrap().len(), 2 * RECORD_SLOT as u64);
         assert_eq!(read(&p), b"last 43\n");
         assert_eq!(names(dir.path()), ["x.state"]);
         let inode = ino(&p);
-        files.save(&p, b"last 44\n", 0o640).unwrap();
+        files
+            .save(&p, b"last 44\n", 0o640, Durability::Synced)
+            .unwrap();
         assert_eq!(ino(&p), inode);
         assert_eq!(read(&p), b"last 44\n");
     }
@@ -697,12 +702,20 @@ mod tests {
         let p = dir.path().join("x.state");
         let files = RecordFiles::default();
         let big = vec![b'b'; RECORD_MAX_PAYLOAD + 1];
-        let e = format!("{:#}", files.save(&p, &big, 0o640).unwrap_err());
+        let e = format!(
+            "{:#}",
+            files.save(&p, &big, 0o640, Durability::Synced).unwrap_err()
+        );
         assert!(e.contains(&p.display().to_string()), "{e}");
         assert!(e.contains("does not fit"), "{e}");
         assert!(!p.exists());
-        files.save(&p, b"small\n", 0o640).unwrap();
-        let e = format!("{:#}", files.save(&p, &big, 0o640).unwrap_err());
+        files
+            .save(&p, b"small\n", 0o640, Durability::Synced)
+            .unwrap();
+        let e = format!(
+            "{:#}",
+            files.save(&p, &big, 0o640, Durability::Synced).unwrap_err()
+        );
         assert!(e.contains(&p.display().to_string()), "{e}");
         assert_eq!(read(&p), b"small\n");
     }
@@ -723,7 +736,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.state");
         let files = RecordFiles::default();
-        files.save(&p, &value(0), 0o640).unwrap();
+        files
+            .save(&p, &value(0), 0o640, Durability::Synced)
+            .unwrap();
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reader = {
             let (p, done) = (p.clone(), done.clone());
@@ -752,7 +767,9 @@ mod tests {
         };
         let saves = 3000;
         for i in 1..=saves {
-            files.save(&p, &value(i), 0o640).unwrap();
+            files
+                .save(&p, &value(i), 0o640, Durability::Synced)
+                .unwrap();
         }
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         let (reads, last) = reader.join().unwrap();
@@ -765,18 +782,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.state");
         let files = RecordFiles::default();
-        files.save(&p, b"one\n", 0o640).unwrap();
-        files.save(&p, b"two\n", 0o640).unwrap();
+        files.save(&p, b"one\n", 0o640, Durability::Synced).unwrap();
+        files.save(&p, b"two\n", 0o640, Durability::Synced).unwrap();
         fs::remove_file(&p).unwrap();
-        files.save(&p, b"three\n", 0o640).unwrap();
+        files
+            .save(&p, b"three\n", 0o640, Durability::Synced)
+            .unwrap();
         assert_eq!(read(&p), b"three\n");
-        files.save(&p, b"four\n", 0o640).unwrap();
+        files
+            .save(&p, b"four\n", 0o640, Durability::Synced)
+            .unwrap();
         assert_eq!(read(&p), b"four\n");
         // Replaced by another file (a plain one, as an operator's restore might leave).
         let other = dir.path().join("other");
         fs::write(&other, "plain\n").unwrap();
         fs::rename(&other, &p).unwrap();
-        files.save(&p, b"five\n", 0o640).unwrap();
+        files
+            .save(&p, b"five\n", 0o640, Durability::Synced)
+            .unwrap();
         assert_eq!(read(&p), b"five\n");
         assert_eq!(fs::metadata(&p).unwrap().len(), 2 * RECORD_SLOT as u64);
         assert_eq!(names(dir.path()), ["x.state"]);

@@ -171,7 +171,7 @@ impl StateDir {
     /// # Errors
     /// I/O errors, with the path.
     pub(crate) fn save_capture(&self, c: &SavedCapture) -> Result<()> {
-        self.save_record(&self.capture_path(), &c.to_string())
+        self.save_record(&self.capture_path(), &c.to_string(), Durability::Synced)
     }
 
     /// Saves the capture state ahead of publishing its segment in the spool: durable once the
@@ -192,12 +192,7 @@ impl StateDir {
         } else {
             Durability::Synced
         };
-        self.records.save_with(
-            &self.capture_path(),
-            c.to_string().as_bytes(),
-            0o640,
-            durability,
-        )
+        self.save_record(&self.capture_path(), &c.to_string(), durability)
     }
 
     /// Whether the spool directory is on the state directory's file system (unknown: no).
@@ -282,17 +277,16 @@ impl StateDir {
         // power cut set back only makes the next start send some commits again (files that
         // overlap what the replica holds; readers skip what they applied). One fdatasync less
         // per upload.
-        self.records.save_with(
+        self.save_record(
             &self.position_path(replica),
-            pos.to_string().as_bytes(),
-            0o640,
+            &pos.to_string(),
             Durability::Cached,
         )
     }
 
-    /// Saves `text` as the value of the record file `path`, durably.
-    fn save_record(&self, path: &Path, text: &str) -> Result<()> {
-        self.records.save(path, text.as_bytes(), 0o640)
+    /// Saves `text` as the value of the record file `path`, as durable as `durability` says.
+    fn save_record(&self, path: &Path, text: &str, durability: Durability) -> Result<()> {
+        self.records.save(path, text.as_bytes(), 0o640, durability)
     }
 
     /// Every replica's recorded position, by replica name; unreadable records are left out.
