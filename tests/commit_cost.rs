@@ -137,15 +137,18 @@ fn a_stream_of_commits_creates_few_files() {
     assert_contains_all(&rows(&out), &w.committed(), "restored");
 }
 
-/// Writes `mib` MiB into `db` in 1 MiB transactions of 64 KiB random blobs, as fast as SQLite
-/// goes (a bulk load), with a 5 s busy timeout.
+/// Writes `mib` MiB into `db` in 1 MiB transactions of 64 KiB random blobs (16 MiB of them,
+/// made before the load and used in turn), as fast as SQLite goes (a bulk load), with a 5 s
+/// busy timeout and `synchronous=NORMAL`, as `bench/loader.py` loads.
 fn bulk_load(db: &Path, mib: u32) {
     let script = "import os, sqlite3, sys\n\
         c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
         c.execute('pragma busy_timeout=5000')\n\
+        c.execute('pragma synchronous=NORMAL')\n\
+        blobs = [(os.urandom(65536),) for _ in range(256)]\n\
         for i in range(int(sys.argv[2])):\n\
         \x20   c.execute('begin')\n\
-        \x20   c.executemany('insert into t(payload) values (?)', [(os.urandom(65536),) for _ in range(16)])\n\
+        \x20   c.executemany('insert into t(payload) values (?)', blobs[i % 16 * 16:][:16])\n\
         \x20   c.execute('commit')\n";
     python(script, db, &mib.to_string());
 }
@@ -195,6 +198,31 @@ fn locked_checkpoints(log: &str) -> Vec<u64> {
         .collect()
 }
 
+/// `(wal, behind, governor)` of each "the WAL is full" debug line: the frames in the WAL when
+/// capture decided to hold the writer back, how many it had not captured, and whether the
+/// governor held the writer already.
+fn full_wal_decisions(log: &str) -> Vec<(u64, u64, bool)> {
+    let field = |l: &str, k: &str| -> Option<String> {
+        Some(
+            l.split(&format!(" {k}="))
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .to_string(),
+        )
+    };
+    log.lines()
+        .filter(|l| l.contains("the WAL is full: taking the write lock"))
+        .filter_map(|l| {
+            Some((
+                field(l, "wal")?.parse().ok()?,
+                field(l, "behind")?.parse().ok()?,
+                field(l, "governor")? == "true",
+            ))
+        })
+        .collect()
+}
+
 /// A bulk load is chased without holding the application back, and held back (SQLite's
 /// write lock) only once its WAL holds 8 × `checkpoint-pages` frames (8000 by default), to
 /// restart it. Taking the lock as soon as the writer was ahead (2 × `checkpoint-pages` frames
@@ -219,9 +247,9 @@ fn a_bulk_load_is_held_back_only_once_its_wal_is_full() {
         Vec::<u64>::new(),
         "a WAL short of 8 x checkpoint-pages held the writer back:\n{log}"
     );
-    // 48 MiB more: the WAL passes 8000 frames.
-    bulk_load(&sb.db(), 48);
-    loaded(&mut d, 72);
+    // 96 MiB more: the WAL passes 8000 frames, twice or more.
+    bulk_load(&sb.db(), 96);
+    loaded(&mut d, 120);
     let log = d.log_text();
     let locked = locked_checkpoints(&log);
     assert!(
@@ -233,10 +261,21 @@ fn a_bulk_load_is_held_back_only_once_its_wal_is_full() {
         "held back with fewer than 8 x checkpoint-pages frames in the WAL: {locked:?}"
     );
     eprintln!("WAL frames at each checkpoint under the write lock: {locked:?}");
+    // Before it holds the writer back, capture catches up without the lock, so that the hold
+    // is left little to capture: within half a checkpoint (500 frames) of the WAL's end, or
+    // the WAL reached 10 x checkpoint-pages, or the governor already held the writer.
+    let full = full_wal_decisions(&log);
+    assert!(!full.is_empty(), "no full WAL was logged:\n{log}");
+    for &(wal, behind, governor) in &full {
+        assert!(
+            behind <= 500 || wal >= 10_000 || governor,
+            "the writer was held back with capture {behind} frames behind a WAL of {wal}: {full:?}"
+        );
+    }
     // After the chase, a lone commit is seen and replicated as ever.
     sqlite3(&sb.db(), "insert into t(payload) values ('after')");
     d.wait_status("a commit after the load replicated", 5 * SEC, |s| {
-        s.caught_up() && s.txid >= start + 73
+        s.caught_up() && s.txid >= start + 121
     });
     stop_and_restore(&sb, d);
 }

@@ -6,10 +6,13 @@
 //! A writer that outruns walship (a bulk load) is chased without any lock: capture and a
 //! PASSIVE copy up to walship's pin, again and again, while the writer goes on in parallel.
 //! Only once the WAL holds [`LOCK_AT`] times `checkpoint-pages` frames does walship take the
-//! write lock, to capture and copy what the last round of the chase left (a few MiB) so that
-//! the next commit restarts the WAL. Taking the lock as soon as the writer was ahead made the
-//! writer wait for the capture and the copy of its whole backlog, one after the other: a
-//! 200 MiB load took twice as long as without walship.
+//! write lock, to capture and copy what the last round of the chase left so that the next
+//! commit restarts the WAL. Taking the lock as soon as the writer was ahead made the writer
+//! wait for the capture and the copy of its whole backlog, one after the other: a 200 MiB
+//! load took twice as long as without walship. Behind a writer of big commits, a full WAL is
+//! still chased without the lock while capture is more than half a checkpoint behind its
+//! end, up to [`CATCH_UP_BELOW`] times `checkpoint-pages`: the lock is then taken for a few
+//! hundred frames, not thousands.
 //!
 //! The checkpoint under the write lock is the first to copy the whole WAL, so SQLite syncs the
 //! database file there, with every page the application's checkpoints copied during the
@@ -99,6 +102,12 @@ const LOCK_AT: u32 = 8;
 /// the WAL stays near 50 MiB whatever a step of capture waits for (the governor wins the lock
 /// a few of a bulk writer's transactions later).
 const GOVERNOR_AT: u32 = 11;
+
+/// The WAL size, in `checkpoint-pages`, up to which a full WAL's writer of big commits is
+/// still chased without any lock while capture is behind its end (see
+/// `Capture::catching_up`): 40 MiB of 4 KiB pages by default, between [`LOCK_AT`] and
+/// [`GOVERNOR_AT`].
+const CATCH_UP_BELOW: u32 = 10;
 
 /// How long the governor stays armed after a chase took a second step (a writer went on):
 /// rounds follow each other closely while a writer outruns capture, and each such chase arms
@@ -448,6 +457,18 @@ impl Capture {
                 }
             }
             if self.is_full(threshold) {
+                let lag = self.lag();
+                if !self.small_commits && self.catching_up(lag, threshold) {
+                    continue;
+                }
+                if let Some((wal, behind)) = lag {
+                    tracing::debug!(
+                        wal,
+                        behind,
+                        governor = self.db.governor_holds(),
+                        "the WAL is full: taking the write lock"
+                    );
+                }
                 if held && self.small_commits && !self.db.governor_holds() {
                     self.before_the_write_lock(step)?;
                 }
@@ -512,6 +533,31 @@ impl Capture {
             tracing::debug!("before the write lock: {e:#}");
         }
         Ok(())
+    }
+
+    /// Whether a chase whose WAL is full goes on a step without the lock: capture is more than
+    /// half `threshold` frames behind the WAL's end, the WAL holds fewer than
+    /// [`CATCH_UP_BELOW`] times `threshold` frames and the governor does not hold the writer.
+    /// Capture goes about twice as fast as a bulk writer, so each such step halves what the
+    /// write lock is then taken for: what is left under the lock is captured, and published,
+    /// while the writer waits. Taking the lock at once, capture was often a step of thousands
+    /// of frames behind: holds of 23 ms (median), which SQLite's busy handler makes a wait of
+    /// 33 ms; now a few hundred frames, 10 ms, a wait of 18 (see docs/PERFORMANCE.md,
+    /// twenty-sixth session).
+    fn catching_up(&self, lag: Option<(u64, u64)>, threshold: u32) -> bool {
+        let cap = u64::from(threshold).saturating_mul(u64::from(CATCH_UP_BELOW));
+        lag.is_some_and(|(wal, behind)| wal < cap && behind > u64::from(threshold / 2))
+            && !self.db.governor_holds()
+    }
+
+    /// The frames in the WAL and how many of them capture has not taken yet; `None` if the
+    /// WAL is not the one capture is in.
+    fn lag(&self) -> Option<(u64, u64)> {
+        let (p, h) = (self.pos?, self.db.wal_index()?);
+        ((h.salt1, h.salt2) == (p.salt1, p.salt2)).then(|| {
+            let wal = u64::from(h.frames);
+            (wal, wal.saturating_sub(p.frames))
+        })
     }
 
     /// Waits until the WAL holds `frames` frames past the capture position, or it moved to
