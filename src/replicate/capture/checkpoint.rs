@@ -11,8 +11,8 @@
 //! wait for the capture and the copy of its whole backlog, one after the other: a 200 MiB
 //! load took twice as long as without walship. Behind a writer of big commits, a full WAL is
 //! still chased without the lock while capture is more than half a checkpoint behind its
-//! end, up to [`CATCH_UP_BELOW`] times `checkpoint-pages`: the lock is then taken for a few
-//! hundred frames, not thousands.
+//! end and gaining on it, up to [`CATCH_UP_BELOW`] times `checkpoint-pages`: the lock is then
+//! taken for a few hundred frames, not thousands.
 //!
 //! The checkpoint under the write lock is the first to copy the whole WAL, so SQLite syncs the
 //! database file there, with every page the application's checkpoints copied during the
@@ -429,6 +429,8 @@ impl Capture {
         let t0 = std::time::Instant::now();
         let step = u64::from(threshold.max(1));
         let mut first = true;
+        // How far behind the WAL's end capture was when it last went on past a full WAL.
+        let mut gap = None;
         while t0.elapsed() < UNLOCKED_CHECKPOINT_BUDGET {
             if !first {
                 // A writer goes on: the governor bounds its WAL while a step takes long.
@@ -458,13 +460,15 @@ impl Capture {
             }
             if self.is_full(threshold) {
                 let lag = self.lag();
-                if !self.small_commits && self.catching_up(lag, threshold) {
+                if !self.small_commits && self.catching_up(lag, gap, threshold) {
+                    gap = lag.map(|(_, behind)| behind);
                     continue;
                 }
                 if let Some((wal, behind)) = lag {
                     tracing::debug!(
                         wal,
                         behind,
+                        was = gap.map_or(-1, |g| g as i64),
                         governor = self.db.governor_holds(),
                         "the WAL is full: taking the write lock"
                     );
@@ -535,19 +539,25 @@ impl Capture {
         Ok(())
     }
 
-    /// Whether a chase whose WAL is full goes on a step without the lock: capture is more than
-    /// half `threshold` frames behind the WAL's end, the WAL holds fewer than
-    /// [`CATCH_UP_BELOW`] times `threshold` frames and the governor does not hold the writer.
-    /// Capture goes about twice as fast as a bulk writer, so each such step halves what the
-    /// write lock is then taken for: what is left under the lock is captured, and published,
-    /// while the writer waits. Taking the lock at once, capture was often a step of thousands
-    /// of frames behind: holds of 23 ms (median), which SQLite's busy handler makes a wait of
-    /// 33 ms; now a few hundred frames, 10 ms, a wait of 18 (see docs/PERFORMANCE.md,
-    /// twenty-sixth session).
-    fn catching_up(&self, lag: Option<(u64, u64)>, threshold: u32) -> bool {
+    /// Whether a chase whose WAL is full goes on a step without the lock (`lag` from
+    /// [`Capture::lag`], `gap` what it was behind before the last such step, if any): capture
+    /// is more than half `threshold` frames behind the WAL's end, it is gaining on the writer
+    /// (not half `threshold` frames or more further behind than before the last step: one
+    /// step, or one transaction more or less, is noise), the WAL holds fewer than
+    /// [`CATCH_UP_BELOW`] times `threshold` frames, and the governor does not hold the writer.
+    /// Capture went about twice as fast as a bulk writer on these machines, so each such step
+    /// halves what the write lock is then taken for: what is left under the lock is captured,
+    /// and published, while the writer waits. Taking the lock at once, capture was often
+    /// thousands of frames behind: holds of 26-34 ms (medians), which SQLite's busy handler
+    /// makes a wait of 33 ms; now a few hundred frames, 12 ms, a wait of 18 (see
+    /// docs/PERFORMANCE.md, twenty-sixth session). Where capture falls further behind, the
+    /// lock is taken at the next look, as before.
+    fn catching_up(&self, lag: Option<(u64, u64)>, gap: Option<u64>, threshold: u32) -> bool {
         let cap = u64::from(threshold).saturating_mul(u64::from(CATCH_UP_BELOW));
-        lag.is_some_and(|(wal, behind)| wal < cap && behind > u64::from(threshold / 2))
-            && !self.db.governor_holds()
+        let half = u64::from(threshold / 2);
+        lag.is_some_and(|(wal, behind)| {
+            wal < cap && behind > half && gap.is_none_or(|g| behind < g.saturating_add(half))
+        }) && !self.db.governor_holds()
     }
 
     /// The frames in the WAL and how many of them capture has not taken yet; `None` if the
