@@ -4,7 +4,9 @@ blobs, half of them random and half low-entropy (so zstd gets about 2:1, not a t
 Prints "start NS" and "end NS" (CLOCK_MONOTONIC) around the load, "commits N", and "busy N": the
 transactions that failed with SQLITE_BUSY despite the 5 s busy timeout (rolled back, not retried).
 With STAMPS=FILE, also writes the CLOCK_MONOTONIC ns at the start and after each transaction to FILE,
-one per line (`stalls.sh`)."""
+one per line (`stalls.sh`). Also prints, for the load alone, the loader's own CPU time "cpu_ms", its
+time runnable but waiting for a CPU "runq_ms" (both from /proc/thread-self/schedstat) and how
+often it was preempted "preempted" (involuntary context switches) (`loader-cpu.sh`)."""
 import os, sqlite3, sys, time
 db, mib = sys.argv[1], int(sys.argv[2])
 txn_kib = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
@@ -21,6 +23,11 @@ for i in range(n):   # pre-generate: the load itself measures sqlite, not the ge
         blobs.append(os.urandom(65536))
     else:
         blobs.append(os.urandom(32768) + text)
+def sched():   # (CPU ns, run-queue wait ns, involuntary context switches) of this thread
+    cpu, wait = open('/proc/thread-self/schedstat').read().split()[:2]
+    inv = [l.split()[1] for l in open('/proc/thread-self/status') if l.startswith('nonvoluntary_ctxt_switches')]
+    return int(cpu), int(wait), int(inv[0])
+s0 = sched()
 t0 = time.monotonic_ns()
 stamps = [t0] if os.environ.get('STAMPS') else None
 commits = 0
@@ -40,6 +47,8 @@ for i in range(0, n, per_txn):
     if stamps is not None:
         stamps.append(time.monotonic_ns())
 t1 = time.monotonic_ns()
+s1 = sched()
+print('cpu_ms %.0f\nrunq_ms %.0f\npreempted %d' % ((s1[0] - s0[0]) / 1e6, (s1[1] - s0[1]) / 1e6, s1[2] - s0[2]))
 if stamps is not None:
     with open(os.environ['STAMPS'], 'w') as f:
         f.write('\n'.join(map(str, stamps)) + '\n')
