@@ -189,12 +189,17 @@ fn stop_and_restore(sb: &Sandbox, mut d: Daemon) {
     assert_same_db(&sb.db(), &out);
 }
 
+/// The value of `key=` in a debug line of walship's log.
+fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split(&format!(" {key}=")).nth(1)?.split(' ').next()
+}
+
 /// The `log=` (frames in the WAL) of each checkpoint walship ran under SQLite's write lock,
 /// from its debug log.
 fn locked_checkpoints(log: &str) -> Vec<u64> {
     log.lines()
         .filter(|l| l.contains(" checkpoint ") && l.contains("locked_ms="))
-        .filter_map(|l| l.split(" log=").nth(1)?.split(' ').next()?.parse().ok())
+        .filter_map(|l| log_field(l, "log")?.parse().ok())
         .collect()
 }
 
@@ -212,23 +217,14 @@ struct FullWal {
 }
 
 fn full_wal_decisions(log: &str) -> Vec<FullWal> {
-    let field = |l: &str, k: &str| -> Option<String> {
-        Some(
-            l.split(&format!(" {k}="))
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .to_string(),
-        )
-    };
     log.lines()
         .filter(|l| l.contains("the WAL is full: taking the write lock"))
         .filter_map(|l| {
             Some(FullWal {
-                wal: field(l, "wal")?.parse().ok()?,
-                behind: field(l, "behind")?.parse().ok()?,
-                was: field(l, "was")?.parse().ok()?,
-                governor: field(l, "governor")? == "true",
+                wal: log_field(l, "wal")?.parse().ok()?,
+                behind: log_field(l, "behind")?.parse().ok()?,
+                was: log_field(l, "was")?.parse().ok()?,
+                governor: log_field(l, "governor")? == "true",
             })
         })
         .collect()
