@@ -495,12 +495,15 @@ fn a_power_cut_that_kept_an_append_but_lost_the_state_before_it() {
         .filter(|n| is_state_record(std::ffi::OsStr::new(n)))
         .collect();
     assert_eq!(records.len(), 2, "state records: {records:?}");
-    let mut appended = None;
-    for attempt in 0..5 {
+    let insert = |writer: &str, seq: usize| {
         sqlite3(
             &sb.db(),
-            &format!("INSERT INTO t(writer, seq) VALUES ('first', {attempt});"),
-        );
+            &format!("INSERT INTO t(writer, seq) VALUES ('{writer}', {seq});"),
+        )
+    };
+    let mut appended = None;
+    for attempt in 0..5 {
+        insert("first", attempt);
         d.wait_caught_up(15 * SEC);
         // Idle now: what the disk would hold if the power went before the next capture.
         let (dir, tail) = spool_tail(&state).expect("a spool tail after a commit");
@@ -511,10 +514,7 @@ fn a_power_cut_that_kept_an_append_but_lost_the_state_before_it() {
         copy_all(&what, &saved);
         // The next commits are appended to that tail while it is young (1 s).
         for i in 0..3 {
-            sqlite3(
-                &sb.db(),
-                &format!("INSERT INTO t(writer, seq) VALUES ('second', {i});"),
-            );
+            insert("second", i);
         }
         d.wait_caught_up(15 * SEC);
         let (dir2, grown) = spool_tail(&state).expect("a spool tail");

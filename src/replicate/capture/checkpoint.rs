@@ -11,8 +11,8 @@
 //! wait for the capture and the copy of its whole backlog, one after the other: a 200 MiB
 //! load took twice as long as without walship. Behind a writer of big commits, a full WAL is
 //! still chased without the lock while capture is more than half a checkpoint behind its
-//! end and gaining on it, up to [`CATCH_UP_BELOW`] times `checkpoint-pages`: the lock is then
-//! taken for a few hundred frames, not thousands.
+//! end and not falling further behind, up to [`CATCH_UP_BELOW`] times `checkpoint-pages`: the
+//! lock is then taken for a few hundred frames, not thousands.
 //!
 //! The checkpoint under the write lock is the first to copy the whole WAL, so SQLite syncs the
 //! database file there, with every page the application's checkpoints copied during the
