@@ -708,7 +708,7 @@ impl Db {
 
     fn begin_pin(&mut self, i: usize) -> Result<()> {
         let c = &self.pins[i];
-        // Cached statements: a pin moves after every capture.
+        // Cached statements: a pin moves every few captures (see `Capture::rotate_pin_between`).
         c.prepare_cached("BEGIN")
             .and_then(|mut s| s.execute([]))
             .map_err(|e| explain(&self.path, "read", e))?;
@@ -725,6 +725,11 @@ impl Db {
         }
         self.pins[i].prepare_cached("COMMIT")?.execute([])?;
         Ok(())
+    }
+
+    /// Whether walship holds a pin (none after a failure until the next move).
+    pub(crate) fn pinned(&self) -> bool {
+        self.active.is_some()
     }
 
     /// Moves the pin forward: a new read transaction begins before the old one ends.

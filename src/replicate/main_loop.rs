@@ -29,7 +29,8 @@
 //! walship keeps SQLite's checkpointer lock between its rounds (see `capture::checkpoint`);
 //! every wake-up looks whether it still should.
 //! Every durability step of a capture and an upload stays as it was; only how many commits one
-//! capture holds changes.
+//! capture holds changes. After such a capture the pin moves only if it last moved 500 ms ago
+//! or more, or a checkpoint is near (`Capture::rotate_pin_between`).
 
 use super::capture::{Capture, Step};
 use super::dblock::DbLock;
@@ -667,7 +668,7 @@ fn capture_round_inner(
         return Ok(());
     }
     let r = cap.step()?;
-    cap.rotate_pin()?;
+    cap.rotate_pin_between(settings.checkpoint_pages)?;
     if matches!(r, Step::Captured(_)) {
         kick_head(shared, cap);
     }

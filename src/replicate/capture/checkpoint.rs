@@ -81,6 +81,12 @@ use std::time::Duration;
 /// comes on top, bounded by the WAL that was captured): far below any sane busy timeout.
 const LOCK_BUDGET: Duration = Duration::from_millis(500);
 
+/// Longest a pin stays behind what capture holds between the main loop's captures (see
+/// [`Capture::rotate_pin_between`]): at 100 commits/s a capture comes every 85 ms, and a pin
+/// move after one in six of them. The application's checkpoints then stop up to that far
+/// behind capture, and a copied WAL restarts up to that much later (at that rate ~100 frames).
+const PIN_EVERY: Duration = Duration::from_millis(500);
+
 /// How long a checkpoint chases a writer without any lock (see `checkpoint_unlocked`).
 const UNLOCKED_CHECKPOINT_BUDGET: Duration = Duration::from_millis(250);
 
@@ -162,11 +168,34 @@ impl Capture {
             (false, _) => {
                 // This pin may let the WAL restart: only over published frames.
                 self.settle()?;
-                self.db.rotate_pin()
+                self.db.rotate_pin()?;
+                self.pin_moved = Some(std::time::Instant::now());
+                Ok(())
             }
             (true, Some(pos)) if !self.small_commits => self.db.rotate_pin_behind(&pos),
             (true, _) => Ok(()),
         }
+    }
+
+    /// [`Capture::rotate_pin`] after a capture of the main loop's (not within a checkpoint):
+    /// a pin that capture moved less than [`PIN_EVERY`] ago stays where it is, unless the WAL
+    /// holds half `threshold` frames or more (a checkpoint is near, and copies only up to the
+    /// pin). A pin move is a read transaction begun and one ended (7% of walship's CPU at 100
+    /// commits/s when it came after every capture, docs/PERFORMANCE.md). Safe for the same
+    /// reason any pin is: an older pin only stops the application's checkpoints further back.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub(crate) fn rotate_pin_between(&mut self, threshold: u32) -> Result<()> {
+        let recent = self.pin_moved.is_some_and(|t| t.elapsed() < PIN_EVERY);
+        if recent
+            && !self.behind
+            && self.db.pinned()
+            && self.wal_frames() < u64::from(threshold / 2)
+        {
+            return Ok(());
+        }
+        self.rotate_pin()
     }
 
     /// Checkpoints if the WAL holds at least `threshold` frames: write lock, capture the
@@ -654,6 +683,60 @@ mod tests {
         let mut cap = Capture::start(Db::open(&p)?, spool, &state, segment_size, None)?;
         cap.rotate_pin()?;
         Ok((app, cap))
+    }
+
+    /// Between the main loop's captures the pin moves at most every `PIN_EVERY` (the
+    /// application's checkpoint copies only up to the old pin meanwhile), and at once when
+    /// the WAL holds half a checkpoint's frames.
+    #[test]
+    fn between_captures_the_pin_moves_at_most_every_pin_every() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (app, mut cap) = captured_app(dir.path())?;
+        let commits = |n: usize| -> Result<()> {
+            for _ in 0..n {
+                app.execute("insert into t values (randomblob(100))", [])?;
+            }
+            Ok(())
+        };
+        // What the application's own PASSIVE checkpoint copies: up to walship's pin.
+        let copied = || -> Result<i64> {
+            Ok(app.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(2))?)
+        };
+        commits(3)?;
+        cap.step()?;
+        cap.rotate_pin()?;
+        let first = cap.wal_frames();
+        assert_eq!(copied()?, i64::try_from(first)?);
+        commits(3)?;
+        cap.step()?;
+        cap.rotate_pin_between(1_000)?;
+        assert!(cap.wal_frames() > first);
+        assert_eq!(
+            copied()?,
+            i64::try_from(first)?,
+            "the pin moved within PIN_EVERY of its last move"
+        );
+        std::thread::sleep(PIN_EVERY);
+        commits(1)?;
+        cap.step()?;
+        cap.rotate_pin_between(1_000)?;
+        let second = cap.wal_frames();
+        assert_eq!(
+            copied()?,
+            i64::try_from(second)?,
+            "the pin stayed past PIN_EVERY"
+        );
+        // Half a checkpoint's frames in the WAL: it moves whatever its age.
+        commits(3)?;
+        cap.step()?;
+        let threshold = u32::try_from(cap.wal_frames() * 2)?;
+        cap.rotate_pin_between(threshold)?;
+        assert_eq!(
+            copied()?,
+            i64::try_from(cap.wal_frames())?,
+            "the pin stayed with half a checkpoint in the WAL"
+        );
+        Ok(())
     }
 
     /// Under the write lock, what the chase left is captured in steps of a full segment, not

@@ -92,6 +92,9 @@ pub(crate) struct Capture {
     /// Whether segments go to the publisher (within [`Capture::checkpoint_now`] only) rather
     /// than being published before the step returns.
     pipelined: bool,
+    /// When [`Capture::rotate_pin`] last moved the pin to what capture holds (see
+    /// `Capture::rotate_pin_between`).
+    pin_moved: Option<Instant>,
 }
 
 /// First wait before a failed snapshot is tried again; it doubles with every failure...
@@ -164,6 +167,7 @@ impl Capture {
             retry: None,
             publisher,
             pipelined: false,
+            pin_moved: None,
         };
         match (fresh, saved) {
             (Some(why), _) => cap.new_generation(GenerationReason::DbReplaced, why)?,
