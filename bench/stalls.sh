@@ -36,7 +36,7 @@ one() { # base|BIN -> load ms
 echo "# stalls.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  loadavg $(cut -d' ' -f1-3 /proc/loadavg)  ${JOURNALED:+journaled ext4}${TWO_HOST:+  TWO_HOST}"
 for r in $(seq 1 "$ROUNDS"); do
     set -- base "$@"; n=$#; k=$(( r % n )); arr=("$@"); declare -A res
-    for i in $(seq 0 $((n - 1))); do b=${arr[$(( (i + k) % n ))]}; [ "$MODE" = sftp ] && sftp_dir_new; res[$b]=$(one "$b"); done
+    for i in $(seq 0 $((n - 1))); do b=${arr[$(( (i + k) % n ))]}; [ "$MODE" = sftp ] && [ "$b" != base ] && sftp_dir_new; res[$b]=$(one "$b"); done
     line="round $r:"; for b in "${arr[@]}"; do line="$line $(basename "$b")=${res[$b]}"; done
     echo "$line"
     shift
