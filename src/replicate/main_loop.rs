@@ -30,7 +30,7 @@
 //! every wake-up looks whether it still should.
 //! Every durability step of a capture and an upload stays as it was; only how many commits one
 //! capture holds changes. After such a capture the pin moves only if it last moved 500 ms ago
-//! or more, or a checkpoint is near (`Capture::rotate_pin_between`).
+//! or more (`Capture::rotate_pin_between`).
 
 use super::capture::{Capture, Step};
 use super::dblock::DbLock;
@@ -668,7 +668,7 @@ fn capture_round_inner(
         return Ok(());
     }
     let r = cap.step()?;
-    cap.rotate_pin_between(settings.checkpoint_pages)?;
+    cap.rotate_pin_between()?;
     if matches!(r, Step::Captured(_)) {
         kick_head(shared, cap);
     }

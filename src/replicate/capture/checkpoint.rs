@@ -178,21 +178,18 @@ impl Capture {
     }
 
     /// [`Capture::rotate_pin`] after a capture of the main loop's (not within a checkpoint):
-    /// a pin that capture moved less than [`PIN_EVERY`] ago stays where it is, unless the WAL
-    /// holds half `threshold` frames or more (a checkpoint is near, and copies only up to the
-    /// pin). A pin move is a read transaction begun and one ended (7% of walship's CPU at 100
-    /// commits/s when it came after every capture, docs/PERFORMANCE.md). Safe for the same
-    /// reason any pin is: an older pin only stops the application's checkpoints further back.
+    /// a pin that capture moved less than [`PIN_EVERY`] ago stays where it is. A pin move is
+    /// a read transaction begun and one ended (7% of walship's CPU at 100 commits/s when it
+    /// came after every capture, docs/PERFORMANCE.md). Safe for the same reason any pin is:
+    /// an older pin only stops the application's checkpoints further back. walship's own
+    /// checkpoint, due once the WAL holds `checkpoint-pages` frames, moves it as before (its
+    /// chase captures and moves the pin before it copies).
     ///
     /// # Errors
     /// SQLite errors.
-    pub(crate) fn rotate_pin_between(&mut self, threshold: u32) -> Result<()> {
+    pub(crate) fn rotate_pin_between(&mut self) -> Result<()> {
         let recent = self.pin_moved.is_some_and(|t| t.elapsed() < PIN_EVERY);
-        if recent
-            && !self.behind
-            && self.db.pinned()
-            && self.wal_frames() < u64::from(threshold / 2)
-        {
+        if recent && !self.behind && self.db.pinned() {
             return Ok(());
         }
         self.rotate_pin()
@@ -686,8 +683,8 @@ mod tests {
     }
 
     /// Between the main loop's captures the pin moves at most every `PIN_EVERY` (the
-    /// application's checkpoint copies only up to the old pin meanwhile), and at once when
-    /// the WAL holds half a checkpoint's frames.
+    /// application's checkpoint copies only up to the old pin meanwhile); walship's own
+    /// checkpoint copies all it captured whatever the pin's age.
     #[test]
     fn between_captures_the_pin_moves_at_most_every_pin_every() -> Result<()> {
         let dir = tempfile::tempdir()?;
@@ -709,7 +706,7 @@ mod tests {
         assert_eq!(copied()?, i64::try_from(first)?);
         commits(3)?;
         cap.step()?;
-        cap.rotate_pin_between(1_000)?;
+        cap.rotate_pin_between()?;
         assert!(cap.wal_frames() > first);
         assert_eq!(
             copied()?,
@@ -719,23 +716,20 @@ mod tests {
         std::thread::sleep(PIN_EVERY);
         commits(1)?;
         cap.step()?;
-        cap.rotate_pin_between(1_000)?;
+        cap.rotate_pin_between()?;
         let second = cap.wal_frames();
         assert_eq!(
             copied()?,
             i64::try_from(second)?,
             "the pin stayed past PIN_EVERY"
         );
-        // Half a checkpoint's frames in the WAL: it moves whatever its age.
+        // walship's own checkpoint copies everything it captured, whatever the pin's age.
         commits(3)?;
         cap.step()?;
-        let threshold = u32::try_from(cap.wal_frames() * 2)?;
-        cap.rotate_pin_between(threshold)?;
-        assert_eq!(
-            copied()?,
-            i64::try_from(cap.wal_frames())?,
-            "the pin stayed with half a checkpoint in the WAL"
-        );
+        cap.rotate_pin_between()?;
+        assert!(cap.checkpoint_now(1_000)?, "no checkpoint");
+        let h = anyhow::Context::context(cap.db.wal_index(), "no wal-index")?;
+        assert_eq!(u64::from(h.backfilled), cap.wal_frames());
         Ok(())
     }
 
