@@ -140,6 +140,15 @@ replica_target() {
     fi
 }
 
+# fresh_load_db BIN LOG: a new database $FS/w.db (the last one, its state directory and a file://
+# replica gone) and, unless BIN is "base", walship BIN replicating it to $URL (replica_target
+# first), logging to LOG
+fresh_load_db() {
+    rm -rf "$FS/w.db"* "$FS/state" "$FS/replica"; make_db "$FS/w.db"
+    [ "$1" = base ] && return 0
+    WALSHIP=$1 start_walship "$FS/w.db" "$URL" "$FS/state" "$2" $EXTRA
+}
+
 # sftp_dir_new: a fresh replica directory inside the chroot's writable db/ (removed on exit)
 sftp_dir_new() {
     local name="bench-$$-$(date +%s%N)"

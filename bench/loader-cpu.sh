@@ -11,13 +11,10 @@ ROUNDS=$1; shift
 use_fs
 kv() { awk -v k="$1" '$1==k {print $2}' "$FS/out"; }
 echo "# loader-cpu.sh  $(date -u +%FT%TZ)  $(nproc) cores  loadavg $(cut -d' ' -f1-3 /proc/loadavg)  $FS_NAME"
+replica_target file
 for r in $(seq 1 "$ROUNDS"); do
     for b in base "$@"; do
-        rm -rf "$FS/w.db"* "$FS/state" "$FS/replica"; make_db "$FS/w.db"
-        if [ "$b" != base ]; then
-            WALSHIP=$b; replica_target file
-            start_walship "$FS/w.db" "$URL" "$FS/state" "$FS/walship.log"
-        fi
+        fresh_load_db "$b" "$FS/walship.log"
         python3 "$BENCH/loader.py" "$FS/w.db" 200 >"$FS/out"
         [ "$b" != base ] && stop_walship
         printf 'round %d %-12s load %4d ms  cpu %4d ms  run queue %3d ms  preempted %d\n' "$r" \

@@ -21,13 +21,11 @@ OUT="$T/stalls"; mkdir -p "$OUT"
 MODE=${MODE:-file}
 replica_target "$MODE"
 one() { # base|BIN -> load ms
-    rm -rf "$FS/w.db"* "$FS/state" "$FS/replica"; make_db "$FS/w.db"
-    local name=base log=/dev/null
-    if [ "$1" != base ]; then
-        name=$(basename "$1"); log="$OUT/$name.$RANDOM.log"; WALSHIP=$1
-        [ "$MODE" = sftp ] && URL="$SFTP_URL"
-        WALSHIP_LOG=walship=debug start_walship "$FS/w.db" "$URL" "$FS/state" "$log" $EXTRA
-    fi
+    local name log=/dev/null
+    name=$(basename "$1")
+    [ "$1" != base ] && log="$OUT/$name.$RANDOM.log"
+    [ "$MODE" = sftp ] && URL="$SFTP_URL"
+    WALSHIP_LOG=walship=debug fresh_load_db "$1" "$log"
     local stamps="$OUT/$name.$RANDOM.stamps"
     STAMPS=$stamps python3 "$BENCH/loader.py" "$FS/w.db" 200 >/dev/null
     [ "$1" != base ] && { sleep 0.3; stop_walship; }
