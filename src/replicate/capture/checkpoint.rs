@@ -17,7 +17,11 @@
 //! The checkpoint under the write lock is the first to copy the whole WAL, so SQLite syncs the
 //! database file there, with every page the application's checkpoints copied during the
 //! chase: each step of a chase of big commits starts that write-back without waiting
-//! (`Db::start_writeback`), and the sync under the lock took ~12 ms instead of ~26.
+//! (`Db::start_writeback`), and the sync under the lock took ~12 ms instead of ~26. The
+//! segments' own syncs at publication are shorter the same way: a spool file's write-back
+//! starts every megabyte while capture writes it (`spool::WRITEBACK_EVERY`), and the rest as
+//! it is handed to the publisher; the median hold behind a 200 MiB load over sftp fell from
+//! 18 to 9 ms.
 //!
 //! Under the write lock, what the chase left is captured in steps of a full segment
 //! (`segment-size`), not of `checkpoint-pages` frames: each segment costs the publisher three
