@@ -794,9 +794,10 @@ impl SpoolWriter {
 }
 
 /// A spool file's write-back to the disk starts each time this much more of it was written
-/// (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`, which waits for nothing; see the module
-/// doc). A stream of small commits never writes this much in one file: its per-commit path
-/// makes no extra system call. Durability never relies on it.
+/// (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`, see the module doc: it allocates blocks
+/// and submits the writes, ~0.3 ms a call measured, and does not wait for the disk). A stream
+/// of small commits never writes this much in one file: its per-commit path makes no extra
+/// system call. Durability never relies on it.
 const WRITEBACK_EVERY: u64 = 1 << 20;
 
 /// Where an append to the tail started and stands.
