@@ -35,7 +35,7 @@
 //! A file's write-back to the disk starts every [`WRITEBACK_EVERY`] bytes while it is written,
 //! without waiting for it: its fsync at publication then finds most of it written. Behind a
 //! bulk load, the publication of what a chase left runs under SQLite's write lock, and the
-//! sync of its megabytes was most of that hold.
+//! sync of its megabytes was a third to a half of that hold.
 //!
 //! A removed file is renamed at once to a temporary name in the spool's own directory, and a
 //! thread of the spool's unlinks it there ([`Spool::remove`]): on a file system that discards
