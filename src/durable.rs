@@ -450,9 +450,24 @@ fn write_through(file: &File) -> io::Result<()> {
         SYNC_FILE_RANGE_WAIT_AFTER as AFTER, SYNC_FILE_RANGE_WAIT_BEFORE as BEFORE,
         SYNC_FILE_RANGE_WRITE as WRITE,
     };
+    sync_range(file, 0, 0, BEFORE | WRITE | AFTER)
+}
+
+/// Starts the write-back of `file`'s dirty pages in `len` bytes from `from` (0: to its end)
+/// without waiting for the disk (`SYNC_FILE_RANGE_WRITE`): a hint, which durability never
+/// relies on. It may still block while it allocates blocks and submits the writes.
+pub(crate) fn start_writeback(file: &File, from: u64, len: u64) -> io::Result<()> {
+    sync_range(file, from, len, nix::libc::SYNC_FILE_RANGE_WRITE)
+}
+
+/// `sync_file_range(2)` on `file` with `flags`.
+fn sync_range(file: &File, from: u64, len: u64, flags: nix::libc::c_uint) -> io::Result<()> {
     use std::os::fd::AsRawFd;
+    let offset =
+        |v: u64| i64::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let (from, len) = (offset(from)?, offset(len)?);
     // SAFETY: a plain system call on a descriptor `file` keeps open.
-    let rc = unsafe { nix::libc::sync_file_range(file.as_raw_fd(), 0, 0, BEFORE | WRITE | AFTER) };
+    let rc = unsafe { nix::libc::sync_file_range(file.as_raw_fd(), from, len, flags) };
     if rc == 0 {
         Ok(())
     } else {

@@ -969,21 +969,7 @@ impl Db {
     /// # Errors
     /// The system call's.
     pub(crate) fn start_writeback(&self) -> std::io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain system call on a descriptor `self` keeps open.
-        let rc = unsafe {
-            nix::libc::sync_file_range(
-                self.file.as_raw_fd(),
-                0,
-                0,
-                nix::libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        crate::durable::start_writeback(&self.file, 0, 0)
     }
 
     /// Syncs the WAL and the database file (`fdatasync` on walship's read-only handles): what

@@ -35,7 +35,7 @@
 //! A file's write-back to the disk starts every [`WRITEBACK_EVERY`] bytes while it is written,
 //! without waiting for it: its fsync at publication then finds most of it written. Behind a
 //! bulk load, the publication of what a chase left runs under SQLite's write lock, and the
-//! sync of its megabytes was a third to a half of that hold.
+//! sync of its megabytes was about a third of that hold.
 //!
 //! A removed file is renamed at once to a temporary name in the spool's own directory, and a
 //! thread of the spool's unlinks it there ([`Spool::remove`]): on a file system that discards
@@ -44,7 +44,7 @@
 //! after each checkpoint of a bulk load while the writer went on. A crash between the rename
 //! and the unlink leaves a temporary file, which [`Spool::open`] sweeps.
 
-use crate::durable::{fsync_dir, lock, remove_temp_files, temp_name};
+use crate::durable::{fsync_dir, lock, remove_temp_files, start_writeback, temp_name};
 use crate::layout::names::{FileName, GenerationId};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -367,10 +367,7 @@ impl Spool {
         Some(SpoolWriter {
             tmp: self.path(generation, &t.name),
             file,
-            append: Some(Appending {
-                start: t.len,
-                pos: t.len,
-            }),
+            append: Some(Appending { start: t.len }),
             live: None,
             published: false,
             end: t.len,
@@ -623,7 +620,7 @@ impl Spool {
         // capture redoes the step from the state before it (or a replica that received it
         // proves it published). The next new spool file's directory fsync makes it durable.
         fs::rename(&src, &dest).map_err(failed)?;
-        let len = a.pos;
+        let len = w.end;
         {
             let mut files = lock(&self.files);
             files.remove(&(Key::of(*generation, &old), old));
@@ -759,8 +756,8 @@ pub(crate) struct SpoolWriter {
     append: Option<Appending>,
     live: Option<Arc<LiveFile>>,
     published: bool,
-    /// The end of what this writer wrote, and of the last write-back it started (see
-    /// [`WRITEBACK_EVERY`]).
+    /// The end of what this writer wrote (where an append writes next), and of the last
+    /// write-back it started (see [`WRITEBACK_EVERY`]).
     end: u64,
     written_back: u64,
 }
@@ -769,17 +766,7 @@ impl SpoolWriter {
     /// Starts the write-back of what was written since the last one, without waiting for it.
     /// A failure is left for the fsync at publication to report.
     fn start_writeback(&mut self) {
-        use std::os::fd::AsRawFd;
-        let (from, len) = (self.written_back, self.end - self.written_back);
-        // SAFETY: a plain system call on a descriptor `self` keeps open.
-        let _ = unsafe {
-            nix::libc::sync_file_range(
-                self.file.as_raw_fd(),
-                from as nix::libc::off64_t,
-                len as nix::libc::off64_t,
-                nix::libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
+        let _ = start_writeback(&self.file, self.written_back, self.end - self.written_back);
         self.written_back = self.end;
     }
 
@@ -800,20 +787,16 @@ impl SpoolWriter {
 /// system call. Durability never relies on it.
 const WRITEBACK_EVERY: u64 = 1 << 20;
 
-/// Where an append to the tail started and stands.
+/// Where an append to the tail started (it stands at the writer's `end`).
 #[derive(Debug, Clone, Copy)]
 struct Appending {
     start: u64,
-    pos: u64,
 }
 
 impl Write for SpoolWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let r = match self.append.as_mut() {
-            Some(a) => self
-                .file
-                .write_at(buf, a.pos)
-                .inspect(|&n| a.pos += n as u64),
+        let r = match self.append {
+            Some(_) => self.file.write_at(buf, self.end),
             None => self.file.write(buf),
         };
         let n = r.map_err(|e| {
