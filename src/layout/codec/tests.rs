@@ -81,6 +81,39 @@ fn round_trips() {
     }
 }
 
+/// An encoder on a context handed on by another (whatever that one's kind, level and content)
+/// writes the bytes an encoder on a new context writes: nothing of the earlier file is kept.
+#[test]
+fn a_compressor_handed_on_writes_what_a_new_one_writes() {
+    let write = |c: Compressor, kind: Kind, level: i32, recs: &[Rec]| {
+        let mut e = Encoder::with_compressor(Vec::new(), kind, PS, level, c).unwrap();
+        for r in recs {
+            match r {
+                Rec::P(n, d) => e.page(*n, d).unwrap(),
+                Rec::C(c) => e.commit(c).unwrap(),
+            }
+        }
+        e.finish_keep().unwrap()
+    };
+    let fresh = |kind, level, recs: &[Rec]| write(Compressor::new().unwrap(), kind, level, recs).0;
+    let mut c = Compressor::new().unwrap();
+    for (kind, level, recs) in [
+        (Kind::Segment, 1, segment_records()),
+        (Kind::Snapshot, 3, snapshot_records()),
+        (Kind::Segment, -1, segment_records()),
+        (Kind::Segment, 1, segment_records()),
+    ] {
+        let (bytes, next) = write(c, kind, level, &recs);
+        assert_eq!(
+            bytes,
+            fresh(kind, level, &recs),
+            "{kind:?} at level {level}"
+        );
+        assert_eq!(decode(&bytes, kind).unwrap(), recs);
+        c = next;
+    }
+}
+
 #[test]
 fn raw_bytes_counts_decompressed_bytes() {
     let mut e = Encoder::new(Vec::new(), Kind::Segment, PS, 1).unwrap();

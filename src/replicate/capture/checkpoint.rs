@@ -686,6 +686,38 @@ mod tests {
         Ok((app, cap))
     }
 
+    /// Each segment's zstd context is kept for the next (see `codec::Compressor`), and the
+    /// segments written on a context handed on are whole.
+    #[test]
+    fn a_segment_hands_its_zstd_context_to_the_next() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (app, mut cap) = captured_app(dir.path())?;
+        for i in 0..3 {
+            app.execute("insert into t values (?1)", [i])?;
+            cap.step()?;
+            let kept = cap.compressor.take();
+            assert!(kept.is_some(), "segment {i} did not keep its zstd context");
+            cap.compressor.set(kept);
+        }
+        let mut commits = 0;
+        for f in cap.spool.list()? {
+            if matches!(f.name, FileName::Segment { .. }) {
+                let mut dec = crate::layout::codec::Decoder::new(
+                    std::io::BufReader::new(cap.spool.open_file(&f)?),
+                    crate::layout::codec::Kind::Segment,
+                )?;
+                while let Some(rec) = dec.next()? {
+                    commits += usize::from(matches!(rec, crate::layout::codec::Record::Commit(_)));
+                }
+            }
+        }
+        assert_eq!(
+            commits, 3,
+            "the spooled segments hold {commits} of 3 commits"
+        );
+        Ok(())
+    }
+
     /// Between the main loop's captures the pin moves at most every `PIN_EVERY` (the
     /// application's checkpoint copies only up to the old pin meanwhile); walship's own
     /// checkpoint copies all it captured whatever the pin's age.

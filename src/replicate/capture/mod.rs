@@ -38,7 +38,7 @@ use super::state::{CaptureState, Captured, SavedCapture, StateDir};
 use crate::clock::now_ms;
 use crate::db::{Db, WalChange, WalPos};
 use crate::layout::checksum::PageHashes;
-use crate::layout::codec::{Commit, Encoder, Kind};
+use crate::layout::codec::{Commit, Compressor, Encoder, Kind};
 use crate::layout::names::{FileName, GenerationId};
 use crate::metrics::GenerationReason;
 use anyhow::{anyhow, bail, Result};
@@ -95,6 +95,8 @@ pub(crate) struct Capture {
     /// When [`Capture::rotate_pin`] last moved the pin to what capture holds (see
     /// `Capture::rotate_pin_between`).
     pin_moved: Option<Instant>,
+    /// The zstd context of the last segment, for the next one (see `codec::Compressor`).
+    compressor: std::cell::Cell<Option<Compressor>>,
 }
 
 /// First wait before a failed snapshot is tried again; it doubles with every failure...
@@ -167,6 +169,7 @@ impl Capture {
             retry: None,
             publisher,
             pipelined: false,
+            compressor: std::cell::Cell::new(None),
             pin_moved: None,
         };
         match (fresh, saved) {
