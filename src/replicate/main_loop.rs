@@ -804,10 +804,12 @@ fn status(
 }
 
 /// Test hook: while the file named by `WALSHIP_FAILPOINT_STALL` exists, the main loop
-/// stalls (to prove that the watchdog catches a hung loop).
+/// stalls (to prove that the watchdog catches a hung loop). The variable is read once: reading
+/// the environment every round was 0.5% of walship's CPU at 100 commits/s.
 fn stall_failpoint() {
-    if let Some(p) = std::env::var_os("WALSHIP_FAILPOINT_STALL") {
-        while std::path::Path::new(&p).exists() {
+    static STALL: std::sync::OnceLock<Option<std::ffi::OsString>> = std::sync::OnceLock::new();
+    if let Some(p) = STALL.get_or_init(|| std::env::var_os("WALSHIP_FAILPOINT_STALL")) {
+        while std::path::Path::new(p).exists() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
