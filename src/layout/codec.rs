@@ -224,7 +224,7 @@ fn invalid_input(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::
 
 /// A zstd compression context, handed from one file's [`Encoder`] to the next. A new context
 /// per file is an allocation of its tables and their clearing, and at 100 one-row commits/s
-/// every capture writes a segment: kept by capture, walship's CPU per commit fell by 5%, and
+/// every capture writes a segment: kept by capture, walship's CPU per commit fell by 3-5%, and
 /// its resident memory grew by 0.5-0.9 MiB (twenty-ninth session in docs/PERFORMANCE.md). An
 /// encoder starts a new session on it: nothing of the previous file reaches the next one,
 /// whose bytes are those a new context would write.
