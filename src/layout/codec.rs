@@ -265,7 +265,7 @@ impl<W: Write> Encoder<W> {
         use zstd::stream::raw::Operation;
         use zstd::zstd_safe::CParameter;
         let mut z = c.0;
-        // A new session: whatever a failed encoder left in the context is dropped.
+        // A new session: of the last file only the parameters stay, and they are set again.
         z.reinit()?;
         z.set_parameter(CParameter::CompressionLevel(zstd_level))?;
         z.set_parameter(CParameter::ChecksumFlag(true))?;
