@@ -10,6 +10,8 @@
 # fsynced, one after the other): a disk busy with other writes.
 # TWO_HOST=1 (sftp): the replica directory on a tmpfs of its own and sshd under SCHED_IDLE, as if
 # ALPHA were another machine (see sftp_dir_new in common.sh).
+# STATE_TMPFS=1 keeps walship's state directory, its spool with it, on /dev/shm: not a safe
+# set-up, a diagnosis of what the spool's writes to the disk cost the load.
 source "$(dirname "$0")/common.sh"
 MIB="${1:-200}"
 MODE="${2:-file}"
@@ -38,11 +40,16 @@ BASE_LOAD=$(( ($(kv end "$FS/base.load") - $(kv start "$FS/base.load")) / 100000
 rm -f "$FS/base.db"*
 
 # walship
+STATE="$FS/state"
+if [ -n "${STATE_TMPFS:-}" ]; then
+    STATE="$(mktemp -d /dev/shm/walship-bench.XXXXXX)"
+    CLEAN_DIRS="$CLEAN_DIRS $STATE"
+fi
 make_db "$FS/w.db"
 replica_target "$MODE"
-start_walship "$FS/w.db" "$URL" "$FS/state" "$FS/walship.log" $EXTRA
+start_walship "$FS/w.db" "$URL" "$STATE" "$FS/walship.log" $EXTRA
 start_watch "$ROOT" "$FS/watch.out"
-start_sampler "$FS/w.peak" "$FS/w.db-wal" "$FS/state" "$WPID"
+start_sampler "$FS/w.peak" "$FS/w.db-wal" "$STATE" "$WPID"
 CPU0=$(py "print(proc_cpu_seconds($WPID))")
 python3 "$BENCH/loader.py" "$FS/w.db" "$MIB" >"$FS/w.load"
 LAST=$(( $(kv commits "$FS/w.load") + 1 ))
@@ -63,7 +70,7 @@ PY
 CPU1=$(py "print(proc_cpu_seconds($WPID))")
 sleep 0.3
 stop_sampler
-STATUS=$(cat "$FS/state/status")
+STATUS=$(cat "$STATE/status")
 stop_walship
 stop_noise
 LOAD_MS=$(( ($(kv end "$FS/w.load") - $(kv start "$FS/w.load")) / 1000000 ))
@@ -89,7 +96,7 @@ if cmp -s "$FS/restored.db" "$FS/w.db"; then SAME="byte-identical"; else SAME="D
 
 GIB=$(py "print($MIB/1024)")
 cat <<OUT
-# bulk.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  ${MIB} MiB in $(kv commits "$FS/w.load") transactions  files on $FS_NAME${NOISE:+ (with another writer)}${TWO_HOST:+ (TWO_HOST: replica on a tmpfs, sshd idle)}  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)
+# bulk.sh $MODE  $(date -u +%FT%TZ)  $(nproc) cores  ${MIB} MiB in $(kv commits "$FS/w.load") transactions  files on $FS_NAME${NOISE:+ (with another writer)}${TWO_HOST:+ (TWO_HOST: replica on a tmpfs, sshd idle)}${STATE_TMPFS:+ (STATE_TMPFS: spool on /dev/shm)}  walship $($WALSHIP --version)  loadavg $(cut -d' ' -f1-3 /proc/loadavg)
 # status at catch-up: $STATUS
 metric                              walship        baseline       ratio    target
 load time (ms)                      $(printf '%-14s %-14s %.2fx' "$LOAD_MS" "$BASE_LOAD" "$(py "print($LOAD_MS/$BASE_LOAD)")")    (baseline: plain sqlite3)
