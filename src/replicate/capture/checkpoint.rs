@@ -699,15 +699,14 @@ mod tests {
             assert!(kept.is_some(), "segment {i} did not keep its zstd context");
             cap.compressor.set(kept);
         }
+        use crate::layout::codec::{Decoder, Kind, Record};
         let mut commits = 0;
         for f in cap.spool.list()? {
             if matches!(f.name, FileName::Segment { .. }) {
-                let mut dec = crate::layout::codec::Decoder::new(
-                    std::io::BufReader::new(cap.spool.open_file(&f)?),
-                    crate::layout::codec::Kind::Segment,
-                )?;
+                let file = std::io::BufReader::new(cap.spool.open_file(&f)?);
+                let mut dec = Decoder::new(file, Kind::Segment)?;
                 while let Some(rec) = dec.next()? {
-                    commits += usize::from(matches!(rec, crate::layout::codec::Record::Commit(_)));
+                    commits += usize::from(matches!(rec, Record::Commit(_)));
                 }
             }
         }
