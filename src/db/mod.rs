@@ -58,6 +58,7 @@ mod governor;
 use crate::durable::lock;
 use crate::wal::{FrameHeader, WalHeader, FRAME_HEADER_SIZE, WAL_HEADER_SIZE};
 use anyhow::{anyhow, bail, Context, Result};
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 use std::collections::HashMap;
 use std::fs::File;
@@ -617,6 +618,13 @@ pub(crate) fn ensure_wal_mode(path: &Path) -> Result<bool> {
 /// As [`ensure_wal_mode`].
 pub(crate) fn try_wal_mode(path: &Path) -> Result<bool> {
     let c = open_conn(path, WAL_SWITCH_BUSY)?;
+    // Closed at once, this is the only connection when nothing else has the database open (a
+    // start after a crash or a power cut, before the application): SQLite's last connection
+    // checkpoints the whole WAL into the database and deletes it on close, which destroyed
+    // the continuity a resume proves from the WAL, so every such start began a new
+    // generation (a whole snapshot). The WAL stays where it is.
+    c.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        .map_err(|e| explain(path, "open database", e))?;
     let mode: String = c
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .map_err(|e| explain(path, "read the journal mode of", e))?;
