@@ -528,6 +528,23 @@ impl RecordFiles {
         *open = Some(r);
         Ok(())
     }
+
+    /// Makes every record saved so far through these files as durable as
+    /// [`Durability::Written`]: for one that was saved [`Durability::Cached`] before something
+    /// is done that a power cut must not keep without it.
+    ///
+    /// # Errors
+    /// I/O errors, with the path.
+    pub(crate) fn write_through_all(&self) -> anyhow::Result<()> {
+        let open: Vec<OpenRecord> = lock(&self.0).values().cloned().collect();
+        for r in open {
+            if let Some(r) = lock(&r).as_ref() {
+                write_through(&r.file)
+                    .with_context(|| format!("cannot write {}", r.path.display()))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Locks `m`, also after a thread panicked holding it (for values that stay consistent: a

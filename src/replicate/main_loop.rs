@@ -314,7 +314,12 @@ impl<'a> MainLoop<'a> {
         self.shared
             .changes
             .captured(mark.filter(|_| self.failing_since.is_none()));
-        let spooled = match gc_spool(&self.spool, &self.shared, self.settings.spool_limit) {
+        let spooled = match gc_spool(
+            &self.spool,
+            &self.state,
+            &self.shared,
+            self.settings.spool_limit,
+        ) {
             Ok(files) => files,
             Err(e) => {
                 warn!("spool maintenance failed: {e:#}");
@@ -685,7 +690,12 @@ fn capture_round_inner(
 }
 
 /// Deletes spooled files every replica has, then enforces the spool limit; returns what is left.
-fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<Vec<spool::SpoolFile>> {
+fn gc_spool(
+    spool: &Spool,
+    state: &StateDir,
+    shared: &Shared,
+    limit: u64,
+) -> Result<Vec<spool::SpoolFile>> {
     // A retired replica (taken over by another instance) holds nothing back.
     let positions: Vec<Option<spool::Key>> = shared
         .lock()
@@ -703,9 +713,14 @@ fn gc_spool(spool: &Spool, shared: &Shared, limit: u64) -> Result<Vec<spool::Spo
     let mut total = 0u64;
     let mut keep = Vec::new();
     let mut dropped = Vec::new();
+    let mut positions_durable = false;
     for f in files {
         // The tail stays once shipped: capture appends to it next (see `spool`).
         if min.is_some_and(|m| f.key() <= m) && !spool.is_tail(&f) {
+            if !positions_durable {
+                state.write_through_positions()?;
+                positions_durable = true;
+            }
             spool.remove(&f)?;
         } else {
             total += f.size;

@@ -99,7 +99,9 @@ impl StateDir {
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
         }
         let id = InstanceId(rand::random::<u64>());
-        crate::durable::replace_file(&p, format!("{id}\n").as_bytes(), 0o644)
+        // Durably: a power cut soon after the first start would otherwise leave an empty
+        // file, and every start after it a new id (and a warning).
+        crate::durable::write_file_atomic(&p, &mut format!("{id}\n").as_bytes(), 0o644)
             .with_context(|| format!("cannot write {}", p.display()))?;
         Ok(id)
     }
@@ -275,13 +277,26 @@ impl StateDir {
     pub(crate) fn save_position(&self, replica: &str, pos: &ReplicaPosition) -> Result<()> {
         // Not fsynced: the replica holds the files durably already, and a position that a
         // power cut set back only makes the next start send some commits again (files that
-        // overlap what the replica holds; readers skip what they applied). One fdatasync less
-        // per upload.
+        // overlap what the replica holds; readers skip what they applied), as long as the
+        // spool still holds them: it removes none before the positions that let it are
+        // written through (`write_through_positions`). One fdatasync less per upload.
         self.save_record(
             &self.position_path(replica),
             &pos.to_string(),
             Durability::Cached,
         )
+    }
+
+    /// Makes the replicas' recorded positions durable (written to the device; the file
+    /// system's next journal commit flushes its cache before it records anything done after
+    /// this returns). Before spooled files are removed because replicas hold them: a power
+    /// cut that kept the removal but set a position back left a replica behind files that
+    /// are gone, and it was sent a whole new snapshot.
+    ///
+    /// # Errors
+    /// I/O errors, with the path.
+    pub(crate) fn write_through_positions(&self) -> Result<()> {
+        self.records.write_through_all()
     }
 
     /// Saves `text` as the value of the record file `path`, as durable as `durability` says.
