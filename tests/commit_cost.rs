@@ -478,8 +478,10 @@ fn tail_stem(name: &str) -> String {
 /// tail's rename (its publication) comes after the fsync, so it is lost too, and no replica
 /// received the commits. Here that disk is made by hand: the state, the replica and its
 /// position are put back as they were before a second batch of commits, and the tail (grown by
-/// that batch) gets its old name back. The next start must cut the bytes off, capture those
-/// commits again, and the replica must restore to the database.
+/// that batch) gets its old name back. The next start must keep the appended commits (the
+/// rename alone may be what the cut lost, and a replica may hold them: see
+/// `Spool::settle_unpublished_appends`), find the spool ahead of its state and start a new
+/// generation, and the replica must restore to the database.
 #[test]
 fn a_power_cut_that_kept_an_append_but_lost_the_state_before_it() {
     let sb = Sandbox::new();
@@ -542,8 +544,8 @@ fn a_power_cut_that_kept_an_append_but_lost_the_state_before_it() {
     d.wait_caught_up(30 * SEC);
     let log = d.log_text();
     assert!(
-        log.contains("cutting") && log.contains("an interrupted capture left"),
-        "the unpublished append was not cut off; log:\n{log}"
+        log.contains("keeping txids") && log.contains("the spool is ahead of the saved state"),
+        "the unpublished append was not kept, or walship resumed a generation its state is behind; log:\n{log}"
     );
     stop_and_restore(&sb, d);
 }

@@ -23,7 +23,9 @@
 //! shippers read only what is published; an append that fails is cut off
 //! again. Where each appended part starts is kept in memory ([`Spool::piece`]), so that a
 //! replica holding the start of a tail receives only the rest. A crash between an append and
-//! its rename leaves bytes past the named range: [`Spool::open`] cuts them off. The tail stays
+//! its rename (or a power cut that lost the rename, which is not synced) leaves bytes past the
+//! named range: [`Spool::open`] keeps the complete parts, renaming the file to their range (a
+//! replica may have received them), and cuts off an incomplete one. The tail stays
 //! in the spool once shipped (capture appends to it next); it goes once a newer file replaced
 //! it as the tail.
 //!
@@ -207,7 +209,7 @@ impl Spool {
                 .with_context(|| format!("cannot remove temporary files in {}", gdir.display()))?;
         }
         let mut found = spool.scan()?;
-        spool.cut_unpublished_appends(&mut found)?;
+        spool.settle_unpublished_appends(&mut found)?;
         *lock(&spool.files) = found
             .into_iter()
             .map(|f| ((f.key(), f.name), f.size))
@@ -312,10 +314,12 @@ impl Spool {
         self.dir.join(generation.to_string()).join(name.to_string())
     }
 
-    /// Cuts off what a crash left past the named range of each generation's newest segment
-    /// (an append written but not yet published by its rename, see the module doc); `found`
-    /// gets the new sizes.
-    fn cut_unpublished_appends(&self, found: &mut [SpoolFile]) -> Result<()> {
+    /// Settles what a crash left past the named range of each generation's newest segment (an
+    /// append written, then perhaps published by a rename that a power cut lost, see the
+    /// module doc): the complete parts stay and the file is renamed to their range, since a
+    /// replica may hold them already; an incomplete part is cut off. `found` gets the new
+    /// names and sizes.
+    fn settle_unpublished_appends(&self, found: &mut [SpoolFile]) -> Result<()> {
         let mut newest: BTreeMap<GenerationId, usize> = BTreeMap::new();
         for (i, f) in found.iter().enumerate() {
             if matches!(f.name, FileName::Segment { level: 0, .. }) {
@@ -331,22 +335,51 @@ impl Spool {
             let path = self.path(&f.generation, &f.name);
             let data =
                 fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            match named_end(&data, f.name.last_txid()) {
-                Some(end) if end < data.len() as u64 => {
-                    warn!("cutting {} bytes that an interrupted capture left after the last commit of spool file {}", data.len() as u64 - end, path.display());
-                    let file = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .and_then(|file| {
-                            file.set_len(end)?;
-                            file.sync_all()
-                        });
-                    file.with_context(|| format!("cannot cut {}", path.display()))?;
-                    f.size = end;
-                }
-                Some(_) => {}
-                None => warn!("spool file {} does not end its named range at a part boundary; shipped as it is", path.display()),
+            let Some(named) = named_end(&data, f.name.last_txid()) else {
+                warn!("spool file {} does not end its named range at a part boundary; shipped as it is", path.display());
+                continue;
+            };
+            if named == data.len() as u64 {
+                continue;
             }
+            let (end, last) = complete_parts(&data, named);
+            let name = match (f.name, last) {
+                (
+                    FileName::Segment {
+                        level: 0,
+                        first,
+                        first_ms,
+                        ..
+                    },
+                    Some((last, last_ms)),
+                ) => FileName::Segment {
+                    level: 0,
+                    first,
+                    last,
+                    first_ms,
+                    last_ms,
+                },
+                _ => f.name,
+            };
+            let dest = self.path(&f.generation, &name);
+            if end < data.len() as u64 {
+                warn!("cutting {} bytes of an incomplete segment that an interrupted capture left after the last commit of spool file {}", data.len() as u64 - end, path.display());
+            }
+            if name != f.name {
+                warn!("keeping txids {}-{} that a capture appended to spool file {} before a crash (a replica may hold them already): the file is now {}", f.name.last_txid() + 1, name.last_txid(), path.display(), name);
+            }
+            OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|file| {
+                    file.set_len(end)?;
+                    file.sync_all()
+                })
+                .and_then(|()| fs::rename(&path, &dest))
+                .and_then(|()| fsync_dir(dest.parent().unwrap_or(&self.dir)))
+                .with_context(|| format!("cannot settle spool file {}", path.display()))?;
+            f.name = name;
+            f.size = end;
         }
         Ok(())
     }
@@ -615,10 +648,12 @@ impl Spool {
             anyhow::Error::new(e).context(format!("cannot write spool file {}", dest.display()))
         };
         w.file.sync_data().map_err(failed)?;
-        // The directory is not fsynced: a rename lost to a power cut leaves the appended part
-        // past the old name, which the next start cuts off (`cut_unpublished_appends`), and
-        // capture redoes the step from the state before it (or a replica that received it
-        // proves it published). The next new spool file's directory fsync makes it durable.
+        // The directory is not fsynced: a rename lost to a power cut leaves the appended part,
+        // synced, past the old name, and the next start renames the file again
+        // (`settle_unpublished_appends`). It must not capture the part again instead: a
+        // replica may hold it, and the WAL may have lost its commits since (an application at
+        // synchronous=NORMAL), so the same txids would name other commits. The next new spool
+        // file's directory fsync makes the rename durable.
         fs::rename(&src, &dest).map_err(failed)?;
         let len = w.end;
         {
@@ -720,23 +755,42 @@ impl Spool {
     }
 }
 
+/// The part of a spool file's `data` that starts at byte `at`, if it is complete (it decodes
+/// whole, its checksums right): where it ends, and the txid and time of its last commit.
+fn part_at(data: &[u8], at: usize) -> Option<(usize, Option<(u64, u64)>)> {
+    use crate::layout::codec::{Decoder, Kind, Record, HEADER_SIZE};
+    let frame = data.get(at + HEADER_SIZE..)?;
+    let size = zstd::zstd_safe::find_frame_compressed_size(frame).ok()?;
+    let end = at + HEADER_SIZE + size;
+    let mut dec = Decoder::new(data.get(at..end)?, Kind::Segment).ok()?;
+    let mut last = None;
+    while let Some(r) = dec.next().ok()? {
+        if let Record::Commit(c) = r {
+            last = Some((c.txid, c.time_ms));
+        }
+    }
+    Some((end, last))
+}
+
+/// The end of the complete parts of a spool file's `data` from byte `from` on, and the txid
+/// and time of the last commit they hold.
+fn complete_parts(data: &[u8], from: u64) -> (u64, Option<(u64, u64)>) {
+    let mut at = usize::try_from(from).unwrap_or(usize::MAX);
+    let mut last = None;
+    while let Some((end, Some(l))) = part_at(data, at) {
+        at = end;
+        last = Some(l);
+    }
+    (at.min(data.len()) as u64, last)
+}
+
 /// The offset in `data` (a segment file, possibly of several parts) where the part holding
 /// commit `last` ends, or `None` if no part ends with it (or a part cannot be read).
 fn named_end(data: &[u8], last: u64) -> Option<u64> {
-    use crate::layout::codec::{Decoder, Kind, Record, HEADER_SIZE};
     let mut at = 0usize;
     while at < data.len() {
-        let frame = data.get(at + HEADER_SIZE..)?;
-        let size = zstd::zstd_safe::find_frame_compressed_size(frame).ok()?;
-        let end = at + HEADER_SIZE + size;
-        let mut dec = Decoder::new(data.get(at..end)?, Kind::Segment).ok()?;
-        let mut part_last = None;
-        while let Some(r) = dec.next().ok()? {
-            if let Record::Commit(c) = r {
-                part_last = Some(c.txid);
-            }
-        }
-        if part_last == Some(last) {
+        let (end, part_last) = part_at(data, at)?;
+        if part_last.map(|(txid, _)| txid) == Some(last) {
             return Some(end as u64);
         }
         at = end;
@@ -1251,19 +1305,46 @@ mod tests {
             "a failed append's tail was reused"
         );
 
-        // A crash between an append and its rename leaves bytes past the named range: the
-        // next start cuts them off.
-        let extra = part(3);
-        let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
-        raw.write_all(&extra).unwrap();
-        drop(raw);
-        let reopened = Spool::open(&dir.path().join("spool")).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().len(), size);
-        assert_eq!(reopened.list().unwrap(), files);
-
         // Removing the tail (the spool limit) forgets it.
         spool.remove(&f).unwrap();
         assert!(!spool.is_tail(&f));
         assert!(spool.append(&g, 2).is_none());
+
+        // A crash after an append's sync, its rename lost (a power cut), and another append
+        // cut short: the next start keeps the complete part, under its range, and cuts off
+        // the rest.
+        let mut w = spool.create(&g, None).unwrap();
+        w.write_all(&part(3)).unwrap();
+        let size = spool.publish(w, &g, &seg(3, 3)).unwrap();
+        let path = spool.path(&g, &seg(3, 3));
+        let (p4, p5) = (part(4), part(5));
+        let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
+        raw.write_all(&p4).unwrap();
+        raw.write_all(&p5[..p5.len() / 2]).unwrap();
+        drop(raw);
+        let reopened = Spool::open(&dir.path().join("spool")).unwrap();
+        let files = reopened.list().unwrap();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!(
+            (files[0].name, files[0].size),
+            (seg(3, 4), size + p4.len() as u64)
+        );
+        assert!(!path.exists(), "the old name stayed");
+        assert_eq!(
+            fs::read(reopened.path(&g, &seg(3, 4))).unwrap(),
+            [part(3), p4].concat()
+        );
+
+        // Bytes that are no complete part at all are only cut off.
+        let path = reopened.path(&g, &seg(3, 4));
+        let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
+        raw.write_all(&p5[..p5.len() - 1]).unwrap();
+        drop(raw);
+        let again = Spool::open(&dir.path().join("spool")).unwrap();
+        assert_eq!(again.list().unwrap(), files);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            size + part(4).len() as u64
+        );
     }
 }
