@@ -1,18 +1,19 @@
 #!/bin/bash
 # The fault campaign of issue #6 at full size: every end-to-end fault scenario of the test
 # suite (tests/e2e.rs, tests/e2e_sftp.rs) on the release build, one at a time, with walship
-# killed (-9) at ROUNDS random moments (default 100; CI runs 20) and sshd killed and frozen for
-# CYCLES cycles (default 20; CI runs 1). Each scenario runs concurrent writers, ends with a
-# restore compared page for page with the source and checks every committed row; its figures
-# (rounds, commits, commits lost, recovery time, leftover temporary files, errors logged) are
-# appended by the tests to OUT/campaign.jsonl (WALSHIP_REPORT) and printed here as the
-# Markdown table of docs/RELIABILITY.md, with every e2e test's verdict.
-# Takes ~30 min (the 20 sshd cycles alone ~22 min). Needs root (sshd, tmpfs, netns).
-# usage: bench/campaign.sh   env: ROUNDS CYCLES OUT
+# killed (-9) at ROUNDS random moments (default 100; CI runs 20), sshd killed and frozen for
+# CYCLES cycles (default 20; CI runs 1), and CUTS simulated power cuts (default 40; CI runs 8).
+# Each scenario runs concurrent writers, ends with a restore compared page for page with the
+# source and checks every committed row; its figures (rounds, commits, commits lost, recovery
+# time, leftover temporary files, errors logged) are appended by the tests to
+# OUT/campaign.jsonl (WALSHIP_REPORT) and printed here as the Markdown table of
+# docs/RELIABILITY.md, with every e2e test's verdict.
+# Takes ~35 min (the 20 sshd cycles alone ~22 min). Needs root (sshd, tmpfs, netns, loop).
+# usage: bench/campaign.sh   env: ROUNDS CYCLES CUTS OUT
 set -eu
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-$REPO/bench/out}"; mkdir -p "$OUT"
-ROUNDS="${ROUNDS:-100}"; CYCLES="${CYCLES:-20}"
+ROUNDS="${ROUNDS:-100}"; CYCLES="${CYCLES:-20}"; CUTS="${CUTS:-40}"
 JSON="$OUT/campaign.jsonl"; LOG="$OUT/campaign.log"
 rm -f "$JSON"
 cd "$REPO"
@@ -20,6 +21,7 @@ REV="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src tests Cargo.tom
 t0=$(date +%s)
 set +e
 WALSHIP_REPORT="$JSON" WALSHIP_KILL9_ROUNDS="$ROUNDS" WALSHIP_SSHD_CYCLES="$CYCLES" \
+    WALSHIP_POWER_CUT_ROUNDS="$CUTS" \
     cargo test --release --test tests e2e -- --test-threads=1 >"$LOG" 2>&1
 rc=$?
 set -e

@@ -5,7 +5,6 @@
 use crate::faulty::{Fault, Faulty, Op};
 use crate::util::*;
 use rand::RngExt;
-use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -260,19 +259,6 @@ fn e2e_point_in_time() {
     let out = restore_latest(&sb, "latest.db");
     assert_same_db(&sb.db(), &out);
     eprintln!("e2e_point_in_time: {:?}", t0.elapsed());
-}
-
-/// Each writer commits its seqs in order, so at any commit boundary its rows are 0..k.
-fn assert_prefixes(rows: &BTreeSet<(String, i64)>, what: &str) {
-    let mut next: std::collections::BTreeMap<&str, i64> = Default::default();
-    for (w, s) in rows {
-        let n = next.entry(w.as_str()).or_insert(0);
-        assert_eq!(
-            *s, *n,
-            "{what}: writer {w} has a hole before seq {s}: not a commit boundary"
-        );
-        *n += 1;
-    }
 }
 
 #[test]

@@ -30,6 +30,7 @@ mod multipart;
 mod netns;
 mod notify;
 mod packaging;
+mod power_cut;
 mod sshd;
 mod systemd_files;
 mod util;

@@ -585,6 +585,11 @@ impl Writer {
     }
 
     pub fn spawn(db: &Path, name: &str, o: WriterOpts, seed: u64) -> Writer {
+        Writer::spawn_args(db, name, o, seed, &[])
+    }
+
+    /// [`Writer::spawn`] with more arguments for `tests/writer.py` (`--synchronous NORMAL`).
+    pub fn spawn_args(db: &Path, name: &str, o: WriterOpts, seed: u64, args: &[&str]) -> Writer {
         let dir = db.parent().expect("db dir").parent().expect("sandbox");
         let out = dir.join(format!("writer-{name}.txt"));
         let err = dir.join(format!("writer-{name}.err"));
@@ -599,6 +604,7 @@ impl Writer {
             .args(["--seed", &seed.to_string()])
             .arg("--out")
             .arg(&out)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&err).expect("writer err file"))
@@ -637,6 +643,14 @@ impl Writer {
             let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
             let st = c.wait().expect("wait writer");
             self.finish(st);
+        }
+    }
+
+    /// SIGKILL and reap, whatever it was doing (a power cut); its commits so far stay recorded.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
@@ -800,6 +814,19 @@ pub fn rows(db: &Path) -> BTreeSet<(String, i64)> {
         .collect::<Result<_, _>>()
         .expect("rows");
     r
+}
+
+/// Each writer commits its seqs in order, so at any commit boundary its rows are 0..k.
+pub fn assert_prefixes(rows: &BTreeSet<(String, i64)>, what: &str) {
+    let mut next: std::collections::BTreeMap<&str, i64> = Default::default();
+    for (w, s) in rows {
+        let n = next.entry(w.as_str()).or_insert(0);
+        assert_eq!(
+            *s, *n,
+            "{what}: writer {w} has a hole before seq {s}: not a commit boundary"
+        );
+        *n += 1;
+    }
 }
 
 /// Asserts every pair in `want` is in `have`; names the first missing ones.

@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--big-every", type=int, default=0, help="every Nth commit inserts 20-200 rows")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--synchronous", help="PRAGMA synchronous for this connection (default: SQLite's)")
     a = ap.parse_args()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -44,6 +45,8 @@ def main():
     n = 0
     try:
         con = sqlite3.connect(a.db, timeout=5, isolation_level=None)
+        if a.synchronous:
+            con.execute(f"PRAGMA synchronous={a.synchronous}")
         seq = 0
         start = time.monotonic()
         while not stop and (a.commits == 0 or n < a.commits):
