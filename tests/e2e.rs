@@ -369,11 +369,72 @@ fn e2e_kill9() {
     );
 }
 
+/// walship and the application crash together (a host's OOM killer, a container stopped
+/// hard), leaving a WAL: walship starts first, the application after it. walship must resume
+/// its generation from the WAL, and keep it when the application's first write restarts the
+/// WAL, whose index SQLite's recovery rebuilt with its commit count back at 0. It started a
+/// new generation (a whole snapshot) both times: its first connection's close checkpointed
+/// the WAL away, and then it took the count at 0 for commits it had missed.
+#[test]
+fn e2e_crash_of_walship_and_the_application_keeps_the_generation() {
+    let sb = Sandbox::new();
+    sb.create_db();
+    let mut d = start(&sb);
+    let paced = WriterOpts {
+        commits: 0,
+        rate: 300.0,
+        big_every: 5,
+    };
+    let mut w = Writer::spawn(&sb.db(), "crashed", paced, 41);
+    std::thread::sleep(Duration::from_millis(rand::rng().random_range(1500..3000)));
+    let before = d.wait_status("replicating before the crash", 10 * SEC, |_| true);
+    // The application first: walship's death lets an application that lives on checkpoint
+    // and restart the WAL past what walship captured, which no resume can bridge.
+    w.kill9();
+    d.kill9();
+    let wal = fs::metadata(format!("{}-wal", sb.db().display())).map_or(0, |m| m.len());
+    assert!(wal > 0, "the crash left no WAL: the test proves nothing");
+    d.restart();
+    let resumed = d.wait_status("start-up after the crash", 30 * SEC, |_| true);
+    let mut w2 = Writer::spawn(
+        &sb.db(),
+        "after",
+        WriterOpts {
+            commits: 150,
+            rate: 100.0,
+            big_every: 10,
+        },
+        42,
+    );
+    w2.wait();
+    let after = d.wait_caught_up(30 * SEC);
+    let log = d.log_text();
+    let new_generations: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("starting a new generation"))
+        .collect();
+    assert_eq!(
+        (&resumed.generation, &after.generation),
+        (&before.generation, &before.generation),
+        "walship started a new generation after a crash that left the WAL whole: {new_generations:#?}\nlog:\n{log}"
+    );
+    assert_eq!(new_generations.len(), 1, "{new_generations:#?}");
+    for l in log.lines().filter(|l| l.contains("resumed the generation")) {
+        eprintln!("e2e_crash_of_walship_and_the_application_keeps_the_generation: {l}");
+    }
+    d.stop();
+    let out = restore_latest(&sb, "restored.db");
+    assert_same_db(&sb.db(), &out);
+    let mut done = w.committed();
+    done.extend(w2.committed());
+    assert_contains_all(&rows(&out), &done, "restore after the crash");
+}
+
 #[test]
 fn e2e_wal_reset() {
     let t0 = Instant::now();
     let mut rep = Report::new("WAL reset (TRUNCATE) behind walship's back");
-    rep.rounds = 2;
+    rep.rounds = 3;
     let sb = Sandbox::new();
     sb.create_db();
     let mut d = start(&sb);
@@ -439,39 +500,61 @@ fn e2e_wal_reset() {
     let out = restore_latest(&sb, "restored-1.db");
     assert_same_db(&sb.db(), &out);
 
-    // After kill -9 there are no saved hashes: the reset breaks continuity, and walship starts
-    // a new generation with a snapshot.
-    d.kill9();
-    {
+    // After kill -9 there are no saved hashes. A commit made in the old WAL while walship was
+    // down, then the reset: continuity is broken, and walship starts a new generation with a
+    // snapshot.
+    let reset_behind = |d: &mut Daemon, unseen: bool, seed: u64| {
+        d.kill9();
         let c = rusqlite::Connection::open(sb.db()).expect("open");
         c.busy_timeout(5 * SEC).expect("busy");
+        if unseen {
+            c.execute_batch(
+                "INSERT INTO t(writer, seq, payload) VALUES ('unseen', 0, randomblob(3000));",
+            )
+            .expect("insert");
+        }
         let busy: i64 = c
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
             .expect("checkpoint");
         assert_eq!(busy, 0, "TRUNCATE checkpoint was busy with walship killed");
-        c.execute_batch("INSERT INTO t(writer, seq, payload) VALUES ('y', 0, randomblob(5000));")
-            .expect("insert");
+        c.execute_batch(&format!(
+            "INSERT INTO t(writer, seq, payload) VALUES ('y{seed}', 0, randomblob(5000));"
+        ))
+        .expect("insert");
+        // Open until walship is: the last connection to close would checkpoint the WAL away.
         d.restart();
-        let mut w4 = Writer::spawn(
+        drop(c);
+        let mut w = Writer::spawn(
             &sb.db(),
-            "d",
+            &format!("d{seed}"),
             WriterOpts {
                 commits: 50,
                 rate: 0.0,
                 big_every: 0,
             },
-            10,
+            seed,
         );
-        w4.wait();
-    }
-    let s3 = d.wait_caught_up(10 * SEC);
+        w.wait();
+        d.wait_caught_up(10 * SEC)
+    };
+    let s3 = reset_behind(&mut d, true, 10);
     assert_ne!(
         s3.generation,
         s1.generation,
-        "walship resumed generation {} after a WAL reset it did not see (killed, no saved hashes): {}\nlog:\n{}",
+        "walship resumed generation {} after a WAL reset it did not see (killed, no saved hashes, a commit it never read): {}\nlog:\n{}",
         s1.generation,
         s3.line,
         d.log_text()
+    );
+    // The same reset with nothing unseen before it: the database file holds exactly the state
+    // walship saved, so the new WAL's commits follow it, and the generation goes on.
+    let s4 = reset_behind(&mut d, false, 11);
+    let log = d.log_text();
+    assert!(
+        s4.generation == s3.generation && log.contains("the database file holds the saved state"),
+        "walship did not resume generation {} after a WAL reset that hid nothing: {}\nlog:\n{log}",
+        s3.generation,
+        s4.line
     );
     let list = walship(["list", &sb.replica_url()]).assert_ok();
     assert!(

@@ -1050,7 +1050,8 @@ impl Db {
     /// Whether exactly the commits of the new WAL (`h`, `commits`) were made since SQLite's
     /// commit count was `changes` (then no commit of the old WAL went unseen); `None` while
     /// SQLite's index does not yet show a commit the scan found. A wal-index rebuilt by
-    /// SQLite's recovery counts from 0 again, and proves nothing.
+    /// SQLite's recovery counts from 0 again, and proves nothing: the caller does not ask
+    /// while the index shows 0.
     ///
     /// The index is the one the last scan read before its frames: SQLite shows a commit in it
     /// only once its frames are written, so the scan found every commit that index counts.
@@ -1070,7 +1071,7 @@ impl Db {
             return None;
         }
         let seen = commits.iter().filter(|c| c.frames_end <= frames).count() as u32;
-        Some(ix.changes != 0 && changes.wrapping_add(seen) == ix.changes)
+        Some(changes.wrapping_add(seen) == ix.changes)
     }
 
     /// True if the path no longer names the file walship has open (replaced or deleted).
@@ -1180,6 +1181,16 @@ impl Db {
             let Some(k) = known else {
                 break (commits, end);
             };
+            // A wal-index that SQLite's recovery rebuilt counts from 0 again: its count proves
+            // nothing either way, and the pin protocol below judges. After walship and the
+            // application had both crashed, the first WAL restart found the count at 0 (no
+            // commit yet), which was taken for lost commits: a new generation every time.
+            if self
+                .scan_hint
+                .is_some_and(|ix| ix.changes == 0 && (ix.salt1, ix.salt2) == (h.salt1, h.salt2))
+            {
+                break (commits, end);
+            }
             match self.commits_accounted(k.changes, &h, &commits) {
                 Some(true) => return Ok(WalState::Restarted { commits, end }),
                 Some(false) => {

@@ -1,6 +1,7 @@
 //! Resuming a generation at start-up (see the parent module's invariants): the saved state
 //! is trusted only when continuity is proven, by the same WAL, by page hashes saved at a clean
-//! stop, or by an unchanged database checksum; otherwise a new generation starts.
+//! stop, by an unchanged database checksum, or by a database file that holds exactly the
+//! saved state under a WAL restarted since; otherwise a new generation starts.
 
 use super::Capture;
 use crate::clock::now_ms;
@@ -138,11 +139,49 @@ impl Capture {
             self.save_state()?;
             return Ok(true);
         }
+        if let Some(end) = end {
+            if self.resume_restarted_wal(&end, end_pages, saved_checksum)? {
+                info!(generation = %generation, txid = self.at.txid, "resumed the generation: the WAL was restarted after the saved position, and the database file holds the saved state");
+                return Ok(true);
+            }
+        }
         self.new_generation(
             GenerationReason::ChangedWhileStopped,
             "the WAL was reset while walship was stopped and the database changed",
         )?;
         Ok(false)
+    }
+
+    /// Case 3: the WAL was restarted after the saved position (a crash between the restart
+    /// and the capture of the new WAL's first commits, or a TRUNCATE checkpoint while walship
+    /// was stopped). SQLite
+    /// restarts a WAL only once a checkpoint copied all of it into the database file, so if
+    /// the file itself (read without the WAL) is exactly the saved state, no commit went unseen
+    /// before the restart, and the new WAL's commits, up to `end`, follow the saved state.
+    /// A checkpoint of the new WAL's frames into the file makes the file differ: no resume.
+    fn resume_restarted_wal(
+        &mut self,
+        end: &WalPos,
+        end_pages: u32,
+        saved_checksum: u64,
+    ) -> Result<bool> {
+        let Some(h) = self.db.wal_header()? else {
+            return Ok(false);
+        };
+        let start = WalPos::start(&h);
+        if (start.salt1, start.salt2) != (end.salt1, end.salt2) || end.frames == 0 {
+            return Ok(false);
+        }
+        let (_, file_pages) = self.db.file_geometry()?;
+        if file_pages != self.at.db_pages {
+            return Ok(false);
+        }
+        self.rescan(0, file_pages)?;
+        if self.hashes.db_checksum() != saved_checksum || self.hashes.len() != file_pages {
+            return Ok(false);
+        }
+        self.write_merged(&start, end, end_pages, true)?;
+        Ok(true)
     }
 
     /// The saved page hashes if they describe exactly the resumed state.
