@@ -343,24 +343,12 @@ fn e2e_kill9() {
     );
     // Every reported position is still restorable, at a commit boundary, and a subset of the
     // final content.
-    for (i, pos) in reported.iter().enumerate() {
-        let out = sb.path(&format!("k-{i}.db"));
-        let o = restore(&out, &sb.replica_url(), &["--position", pos]);
-        assert!(
-            o.status.success(),
-            "position {pos} was reported replicated before a kill -9 but cannot be restored: {}\nlog:\n{}",
-            o.stderr,
-            d.log_text()
-        );
-        assert_integrity(&out);
-        let r = rows(&out);
-        assert_prefixes(&r, &format!("restore at {pos}"));
+    assert_reported_positions_restore(&sb, &d, &reported, "kill -9", |pos, r| {
         assert!(
             r.is_subset(&all),
             "restore at {pos} holds rows the final db lacks"
         );
-        let _ = fs::remove_file(&out);
-    }
+    });
     eprintln!(
         "e2e_kill9: {rounds} rounds, {} rows, {} reported positions checked, {:?}",
         done.len(),

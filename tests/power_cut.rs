@@ -309,19 +309,7 @@ fn power_cuts(scenario: &'static str, normal: bool) {
 
     reported.sort();
     reported.dedup();
-    for (i, pos) in reported.iter().enumerate() {
-        let out = sb.path(&format!("p-{i}.db"));
-        let o = restore(&out, &sb.replica_url(), &["--position", pos]);
-        assert!(
-            o.status.success(),
-            "position {pos} was reported replicated before a power cut but cannot be restored: {}\nlog:\n{}",
-            o.stderr,
-            d.log_text()
-        );
-        assert_integrity(&out);
-        assert_prefixes(&rows(&out), &format!("restore at {pos}"));
-        let _ = fs::remove_file(&out);
-    }
+    assert_reported_positions_restore(&sb, &d, &reported, "power cut", |_, _| {});
     let log = d.log_text();
     let why: Vec<&str> = log
         .lines()
@@ -359,12 +347,12 @@ fn e2e_power_cut() {
     power_cuts("power cut (database and state on one disk)", false);
 }
 
-/// Power cuts with writers at `synchronous=NORMAL` in every other round. Not in CI: about one
-/// run in ten still ends with a replica that restore refuses (`checksum mismatch` a few txids
-/// after a step that the next start captured again from a WAL the cut had shortened): see
+/// Power cuts with writers at `synchronous=NORMAL` in every other round. Not in CI: some runs
+/// (under CPU load, mostly) still end with a replica that restore refuses, because the start
+/// neither keeps nor cuts an append past a spool tail of more than 2 MiB: see
 /// docs/RELIABILITY.md. Run it with `cargo test --release --test tests power_cut -- --ignored`.
 #[test]
-#[ignore = "open: about one run in ten leaves a replica that does not restore (RELIABILITY.md)"]
+#[ignore = "open: some runs leave a replica that does not restore (RELIABILITY.md)"]
 fn e2e_power_cut_synchronous_normal() {
     power_cuts("power cut, applications at synchronous=NORMAL", true);
 }

@@ -826,6 +826,33 @@ pub fn assert_prefixes(rows: &BTreeSet<(String, i64)>, what: &str) {
     }
 }
 
+/// Restores each position of `reported` from `sb`'s replica and asserts that it restores (it
+/// was reported replicated before a `fault`), passes `integrity_check`, and holds each writer's
+/// rows up to a commit boundary; `more` checks each restore's rows further.
+pub fn assert_reported_positions_restore(
+    sb: &Sandbox,
+    d: &Daemon,
+    reported: &[String],
+    fault: &str,
+    mut more: impl FnMut(&str, &BTreeSet<(String, i64)>),
+) {
+    for (i, pos) in reported.iter().enumerate() {
+        let out = sb.path(&format!("reported-{i}.db"));
+        let o = restore(&out, &sb.replica_url(), &["--position", pos]);
+        assert!(
+            o.status.success(),
+            "position {pos} was reported replicated before a {fault} but cannot be restored: {}\nlog:\n{}",
+            o.stderr,
+            d.log_text()
+        );
+        assert_integrity(&out);
+        let r = rows(&out);
+        assert_prefixes(&r, &format!("restore at {pos}"));
+        more(pos, &r);
+        let _ = fs::remove_file(&out);
+    }
+}
+
 /// Asserts every pair in `want` is in `have`; names the first missing ones.
 pub fn assert_contains_all(have: &BTreeSet<(String, i64)>, want: &[(String, i64)], what: &str) {
     let missing: Vec<_> = want.iter().filter(|p| !have.contains(*p)).collect();
