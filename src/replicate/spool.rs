@@ -328,20 +328,28 @@ impl Spool {
         }
         for i in newest.into_values() {
             let f = &mut found[i];
-            // A tail is never appended to past TAIL_MAX_BYTES: a bigger file is one piece.
-            if f.size > 2 * TAIL_MAX_BYTES {
-                continue;
-            }
             let path = self.path(&f.generation, &f.name);
-            let data =
-                fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            let Some(named) = named_end(&data, f.name.last_txid()) else {
-                warn!("spool file {} does not end its named range at a part boundary; shipped as it is", path.display());
+            let read = |len: u64| -> Result<Vec<u8>> {
+                let mut data = Vec::new();
+                File::open(&path)
+                    .and_then(|file| file.take(len).read_to_end(&mut data))
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                Ok(data)
+            };
+            // An append starts only at a published end below TAIL_MAX_BYTES (see
+            // `Spool::append`), but may be of any size: the named range is looked for in the
+            // first TAIL_MAX_BYTES, and the whole file is read only when bytes follow it.
+            let head = read(TAIL_MAX_BYTES)?;
+            let Some(named) = named_end(&head, f.name.last_txid()) else {
+                if f.size <= TAIL_MAX_BYTES {
+                    warn!("spool file {} does not end its named range at a part boundary; shipped as it is", path.display());
+                }
                 continue;
             };
-            if named == data.len() as u64 {
+            if named == f.size {
                 continue;
             }
+            let data = read(f.size)?;
             let (end, last) = complete_parts(&data, named);
             let name = match (f.name, last) {
                 (
@@ -1255,6 +1263,32 @@ mod tests {
         e.finish().unwrap()
     }
 
+    /// A whole one-commit segment file for `txid` of `pages` incompressible 512-byte pages.
+    fn big_part(txid: u64, pages: u32) -> Vec<u8> {
+        use crate::layout::codec::{Commit, Encoder, Kind};
+        let mut e = Encoder::new(Vec::new(), Kind::Segment, 512, 1).unwrap();
+        let mut x = txid | 1;
+        for pgno in 1..=pages {
+            let page: Vec<u8> = (0..512)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            e.page(pgno, &page).unwrap();
+        }
+        e.commit(&Commit {
+            txid,
+            time_ms: 100 + txid,
+            db_pages: pages,
+            db_checksum: txid,
+        })
+        .unwrap();
+        e.finish().unwrap()
+    }
+
     fn seg(first: u64, last: u64) -> FileName {
         FileName::Segment {
             level: 0,
@@ -1345,6 +1379,47 @@ mod tests {
         assert_eq!(
             fs::metadata(&path).unwrap().len(),
             size + part(4).len() as u64
+        );
+    }
+
+    /// An append to a small tail may be far bigger than the tail's limit (a chase step of a
+    /// bulk load): a crash that lost its rename still leaves it kept under its range, never
+    /// left inside a file named for less (which the next capture would then append the same
+    /// txids after, or capture again).
+    #[test]
+    fn a_big_append_whose_rename_was_lost_is_kept() {
+        let (dir, spool, g, _) = setup();
+        let mut w = spool.create(&g, None).unwrap();
+        w.write_all(&part(1)).unwrap();
+        let size = spool.publish(w, &g, &seg(1, 1)).unwrap();
+        let big = big_part(2, 6000);
+        assert!(big.len() as u64 > 2 * TAIL_MAX_BYTES, "{}", big.len());
+        let path = spool.path(&g, &seg(1, 1));
+        let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
+        raw.write_all(&big).unwrap();
+        drop(raw);
+        let reopened = Spool::open(&dir.path().join("spool")).unwrap();
+        let files = reopened.list().unwrap();
+        assert_eq!(
+            files.iter().map(|f| (f.name, f.size)).collect::<Vec<_>>(),
+            [(seg(1, 2), size + big.len() as u64)]
+        );
+
+        // A big file that is one piece, as named, is left as it is.
+        drop(reopened);
+        let again = Spool::open(&dir.path().join("spool")).unwrap();
+        assert_eq!(again.list().unwrap(), files);
+        let mut w = again.create(&g, None).unwrap();
+        let big3 = big_part(3, 6000);
+        w.write_all(&big3).unwrap();
+        again.publish(w, &g, &seg(3, 3)).unwrap();
+        drop(again);
+        let last = Spool::open(&dir.path().join("spool")).unwrap();
+        let listed = last.list().unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(
+            (listed[1].name, listed[1].size),
+            (seg(3, 3), big3.len() as u64)
         );
     }
 }
