@@ -193,8 +193,8 @@ fn power_cuts(scenario: &'static str, normal: bool) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
     let sb = Sandbox::new();
-    // The database grows by up to ~20 MiB a round, and a new generation's snapshot of it may
-    // sit in the spool beside it: a sparse image sized for the rounds.
+    // The database grows by up to ~20 MiB a bulk round, and a new generation's snapshot of it
+    // may sit in the spool beside it: a sparse image sized for the rounds.
     let mib = 1024.max(96 * rounds as u64);
     let mut disk = LoopDisk::create(&sb.path("disk.img"), &sb.path("data"), mib);
     assert_cut_drops_unsynced_writes(&mut disk);
@@ -242,7 +242,10 @@ fn power_cuts(scenario: &'static str, normal: bool) {
                 &["--synchronous", sync],
             ),
         ];
-        if round % 4 == 1 || round % 4 == 2 {
+        // Bulk loads in the first 16 rounds only: a database grown past the spool's limit
+        // (256 MiB by default, its snapshot kept) would make the spool drop what a replica
+        // lacks in longer runs, which is that limit at work, not a power cut's doing.
+        if round < 16 && (round % 4 == 1 || round % 4 == 2) {
             let bulk = WriterOpts {
                 commits: 200,
                 rate: 0.0,
