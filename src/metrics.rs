@@ -116,11 +116,14 @@ pub(crate) enum GenerationReason {
     DbReplaced,
     /// Continuity broke while running (a WAL reset walship did not see, a failed step).
     WalBroken,
+    /// The machine restarted while spool files of the generation were not on its disk yet
+    /// (see `capture::publish`).
+    SpoolLostInReboot,
 }
 
 impl GenerationReason {
     /// Every reason, exported at 0 until it happens.
-    const ALL: [GenerationReason; 7] = [
+    const ALL: [GenerationReason; 8] = [
         GenerationReason::NoPreviousState,
         GenerationReason::CannotResume,
         GenerationReason::InterruptedStart,
@@ -128,6 +131,7 @@ impl GenerationReason {
         GenerationReason::PageSizeChanged,
         GenerationReason::DbReplaced,
         GenerationReason::WalBroken,
+        GenerationReason::SpoolLostInReboot,
     ];
 
     /// The label value.
@@ -140,6 +144,7 @@ impl GenerationReason {
             GenerationReason::PageSizeChanged => "page_size_changed",
             GenerationReason::DbReplaced => "db_replaced",
             GenerationReason::WalBroken => "wal_broken",
+            GenerationReason::SpoolLostInReboot => "spool_lost_in_reboot",
         }
     }
 }

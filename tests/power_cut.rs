@@ -13,6 +13,10 @@
 //!
 //! The harness checks itself before the test: a file written and synced survives a cut, one
 //! written without a sync does not, or the test fails (it would prove nothing).
+//!
+//! A cut is also a reboot: walship reads the machine's boot id from a file of the test's
+//! (`WALSHIP_FAILPOINT_BOOT_ID_FILE`), which gets a new id at every cut, as
+//! `/proc/sys/kernel/random/boot_id` would.
 
 use crate::util::*;
 use rand::RngExt;
@@ -148,6 +152,12 @@ impl Drop for LoopDisk {
     }
 }
 
+/// Gives the machine a new boot id (see the module doc).
+fn new_boot(file: &Path) {
+    let id: u128 = rand::random();
+    fs::write(file, format!("{id:032x}\n")).expect("write the boot id");
+}
+
 /// The harness's own proof that a cut loses what was not synced and keeps what was.
 fn assert_cut_drops_unsynced_writes(disk: &mut LoopDisk) {
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
@@ -202,7 +212,10 @@ fn power_cuts(scenario: &'static str, normal: bool) {
     sb.create_db();
     let db = sb.db();
     let state = sb.path("data/state");
+    let boot = sb.path("boot_id");
+    new_boot(&boot);
     let mut d = Daemon::replicate(&[db.as_os_str(), OsStr::new(&sb.replica_url())], &state)
+        .env("WALSHIP_FAILPOINT_BOOT_ID_FILE", &boot)
         .log(&sb.path("daemon.log"))
         .start();
     let mut rep = Report::new(scenario);
@@ -289,6 +302,7 @@ fn power_cuts(scenario: &'static str, normal: bool) {
         d.kill9();
         durable.extend(committed(&ws[..durable_writers]));
         disk.cut();
+        new_boot(&boot);
         let t = Instant::now();
         d.restart();
         let s = d.wait_status("start-up after a power cut", 60 * SEC, |_| true);
@@ -361,4 +375,108 @@ fn e2e_power_cut() {
 #[test]
 fn e2e_power_cut_synchronous_normal() {
     power_cuts("power cut, applications at synchronous=NORMAL", true);
+}
+
+/// The power goes while walship chases a bulk load, whose segments it publishes in its spool
+/// without a sync until replicas hold them: after a kill of walship alone (the same boot,
+/// the page cache kept them) it resumes its generation; after a power cut (a new boot, they
+/// may be lost) it starts a new one, and the replica restores to the database either way.
+#[test]
+fn e2e_power_cut_during_a_chase() {
+    let sb = Sandbox::new();
+    let mut disk = LoopDisk::create(&sb.path("disk.img"), &sb.path("data"), 1024);
+    sb.create_db();
+    let db = sb.db();
+    let state = sb.path("data/state");
+    let boot = sb.path("boot_id");
+    new_boot(&boot);
+    let mut d = Daemon::replicate(&[db.as_os_str(), OsStr::new(&sb.replica_url())], &state)
+        .env("WALSHIP_FAILPOINT_BOOT_ID_FILE", &boot)
+        .log(&sb.path("daemon.log"))
+        .start();
+    let first = d.wait_caught_up(30 * SEC);
+    let mark = state.join("volatile");
+    let bulk = WriterOpts {
+        commits: 0,
+        rate: 0.0,
+        big_every: 1,
+    };
+    // Kills the bulk writer, then walship, while the mark is set (tried again when the mark
+    // was cleared in between).
+    let kill_in_chase = |d: &mut Daemon, seed: u64| {
+        for attempt in 0..10 {
+            let mut w = Writer::spawn_args(
+                &db,
+                &format!("bulk{seed}-{attempt}"),
+                bulk,
+                seed + attempt,
+                &["--synchronous", "FULL"],
+            );
+            let t = Instant::now();
+            let mut seen = false;
+            while !seen && t.elapsed() < 20 * SEC {
+                std::thread::sleep(Duration::from_millis(5));
+                seen = mark.exists();
+            }
+            w.kill9();
+            d.kill9();
+            if seen && mark.exists() {
+                return;
+            }
+            d.restart();
+            d.wait_caught_up(60 * SEC);
+        }
+        panic!(
+            "no chase was under way at any of 10 kills (no {} seen)",
+            mark.display()
+        );
+    };
+
+    // walship alone dies: the same boot.
+    kill_in_chase(&mut d, 100);
+    d.restart();
+    let s = d.wait_caught_up(60 * SEC);
+    assert_eq!(
+        s.generation,
+        first.generation,
+        "walship killed in a chase, the same boot: a new generation; log:\n{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("found the mark of spool files published without a sync")
+            && log.contains("same_boot=true"),
+        "walship killed in a chase did not find the mark at its next start; log:\n{log}"
+    );
+    assert!(
+        !log.contains("the machine restarted while spool files"),
+        "{log}"
+    );
+
+    // The power goes: a new boot.
+    kill_in_chase(&mut d, 200);
+    disk.cut();
+    new_boot(&boot);
+    d.restart();
+    let s = d.wait_caught_up(60 * SEC);
+    let log = d.log_text();
+    assert!(
+        log.contains("the machine restarted while spool files"),
+        "{log}"
+    );
+    assert_ne!(s.generation, first.generation, "{log}");
+    assert!(
+        !mark.exists(),
+        "the mark stayed once the new generation was spooled"
+    );
+    for l in log.lines().filter(|l| {
+        l.contains("mark") || l.contains("generation:") || l.contains("restarted while")
+    }) {
+        eprintln!("{l}");
+    }
+    d.stop();
+    let restored = sb.path("final.db");
+    restore(&restored, &sb.replica_url(), &[]).assert_ok();
+    assert_same_db(&db, &restored);
+    assert_prefixes(&rows(&restored), "the restore after a power cut in a chase");
 }

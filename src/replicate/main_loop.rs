@@ -32,7 +32,7 @@
 //! capture holds changes. After such a capture the pin moves only if it last moved 500 ms ago
 //! or more (`Capture::rotate_pin_between`).
 
-use super::capture::{Capture, Step};
+use super::capture::{Capture, Step, VOLATILE_MAX_AGE};
 use super::dblock::DbLock;
 use super::replaced::Replaced;
 use super::ship::Shared;
@@ -267,6 +267,7 @@ impl<'a> MainLoop<'a> {
                 .watchdog_interval()
                 .is_none_or(|i| self.last_round.elapsed() < i)
             && !c.checkpointer_waiting()
+            && !c.has_volatile()
     }
 
     /// How long to wait for the next event.
@@ -284,8 +285,12 @@ impl<'a> MainLoop<'a> {
                     .saturating_sub(self.last_snapshot.elapsed())
                     .max(Duration::from_millis(10)),
             );
+        let volatile = self.cap.as_ref().is_some_and(Capture::has_volatile);
         let timeout = if self.failing_since.is_some() || !self.ready || self.cap.is_none() {
             timeout.min(Duration::from_millis(200))
+        } else if volatile {
+            // Spool files published without a sync are synced once VOLATILE_MAX_AGE old.
+            timeout.min(VOLATILE_MAX_AGE / 4)
         } else if self.last_change.elapsed() < CHECKPOINTER_WATCH && self.capture_due.is_none() {
             // An application's checkpoint waiting for walship's read lock changes no file, so
             // no event says so: look for one for a while after each change. While a capture is
@@ -326,6 +331,13 @@ impl<'a> MainLoop<'a> {
                 self.spool.list().unwrap_or_default()
             }
         };
+        if let Some(Err(e)) = self
+            .cap
+            .as_mut()
+            .map(|c| c.settle_volatile(VOLATILE_MAX_AGE))
+        {
+            warn!("spool maintenance failed: {e:#}");
+        }
         self.report(&spooled);
         self.notifier.watchdog();
     }
@@ -523,6 +535,9 @@ impl<'a> MainLoop<'a> {
         }
         kick(&self.shared);
         self.wait_for_shippers(shippers, deadline);
+        if let Some(Err(e)) = self.cap.as_mut().map(|c| c.settle_volatile(Duration::ZERO)) {
+            warn!("{e:#}: the next start after a reboot may need a full snapshot");
+        }
         let spooled = self.spool.list().unwrap_or_default();
         let (st, _) = status(&self.at, &self.shared, &self.spool, &spooled, None);
         self.shared.observe(&self.at, &self.spool, &spooled);

@@ -274,6 +274,8 @@ pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<Stopped> {
         info!(db = %settings.db.display(), "switched {} to WAL mode (journal_mode=WAL)", settings.db.display());
     }
     let spool = Arc::new(Spool::open(&state.spool_dir())?);
+    // Before shippers read the spool (see `capture::publish`).
+    let volatile = capture::volatile_on_open(&state, &spool)?;
     // Shippers first: they connect to their replicas while the first snapshot is written.
     let (shared, shippers) = start_shippers(settings, &state, &spool, &tx)?;
     let sampled = shared.clone();
@@ -291,6 +293,7 @@ pub(crate) fn run(settings: &Settings, notifier: &Notifier) -> Result<Stopped> {
         &state,
         settings.segment_size,
         None,
+        volatile,
     )?;
     cap.rotate_pin()?;
     main_loop::kick_head(&shared, &cap);

@@ -83,7 +83,16 @@ impl Replaced {
         ensure_wal_mode(db)?;
         let d = Db::open(db)?;
         let why = format!("the database file was {} while walship ran", self.how);
-        let mut c = Capture::start(d, spool.clone(), state, settings.segment_size, Some(&why))?;
+        // The mark of this process's own unsynced files, if any (the same boot).
+        let volatile = super::capture::volatile_on_open(state, spool)?;
+        let mut c = Capture::start(
+            d,
+            spool.clone(),
+            state,
+            settings.segment_size,
+            Some(&why),
+            volatile,
+        )?;
         c.rotate_pin()?;
         Ok(Some((c, lock)))
     }

@@ -34,6 +34,10 @@
 //! [`Spool::list`], which capture and every shipper call on every round, reads no directory.
 //! The listing is read from disk once, at [`Spool::open`].
 //!
+//! A chase's segments may be published without a sync ([`Spool::publish_volatile`], see
+//! `capture::publish` for what makes that safe): the spool remembers them until they are
+//! synced ([`Spool::sync_volatile`]) or removed, and none becomes the tail.
+//!
 //! A file's write-back to the disk starts every [`WRITEBACK_EVERY`] bytes while it is written,
 //! without waiting for it: its fsync at publication then finds most of it written. Behind a
 //! bulk load, the publication of what a chase left runs under SQLite's write lock, and the
@@ -171,6 +175,8 @@ pub(crate) struct Spool {
     parts: Mutex<HashMap<(GenerationId, FileName), Vec<Part>>>,
     /// Sends removed files (renamed, see the module doc) to the thread that unlinks them.
     reaper: std::sync::mpsc::Sender<PathBuf>,
+    /// The files published without a sync (see [`Spool::publish_volatile`]), and since when.
+    volatile: Mutex<BTreeMap<(GenerationId, FileName), Instant>>,
 }
 
 /// A callback; `Debug` so that [`Spool`] can derive it.
@@ -202,6 +208,7 @@ impl Spool {
             on_live: Mutex::new(None),
             tail: Mutex::new(None),
             parts: Mutex::new(HashMap::new()),
+            volatile: Mutex::new(BTreeMap::new()),
         };
         for g in spool.generations()? {
             let gdir = spool.dir.join(g.to_string());
@@ -413,6 +420,7 @@ impl Spool {
             published: false,
             end: t.len,
             written_back: t.len,
+            writeback: true,
         })
     }
 
@@ -516,6 +524,7 @@ impl Spool {
             published: false,
             end: 0,
             written_back: 0,
+            writeback: true,
         })
     }
 
@@ -541,9 +550,37 @@ impl Spool {
     /// append is cut off again.
     pub(crate) fn publish(
         &self,
+        w: SpoolWriter,
+        generation: &GenerationId,
+        name: &FileName,
+    ) -> Result<u64> {
+        self.publish_as(w, generation, name, true)
+    }
+
+    /// [`Spool::publish`] without a sync of the file or of its directory: a segment of a
+    /// chase, which every replica may hold before it would have reached this disk (see
+    /// `capture::publish` for when that is safe). It is made durable later
+    /// ([`Spool::sync_volatile`]) unless it is removed first; until then it is never the tail.
+    /// An append or a live file is published durably.
+    ///
+    /// # Errors
+    /// As [`Spool::publish`].
+    pub(crate) fn publish_volatile(
+        &self,
+        w: SpoolWriter,
+        generation: &GenerationId,
+        name: &FileName,
+    ) -> Result<u64> {
+        let durable = w.append.is_some() || w.live.is_some();
+        self.publish_as(w, generation, name, durable)
+    }
+
+    fn publish_as(
+        &self,
         mut w: SpoolWriter,
         generation: &GenerationId,
         name: &FileName,
+        durable: bool,
     ) -> Result<u64> {
         if w.append.is_some() {
             return self.publish_append(w, generation, name);
@@ -558,13 +595,20 @@ impl Spool {
             );
         }
         let r = (|| -> std::io::Result<u64> {
-            w.file.sync_all()?;
+            if durable {
+                w.file.sync_all()?;
+            }
             let len = w.file.metadata()?.len();
             fs::rename(&w.tmp, &dest)?;
-            fsync_dir(dest.parent().unwrap_or(&self.dir))?;
+            if durable {
+                fsync_dir(dest.parent().unwrap_or(&self.dir))?;
+            }
             Ok(len)
         })();
         let len = r.with_context(|| format!("cannot write spool file {}", dest.display()))?;
+        if !durable {
+            lock(&self.volatile).insert((*generation, *name), Instant::now());
+        }
         lock(&self.files).insert((Key::of(*generation, name), *name), len);
         let newer = {
             let mut newest = lock(&self.newest);
@@ -592,7 +636,7 @@ impl Spool {
                     first_ms,
                     ..
                 },
-            ) => {
+            ) if durable => {
                 let file = w.file.try_clone().ok();
                 lock(&self.parts).insert(
                     (*generation, *name),
@@ -690,6 +734,92 @@ impl Spool {
         Ok(len)
     }
 
+    /// Makes durable the files published without a sync ([`Spool::publish_volatile`]) for at
+    /// least `age` (every one with a zero `age`): an fsync of each, then of their
+    /// directories. Returns how many are left.
+    ///
+    /// # Errors
+    /// I/O errors with the path (the file stays volatile, to be tried again).
+    pub(crate) fn sync_volatile(&self, age: Duration) -> Result<usize> {
+        let due: Vec<(GenerationId, FileName)> = lock(&self.volatile)
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= age)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut dirs = std::collections::BTreeSet::new();
+        for (g, name) in &due {
+            let path = self.path(g, name);
+            match File::open(&path).and_then(|f| f.sync_all()) {
+                Ok(()) => {}
+                // Removed meanwhile (shipped): nothing left to make durable.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot sync {}", path.display())),
+            }
+            dirs.insert(*g);
+        }
+        for g in dirs {
+            let gdir = self.dir.join(g.to_string());
+            match fsync_dir(&gdir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("cannot sync {}", gdir.display())),
+            }
+        }
+        let mut v = lock(&self.volatile);
+        for k in &due {
+            v.remove(k);
+        }
+        Ok(v.len())
+    }
+
+    /// Counts the files of `generation` that hold txid `from` or later as published without a
+    /// sync: at a start after a crash of walship alone (the machine did not restart), whose
+    /// page cache still holds them, not necessarily its disk.
+    pub(crate) fn adopt_volatile(&self, generation: &GenerationId, from: u64) {
+        let now = Instant::now();
+        let adopted: Vec<FileName> = lock(&self.files)
+            .keys()
+            .filter(|(k, _)| k.generation == *generation && k.last >= from)
+            .map(|&(_, n)| n)
+            .collect();
+        let mut v = lock(&self.volatile);
+        for n in adopted {
+            v.insert((*generation, n), now);
+        }
+    }
+
+    /// Removes the files of `generation` that hold txid `from` or later: at a start after
+    /// the machine restarted while they were published without a sync, when any of them may
+    /// have lost bytes, or its name. Returns how many were removed.
+    ///
+    /// # Errors
+    /// I/O errors with the path.
+    pub(crate) fn drop_from(&self, generation: &GenerationId, from: u64) -> Result<usize> {
+        let doomed: Vec<SpoolFile> = self
+            .list()?
+            .into_iter()
+            .filter(|f| f.generation == *generation && f.key().last >= from)
+            .collect();
+        for f in &doomed {
+            self.remove(f)?;
+        }
+        if !doomed.is_empty() {
+            // Removed for good before the caller goes on (see `Spool::remove`: renamed into
+            // the spool's own directory first).
+            let gdir = self.dir.join(generation.to_string());
+            for d in [&gdir, &self.dir] {
+                match fsync_dir(d) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot sync {}", d.display()))
+                    }
+                }
+            }
+        }
+        Ok(doomed.len())
+    }
+
     /// Deletes a spooled file (and its generation directory once no file of it is left, unless
     /// it is the newest generation's).
     ///
@@ -706,6 +836,7 @@ impl Spool {
             }
         }
         lock(&self.parts).remove(&(f.generation, f.name));
+        lock(&self.volatile).remove(&(f.generation, f.name));
         let p = self.path(&f.generation, &f.name);
         let gone = self.dir.join(temp_name());
         // Unlinked here if it cannot be handed to the thread (a generation directory on
@@ -822,9 +953,18 @@ pub(crate) struct SpoolWriter {
     /// write-back it started (see [`WRITEBACK_EVERY`]).
     end: u64,
     written_back: u64,
+    /// Whether write-back starts while it is written (see [`SpoolWriter::skip_writeback`]).
+    writeback: bool,
 }
 
 impl SpoolWriter {
+    /// Starts no write-back while the file is written: for a file likely published without a
+    /// sync ([`Spool::publish_volatile`]), whose bytes need not reach the disk at all if every
+    /// replica holds them before it is removed.
+    pub(crate) fn skip_writeback(&mut self) {
+        self.writeback = false;
+    }
+
     /// Starts the write-back of what was written since the last one, without waiting for it.
     /// A failure is left for the fsync at publication to report.
     fn start_writeback(&mut self) {
@@ -836,7 +976,7 @@ impl SpoolWriter {
     /// is about to wait for its publication.
     pub(crate) fn finish_writeback(&mut self) {
         let first = self.append.map_or(0, |a| a.start);
-        if self.written_back > first && self.end > self.written_back {
+        if self.writeback && self.written_back > first && self.end > self.written_back {
             self.start_writeback();
         }
     }
@@ -874,7 +1014,7 @@ impl Write for SpoolWriter {
             l.cv.notify_all();
         }
         self.end += n as u64;
-        if self.end - self.written_back >= WRITEBACK_EVERY {
+        if self.writeback && self.end - self.written_back >= WRITEBACK_EVERY {
             self.start_writeback();
         }
         Ok(n)
@@ -1380,6 +1520,40 @@ mod tests {
             fs::metadata(&path).unwrap().len(),
             size + part(4).len() as u64
         );
+    }
+
+    /// A file published without a sync is listed and shipped like any other, is never the
+    /// tail, and stays counted until it is synced or removed; a start in the same boot counts
+    /// the files of the mark again, one after a reboot drops them.
+    #[test]
+    fn files_published_without_a_sync_are_synced_removed_or_dropped() {
+        let (dir, spool, g, _) = setup();
+        let mut w = spool.create(&g, None).unwrap();
+        w.write_all(&part(1)).unwrap();
+        spool.publish(w, &g, &seg(1, 1)).unwrap();
+        for t in 2..=4 {
+            let mut w = spool.create(&g, None).unwrap();
+            w.skip_writeback();
+            w.write_all(&big_part(t, 3000)).unwrap();
+            spool.publish_volatile(w, &g, &seg(t, t)).unwrap();
+        }
+        let files = spool.list().unwrap();
+        assert_eq!(files.len(), 4, "{files:?}");
+        assert!(!spool.is_tail(&files[3]), "a volatile file became the tail");
+        assert!(spool.append(&g, 4).is_none());
+        assert_eq!(spool.sync_volatile(Duration::from_secs(3600)).unwrap(), 3);
+        spool.remove(&files[1]).unwrap();
+        assert_eq!(spool.sync_volatile(Duration::from_secs(3600)).unwrap(), 2);
+        assert_eq!(spool.sync_volatile(Duration::ZERO).unwrap(), 0);
+        drop(spool);
+
+        let again = Spool::open(&dir.path().join("spool")).unwrap();
+        again.adopt_volatile(&g, 3);
+        assert_eq!(again.sync_volatile(Duration::from_secs(3600)).unwrap(), 2);
+        assert_eq!(again.drop_from(&g, 3).unwrap(), 2);
+        assert_eq!(again.sync_volatile(Duration::from_secs(3600)).unwrap(), 0);
+        assert_eq!(again.list().unwrap(), files[..1]);
+        assert!(!again.path(&g, &seg(3, 3)).exists());
     }
 
     /// An append to a small tail may be far bigger than the tail's limit (a chase step of a

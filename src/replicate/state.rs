@@ -16,6 +16,9 @@
 //!   ([`ReplicaPosition`]); a record file, saved without `fdatasync` (a power cut may set it
 //!   back, which only makes the next start send some commits again).
 //! - `instance`: this installation's instance id, named in its owner claims on replicas.
+//! - `volatile`: present while spool files of a chase may not be on the disk yet
+//!   ([`VolatileMark`], see `capture::publish`): written and removed durably (temp, fsync,
+//!   rename, directory fsync; unlink, directory fsync).
 //! - `spool/`: captured files waiting for replicas (see `spool`).
 //!
 //! Invariants: `capture.state` and `replica-<name>.state`, saved on every capture and every
@@ -207,6 +210,47 @@ impl StateDir {
             (Ok(a), Ok(b)) => a.dev() == b.dev(),
             _ => false,
         }
+    }
+
+    fn volatile_path(&self) -> PathBuf {
+        self.dir.join("volatile")
+    }
+
+    /// The mark saying that spool files may not be durable, if one is set.
+    ///
+    /// # Errors
+    /// Unreadable or malformed (the message names the file).
+    pub(crate) fn load_volatile(&self) -> Result<Option<VolatileMark>> {
+        read_state(&self.volatile_path())
+    }
+
+    /// Sets the mark durably, before the first spool file it covers is published.
+    ///
+    /// # Errors
+    /// I/O errors, with the path.
+    pub(crate) fn mark_volatile(&self, m: &VolatileMark) -> Result<()> {
+        let p = self.volatile_path();
+        crate::durable::write_file_atomic(&p, &mut m.to_string().as_bytes(), 0o640)
+            .map(|_| ())
+            .with_context(|| format!("cannot write {}", p.display()))
+    }
+
+    /// Removes the mark durably, once the files it covered are durable or gone: first the
+    /// capture state saved since it was set is written to the device (the removal's
+    /// directory fsync then flushes the device's cache before the removal is recorded).
+    ///
+    /// # Errors
+    /// I/O errors, with the path.
+    pub(crate) fn clear_volatile(&self) -> Result<()> {
+        self.records.write_through_all()?;
+        let p = self.volatile_path();
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", p.display())),
+        }
+        crate::durable::fsync_dir(&self.dir)
+            .with_context(|| format!("cannot sync {}", self.dir.display()))
     }
 
     fn hashes_path(&self) -> PathBuf {
@@ -417,6 +461,57 @@ impl FromStr for Kv {
         }
         Ok(kv)
     }
+}
+
+/// Spool files of `generation` from txid `from` on may have been published without a sync,
+/// during boot `boot` of this machine (see `capture::publish`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VolatileMark {
+    /// The machine's boot id when the mark was set ([`boot_id`]).
+    pub boot: String,
+    /// The generation of the files.
+    pub generation: GenerationId,
+    /// The first txid they may hold.
+    pub from: u64,
+}
+
+impl fmt::Display for VolatileMark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut kv = Kv::default();
+        kv.set("boot", &self.boot)
+            .set("generation", self.generation)
+            .set("from", self.from);
+        kv.fmt(f)
+    }
+}
+
+impl FromStr for VolatileMark {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<VolatileMark> {
+        let kv: Kv = s.parse()?;
+        Ok(VolatileMark {
+            boot: kv.str("boot")?.to_owned(),
+            generation: kv.generation("generation")?,
+            from: kv.num("from")?,
+        })
+    }
+}
+
+/// This machine's boot id (`/proc/sys/kernel/random/boot_id`), new at every boot: a spool
+/// file that was only in the page cache is lost exactly when it changed. `None` if it cannot
+/// be read (spool files are then always synced). Test hook: `WALSHIP_FAILPOINT_BOOT_ID_FILE` names
+/// another file to read it from, so that a test can simulate a reboot.
+pub(crate) fn boot_id() -> Option<String> {
+    static BOOT: OnceLock<Option<String>> = OnceLock::new();
+    BOOT.get_or_init(|| {
+        let path = std::env::var_os("WALSHIP_FAILPOINT_BOOT_ID_FILE").map_or_else(
+            || PathBuf::from("/proc/sys/kernel/random/boot_id"),
+            PathBuf::from,
+        );
+        let id = std::fs::read_to_string(path).ok()?.trim().to_owned();
+        (!id.is_empty() && !id.contains(char::is_whitespace)).then_some(id)
+    })
+    .clone()
 }
 
 /// Where capture stands.

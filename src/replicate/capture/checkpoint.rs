@@ -681,7 +681,14 @@ mod tests {
         let state = StateDir::new(dir.join("state"));
         std::fs::create_dir_all(state.spool_dir())?;
         let spool = Arc::new(Spool::open(&state.spool_dir())?);
-        let mut cap = Capture::start(Db::open(&p)?, spool, &state, segment_size, None)?;
+        let mut cap = Capture::start(
+            Db::open(&p)?,
+            spool,
+            &state,
+            segment_size,
+            None,
+            super::super::VolatileAtStart::default(),
+        )?;
         cap.rotate_pin()?;
         Ok((app, cap))
     }

@@ -11,7 +11,9 @@
 //!   the spool returns, which flushes the device's cache for both (see
 //!   `StateDir::save_capture_to_publish`). A spool that is ahead of both, or a newer
 //!   generation in the spool, starts a new generation rather than guessing. Within a chase of
-//!   big commits a thread of its own does both, in the same order (see `publish`).
+//!   big commits a thread of its own does both, in the same order, and without syncing the
+//!   segment, under a mark that makes a start after a reboot begin a new generation (see
+//!   `publish`).
 //! - A new generation begins with a snapshot, and nothing is captured on top of it until that
 //!   snapshot is spooled. A restart resumes the generation only when continuity is proven: the
 //!   same WAL still holds the frames after the saved position; or page hashes saved at a clean
@@ -30,6 +32,7 @@
 
 mod checkpoint;
 mod publish;
+pub(crate) use publish::{volatile_on_open, VolatileAtStart, VOLATILE_MAX_AGE};
 mod resume;
 mod segments;
 
@@ -97,6 +100,9 @@ pub(crate) struct Capture {
     pin_moved: Option<Instant>,
     /// The zstd context of the last segment, for the next one (see `codec::Compressor`).
     compressor: std::cell::Cell<Option<Compressor>>,
+    /// The mark under which a chase's segments are published without a sync, while it is set
+    /// (see `publish`).
+    volatile: std::cell::RefCell<Option<super::state::VolatileMark>>,
 }
 
 /// First wait before a failed snapshot is tried again; it doubles with every failure...
@@ -141,6 +147,7 @@ impl Capture {
         state: &StateDir,
         segment_size: u64,
         fresh: Option<&str>,
+        volatile: VolatileAtStart,
     ) -> Result<Capture> {
         let saved = state.load_capture()?;
         let publisher = publish::Publisher::start(spool.clone(), state.clone())?;
@@ -171,11 +178,19 @@ impl Capture {
             pipelined: false,
             compressor: std::cell::Cell::new(None),
             pin_moved: None,
+            volatile: std::cell::RefCell::new(None),
         };
+        let lost = cap.volatile_at_start(volatile);
         match (fresh, saved) {
             (Some(why), _) => cap.new_generation(GenerationReason::DbReplaced, why)?,
             (None, None) => {
                 cap.new_generation(GenerationReason::NoPreviousState, "no previous state")?;
+            }
+            (None, Some(saved)) if lost == Some(saved.cur.at.generation) => {
+                cap.new_generation(
+                    GenerationReason::SpoolLostInReboot,
+                    "the machine restarted while spool files of this generation were not on its disk yet (a bulk load was being chased): they were dropped",
+                )?;
             }
             (None, Some(saved)) => {
                 if let Err(e) = cap.try_resume(saved) {

@@ -19,14 +19,178 @@
 //!   (`Db::rotate_pin_behind`) need no settling.
 //! - At most [`DEPTH`] segments wait, besides the one being published: capture does not run
 //!   further ahead of the disk.
+//!
+//! **A chase's segments are published without a sync** (no fsync of the file or of its
+//! directory, no early write-back: [`Spool::publish_volatile`]). Behind a bulk load they are
+//! shipped and removed within about 100 ms, so their bytes need not reach this disk at all,
+//! where they slowed the application's own WAL syncs (over sftp, a 200 MiB load took ~10%
+//! longer than with the spool on a tmpfs: docs/PERFORMANCE.md, twenty-ninth session). What
+//! makes it safe is the machine's boot id ([`boot_id`]): a file only in the page cache is
+//! lost exactly when the machine restarts, and a process that dies (walship, killed) loses
+//! none of it.
+//! - Before the first such file, the mark ([`VolatileMark`]: boot id, generation, first txid)
+//!   is saved durably in the state directory; it is removed durably only once every file it
+//!   covers was synced or removed, after the capture state saved since is written through
+//!   ([`Capture::settle_volatile`], from the main loop between capture steps). A file is
+//!   synced once [`VOLATILE_MAX_AGE`] old (the main loop looks every quarter of that while a
+//!   mark is set; not during a chase, which holds the main loop), and all of them at a clean
+//!   stop.
+//! - A start that finds the mark of the same boot resumes as usual: the page cache holds what
+//!   the spool published; its files count as unsynced again.
+//! - A start that finds the mark of another boot (or cannot read it) removes the marked
+//!   generation's spool files from the mark's txid on (any of them may have lost bytes or its
+//!   name, and a replica may hold them) and starts a new generation if that is the saved
+//!   state's: capturing the same txids again could name other commits (an application at
+//!   `synchronous=NORMAL` loses its last commits in a power cut), the replica would hold
+//!   both, and restore refuses such a replica. The mark goes once the new generation's
+//!   snapshot is spooled (durably, as always). So a power cut during a chase costs a new
+//!   generation (a snapshot), never a replica that does not restore.
+//! - Without a readable boot id, or while a mark of another generation is set, segments are
+//!   synced as before. Files published live (big commits, snapshots) and appends to the tail
+//!   are always synced.
 
+use super::Capture;
 use crate::durable::lock;
 use crate::layout::names::{FileName, GenerationId};
 use crate::replicate::spool::{Spool, SpoolWriter};
-use crate::replicate::state::{SavedCapture, StateDir};
+use crate::replicate::state::{boot_id, SavedCapture, StateDir, VolatileMark};
 use anyhow::{anyhow, Result};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How long a chase's segment may stay in the spool without a sync (see the module doc).
+pub(crate) const VOLATILE_MAX_AGE: Duration = Duration::from_secs(1);
+
+impl Capture {
+    /// Whether a chase's segments of the current generation may be published without a sync
+    /// (see the module doc): the boot id can be read, and no mark is set for another
+    /// generation or boot.
+    pub(super) fn volatile_allowed(&self) -> bool {
+        let Some(boot) = boot_id() else {
+            return false;
+        };
+        self.volatile
+            .borrow()
+            .as_ref()
+            .is_none_or(|m| m.boot == boot && m.generation == self.at.generation)
+    }
+
+    /// Whether the segment `name` of a chase is published without a sync; sets the mark
+    /// durably first if none is set (a mark that cannot be written, on a full disk say,
+    /// only means a synced segment).
+    pub(super) fn mark_volatile(&self, name: &FileName) -> bool {
+        if !self.volatile_allowed() {
+            return false;
+        }
+        let mut mark = self.volatile.borrow_mut();
+        if mark.is_none() {
+            let Some(boot) = boot_id() else {
+                return false;
+            };
+            let m = VolatileMark {
+                boot,
+                generation: self.at.generation,
+                from: name.first_txid(),
+            };
+            if let Err(e) = self.state.mark_volatile(&m) {
+                tracing::debug!("{e:#}: the segment is synced");
+                return false;
+            }
+            tracing::debug!(generation = %m.generation, from = m.from, "publishing a chase's segments without a sync until replicas hold them");
+            *mark = Some(m);
+        }
+        true
+    }
+
+    /// Whether a mark is set (the main loop then settles it: [`Capture::settle_volatile`]).
+    pub(crate) fn has_volatile(&self) -> bool {
+        self.volatile.borrow().is_some()
+    }
+
+    /// Syncs the segments published without a sync at least `age` ago and not removed yet,
+    /// and removes the mark once none is left (with a new generation begun, if the mark's
+    /// generation was lost in a reboot). Between capture steps only: no publication is in
+    /// flight then.
+    ///
+    /// # Errors
+    /// I/O errors (the mark stays).
+    pub(crate) fn settle_volatile(&mut self, age: Duration) -> Result<()> {
+        let Some(m) = self.volatile.borrow().clone() else {
+            return Ok(());
+        };
+        if self.spool.sync_volatile(age)? > 0 {
+            return Ok(());
+        }
+        let lost = boot_id().as_ref() != Some(&m.boot);
+        if lost && (self.poisoned || self.at.generation == m.generation) {
+            return Ok(());
+        }
+        self.state.clear_volatile()?;
+        *self.volatile.borrow_mut() = None;
+        Ok(())
+    }
+}
+
+/// The mark a previous process left, as found at start ([`volatile_on_open`]).
+#[derive(Debug, Default)]
+pub(crate) struct VolatileAtStart {
+    mark: Option<VolatileMark>,
+    /// The marked generation, when the machine restarted since: it cannot be resumed.
+    lost: Option<GenerationId>,
+}
+
+/// At start, before any shipper reads the spool: the mark a previous process left. Within
+/// the same boot the page cache still holds what it published, so its files only count as
+/// unsynced again, to be synced or removed as usual. After a reboot any of them may have lost
+/// bytes or its name, and a shipper must never send one over the whole copy a replica holds:
+/// they are removed, and their generation is not resumed.
+///
+/// # Errors
+/// The files cannot be removed.
+pub(crate) fn volatile_on_open(state: &StateDir, spool: &Spool) -> Result<VolatileAtStart> {
+    let m = match state.load_volatile() {
+        Ok(Some(m)) => m,
+        Ok(None) => return Ok(VolatileAtStart::default()),
+        Err(e) => {
+            // Unreadable (it is written atomically: a damaged disk): what it covered is
+            // unknown, so the saved generation is taken as lost, whole.
+            let generation = match state.load_capture() {
+                Ok(Some(c)) => c.cur.at.generation,
+                _ => GenerationId { ms: 0, rand: 0 },
+            };
+            warn!("{e:#}: taking generation {generation} as lost");
+            VolatileMark {
+                boot: String::new(),
+                generation,
+                from: 0,
+            }
+        }
+    };
+    let same_boot = boot_id().as_ref() == Some(&m.boot);
+    info!(generation = %m.generation, from = m.from, same_boot, "found the mark of spool files published without a sync");
+    let lost = if same_boot {
+        spool.adopt_volatile(&m.generation, m.from);
+        None
+    } else {
+        let n = spool.drop_from(&m.generation, m.from)?;
+        warn!(generation = %m.generation, from = m.from, "the machine restarted while spool files of generation {} from txid {} were not on its disk yet: dropped {n} spool file(s) that may have lost bytes", m.generation, m.from);
+        Some(m.generation)
+    };
+    Ok(VolatileAtStart {
+        mark: Some(m),
+        lost,
+    })
+}
+
+impl Capture {
+    /// Takes over the mark found at start; returns the generation that cannot be resumed.
+    pub(super) fn volatile_at_start(&mut self, found: VolatileAtStart) -> Option<GenerationId> {
+        *self.volatile.borrow_mut() = found.mark;
+        found.lost
+    }
+}
 
 /// Segments that may wait for the publisher, besides the one it is publishing.
 const DEPTH: usize = 2;
@@ -37,6 +201,8 @@ struct Job {
     saved: SavedCapture,
     generation: GenerationId,
     name: FileName,
+    /// Published without a sync (see the module doc).
+    volatile: bool,
 }
 
 #[derive(Default)]
@@ -75,10 +241,14 @@ impl Publisher {
                         drop(job.w);
                         Ok(())
                     } else {
-                        state
-                            .save_capture_to_publish(&job.saved)
-                            .and_then(|()| spool.publish(job.w, &job.generation, &job.name))
+                        state.save_capture_to_publish(&job.saved).and_then(|()| {
+                            if job.volatile {
+                                spool.publish_volatile(job.w, &job.generation, &job.name)
+                            } else {
+                                spool.publish(job.w, &job.generation, &job.name)
+                            }
                             .map(|_| ())
+                        })
                     };
                     let mut g = lock(&p.0);
                     if let Err(e) = r {
@@ -97,7 +267,8 @@ impl Publisher {
     }
 
     /// Hands a finished segment over (waiting while [`DEPTH`] others wait); `saved` names the
-    /// positions before and after it.
+    /// positions before and after it; `volatile`: published without a sync (see the module
+    /// doc).
     ///
     /// # Errors
     /// The thread is gone (the segment is then not published).
@@ -107,6 +278,7 @@ impl Publisher {
         saved: SavedCapture,
         generation: GenerationId,
         name: FileName,
+        volatile: bool,
     ) -> Result<()> {
         let tx = self
             .tx
@@ -118,6 +290,7 @@ impl Publisher {
             saved,
             generation,
             name,
+            volatile,
         };
         if tx.send(job).is_err() {
             lock(&self.progress.0).pending -= 1;
@@ -201,14 +374,20 @@ mod tests {
             Ok(s.list()?.into_iter().map(|f| f.name).collect())
         };
 
-        p.publish(spool.create(&g, None)?, saved(g, 1), g, seg(1))?;
+        p.publish(spool.create(&g, None)?, saved(g, 1), g, seg(1), false)?;
         p.settle()?;
         assert_eq!(names(&spool)?, [seg(1)]);
         assert_eq!(state.load_capture()?, Some(saved(g, 1)));
 
         // Created live for txid 2 but published under another name: refused.
-        p.publish(spool.create(&g, Some(seg(2)))?, saved(g, 2), g, seg(3))?;
-        p.publish(spool.create(&g, None)?, saved(g, 3), g, seg(3))?;
+        p.publish(
+            spool.create(&g, Some(seg(2)))?,
+            saved(g, 2),
+            g,
+            seg(3),
+            false,
+        )?;
+        p.publish(spool.create(&g, None)?, saved(g, 3), g, seg(3), false)?;
         let e = p.settle().expect_err("a failed publish was not reported");
         assert!(format!("{e:#}").contains("published as"), "{e:#}");
         assert_eq!(names(&spool)?, [seg(1)], "published past a failure");
@@ -221,7 +400,7 @@ mod tests {
         assert_eq!(files, 1, "temporary files left in the spool");
         p.settle()?;
 
-        p.publish(spool.create(&g, None)?, saved(g, 2), g, seg(2))?;
+        p.publish(spool.create(&g, None)?, saved(g, 2), g, seg(2), false)?;
         p.settle()?;
         assert_eq!(names(&spool)?, [seg(1), seg(2)]);
         assert_eq!(state.load_capture()?, Some(saved(g, 2)));

@@ -33,10 +33,15 @@ impl Capture {
             None => self.spool.append(&self.at.generation, self.at.txid),
             Some(_) => None,
         };
-        let w = match appended {
+        let mut w = match appended {
             Some(w) => w,
             None => self.spool.create(&self.at.generation, live)?,
         };
+        if self.pipelined && !self.small_commits && self.volatile_allowed() {
+            // Likely published without a sync (see `publish`): its bytes need not reach the
+            // disk at all if every replica holds them before it is removed.
+            w.skip_writeback();
+        }
         let compressor = match self.compressor.take() {
             Some(c) => c,
             None => Compressor::new()?,
@@ -69,7 +74,10 @@ impl Capture {
         };
         if self.pipelined && !self.small_commits {
             w.finish_writeback();
-            return self.publisher.publish(w, saved, self.at.generation, *name);
+            let volatile = self.mark_volatile(name);
+            return self
+                .publisher
+                .publish(w, saved, self.at.generation, *name, volatile);
         }
         // In capture's order: after any segment handed over before this one (a chase whose
         // commits turned small meanwhile).
