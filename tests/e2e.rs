@@ -509,9 +509,16 @@ fn e2e_wal_reset() {
             "INSERT INTO t(writer, seq, payload) VALUES ('y{seed}', 0, randomblob(5000));"
         ))
         .expect("insert");
-        // Open until walship is: the last connection to close would checkpoint the WAL away.
-        d.restart();
+        // The last connection to close would checkpoint the WAL into the database file (and
+        // the file would then differ from walship's saved state): this one must not, whether
+        // or not walship has opened the database by the time it closes.
+        c.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .expect("no checkpoint on close");
         drop(c);
+        d.restart();
         let mut w = Writer::spawn(
             &sb.db(),
             &format!("d{seed}"),

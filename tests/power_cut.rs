@@ -158,6 +158,22 @@ fn new_boot(file: &Path) {
     fs::write(file, format!("{id:032x}\n")).expect("write the boot id");
 }
 
+/// A new database on the disk mounted at `data/`, and walship replicating it to the sandbox's
+/// replica with its state directory on that disk and its boot id from a file of the test's
+/// (see the module doc): (database, state directory, boot id file, daemon).
+fn replicate_on_disk(sb: &Sandbox) -> (PathBuf, PathBuf, PathBuf, Daemon) {
+    sb.create_db();
+    let db = sb.db();
+    let state = sb.path("data/state");
+    let boot = sb.path("boot_id");
+    new_boot(&boot);
+    let d = Daemon::replicate(&[db.as_os_str(), OsStr::new(&sb.replica_url())], &state)
+        .env("WALSHIP_FAILPOINT_BOOT_ID_FILE", &boot)
+        .log(&sb.path("daemon.log"))
+        .start();
+    (db, state, boot, d)
+}
+
 /// The harness's own proof that a cut loses what was not synced and keeps what was.
 fn assert_cut_drops_unsynced_writes(disk: &mut LoopDisk) {
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
@@ -209,15 +225,7 @@ fn power_cuts(scenario: &'static str, normal: bool) {
     let mut disk = LoopDisk::create(&sb.path("disk.img"), &sb.path("data"), mib);
     assert_cut_drops_unsynced_writes(&mut disk);
 
-    sb.create_db();
-    let db = sb.db();
-    let state = sb.path("data/state");
-    let boot = sb.path("boot_id");
-    new_boot(&boot);
-    let mut d = Daemon::replicate(&[db.as_os_str(), OsStr::new(&sb.replica_url())], &state)
-        .env("WALSHIP_FAILPOINT_BOOT_ID_FILE", &boot)
-        .log(&sb.path("daemon.log"))
-        .start();
+    let (db, state, boot, mut d) = replicate_on_disk(&sb);
     let mut rep = Report::new(scenario);
     rep.rounds = rounds;
     let mut rng = rand::rng();
@@ -385,15 +393,7 @@ fn e2e_power_cut_synchronous_normal() {
 fn e2e_power_cut_during_a_chase() {
     let sb = Sandbox::new();
     let mut disk = LoopDisk::create(&sb.path("disk.img"), &sb.path("data"), 1024);
-    sb.create_db();
-    let db = sb.db();
-    let state = sb.path("data/state");
-    let boot = sb.path("boot_id");
-    new_boot(&boot);
-    let mut d = Daemon::replicate(&[db.as_os_str(), OsStr::new(&sb.replica_url())], &state)
-        .env("WALSHIP_FAILPOINT_BOOT_ID_FILE", &boot)
-        .log(&sb.path("daemon.log"))
-        .start();
+    let (db, state, boot, mut d) = replicate_on_disk(&sb);
     let first = d.wait_caught_up(30 * SEC);
     let mark = state.join("volatile");
     let bulk = WriterOpts {
