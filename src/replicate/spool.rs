@@ -85,6 +85,17 @@ fn start_reaper() -> Result<std::sync::mpsc::Sender<PathBuf>> {
     Ok(tx)
 }
 
+/// Fsyncs directory `d` unless it is gone (a generation directory removed with its last
+/// file).
+fn fsync_dir_if_present(d: &Path) -> Result<()> {
+    match fsync_dir(d) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot sync {}", d.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Largest spool tail capture appends to (see the module doc).
 const TAIL_MAX_BYTES: u64 = 1 << 20;
 
@@ -758,12 +769,7 @@ impl Spool {
             dirs.insert(*g);
         }
         for g in dirs {
-            let gdir = self.dir.join(g.to_string());
-            match fsync_dir(&gdir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("cannot sync {}", gdir.display())),
-            }
+            fsync_dir_if_present(&self.dir.join(g.to_string()))?;
         }
         let mut v = lock(&self.volatile);
         for k in &due {
@@ -806,16 +812,8 @@ impl Spool {
         if !doomed.is_empty() {
             // Removed for good before the caller goes on (see `Spool::remove`: renamed into
             // the spool's own directory first).
-            let gdir = self.dir.join(generation.to_string());
-            for d in [&gdir, &self.dir] {
-                match fsync_dir(d) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("cannot sync {}", d.display()))
-                    }
-                }
-            }
+            fsync_dir_if_present(&self.dir.join(generation.to_string()))?;
+            fsync_dir_if_present(&self.dir)?;
         }
         Ok(doomed.len())
     }

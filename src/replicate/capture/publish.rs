@@ -81,26 +81,24 @@ impl Capture {
     /// durably first if none is set (a mark that cannot be written, on a full disk say,
     /// only means a synced segment).
     pub(super) fn mark_volatile(&self, name: &FileName) -> bool {
-        if !self.volatile_allowed() {
+        let Some(boot) = boot_id() else {
+            return false;
+        };
+        let mut mark = self.volatile.borrow_mut();
+        if let Some(m) = mark.as_ref() {
+            return m.boot == boot && m.generation == self.at.generation;
+        }
+        let m = VolatileMark {
+            boot,
+            generation: self.at.generation,
+            from: name.first_txid(),
+        };
+        if let Err(e) = self.state.mark_volatile(&m) {
+            tracing::debug!("{e:#}: the segment is synced");
             return false;
         }
-        let mut mark = self.volatile.borrow_mut();
-        if mark.is_none() {
-            let Some(boot) = boot_id() else {
-                return false;
-            };
-            let m = VolatileMark {
-                boot,
-                generation: self.at.generation,
-                from: name.first_txid(),
-            };
-            if let Err(e) = self.state.mark_volatile(&m) {
-                tracing::debug!("{e:#}: the segment is synced");
-                return false;
-            }
-            tracing::debug!(generation = %m.generation, from = m.from, "publishing a chase's segments without a sync until replicas hold them");
-            *mark = Some(m);
-        }
+        tracing::debug!(generation = %m.generation, from = m.from, "publishing a chase's segments without a sync until replicas hold them");
+        *mark = Some(m);
         true
     }
 
