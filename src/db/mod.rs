@@ -980,6 +980,22 @@ impl Db {
         crate::durable::start_writeback(&self.file, 0, 0)
     }
 
+    /// Starts the write-back of the WAL's dirty pages without waiting for it, as
+    /// [`Db::start_writeback`] does for the database file: while walship chases a writer of
+    /// small commits without copying (see `Capture::copies_now`), SQLite's sync of the WAL
+    /// before the next copy then has little left to write. A hint; durability never relies on
+    /// it.
+    ///
+    /// # Errors
+    /// Opening the WAL, or the system call.
+    pub(crate) fn start_wal_writeback(&mut self) -> Result<()> {
+        if let Some(wal) = self.wal_file()? {
+            crate::durable::start_writeback(wal, 0, 0)
+                .context("cannot start the WAL's write-back")?;
+        }
+        Ok(())
+    }
+
     /// Syncs the WAL and the database file (`fdatasync` on walship's read-only handles): what
     /// the application appended and what checkpoints copied are on disk before SQLite's own
     /// syncs under the write lock, which then have little left to write. Durability never

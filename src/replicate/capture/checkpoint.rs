@@ -53,7 +53,10 @@
 //! such a writer ([`Capture::keep_checkpoints`]): in the gaps (between two chases, and from
 //! each restart of the WAL to the next chase) a max-rate single-row writer still ran 300-430
 //! checkpoints of its own in 4 s, each with an fsync in its thread; with the lock kept,
-//! 50-125.
+//! 50-125. SQLite lets go of that lock whenever one of walship's own checkpoints ends, and
+//! such a writer, which tries to checkpoint after every commit, took it in that gap 22-27
+//! times in 4 s; so such a chase copies only once capture is at the WAL's end, and before the
+//! write lock ([`Capture::copies_now`]): the writer took it no more.
 //!
 //! Invariant: walship holds that lock only within one of its own checkpoints (any checkpoint
 //! starts as a chase, see [`Capture::checkpoint_now`]) or while the main loop chases a writer
@@ -413,15 +416,15 @@ impl Capture {
     ///
     /// The chase goes in steps of at least half `threshold` new frames or [`CHASE_PACE`].
     /// While the writer's commits are small (at most [`HOLD_BELOW`] frames each on average),
-    /// each step is captured, pinned and copied by walship, which keeps SQLite's checkpointer
-    /// lock between its copies (see [`Db::hold_checkpoints`](crate::db::Db::hold_checkpoints)).
-    /// Both matter to such a writer: its autocheckpoint runs after every commit while the WAL
-    /// holds more than its limit, and copied, with two fsyncs in the writer's own thread,
-    /// whatever each move of walship's pin let through; steps as fast as capture could go
-    /// (~40 frames) meant hundreds of such copies a second, and a max-rate single-row writer
-    /// at 0.66x its speed without walship. A writer of big commits (a bulk load) keeps
-    /// copying what walship captured, in parallel with the next step: walship copying it all
-    /// alone let its WAL grow past 64 MiB.
+    /// each step is captured and pinned by walship, which keeps SQLite's checkpointer lock
+    /// (see [`Db::hold_checkpoints`](crate::db::Db::hold_checkpoints)), and copied only once
+    /// capture is at the WAL's end (see [`Capture::copies_now`]). Such a writer's
+    /// autocheckpoint runs after every commit while the WAL holds more than its limit, and
+    /// copied, with two fsyncs in the writer's own thread, whatever each move of walship's pin
+    /// let through; steps as fast as capture could go (~40 frames) meant hundreds of such
+    /// copies a second, and a max-rate single-row writer at 0.66x its speed without walship.
+    /// A writer of big commits (a bulk load) keeps copying what walship captured, in parallel
+    /// with the next step: walship copying it all alone let its WAL grow past 64 MiB.
     fn checkpoint_unlocked(&mut self, threshold: u32) -> Result<Unlocked> {
         let r = self.chase(threshold);
         if !self.keeps_checkpoints() {
@@ -508,7 +511,7 @@ impl Capture {
                 }
                 return Ok(Unlocked::Full);
             }
-            if more && !held {
+            if !self.copies_now(held, more) {
                 continue;
             }
             let t = std::time::Instant::now();
@@ -549,6 +552,35 @@ impl Capture {
             self.stopped_short = false;
         }
         Ok(Unlocked::Stopped)
+    }
+
+    /// Whether a step of a chase copies what it captured now (`held`: walship keeps SQLite's
+    /// checkpointer lock for a writer of small commits; `more`: the step left frames behind).
+    ///
+    /// Behind a writer of big commits, once a step took all it found: the writer's own
+    /// checkpoints copy alongside, and walship's copy lets the WAL restart if it was the last.
+    ///
+    /// Behind a writer of small commits, only once capture is at the WAL's end, where the copy
+    /// may let the WAL restart; otherwise the WAL's write-back is started instead. SQLite lets
+    /// go of the checkpointer lock as each of walship's copies ends, and such a writer tries
+    /// to checkpoint after every commit: in that gap of microseconds a max-rate single-row
+    /// writer took the lock 22-27 times in 4 s, each time for a checkpoint of its own with
+    /// ~9 ms of fsyncs in its thread (and walship's copies, each step, were what kept the
+    /// WAL's sync short before the write lock: the write-back now does that). Copying once,
+    /// before the write lock, it took the lock no more, and made 0.93-0.98x its commits
+    /// without walship instead of 0.83-0.86x (medians, over sftp and to `file://`:
+    /// docs/PERFORMANCE.md, thirty-second session).
+    fn copies_now(&mut self, held: bool, more: bool) -> bool {
+        if !held {
+            return !more;
+        }
+        if self.lag().is_some_and(|(_, behind)| behind == 0) {
+            return true;
+        }
+        if let Err(e) = self.db.start_wal_writeback() {
+            tracing::debug!("cannot start the WAL's write-back: {e:#}");
+        }
+        false
     }
 
     /// Behind a writer of small commits, whose WAL is full: copies what capture holds,
@@ -853,6 +885,39 @@ mod tests {
         assert!(other_busy()?);
         cap.keep_checkpoints(false)?;
         assert!(!other_busy()?, "kept once the chase was over");
+        Ok(())
+    }
+
+    /// A chase's step behind a writer of small commits copies only once capture is at the
+    /// WAL's end (each copy lets go of the checkpointer lock, see `Capture::copies_now`);
+    /// behind big commits, once the step took all it found.
+    #[test]
+    fn behind_small_commits_a_chase_copies_only_at_the_end_of_the_wal() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (app, mut cap) = captured_app(dir.path())?;
+        for _ in 0..10 {
+            app.execute("insert into t values (1)", [])?;
+        }
+        let (_, more) = cap.step_limited(Some(3))?;
+        assert!(more, "3 frames took the whole WAL");
+        assert!(
+            !cap.copies_now(true, more),
+            "copied while behind the writer"
+        );
+        assert!(
+            !cap.copies_now(false, more),
+            "copied a step that left frames behind"
+        );
+        let (_, more) = cap.step_limited(None)?;
+        assert!(!more);
+        assert!(cap.copies_now(true, more), "no copy at the WAL's end");
+        assert!(cap.copies_now(false, more));
+        app.execute("insert into t values (2)", [])?;
+        assert!(
+            !cap.copies_now(true, false),
+            "copied while the writer was a commit ahead"
+        );
+        assert!(cap.copies_now(false, false));
         Ok(())
     }
 
