@@ -268,6 +268,17 @@ fn a_bulk_load_is_held_back_only_once_its_wal_is_full() {
         "held back with fewer than 8 x checkpoint-pages frames in the WAL: {locked:?}"
     );
     eprintln!("WAL frames at each checkpoint under the write lock: {locked:?}");
+    // Meanwhile uploads waited for the load (their CPU went to it), each at most a second.
+    let waits: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("an upload waited for a bulk load"))
+        .filter_map(|l| log_field(l, "waited_ms")?.parse().ok())
+        .collect();
+    assert!(!waits.is_empty(), "no upload waited for the load:\n{log}");
+    assert!(
+        waits.iter().all(|&ms| ms <= 1_100),
+        "an upload waited more than a second: {waits:?}"
+    );
     // Before it holds the writer back, capture catches up without the lock, so that the hold
     // is left little to capture: within half a checkpoint (500 frames) of the WAL's end, or
     // the WAL reached 10 x checkpoint-pages, or capture lost half a checkpoint or more to the

@@ -344,6 +344,8 @@ fn start_shippers(
             wake: tx.clone(),
             tail: std::cell::Cell::new(None),
             tail_repaired: std::cell::Cell::new(false),
+            defer_below: settings.spool_limit / 2,
+            deferral: std::cell::Cell::new(ship::Deferral::Spent),
         };
         let h = std::thread::Builder::new()
             .name(format!("ship-{}", r.name))

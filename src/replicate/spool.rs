@@ -188,6 +188,8 @@ pub(crate) struct Spool {
     reaper: std::sync::mpsc::Sender<PathBuf>,
     /// The files published without a sync (see [`Spool::publish_volatile`]), and since when.
     volatile: Mutex<BTreeMap<(GenerationId, FileName), Instant>>,
+    /// When capture last took a step of a chase of big commits (see [`Spool::bulk_load`]).
+    bulk_step: Mutex<Option<Instant>>,
 }
 
 /// A callback; `Debug` so that [`Spool`] can derive it.
@@ -220,6 +222,7 @@ impl Spool {
             tail: Mutex::new(None),
             parts: Mutex::new(HashMap::new()),
             volatile: Mutex::new(BTreeMap::new()),
+            bulk_step: Mutex::new(None),
         };
         for g in spool.generations()? {
             let gdir = spool.dir.join(g.to_string());
@@ -266,6 +269,23 @@ impl Spool {
                 size,
             })
             .collect())
+    }
+
+    /// The bytes of every spooled file (from memory).
+    pub(crate) fn bytes(&self) -> u64 {
+        lock(&self.files).values().sum()
+    }
+
+    /// Capture took a step of a chase of big commits: an application's bulk load outruns
+    /// it (see [`Spool::bulk_load`]).
+    pub(crate) fn note_bulk_step(&self) {
+        *lock(&self.bulk_step) = Some(Instant::now());
+    }
+
+    /// Whether capture took a step of a chase of big commits within `within`: a bulk load
+    /// goes on (shippers defer their uploads meanwhile, see `ship::BULK_DEFER_MAX`).
+    pub(crate) fn bulk_load(&self, within: Duration) -> bool {
+        lock(&self.bulk_step).is_some_and(|t| t.elapsed() < within)
     }
 
     /// Every spooled file on disk, in [`Key`] order.

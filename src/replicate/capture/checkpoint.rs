@@ -485,6 +485,7 @@ impl Capture {
             }
             self.rotate_pin()?;
             if !self.small_commits {
+                self.spool.note_bulk_step();
                 // What the application's checkpoints copied meanwhile goes to disk now, not
                 // under the write lock (see `Db::start_writeback`).
                 if let Err(e) = self.db.start_writeback() {
