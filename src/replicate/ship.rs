@@ -688,7 +688,6 @@ impl Shipper {
         }
     }
 
-    /// Sleeps until `until`; returns false at once if the daemon is stopping.
     /// While an application's bulk load outruns capture ([`Spool::bulk_load`]), waits
     /// before an upload until the load ends, and only while the spool holds less than
     /// `defer_below` bytes (see the module doc): the shipper's and the server's CPU then go to
@@ -727,6 +726,7 @@ impl Shipper {
         }
     }
 
+    /// Sleeps until `until`; returns false at once if the daemon is stopping.
     fn sleep_unless_stopping(&self, until: Instant) -> bool {
         let mut g = self.shared.lock();
         loop {
