@@ -204,7 +204,7 @@ const PROGRESS_LATE: Duration = Duration::from_millis(100);
 const BULK_DEFER_MAX: Duration = Duration::from_secs(1);
 
 /// A bulk load goes on while capture took a step of its chase within this (steps come every
-/// few milliseconds, and a round of the main loop between two chases takes ~1 ms).
+/// few milliseconds, a round of the main loop between two chases).
 const BULK_GAP: Duration = Duration::from_millis(30);
 
 /// How often a shipper that defers an upload looks whether the bulk load is over.

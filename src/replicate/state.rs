@@ -501,7 +501,7 @@ impl FromStr for VolatileMark {
 /// file that was only in the page cache is lost exactly when it changed. `None` if it cannot
 /// be read (spool files are then always synced). Test hook: `WALSHIP_FAILPOINT_BOOT_ID_FILE` names
 /// another file to read it from, so that a test can simulate a reboot.
-pub(crate) fn boot_id() -> Option<String> {
+pub(crate) fn boot_id() -> Option<&'static str> {
     static BOOT: OnceLock<Option<String>> = OnceLock::new();
     BOOT.get_or_init(|| {
         let path = std::env::var_os("WALSHIP_FAILPOINT_BOOT_ID_FILE").map_or_else(
@@ -511,7 +511,7 @@ pub(crate) fn boot_id() -> Option<String> {
         let id = std::fs::read_to_string(path).ok()?.trim().to_owned();
         (!id.is_empty() && !id.contains(char::is_whitespace)).then_some(id)
     })
-    .clone()
+    .as_deref()
 }
 
 /// Where capture stands.

@@ -513,6 +513,13 @@ impl Capture {
                 return Ok(Unlocked::Full);
             }
             if !self.copies_now(held, more) {
+                if held {
+                    // So that the copy before the write lock has little WAL left to sync
+                    // (see `copies_now`).
+                    if let Err(e) = self.db.start_wal_writeback() {
+                        tracing::debug!("cannot start the WAL's write-back: {e:#}");
+                    }
+                }
                 continue;
             }
             let t = std::time::Instant::now();
@@ -562,26 +569,21 @@ impl Capture {
     /// checkpoints copy alongside, and walship's copy lets the WAL restart if it was the last.
     ///
     /// Behind a writer of small commits, only once capture is at the WAL's end, where the copy
-    /// may let the WAL restart; otherwise the WAL's write-back is started instead. SQLite lets
+    /// may let the WAL restart; otherwise the chase starts the WAL's write-back. SQLite lets
     /// go of the checkpointer lock as each of walship's copies ends, and such a writer tries
     /// to checkpoint after every commit: in that gap of microseconds a max-rate single-row
     /// writer took the lock 22-27 times in 4 s, each time for a checkpoint of its own with
     /// ~9 ms of fsyncs in its thread (and walship's copies, each step, were what kept the
     /// WAL's sync short before the write lock: the write-back now does that). Copying once,
-    /// before the write lock, it took the lock no more, and made 0.93-0.98x its commits
+    /// before the write lock, it took the lock no more, and made 0.93-0.99x its commits
     /// without walship instead of 0.83-0.86x (medians, over sftp and to `file://`:
     /// docs/PERFORMANCE.md, thirty-second session).
-    fn copies_now(&mut self, held: bool, more: bool) -> bool {
-        if !held {
-            return !more;
+    fn copies_now(&self, held: bool, more: bool) -> bool {
+        if held {
+            self.lag().is_some_and(|(_, behind)| behind == 0)
+        } else {
+            !more
         }
-        if self.lag().is_some_and(|(_, behind)| behind == 0) {
-            return true;
-        }
-        if let Err(e) = self.db.start_wal_writeback() {
-            tracing::debug!("cannot start the WAL's write-back: {e:#}");
-        }
-        false
     }
 
     /// Behind a writer of small commits, whose WAL is full: copies what capture holds,

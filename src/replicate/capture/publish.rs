@@ -89,7 +89,7 @@ impl Capture {
             return m.boot == boot && m.generation == self.at.generation;
         }
         let m = VolatileMark {
-            boot,
+            boot: boot.to_owned(),
             generation: self.at.generation,
             from: name.first_txid(),
         };
@@ -121,7 +121,7 @@ impl Capture {
         if self.spool.sync_volatile(age)? > 0 {
             return Ok(());
         }
-        let lost = boot_id().as_ref() != Some(&m.boot);
+        let lost = boot_id() != Some(m.boot.as_str());
         if lost && (self.poisoned || self.at.generation == m.generation) {
             return Ok(());
         }
@@ -166,7 +166,7 @@ pub(crate) fn volatile_on_open(state: &StateDir, spool: &Spool) -> Result<Volati
             }
         }
     };
-    let same_boot = boot_id().as_ref() == Some(&m.boot);
+    let same_boot = boot_id() == Some(m.boot.as_str());
     info!(generation = %m.generation, from = m.from, same_boot, "found the mark of spool files published without a sync");
     let lost = if same_boot {
         spool.adopt_volatile(&m.generation, m.from);
