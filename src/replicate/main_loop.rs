@@ -494,6 +494,7 @@ impl<'a> MainLoop<'a> {
         }
         if !self.ready && (caught_up || self.started.elapsed() > READY_AT_THE_LATEST) {
             self.ready = true;
+            self.shared.lock().ready = true;
             self.notifier.ready();
             if let Some(st) = &self.status {
                 info!("ready: {st}");

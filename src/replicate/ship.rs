@@ -193,6 +193,10 @@ pub(crate) struct Inner {
     /// While the main loop sleeps until a capture that is due: when (see
     /// [`Shared::round_due_soon`]); `None` while it runs a round, or sleeps for anything else.
     pub(crate) round_due: Option<Instant>,
+    /// The daemon said it is ready (its replicas caught up after the start, or it gave up
+    /// waiting): until then no upload waits for a bulk load (see
+    /// [`Shipper::defer_for_bulk_load`]).
+    pub(crate) ready: bool,
 }
 
 /// A replica's progress wakes the main loop unless a round of its runs within this anyway:
@@ -343,8 +347,8 @@ pub(crate) struct Shipper {
 /// [`Shipper::defer_for_bulk_load`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Deferral {
-    /// Uploads go at once until the replica is caught up: from the start (a start catches up
-    /// first), and once a deferral took [`BULK_DEFER_MAX`].
+    /// Uploads go at once until the replica is caught up with the daemon ready: from the start
+    /// (a start catches up first), and once a deferral took [`BULK_DEFER_MAX`].
     Spent,
     /// The replica was caught up since: the next upload during a bulk load may wait.
     Ready,
@@ -488,8 +492,12 @@ impl Shipper {
                 }
                 Ok(Flow::Idle(until)) => {
                     self.set_error(None);
-                    // Caught up: the next bulk load may hold uploads back again.
-                    self.deferral.set(Deferral::Ready);
+                    // Caught up: the next bulk load may hold uploads back again, once the
+                    // daemon is ready (a shipper is idle for a moment while a start catches
+                    // up behind a load, and deferring then delayed the start by a second).
+                    if self.shared.lock().ready {
+                        self.deferral.set(Deferral::Ready);
+                    }
                     self.wait(version, until);
                     return true;
                 }
@@ -694,7 +702,7 @@ impl Shipper {
     /// the application's load, and the spool's limit stays far. Uploads wait
     /// [`BULK_DEFER_MAX`] in all between two moments the replica was caught up, so that a
     /// sustained load is shipped as it goes, at most that much later; none waits before the
-    /// replica was first caught up after the start. Returns at once when the daemon stops.
+    /// daemon is ready. Returns at once when the daemon stops.
     fn defer_for_bulk_load(&self) {
         let deferring = || self.spool.bulk_load(BULK_GAP) && self.spool.bytes() < self.defer_below;
         let began = Instant::now();
