@@ -268,13 +268,20 @@ fn a_bulk_load_is_held_back_only_once_its_wal_is_full() {
         "held back with fewer than 8 x checkpoint-pages frames in the WAL: {locked:?}"
     );
     eprintln!("WAL frames at each checkpoint under the write lock: {locked:?}");
-    // Meanwhile uploads waited for the load (their CPU went to it), each at most a second.
+    // Meanwhile uploads waited for the load (their CPU went to it), each at most a second:
+    // whenever capture chased it (a slow machine's capture can keep up with the load, and
+    // then nothing is deferred; a chase of big commits publishes its segments unsynced).
     let waits: Vec<u64> = log
         .lines()
         .filter(|l| l.contains("an upload waited for a bulk load"))
         .filter_map(|l| log_field(l, "waited_ms")?.parse().ok())
         .collect();
-    assert!(!waits.is_empty(), "no upload waited for the load:\n{log}");
+    let chased = log.contains("publishing a chase's segments without a sync");
+    eprintln!("chased: {chased}; uploads that waited, ms: {waits:?}");
+    assert!(
+        !chased || !waits.is_empty(),
+        "no upload waited for the load:\n{log}"
+    );
     assert!(
         waits.iter().all(|&ms| ms <= 1_100),
         "an upload waited more than a second: {waits:?}"
